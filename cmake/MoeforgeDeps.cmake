@@ -1,0 +1,20 @@
+# System dependencies from Debian packages (launch/setup.sh installs them).
+find_package(MPI REQUIRED COMPONENTS C)
+find_package(yaml-cpp REQUIRED)
+find_package(spdlog REQUIRED)
+find_package(CLI11 REQUIRED)
+find_package(nlohmann_json 3 REQUIRED)
+find_package(Threads REQUIRED)
+if(MOEFORGE_BUILD_TESTS)
+  find_package(Catch2 2 REQUIRED)
+  include(Catch)
+endif()
+# yaml-cpp 0.7's package exports the plain `yaml-cpp` target name.
+if(NOT TARGET yaml-cpp::yaml-cpp)
+  add_library(yaml-cpp::yaml-cpp ALIAS yaml-cpp)
+endif()
+# The MPI C API only: skip the deprecated C++ bindings mpi.h would otherwise pull in.
+add_library(moeforge_mpi INTERFACE)
+add_library(moeforge::mpi ALIAS moeforge_mpi)
+target_link_libraries(moeforge_mpi INTERFACE MPI::MPI_C)
+target_compile_definitions(moeforge_mpi INTERFACE OMPI_SKIP_MPICXX=1 MPICH_SKIP_MPICXX=1)

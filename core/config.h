@@ -1,0 +1,180 @@
+// defines: ExperimentConfig and its sections (ModelConfig, ParallelConfig, TrainingConfig,
+//          DataConfig, CheckpointConfig, LoggingConfig, HardwareConfig) and their enums.
+//
+// The typed result of parsing an experiment YAML once (core/config_loader.h). Nothing downstream
+// reads YAML. Key names are Megatron-LM's argument names in snake_case where Megatron has one;
+// docs/config.md lists every key with its meaning and default. Fields declared std::optional are
+// "derived when absent": resolve_derived_values() fills them, so after loading they always hold a
+// value, except those documented as "null = off/absent" (num_experts,
+// moe_shared_expert_intermediate_size, moe_expert_capacity_factor, world_size, save_interval,
+// the uneven-pipeline sizes and peak_tflops).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+// Hugging Face family a model maps to for checkpoints (names of tensors, config.json).
+enum class ModelType { qwen2_moe, mixtral, qwen2, llama };
+
+// How the load-balancing loss is computed. aux_loss and seq_aux_loss are Megatron's per-layer
+// losses; hf_pooled_aux_loss is Hugging Face's loss over the router logits of all layers pooled.
+enum class LoadBalancingType { aux_loss, seq_aux_loss, hf_pooled_aux_loss, none };
+
+// Which slots a full expert drops when a capacity factor is set (Megatron's names).
+enum class TokenDropPolicy { probs, position };
+
+enum class LrDecayStyle { constant, linear, cosine };
+
+enum class RecomputeGranularity { none, full, selective };
+
+enum class LogLevel { trace, debug, info, warn, error };
+
+enum class Device { cpu, cuda };
+
+// Which layers are MoE: Megatron's --moe-layer-freq. An integer k makes layer i MoE when
+// i % k == 0; an explicit list gives one 0/1 entry per layer (1 = MoE, 0 = dense FFN).
+struct MoeLayerFreq {
+  int64_t every = 1;             // used when `pattern` is empty
+  std::vector<int64_t> pattern;  // explicit per-layer list, if given
+};
+
+struct ModelConfig {
+  ModelType model_type = ModelType::qwen2_moe;
+  int64_t num_layers = 0;
+  int64_t hidden_size = 0;
+  int64_t num_attention_heads = 0;
+  std::optional<int64_t> num_query_groups;         // derived: num_attention_heads (MHA)
+  std::optional<int64_t> kv_channels;              // derived: hidden_size / num_attention_heads
+  std::optional<int64_t> ffn_hidden_size;          // derived: 4 * hidden_size (dense layers)
+  int64_t vocab_size = 0;
+  int64_t make_vocab_size_divisible_by = 128;
+  std::optional<int64_t> max_position_embeddings;  // derived: training.seq_length
+  double rotary_base = 10000.0;
+  double norm_epsilon = 1e-5;
+  bool add_qkv_bias = false;
+  bool untie_embeddings_and_output_weights = false;
+  double init_method_std = 0.02;
+
+  // Mixture of experts. num_experts null = a dense model.
+  std::optional<int64_t> num_experts;
+  std::optional<int64_t> moe_ffn_hidden_size;  // derived: ffn_hidden_size
+  int64_t moe_router_topk = 2;
+  bool moe_router_pre_softmax = false;     // softmax over all experts, then top-k (Qwen, Mixtral)
+  bool moe_router_norm_topk_prob = false;  // with pre-softmax: renormalize the k weights (Mixtral)
+  LoadBalancingType moe_router_load_balancing_type = LoadBalancingType::aux_loss;
+  double moe_aux_loss_coeff = 0.0;
+  double moe_z_loss_coeff = 0.0;
+  std::optional<double> moe_expert_capacity_factor;  // null = dropless
+  TokenDropPolicy moe_token_drop_policy = TokenDropPolicy::probs;
+  std::optional<int64_t> moe_shared_expert_intermediate_size;  // null = no shared expert
+  bool moe_shared_expert_gate = false;  // sigmoid(Linear(h -> 1)) scales the shared expert
+  MoeLayerFreq moe_layer_freq;
+
+  // Derived quantities, valid after resolve_derived_values().
+  int64_t padded_vocab_size() const;
+  bool is_moe() const { return num_experts.has_value(); }
+  bool is_moe_layer(int64_t layer) const;  // 0-based
+  int64_t num_moe_layers() const;
+  int64_t head_dim() const { return *kv_channels; }
+  int64_t query_projection_size() const { return *kv_channels * num_attention_heads; }
+  int64_t kv_projection_size() const { return *kv_channels * *num_query_groups; }
+};
+
+struct ParallelConfig {
+  // The world size the experiment is meant for; null = whatever the launcher starts. When set, a
+  // launch with a different number of ranks is refused.
+  std::optional<int64_t> world_size;
+  int64_t pipeline_model_parallel_size = 1;
+  int64_t expert_model_parallel_size = 1;
+  // Uneven pipelines (Megatron's names): layers on the first / last stage; the rest are split
+  // evenly over the middle stages.
+  std::optional<int64_t> decoder_first_pipeline_num_layers;
+  std::optional<int64_t> decoder_last_pipeline_num_layers;
+  bool use_distributed_optimizer = false;
+  double distributed_timeout_minutes = 10.0;
+};
+
+struct TrainingConfig {
+  int64_t seq_length = 0;
+  int64_t micro_batch_size = 1;
+  int64_t global_batch_size = 0;
+  int64_t train_iters = 0;
+  double lr = 0.0;
+  double min_lr = 0.0;
+  LrDecayStyle lr_decay_style = LrDecayStyle::linear;
+  std::optional<int64_t> lr_decay_iters;  // derived: train_iters
+  int64_t lr_warmup_iters = 0;
+  double weight_decay = 0.01;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_eps = 1e-8;
+  double clip_grad = 1.0;
+  bool bf16 = false;
+  RecomputeGranularity recompute_granularity = RecomputeGranularity::none;
+  int64_t seed = 1234;
+  int64_t eval_interval = 1000;
+  int64_t eval_iters = 100;
+};
+
+struct DataConfig {
+  // Megatron's --data-path: one prefix, or "weight prefix weight prefix ..." for a blend.
+  std::vector<std::string> data_path;
+  std::string split = "969, 30, 1";
+  std::string tokenizer_model;  // a Hugging Face tokenizer.json
+};
+
+struct CheckpointConfig {
+  std::string save;  // directory to save into; empty = no checkpoints
+  std::string load;  // directory to resume from; empty = start fresh
+  std::optional<int64_t> save_interval;  // null = only at the end
+};
+
+struct LoggingConfig {
+  int64_t log_interval = 1;
+  LogLevel log_level = LogLevel::info;
+  std::string run_dir;  // derived: runs/<config file stem>
+};
+
+struct HardwareConfig {
+  Device device = Device::cpu;
+  std::string chip;                    // e.g. "H100"; empty = detect
+  std::optional<double> peak_tflops;   // null = table of known chips, or CPU calibration
+  int64_t num_threads = 0;             // intra-op threads per rank; 0 = LibTorch's default
+};
+
+struct ExperimentConfig {
+  ModelConfig model;
+  ParallelConfig parallel;
+  TrainingConfig training;
+  DataConfig data;
+  CheckpointConfig checkpoint;
+  LoggingConfig logging;
+  HardwareConfig hardware;
+};
+
+}  // namespace moeforge
+
+#include <span>
+#include <string_view>
+#include <utility>
+
+namespace moeforge {
+
+// Names of each enum's values as written in YAML (the enumerator names). Specialized in
+// core/config.cpp for every enum above.
+template <typename E>
+std::span<const std::pair<E, std::string_view>> enum_names();
+
+template <typename E>
+std::string_view to_string(E value) {
+  for (const auto& [v, name] : enum_names<E>()) {
+    if (v == value) return name;
+  }
+  return "?";
+}
+
+}  // namespace moeforge

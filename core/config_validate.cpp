@@ -1,0 +1,176 @@
+#include "core/config_validate.h"
+
+#include "core/errors.h"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <vector>
+
+namespace moeforge {
+
+void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
+                            std::map<std::string, std::string>& origin) {
+  auto derive = [&](auto& field, auto value, const char* name) {
+    if (!field) {
+      field = value;
+      origin[name] = "derived";
+    }
+  };
+  ModelConfig& m = c.model;
+  derive(m.num_query_groups, m.num_attention_heads, "model.num_query_groups");
+  if (m.num_attention_heads > 0) derive(m.kv_channels, m.hidden_size / m.num_attention_heads, "model.kv_channels");
+  derive(m.ffn_hidden_size, 4 * m.hidden_size, "model.ffn_hidden_size");
+  if (m.num_experts) derive(m.moe_ffn_hidden_size, *m.ffn_hidden_size, "model.moe_ffn_hidden_size");
+  derive(m.max_position_embeddings, c.training.seq_length, "model.max_position_embeddings");
+  derive(c.training.lr_decay_iters, c.training.train_iters, "training.lr_decay_iters");
+  if (c.logging.run_dir.empty()) {
+    c.logging.run_dir = (std::filesystem::path("runs") / std::filesystem::path(config_path).stem()).string();
+    origin["logging.run_dir"] = "derived";
+  }
+}
+
+namespace {
+
+class Problems {
+ public:
+  template <typename... Args>
+  void add(fmt::format_string<Args...> format, Args&&... args) {
+    list_.push_back(fmt::format(format, std::forward<Args>(args)...));
+  }
+  template <typename T>
+  void positive(const char* name, T value) {
+    if (!(value > 0)) add("{} must be positive, got {}", name, value);
+  }
+  template <typename T>
+  void non_negative(const char* name, T value) {
+    if (!(value >= 0)) add("{} must be >= 0, got {}", name, value);
+  }
+  void throw_if_any() const {
+    if (list_.empty()) return;
+    fail_user("invalid config ({} problem{}):\n  - {}", list_.size(), list_.size() > 1 ? "s" : "",
+              fmt::join(list_, "\n  - "));
+  }
+
+ private:
+  std::vector<std::string> list_;
+};
+
+void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) {
+  p.positive("model.num_layers", m.num_layers);
+  p.positive("model.hidden_size", m.hidden_size);
+  p.positive("model.num_attention_heads", m.num_attention_heads);
+  p.positive("model.vocab_size", m.vocab_size);
+  p.positive("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by);
+  p.positive("model.rotary_base", m.rotary_base);
+  p.positive("model.norm_epsilon", m.norm_epsilon);
+  p.positive("model.init_method_std", m.init_method_std);
+  p.positive("model.num_query_groups", *m.num_query_groups);
+  p.positive("model.kv_channels", *m.kv_channels);
+  p.positive("model.ffn_hidden_size", *m.ffn_hidden_size);
+  if (m.num_attention_heads > 0 && m.hidden_size % m.num_attention_heads != 0 && *m.kv_channels * m.num_attention_heads != m.hidden_size) {
+    // Only an issue when kv_channels was derived (hidden / heads would silently truncate).
+    p.add("model.hidden_size ({}) is not divisible by model.num_attention_heads ({}): choose a head count that "
+          "divides it, or set model.kv_channels explicitly",
+          m.hidden_size, m.num_attention_heads);
+  }
+  if (*m.num_query_groups > 0 && m.num_attention_heads % *m.num_query_groups != 0) {
+    p.add("model.num_attention_heads ({}) is not divisible by model.num_query_groups ({}): every key/value head must "
+          "serve the same number of query heads",
+          m.num_attention_heads, *m.num_query_groups);
+  }
+  if (*m.max_position_embeddings < t.seq_length) {
+    p.add("model.max_position_embeddings ({}) is shorter than training.seq_length ({}): raise it or shorten sequences",
+          *m.max_position_embeddings, t.seq_length);
+  }
+
+  if (!m.num_experts) {
+    if (m.moe_shared_expert_intermediate_size) {
+      p.add("model.moe_shared_expert_intermediate_size is set but model.num_experts is null: a shared expert only exists "
+            "in MoE layers; set num_experts or remove the shared expert");
+    }
+    return;
+  }
+  const int64_t E = *m.num_experts;
+  p.positive("model.num_experts", E);
+  p.positive("model.moe_ffn_hidden_size", *m.moe_ffn_hidden_size);
+  if (m.moe_router_topk < 1 || m.moe_router_topk > E) {
+    p.add("model.moe_router_topk ({}) must be between 1 and model.num_experts ({})", m.moe_router_topk, E);
+  }
+  if (m.moe_router_norm_topk_prob && !m.moe_router_pre_softmax) {
+    p.add("model.moe_router_norm_topk_prob is true but model.moe_router_pre_softmax is false: top-k on logits then "
+          "softmax already sums to 1; set moe_router_pre_softmax: true for Mixtral-style renormalized routing");
+  }
+  p.non_negative("model.moe_aux_loss_coeff", m.moe_aux_loss_coeff);
+  p.non_negative("model.moe_z_loss_coeff", m.moe_z_loss_coeff);
+  if (m.moe_router_load_balancing_type == LoadBalancingType::none && m.moe_aux_loss_coeff > 0) {
+    p.add("model.moe_aux_loss_coeff is {} but model.moe_router_load_balancing_type is none: pick a loss type or set the "
+          "coefficient to 0",
+          m.moe_aux_loss_coeff);
+  }
+  if (m.moe_expert_capacity_factor) p.positive("model.moe_expert_capacity_factor", *m.moe_expert_capacity_factor);
+  if (m.moe_shared_expert_intermediate_size) {
+    p.positive("model.moe_shared_expert_intermediate_size", *m.moe_shared_expert_intermediate_size);
+  } else if (m.moe_shared_expert_gate) {
+    p.add("model.moe_shared_expert_gate is true but there is no shared expert: set "
+          "model.moe_shared_expert_intermediate_size or turn the gate off");
+  }
+  const MoeLayerFreq& f = m.moe_layer_freq;
+  if (f.pattern.empty()) {
+    p.positive("model.moe_layer_freq", f.every);
+  } else {
+    if (static_cast<int64_t>(f.pattern.size()) != m.num_layers) {
+      p.add("model.moe_layer_freq lists {} layers but model.num_layers is {}: give one 0/1 entry per layer",
+            f.pattern.size(), m.num_layers);
+    }
+    for (size_t i = 0; i < f.pattern.size(); ++i) {
+      if (f.pattern[i] != 0 && f.pattern[i] != 1) {
+        p.add("model.moe_layer_freq[{}] is {}: entries are 1 (MoE layer) or 0 (dense FFN)", i, f.pattern[i]);
+      }
+    }
+  }
+}
+
+void validate_training(const TrainingConfig& t, Problems& p) {
+  p.positive("training.seq_length", t.seq_length);
+  p.positive("training.micro_batch_size", t.micro_batch_size);
+  p.positive("training.global_batch_size", t.global_batch_size);
+  p.positive("training.train_iters", t.train_iters);
+  p.non_negative("training.lr", t.lr);
+  p.non_negative("training.min_lr", t.min_lr);
+  if (t.min_lr > t.lr) p.add("training.min_lr ({}) is above training.lr ({})", t.min_lr, t.lr);
+  p.non_negative("training.lr_warmup_iters", t.lr_warmup_iters);
+  p.positive("training.lr_decay_iters", *t.lr_decay_iters);
+  if (t.lr_warmup_iters > *t.lr_decay_iters) {
+    p.add("training.lr_warmup_iters ({}) exceeds training.lr_decay_iters ({}): warm-up must end before decay does",
+          t.lr_warmup_iters, *t.lr_decay_iters);
+  }
+  p.non_negative("training.weight_decay", t.weight_decay);
+  if (!(t.adam_beta1 >= 0 && t.adam_beta1 < 1)) p.add("training.adam_beta1 must be in [0, 1), got {}", t.adam_beta1);
+  if (!(t.adam_beta2 >= 0 && t.adam_beta2 < 1)) p.add("training.adam_beta2 must be in [0, 1), got {}", t.adam_beta2);
+  p.positive("training.adam_eps", t.adam_eps);
+  p.non_negative("training.clip_grad", t.clip_grad);
+  p.non_negative("training.seed", t.seed);
+  p.positive("training.eval_interval", t.eval_interval);
+  p.non_negative("training.eval_iters", t.eval_iters);
+}
+
+}  // namespace
+
+void validate_config(const ExperimentConfig& c) {
+  Problems p;
+  validate_model(c.model, c.training, p);
+  validate_training(c.training, p);
+  const ParallelConfig& par = c.parallel;
+  if (par.world_size) p.positive("parallel.world_size", *par.world_size);
+  p.positive("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size);
+  p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
+  p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
+  if (c.checkpoint.save_interval) p.positive("checkpoint.save_interval", *c.checkpoint.save_interval);
+  p.positive("logging.log_interval", c.logging.log_interval);
+  if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);
+  p.non_negative("hardware.num_threads", c.hardware.num_threads);
+  p.throw_if_any();
+}
+
+}  // namespace moeforge

@@ -1,0 +1,40 @@
+#include "core/logging.h"
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace moeforge {
+
+int launcher_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"}) {
+    if (const char* value = std::getenv(var)) return std::atoi(value);
+  }
+  return 0;
+}
+
+namespace {
+spdlog::level::level_enum to_spdlog(LogLevel level) {
+  switch (level) {
+    case LogLevel::trace: return spdlog::level::trace;
+    case LogLevel::debug: return spdlog::level::debug;
+    case LogLevel::info: return spdlog::level::info;
+    case LogLevel::warn: return spdlog::level::warn;
+    case LogLevel::error: return spdlog::level::err;
+  }
+  return spdlog::level::info;
+}
+}  // namespace
+
+void init_logging(int rank, LogLevel level, bool all_ranks) {
+  // stderr, so that `--json` output on stdout stays machine-readable.
+  spdlog::drop("moeforge");
+  auto logger = spdlog::stderr_color_mt("moeforge");
+  logger->set_pattern(fmt::format("[%H:%M:%S.%e] [rank {}] [%^%l%$] %v", rank));
+  logger->set_level(rank == 0 || all_ranks ? to_spdlog(level) : spdlog::level::warn);
+  spdlog::set_default_logger(logger);
+}
+
+}  // namespace moeforge

@@ -1,0 +1,18 @@
+// defines: launcher_rank, init_logging, set_log_level
+//
+// Rank-aware logging on spdlog's default logger. Rank 0 logs at the configured level; other ranks
+// log warnings and errors only (unless all_ranks), each line tagged with its rank, so an
+// 8-rank run prints one readable stream.
+#pragma once
+
+#include "core/config.h"
+
+namespace moeforge {
+
+// This process's rank as told by the launcher's environment (Open MPI, MPICH/Hydra, SLURM),
+// readable before MPI is initialized; 0 when not launched by one.
+int launcher_rank();
+
+void init_logging(int rank, LogLevel level, bool all_ranks = false);
+
+}  // namespace moeforge

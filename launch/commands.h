@@ -1,0 +1,37 @@
+// defines: the `moeforge` subcommands (plan, config, version) as functions of parsed options.
+// Each returns the process exit code; user errors propagate as UserError to main.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+struct PlanOptions {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::optional<int64_t> world_size;
+  bool json = false;
+};
+int run_plan(const PlanOptions& options);
+
+struct ConfigOptions {
+  std::string config_path;  // empty with keys = true
+  std::vector<std::string> overrides;
+  bool yaml = false;
+  bool keys = false;  // print the key reference (docs/config.md) instead
+};
+int run_config(const ConfigOptions& options);
+
+int run_version();
+
+// The world size a command plans for: --world-size, else parallel.world_size, else the
+// launcher's, else the smallest layout the config allows (PP x EP).
+int64_t resolve_world_size(std::optional<int64_t> flag, std::optional<int64_t> from_config, int64_t pp, int64_t ep);
+
+// The key reference as Markdown (docs/config.md is this output).
+std::string config_keys_markdown();
+
+}  // namespace moeforge

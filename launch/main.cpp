@@ -1,0 +1,73 @@
+// The `moeforge` executable: one binary, one subcommand per job. main() owns error reporting:
+// user errors print their message and exit 1 with no stack dump; anything else is a bug and
+// exits 3.
+#include "core/config.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "launch/commands.h"
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+namespace {
+
+int run(int argc, char** argv) {
+  CLI::App app{"moeforge: Megatron-style distributed pretraining for Mixture-of-Experts models"};
+  app.require_subcommand(1);
+  std::string level_name = "info";
+  std::vector<std::string> level_names;
+  for (const auto& [value, name] : moeforge::enum_names<moeforge::LogLevel>()) level_names.emplace_back(name);
+  app.add_option("--log-level", level_name, "Log verbosity")->check(CLI::IsMember(level_names));
+
+  moeforge::PlanOptions plan;
+  auto* plan_cmd = app.add_subcommand("plan", "Parameters, FLOPs, batch arithmetic, bubble and memory per rank for a config");
+  plan_cmd->add_option("config", plan.config_path, "Experiment YAML")->required();
+  plan_cmd->add_option("--world-size", plan.world_size, "Ranks to plan for (default: parallel.world_size, the launcher's, or PP x EP)")
+      ->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--set", plan.overrides, "Override a key: section.key=value (repeatable)");
+  plan_cmd->add_flag("--json", plan.json, "Print one JSON object (keys in docs/plan.md)");
+
+  moeforge::ConfigOptions config;
+  auto* config_cmd = app.add_subcommand("config", "Print the resolved config (table or YAML), or the key reference");
+  auto* config_path = config_cmd->add_option("config", config.config_path, "Experiment YAML");
+  config_cmd->add_option("--set", config.overrides, "Override a key: section.key=value (repeatable)");
+  config_cmd->add_flag("--yaml", config.yaml, "Print YAML that loads back to the same config");
+  auto* keys = config_cmd->add_flag("--keys", config.keys, "Print every key with type, default and meaning (Markdown)");
+  keys->excludes(config_path);
+  config_cmd->callback([&] {
+    if (!config.keys && config.config_path.empty()) throw CLI::RequiredError("config (or --keys)");
+  });
+
+  auto* version_cmd = app.add_subcommand("version", "Versions of moeforge and its libraries, GPUs visible");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  moeforge::LogLevel level = moeforge::LogLevel::info;
+  for (const auto& [value, name] : moeforge::enum_names<moeforge::LogLevel>()) {
+    if (name == level_name) level = value;
+  }
+  moeforge::init_logging(moeforge::launcher_rank(), level);
+  if (*plan_cmd) return moeforge::run_plan(plan);
+  if (*config_cmd) return moeforge::run_config(config);
+  if (*version_cmd) return moeforge::run_version();
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const moeforge::UserError& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "internal error (a bug in moeforge, please report it): " << e.what() << "\n";
+    return 3;
+  }
+}

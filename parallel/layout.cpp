@@ -1,0 +1,179 @@
+#include "parallel/layout.h"
+
+#include "core/errors.h"
+
+#include <fmt/format.h>
+
+#include <numeric>
+
+namespace moeforge {
+
+namespace {
+
+// Megatron's uneven pipeline: first/last stage sizes given, the rest split evenly.
+std::vector<int64_t> split_layers(const ExperimentConfig& c, int64_t pp, std::vector<std::string>& problems) {
+  const int64_t L = c.model.num_layers;
+  const auto& first = c.parallel.decoder_first_pipeline_num_layers;
+  const auto& last = c.parallel.decoder_last_pipeline_num_layers;
+  if (!first && !last) {
+    if (L % pp != 0) {
+      problems.push_back(fmt::format(
+          "model.num_layers ({}) is not divisible by parallel.pipeline_model_parallel_size ({}): choose a PP that "
+          "divides {}, or give an uneven layout with parallel.decoder_first_pipeline_num_layers / "
+          "decoder_last_pipeline_num_layers",
+          L, pp, L));
+      return {};
+    }
+    return std::vector<int64_t>(pp, L / pp);
+  }
+  if (pp == 1) {
+    problems.push_back("parallel.decoder_first/last_pipeline_num_layers need parallel.pipeline_model_parallel_size > 1");
+    return {};
+  }
+  std::vector<int64_t> layers(pp, 0);
+  int64_t remaining = L;
+  int64_t middle_stages = pp;
+  if (first) {
+    layers.front() = *first;
+    remaining -= *first;
+    --middle_stages;
+  }
+  if (last) {
+    layers.back() = *last;
+    remaining -= *last;
+    --middle_stages;
+  }
+  if (middle_stages == 0) {
+    if (remaining != 0) {
+      problems.push_back(fmt::format("the uneven pipeline puts {} + {} layers on its 2 stages but model.num_layers is {}",
+                                     first.value_or(0), last.value_or(0), L));
+      return {};
+    }
+  } else if (remaining < 0 || remaining % middle_stages != 0) {
+    problems.push_back(fmt::format(
+        "uneven pipeline: {} layers remain after the first ({}) and last ({}) stages, which do not split evenly over "
+        "the other {} stage(s) of parallel.pipeline_model_parallel_size {}",
+        remaining, first ? fmt::to_string(*first) : "even", last ? fmt::to_string(*last) : "even", middle_stages, pp));
+    return {};
+  } else {
+    for (size_t s = first ? 1 : 0; s < layers.size() - (last ? 1 : 0); ++s) layers[s] = remaining / middle_stages;
+  }
+  for (size_t s = 0; s < layers.size(); ++s) {
+    if (layers[s] < 1) {
+      problems.push_back(fmt::format("pipeline stage {} would hold {} layers; every stage needs at least one", s, layers[s]));
+    }
+  }
+  return layers;
+}
+
+}  // namespace
+
+ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_size) {
+  const int64_t pp = c.parallel.pipeline_model_parallel_size;
+  const int64_t ep = c.parallel.expert_model_parallel_size;
+  const int64_t mbs = c.training.micro_batch_size;
+  const int64_t gbs = c.training.global_batch_size;
+  std::vector<std::string> problems;
+  if (world_size < 1) fail_user("world size must be at least 1, got {}", world_size);
+
+  int64_t dp = 0;
+  if (world_size % pp != 0) {
+    problems.push_back(fmt::format(
+        "world size {} is not divisible by parallel.pipeline_model_parallel_size {}: launch a multiple of {} ranks",
+        world_size, pp, pp));
+  } else {
+    dp = world_size / pp;
+  }
+  if (dp > 0 && dp % ep != 0) {
+    problems.push_back(fmt::format(
+        "parallel.expert_model_parallel_size {} does not divide the data-parallel size {} (= world {} / PP {}): expert "
+        "parallelism is folded into data parallelism, so EP must divide DP",
+        ep, dp, world_size, pp));
+  }
+  if (c.model.num_experts) {
+    if (*c.model.num_experts % ep != 0) {
+      problems.push_back(fmt::format(
+          "model.num_experts {} is not divisible by parallel.expert_model_parallel_size {}: every expert-parallel rank "
+          "must hold the same number of experts",
+          *c.model.num_experts, ep));
+    }
+  } else if (ep != 1) {
+    problems.push_back(fmt::format("parallel.expert_model_parallel_size is {} but the model is dense "
+                                   "(model.num_experts is null): set it to 1",
+                                   ep));
+  }
+  std::vector<int64_t> layers = split_layers(c, pp, problems);
+  int64_t micro_batches = 0;
+  if (dp > 0) {
+    if (gbs % (mbs * dp) != 0) {
+      problems.push_back(fmt::format(
+          "training.global_batch_size {} is not divisible by training.micro_batch_size {} x data-parallel size {} "
+          "(= {}): choose a global batch that is a multiple of {}",
+          gbs, mbs, dp, mbs * dp, mbs * dp));
+    } else {
+      micro_batches = gbs / (mbs * dp);
+    }
+  }
+  if (!problems.empty()) {
+    std::string num_experts = c.model.num_experts ? fmt::to_string(*c.model.num_experts) : "dense";
+    fail_user("impossible parallel layout:\n  - {}\nfactors: world={}, PP={}, DP={}, EP={}, num_layers={}, num_experts={}, "
+              "global_batch_size={}, micro_batch_size={}",
+              fmt::join(problems, "\n  - "), world_size, pp, dp > 0 ? fmt::to_string(dp) : "n/a", ep,
+              c.model.num_layers, num_experts, gbs, mbs);
+  }
+  ParallelLayout layout;
+  layout.world_ = world_size;
+  layout.pp_ = pp;
+  layout.dp_ = dp;
+  layout.ep_ = ep;
+  layout.micro_batches_ = micro_batches;
+  layout.layers_per_stage_ = std::move(layers);
+  return layout;
+}
+
+int64_t ParallelLayout::first_layer(int64_t stage) const {
+  return std::accumulate(layers_per_stage_.begin(), layers_per_stage_.begin() + stage, int64_t{0});
+}
+
+RankCoordinates ParallelLayout::coordinates(int64_t rank) const {
+  RankCoordinates r;
+  r.pp = rank / dp_;
+  r.dp = rank % dp_;
+  r.ep = r.dp % ep_;
+  r.edp = r.dp / ep_;
+  return r;
+}
+
+std::vector<int64_t> ParallelLayout::pipeline_group(int64_t rank) const {
+  std::vector<int64_t> ranks;
+  for (int64_t s = 0; s < pp_; ++s) ranks.push_back(s * dp_ + coordinates(rank).dp);
+  return ranks;
+}
+
+std::vector<int64_t> ParallelLayout::data_parallel_group(int64_t rank) const {
+  std::vector<int64_t> ranks;
+  const int64_t stage_base = coordinates(rank).pp * dp_;
+  for (int64_t d = 0; d < dp_; ++d) ranks.push_back(stage_base + d);
+  return ranks;
+}
+
+std::vector<int64_t> ParallelLayout::expert_parallel_group(int64_t rank) const {
+  const RankCoordinates r = coordinates(rank);
+  std::vector<int64_t> ranks;
+  for (int64_t e = 0; e < ep_; ++e) ranks.push_back(r.pp * dp_ + r.edp * ep_ + e);
+  return ranks;
+}
+
+std::vector<int64_t> ParallelLayout::expert_data_parallel_group(int64_t rank) const {
+  const RankCoordinates r = coordinates(rank);
+  std::vector<int64_t> ranks;
+  for (int64_t j = 0; j < edp(); ++j) ranks.push_back(r.pp * dp_ + j * ep_ + r.ep);
+  return ranks;
+}
+
+std::string ParallelLayout::describe() const {
+  return fmt::format("world {} = PP {} x DP {} (EP {} x expert-DP {}), layers per stage [{}], {} micro-batches per step",
+                     world_, pp_, dp_, ep_, edp(), fmt::join(layers_per_stage_, ", "), micro_batches_);
+}
+
+}  // namespace moeforge

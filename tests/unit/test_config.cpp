@@ -1,0 +1,196 @@
+// Config loading: shipped configs, base files, overrides, round trip, and every error path.
+#include "core/config_loader.h"
+#include "core/config_schema.h"
+#include "core/errors.h"
+#include "test_util.h"
+
+#include <catch2/catch.hpp>
+
+using namespace moeforge;
+using moeforge::test::TempDir;
+using Catch::Matchers::Contains;
+
+namespace {
+// The message of the UserError `f` throws (fails the test if it throws nothing).
+template <typename F>
+std::string user_error(F&& f) {
+  try {
+    f();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  FAIL("expected a UserError");
+  return {};
+}
+}  // namespace
+
+TEST_CASE("shipped configs load with the values the issue specifies", "[config]") {
+  const auto q = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml")).config;
+  CHECK(q.model.num_layers == 24);
+  CHECK(q.model.hidden_size == 2048);
+  CHECK(*q.model.num_experts == 60);
+  CHECK(*q.model.moe_ffn_hidden_size == 1408);
+  CHECK(q.model.moe_router_topk == 4);
+  CHECK(q.model.moe_router_pre_softmax);
+  CHECK_FALSE(q.model.moe_router_norm_topk_prob);
+  CHECK(*q.model.moe_shared_expert_intermediate_size == 5632);
+  CHECK(q.model.moe_shared_expert_gate);
+  CHECK(q.training.global_batch_size == 512);
+  CHECK(q.training.seq_length == 8192);
+  CHECK(q.training.micro_batch_size == 1);
+  CHECK(q.training.bf16);
+  CHECK(q.parallel.pipeline_model_parallel_size == 2);
+  CHECK(q.parallel.expert_model_parallel_size == 4);
+  CHECK(*q.parallel.world_size == 8);
+
+  const auto f = load_config(test::source_path("configs/flagperf-qwen1.5-moe.yaml")).config;
+  CHECK(*f.model.num_experts == 8);
+  CHECK(f.model.moe_router_topk == 2);
+  CHECK_FALSE(f.model.moe_router_pre_softmax);
+  CHECK(f.model.moe_aux_loss_coeff == 0.01);
+  CHECK(f.training.lr == 1e-5);
+  CHECK(f.training.min_lr == 1e-6);
+  CHECK(f.model.init_method_std == 0.008);
+  CHECK(f.data.split == "99,1,0");
+
+  const auto t = load_config(test::source_path("configs/tiny.yaml")).config;
+  CHECK(*t.model.num_experts == 60);
+  CHECK(t.model.moe_router_topk == 4);
+  CHECK(t.model.moe_shared_expert_intermediate_size.has_value());
+}
+
+TEST_CASE("derived values are filled in and marked", "[config]") {
+  TempDir dir;
+  const auto loaded = load_config(dir.file("c.yaml", test::kMinimalModel));
+  const auto& m = loaded.config.model;
+  CHECK(*m.num_query_groups == 4);
+  CHECK(*m.kv_channels == 16);
+  CHECK(*m.ffn_hidden_size == 256);
+  CHECK(*m.max_position_embeddings == 32);
+  CHECK(*loaded.config.training.lr_decay_iters == 10);
+  CHECK(loaded.config.logging.run_dir == "runs/c");
+  CHECK(loaded.origin.at("model.kv_channels") == "derived");
+  CHECK(loaded.origin.at("training.adam_beta1") == "default");
+  CHECK_THAT(loaded.origin.at("model.hidden_size"), Contains("c.yaml:4"));
+}
+
+TEST_CASE("a base config is extended and --set overrides any key", "[config]") {
+  TempDir dir;
+  dir.file("base.yaml", test::kMinimalModel);
+  const auto child = dir.file("child.yaml", "base: base.yaml\nmodel:\n  hidden_size: 128\n");
+  auto loaded = load_config(child, {"training.lr=3e-4", "model.moe_layer_freq=[1,0,1,0]", "data.data_path=a b"});
+  CHECK(loaded.config.model.hidden_size == 128);
+  CHECK(loaded.config.model.num_layers == 4);  // from the base
+  CHECK(loaded.config.training.lr == 3e-4);
+  CHECK(loaded.config.model.moe_layer_freq.pattern == std::vector<int64_t>{1, 0, 1, 0});
+  CHECK(loaded.config.model.num_moe_layers() == 2);
+  CHECK(loaded.config.data.data_path == std::vector<std::string>{"a b"});
+  CHECK_THAT(loaded.origin.at("model.hidden_size"), Contains("child.yaml:3"));
+  CHECK_THAT(loaded.origin.at("model.num_layers"), Contains("base.yaml"));
+  CHECK(loaded.origin.at("training.lr") == "--set training.lr=3e-4");
+}
+
+TEST_CASE("the resolved YAML loads back to the same config", "[config]") {
+  TempDir dir;
+  for (const char* name : {"configs/qwen1.5-moe-a2.7b.yaml", "configs/flagperf-qwen1.5-moe.yaml", "configs/tiny.yaml"}) {
+    const auto original = load_config(test::source_path(name));
+    const auto path = write_resolved_config(original.config, dir.path());
+    const auto again = load_config(path.string());
+    for (const auto& f : config_fields()) {
+      INFO(name << " " << f.name());
+      CHECK(format_field_value(f, again.config) == format_field_value(f, original.config));
+    }
+  }
+}
+
+TEST_CASE("the resolved-config table lists every key with its origin", "[config]") {
+  const auto loaded = load_config(test::source_path("configs/tiny.yaml"));
+  const std::string table = resolved_config_table(loaded);
+  for (const auto& f : config_fields()) CHECK_THAT(table, Contains(f.name()));
+  CHECK_THAT(table, Contains("configs/tiny.yaml:"));
+  CHECK_THAT(table, Contains("derived"));
+}
+
+TEST_CASE("unknown keys and sections name the closest valid key", "[config][errors]") {
+  TempDir dir;
+  auto msg = user_error([&] { load_config(dir.file("a.yaml", std::string(test::kMinimalModel) + "  num_expert: 4\n")); });
+  CHECK_THAT(msg, Contains("a.yaml:15") && Contains("unknown key `training.num_expert`") && Contains("model.num_experts"));
+
+  msg = user_error([&] {
+    load_config(dir.file("b.yaml", std::string(test::kMinimalModel) + "parallel:\n  num_layers: 4\n"));
+  });
+  CHECK_THAT(msg, Contains("`num_layers` belongs in section `model`"));
+
+  msg = user_error([&] { load_config(dir.file("c.yaml", std::string(test::kMinimalModel) + "trainig:\n  lr: 1\n")); });
+  CHECK_THAT(msg, Contains("unknown section `trainig`") && Contains("Did you mean `training`?"));
+
+  msg = user_error([&] { load_config(dir.file("d.yaml", test::kMinimalModel), {"model.hiden_size=3"}); });
+  CHECK_THAT(msg, Contains("--set model.hiden_size=3") && Contains("model.hidden_size"));
+
+  msg = user_error([&] { load_config(dir.file("e.yaml", test::kMinimalModel), {"lr=3"}); });
+  CHECK_THAT(msg, Contains("expected section.key=value"));
+}
+
+TEST_CASE("wrong types name the file, the line and the expected type", "[config][errors]") {
+  TempDir dir;
+  std::string text = test::kMinimalModel;
+  text.replace(text.find("hidden_size: 64"), 15, "hidden_size: big");
+  auto msg = user_error([&] { load_config(dir.file("t.yaml", text)); });
+  CHECK_THAT(msg, Contains("t.yaml:4") && Contains("model.hidden_size") && Contains("expected an integer, got 'big'"));
+
+  msg = user_error([&] { load_config(dir.file("u.yaml", test::kMinimalModel), {"training.lr_decay_style=cosin"}); });
+  CHECK_THAT(msg, Contains("one of {constant, linear, cosine}") && Contains("'cosin'"));
+
+  msg = user_error([&] { load_config(dir.file("v.yaml", test::kMinimalModel), {"training.bf16=maybe"}); });
+  CHECK_THAT(msg, Contains("expected true or false"));
+
+  msg = user_error([&] { load_config(dir.file("w.yaml", test::kMinimalModel), {"model.num_layers=[1, 2]"}); });
+  CHECK_THAT(msg, Contains("expected an integer, got a list"));
+}
+
+TEST_CASE("missing required values are all listed", "[config][errors]") {
+  TempDir dir;
+  const auto msg = user_error([&] { load_config(dir.file("m.yaml", "model:\n  num_layers: 2\n")); });
+  CHECK_THAT(msg, Contains("missing required values") && Contains("model.hidden_size") &&
+                      Contains("model.num_attention_heads") && Contains("training.seq_length") &&
+                      Contains("training.lr"));
+  const auto null_msg = user_error([&] { load_config(dir.file("n.yaml", test::kMinimalModel), {"model.hidden_size=null"}); });
+  CHECK_THAT(null_msg, Contains("`model.hidden_size` is required and cannot be null"));
+}
+
+TEST_CASE("file-level errors: missing file, bad YAML, cyclic base, wrong shapes", "[config][errors]") {
+  TempDir dir;
+  CHECK_THAT(user_error([&] { load_config((dir.path() / "nope.yaml").string()); }),
+             Contains("config file not found") && Contains("nope.yaml"));
+  CHECK_THAT(user_error([&] { load_config(dir.file("s.yaml", "model:\n  hidden_size: [1, 2\n")); }),
+             Contains("s.yaml:") && Contains("YAML syntax error"));
+  dir.file("x.yaml", "base: y.yaml\n");
+  CHECK_THAT(user_error([&] { load_config(dir.file("y.yaml", "base: x.yaml\n")); }), Contains("cyclic"));
+  CHECK_THAT(user_error([&] { load_config(dir.file("z.yaml", "base: missing.yaml\n")); }),
+             Contains("missing.yaml") && Contains("the `base:` of"));
+  CHECK_THAT(user_error([&] { load_config(dir.file("l.yaml", "- 1\n- 2\n")); }), Contains("must be a mapping of sections"));
+  CHECK_THAT(user_error([&] { load_config(dir.file("empty.yaml", "")); }), Contains("the config is empty"));
+  CHECK_THAT(user_error([&] { load_config(dir.file("sec.yaml", "model: 3\n")); }), Contains("section `model` must be a mapping"));
+}
+
+TEST_CASE("invalid values and relations are reported together", "[config][errors]") {
+  TempDir dir;
+  const auto path = dir.file("c.yaml", test::kMinimalModel);
+  auto msg = user_error([&] {
+    load_config(path, {"model.hidden_size=66", "model.moe_router_topk=9", "training.min_lr=1", "model.num_query_groups=3"});
+  });
+  CHECK_THAT(msg, Contains("4 problems") && Contains("hidden_size (66) is not divisible by model.num_attention_heads (4)") &&
+                      Contains("moe_router_topk (9) must be between 1 and model.num_experts (8)") &&
+                      Contains("min_lr (1) is above training.lr") &&
+                      Contains("num_attention_heads (4) is not divisible by model.num_query_groups (3)"));
+  CHECK_THAT(user_error([&] { load_config(path, {"model.moe_layer_freq=[1, 0]"}); }),
+             Contains("lists 2 layers but model.num_layers is 4"));
+  CHECK_THAT(user_error([&] { load_config(path, {"model.moe_router_norm_topk_prob=true"}); }),
+             Contains("moe_router_pre_softmax is false"));
+  CHECK_THAT(user_error([&] { load_config(path, {"model.moe_shared_expert_gate=true"}); }),
+             Contains("there is no shared expert"));
+  CHECK_THAT(user_error([&] { load_config(path, {"training.seq_length=64", "model.max_position_embeddings=32"}); }),
+             Contains("max_position_embeddings (32) is shorter than training.seq_length (64)"));
+  CHECK_THAT(user_error([&] { load_config(path, {"training.lr_warmup_iters=20"}); }),
+             Contains("lr_warmup_iters (20) exceeds training.lr_decay_iters (10)"));
+}

@@ -1,0 +1,79 @@
+// ParallelLayout: Megatron's rank order checked against closed forms, and every impossible layout.
+#include "core/config_loader.h"
+#include "core/errors.h"
+#include "parallel/layout.h"
+#include "test_util.h"
+
+#include <catch2/catch.hpp>
+
+using namespace moeforge;
+using Catch::Matchers::Contains;
+
+namespace {
+ExperimentConfig config_with(const std::vector<std::string>& overrides) {
+  test::TempDir dir;
+  return load_config(dir.file("c.yaml", test::kMinimalModel), overrides).config;
+}
+std::string layout_error(const ExperimentConfig& c, int64_t world) {
+  try {
+    ParallelLayout::create(c, world);
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  FAIL("expected a UserError");
+  return {};
+}
+}  // namespace
+
+TEST_CASE("rank order is tp-cp-ep-dp-pp: stages contiguous, EP ranks consecutive", "[layout]") {
+  // world 8 = PP 2 x DP 4, EP 2 -> expert-DP 2.
+  const auto c = config_with({"parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2",
+                              "training.global_batch_size=16"});
+  const auto L = ParallelLayout::create(c, 8);
+  CHECK(L.dp() == 4);
+  CHECK(L.edp() == 2);
+  CHECK(L.micro_batches_per_step() == 4);  // 16 / (1 * 4)
+  CHECK(L.layers_per_stage() == std::vector<int64_t>{2, 2});
+  CHECK(L.pipeline_group(5) == std::vector<int64_t>{1, 5});
+  CHECK(L.data_parallel_group(5) == std::vector<int64_t>{4, 5, 6, 7});
+  CHECK(L.expert_parallel_group(5) == std::vector<int64_t>{4, 5});
+  CHECK(L.expert_parallel_group(6) == std::vector<int64_t>{6, 7});
+  CHECK(L.expert_data_parallel_group(5) == std::vector<int64_t>{5, 7});
+  // Every rank appears in exactly one group of each kind: group sizes sum to the world.
+  for (int64_t r = 0; r < 8; ++r) {
+    const auto xy = L.coordinates(r);
+    CHECK(xy.pp * L.dp() + xy.edp * L.ep() + xy.ep == r);
+  }
+}
+
+TEST_CASE("uneven pipelines split the middle evenly", "[layout]") {
+  const auto c = config_with({"model.num_layers=10", "parallel.pipeline_model_parallel_size=4",
+                              "parallel.decoder_first_pipeline_num_layers=1", "parallel.decoder_last_pipeline_num_layers=3",
+                              "training.global_batch_size=8"});
+  const auto L = ParallelLayout::create(c, 4);
+  CHECK(L.layers_per_stage() == std::vector<int64_t>{1, 3, 3, 3});
+  CHECK(L.first_layer(2) == 4);
+}
+
+TEST_CASE("impossible layouts list the problem and every factor", "[layout][errors]") {
+  const auto c = config_with({});
+  CHECK_THAT(layout_error(config_with({"parallel.pipeline_model_parallel_size=4"}), 6),
+             Contains("world size 6 is not divisible by parallel.pipeline_model_parallel_size 4") &&
+                 Contains("factors: world=6, PP=4"));
+  CHECK_THAT(layout_error(config_with({"parallel.expert_model_parallel_size=3"}), 4),
+             Contains("expert_model_parallel_size 3 does not divide the data-parallel size 4") &&
+                 Contains("model.num_experts 8 is not divisible by parallel.expert_model_parallel_size 3"));
+  CHECK_THAT(layout_error(config_with({"parallel.pipeline_model_parallel_size=3"}), 3),
+             Contains("model.num_layers (4) is not divisible by parallel.pipeline_model_parallel_size (3)"));
+  CHECK_THAT(layout_error(c, 3),
+             Contains("global_batch_size 8 is not divisible by training.micro_batch_size 1 x data-parallel size 3") &&
+                 Contains("global_batch_size=8, micro_batch_size=1"));
+  CHECK_THAT(layout_error(config_with({"model.num_experts=null", "parallel.expert_model_parallel_size=2"}), 2),
+             Contains("the model is dense"));
+  CHECK_THAT(layout_error(config_with({"parallel.pipeline_model_parallel_size=2",
+                                       "parallel.decoder_first_pipeline_num_layers=1",
+                                       "parallel.decoder_last_pipeline_num_layers=1"}),
+                          2),
+             Contains("puts 1 + 1 layers on its 2 stages but model.num_layers is 4"));
+  CHECK_THAT(layout_error(c, 0), Contains("world size must be at least 1"));
+}

@@ -1,0 +1,93 @@
+// Planner numbers against independent references: the parameter counts and FLOPs published in
+// ../shared/reference/qwen-moe.md and flops-mfu.md (computed there from the architecture by hand),
+// and closed forms for the batch, bubble and memory arithmetic.
+#include "core/config_loader.h"
+#include "core/model_size.h"
+#include "launch/plan.h"
+#include "parallel/layout.h"
+#include "test_util.h"
+
+#include <catch2/catch.hpp>
+
+using namespace moeforge;
+
+TEST_CASE("Qwen1.5-MoE-A2.7B parameter counts match the published ones", "[plan]") {
+  const auto c = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml")).config;
+  const ParameterCounts p = count_parameters(c.model);
+  CHECK(p.total == 14'315'784'192);
+  CHECK(p.activated == 2'689'173'504);
+  CHECK(p.activated_non_embedding == 2'066'843'648);
+  CHECK(p.flagperf_compute_n == 2'374'762'496);
+  const LayerParameters layer = layer_parameters(c.model, 0);
+  CHECK(layer.attention == 16'777'216 + 6'144);
+  CHECK(layer.router == 122'880);
+  CHECK(layer.shared_expert == 34'603'008 + 2'048);
+  CHECK(layer.expert == 8'650'752);
+  CHECK(layer.total() == 570'560'512);
+  CHECK(layer.activated() == 86'118'400);
+}
+
+TEST_CASE("Qwen1.5-MoE-A2.7B FLOPs per token at seq 8192", "[plan]") {
+  const auto c = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml")).config;
+  const auto f = model_flops_per_step(c.model, 512, 8192);
+  const double tokens = 512.0 * 8192.0;
+  CHECK(static_cast<double>(f.megatron) / tokens / 1e9 == Approx(16.664).margin(0.0005));
+  CHECK(static_cast<double>(f.megatron_legacy) / tokens / 1e9 == Approx(19.08).margin(0.005));
+  CHECK(static_cast<double>(f.megatron) == Approx(6.99e16).epsilon(0.001));
+  CHECK(f.six_n == 6 * 2'374'762'496LL * 512 * 8192);
+}
+
+TEST_CASE("the FlagPerf case's compute N is the published 2,337,013,760", "[plan]") {
+  const auto c = load_config(test::source_path("configs/flagperf-qwen1.5-moe.yaml")).config;
+  CHECK(count_parameters(c.model).flagperf_compute_n == 2'337'013'760);
+  // "about 7.52B total" in qwen-moe.md.
+  CHECK(static_cast<double>(count_parameters(c.model).total) == Approx(7.52e9).epsilon(0.002));
+}
+
+TEST_CASE("batch, bubble and memory arithmetic of the mission plan", "[plan]") {
+  const auto c = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml")).config;
+  const auto layout = ParallelLayout::create(c, 8);
+  const Plan plan = make_plan(c, "q.yaml", layout);
+  CHECK(layout.micro_batches_per_step() == 128);
+  CHECK(plan.tokens_per_step == 4'194'304);
+  CHECK(plan.bubble_fraction == Approx(1.0 / 129.0));
+  CHECK(plan.experts_per_ep_rank == 15);
+  REQUIRE(plan.stages.size() == 2);
+
+  // Stage parameters: 12 layers of dense parts + 15 of 60 experts, plus embedding (first) or final
+  // norm and untied head (last).
+  const int64_t dense_layer = 570'560'512 - 60 * 8'650'752;
+  const int64_t experts_layer = 15 * 8'650'752;
+  const int64_t vh = 151'936LL * 2048;
+  CHECK(plan.stages[0].parameters == 12 * (dense_layer + experts_layer) + vh);
+  CHECK(plan.stages[1].parameters == 12 * (dense_layer + experts_layer) + vh + 2048);
+  // The expert-parallel shares add up to the whole model.
+  CHECK(plan.stages[0].parameters + plan.stages[1].parameters + 3 * 24 * experts_layer == 14'315'784'192);
+  for (const auto& s : plan.stages) {
+    CHECK(s.weight_bytes == 2 * s.parameters);    // bf16
+    CHECK(s.gradient_bytes == 4 * s.parameters);  // fp32 gradients
+    CHECK(s.optimizer_bytes == 12 * s.parameters);
+    // ZeRO-1: dense state over DP 4, expert state over expert-DP 1.
+    CHECK(s.optimizer_bytes_distributed == 12 * (s.parameters - s.expert_parameters) / 4 + 12 * s.expert_parameters);
+  }
+  CHECK(plan.stages[0].micro_batches_in_flight == 2);
+  CHECK(plan.stages[1].micro_batches_in_flight == 1);
+  // The last stage also holds the logits (bf16) and their fp32 copy for the loss: 6 V bytes per token.
+  CHECK(plan.stages[1].activation_bytes_per_micro_batch - plan.stages[0].activation_bytes_per_micro_batch ==
+        8192LL * 151'936 * 6);
+}
+
+TEST_CASE("dense models and GQA count as Megatron does", "[plan]") {
+  test::TempDir dir;
+  const auto c = load_config(dir.file("d.yaml", test::kMinimalModel),
+                             {"model.num_experts=null", "model.num_query_groups=2", "model.add_qkv_bias=true"})
+                     .config;
+  // h=64, heads 4 of 16, 2 kv groups: q 64, kv 32; FFN 4h = 256; vocab 1000 padded to 1024; tied.
+  const int64_t attention = 64 * (64 + 2 * 32) + 64 * 64 + (64 + 2 * 32);
+  const int64_t per_layer = attention + 2 * 64 + 3 * 64 * 256;
+  CHECK(layer_parameters(c.model, 0).total() == per_layer);
+  CHECK(count_parameters(c.model).total == 4 * per_layer + 1024 * 64 + 64);
+  const auto f = model_flops_per_step(c.model, 8, 32);
+  const int64_t macs = 64 * 256 * 3 * 4 + 4 * (64 * (64 + 64) + 64 * 64) + 64 * 1024;
+  CHECK(f.megatron == 6 * 8 * 32 * macs + 6 * 8 * 32 * 32 * 64 * 4);
+}

@@ -1,0 +1,71 @@
+// defines: TempDir, write_file, run_command (shared helpers of the unit tests)
+#pragma once
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <sys/wait.h>
+
+namespace moeforge::test {
+
+// A fresh directory under the system temp dir, removed on destruction.
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    path_ = std::filesystem::temp_directory_path() / ("moeforge-test-" + std::to_string(rd()));
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name, const std::string& contents) const {
+    const auto p = path_ / name;
+    std::ofstream(p) << contents;
+    return p.string();
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+inline std::string source_path(const std::string& relative) { return std::string(MOEFORGE_SOURCE_DIR) + "/" + relative; }
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+inline CommandResult run_command(const std::string& command) {
+  CommandResult r;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  std::array<char, 4096> buffer{};
+  size_t n = 0;
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) r.output.append(buffer.data(), n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+// A minimal valid config body; tests append or replace sections.
+inline const char* kMinimalModel = R"(
+model:
+  num_layers: 4
+  hidden_size: 64
+  num_attention_heads: 4
+  vocab_size: 1000
+  num_experts: 8
+  moe_ffn_hidden_size: 32
+  moe_router_topk: 2
+training:
+  seq_length: 32
+  global_batch_size: 8
+  train_iters: 10
+  lr: 1.0e-3
+)";
+
+}  // namespace moeforge::test
