@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: sets everything up, builds, and runs every test.
+#   bash launch/test.sh
+# Tests needing a GPU are labelled `gpu` and skip visibly without one.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+bash launch/setup.sh
+bash launch/build.sh
+cd build
+ctest --output-on-failure -j "${MOEFORGE_JOBS:-$(nproc)}"
