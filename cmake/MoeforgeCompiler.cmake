@@ -1,10 +1,11 @@
 # Compiler warnings and ccache. Warnings are the same everywhere; CI makes them errors.
 find_program(CCACHE_PROGRAM ccache)
 if(CCACHE_PROGRAM)
-  # The sloppiness settings let ccache cache objects built with a precompiled header.
+  # The sloppiness settings let ccache cache objects built with a precompiled header; BASEDIR
+  # and NOHASHDIR let a fresh clone in another directory hit the cache.
   set(_launcher ${CMAKE_COMMAND} -E env
       "CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime"
-      "CCACHE_BASEDIR=${CMAKE_SOURCE_DIR}" ${CCACHE_PROGRAM})
+      "CCACHE_BASEDIR=${CMAKE_SOURCE_DIR}" "CCACHE_NOHASHDIR=1" ${CCACHE_PROGRAM})
   set(CMAKE_CXX_COMPILER_LAUNCHER ${_launcher})
   set(CMAKE_CUDA_COMPILER_LAUNCHER ${_launcher})
   set(MOEFORGE_CCACHE_NOTE " (ccache)")
