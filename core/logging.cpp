@@ -28,13 +28,24 @@ spdlog::level::level_enum to_spdlog(LogLevel level) {
 }
 }  // namespace
 
+namespace {
+int g_rank = 0;
+bool g_all_ranks = false;
+}  // namespace
+
+void set_log_level(LogLevel level) {
+  spdlog::set_level(g_rank == 0 || g_all_ranks ? to_spdlog(level) : spdlog::level::warn);
+}
+
 void init_logging(int rank, LogLevel level, bool all_ranks) {
+  g_rank = rank;
+  g_all_ranks = all_ranks;
   // stderr, so that `--json` output on stdout stays machine-readable.
   spdlog::drop("moeforge");
   auto logger = spdlog::stderr_color_mt("moeforge");
   logger->set_pattern(fmt::format("[%H:%M:%S.%e] [rank {}] [%^%l%$] %v", rank));
-  logger->set_level(rank == 0 || all_ranks ? to_spdlog(level) : spdlog::level::warn);
   spdlog::set_default_logger(logger);
+  set_log_level(level);
 }
 
 }  // namespace moeforge

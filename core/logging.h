@@ -15,4 +15,7 @@ int launcher_rank();
 
 void init_logging(int rank, LogLevel level, bool all_ranks = false);
 
+// Applies a level (e.g. the config's logging.log_level) to the logger init_logging made.
+void set_log_level(LogLevel level);
+
 }  // namespace moeforge

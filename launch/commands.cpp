@@ -3,6 +3,7 @@
 #include "core/config_loader.h"
 #include "core/config_schema.h"
 #include "core/errors.h"
+#include "core/logging.h"
 #include "data/blend.h"
 #include "launch/plan.h"
 #include "parallel/layout.h"
@@ -11,27 +12,52 @@
 #include <spdlog/spdlog.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 
 namespace moeforge {
 
-int64_t resolve_world_size(std::optional<int64_t> flag, std::optional<int64_t> from_config, int64_t pp, int64_t ep) {
-  if (flag) return *flag;
-  if (from_config) return *from_config;
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"}) {
-    if (const char* v = std::getenv(var)) return std::atoll(v);
+int64_t resolve_world_size(std::optional<int64_t> flag, std::optional<int64_t> from_config, int64_t pp, int64_t ep,
+                           std::string* source) {
+  std::string ignored;
+  std::string& from = source ? *source : ignored;
+  if (flag) {
+    from = "--world-size";
+    return *flag;
   }
+  if (from_config) {
+    from = "parallel.world_size";
+    return *from_config;
+  }
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"}) {
+    if (const char* v = std::getenv(var)) {
+      from = var;
+      return std::atoll(v);
+    }
+  }
+  from = "the smallest layout, PP x EP";
   return pp * ep;
 }
 
 int run_plan(const PlanOptions& options) {
   const LoadedConfig loaded = load_config(options.config_path, options.overrides);
   const ExperimentConfig& c = loaded.config;
+  set_log_level(c.logging.log_level);
   data::validate_data_config(c.data);
+  std::string world_source;
   const int64_t world = resolve_world_size(options.world_size, c.parallel.world_size,
-                                           c.parallel.pipeline_model_parallel_size, c.parallel.expert_model_parallel_size);
+                                           c.parallel.pipeline_model_parallel_size, c.parallel.expert_model_parallel_size,
+                                           &world_source);
+  spdlog::info("planning for world size {} (from {})", world, world_source);
   const ParallelLayout layout = ParallelLayout::create(c, world);
   const Plan plan = make_plan(c, options.config_path, layout);
+  if (options.save) {
+    const auto config_file = write_resolved_config(c, c.logging.run_dir);
+    const auto plan_file = std::filesystem::path(c.logging.run_dir) / "plan.json";
+    std::ofstream(plan_file) << plan_to_json(plan, c).dump(2) << "\n";
+    spdlog::info("wrote {} and {}", config_file.string(), plan_file.string());
+  }
   if (options.json) {
     std::cout << plan_to_json(plan, c).dump(2) << "\n";
   } else {
@@ -46,6 +72,7 @@ int run_config(const ConfigOptions& options) {
     return 0;
   }
   const LoadedConfig loaded = load_config(options.config_path, options.overrides);
+  set_log_level(loaded.config.logging.log_level);
   data::validate_data_config(loaded.config.data);
   std::cout << (options.yaml ? resolved_config_yaml(loaded.config) : resolved_config_table(loaded));
   return 0;

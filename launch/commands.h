@@ -14,6 +14,7 @@ struct PlanOptions {
   std::vector<std::string> overrides;
   std::optional<int64_t> world_size;
   bool json = false;
+  bool save = false;  // write <run_dir>/config.yaml and <run_dir>/plan.json
 };
 int run_plan(const PlanOptions& options);
 
@@ -28,8 +29,9 @@ int run_config(const ConfigOptions& options);
 int run_version();
 
 // The world size a command plans for: --world-size, else parallel.world_size, else the
-// launcher's, else the smallest layout the config allows (PP x EP).
-int64_t resolve_world_size(std::optional<int64_t> flag, std::optional<int64_t> from_config, int64_t pp, int64_t ep);
+// launcher's, else the smallest layout the config allows (PP x EP). `source` says which.
+int64_t resolve_world_size(std::optional<int64_t> flag, std::optional<int64_t> from_config, int64_t pp, int64_t ep,
+                           std::string* source = nullptr);
 
 // The key reference as Markdown (docs/config.md is this output).
 std::string config_keys_markdown();

@@ -28,6 +28,7 @@ int run(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   plan_cmd->add_option("--set", plan.overrides, "Override a key: section.key=value (repeatable)");
   plan_cmd->add_flag("--json", plan.json, "Print one JSON object (keys in docs/plan.md)");
+  plan_cmd->add_flag("--save", plan.save, "Also write config.yaml and plan.json into the run directory (logging.run_dir)");
 
   moeforge::ConfigOptions config;
   auto* config_cmd = app.add_subcommand("config", "Print the resolved config (table or YAML), or the key reference");
@@ -52,6 +53,11 @@ int run(int argc, char** argv) {
     if (name == level_name) level = value;
   }
   moeforge::init_logging(moeforge::launcher_rank(), level);
+  // --log-level is an override of logging.log_level, so the config's level applies otherwise.
+  if (app.get_option("--log-level")->count() > 0) {
+    plan.overrides.push_back("logging.log_level=" + level_name);
+    config.overrides.push_back("logging.log_level=" + level_name);
+  }
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();

@@ -223,15 +223,18 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
   o << fmt::format("\nmemory per rank ({}, {} optimizer, recompute {})\n", c.training.bf16 ? "bf16" : "fp32",
                    c.parallel.use_distributed_optimizer ? "distributed" : "replicated",
                    to_string(c.training.recompute_granularity));
-  o << "  stage  layers    params/rank     weights      grads  optimizer  optim (dist)  act/mb  act/mb (full rc)  "
-       "in flight       peak\n";
+  const auto row = [&](const auto&... cells) {
+    o << fmt::format("  {:>5}  {:>7}  {:>14}  {:>10}  {:>10}  {:>10}  {:>12}  {:>10}  {:>13}  {:>9}  {:>10}\n", cells...);
+  };
+  row("stage", "layers", "params/rank", "weights", "grads", "optimizer", "optim (dist)", "act/mb", "act/mb (full)",
+      "in flight", "peak");
   for (const auto& s : plan.stages) {
-    o << fmt::format("  {:>5}  {:>2}-{:<4}  {:>13}  {:>10} {:>10} {:>10}  {:>12} {:>10}  {:>14}  {:>9}  {:>10}\n", s.stage,
-                     s.first_layer, s.first_layer + s.num_layers - 1, with_commas(s.parameters), gib(s.weight_bytes),
-                     gib(s.gradient_bytes), gib(s.optimizer_bytes), gib(s.optimizer_bytes_distributed),
-                     gib(s.activation_bytes_per_micro_batch), gib(s.activation_bytes_per_micro_batch_full_recompute),
-                     s.micro_batches_in_flight, gib(s.peak_bytes));
+    row(s.stage, fmt::format("{}-{}", s.first_layer, s.first_layer + s.num_layers - 1), with_commas(s.parameters),
+        gib(s.weight_bytes), gib(s.gradient_bytes), gib(s.optimizer_bytes), gib(s.optimizer_bytes_distributed),
+        gib(s.activation_bytes_per_micro_batch), gib(s.activation_bytes_per_micro_batch_full_recompute),
+        s.micro_batches_in_flight, gib(s.peak_bytes));
   }
+  o << "  (act/mb: activations per micro-batch without / with full recomputation; peak: see docs/plan.md)\n";
   for (const auto& w : plan.warnings) o << "\nwarning: " << w << "\n";
   return o.str();
 }

@@ -84,3 +84,24 @@ TEST_CASE("docs/config.md is the generated key reference", "[cli][docs]") {
   INFO("regenerate with: build/moeforge config --keys > docs/config.md");
   CHECK(text.str() == config_keys_markdown());
 }
+
+TEST_CASE("the log level comes from the config unless --log-level is given", "[cli]") {
+  auto r = run_command(kBin + " plan configs/tiny.yaml");
+  CHECK_THAT(r.output, Contains("[info] planning for world size 4 (from the smallest layout, PP x EP)") ||
+                           Contains("planning for world size 1 (from the smallest layout, PP x EP)"));
+  r = run_command(kBin + " plan configs/tiny.yaml --set logging.log_level=warn");
+  CHECK_THAT(r.output, !Contains("planning for world size"));
+  r = run_command(kBin + " --log-level info plan configs/tiny.yaml --set logging.log_level=warn");
+  CHECK_THAT(r.output, Contains("planning for world size"));
+}
+
+TEST_CASE("plan --save writes the resolved config and the plan into the run directory", "[cli]") {
+  test::TempDir dir;
+  const auto run_dir = (dir.path() / "run").string();
+  const auto r = run_command(kBin + " plan configs/tiny.yaml --save --set logging.run_dir=" + run_dir);
+  REQUIRE(r.exit_code == 0);
+  std::ifstream plan(run_dir + "/plan.json");
+  CHECK(nlohmann::json::parse(plan)["batch"]["global_batch_size"] == 16);
+  const auto again = run_command(kBin + " config " + run_dir + "/config.yaml --yaml");
+  CHECK(again.exit_code == 0);
+}

@@ -42,7 +42,7 @@ struct CommandResult {
 
 inline CommandResult run_command(const std::string& command) {
   CommandResult r;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  FILE* pipe = popen(("{ " + command + "; } 2>&1").c_str(), "r");
   std::array<char, 4096> buffer{};
   size_t n = 0;
   while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) r.output.append(buffer.data(), n);
