@@ -124,7 +124,10 @@ struct DataConfig {
   // Megatron's --data-path: one prefix, or "weight prefix weight prefix ..." for a blend.
   std::vector<std::string> data_path;
   std::string split = "969, 30, 1";
-  std::string tokenizer_model;  // a Hugging Face tokenizer.json
+  std::string tokenizer_model;  // a Hugging Face tokenizer.json, or "byte"
+  std::string data_cache_path;  // empty = <dataset dir>/cache/GPTDataset_indices
+  bool reset_position_ids = false;
+  bool eod_mask_loss = false;
 };
 
 struct CheckpointConfig {

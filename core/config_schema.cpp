@@ -228,7 +228,10 @@ std::vector<ConfigField> make_fields() {
       // data
       bind("data", D, "data_path", &DC::data_path, "Megatron dataset prefix(es) (without .bin/.idx); a blend is [w1, prefix1, w2, prefix2, ...]"),
       bind("data", D, "split", &DC::split, "Train/valid/test proportions, Megatron's format, e.g. \"99,1,0\""),
-      bind("data", D, "tokenizer_model", &DC::tokenizer_model, "Hugging Face tokenizer.json"),
+      bind("data", D, "tokenizer_model", &DC::tokenizer_model, "Hugging Face tokenizer.json, or \"byte\" for the byte-level tokenizer; gives the EOD id"),
+      bind("data", D, "data_cache_path", &DC::data_cache_path, "Where dataset indices are cached; empty = <dataset dir>/cache/GPTDataset_indices"),
+      bind("data", D, "reset_position_ids", &DC::reset_position_ids, "Restart position ids after each EOD token (needs tokenizer_model)"),
+      bind("data", D, "eod_mask_loss", &DC::eod_mask_loss, "No loss on EOD tokens (needs tokenizer_model)"),
       // checkpoint
       bind("checkpoint", K, "save", &KC::save, "Directory to save checkpoints into; empty = none"),
       bind("checkpoint", K, "load", &KC::load, "Checkpoint directory to start from; empty = fresh start"),

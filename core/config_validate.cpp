@@ -166,6 +166,9 @@ void validate_config(const ExperimentConfig& c) {
   p.positive("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size);
   p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
   p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
+  if ((c.data.reset_position_ids || c.data.eod_mask_loss) && c.data.tokenizer_model.empty()) {
+    p.add("data.reset_position_ids / data.eod_mask_loss need the EOD token id: set data.tokenizer_model");
+  }
   if (c.checkpoint.save_interval) p.positive("checkpoint.save_interval", *c.checkpoint.save_interval);
   p.positive("logging.log_interval", c.logging.log_interval);
   if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <sys/wait.h>
 
@@ -49,6 +50,13 @@ inline CommandResult run_command(const std::string& command) {
   const int status = pclose(pipe);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+// Runs a test oracle from tests/oracles/ with the project venv's Python; fails the test on error.
+inline std::string run_oracle(const std::string& script, const std::string& args) {
+  const auto r = run_command(std::string(MOEFORGE_PYTHON) + " " + source_path("tests/oracles/" + script) + " " + args);
+  if (r.exit_code != 0) throw std::runtime_error("oracle " + script + " " + args + " failed:\n" + r.output);
+  return r.output;
 }
 
 // A minimal valid config body; tests append or replace sections.

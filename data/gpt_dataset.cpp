@@ -1,0 +1,270 @@
+#include "data/gpt_dataset.h"
+
+#include "core/errors.h"
+#include "data/index_cache.h"
+#include "data/numpy_random.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+
+namespace moeforge::data {
+
+namespace fs = std::filesystem;
+
+namespace {
+// Megatron's add_extra_token_to_sequence: a sample reads seq_length + 1 tokens so that the
+// labels are the tokens shifted by one.
+constexpr int64_t kExtraToken = 1;
+}  // namespace
+
+const char* split_name(Split split) {
+  switch (split) {
+    case Split::train: return "train";
+    case Split::valid: return "valid";
+    case Split::test: return "test";
+  }
+  return "?";
+}
+
+std::array<std::optional<std::pair<int64_t, int64_t>>, 3> split_document_ranges(const std::array<double, 3>& split,
+                                                                                int64_t num_sequences) {
+  std::array<std::optional<std::pair<int64_t, int64_t>>, 3> out;
+  double lo = 0.0;
+  for (size_t i = 0; i < 3; ++i) {
+    const double hi = lo + split[i];
+    if (hi > lo) {  // Megatron drops zero-width bookends
+      // std::nearbyint rounds half to even under the default rounding mode, as Python's round.
+      const auto begin = static_cast<int64_t>(std::nearbyint(lo * static_cast<double>(num_sequences)));
+      const auto end = static_cast<int64_t>(std::nearbyint(hi * static_cast<double>(num_sequences)));
+      out[i] = std::make_pair(begin, end);
+    }
+    lo = hi;
+  }
+  return out;
+}
+
+std::array<int64_t, 3> megatron_sample_counts(const TrainingConfig& t) {
+  return {t.train_iters * t.global_batch_size,
+          (t.train_iters / t.eval_interval + 1) * t.eval_iters * t.global_batch_size,
+          t.eval_iters * t.global_batch_size};
+}
+
+GPTIndices build_gpt_indices(std::span<const int32_t> lengths, int64_t begin, int64_t end,
+                             std::optional<int64_t> num_samples, int64_t seq_length, uint32_t seed) {
+  GPTIndices idx;
+  const int64_t n_docs = end - begin;
+  int64_t tokens_per_epoch = 0;
+  for (int64_t d = begin; d < end; ++d) tokens_per_epoch += lengths[static_cast<size_t>(d)];
+  if (tokens_per_epoch <= kExtraToken) {
+    fail_user("the split [{}, {}) holds {} tokens: too few for even one sample of {} tokens. Use a larger dataset or "
+              "change data.split.",
+              begin, end, tokens_per_epoch, seq_length);
+  }
+  // Epochs: the smallest E with E * tokens_per_epoch >= num_samples * seq_length + 1.
+  if (num_samples) {
+    const int64_t requested = *num_samples * seq_length + kExtraToken;
+    while (idx.num_epochs * tokens_per_epoch < requested) ++idx.num_epochs;
+  }
+  const int64_t E = idx.num_epochs;
+  int64_t samples_sans_final = 0;
+  if (E > 1) {
+    samples_sans_final = ((E - 1) * tokens_per_epoch - kExtraToken) / seq_length;
+    const int64_t from_final = *num_samples - samples_sans_final;
+    const int64_t per_epoch = (tokens_per_epoch - kExtraToken) / seq_length;
+    idx.separate_final_epoch = from_final < static_cast<int64_t>(0.80 * static_cast<double>(per_epoch));
+  }
+
+  NumpyRandomState rng(seed);
+  // 1. document index: the split's sequence ids, E times, shuffled (the last epoch separately).
+  auto epochs_of_documents = [&](int64_t epochs) {
+    std::vector<int32_t> ids(static_cast<size_t>(epochs * n_docs));
+    for (int64_t e = 0; e < epochs; ++e) {
+      for (int64_t d = 0; d < n_docs; ++d) ids[static_cast<size_t>(e * n_docs + d)] = static_cast<int32_t>(begin + d);
+    }
+    rng.shuffle(std::span<int32_t>(ids));
+    return ids;
+  };
+  if (!idx.separate_final_epoch) {
+    idx.document_index = epochs_of_documents(E);
+  } else {
+    idx.document_index = epochs_of_documents(E - 1);
+    const auto last = epochs_of_documents(1);
+    idx.document_index.insert(idx.document_index.end(), last.begin(), last.end());
+  }
+
+  // 2. sample index (Megatron's helpers.build_sample_idx with drop_last_partial_sequence).
+  const int64_t total_samples = (E * tokens_per_epoch - kExtraToken) / seq_length;
+  auto& sample = idx.sample_index;
+  sample.resize(static_cast<size_t>(2 * (total_samples + 1)));
+  int64_t doc_pos = 0;
+  int64_t doc_offset = 0;
+  sample[0] = 0;
+  sample[1] = 0;
+  const auto doc_count = static_cast<int64_t>(idx.document_index.size());
+  for (int64_t s = 1; s <= total_samples; ++s) {
+    int64_t remaining = seq_length + kExtraToken;
+    while (remaining != 0) {
+      const int64_t doc_length = lengths[static_cast<size_t>(idx.document_index[static_cast<size_t>(doc_pos)])] - doc_offset;
+      remaining -= doc_length;
+      if (remaining <= 0) {
+        doc_offset += remaining + doc_length - kExtraToken;
+        remaining = 0;
+      } else if (doc_pos == doc_count - 1) {
+        doc_offset = lengths[static_cast<size_t>(idx.document_index[static_cast<size_t>(doc_pos)])] - kExtraToken;
+        break;
+      } else {
+        ++doc_pos;
+        doc_offset = 0;
+      }
+    }
+    sample[static_cast<size_t>(2 * s)] = doc_pos;
+    sample[static_cast<size_t>(2 * s + 1)] = doc_offset;
+  }
+
+  // 3. shuffle index: the samples, with those of a separate final epoch shuffled on their own.
+  const int64_t first = idx.separate_final_epoch ? samples_sans_final : total_samples;
+  idx.shuffle_index.resize(static_cast<size_t>(total_samples));
+  for (int64_t i = 0; i < total_samples; ++i) idx.shuffle_index[static_cast<size_t>(i)] = i;
+  auto& sh = idx.shuffle_index;
+  // numpy shuffles the uint32 (or int64) array; the element type does not change the draws.
+  rng.shuffle(std::span<int64_t>(sh.data(), static_cast<size_t>(first)));
+  if (first < total_samples) rng.shuffle(std::span<int64_t>(sh.data() + first, static_cast<size_t>(total_samples - first)));
+  return idx;
+}
+
+namespace {
+
+std::string cache_description(const IndexedDataset& d, Split split, std::pair<int64_t, int64_t> range,
+                              std::optional<int64_t> num_samples, const GPTDatasetOptions& o) {
+  const fs::path idx = fs::absolute(idx_path(d.prefix()));
+  nlohmann::json j = {
+      {"class", "GPTDataset"},
+      {"format", 1},
+      {"path_prefix", fs::absolute(d.prefix()).lexically_normal().string()},
+      {"idx_bytes", fs::file_size(idx)},
+      {"idx_mtime_ns", std::chrono::duration_cast<std::chrono::nanoseconds>(fs::last_write_time(idx).time_since_epoch()).count()},
+      {"split", split_name(split)},
+      {"range", {range.first, range.second}},
+      {"num_samples", num_samples ? nlohmann::json(*num_samples) : nlohmann::json(nullptr)},
+      {"sequence_length", o.seq_length},
+      {"random_seed", o.seed},
+      {"add_extra_token_to_sequence", true},
+  };
+  return j.dump(2);
+}
+
+template <typename T>
+NpyArray to_npy(const std::vector<T>& v, const char* descr, std::vector<int64_t> shape) {
+  NpyArray a{descr, std::move(shape), std::vector<std::byte>(v.size() * sizeof(T))};
+  std::memcpy(a.data.data(), v.data(), a.data.size());
+  return a;
+}
+
+template <typename T>
+std::vector<T> from_npy(const NpyArray& a, const std::string& what) {
+  if (a.data.size() % sizeof(T) != 0) fail_user("cached index {} has the wrong element size; delete the cache", what);
+  std::vector<T> v(a.data.size() / sizeof(T));
+  std::memcpy(v.data(), a.data.data(), a.data.size());
+  return v;
+}
+
+}  // namespace
+
+GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, Split split, std::pair<int64_t, int64_t> range,
+                       std::optional<int64_t> num_samples, const GPTDatasetOptions& options)
+    : dataset_(std::move(dataset)), split_(split), options_(options) {
+  if (options.seq_length < 2) fail_user("training.seq_length must be at least 2, got {}", options.seq_length);
+  const fs::path cache_dir = options.cache_dir.empty()
+                                 ? fs::path(dataset_->prefix()).parent_path() / "cache" / "GPTDataset_indices"
+                                 : fs::path(options.cache_dir);
+  IndexCache cache(cache_dir, fmt::format("GPTDataset-{}", split_name(split)),
+                   cache_description(*dataset_, split, range, num_samples, options), options.cache_timeout_seconds);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto arrays = cache.get_or_build(
+      [&] {
+        const GPTIndices built = build_gpt_indices(dataset_->sequence_lengths(), range.first, range.second, num_samples,
+                                                   options.seq_length, options.seed);
+        const auto rows = static_cast<int64_t>(built.sample_index.size() / 2);
+        return IndexCache::Arrays{
+            {"document_index", to_npy(built.document_index, "<i4", {static_cast<int64_t>(built.document_index.size())})},
+            {"sample_index", to_npy(built.sample_index, "<i8", {rows, 2})},
+            {"shuffle_index", to_npy(built.shuffle_index, "<i8", {static_cast<int64_t>(built.shuffle_index.size())})},
+            {"epochs", to_npy(std::vector<int64_t>{built.num_epochs, built.separate_final_epoch ? 1 : 0}, "<i8", {2})},
+        };
+      },
+      &built_);
+  build_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  indices_.document_index = from_npy<int32_t>(arrays.at("document_index"), "document_index");
+  indices_.sample_index = from_npy<int64_t>(arrays.at("sample_index"), "sample_index");
+  indices_.shuffle_index = from_npy<int64_t>(arrays.at("shuffle_index"), "shuffle_index");
+  const auto epochs = from_npy<int64_t>(arrays.at("epochs"), "epochs");
+  indices_.num_epochs = epochs.at(0);
+  indices_.separate_final_epoch = epochs.at(1) != 0;
+  spdlog::info("{} indices for {} ({} samples, {} epoch(s){}) {} in {:.3f} s", split_name(split), dataset_->prefix(),
+               size(), indices_.num_epochs, indices_.separate_final_epoch ? ", separate final epoch" : "",
+               built_ ? "built" : "loaded from cache", build_seconds_);
+}
+
+std::string GPTDataset::describe() const { return fmt::format("{} ({} split)", dataset_->prefix(), split_name(split_)); }
+
+void GPTDataset::read_text(int64_t index, std::vector<int64_t>& text) const {
+  const auto j = static_cast<size_t>(indices_.shuffle_index.at(static_cast<size_t>(index)));
+  const int64_t d0 = indices_.sample_index[2 * j], o0 = indices_.sample_index[2 * j + 1];
+  const int64_t d1 = indices_.sample_index[2 * j + 2], o1 = indices_.sample_index[2 * j + 3];
+  text.resize(static_cast<size_t>(options_.seq_length + kExtraToken));
+  int64_t* out = text.data();
+  const auto& lengths = dataset_->sequence_lengths();
+  for (int64_t pos = d0; pos <= d1; ++pos) {
+    const int32_t doc = indices_.document_index[static_cast<size_t>(pos)];
+    const int64_t offset = pos == d0 ? o0 : 0;
+    const int64_t stop = pos == d1 ? o1 + kExtraToken : lengths[static_cast<size_t>(doc)];
+    dataset_->read(doc, offset, stop - offset, out);
+    out += stop - offset;
+  }
+  if (out != text.data() + text.size()) {
+    throw std::logic_error(fmt::format("{}: sample {} has {} tokens, expected {}", describe(), index, out - text.data(),
+                                       text.size()));
+  }
+}
+
+void GPTDataset::get(int64_t index, Sample& s) const {
+  std::vector<int64_t> text;
+  read_text(index, text);
+  const int64_t n = options_.seq_length;
+  if (options_.vocab_size > 0) {
+    for (size_t k = 0; k < text.size(); ++k) {
+      if (text[k] < 0 || text[k] >= options_.vocab_size) {
+        fail_user("{}: sample {} holds token id {} at position {}, outside the model's vocabulary of {} ids. The dataset "
+                  "was made with another tokenizer, or model.vocab_size is too small.",
+                  describe(), index, text[k], k, options_.vocab_size);
+      }
+    }
+  }
+  s.tokens.assign(text.begin(), text.end() - 1);
+  s.labels.assign(text.begin() + 1, text.end());
+  s.loss_mask.assign(static_cast<size_t>(n), 1.0f);
+  s.position_ids.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) s.position_ids[static_cast<size_t>(i)] = i;
+  if (options_.eod_mask_loss || options_.reset_position_ids) {
+    // Megatron subtracts (i + 1 - prev) from every later position at each EOD i, so a position
+    // counts from just after the last EOD before it.
+    int64_t start = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto k = static_cast<size_t>(i);
+      if (options_.reset_position_ids) s.position_ids[k] = i - start;
+      if (s.tokens[k] == options_.eod_id) {
+        if (options_.eod_mask_loss) s.loss_mask[k] = 0.0f;
+        start = i + 1;
+      }
+    }
+  }
+}
+
+}  // namespace moeforge::data

@@ -1,0 +1,246 @@
+// GPT samples against Megatron-Core's GPTDataset and BlendedMegatronDatasetBuilder
+// (tests/oracles/megatron_data_oracle.py): the same indices and the same sample contents for
+// several seeds, sequence lengths, epoch regimes, splits, dtypes and blends.
+#include "core/errors.h"
+#include "data/blend.h"
+#include "data/datasets.h"
+#include "data/loader.h"
+#include "data/numpy_random.h"
+#include "test_util.h"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+using namespace moeforge;
+using namespace moeforge::data;
+using Catch::Matchers::Contains;
+using nlohmann::json;
+
+namespace {
+
+constexpr int64_t kEod = 0;
+
+// Documents of random length (some of a single token), every one ending in the EOD id.
+void write_dataset(const std::string& prefix, TokenDType dtype, uint32_t seed, int docs, int max_len) {
+  std::mt19937 rng(seed);
+  IndexedDatasetBuilder b(prefix, dtype);
+  for (int d = 0; d < docs; ++d) {
+    std::vector<int64_t> t(1 + rng() % static_cast<uint32_t>(max_len));
+    for (auto& x : t) x = 1 + static_cast<int64_t>(rng() % 999);
+    t.back() = kEod;
+    b.add_document(t);
+  }
+  b.finalize();
+}
+
+std::vector<int64_t> ints(const json& j) { return j.get<std::vector<int64_t>>(); }
+
+void compare_split(const json& expected, const SampleSource& ours, const std::string& what) {
+  INFO(what);
+  REQUIRE(ours.size() == expected["length"].get<int64_t>());
+  if (const auto* gpt = dynamic_cast<const GPTDataset*>(&ours)) {
+    std::vector<int64_t> doc(gpt->indices().document_index.begin(), gpt->indices().document_index.end());
+    CHECK(doc == ints(expected["document_index"]));
+    CHECK(gpt->indices().sample_index == ints(expected["sample_index"]));
+    CHECK(gpt->indices().shuffle_index == ints(expected["shuffle_index"]));
+  }
+  if (const auto* blend = dynamic_cast<const BlendedDataset*>(&ours)) {
+    std::vector<int64_t> idx(blend->dataset_index().begin(), blend->dataset_index().end());
+    CHECK(idx == ints(expected["dataset_index"]));
+    CHECK(blend->dataset_sample_index() == ints(expected["dataset_sample_index"]));
+  }
+  Sample s;
+  const auto& tokens = expected["tokens"];
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    ours.get(static_cast<int64_t>(i), s);
+    INFO("sample " << i);
+    CHECK(s.tokens == ints(tokens[i]));
+    CHECK(s.labels == ints(expected["labels"][i]));
+    CHECK(s.position_ids == ints(expected["position_ids"][i]));
+    CHECK(s.loss_mask == expected["loss_mask"][i].get<std::vector<float>>());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("samples, indices and blends equal Megatron-Core's", "[data][gpt]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string(), b = (dir.path() / "b").string(), c = (dir.path() / "c").string();
+  write_dataset(a, TokenDType::uint16, 1, 60, 40);
+  write_dataset(b, TokenDType::int32, 2, 35, 90);
+  write_dataset(c, TokenDType::uint16, 3, 8, 300);  // few long documents
+  struct Case {
+    std::vector<std::string> path;
+    std::string split;
+    int64_t seq, seed;
+    std::array<int64_t, 3> sizes;
+    bool reset = false, mask = false;
+  };
+  // Every split holds at least one document: Megatron-Core loops forever on an empty one (we
+  // raise an error instead, tested below).
+  const std::vector<Case> cases = {
+      {{a}, "80,15,5", 16, 1234, {30, 10, 5}},                 // one epoch
+      {{a}, "80,15,5", 16, 1234, {170, 30, 40}},               // several epochs
+      {{a}, "90,9,1", 7, 42, {500, 20, 3}},                    // many epochs, short samples
+      {{b}, "90,10,0", 64, 7, {60, 2, 1}},                     // int32, no test split, round half to even
+      {{b}, "100", 33, 2024, {95, 0, 0}},                      // train only
+      {{c}, "90,10,0", 50, 5, {61, 9, 0}},                     // long documents
+      {{"0.3", a, "0.7", b}, "90,8,2", 16, 1234, {120, 20, 8}},  // weighted blend
+      {{a, b, c}, "80,10,10", 16, 99, {80, 10, 4}},            // unweighted blend
+      {{a}, "80,20,0", 24, 3, {60, 10, 0}, true, true},        // EOD masking and position reset
+  };
+  json specs = json::array();
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const auto& cs = cases[k];
+    specs.push_back({{"seed", cs.seed},
+                     {"seq_length", cs.seq},
+                     {"prefixes", json::array()},
+                     {"split", cs.split},
+                     {"cache", (dir.path() / ("megatron_cache" + std::to_string(k))).string()},
+                     {"sizes", cs.sizes},
+                     {"reset_position_ids", cs.reset},
+                     {"eod_mask_loss", cs.mask},
+                     {"eod", kEod}});
+    const auto blend = parse_blend(cs.path);
+    specs.back()["prefixes"] = blend.prefixes;
+    if (blend.weights) specs.back()["weights"] = *blend.weights;
+  }
+  const auto spec_file = dir.file("specs.json", specs.dump());
+  const auto out_file = (dir.path() / "expected.json").string();
+  test::run_oracle("megatron_data_oracle.py", "samples " + spec_file + " " + out_file);
+  std::ifstream in(out_file);
+  const json expected = json::parse(in);
+
+  bool saw_separate_final = false, saw_joined_final = false;
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const auto& cs = cases[k];
+    DatasetSpec spec;
+    spec.data_path = cs.path;
+    spec.split = cs.split;
+    spec.num_samples = cs.sizes;
+    spec.gpt.seq_length = cs.seq;
+    spec.gpt.seed = static_cast<uint32_t>(cs.seed);
+    spec.gpt.reset_position_ids = cs.reset;
+    spec.gpt.eod_mask_loss = cs.mask;
+    spec.gpt.eod_id = kEod;
+    spec.gpt.vocab_size = 1000;
+    spec.gpt.cache_dir = (dir.path() / ("cache" + std::to_string(k))).string();
+    const auto ours = build_datasets(spec);
+    for (size_t i = 0; i < 3; ++i) {
+      const auto& e = expected[k][split_name(static_cast<Split>(i))];
+      const std::string what = "case " + std::to_string(k) + " split " + split_name(static_cast<Split>(i));
+      INFO(what);
+      REQUIRE(e.is_null() == (ours[i] == nullptr));
+      if (!ours[i]) continue;
+      compare_split(e, *ours[i], what);
+      if (const auto* gpt = dynamic_cast<const GPTDataset*>(ours[i].get()); gpt && gpt->indices().num_epochs > 1) {
+        (gpt->indices().separate_final_epoch ? saw_separate_final : saw_joined_final) = true;
+      }
+    }
+  }
+  CHECK(saw_separate_final);  // both epoch regimes were exercised
+  CHECK(saw_joined_final);
+}
+
+TEST_CASE("numpy's RandomState shuffle, bit for bit", "[data][gpt]") {
+  // Reference values: numpy.random.RandomState(1234).shuffle(numpy.arange(10)) and the first
+  // random_interval draws, as numpy 2.x produces them.
+  const auto expected = json::parse(test::run_oracle(
+      "numpy_random_oracle.py", ""));
+  std::vector<int64_t> v(10);
+  for (int64_t i = 0; i < 10; ++i) v[static_cast<size_t>(i)] = i;
+  NumpyRandomState rng(1234);
+  rng.shuffle(std::span<int64_t>(v));
+  CHECK(v == ints(expected["shuffle_1234_10"]));
+  std::vector<int64_t> big(100000);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<int64_t>(i);
+  NumpyRandomState rng2(7);
+  rng2.shuffle(std::span<int64_t>(big));
+  CHECK(std::vector<int64_t>(big.begin(), big.begin() + 20) == ints(expected["shuffle_7_100000_head"]));
+  std::vector<double> w;
+  for (int i = 1; i <= 300; ++i) w.push_back(1.0 / (i * 0.7 + 0.13));
+  CHECK(numpy_sum(w) == expected["pairwise_sum_300"].get<double>());
+}
+
+TEST_CASE("indices are cached and reused, and rebuilt when the description changes", "[data][gpt]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 30, 40);
+  auto data = std::make_shared<const IndexedDataset>(a);
+  GPTDatasetOptions o;
+  o.seq_length = 16;
+  o.cache_dir = (dir.path() / "cache").string();
+  const GPTDataset first(data, Split::train, {0, 30}, 50, o);
+  CHECK(first.built_indices());
+  const GPTDataset again(data, Split::train, {0, 30}, 50, o);
+  CHECK_FALSE(again.built_indices());
+  CHECK(again.indices().shuffle_index == first.indices().shuffle_index);
+  o.seed = 99;
+  const GPTDataset reseeded(data, Split::train, {0, 30}, 50, o);
+  CHECK(reseeded.built_indices());
+}
+
+TEST_CASE("token ids beyond the vocabulary name the dataset, sample and id", "[data][gpt][errors]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 30, 40);
+  GPTDatasetOptions o;
+  o.seq_length = 16;
+  o.vocab_size = 500;  // the data holds ids up to 999
+  o.cache_dir = (dir.path() / "cache").string();
+  const GPTDataset d(std::make_shared<const IndexedDataset>(a), Split::train, {0, 30}, 10, o);
+  Sample s;
+  bool failed = false;
+  for (int64_t i = 0; i < d.size() && !failed; ++i) {
+    try {
+      d.get(i, s);
+    } catch (const UserError& e) {
+      failed = true;
+      CHECK_THAT(std::string(e.what()), Contains(a) && Contains("train split") && Contains("sample " + std::to_string(i)) &&
+                                            Contains("outside the model's vocabulary of 500 ids"));
+    }
+  }
+  CHECK(failed);
+}
+
+TEST_CASE("the loader follows Megatron's sampler and resumes from consumed_samples", "[data][loader]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 60, 40);
+  GPTDatasetOptions o;
+  o.seq_length = 8;
+  o.cache_dir = (dir.path() / "cache").string();
+  auto source = std::make_shared<const GPTDataset>(std::make_shared<const IndexedDataset>(a), Split::train,
+                                                   std::make_pair(int64_t{0}, int64_t{60}), 64, o);
+  // micro-batch 2, DP 2: rank 1 takes samples 2-3 of each chunk of 4.
+  DataLoader rank1(source, 2, 1, 2, 0);
+  CHECK(rank1.next().sample_ids == std::vector<int64_t>{2, 3});
+  CHECK(rank1.next().sample_ids == std::vector<int64_t>{6, 7});
+  CHECK(rank1.consumed_samples() == 8);
+  const MicroBatch third = rank1.next();
+  DataLoader resumed(source, 2, 1, 2, 8);
+  const MicroBatch again = resumed.next();
+  CHECK(again.sample_ids == third.sample_ids);
+  CHECK(again.tokens == third.tokens);
+  Sample s;
+  source->get(10, s);
+  CHECK(std::vector<int64_t>(third.tokens.begin(), third.tokens.begin() + 8) == s.tokens);
+  // Exhaustion is a clear error, not a hang.
+  DataLoader tail(source, 2, 0, 2, (source->size() / 4) * 4);
+  CHECK_THROWS_WITH(tail.next(), Contains("exhausted"));
+}
+
+TEST_CASE("a split without documents is an error, not a hang", "[data][gpt][errors]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 35, 40);
+  DatasetSpec spec;
+  spec.data_path = {a};
+  spec.split = "99,1,0";  // valid = [round(34.65), 35) = [35, 35)
+  spec.num_samples = {10, 2, 0};
+  spec.gpt.seq_length = 8;
+  spec.gpt.cache_dir = (dir.path() / "cache").string();
+  CHECK_THROWS_WITH(build_datasets(spec), Contains("the split [35, 35) holds 0 tokens"));
+}
