@@ -21,6 +21,7 @@ apt_packages=(
   python3 python3-venv
   libopenmpi-dev openmpi-bin
   libyaml-cpp-dev libspdlog-dev libfmt-dev catch2 libcli11-dev nlohmann-json3-dev libpcre2-dev
+  libutf8proc-dev
   clang libclang-rt-14-dev
 )
 if [[ "${MOEFORGE_SKIP_APT:-0}" != 1 ]]; then
