@@ -3,6 +3,7 @@
 #include "core/errors.h"
 #include "data/blend.h"
 #include "data/numpy_random.h"
+#include "data/tokenizer.h"
 
 #include <fmt/format.h>
 
@@ -78,6 +79,14 @@ DatasetSpec dataset_spec_from_config(const ExperimentConfig& c) {
   spec.gpt.cache_dir = c.data.data_cache_path;
   spec.gpt.reset_position_ids = c.data.reset_position_ids;
   spec.gpt.eod_mask_loss = c.data.eod_mask_loss;
+  if (c.data.reset_position_ids || c.data.eod_mask_loss) {
+    const auto tokenizer = load_tokenizer(c.data.tokenizer_model);
+    if (!tokenizer->eod_id()) {
+      fail_user("data.reset_position_ids / data.eod_mask_loss need an end-of-document token, and {} has none",
+                tokenizer->name());
+    }
+    spec.gpt.eod_id = *tokenizer->eod_id();
+  }
   spec.gpt.cache_timeout_seconds = c.parallel.distributed_timeout_minutes * 60.0;
   return spec;
 }

@@ -99,7 +99,14 @@ GPTIndices build_gpt_indices(std::span<const int32_t> lengths, int64_t begin, in
     idx.document_index.insert(idx.document_index.end(), last.begin(), last.end());
   }
 
-  // 2. sample index (Megatron's helpers.build_sample_idx with drop_last_partial_sequence).
+  // 2. sample index (Megatron's helpers.build_sample_idx with drop_last_partial_sequence). The
+  // lengths are gathered in document_index order first (prefetched), so the walk is sequential.
+  const auto doc_count = static_cast<int64_t>(idx.document_index.size());
+  std::vector<int32_t> doc_length(static_cast<size_t>(doc_count));
+  for (size_t p = 0; p < doc_length.size(); ++p) {
+    if (p + 32 < doc_length.size()) __builtin_prefetch(&lengths[static_cast<size_t>(idx.document_index[p + 32])]);
+    doc_length[p] = lengths[static_cast<size_t>(idx.document_index[p])];
+  }
   const int64_t total_samples = (E * tokens_per_epoch - kExtraToken) / seq_length;
   auto& sample = idx.sample_index;
   sample.resize(static_cast<size_t>(2 * (total_samples + 1)));
@@ -107,17 +114,16 @@ GPTIndices build_gpt_indices(std::span<const int32_t> lengths, int64_t begin, in
   int64_t doc_offset = 0;
   sample[0] = 0;
   sample[1] = 0;
-  const auto doc_count = static_cast<int64_t>(idx.document_index.size());
   for (int64_t s = 1; s <= total_samples; ++s) {
     int64_t remaining = seq_length + kExtraToken;
     while (remaining != 0) {
-      const int64_t doc_length = lengths[static_cast<size_t>(idx.document_index[static_cast<size_t>(doc_pos)])] - doc_offset;
-      remaining -= doc_length;
+      const int64_t doc_remaining = doc_length[static_cast<size_t>(doc_pos)] - doc_offset;
+      remaining -= doc_remaining;
       if (remaining <= 0) {
-        doc_offset += remaining + doc_length - kExtraToken;
+        doc_offset += remaining + doc_remaining - kExtraToken;
         remaining = 0;
       } else if (doc_pos == doc_count - 1) {
-        doc_offset = lengths[static_cast<size_t>(idx.document_index[static_cast<size_t>(doc_pos)])] - kExtraToken;
+        doc_offset = doc_length[static_cast<size_t>(doc_pos)] - kExtraToken;
         break;
       } else {
         ++doc_pos;
@@ -161,10 +167,8 @@ std::string cache_description(const IndexedDataset& d, Split split, std::pair<in
 }
 
 template <typename T>
-NpyArray to_npy(const std::vector<T>& v, const char* descr, std::vector<int64_t> shape) {
-  NpyArray a{descr, std::move(shape), std::vector<std::byte>(v.size() * sizeof(T))};
-  std::memcpy(a.data.data(), v.data(), a.data.size());
-  return a;
+NpyView view(const std::vector<T>& v, const char* descr, std::vector<int64_t> shape) {
+  return NpyView{descr, std::move(shape), v.data(), v.size() * sizeof(T)};
 }
 
 template <typename T>
@@ -187,26 +191,30 @@ GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, Split spli
   IndexCache cache(cache_dir, fmt::format("GPTDataset-{}", split_name(split)),
                    cache_description(*dataset_, split, range, num_samples, options), options.cache_timeout_seconds);
   const auto t0 = std::chrono::steady_clock::now();
+  std::vector<int64_t> epochs;
   const auto arrays = cache.get_or_build(
       [&] {
-        const GPTIndices built = build_gpt_indices(dataset_->sequence_lengths(), range.first, range.second, num_samples,
-                                                   options.seq_length, options.seed);
-        const auto rows = static_cast<int64_t>(built.sample_index.size() / 2);
-        return IndexCache::Arrays{
-            {"document_index", to_npy(built.document_index, "<i4", {static_cast<int64_t>(built.document_index.size())})},
-            {"sample_index", to_npy(built.sample_index, "<i8", {rows, 2})},
-            {"shuffle_index", to_npy(built.shuffle_index, "<i8", {static_cast<int64_t>(built.shuffle_index.size())})},
-            {"epochs", to_npy(std::vector<int64_t>{built.num_epochs, built.separate_final_epoch ? 1 : 0}, "<i8", {2})},
+        indices_ = build_gpt_indices(dataset_->sequence_lengths(), range.first, range.second, num_samples,
+                                     options.seq_length, options.seed);
+        epochs = {indices_.num_epochs, indices_.separate_final_epoch ? 1 : 0};
+        const auto rows = static_cast<int64_t>(indices_.sample_index.size() / 2);
+        return IndexCache::Views{
+            {"document_index", view(indices_.document_index, "<i4", {static_cast<int64_t>(indices_.document_index.size())})},
+            {"sample_index", view(indices_.sample_index, "<i8", {rows, 2})},
+            {"shuffle_index", view(indices_.shuffle_index, "<i8", {static_cast<int64_t>(indices_.shuffle_index.size())})},
+            {"epochs", view(epochs, "<i8", {2})},
         };
       },
       &built_);
+  if (!built_) {
+    indices_.document_index = from_npy<int32_t>(arrays.at("document_index"), "document_index");
+    indices_.sample_index = from_npy<int64_t>(arrays.at("sample_index"), "sample_index");
+    indices_.shuffle_index = from_npy<int64_t>(arrays.at("shuffle_index"), "shuffle_index");
+    epochs = from_npy<int64_t>(arrays.at("epochs"), "epochs");
+    indices_.num_epochs = epochs.at(0);
+    indices_.separate_final_epoch = epochs.at(1) != 0;
+  }
   build_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  indices_.document_index = from_npy<int32_t>(arrays.at("document_index"), "document_index");
-  indices_.sample_index = from_npy<int64_t>(arrays.at("sample_index"), "sample_index");
-  indices_.shuffle_index = from_npy<int64_t>(arrays.at("shuffle_index"), "shuffle_index");
-  const auto epochs = from_npy<int64_t>(arrays.at("epochs"), "epochs");
-  indices_.num_epochs = epochs.at(0);
-  indices_.separate_final_epoch = epochs.at(1) != 0;
   spdlog::info("{} indices for {} ({} samples, {} epoch(s){}) {} in {:.3f} s", split_name(split), dataset_->prefix(),
                size(), indices_.num_epochs, indices_.separate_final_epoch ? ", separate final epoch" : "",
                built_ ? "built" : "loaded from cache", build_seconds_);

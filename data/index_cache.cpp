@@ -73,14 +73,14 @@ IndexCache::Arrays IndexCache::load() const {
   return arrays;
 }
 
-void IndexCache::save(const Arrays& arrays) const {
-  for (const auto& [array, a] : arrays) write_npy(path_of(array).string(), a.descr, a.shape, a.data.data(), a.data.size());
+void IndexCache::save(const Views& arrays) const {
+  for (const auto& [array, a] : arrays) write_npy(path_of(array).string(), a.descr, a.shape, a.data, a.bytes);
   const fs::path tmp = description_path().string() + ".tmp";
   std::ofstream(tmp) << description_;
   fs::rename(tmp, description_path());  // last: marks the entry complete
 }
 
-IndexCache::Arrays IndexCache::get_or_build(const std::function<Arrays()>& build, bool* built) {
+IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build, bool* built) {
   if (built) *built = false;
   std::error_code ec;
   fs::create_directories(dir_, ec);
@@ -104,10 +104,9 @@ IndexCache::Arrays IndexCache::get_or_build(const std::function<Arrays()>& build
         ~Unlock() { std::error_code e; fs::remove(p, e); }
       } unlock{lock};
       if (complete()) return load();  // finished by another process between our checks
-      Arrays arrays = build();
-      save(arrays);
+      save(build());
       if (built) *built = true;
-      return arrays;
+      return {};
     }
     if (errno != EEXIST) {
       fail_user("cannot create lock {}: {}. Set data.data_cache_path to a writable directory.", lock.string(),

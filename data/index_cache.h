@@ -18,15 +18,25 @@
 
 namespace moeforge::data {
 
+// An array to save, viewed in place (no copy).
+struct NpyView {
+  std::string descr;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t bytes = 0;
+};
+
 class IndexCache {
  public:
   using Arrays = std::map<std::string, NpyArray>;
+  using Views = std::map<std::string, NpyView>;
 
   IndexCache(std::filesystem::path dir, std::string name, std::string description, double timeout_seconds);
 
-  // Returns the cached arrays, building (and saving) them first if needed. `build` runs in at
-  // most one process; `built` tells whether this call built them.
-  Arrays get_or_build(const std::function<Arrays()>& build, bool* built = nullptr);
+  // Returns the cached arrays; or, when there are none yet, runs `build` (in at most one
+  // process), saves the arrays it returns views of, and returns nothing: the caller keeps what
+  // it built. `built` tells which happened.
+  Arrays get_or_build(const std::function<Views()>& build, bool* built = nullptr);
 
   std::filesystem::path description_path() const;
 
@@ -34,7 +44,7 @@ class IndexCache {
   std::filesystem::path path_of(const std::string& array) const;
   bool complete() const;
   Arrays load() const;
-  void save(const Arrays& arrays) const;
+  void save(const Views& arrays) const;
 
   std::filesystem::path dir_;
   std::string stem_;  // <hash>-<name>

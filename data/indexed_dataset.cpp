@@ -150,9 +150,12 @@ IndexedDataset::IndexedDataset(const std::string& prefix) : prefix_(prefix) {
   lengths_.resize(n);
   pointers_.resize(n);
   document_index_.resize(d);
-  std::memcpy(lengths_.data(), p + kHeaderSize, 4 * n);
-  std::memcpy(pointers_.data(), p + kHeaderSize + 4 * n, 8 * n);
-  std::memcpy(document_index_.data(), p + kHeaderSize + 12 * n, 8 * d);
+  // (memcpy with an empty vector's null data() is undefined even for 0 bytes: the fuzzer found it)
+  if (n > 0) {
+    std::memcpy(lengths_.data(), p + kHeaderSize, 4 * n);
+    std::memcpy(pointers_.data(), p + kHeaderSize + 4 * n, 8 * n);
+  }
+  if (d > 0) std::memcpy(document_index_.data(), p + kHeaderSize + 12 * n, 8 * d);
   if (multimodal_) {
     modes_.resize(n);
     std::memcpy(modes_.data(), p + kHeaderSize + arrays, n);

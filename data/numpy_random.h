@@ -8,6 +8,7 @@
 #include <random>
 #include <span>
 #include <utility>
+#include <vector>
 
 namespace moeforge::data {
 
@@ -33,12 +34,22 @@ class NumpyRandomState {
     return value;
   }
 
-  // RandomState.shuffle of a 1-D array: Fisher-Yates from the end.
+  // RandomState.shuffle of a 1-D array: Fisher-Yates from the end. The swap partners depend only
+  // on the position, not on the contents, so they are drawn a block ahead and the random
+  // accesses prefetched: the same result, without waiting on a cache miss per element.
   template <typename T>
   void shuffle(std::span<T> x) {
-    for (size_t i = x.size(); i-- > 1;) {
-      const auto j = static_cast<size_t>(random_interval(i));
-      std::swap(x[i], x[j]);
+    constexpr size_t kBlock = 8192;
+    constexpr size_t kAhead = 32;
+    std::vector<size_t> partner(std::min(kBlock, x.size()));
+    for (size_t top = x.size(); top > 1;) {
+      const size_t count = std::min(kBlock, top - 1);  // positions top-1 down to top-count
+      for (size_t k = 0; k < count; ++k) partner[k] = static_cast<size_t>(random_interval(top - 1 - k));
+      for (size_t k = 0; k < count; ++k) {
+        if (k + kAhead < count) __builtin_prefetch(&x[partner[k + kAhead]], 1);
+        std::swap(x[top - 1 - k], x[partner[k]]);
+      }
+      top -= count;
     }
   }
 

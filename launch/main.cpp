@@ -5,6 +5,7 @@
 #include "core/errors.h"
 #include "core/logging.h"
 #include "launch/commands.h"
+#include "launch/data_commands.h"
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -43,6 +44,33 @@ int run(int argc, char** argv) {
 
   auto* version_cmd = app.add_subcommand("version", "Versions of moeforge and its libraries, GPUs visible");
 
+  auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
+  data_cmd->require_subcommand(1);
+  moeforge::DataInspectOptions inspect;
+  auto* inspect_cmd = data_cmd->add_subcommand("inspect", "Validate a dataset and print its statistics");
+  inspect_cmd->add_option("prefix", inspect.prefix, "Dataset prefix (PREFIX.bin / PREFIX.idx)")->required();
+  inspect_cmd->add_flag("--json", inspect.json, "Print one JSON object");
+  moeforge::DataSamplesOptions samples;
+  auto* samples_cmd = data_cmd->add_subcommand("samples", "Token ids of samples exactly as the trainer receives them");
+  samples_cmd->add_option("config", samples.config_path, "Experiment YAML")->required();
+  samples_cmd->add_option("--split", samples.split, "train, valid or test")->check(CLI::IsMember({"train", "valid", "test"}));
+  samples_cmd->add_option("--first", samples.first, "How many samples, from global sample 0")->check(CLI::NonNegativeNumber);
+  samples_cmd->add_option("--set", samples.overrides, "Override a key: section.key=value (repeatable)");
+  samples_cmd->add_flag("--json", samples.json, "Print JSON (tokens, labels, loss_mask, position_ids)");
+  moeforge::DataMergeOptions merge;
+  auto* merge_cmd = data_cmd->add_subcommand("merge", "Concatenate datasets of one dtype into one (Megatron's merge_datasets)");
+  merge_cmd->add_option("--input", merge.inputs, "Dataset prefixes, in order")->required();
+  merge_cmd->add_option("--output-prefix", merge.output_prefix, "Prefix of the merged dataset")->required();
+  moeforge::data::PreprocessOptions pre;
+  auto* pre_cmd = data_cmd->add_subcommand("preprocess", "JSON lines -> Megatron dataset <prefix>_<key>_document (as preprocess_data.py)");
+  pre_cmd->add_option("--input", pre.input, "JSON lines file, one document per line")->required();
+  pre_cmd->add_option("--json-key", pre.json_key, "Key holding the text");
+  pre_cmd->add_option("--tokenizer", pre.tokenizer, "Hugging Face tokenizer.json, or \"byte\"")->required();
+  pre_cmd->add_option("--output-prefix", pre.output_prefix, "Output prefix; files are <prefix>_<key>_document.{bin,idx}")->required();
+  pre_cmd->add_flag("--append-eod", pre.append_eod, "End every non-empty document with the tokenizer's EOD id");
+  pre_cmd->add_option("--workers", pre.workers, "Tokenizing threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  pre_cmd->add_flag("--skip-bad-lines", pre.skip_bad_lines, "Skip and report bad lines instead of failing on the first");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -57,10 +85,15 @@ int run(int argc, char** argv) {
   if (app.get_option("--log-level")->count() > 0) {
     plan.overrides.push_back("logging.log_level=" + level_name);
     config.overrides.push_back("logging.log_level=" + level_name);
+    samples.overrides.push_back("logging.log_level=" + level_name);
   }
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();
+  if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
+  if (*samples_cmd) return moeforge::run_data_samples(samples);
+  if (*merge_cmd) return moeforge::run_data_merge(merge);
+  if (*pre_cmd) return moeforge::run_data_preprocess(pre);
   return 1;
 }
 

@@ -3,6 +3,10 @@
   write PREFIX DTYPE DOCS.json         write a dataset with Megatron's IndexedDatasetBuilder
                                        (DOCS: list of documents, each a list of sequences of ids)
   merge OUT PREFIX...                  merge datasets with IndexedDatasetBuilder.add_index
+  preprocess JSONL TOKENIZER OUT KEY APPEND_EOD
+                                       what Megatron's tools/preprocess_data.py writes: each line's
+                                       text tokenized by `tokenizers`, EOD after non-empty documents,
+                                       dtype by vocabulary size, IndexedDatasetBuilder.add_document
   samples SPECS.json OUT.json          for each spec in the list, build GPT datasets with
                                        BlendedMegatronDatasetBuilder and dump, per split, the length,
                                        the indices and the sample contents
@@ -46,6 +50,23 @@ def merge(out, prefixes):
     for p in prefixes:
         builder.add_index(p)
     builder.finalize(out + ".idx")
+
+
+def preprocess(jsonl, tokenizer_path, out, key, append_eod):
+    from megatron.core.datasets.indexed_dataset import DType
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_path)
+    eod = tok.token_to_id("<|endoftext|>")
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    builder = IndexedDatasetBuilder(f"{out}_{key}_document.bin", dtype=DType.optimal_dtype(vocab))
+    for line in open(jsonl, encoding="utf-8"):
+        ids = tok.encode(json.loads(line)[key], add_special_tokens=False).ids
+        lens = [len(ids)] if ids else []
+        if ids and append_eod == "1":
+            ids.append(eod)
+            lens[-1] += 1
+        builder.add_document(ids, lens)
+    builder.finalize(f"{out}_{key}_document.idx")
 
 
 class _Tokenizer:
@@ -111,6 +132,8 @@ if __name__ == "__main__":
         write(sys.argv[2], sys.argv[3], sys.argv[4])
     elif cmd == "merge":
         merge(sys.argv[2], sys.argv[3:])
+    elif cmd == "preprocess":
+        preprocess(*sys.argv[2:7])
     elif cmd == "samples":
         samples(sys.argv[2], sys.argv[3])
     else:

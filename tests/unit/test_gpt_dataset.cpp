@@ -4,6 +4,7 @@
 #include "core/errors.h"
 #include "data/blend.h"
 #include "data/datasets.h"
+#include "data/index_cache.h"
 #include "data/loader.h"
 #include "data/numpy_random.h"
 #include "test_util.h"
@@ -12,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <unistd.h>
 
 using namespace moeforge;
 using namespace moeforge::data;
@@ -243,4 +245,49 @@ TEST_CASE("a split without documents is an error, not a hang", "[data][gpt][erro
   spec.gpt.seq_length = 8;
   spec.gpt.cache_dir = (dir.path() / "cache").string();
   CHECK_THROWS_WITH(build_datasets(spec), Contains("the split [35, 35) holds 0 tokens"));
+}
+
+TEST_CASE("two processes sharing a cache: one builds, the other waits and loads", "[data][cache]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 200, 400);
+  const auto config = dir.file("c.yaml", std::string(test::kMinimalModel) + "data:\n  data_path: [" + a +
+                                             "]\n  split: \"90,10,0\"\n  data_cache_path: " +
+                                             (dir.path() / "cache").string() + "\n");
+  const std::string cmd = std::string(MOEFORGE_BINARY) + " data samples " + config + " --first 2 --set training.train_iters=2000";
+  const auto r = test::run_command("(" + cmd + " > " + (dir.path() / "one.txt").string() + " & " + cmd + " > " +
+                                   (dir.path() / "two.txt").string() + " & wait)");
+  auto count = [&](const std::string& text, const std::string& what) {
+    size_t n = 0;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+  };
+  CHECK(count(r.output, "train indices") == 2);
+  CHECK(count(r.output, ") built in") == 2);  // train and valid, once each
+  CHECK(count(r.output, "loaded from cache") == 2);
+  std::ifstream one(dir.path() / "one.txt"), two(dir.path() / "two.txt");
+  const std::string s1((std::istreambuf_iterator<char>(one)), {}), s2((std::istreambuf_iterator<char>(two)), {});
+  CHECK_FALSE(s1.empty());
+  CHECK(s1 == s2);
+}
+
+TEST_CASE("a held lock times out with its owner named; a dead owner's lock is taken over", "[data][cache][errors]") {
+  test::TempDir dir;
+  const std::string description = "{\"test\": 1}";
+  IndexCache probe(dir.path(), "T", description, 0.3);
+  const auto lock_path = probe.description_path().string();
+  const std::string lock = lock_path.substr(0, lock_path.size() - std::string("-description.json").size()) + ".lock";
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  std::ofstream(lock) << host << " " << ::getpid();  // held by this (live) process
+  std::vector<int64_t> data = {1, 2, 3};
+  auto build = [&] { return IndexCache::Views{{"x", NpyView{"<i8", {3}, data.data(), 24}}}; };
+  CHECK_THROWS_WITH(probe.get_or_build(build), Contains("timed out") && Contains(".lock") && Contains(host));
+  std::ofstream(lock) << host << " " << 999999999;  // a process that does not exist
+  bool built = false;
+  probe.get_or_build(build, &built);
+  CHECK(built);
+  const auto loaded = probe.get_or_build(build, &built);
+  CHECK_FALSE(built);
+  CHECK(loaded.at("x").shape == std::vector<int64_t>{3});
 }
