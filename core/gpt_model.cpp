@@ -1,0 +1,79 @@
+#include "core/gpt_model.h"
+
+#include <cmath>
+
+namespace moeforge::model {
+
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer, const FeedForwardFactory& make_ffn) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.norm_epsilon));
+  AttentionConfig a;
+  a.hidden = c.hidden_size;
+  a.heads = c.num_attention_heads;
+  a.kv_heads = *c.num_query_groups;
+  a.head_dim = c.head_dim();
+  a.qkv_bias = c.add_qkv_bias;
+  self_attn = register_module("self_attn", Attention(a));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.norm_epsilon));
+  mlp = register_module("mlp", make_ffn(c, layer));
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x_BSD, const torch::Tensor& cos, const torch::Tensor& sin,
+                                        FeedForwardOutput& ffn_out) {
+  const auto h_BSD = x_BSD + self_attn(input_layernorm(x_BSD), cos, sin);
+  ffn_out = mlp->forward(post_attention_layernorm(h_BSD));
+  return h_BSD + ffn_out.y;
+}
+
+GPTModelImpl::GPTModelImpl(const ModelConfig& c, const FeedForwardFactory& make_ffn)
+    : config_(c), rope_(c.head_dim(), c.rotary_base) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.padded_vocab_size(), c.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(DecoderLayer(c, i, make_ffn));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.norm_epsilon));
+  if (c.untie_embeddings_and_output_weights) {
+    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.padded_vocab_size()).bias(false)));
+  }
+}
+
+ModelOutput GPTModelImpl::forward(const torch::Tensor& tokens_BS, const torch::Tensor& position_ids_BS) {
+  ModelOutput out;
+  auto x_BSD = embed_tokens(tokens_BS);
+  const auto [cos, sin] = rope_.tables(position_ids_BS, x_BSD.scalar_type());
+  out.layers.resize(layers->size());
+  for (size_t i = 0; i < layers->size(); ++i) x_BSD = layers[i]->as<DecoderLayer>()->forward(x_BSD, cos, sin, out.layers[i]);
+  x_BSD = norm(x_BSD);
+  out.logits_BSV = lm_head ? lm_head(x_BSD) : torch::matmul(x_BSD, embed_tokens->weight.t());
+  return out;
+}
+
+torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS) {
+  const auto V = logits_BSV.size(-1);
+  const auto per_token = torch::nn::functional::cross_entropy(
+      logits_BSV.to(torch::kFloat32).reshape({-1, V}), labels_BS.reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+  const auto mask = loss_mask_BS.reshape({-1}).to(torch::kFloat32);
+  return (per_token * mask).sum() / mask.sum();
+}
+
+void init_megatron(GPTModelImpl& model, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  const auto& c = model.config();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const double std = c.init_method_std;
+  const double out_std = std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
+  for (auto& item : model.named_parameters()) {
+    const std::string& name = item.key();
+    auto& p = item.value();
+    const bool is_norm = name.find("layernorm") != std::string::npos || name == "norm.weight";
+    if (is_norm) {
+      p.fill_(1.0);
+    } else if (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
+      p.zero_();
+    } else {
+      const bool output = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
+      p.normal_(0.0, output ? out_std : std, gen);
+    }
+  }
+}
+
+}  // namespace moeforge::model

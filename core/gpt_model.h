@@ -1,0 +1,62 @@
+// defines: DecoderLayer, GPTModel, FeedForwardFactory, ModelOutput, lm_loss
+//
+// The decoder-only model: embedding, pre-norm decoder layers (attention, then a feed-forward part
+// that is a dense MLP or, built by moe/, an MoE layer), final RMSNorm, LM head (tied or untied).
+// Parameter names follow Hugging Face's Qwen2-MoE modules (`layers.{i}.self_attn.q_proj.weight`,
+// `layers.{i}.mlp.experts.gate_up_proj`, ...) so checkpoint mapping is mechanical.
+#pragma once
+
+#include "core/config.h"
+#include "core/transformer.h"
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace moeforge::model {
+
+// Builds the feed-forward part of layer `layer`; moe/ passes one that makes MoE layers.
+using FeedForwardFactory = std::function<std::shared_ptr<FeedForward>(const ModelConfig&, int64_t layer)>;
+
+class DecoderLayerImpl : public torch::nn::Module {
+ public:
+  DecoderLayerImpl(const ModelConfig& config, int64_t layer, const FeedForwardFactory& make_ffn);
+  // Returns the layer output; `ffn_out` receives the feed-forward part's routing statistics.
+  torch::Tensor forward(const torch::Tensor& x_BSD, const torch::Tensor& cos, const torch::Tensor& sin,
+                        FeedForwardOutput& ffn_out);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  std::shared_ptr<FeedForward> mlp;
+};
+TORCH_MODULE(DecoderLayer);
+
+struct ModelOutput {
+  torch::Tensor logits_BSV;
+  std::vector<FeedForwardOutput> layers;  // per layer, for the load-balancing losses
+};
+
+class GPTModelImpl : public torch::nn::Module {
+ public:
+  GPTModelImpl(const ModelConfig& config, const FeedForwardFactory& make_ffn);
+  ModelOutput forward(const torch::Tensor& tokens_BS, const torch::Tensor& position_ids_BS);
+  const ModelConfig& config() const { return config_; }
+
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tied to the embedding
+
+ private:
+  ModelConfig config_;
+  RotaryEmbedding rope_;
+};
+TORCH_MODULE(GPTModel);
+
+// Mean cross-entropy in fp32 over the positions where loss_mask is 1 (labels already shifted).
+torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS);
+
+// Megatron's initialization: normal(0, std) for weights, std / sqrt(2 * num_layers) for the output
+// projections of each block (o_proj, down projections), ones for norms, zeros for biases.
+void init_megatron(GPTModelImpl& model, uint64_t seed);
+
+}  // namespace moeforge::model

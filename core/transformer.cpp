@@ -1,0 +1,78 @@
+#include "core/transformer.h"
+
+namespace moeforge::model {
+
+namespace F = torch::nn::functional;
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  // In fp32 whatever the input dtype, cast back before the weight (as the reference does).
+  const auto x32 = x.to(torch::kFloat32);
+  const auto normed = x32 * torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps_);
+  return weight * normed.to(x.scalar_type());
+}
+
+RotaryEmbedding::RotaryEmbedding(int64_t head_dim, double theta) {
+  const auto i = torch::arange(0, head_dim, 2, torch::kInt64).to(torch::kFloat32);
+  inv_freq_ = 1.0 / torch::pow(torch::tensor(theta, torch::kFloat64).to(torch::kFloat32), i / static_cast<double>(head_dim));
+}
+
+std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::tables(const torch::Tensor& position_ids_BS,
+                                                                torch::ScalarType dtype) const {
+  const auto freqs = position_ids_BS.unsqueeze(-1).to(torch::kFloat32) * inv_freq_.to(position_ids_BS.device());
+  const auto emb = torch::cat({freqs, freqs}, -1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh) {
+  const int64_t half = x.size(-1) / 2;
+  const auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos_BSDh.unsqueeze(1) + rotated * sin_BSDh.unsqueeze(1);
+}
+
+AttentionImpl::AttentionImpl(const AttentionConfig& c) : c_(c) {
+  q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(c.hidden, c.heads * c.head_dim).bias(c.qkv_bias)));
+  k_proj = register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(c.hidden, c.kv_heads * c.head_dim).bias(c.qkv_bias)));
+  v_proj = register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(c.hidden, c.kv_heads * c.head_dim).bias(c.qkv_bias)));
+  o_proj = register_module("o_proj", torch::nn::Linear(torch::nn::LinearOptions(c.heads * c.head_dim, c.hidden).bias(false)));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh,
+                                     const torch::Tensor& sin_BSDh) {
+  const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
+  auto q_BHSDh = q_proj(x_BSD).view({B, S, c_.heads, c_.head_dim}).transpose(1, 2);
+  auto k_BGSDh = k_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}).transpose(1, 2);
+  auto v_BGSDh = v_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}).transpose(1, 2);
+  q_BHSDh = apply_rotary(q_BHSDh, cos_BSDh, sin_BSDh);
+  k_BGSDh = apply_rotary(k_BGSDh, cos_BSDh, sin_BSDh);
+  // GQA: SDPA's enable_gqa shares each key/value head with heads / kv_heads query heads.
+  const auto out_BHSDh = at::scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                                          /*is_causal=*/true, /*scale=*/std::nullopt,
+                                                          /*enable_gqa=*/c_.kv_heads != c_.heads);
+  return o_proj(out_BHSDh.transpose(1, 2).reshape({B, S, c_.heads * c_.head_dim}));
+}
+
+MLPImpl::MLPImpl(int64_t hidden, int64_t ffn) {
+  gate_proj = register_module("gate_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
+  up_proj = register_module("up_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
+  down_proj = register_module("down_proj", torch::nn::Linear(torch::nn::LinearOptions(ffn, hidden).bias(false)));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down_proj(F::silu(gate_proj(x)) * up_proj(x)); }
+
+DenseFeedForward::DenseFeedForward(int64_t hidden, int64_t ffn) {
+  gate_proj = register_module("gate_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
+  up_proj = register_module("up_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
+  down_proj = register_module("down_proj", torch::nn::Linear(torch::nn::LinearOptions(ffn, hidden).bias(false)));
+}
+
+FeedForwardOutput DenseFeedForward::forward(const torch::Tensor& x_BSD) {
+  FeedForwardOutput out;
+  out.y = down_proj(F::silu(gate_proj(x_BSD)) * up_proj(x_BSD));
+  return out;
+}
+
+}  // namespace moeforge::model

@@ -1,0 +1,89 @@
+// defines: RMSNorm, RotaryEmbedding, apply_rotary, Attention, MLP, FeedForward, FeedForwardOutput
+//
+// The dense transformer building blocks, numerically as Hugging Face's Qwen2/Llama reference:
+// RMSNorm in fp32, half-split RoPE, causal attention through LibTorch's
+// scaled_dot_product_attention (flash attention on GPUs), SwiGLU. Model code knows nothing of
+// parallelism. Shapes: B batch, S sequence, D hidden, H heads, G key/value heads, Dh head dim.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+
+namespace moeforge::model {
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// cos/sin tables of half-split RoPE: angles = position * theta^(-2i/Dh), repeated for both halves.
+class RotaryEmbedding {
+ public:
+  RotaryEmbedding(int64_t head_dim, double theta);
+  // cos_BSDh, sin_BSDh for position ids [B, S], in `dtype`.
+  std::pair<torch::Tensor, torch::Tensor> tables(const torch::Tensor& position_ids_BS, torch::ScalarType dtype) const;
+
+ private:
+  torch::Tensor inv_freq_;  // [Dh / 2], fp32
+};
+
+// x * cos + rotate_half(x) * sin for x [B, heads, S, Dh].
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh);
+
+struct AttentionConfig {
+  int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  bool qkv_bias = false;
+};
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const AttentionConfig& c);
+  torch::Tensor forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh);
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+ private:
+  AttentionConfig c_;
+};
+TORCH_MODULE(Attention);
+
+// down(silu(gate(x)) * up(x)), no biases.
+class MLPImpl : public torch::nn::Module {
+ public:
+  MLPImpl(int64_t hidden, int64_t ffn);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+// What a layer's feed-forward part returns: its output and, for MoE layers, what the
+// load-balancing losses need.
+struct FeedForwardOutput {
+  torch::Tensor y;                    // same shape as the input
+  std::optional<torch::Tensor> router_logits_TE;  // MoE layers: [tokens, experts]
+  std::optional<torch::Tensor> aux_loss;          // MoE layers with a per-layer loss: a scalar
+  std::optional<torch::Tensor> tokens_per_expert_E;  // MoE layers: routed slots per expert
+  std::optional<torch::Tensor> z_loss;               // MoE layers with a z-loss: a scalar
+};
+
+// The feed-forward half of a decoder layer: a dense MLP here, an MoE layer in moe/.
+class FeedForward : public torch::nn::Module {
+ public:
+  virtual FeedForwardOutput forward(const torch::Tensor& x_BSD) = 0;
+};
+
+// A dense layer's SwiGLU FFN (the same parameters as MLP, named as the reference's layer.mlp).
+class DenseFeedForward : public FeedForward {
+ public:
+  DenseFeedForward(int64_t hidden, int64_t ffn);
+  FeedForwardOutput forward(const torch::Tensor& x_BSD) override;
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+
+}  // namespace moeforge::model

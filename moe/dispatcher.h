@@ -1,0 +1,41 @@
+// defines: Dispatcher, Dispatched, LocalDispatcher
+//
+// Moves token-expert slots to the experts that process them and the results back. The MoE layer
+// only calls this interface: LocalDispatcher keeps everything on this rank; the expert-parallel
+// all-to-all dispatcher implements the same two calls. Shapes: T tokens, K top-k, S = T * K
+// slots, N rows for the local experts, D hidden.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace moeforge::moe {
+
+struct Dispatched {
+  torch::Tensor x_ND;                          // rows for the local experts, grouped by expert
+  std::vector<int64_t> rows_per_local_expert;  // block sizes of x_ND, in local-expert order
+  torch::Tensor inverse_S;                     // what combine() needs to restore slot order
+};
+
+class Dispatcher {
+ public:
+  virtual ~Dispatcher() = default;
+  virtual Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) = 0;
+  // The expert outputs back in slot order (token-major: slot t * K + k), [S, D].
+  virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched) = 0;
+};
+
+// All experts on this rank: a stable sort of the slots by expert, one gather, and the inverse
+// permutation to come back (a gather too: deterministic, no scatter-add).
+class LocalDispatcher : public Dispatcher {
+ public:
+  explicit LocalDispatcher(int64_t num_experts) : num_experts_(num_experts) {}
+  Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) override;
+  torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched) override;
+
+ private:
+  int64_t num_experts_;
+};
+
+}  // namespace moeforge::moe

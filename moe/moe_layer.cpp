@@ -1,0 +1,74 @@
+#include "moe/moe_layer.h"
+
+namespace moeforge::moe {
+
+MoELayer::MoELayer(const ModelConfig& c) : config_(c), dispatcher_(std::make_shared<LocalDispatcher>(*c.num_experts)) {
+  gate = register_module("gate", Router(c));
+  experts = register_module("experts", Experts(*c.num_experts, c.hidden_size, *c.moe_ffn_hidden_size));
+  if (c.moe_shared_expert_intermediate_size) {
+    shared_expert = register_module("shared_expert", model::MLP(c.hidden_size, *c.moe_shared_expert_intermediate_size));
+    if (c.moe_shared_expert_gate) {
+      shared_expert_gate = register_module("shared_expert_gate",
+                                           torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, 1).bias(false)));
+    }
+  }
+}
+
+model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
+  const int64_t D = x_BSD.size(-1);
+  const auto x_TD = x_BSD.reshape({-1, D});
+  const int64_t T = x_TD.size(0);
+  const int64_t K = config_.moe_router_topk;
+  const Routing routing = gate(x_TD);
+  const Dispatched dispatched = dispatcher_->dispatch(x_TD, routing.experts_TK);
+  const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
+  const auto y_SD = dispatcher_->combine(y_ND, dispatched);
+  auto y_TD = (y_SD.view({T, K, D}) * routing.weights_TK.unsqueeze(-1)).sum(1);
+  if (shared_expert) {
+    auto s_TD = shared_expert(x_TD);
+    if (shared_expert_gate) s_TD = torch::sigmoid(shared_expert_gate(x_TD)) * s_TD;
+    y_TD = y_TD + s_TD;
+  }
+  model::FeedForwardOutput out;
+  out.y = y_TD.view(x_BSD.sizes());
+  out.router_logits_TE = routing.logits_TE;
+  out.tokens_per_expert_E = torch::bincount(routing.experts_TK.reshape({-1}), {}, *config_.num_experts);
+  switch (config_.moe_router_load_balancing_type) {
+    case LoadBalancingType::aux_loss: out.aux_loss = aux_loss(routing.probs_TE, routing.experts_TK, *config_.num_experts); break;
+    case LoadBalancingType::seq_aux_loss:
+      out.aux_loss = seq_aux_loss(routing.probs_TE, routing.experts_TK, *config_.num_experts, x_BSD.size(1));
+      break;
+    case LoadBalancingType::hf_pooled_aux_loss:  // computed over all layers in model_loss
+    case LoadBalancingType::none: break;
+  }
+  if (config_.moe_z_loss_coeff > 0) out.z_loss = z_loss(routing.logits_TE);
+  return out;
+}
+
+model::GPTModel build_model(const ModelConfig& config) {
+  return model::GPTModel(config, [](const ModelConfig& c, int64_t layer) -> std::shared_ptr<model::FeedForward> {
+    if (c.is_moe_layer(layer)) return std::make_shared<MoELayer>(c);
+    return std::make_shared<model::DenseFeedForward>(c.hidden_size, *c.ffn_hidden_size);
+  });
+}
+
+LossBreakdown model_loss(const ModelConfig& c, const model::ModelOutput& out, const torch::Tensor& labels_BS,
+                         const torch::Tensor& loss_mask_BS) {
+  LossBreakdown l;
+  l.lm = model::lm_loss(out.logits_BSV, labels_BS, loss_mask_BS);
+  l.aux = torch::zeros({}, l.lm.options());
+  l.z = torch::zeros({}, l.lm.options());
+  std::vector<torch::Tensor> logits;
+  for (const auto& layer : out.layers) {
+    if (layer.aux_loss) l.aux = l.aux + *layer.aux_loss;
+    if (layer.z_loss) l.z = l.z + *layer.z_loss;
+    if (layer.router_logits_TE) logits.push_back(*layer.router_logits_TE);
+  }
+  if (c.moe_router_load_balancing_type == LoadBalancingType::hf_pooled_aux_loss && !logits.empty()) {
+    l.aux = hf_pooled_aux_loss(logits, *c.num_experts, c.moe_router_topk);
+  }
+  l.total = l.lm + c.moe_aux_loss_coeff * l.aux + c.moe_z_loss_coeff * l.z;
+  return l;
+}
+
+}  // namespace moeforge::moe

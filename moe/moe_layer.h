@@ -1,0 +1,49 @@
+// defines: MoELayer, build_model, LossBreakdown, model_loss
+//
+// The sparse MoE block (Qwen2-MoE / Mixtral / Megatron): router, dispatch through a Dispatcher,
+// routed experts, combine weighted by the router, plus an optional shared expert scaled by a
+// sigmoid gate. Shapes: B batch, S sequence, T = B * S tokens, K top-k, D hidden.
+#pragma once
+
+#include "core/config.h"
+#include "core/gpt_model.h"
+#include "moe/dispatcher.h"
+#include "moe/experts.h"
+#include "moe/router.h"
+
+#include <memory>
+
+namespace moeforge::moe {
+
+class MoELayer : public model::FeedForward {
+ public:
+  explicit MoELayer(const ModelConfig& config);
+  model::FeedForwardOutput forward(const torch::Tensor& x_BSD) override;
+  // Replaces the local dispatcher (the expert-parallel runtime plugs in its all-to-all here).
+  void set_dispatcher(std::shared_ptr<Dispatcher> dispatcher) { dispatcher_ = std::move(dispatcher); }
+
+  Router gate{nullptr};
+  Experts experts{nullptr};
+  model::MLP shared_expert{nullptr};              // null without a shared expert
+  torch::nn::Linear shared_expert_gate{nullptr};  // null without its gate
+
+ private:
+  ModelConfig config_;
+  std::shared_ptr<Dispatcher> dispatcher_;
+};
+
+// The model of a config: MoE layers where model.moe_layer_freq says so, dense FFNs elsewhere.
+model::GPTModel build_model(const ModelConfig& config);
+
+struct LossBreakdown {
+  torch::Tensor total;  // what backward runs on
+  torch::Tensor lm;     // mean cross-entropy
+  torch::Tensor aux;    // load-balancing loss, unscaled (summed over layers for per-layer types)
+  torch::Tensor z;      // z-loss, unscaled, summed over layers
+};
+
+// lm + moe_aux_loss_coeff * aux + moe_z_loss_coeff * z, with the load-balancing type of the config.
+LossBreakdown model_loss(const ModelConfig& config, const model::ModelOutput& out, const torch::Tensor& labels_BS,
+                         const torch::Tensor& loss_mask_BS);
+
+}  // namespace moeforge::moe

@@ -1,0 +1,68 @@
+#include "moe/router.h"
+
+namespace moeforge::moe {
+
+RouterImpl::RouterImpl(const ModelConfig& c)
+    : topk_(c.moe_router_topk), pre_softmax_(c.moe_router_pre_softmax), norm_topk_(c.moe_router_norm_topk_prob) {
+  weight = register_parameter("weight", torch::zeros({*c.num_experts, c.hidden_size}));
+}
+
+Routing RouterImpl::forward(const torch::Tensor& x_TD) {
+  Routing r;
+  r.logits_TE = torch::nn::functional::linear(x_TD, weight);
+  r.probs_TE = torch::softmax(r.logits_TE, -1, torch::kFloat32);
+  if (pre_softmax_) {
+    auto [top_TK, idx_TK] = torch::topk(r.probs_TE, topk_, -1);
+    if (norm_topk_) top_TK = top_TK / top_TK.sum(-1, /*keepdim=*/true);
+    r.weights_TK = top_TK.to(r.logits_TE.scalar_type());
+    r.experts_TK = idx_TK;
+  } else {
+    auto [top_TK, idx_TK] = torch::topk(r.logits_TE, topk_, -1);
+    r.weights_TK = torch::softmax(top_TK, -1, torch::kFloat32).to(r.logits_TE.scalar_type());
+    r.experts_TK = idx_TK;
+  }
+  return r;
+}
+
+namespace {
+torch::Tensor counts_E(const torch::Tensor& experts_TK, int64_t num_experts) {
+  return torch::bincount(experts_TK.reshape({-1}), /*weights=*/{}, num_experts).to(torch::kFloat32);
+}
+}  // namespace
+
+torch::Tensor aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts) {
+  const double T = static_cast<double>(probs_TE.size(0));
+  const double K = static_cast<double>(experts_TK.size(1));
+  return (probs_TE.sum(0) * counts_E(experts_TK, num_experts)).sum() * (static_cast<double>(num_experts) / (K * T * T));
+}
+
+torch::Tensor seq_aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts,
+                           int64_t seq_length) {
+  const int64_t sequences = probs_TE.size(0) / seq_length;
+  auto total = torch::zeros({}, probs_TE.options());
+  for (int64_t s = 0; s < sequences; ++s) {
+    total = total + aux_loss(probs_TE.narrow(0, s * seq_length, seq_length), experts_TK.narrow(0, s * seq_length, seq_length),
+                             num_experts);
+  }
+  return total / static_cast<double>(sequences);
+}
+
+torch::Tensor hf_pooled_aux_loss(const std::vector<torch::Tensor>& logits_TE_per_layer, int64_t num_experts, int64_t topk) {
+  auto slots_E = torch::zeros({num_experts}, torch::kFloat32);
+  auto probs_E = torch::zeros({num_experts}, torch::kFloat32);
+  double rows = 0;
+  for (const auto& logits_TE : logits_TE_per_layer) {
+    const auto probs_TE = torch::softmax(logits_TE, -1);
+    const auto chosen_TK = std::get<1>(torch::topk(probs_TE, topk, -1));
+    slots_E = slots_E + counts_E(chosen_TK, num_experts).to(slots_E.device());
+    probs_E = probs_E.to(probs_TE.device()) + probs_TE.to(torch::kFloat32).sum(0);
+    rows += static_cast<double>(logits_TE.size(0));
+  }
+  return (slots_E.to(probs_E.device()) / rows * (probs_E / rows)).sum() * static_cast<double>(num_experts);
+}
+
+torch::Tensor z_loss(const torch::Tensor& logits_TE) {
+  return torch::logsumexp(logits_TE.to(torch::kFloat32), -1).pow(2).mean();
+}
+
+}  // namespace moeforge::moe

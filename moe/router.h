@@ -1,0 +1,52 @@
+// defines: Router, Routing, load-balancing losses (Megatron's aux_loss and seq_aux_loss,
+//          Hugging Face's pooled loss), z-loss
+//
+// Shapes: T tokens, E experts, K top-k.
+#pragma once
+
+#include "core/config.h"
+
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace moeforge::moe {
+
+struct Routing {
+  torch::Tensor logits_TE;   // router output, in the activation dtype
+  torch::Tensor probs_TE;    // softmax over all experts, fp32 (what the aux losses use)
+  torch::Tensor weights_TK;  // the k combine weights, in the activation dtype
+  torch::Tensor experts_TK;  // the k chosen experts (int64)
+};
+
+// Variants (ModelConfig): moe_router_pre_softmax with or without moe_router_norm_topk_prob
+// (Qwen: softmax over all, top-k, no renormalization; Mixtral: renormalized), or top-k on the
+// logits then softmax over the k (Megatron's default).
+class RouterImpl : public torch::nn::Module {
+ public:
+  explicit RouterImpl(const ModelConfig& config);
+  Routing forward(const torch::Tensor& x_TD);
+  torch::Tensor weight;  // [E, D]
+
+ private:
+  int64_t topk_;
+  bool pre_softmax_, norm_topk_;
+};
+TORCH_MODULE(Router);
+
+// Megatron's switch load-balancing loss of one layer (without the coefficient):
+// E / (K * T^2) * sum_e (sum_t p[t, e]) * count_e; 1 under perfectly uniform routing.
+torch::Tensor aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts);
+
+// Megatron's sequence-level variant: the same per sequence of `seq_length` tokens, averaged.
+torch::Tensor seq_aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts,
+                           int64_t seq_length);
+
+// Hugging Face's loss over the router logits of all layers pooled together:
+// E * sum_e (fraction of slots routed to e) * (mean probability of e); K under uniform routing.
+torch::Tensor hf_pooled_aux_loss(const std::vector<torch::Tensor>& logits_TE_per_layer, int64_t num_experts, int64_t topk);
+
+// Router z-loss: mean over tokens of logsumexp(logits)^2.
+torch::Tensor z_loss(const torch::Tensor& logits_TE);
+
+}  // namespace moeforge::moe

@@ -1,0 +1,69 @@
+"""Test oracle: Hugging Face `transformers` models (fp32, CPU) for the C++ model tests.
+
+  run KIND SEED TOKENS.json OUT.json
+      builds a tiny random model of KIND (qwen2_moe, qwen2_moe_dense_layer, mixtral, qwen2),
+      runs it on the token ids with labels (and router logits for MoE), backpropagates the loss,
+      and writes JSON: the config values, every parameter (name as in the model's state_dict,
+      shape, values), the logits, the LM loss, the aux loss, the total loss and every gradient.
+
+Used only by tests; the framework never runs Python.
+"""
+import json
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+COMMON = dict(vocab_size=256, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def build(kind):
+    if kind.startswith("qwen2_moe"):
+        cfg = transformers.Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=3,
+                                          norm_topk_prob=False, decoder_sparse_step=1, qkv_bias=True,
+                                          mlp_only_layers=[1] if kind.endswith("dense_layer") else [],
+                                          router_aux_loss_coef=0.01, output_router_logits=True)
+        return transformers.Qwen2MoeForCausalLM(cfg)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                                         router_aux_loss_coef=0.02, output_router_logits=True)
+        return transformers.MixtralForCausalLM(cfg)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**{**COMMON, "tie_word_embeddings": True}, intermediate_size=64)
+        return transformers.Qwen2ForCausalLM(cfg)
+    raise SystemExit(f"unknown kind {kind}")
+
+
+def main(kind, seed, tokens_path, out_path):
+    torch.manual_seed(int(seed))
+    model = build(kind).float()
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():  # random everything, large enough that routing is not uniform
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
+    ids = torch.tensor(json.load(open(tokens_path)), dtype=torch.long)
+    kwargs = {"output_router_logits": True} if kind != "qwen2" else {}
+    out = model(input_ids=ids, labels=ids, **kwargs)
+    out.loss.backward()
+    params = {n: {"shape": list(p.shape), "values": p.detach().reshape(-1).tolist()} for n, p in model.state_dict().items()}
+    grads = {n: p.grad.reshape(-1).tolist() for n, p in model.named_parameters() if p.grad is not None}
+    aux = getattr(out, "aux_loss", None)
+    json.dump({
+        "config": model.config.to_dict(),
+        "params": params,
+        "logits": out.logits.detach().reshape(-1).tolist(),
+        "loss": out.loss.item(),
+        "aux_loss": None if aux is None else float(aux),
+        "grads": grads,
+    }, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] != "run":
+        raise SystemExit("usage: hf_model_oracle.py run KIND SEED TOKENS.json OUT.json")
+    main(*sys.argv[2:6])
