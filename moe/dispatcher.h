@@ -16,13 +16,16 @@ struct Dispatched {
   torch::Tensor x_ND;                          // rows for the local experts, grouped by expert
   std::vector<int64_t> rows_per_local_expert;  // block sizes of x_ND, in local-expert order
   torch::Tensor inverse_S;                     // what combine() needs to restore slot order
+  int64_t dropped = 0;                         // slots dropped by a capacity limit
 };
 
 class Dispatcher {
  public:
   virtual ~Dispatcher() = default;
+  // experts_TK holds each slot's expert, or num_experts for a slot dropped by the capacity limit.
   virtual Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) = 0;
-  // The expert outputs back in slot order (token-major: slot t * K + k), [S, D].
+  // The expert outputs back in slot order (token-major: slot t * K + k), [S, D]; dropped slots
+  // get zeros.
   virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched) = 0;
 };
 

@@ -20,7 +20,13 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   const int64_t T = x_TD.size(0);
   const int64_t K = config_.moe_router_topk;
   const Routing routing = gate(x_TD);
-  const Dispatched dispatched = dispatcher_->dispatch(x_TD, routing.experts_TK);
+  const int64_t E = *config_.num_experts;
+  // With a capacity factor, over-full experts drop slots (their expert id becomes E).
+  const auto experts_TK = config_.moe_expert_capacity_factor
+                              ? apply_capacity(routing.experts_TK, routing.weights_TK, E, *config_.moe_expert_capacity_factor,
+                                               config_.moe_token_drop_policy)
+                              : routing.experts_TK;
+  const Dispatched dispatched = dispatcher_->dispatch(x_TD, experts_TK);
   const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
   const auto y_SD = dispatcher_->combine(y_ND, dispatched);
   auto y_TD = (y_SD.view({T, K, D}) * routing.weights_TK.unsqueeze(-1)).sum(1);
@@ -32,12 +38,10 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   model::FeedForwardOutput out;
   out.y = y_TD.view(x_BSD.sizes());
   out.router_logits_TE = routing.logits_TE;
-  out.tokens_per_expert_E = torch::bincount(routing.experts_TK.reshape({-1}), {}, *config_.num_experts);
+  out.tokens_per_expert_E = torch::bincount(experts_TK.reshape({-1}), {}, E + 1).narrow(0, 0, E);
   switch (config_.moe_router_load_balancing_type) {
-    case LoadBalancingType::aux_loss: out.aux_loss = aux_loss(routing.probs_TE, routing.experts_TK, *config_.num_experts); break;
-    case LoadBalancingType::seq_aux_loss:
-      out.aux_loss = seq_aux_loss(routing.probs_TE, routing.experts_TK, *config_.num_experts, x_BSD.size(1));
-      break;
+    case LoadBalancingType::aux_loss: out.aux_loss = aux_loss(routing.probs_TE, experts_TK, E); break;
+    case LoadBalancingType::seq_aux_loss: out.aux_loss = seq_aux_loss(routing.probs_TE, experts_TK, E, x_BSD.size(1)); break;
     case LoadBalancingType::hf_pooled_aux_loss:  // computed over all layers in model_loss
     case LoadBalancingType::none: break;
   }

@@ -1,5 +1,7 @@
 #include "moe/router.h"
 
+#include <cmath>
+
 namespace moeforge::moe {
 
 RouterImpl::RouterImpl(const ModelConfig& c)
@@ -26,9 +28,33 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
 
 namespace {
 torch::Tensor counts_E(const torch::Tensor& experts_TK, int64_t num_experts) {
-  return torch::bincount(experts_TK.reshape({-1}), /*weights=*/{}, num_experts).to(torch::kFloat32);
+  return torch::bincount(experts_TK.reshape({-1}), /*weights=*/{}, num_experts + 1).narrow(0, 0, num_experts).to(torch::kFloat32);
 }
 }  // namespace
+
+torch::Tensor apply_capacity(const torch::Tensor& experts_TK, const torch::Tensor& weights_TK, int64_t num_experts,
+                             double capacity_factor, TokenDropPolicy policy) {
+  const int64_t T = experts_TK.size(0), K = experts_TK.size(1);
+  const auto capacity = static_cast<int64_t>(
+      std::ceil(static_cast<double>(T * K) / static_cast<double>(num_experts) * capacity_factor));
+  const auto experts_S = experts_TK.reshape({-1});
+  // Order the slots by expert and, within an expert, by priority; a slot's rank inside its
+  // expert decides whether it fits.
+  torch::Tensor order_S;
+  if (policy == TokenDropPolicy::position) {
+    order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
+  } else {
+    const auto by_prob_S = std::get<1>(torch::sort(weights_TK.reshape({-1}).to(torch::kFloat32), /*stable=*/true, 0, true));
+    order_S = by_prob_S.index_select(0, std::get<1>(torch::sort(experts_S.index_select(0, by_prob_S), true, 0, false)));
+  }
+  const auto sorted_experts_S = experts_S.index_select(0, order_S);
+  const auto counts = torch::bincount(experts_S, {}, num_experts);
+  const auto starts = torch::cumsum(counts, 0) - counts;
+  const auto rank_sorted_S = torch::arange(experts_S.size(0), experts_S.options()) - starts.index_select(0, sorted_experts_S);
+  auto rank_S = torch::empty_like(rank_sorted_S);
+  rank_S.index_put_({order_S}, rank_sorted_S);
+  return torch::where(rank_S < capacity, experts_S, torch::full_like(experts_S, num_experts)).view({T, K});
+}
 
 torch::Tensor aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts) {
   const double T = static_cast<double>(probs_TE.size(0));

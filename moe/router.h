@@ -34,8 +34,15 @@ class RouterImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Router);
 
+// Megatron's capacity limit: each expert keeps at most ceil(T * K / E * factor) slots, those of
+// highest probability (policy probs) or the earliest tokens (policy position). Returns the expert
+// of each slot, or num_experts where the slot is dropped.
+torch::Tensor apply_capacity(const torch::Tensor& experts_TK, const torch::Tensor& weights_TK, int64_t num_experts,
+                             double capacity_factor, TokenDropPolicy policy);
+
 // Megatron's switch load-balancing loss of one layer (without the coefficient):
 // E / (K * T^2) * sum_e (sum_t p[t, e]) * count_e; 1 under perfectly uniform routing.
+// Slots routed to dropped (id num_experts) are not counted.
 torch::Tensor aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts);
 
 // Megatron's sequence-level variant: the same per sequence of `seq_length` tokens, averaged.

@@ -1,0 +1,133 @@
+// MoE pieces against closed forms: router variants, load-balancing and z losses under uniform
+// routing, capacity dropping, the dispatch round trip, Megatron's initialization, bf16.
+#include "core/gpt_model.h"
+#include "moe/dispatcher.h"
+#include "moe/moe_layer.h"
+#include "moe/router.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+using namespace moeforge;
+
+namespace {
+ModelConfig moe_config() {
+  ModelConfig m;
+  m.num_layers = 2;
+  m.hidden_size = 64;
+  m.num_attention_heads = 4;
+  m.num_query_groups = 4;
+  m.kv_channels = 16;
+  m.ffn_hidden_size = 128;
+  m.vocab_size = 256;
+  m.max_position_embeddings = 32;
+  m.num_experts = 8;
+  m.moe_ffn_hidden_size = 32;
+  m.moe_router_topk = 2;
+  m.moe_router_pre_softmax = true;
+  m.moe_shared_expert_intermediate_size = 64;
+  m.moe_shared_expert_gate = true;
+  m.untie_embeddings_and_output_weights = true;
+  return m;
+}
+}  // namespace
+
+TEST_CASE("router variants: Qwen, Mixtral and Megatron's default", "[moe]") {
+  torch::manual_seed(0);
+  auto c = moe_config();
+  const auto x_TD = torch::randn({50, 64});
+  moe::Router qwen(c);
+  torch::nn::init::normal_(qwen->weight, 0.0, 0.5);
+  const auto probs_TE = torch::softmax(torch::matmul(x_TD, qwen->weight.t()), -1);
+  const auto [top_TK, idx_TK] = torch::topk(probs_TE, 2, -1);
+  const auto q = qwen(x_TD);
+  CHECK(torch::equal(q.experts_TK, idx_TK));
+  CHECK(torch::allclose(q.weights_TK, top_TK, 1e-6, 1e-7));
+  CHECK((q.weights_TK.sum(-1) < 1).all().item<bool>());  // no renormalization
+
+  c.moe_router_norm_topk_prob = true;  // Mixtral
+  moe::Router mixtral(c);
+  mixtral->weight.set_data(qwen->weight.clone());
+  const auto m = mixtral(x_TD);
+  CHECK(torch::allclose(m.weights_TK, top_TK / top_TK.sum(-1, true), 1e-6, 1e-7));
+
+  c.moe_router_norm_topk_prob = false;
+  c.moe_router_pre_softmax = false;  // Megatron: top-k on logits, softmax over the k
+  moe::Router megatron(c);
+  megatron->weight.set_data(qwen->weight.clone());
+  const auto g = megatron(x_TD);
+  CHECK(torch::equal(g.experts_TK, idx_TK));  // softmax is monotone: the same experts
+  CHECK(torch::allclose(g.weights_TK, m.weights_TK, 1e-5, 1e-6));  // and mathematically Mixtral's weights
+}
+
+TEST_CASE("load-balancing and z losses take their closed-form values under uniform routing", "[moe]") {
+  const int64_t T = 64, E = 8, K = 2;
+  const auto probs_TE = torch::full({T, E}, 1.0 / E);
+  // Perfectly balanced: slot k of token t goes to expert (t * K + k) % E.
+  const auto experts_TK = (torch::arange(T * K, torch::kInt64) % E).view({T, K});
+  CHECK(moe::aux_loss(probs_TE, experts_TK, E).item<double>() == Approx(1.0));
+  CHECK(moe::seq_aux_loss(probs_TE, experts_TK, E, 16).item<double>() == Approx(1.0));
+  const std::vector<torch::Tensor> logits = {torch::zeros({T, E}), torch::zeros({T, E})};
+  CHECK(moe::hf_pooled_aux_loss(logits, E, K).item<double>() == Approx(static_cast<double>(K)));
+  CHECK(moe::z_loss(torch::zeros({T, E})).item<double>() == Approx(std::pow(std::log(8.0), 2)));
+  // Total collapse (every probability and slot on expert 0): E / (K T^2) * T * (T K) = E.
+  const auto collapsed_TE = torch::zeros({T, E}).index_fill_(1, torch::tensor({0}), 1.0);
+  CHECK(moe::aux_loss(collapsed_TE, torch::zeros({T, K}, torch::kInt64), E).item<double>() == Approx(static_cast<double>(E)));
+}
+
+TEST_CASE("capacity limits drop the lowest-probability or the latest slots", "[moe]") {
+  // 8 tokens, top-1, 4 experts, factor 1: capacity ceil(8 / 4) = 2. Everything goes to expert 0.
+  const auto experts_TK = torch::zeros({8, 1}, torch::kInt64);
+  const auto weights_TK = torch::tensor({0.1f, 0.9f, 0.3f, 0.8f, 0.2f, 0.7f, 0.4f, 0.6f}).view({8, 1});
+  const auto by_position = moe::apply_capacity(experts_TK, weights_TK, 4, 1.0, TokenDropPolicy::position);
+  CHECK(torch::equal(by_position.view({-1}), torch::tensor({0, 0, 4, 4, 4, 4, 4, 4}, torch::kInt64)));
+  const auto by_probs = moe::apply_capacity(experts_TK, weights_TK, 4, 1.0, TokenDropPolicy::probs);
+  CHECK(torch::equal(by_probs.view({-1}), torch::tensor({4, 0, 4, 0, 4, 4, 4, 4}, torch::kInt64)));
+  // The dispatcher sends only kept slots and returns zeros for dropped ones.
+  moe::LocalDispatcher d(4);
+  const auto x_TD = torch::arange(8, torch::kFloat32).view({8, 1});
+  const auto sent = d.dispatch(x_TD, by_probs);
+  CHECK(sent.dropped == 6);
+  CHECK(sent.rows_per_local_expert == std::vector<int64_t>{2, 0, 0, 0});
+  const auto back = d.combine(sent.x_ND, sent);
+  CHECK(torch::equal(back.view({-1}), torch::tensor({0.f, 1.f, 0.f, 3.f, 0.f, 0.f, 0.f, 0.f})));
+}
+
+TEST_CASE("dispatch then combine is the identity on every slot", "[moe]") {
+  torch::manual_seed(1);
+  const auto x_TD = torch::randn({37, 5});
+  const auto experts_TK = torch::randint(0, 6, {37, 3}, torch::kInt64);
+  moe::LocalDispatcher d(6);
+  const auto sent = d.dispatch(x_TD, experts_TK);
+  int64_t total = 0;
+  for (auto n : sent.rows_per_local_expert) total += n;
+  CHECK(total == 37 * 3);
+  const auto back_SD = d.combine(sent.x_ND, sent);
+  CHECK(torch::equal(back_SD, x_TD.repeat_interleave(3, 0)));
+}
+
+TEST_CASE("Megatron initialization and bf16 execution", "[moe]") {
+  auto c = moe_config();
+  c.hidden_size = 256;
+  c.num_attention_heads = 4;
+  c.kv_channels = 64;
+  c.init_method_std = 0.02;
+  c.add_qkv_bias = true;
+  auto model = moe::build_model(c);
+  model::init_megatron(*model, 7);
+  const auto params = model->named_parameters();
+  CHECK(params["layers.0.self_attn.q_proj.weight"].std().item<double>() == Approx(0.02).epsilon(0.05));
+  CHECK(params["layers.0.self_attn.o_proj.weight"].std().item<double>() == Approx(0.02 / 2.0).epsilon(0.05));  // sqrt(2 * 2 layers)
+  CHECK(params["layers.1.mlp.experts.down_proj"].std().item<double>() == Approx(0.01).epsilon(0.05));
+  CHECK(params["layers.0.self_attn.q_proj.bias"].abs().max().item<double>() == 0.0);
+  CHECK(params["norm.weight"].eq(1.0).all().item<bool>());
+
+  const auto tokens = torch::randint(0, 256, {2, 16}, torch::kInt64);
+  const auto positions = torch::arange(16, torch::kInt64).unsqueeze(0).expand({2, 16});
+  const auto fp32 = model->forward(tokens, positions).logits_BSV;
+  model->to(torch::kBFloat16);
+  const auto bf16 = model->forward(tokens, positions).logits_BSV;
+  CHECK(bf16.scalar_type() == torch::kBFloat16);
+  CHECK(((bf16.to(torch::kFloat32) - fp32).norm() / fp32.norm()).item<double>() < 3e-2);
+}
