@@ -9,15 +9,19 @@ ExpertsImpl::ExpertsImpl(int64_t num_experts, int64_t hidden, int64_t ffn) {
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_ND, const std::vector<int64_t>& rows_per_expert) {
   std::vector<torch::Tensor> outputs;
+  // One unbind per weight: its backward stacks the per-expert gradients once, where indexing
+  // w[e] per expert would materialize a full-size zero gradient for every expert.
+  const auto gate_up = gate_up_proj.unbind(0);
+  const auto down = down_proj.unbind(0);
   int64_t start = 0;
   for (size_t e = 0; e < rows_per_expert.size(); ++e) {
     const int64_t rows = rows_per_expert[e];
     if (rows == 0) continue;
     const auto x_nD = x_ND.narrow(0, start, rows);
-    const auto gate_up_n2F = torch::matmul(x_nD, gate_up_proj[static_cast<int64_t>(e)].t());
+    const auto gate_up_n2F = torch::matmul(x_nD, gate_up[e].t());
     const auto halves = gate_up_n2F.chunk(2, -1);
     const auto h_nF = torch::silu(halves[0]) * halves[1];
-    outputs.push_back(torch::matmul(h_nF, down_proj[static_cast<int64_t>(e)].t()));
+    outputs.push_back(torch::matmul(h_nF, down[e].t()));
     start += rows;
   }
   if (outputs.empty()) return torch::zeros({0, down_proj.size(1)}, x_ND.options());
