@@ -48,7 +48,7 @@ class SafetensorsFile {
 
  private:
   struct Unmap {
-    size_t size = 0;
+    size_t size;
     void operator()(const std::byte* p) const;
   };
   std::string path_;

@@ -1,4 +1,4 @@
-// defines: the `moeforge` subcommands (plan, config, version) as functions of parsed options.
+// defines: the `moeforge` subcommands (plan, config, version, forward) as functions of parsed options.
 // Each returns the process exit code; user errors propagate as UserError to main.
 #pragma once
 
@@ -27,6 +27,13 @@ struct ConfigOptions {
 int run_config(const ConfigOptions& options);
 
 int run_version();
+
+struct ForwardOptions {
+  std::string checkpoint;   // a Hugging Face checkpoint directory
+  std::string tokens_path;  // JSON: a list of ids, or a list of equally long lists
+  std::string out_path;     // optional: logits as safetensors
+};
+int run_forward(const ForwardOptions& options);
 
 // The world size a command plans for: --world-size, else parallel.world_size, else the
 // launcher's, else the smallest layout the config allows (PP x EP). `source` says which.

@@ -44,6 +44,12 @@ int run(int argc, char** argv) {
 
   auto* version_cmd = app.add_subcommand("version", "Versions of moeforge and its libraries, GPUs visible");
 
+  moeforge::ForwardOptions forward;
+  auto* forward_cmd = app.add_subcommand("forward", "Run a Hugging Face checkpoint on token ids: loss and logits");
+  forward_cmd->add_option("--checkpoint", forward.checkpoint, "Checkpoint directory (config.json + *.safetensors)")->required();
+  forward_cmd->add_option("--tokens", forward.tokens_path, "JSON list of token ids (or list of equal-length lists)")->required();
+  forward_cmd->add_option("--out", forward.out_path, "Write the logits here (safetensors, tensor \"logits\")");
+
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
   moeforge::DataInspectOptions inspect;
@@ -90,6 +96,7 @@ int run(int argc, char** argv) {
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();
+  if (*forward_cmd) return moeforge::run_forward(forward);
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);
   if (*merge_cmd) return moeforge::run_data_merge(merge);

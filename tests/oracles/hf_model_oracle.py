@@ -6,6 +6,11 @@
       and writes JSON: the config values, every parameter (name as in the model's state_dict,
       shape, values), the logits, the LM loss, the aux loss, the total loss and every gradient.
 
+  save KIND SEED DIR
+      the same random model, saved with save_pretrained (config.json + model.safetensors)
+  logits DIR TOKENS.json OUT.json
+      loads DIR with AutoModelForCausalLM.from_pretrained (fp32) and writes its logits and loss
+
 Used only by tests; the framework never runs Python.
 """
 import json
@@ -39,13 +44,30 @@ def build(kind):
     raise SystemExit(f"unknown kind {kind}")
 
 
-def main(kind, seed, tokens_path, out_path):
+def random_model(kind, seed):
     torch.manual_seed(int(seed))
     model = build(kind).float()
     model.config._attn_implementation = "sdpa"
     with torch.no_grad():  # random everything, large enough that routing is not uniform
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * (0.3 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def save(kind, seed, directory):
+    random_model(kind, seed).save_pretrained(directory)
+
+
+def logits(directory, tokens_path, out_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.tensor(json.load(open(tokens_path)), dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    json.dump({"logits": out.logits.reshape(-1).tolist(), "loss": out.loss.item()}, open(out_path, "w"))
+
+
+def main(kind, seed, tokens_path, out_path):
+    model = random_model(kind, seed)
     ids = torch.tensor(json.load(open(tokens_path)), dtype=torch.long)
     kwargs = {"output_router_logits": True} if kind != "qwen2" else {}
     out = model(input_ids=ids, labels=ids, **kwargs)
@@ -64,6 +86,11 @@ def main(kind, seed, tokens_path, out_path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] != "run":
-        raise SystemExit("usage: hf_model_oracle.py run KIND SEED TOKENS.json OUT.json")
-    main(*sys.argv[2:6])
+    if sys.argv[1] == "run":
+        main(*sys.argv[2:6])
+    elif sys.argv[1] == "save":
+        save(*sys.argv[2:5])
+    elif sys.argv[1] == "logits":
+        logits(*sys.argv[2:5])
+    else:
+        raise SystemExit("usage: hf_model_oracle.py run|save|logits ...")

@@ -1,0 +1,304 @@
+#include "moe/hf_checkpoint.h"
+
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "moe/moe_layer.h"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <set>
+
+namespace moeforge::moe {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+template <typename T>
+T get(const json& j, const char* key, const std::string& path) {
+  if (!j.contains(key) || j[key].is_null()) fail_user("{}: config.json has no \"{}\"", path, key);
+  try {
+    return j[key].get<T>();
+  } catch (const json::exception&) {
+    fail_user("{}: config.json \"{}\" has the wrong type ({})", path, key, j[key].dump());
+  }
+}
+
+double rope_theta(const json& j, const std::string& path) {
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    const auto& r = j["rope_parameters"];
+    if (r.value("rope_type", "default") != "default") {
+      fail_user("{}: rope_type \"{}\" is not supported; only the default RoPE is", path, r["rope_type"].get<std::string>());
+    }
+    return get<double>(r, "rope_theta", path);
+  }
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) fail_user("{}: rope_scaling is not supported", path);
+  return j.value("rope_theta", 10000.0);
+}
+
+// Our parameter name -> the hub's, for the non-expert tensors.
+std::string hub_name(const std::string& ours, ModelType type) {
+  if (ours == "lm_head.weight") return ours;
+  std::string name = "model." + ours;
+  if (type == ModelType::mixtral) {
+    static const std::regex mlp(R"(^model\.layers\.(\d+)\.mlp\.)");
+    name = std::regex_replace(name, mlp, "model.layers.$1.block_sparse_moe.");
+  }
+  return name;
+}
+
+// The hub names of expert e's gate, up and down projections in layer `layer`.
+std::array<std::string, 3> expert_names(int64_t layer, int64_t e, ModelType type) {
+  if (type == ModelType::mixtral) {
+    const auto p = fmt::format("model.layers.{}.block_sparse_moe.experts.{}.", layer, e);
+    return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
+  }
+  const auto p = fmt::format("model.layers.{}.mlp.experts.{}.", layer, e);
+  return {p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"};
+}
+
+bool is_experts(const std::string& ours, int64_t* layer, bool* gate_up) {
+  static const std::regex re(R"(^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$)");
+  std::smatch m;
+  if (!std::regex_match(ours, m, re)) return false;
+  *layer = std::stoll(m[1]);
+  *gate_up = m[2] == "gate_up_proj";
+  return true;
+}
+
+std::string shape_str(c10::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+}  // namespace
+
+ModelConfig model_config_from_hf(const json& j, const std::string& path) {
+  ModelConfig c;
+  const auto type = j.value("model_type", "");
+  if (type == "qwen2_moe") c.model_type = ModelType::qwen2_moe;
+  else if (type == "mixtral") c.model_type = ModelType::mixtral;
+  else if (type == "qwen2") c.model_type = ModelType::qwen2;
+  else if (type == "llama") c.model_type = ModelType::llama;
+  else fail_user("{}: model_type \"{}\" is not supported; moeforge reads qwen2_moe, mixtral, qwen2 and llama", path, type);
+  if (j.value("hidden_act", "silu") != "silu") fail_user("{}: hidden_act must be silu (SwiGLU)", path);
+  c.num_layers = get<int64_t>(j, "num_hidden_layers", path);
+  c.hidden_size = get<int64_t>(j, "hidden_size", path);
+  c.num_attention_heads = get<int64_t>(j, "num_attention_heads", path);
+  c.num_query_groups = j.value("num_key_value_heads", c.num_attention_heads);
+  c.kv_channels = j.contains("head_dim") && !j["head_dim"].is_null() ? j["head_dim"].get<int64_t>()
+                                                                     : c.hidden_size / c.num_attention_heads;
+  c.vocab_size = get<int64_t>(j, "vocab_size", path);
+  c.make_vocab_size_divisible_by = 1;  // the checkpoint's embedding is already as large as it is
+  c.max_position_embeddings = get<int64_t>(j, "max_position_embeddings", path);
+  c.rotary_base = rope_theta(j, path);
+  c.norm_epsilon = get<double>(j, "rms_norm_eps", path);
+  c.untie_embeddings_and_output_weights = !j.value("tie_word_embeddings", false);
+  c.init_method_std = j.value("initializer_range", 0.02);
+  c.ffn_hidden_size = get<int64_t>(j, "intermediate_size", path);
+  switch (c.model_type) {
+    case ModelType::qwen2_moe: {
+      c.add_qkv_bias = j.value("qkv_bias", true);
+      c.num_experts = get<int64_t>(j, "num_experts", path);
+      c.moe_ffn_hidden_size = get<int64_t>(j, "moe_intermediate_size", path);
+      c.moe_router_topk = get<int64_t>(j, "num_experts_per_tok", path);
+      c.moe_router_pre_softmax = true;
+      c.moe_router_norm_topk_prob = j.value("norm_topk_prob", false);
+      const auto shared = j.value("shared_expert_intermediate_size", int64_t{0});
+      if (shared > 0) {
+        c.moe_shared_expert_intermediate_size = shared;
+        c.moe_shared_expert_gate = true;
+      }
+      const auto step = j.value("decoder_sparse_step", int64_t{1});
+      const auto dense = j.value("mlp_only_layers", std::vector<int64_t>{});
+      for (int64_t i = 0; i < c.num_layers; ++i) {
+        const bool moe = std::find(dense.begin(), dense.end(), i) == dense.end() && (i + 1) % step == 0;
+        c.moe_layer_freq.pattern.push_back(moe ? 1 : 0);
+      }
+      break;
+    }
+    case ModelType::mixtral:
+      c.num_experts = get<int64_t>(j, "num_local_experts", path);
+      c.moe_ffn_hidden_size = c.ffn_hidden_size;
+      c.moe_router_topk = get<int64_t>(j, "num_experts_per_tok", path);
+      c.moe_router_pre_softmax = true;
+      c.moe_router_norm_topk_prob = true;
+      break;
+    case ModelType::qwen2: c.add_qkv_bias = true; break;
+    case ModelType::llama:
+      c.add_qkv_bias = j.value("attention_bias", false);
+      if (j.value("mlp_bias", false)) fail_user("{}: mlp_bias is not supported", path);
+      break;
+  }
+  if (c.is_moe()) {
+    c.moe_router_load_balancing_type = LoadBalancingType::hf_pooled_aux_loss;
+    c.moe_aux_loss_coeff = j.value("router_aux_loss_coef", 0.0);
+  }
+  return c;
+}
+
+json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
+  json j = {{"hidden_act", "silu"},
+            {"hidden_size", c.hidden_size},
+            {"num_hidden_layers", c.num_layers},
+            {"num_attention_heads", c.num_attention_heads},
+            {"num_key_value_heads", *c.num_query_groups},
+            {"head_dim", c.head_dim()},
+            {"vocab_size", c.padded_vocab_size()},
+            {"max_position_embeddings", *c.max_position_embeddings},
+            {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", c.rotary_base}}},
+            {"rms_norm_eps", c.norm_epsilon},
+            {"tie_word_embeddings", !c.untie_embeddings_and_output_weights},
+            {"initializer_range", c.init_method_std},
+            {"intermediate_size", *c.ffn_hidden_size},
+            {"dtype", dtype == torch::kBFloat16 ? "bfloat16" : "float32"},
+            {"attention_dropout", 0.0}};
+  switch (c.model_type) {
+    case ModelType::qwen2_moe: {
+      j["model_type"] = "qwen2_moe";
+      j["architectures"] = {"Qwen2MoeForCausalLM"};
+      j["qkv_bias"] = c.add_qkv_bias;
+      j["num_experts"] = *c.num_experts;
+      j["moe_intermediate_size"] = *c.moe_ffn_hidden_size;
+      j["num_experts_per_tok"] = c.moe_router_topk;
+      j["norm_topk_prob"] = c.moe_router_norm_topk_prob;
+      j["shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size.value_or(0);
+      j["decoder_sparse_step"] = 1;
+      std::vector<int64_t> dense;
+      for (int64_t i = 0; i < c.num_layers; ++i) {
+        if (!c.is_moe_layer(i)) dense.push_back(i);
+      }
+      j["mlp_only_layers"] = dense;
+      j["router_aux_loss_coef"] = c.moe_aux_loss_coeff;
+      break;
+    }
+    case ModelType::mixtral:
+      j["model_type"] = "mixtral";
+      j["architectures"] = {"MixtralForCausalLM"};
+      j["num_local_experts"] = *c.num_experts;
+      j["intermediate_size"] = *c.moe_ffn_hidden_size;
+      j["num_experts_per_tok"] = c.moe_router_topk;
+      j["router_aux_loss_coef"] = c.moe_aux_loss_coeff;
+      break;
+    case ModelType::qwen2:
+      j["model_type"] = "qwen2";
+      j["architectures"] = {"Qwen2ForCausalLM"};
+      break;
+    case ModelType::llama:
+      j["model_type"] = "llama";
+      j["architectures"] = {"LlamaForCausalLM"};
+      j["attention_bias"] = c.add_qkv_bias;
+      j["mlp_bias"] = false;
+      break;
+  }
+  return j;
+}
+
+HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
+  const fs::path config_path = fs::path(dir) / "config.json";
+  std::ifstream in(config_path);
+  if (!in) fail_user("{}: not found; a Hugging Face checkpoint directory holds config.json and *.safetensors", config_path.string());
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    fail_user("{}: invalid JSON: {}", config_path.string(), e.what());
+  }
+  HFModel out;
+  out.config = model_config_from_hf(j, config_path.string());
+  out.model = build_model(out.config);
+  const SafetensorsCheckpoint ckpt(dir);
+  const ModelType type = out.config.model_type;
+
+  std::set<std::string> used;
+  std::vector<std::string> missing, misshaped;
+  auto fetch = [&](const std::string& name, c10::IntArrayRef shape) -> std::optional<torch::Tensor> {
+    if (!ckpt.contains(name)) {
+      missing.push_back(name);
+      return std::nullopt;
+    }
+    used.insert(name);
+    if (c10::IntArrayRef(ckpt.info(name).shape) != shape) {
+      misshaped.push_back(fmt::format("{} is {} in the checkpoint, the model needs {}", name, shape_str(ckpt.info(name).shape),
+                                      shape_str(shape)));
+      return std::nullopt;
+    }
+    return ckpt.tensor(name, torch::kFloat32);
+  };
+  torch::NoGradGuard no_grad;
+  for (auto& item : out.model->named_parameters()) {
+    const std::string& ours = item.key();
+    auto& p = item.value();
+    int64_t layer = 0;
+    bool gate_up = false;
+    if (is_experts(ours, &layer, &gate_up)) {
+      const int64_t F = *out.config.moe_ffn_hidden_size, D = out.config.hidden_size;
+      for (int64_t e = 0; e < *out.config.num_experts; ++e) {
+        const auto names = expert_names(layer, e, type);
+        if (gate_up) {
+          const auto g = fetch(names[0], {F, D});
+          const auto u = fetch(names[1], {F, D});
+          if (g && u) p[e].copy_(torch::cat({*g, *u}, 0));
+        } else if (const auto d = fetch(names[2], {D, F})) {
+          p[e].copy_(*d);
+        }
+      }
+      continue;
+    }
+    if (const auto t = fetch(hub_name(ours, type), p.sizes())) p.copy_(*t);
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& name : ckpt.names()) {
+    if (used.contains(name)) continue;
+    // A tied head may be stored too; it must then equal the embedding it is tied to.
+    if (name == "lm_head.weight" && !out.config.untie_embeddings_and_output_weights &&
+        torch::equal(ckpt.tensor(name, torch::kFloat32), out.model->embed_tokens->weight)) {
+      continue;
+    }
+    unexpected.push_back(name);
+  }
+  if (!missing.empty() || !unexpected.empty() || !misshaped.empty()) {
+    std::string msg = fmt::format("{} does not match the model its config.json describes:", dir);
+    if (!missing.empty()) msg += fmt::format("\n  missing ({}): {}", missing.size(), fmt::join(missing, ", "));
+    if (!unexpected.empty()) msg += fmt::format("\n  unexpected ({}): {}", unexpected.size(), fmt::join(unexpected, ", "));
+    if (!misshaped.empty()) msg += fmt::format("\n  wrong shape ({}): {}", misshaped.size(), fmt::join(misshaped, "; "));
+    fail_user("{}", msg);
+  }
+  out.model->to(dtype);
+  return out;
+}
+
+void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir) {
+  const ModelConfig& c = model.config();
+  NamedTensors tensors;
+  torch::ScalarType dtype = torch::kFloat32;
+  for (const auto& item : model.named_parameters()) {
+    const auto p = item.value().detach();
+    dtype = p.scalar_type();
+    int64_t layer = 0;
+    bool gate_up = false;
+    if (is_experts(item.key(), &layer, &gate_up)) {
+      for (int64_t e = 0; e < p.size(0); ++e) {
+        const auto names = expert_names(layer, e, c.model_type);
+        if (gate_up) {
+          const auto halves = p[e].chunk(2, 0);
+          tensors.emplace_back(names[0], halves[0].contiguous());
+          tensors.emplace_back(names[1], halves[1].contiguous());
+        } else {
+          tensors.emplace_back(names[2], p[e].contiguous());
+        }
+      }
+      continue;
+    }
+    tensors.emplace_back(hub_name(item.key(), c.model_type), p.contiguous());
+  }
+  fs::create_directories(dir);
+  save_safetensors_checkpoint(dir, tensors);
+  const fs::path config = fs::path(dir) / "config.json";
+  const fs::path tmp = config.string() + ".tmp";
+  std::ofstream(tmp) << hf_config_from_model(c, dtype).dump(2) << "\n";
+  fs::rename(tmp, config);
+}
+
+}  // namespace moeforge::moe

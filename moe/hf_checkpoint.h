@@ -1,0 +1,36 @@
+// defines: model_config_from_hf, hf_config_from_model, load_hf_checkpoint, save_hf_checkpoint,
+//          HFModel
+//
+// Hugging Face checkpoints (config.json + safetensors, sharded or not) of the families
+// qwen2_moe, mixtral, qwen2 and llama, read into and written from our model. Tensor names differ
+// only in the `model.` prefix and in the routed experts, which the hub stores one by one
+// (`mlp.experts.{e}.{gate,up,down}_proj.weight`; Mixtral: `block_sparse_moe.experts.{e}.{w1,w3,w2}`)
+// and we store stacked. Loading checks every tensor and fails listing all that are missing,
+// unexpected or mis-shaped: nothing is skipped silently.
+#pragma once
+
+#include "core/config.h"
+#include "core/gpt_model.h"
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+
+namespace moeforge::moe {
+
+// config.json -> the model section; throws UserError for an unsupported family or option.
+ModelConfig model_config_from_hf(const nlohmann::json& config_json, const std::string& path);
+nlohmann::json hf_config_from_model(const ModelConfig& config, torch::ScalarType dtype);
+
+struct HFModel {
+  ModelConfig config;
+  model::GPTModel model{nullptr};
+};
+
+// Reads DIR/config.json and the weights (fp32 unless `dtype` says otherwise).
+HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype = torch::kFloat32);
+
+// Writes DIR/config.json and the safetensors files in the hub layout `transformers` loads.
+void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir);
+
+}  // namespace moeforge::moe

@@ -1,0 +1,119 @@
+// Hugging Face checkpoints: models saved by `transformers` load with identical logits, our saved
+// checkpoints load in `transformers` with identical logits, and every mismatch is listed.
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "moe/hf_checkpoint.h"
+#include "moe/moe_layer.h"
+#include "test_util.h"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <regex>
+
+using namespace moeforge;
+using Catch::Matchers::Contains;
+using nlohmann::json;
+
+namespace {
+
+const std::vector<std::vector<int64_t>> kTokens = {{3, 14, 15, 92, 65, 35, 89, 79, 32, 38}, {2, 71, 82, 81, 82, 84, 59, 4, 5, 23}};
+
+torch::Tensor our_logits(moe::HFModel& m) {
+  torch::NoGradGuard no_grad;
+  std::vector<int64_t> flat;
+  for (const auto& r : kTokens) flat.insert(flat.end(), r.begin(), r.end());
+  const auto tokens = torch::tensor(flat, torch::kInt64).view({2, 10});
+  const auto positions = torch::arange(10, torch::kInt64).unsqueeze(0).expand({2, 10});
+  return m.model->forward(tokens, positions).logits_BSV;
+}
+
+torch::Tensor hf_logits(const std::string& dir, const test::TempDir& tmp, const std::string& tag) {
+  const auto tokens = tmp.file("tokens.json", json(kTokens).dump());
+  const auto out = (tmp.path() / ("logits_" + tag + ".json")).string();
+  test::run_oracle("hf_model_oracle.py", "logits " + dir + " " + tokens + " " + out);
+  std::ifstream in(out);
+  const auto j = json::parse(in);
+  return torch::tensor(j["logits"].get<std::vector<float>>()).view({2, 10, -1});
+}
+
+double relative_error(const torch::Tensor& a, const torch::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); }
+
+}  // namespace
+
+TEST_CASE("transformers checkpoints load with identical logits, and ours load in transformers", "[checkpoint]") {
+  test::TempDir tmp;
+  for (const std::string kind : {"qwen2_moe", "qwen2_moe_dense_layer", "mixtral", "qwen2"}) {
+    INFO(kind);
+    const auto theirs = (tmp.path() / ("hf_" + kind)).string();
+    test::run_oracle("hf_model_oracle.py", "save " + kind + " 3 " + theirs);
+    auto loaded = moe::load_hf_checkpoint(theirs);
+    const auto reference = hf_logits(theirs, tmp, kind);
+    const auto ours = our_logits(loaded);
+    CHECK(relative_error(ours, reference) < 1e-5);
+
+    const auto saved = (tmp.path() / ("ours_" + kind)).string();
+    moe::save_hf_checkpoint(*loaded.model, saved);
+    CHECK(relative_error(hf_logits(saved, tmp, kind + "_ours"), ours) < 1e-5);
+    auto again = moe::load_hf_checkpoint(saved);  // and the round trip is exact
+    CHECK(torch::equal(our_logits(again), ours));
+  }
+}
+
+TEST_CASE("a checkpoint that does not match its config lists every missing, unexpected and mis-shaped tensor",
+          "[checkpoint][errors]") {
+  test::TempDir tmp;
+  const auto dir = (tmp.path() / "hf").string();
+  test::run_oracle("hf_model_oracle.py", "save qwen2_moe 3 " + dir);
+  // Rewrite the weights with one expert tensor removed, one renamed and one reshaped.
+  NamedTensors tensors;
+  {
+    const SafetensorsCheckpoint ckpt(dir);
+    for (const auto& name : ckpt.names()) {
+      auto t = ckpt.tensor(name);
+      if (name == "model.layers.0.mlp.experts.1.up_proj.weight") continue;
+      if (name == "model.norm.weight") {
+        tensors.emplace_back("model.final_norm.weight", t);
+        continue;
+      }
+      if (name == "model.layers.2.mlp.gate.weight") t = t.narrow(0, 0, 5).contiguous();
+      tensors.emplace_back(name, t);
+    }
+  }
+  save_safetensors_checkpoint(dir, tensors);
+  try {
+    moe::load_hf_checkpoint(dir);
+    FAIL("expected a UserError");
+  } catch (const UserError& e) {
+    const std::string msg = e.what();
+    CHECK_THAT(msg, Contains("missing (2): ") && Contains("model.layers.0.mlp.experts.1.up_proj.weight") &&
+                        Contains("model.norm.weight"));
+    CHECK_THAT(msg, Contains("unexpected (1): model.final_norm.weight"));
+    CHECK_THAT(msg, Contains("wrong shape (1): model.layers.2.mlp.gate.weight is [5, 32] in the checkpoint, the model needs [8, 32]"));
+  }
+  CHECK_THROWS_WITH(moe::load_hf_checkpoint((tmp.path() / "nothing").string()), Contains("config.json: not found"));
+}
+
+TEST_CASE("moeforge forward prints the loss and writes the logits", "[checkpoint][cli]") {
+  test::TempDir tmp;
+  const auto dir = (tmp.path() / "hf").string();
+  test::run_oracle("hf_model_oracle.py", "save qwen2 5 " + dir);
+  const auto tokens = tmp.file("t.json", json(kTokens).dump());
+  const auto out = (tmp.path() / "logits.safetensors").string();
+  const auto r = test::run_command(std::string(MOEFORGE_BINARY) + " forward --checkpoint " + dir + " --tokens " + tokens + " --out " + out);
+  REQUIRE(r.exit_code == 0);
+  const auto ref_out = (tmp.path() / "ref.json").string();
+  test::run_oracle("hf_model_oracle.py", "logits " + dir + " " + tokens + " " + ref_out);
+  std::ifstream in(ref_out);
+  const auto ref = json::parse(in);
+  std::smatch m;
+  REQUIRE(std::regex_search(r.output, m, std::regex(R"(lm loss ([0-9.]+))")));
+  CHECK(std::stod(m[1]) == Approx(ref["loss"].get<double>()).epsilon(1e-5));
+  const SafetensorsFile logits(out);
+  CHECK(relative_error(logits.tensor("logits"), torch::tensor(ref["logits"].get<std::vector<float>>()).view({2, 10, -1})) < 1e-5);
+  const auto bad = test::run_command(std::string(MOEFORGE_BINARY) + " forward --checkpoint " + dir + " --tokens " +
+                                     tmp.file("bad.json", "[1, 2, 999999]"));
+  CHECK(bad.exit_code == 1);
+  CHECK_THAT(bad.output, Contains("token id 999999 is outside the vocabulary"));
+}
