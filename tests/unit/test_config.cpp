@@ -10,19 +10,6 @@ using namespace moeforge;
 using moeforge::test::TempDir;
 using Catch::Matchers::Contains;
 
-namespace {
-// The message of the UserError `f` throws (fails the test if it throws nothing).
-template <typename F>
-std::string user_error(F&& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  FAIL("expected a UserError");
-  return {};
-}
-}  // namespace
 
 TEST_CASE("shipped configs load with the values the issue specifies", "[config]") {
   const auto q = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml")).config;
@@ -113,21 +100,21 @@ TEST_CASE("the resolved-config table lists every key with its origin", "[config]
 
 TEST_CASE("unknown keys and sections name the closest valid key", "[config][errors]") {
   TempDir dir;
-  auto msg = user_error([&] { load_config(dir.file("a.yaml", std::string(test::kMinimalModel) + "  num_expert: 4\n")); });
+  auto msg = test::user_error([&] { load_config(dir.file("a.yaml", std::string(test::kMinimalModel) + "  num_expert: 4\n")); });
   CHECK_THAT(msg, Contains("a.yaml:15") && Contains("unknown key `training.num_expert`") && Contains("model.num_experts"));
 
-  msg = user_error([&] {
+  msg = test::user_error([&] {
     load_config(dir.file("b.yaml", std::string(test::kMinimalModel) + "parallel:\n  num_layers: 4\n"));
   });
   CHECK_THAT(msg, Contains("`num_layers` belongs in section `model`"));
 
-  msg = user_error([&] { load_config(dir.file("c.yaml", std::string(test::kMinimalModel) + "trainig:\n  lr: 1\n")); });
+  msg = test::user_error([&] { load_config(dir.file("c.yaml", std::string(test::kMinimalModel) + "trainig:\n  lr: 1\n")); });
   CHECK_THAT(msg, Contains("unknown section `trainig`") && Contains("Did you mean `training`?"));
 
-  msg = user_error([&] { load_config(dir.file("d.yaml", test::kMinimalModel), {"model.hiden_size=3"}); });
+  msg = test::user_error([&] { load_config(dir.file("d.yaml", test::kMinimalModel), {"model.hiden_size=3"}); });
   CHECK_THAT(msg, Contains("--set model.hiden_size=3") && Contains("model.hidden_size"));
 
-  msg = user_error([&] { load_config(dir.file("e.yaml", test::kMinimalModel), {"lr=3"}); });
+  msg = test::user_error([&] { load_config(dir.file("e.yaml", test::kMinimalModel), {"lr=3"}); });
   CHECK_THAT(msg, Contains("expected section.key=value"));
 }
 
@@ -135,62 +122,62 @@ TEST_CASE("wrong types name the file, the line and the expected type", "[config]
   TempDir dir;
   std::string text = test::kMinimalModel;
   text.replace(text.find("hidden_size: 64"), 15, "hidden_size: big");
-  auto msg = user_error([&] { load_config(dir.file("t.yaml", text)); });
+  auto msg = test::user_error([&] { load_config(dir.file("t.yaml", text)); });
   CHECK_THAT(msg, Contains("t.yaml:4") && Contains("model.hidden_size") && Contains("expected an integer, got 'big'"));
 
-  msg = user_error([&] { load_config(dir.file("u.yaml", test::kMinimalModel), {"training.lr_decay_style=cosin"}); });
+  msg = test::user_error([&] { load_config(dir.file("u.yaml", test::kMinimalModel), {"training.lr_decay_style=cosin"}); });
   CHECK_THAT(msg, Contains("one of {constant, linear, cosine}") && Contains("'cosin'"));
 
-  msg = user_error([&] { load_config(dir.file("v.yaml", test::kMinimalModel), {"training.bf16=maybe"}); });
+  msg = test::user_error([&] { load_config(dir.file("v.yaml", test::kMinimalModel), {"training.bf16=maybe"}); });
   CHECK_THAT(msg, Contains("expected true or false"));
 
-  msg = user_error([&] { load_config(dir.file("w.yaml", test::kMinimalModel), {"model.num_layers=[1, 2]"}); });
+  msg = test::user_error([&] { load_config(dir.file("w.yaml", test::kMinimalModel), {"model.num_layers=[1, 2]"}); });
   CHECK_THAT(msg, Contains("expected an integer, got a list"));
 }
 
 TEST_CASE("missing required values are all listed", "[config][errors]") {
   TempDir dir;
-  const auto msg = user_error([&] { load_config(dir.file("m.yaml", "model:\n  num_layers: 2\n")); });
+  const auto msg = test::user_error([&] { load_config(dir.file("m.yaml", "model:\n  num_layers: 2\n")); });
   CHECK_THAT(msg, Contains("missing required values") && Contains("model.hidden_size") &&
                       Contains("model.num_attention_heads") && Contains("training.seq_length") &&
                       Contains("training.lr"));
-  const auto null_msg = user_error([&] { load_config(dir.file("n.yaml", test::kMinimalModel), {"model.hidden_size=null"}); });
+  const auto null_msg = test::user_error([&] { load_config(dir.file("n.yaml", test::kMinimalModel), {"model.hidden_size=null"}); });
   CHECK_THAT(null_msg, Contains("`model.hidden_size` is required and cannot be null"));
 }
 
 TEST_CASE("file-level errors: missing file, bad YAML, cyclic base, wrong shapes", "[config][errors]") {
   TempDir dir;
-  CHECK_THAT(user_error([&] { load_config((dir.path() / "nope.yaml").string()); }),
+  CHECK_THAT(test::user_error([&] { load_config((dir.path() / "nope.yaml").string()); }),
              Contains("config file not found") && Contains("nope.yaml"));
-  CHECK_THAT(user_error([&] { load_config(dir.file("s.yaml", "model:\n  hidden_size: [1, 2\n")); }),
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("s.yaml", "model:\n  hidden_size: [1, 2\n")); }),
              Contains("s.yaml:") && Contains("YAML syntax error"));
   dir.file("x.yaml", "base: y.yaml\n");
-  CHECK_THAT(user_error([&] { load_config(dir.file("y.yaml", "base: x.yaml\n")); }), Contains("cyclic"));
-  CHECK_THAT(user_error([&] { load_config(dir.file("z.yaml", "base: missing.yaml\n")); }),
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("y.yaml", "base: x.yaml\n")); }), Contains("cyclic"));
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("z.yaml", "base: missing.yaml\n")); }),
              Contains("missing.yaml") && Contains("the `base:` of"));
-  CHECK_THAT(user_error([&] { load_config(dir.file("l.yaml", "- 1\n- 2\n")); }), Contains("must be a mapping of sections"));
-  CHECK_THAT(user_error([&] { load_config(dir.file("empty.yaml", "")); }), Contains("the config is empty"));
-  CHECK_THAT(user_error([&] { load_config(dir.file("sec.yaml", "model: 3\n")); }), Contains("section `model` must be a mapping"));
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("l.yaml", "- 1\n- 2\n")); }), Contains("must be a mapping of sections"));
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("empty.yaml", "")); }), Contains("the config is empty"));
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("sec.yaml", "model: 3\n")); }), Contains("section `model` must be a mapping"));
 }
 
 TEST_CASE("invalid values and relations are reported together", "[config][errors]") {
   TempDir dir;
   const auto path = dir.file("c.yaml", test::kMinimalModel);
-  auto msg = user_error([&] {
+  auto msg = test::user_error([&] {
     load_config(path, {"model.hidden_size=66", "model.moe_router_topk=9", "training.min_lr=1", "model.num_query_groups=3"});
   });
   CHECK_THAT(msg, Contains("4 problems") && Contains("hidden_size (66) is not divisible by model.num_attention_heads (4)") &&
                       Contains("moe_router_topk (9) must be between 1 and model.num_experts (8)") &&
                       Contains("min_lr (1) is above training.lr") &&
                       Contains("num_attention_heads (4) is not divisible by model.num_query_groups (3)"));
-  CHECK_THAT(user_error([&] { load_config(path, {"model.moe_layer_freq=[1, 0]"}); }),
+  CHECK_THAT(test::user_error([&] { load_config(path, {"model.moe_layer_freq=[1, 0]"}); }),
              Contains("lists 2 layers but model.num_layers is 4"));
-  CHECK_THAT(user_error([&] { load_config(path, {"model.moe_router_norm_topk_prob=true"}); }),
+  CHECK_THAT(test::user_error([&] { load_config(path, {"model.moe_router_norm_topk_prob=true"}); }),
              Contains("moe_router_pre_softmax is false"));
-  CHECK_THAT(user_error([&] { load_config(path, {"model.moe_shared_expert_gate=true"}); }),
+  CHECK_THAT(test::user_error([&] { load_config(path, {"model.moe_shared_expert_gate=true"}); }),
              Contains("there is no shared expert"));
-  CHECK_THAT(user_error([&] { load_config(path, {"training.seq_length=64", "model.max_position_embeddings=32"}); }),
+  CHECK_THAT(test::user_error([&] { load_config(path, {"training.seq_length=64", "model.max_position_embeddings=32"}); }),
              Contains("max_position_embeddings (32) is shorter than training.seq_length (64)"));
-  CHECK_THAT(user_error([&] { load_config(path, {"training.lr_warmup_iters=20"}); }),
+  CHECK_THAT(test::user_error([&] { load_config(path, {"training.lr_warmup_iters=20"}); }),
              Contains("lr_warmup_iters (20) exceeds training.lr_decay_iters (10)"));
 }

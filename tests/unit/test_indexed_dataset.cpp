@@ -35,10 +35,6 @@ Documents random_documents(uint32_t seed, int64_t max_id, int count) {
   return docs;
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
 
 void write_ours(const std::string& prefix, TokenDType dtype, const Documents& docs) {
   IndexedDatasetBuilder b(prefix, dtype);
@@ -61,13 +57,7 @@ void patch(const std::string& path, size_t offset, const void* bytes, size_t n) 
 }
 
 std::string open_error(const std::string& prefix) {
-  try {
-    IndexedDataset d(prefix);
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  FAIL("expected a UserError");
-  return {};
+  return test::user_error([&] { IndexedDataset d(prefix); });
 }
 
 }  // namespace
@@ -85,8 +75,8 @@ TEST_CASE("our files are byte-identical to Megatron's for all eight dtypes", "[d
     const std::string theirs = (dir.path() / (std::string("megatron_") + name)).string();
     write_ours(ours, dtype, docs);
     write_megatron(dir, theirs, name, docs);
-    CHECK(slurp(bin_path(ours)) == slurp(bin_path(theirs)));
-    CHECK(slurp(idx_path(ours)) == slurp(idx_path(theirs)));
+    CHECK(test::slurp(bin_path(ours)) == test::slurp(bin_path(theirs)));
+    CHECK(test::slurp(idx_path(ours)) == test::slurp(idx_path(theirs)));
 
     // Reading Megatron's file gives back the documents.
     const IndexedDataset d(theirs);
@@ -116,8 +106,8 @@ TEST_CASE("merging equals Megatron's add_index", "[data][indexed]") {
   m.add_index(b);
   m.finalize();
   test::run_oracle("megatron_data_oracle.py", "merge " + theirs + " " + a + " " + b);
-  CHECK(slurp(bin_path(ours)) == slurp(bin_path(theirs)));
-  CHECK(slurp(idx_path(ours)) == slurp(idx_path(theirs)));
+  CHECK(test::slurp(bin_path(ours)) == test::slurp(bin_path(theirs)));
+  CHECK(test::slurp(idx_path(ours)) == test::slurp(idx_path(theirs)));
   IndexedDatasetBuilder wrong((dir.path() / "x").string(), TokenDType::uint16);
   CHECK_THROWS_WITH(wrong.add_index(a), Contains("same dtype"));
 }

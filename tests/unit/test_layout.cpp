@@ -15,13 +15,7 @@ ExperimentConfig config_with(const std::vector<std::string>& overrides) {
   return load_config(dir.file("c.yaml", test::kMinimalModel), overrides).config;
 }
 std::string layout_error(const ExperimentConfig& c, int64_t world) {
-  try {
-    ParallelLayout::create(c, world);
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  FAIL("expected a UserError");
-  return {};
+  return test::user_error([&] { ParallelLayout::create(c, world); });
 }
 }  // namespace
 

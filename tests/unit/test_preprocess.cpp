@@ -16,10 +16,6 @@ using namespace moeforge::data;
 using Catch::Matchers::Contains;
 
 namespace {
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
 const std::string kQwen = test::source_path("../shared/data/qwen-tokenizer/tokenizer.json");
 }  // namespace
 
@@ -49,8 +45,8 @@ TEST_CASE("preprocess writes what Megatron's preprocess_data.py writes", "[data]
     test::run_oracle("megatron_data_oracle.py",
                      "preprocess " + input + " " + kQwen + " " + theirs + " text " + (eod ? "1" : "0"));
     CHECK(report.output_prefix == o.output_prefix + "_text_document");
-    CHECK(slurp(bin_path(report.output_prefix)) == slurp(bin_path(document_prefix(theirs, "text"))));
-    CHECK(slurp(idx_path(report.output_prefix)) == slurp(idx_path(document_prefix(theirs, "text"))));
+    CHECK(test::slurp(bin_path(report.output_prefix)) == test::slurp(bin_path(document_prefix(theirs, "text"))));
+    CHECK(test::slurp(idx_path(report.output_prefix)) == test::slurp(idx_path(document_prefix(theirs, "text"))));
     const IndexedDataset d(report.output_prefix);
     CHECK(d.dtype() == TokenDType::int32);  // Qwen's vocabulary is over 65,500
   }

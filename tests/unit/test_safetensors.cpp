@@ -137,19 +137,9 @@ std::string raw_file(const test::TempDir& dir, const std::string& header, size_t
   return path;
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const UserError& e) {
-    return e.what();
-  }
-  FAIL("expected a UserError");
-  return {};
-}
 
 std::string open_error(const std::string& path) {
-  return error_of([&] { SafetensorsFile file(path); });
+  return test::user_error([&] { SafetensorsFile file(path); });
 }
 
 // A checkpoint's tensors. In 1000-byte shards, "big" (1200 bytes) gets the first shard, before the
@@ -188,7 +178,7 @@ TEST_CASE("files written by Python's safetensors are read with identical values"
     end = file.info(name).end;
   }
   CHECK(file.tensor("a.bf16", torch::kFloat32).equal(make(specs[2]).to(torch::kFloat32)));
-  CHECK_THAT(error_of([&] { file.info("model.layers.3.w"); }), Contains("has no tensor \"model.layers.3.w\"") &&
+  CHECK_THAT(test::user_error([&] { file.info("model.layers.3.w"); }), Contains("has no tensor \"model.layers.3.w\"") &&
                                                                  Contains("did you mean \"model.layers.2.w\"?"));
 }
 
@@ -246,11 +236,11 @@ TEST_CASE("our files load in Python with identical values and are byte-identical
 
   SECTION("inputs safetensors cannot hold are refused") {
     const auto path = (dir.path() / "x.safetensors").string();
-    CHECK_THAT(error_of([&] { save_safetensors(path, {{"a", torch::ones({1})}, {"a", torch::ones({1})}}); }),
+    CHECK_THAT(test::user_error([&] { save_safetensors(path, {{"a", torch::ones({1})}, {"a", torch::ones({1})}}); }),
                Contains("\"a\" is given twice"));
-    CHECK_THAT(error_of([&] { save_safetensors(path, {{"c", torch::ones({1}, torch::kComplexDouble)}}); }),
+    CHECK_THAT(test::user_error([&] { save_safetensors(path, {{"c", torch::ones({1}, torch::kComplexDouble)}}); }),
                Contains("safetensors cannot store"));
-    CHECK_THAT(error_of([&] { save_safetensors(path, {{"__metadata__", torch::ones({1})}}); }), Contains("reserved"));
+    CHECK_THAT(test::user_error([&] { save_safetensors(path, {{"__metadata__", torch::ones({1})}}); }), Contains("reserved"));
   }
 }
 
@@ -312,37 +302,37 @@ TEST_CASE("inconsistent sharded checkpoints are refused, naming the shard", "[sa
   const std::string first = ckpt + "/model-00001-of-00003.safetensors";
   SECTION("a missing shard") {
     std::filesystem::remove(first);
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint c(ckpt); }),
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }),
                Contains("model-00001-of-00003.safetensors does not exist") && Contains("incomplete"));
   }
   SECTION("an index that maps a tensor to the wrong shard") {
     json edited = index;
     edited["weight_map"]["big"] = "model-00002-of-00003.safetensors";
     std::ofstream(ckpt + "/" + kSafetensorsIndexFile) << edited.dump();
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint c(ckpt); }),
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }),
                Contains("maps tensor \"big\" to model-00002-of-00003.safetensors") && Contains("different saves"));
   }
   SECTION("a shard holding a tensor the index does not list") {
     json edited = index;
     edited["weight_map"].erase("embed");
     std::ofstream(ckpt + "/" + kSafetensorsIndexFile) << edited.dump();
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint c(ckpt); }),
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }),
                Contains("model-00002-of-00003.safetensors holds tensor \"embed\"") && Contains("does not list"));
   }
   SECTION("an index without a weight map") {
     std::ofstream(ckpt + "/" + kSafetensorsIndexFile) << R"({"metadata": {}})";
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint c(ckpt); }), Contains("no \"weight_map\""));
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }), Contains("no \"weight_map\""));
   }
   SECTION("both a single file and an index") {
     std::filesystem::copy_file(first, ckpt + "/" + kSafetensorsFile);
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint c(ckpt); }), Contains("ambiguous"));
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }), Contains("ambiguous"));
   }
   SECTION("a tensor the checkpoint lacks") {
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint(ckpt).tensor("layers.2.w"); }),
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint(ckpt).tensor("layers.2.w"); }),
                Contains("checkpoint " + ckpt + " has no tensor \"layers.2.w\"") && Contains("did you mean"));
   }
   SECTION("a directory that is no checkpoint") {
-    CHECK_THAT(error_of([&] { SafetensorsCheckpoint c(dir.path().string()); }), Contains("not a safetensors checkpoint"));
+    CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(dir.path().string()); }), Contains("not a safetensors checkpoint"));
   }
 }
 

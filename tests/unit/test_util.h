@@ -1,10 +1,15 @@
-// defines: TempDir, write_file, run_command (shared helpers of the unit tests)
+// defines: TempDir, run_command, run_oracle, user_error, slurp, source_path (shared test helpers)
 #pragma once
+
+#include "core/errors.h"
+
+#include <catch2/catch.hpp>
 
 #include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -50,6 +55,24 @@ inline CommandResult run_command(const std::string& command) {
   const int status = pclose(pipe);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+// The message of the UserError `f` throws; fails the test when it throws none.
+template <typename F>
+std::string user_error(F&& f) {
+  try {
+    f();
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  FAIL("expected a UserError");
+  return {};
+}
+
+// A whole file as bytes.
+inline std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
 // Runs a test oracle from tests/oracles/ with the project venv's Python; fails the test on error.
