@@ -1,5 +1,7 @@
 #include "core/gpt_model.h"
 
+#include "core/recompute.h"
+
 #include <cmath>
 
 namespace moeforge::model {
@@ -40,10 +42,21 @@ ModelOutput GPTModelImpl::forward(const torch::Tensor& tokens_BS, const torch::T
   auto x_BSD = embed_tokens(tokens_BS);
   const auto [cos, sin] = rope_.tables(position_ids_BS, x_BSD.scalar_type());
   out.layers.resize(layers->size());
-  for (size_t i = 0; i < layers->size(); ++i) x_BSD = layers[i]->as<DecoderLayer>()->forward(x_BSD, cos, sin, out.layers[i]);
+  const bool full = recompute_ == RecomputeGranularity::full && torch::GradMode::is_enabled();
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto* layer = layers[i]->as<DecoderLayer>();
+    x_BSD = full ? checkpointed_layer(layer, x_BSD, cos, sin, out.layers[i]) : layer->forward(x_BSD, cos, sin, out.layers[i]);
+  }
   x_BSD = norm(x_BSD);
   out.logits_BSV = lm_head ? lm_head(x_BSD) : torch::matmul(x_BSD, embed_tokens->weight.t());
   return out;
+}
+
+void GPTModelImpl::set_recompute(RecomputeGranularity granularity) {
+  recompute_ = granularity;
+  for (size_t i = 0; i < layers->size(); ++i) {
+    layers[i]->as<DecoderLayer>()->self_attn->recompute_core = granularity == RecomputeGranularity::selective;
+  }
 }
 
 torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS) {

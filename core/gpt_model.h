@@ -40,6 +40,9 @@ class GPTModelImpl : public torch::nn::Module {
   GPTModelImpl(const ModelConfig& config, const FeedForwardFactory& make_ffn);
   ModelOutput forward(const torch::Tensor& tokens_BS, const torch::Tensor& position_ids_BS);
   const ModelConfig& config() const { return config_; }
+  // training.recompute_granularity: full recomputes each decoder layer in backward, selective the
+  // attention core; the results are the same, the memory is not.
+  void set_recompute(RecomputeGranularity granularity);
 
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
@@ -49,6 +52,7 @@ class GPTModelImpl : public torch::nn::Module {
  private:
   ModelConfig config_;
   RotaryEmbedding rope_;
+  RecomputeGranularity recompute_ = RecomputeGranularity::none;
 };
 TORCH_MODULE(GPTModel);
 

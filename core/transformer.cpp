@@ -1,5 +1,7 @@
 #include "core/transformer.h"
 
+#include "core/recompute.h"
+
 namespace moeforge::model {
 
 namespace F = torch::nn::functional;
@@ -49,9 +51,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Te
   q_BHSDh = apply_rotary(q_BHSDh, cos_BSDh, sin_BSDh);
   k_BGSDh = apply_rotary(k_BGSDh, cos_BSDh, sin_BSDh);
   // GQA: SDPA's enable_gqa shares each key/value head with heads / kv_heads query heads.
-  const auto out_BHSDh = at::scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, /*attn_mask=*/{}, /*dropout_p=*/0.0,
-                                                          /*is_causal=*/true, /*scale=*/std::nullopt,
-                                                          /*enable_gqa=*/c_.kv_heads != c_.heads);
+  const bool gqa = c_.kv_heads != c_.heads;
+  const auto out_BHSDh = recompute_core && torch::GradMode::is_enabled()
+                             ? checkpointed_attention(q_BHSDh, k_BGSDh, v_BGSDh, gqa)
+                             : causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, gqa);
   return o_proj(out_BHSDh.transpose(1, 2).reshape({B, S, c_.heads * c_.head_dim}));
 }
 

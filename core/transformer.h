@@ -47,6 +47,7 @@ class AttentionImpl : public torch::nn::Module {
   explicit AttentionImpl(const AttentionConfig& c);
   torch::Tensor forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh);
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  bool recompute_core = false;  // selective recomputation: recompute softmax(QK^T)V in backward
 
  private:
   AttentionConfig c_;
