@@ -216,6 +216,7 @@ void IndexedDataset::read(int64_t i, int64_t offset, int64_t count, int64_t* out
     throw std::out_of_range(fmt::format("{}: read of sequence {} tokens [{}, {}) outside its length {}", prefix_, i,
                                         offset, offset + count, i >= 0 && i < num_sequences_ ? lengths_[static_cast<size_t>(i)] : -1));
   }
+  if (count == 0) return;  // (out may be an empty vector's null data(): no memcpy at all)
   const std::byte* src = bin_ + pointers_[static_cast<size_t>(i)];
   visit_dtype(dtype_, [&](auto zero) {
     using T = decltype(zero);
