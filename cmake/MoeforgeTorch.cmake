@@ -50,9 +50,12 @@ target_link_options(moeforge_torch INTERFACE "LINKER:-rpath,${_torch_lib}")
 
 # ---- CUDA: only when nvcc's major version equals the wheel's (two CUDA runtimes in one process
 # ---- would otherwise be loaded).
+option(MOEFORGE_ENABLE_CUDA "Build the GPU path when nvcc matches the torch wheel's CUDA" ON)
 set(MOEFORGE_WITH_CUDA OFF)
 find_program(MOEFORGE_NVCC nvcc HINTS /usr/local/cuda/bin)
-if(NOT _torch_cuda)
+if(NOT MOEFORGE_ENABLE_CUDA)
+  set(MOEFORGE_CUDA_NOTE "disabled by -DMOEFORGE_ENABLE_CUDA=OFF")
+elseif(NOT _torch_cuda)
   set(MOEFORGE_CUDA_NOTE "disabled: the torch wheel is CPU-only")
 elseif(NOT MOEFORGE_NVCC)
   set(MOEFORGE_CUDA_NOTE "disabled: no nvcc found (torch wheel has CUDA ${_torch_cuda})")
