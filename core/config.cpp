@@ -25,6 +25,7 @@ constexpr Names<LrDecayStyle, 3> kDecay{{{LrDecayStyle::constant, "constant"},
 constexpr Names<RecomputeGranularity, 3> kRecompute{{{RecomputeGranularity::none, "none"},
                                                      {RecomputeGranularity::full, "full"},
                                                      {RecomputeGranularity::selective, "selective"}}};
+constexpr Names<NonFinitePolicy, 2> kNonFinite{{{NonFinitePolicy::stop, "stop"}, {NonFinitePolicy::skip, "skip"}}};
 constexpr Names<LogLevel, 5> kLogLevel{{{LogLevel::trace, "trace"},
                                         {LogLevel::debug, "debug"},
                                         {LogLevel::info, "info"},
@@ -48,6 +49,10 @@ std::span<const std::pair<LrDecayStyle, std::string_view>> enum_names<LrDecaySty
 template <>
 std::span<const std::pair<RecomputeGranularity, std::string_view>> enum_names<RecomputeGranularity>() {
   return kRecompute;
+}
+template <>
+std::span<const std::pair<NonFinitePolicy, std::string_view>> enum_names<NonFinitePolicy>() {
+  return kNonFinite;
 }
 template <>
 std::span<const std::pair<LogLevel, std::string_view>> enum_names<LogLevel>() { return kLogLevel; }

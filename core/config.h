@@ -31,6 +31,10 @@ enum class LrDecayStyle { constant, linear, cosine };
 
 enum class RecomputeGranularity { none, full, selective };
 
+// What the trainer does when the loss or the gradient norm is not finite: stop (Megatron's
+// default) or skip the update, count it and go on.
+enum class NonFinitePolicy { stop, skip };
+
 enum class LogLevel { trace, debug, info, warn, error };
 
 enum class Device { cpu, cuda };
@@ -118,6 +122,12 @@ struct TrainingConfig {
   int64_t seed = 1234;
   int64_t eval_interval = 1000;
   int64_t eval_iters = 100;
+  NonFinitePolicy on_nonfinite = NonFinitePolicy::stop;
+  // Freezing by parameter-name glob (`*` any run of characters, `?` one): empty `trainable` = all
+  // parameters train; `frozen` is applied after it. Frozen parameters get no gradient and no
+  // optimizer state.
+  std::vector<std::string> trainable;
+  std::vector<std::string> frozen;
 };
 
 struct DataConfig {
@@ -134,6 +144,7 @@ struct CheckpointConfig {
   std::string save;  // directory to save into; empty = no checkpoints
   std::string load;  // directory to resume from; empty = start fresh
   std::optional<int64_t> save_interval;  // null = only at the end
+  int64_t keep_latest_k = 0;             // checkpoints kept in `save`; 0 = all
 };
 
 struct LoggingConfig {

@@ -225,6 +225,9 @@ std::vector<ConfigField> make_fields() {
       bind("training", T, "seed", &TC::seed, "Seed for initialization and data shuffling"),
       bind("training", T, "eval_interval", &TC::eval_interval, "Evaluate on the valid split every this many iterations"),
       bind("training", T, "eval_iters", &TC::eval_iters, "Iterations per evaluation"),
+      bind("training", T, "on_nonfinite", &TC::on_nonfinite, "A non-finite loss or gradient norm: stop the run, or skip the update and count it"),
+      bind("training", T, "trainable", &TC::trainable, "Parameter-name globs that train (e.g. \"layers.*.mlp.gate.weight\"); empty = all"),
+      bind("training", T, "frozen", &TC::frozen, "Parameter-name globs that do not train (applied after trainable)"),
       // data
       bind("data", D, "data_path", &DC::data_path, "Megatron dataset prefix(es) (without .bin/.idx); a blend is [w1, prefix1, w2, prefix2, ...]"),
       bind("data", D, "split", &DC::split, "Train/valid/test proportions, Megatron's format, e.g. \"99,1,0\""),
@@ -236,6 +239,7 @@ std::vector<ConfigField> make_fields() {
       bind("checkpoint", K, "save", &KC::save, "Directory to save checkpoints into; empty = none"),
       bind("checkpoint", K, "load", &KC::load, "Checkpoint directory to start from; empty = fresh start"),
       bind("checkpoint", K, "save_interval", &KC::save_interval, "Save every this many iterations; null = only at the end"),
+      bind("checkpoint", K, "keep_latest_k", &KC::keep_latest_k, "Keep only the newest k checkpoints in save; 0 = keep all"),
       // logging
       bind("logging", L, "log_interval", &LC::log_interval, "Print a step line every this many iterations"),
       bind("logging", L, "log_level", &LC::log_level, "Log verbosity (--log-level overrides)"),

@@ -170,6 +170,7 @@ void validate_config(const ExperimentConfig& c) {
     p.add("data.reset_position_ids / data.eod_mask_loss need the EOD token id: set data.tokenizer_model");
   }
   if (c.checkpoint.save_interval) p.positive("checkpoint.save_interval", *c.checkpoint.save_interval);
+  p.non_negative("checkpoint.keep_latest_k", c.checkpoint.keep_latest_k);
   p.positive("logging.log_interval", c.logging.log_interval);
   if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);
   p.non_negative("hardware.num_threads", c.hardware.num_threads);

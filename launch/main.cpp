@@ -6,6 +6,7 @@
 #include "core/logging.h"
 #include "launch/commands.h"
 #include "launch/data_commands.h"
+#include "launch/trainer.h"
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -50,6 +51,14 @@ int run(int argc, char** argv) {
   forward_cmd->add_option("--tokens", forward.tokens_path, "JSON list of token ids (or list of equal-length lists)")->required();
   forward_cmd->add_option("--out", forward.out_path, "Write the logits here (safetensors, tensor \"logits\")");
 
+  moeforge::TrainOptions train;
+  auto* train_cmd = app.add_subcommand("train", "Train a model from a config: MFU every step, metrics.jsonl, checkpoints");
+  train_cmd->add_option("config", train.config_path, "Experiment YAML")->required();
+  train_cmd->add_option("--set", train.overrides, "Override a key: section.key=value (repeatable)");
+  train_cmd->add_option("--load", train.load,
+                        "Resume from a save directory or iter_* checkpoint, or start from a Hugging Face checkpoint's "
+                        "weights (overrides checkpoint.load)");
+
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
   moeforge::DataInspectOptions inspect;
@@ -92,10 +101,12 @@ int run(int argc, char** argv) {
     plan.overrides.push_back("logging.log_level=" + level_name);
     config.overrides.push_back("logging.log_level=" + level_name);
     samples.overrides.push_back("logging.log_level=" + level_name);
+    train.overrides.push_back("logging.log_level=" + level_name);
   }
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();
+  if (*train_cmd) return moeforge::run_train(train);
   if (*forward_cmd) return moeforge::run_forward(forward);
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);

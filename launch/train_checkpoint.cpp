@@ -1,0 +1,239 @@
+#include "launch/train_checkpoint.h"
+
+#include "core/config_loader.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "moe/hf_checkpoint.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeforge {
+
+namespace {
+
+constexpr const char* kStateFile = "trainer_state.json";
+constexpr const char* kOptimizerFile = "optimizer.safetensors";
+
+std::string iter_name(int64_t iteration) { return fmt::format("iter_{:07d}", iteration); }
+
+void fsync_path(const fs::path& p, bool directory) {
+  const int fd = ::open(p.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+  if (fd < 0) fail_user("cannot open {} to sync it: {}", p.string(), std::strerror(errno));
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) fail_user("fsync of {} failed: {}", p.string(), std::strerror(errno));
+}
+
+// Writes `text` to `path` through a synced temporary and a rename.
+void write_file_atomic(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + fmt::format(".tmp-{}", ::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    if (!out.flush()) fail_user("cannot write {} (disk full or read-only?)", tmp.string());
+  }
+  fsync_path(tmp, false);
+  fs::rename(tmp, path);
+  fsync_path(path.parent_path().empty() ? fs::path(".") : path.parent_path(), true);
+}
+
+std::optional<int64_t> iteration_of(const fs::path& dir) {
+  static const std::regex re(R"(iter_(\d{7,}))");
+  std::smatch m;
+  const std::string name = dir.filename().string();
+  if (!std::regex_match(name, m, re)) return std::nullopt;
+  return std::stoll(m[1].str());
+}
+
+void prune(const fs::path& save, int64_t keep) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  for (const auto& entry : fs::directory_iterator(save)) {
+    if (!entry.is_directory()) continue;
+    if (const auto it = iteration_of(entry.path())) found.emplace_back(*it, entry.path());
+  }
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = static_cast<size_t>(keep); keep > 0 && i < found.size(); ++i) {
+    fs::remove_all(found[i].second);
+    spdlog::info("removed old checkpoint {} (checkpoint.keep_latest_k = {})", found[i].second.string(), keep);
+  }
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const model::GPTModelImpl& model,
+                            const AdamW& optimizer, const ExperimentConfig& config, int64_t keep_latest_k) {
+  const fs::path save(save_dir);
+  fs::create_directories(save);
+  // Leftovers of saves that were killed: never referenced by the tracker, safe to remove.
+  for (const auto& entry : fs::directory_iterator(save)) {
+    if (entry.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(entry.path());
+  }
+  const fs::path final_dir = save / iter_name(state.iteration);
+  const fs::path tmp = save / fmt::format("{}.tmp-{}", iter_name(state.iteration), ::getpid());
+  fs::create_directories(tmp);
+
+  moe::save_hf_checkpoint(model, tmp.string());
+  NamedTensors opt = optimizer.state();
+  opt.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  save_safetensors((tmp / kOptimizerFile).string(), opt, {{"format", "moeforge"}});
+  json j = {{"iteration", state.iteration},
+            {"consumed_train_samples", state.consumed_train_samples},
+            {"consumed_valid_samples", state.consumed_valid_samples},
+            {"lr_num_steps", state.lr_num_steps},
+            {"optimizer_steps", optimizer.steps()},
+            {"skipped_iterations", state.skipped_iterations},
+            {"moeforge_version", MOEFORGE_VERSION}};
+  write_file_atomic(tmp / kStateFile, j.dump(2) + "\n");
+  write_file_atomic(tmp / "config.yaml", resolved_config_yaml(config));
+  for (const auto& entry : fs::directory_iterator(tmp)) fsync_path(entry.path(), false);
+  fsync_path(tmp, true);
+
+  // Re-saving an iteration (a resumed run reaching it again) replaces the old copy.
+  if (fs::exists(final_dir)) {
+    const fs::path old = save / fmt::format("{}.tmp-{}-old", iter_name(state.iteration), ::getpid());
+    fs::rename(final_dir, old);
+    fs::rename(tmp, final_dir);
+    fs::remove_all(old);
+  } else {
+    fs::rename(tmp, final_dir);
+  }
+  fsync_path(save, true);
+  write_file_atomic(save / kTrackerFile, std::to_string(state.iteration) + "\n");
+  prune(save, keep_latest_k);
+  return final_dir.string();
+}
+
+std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
+  const fs::path p(path);
+  if (!fs::exists(p)) fail_user("checkpoint path {} does not exist", path);
+  if (!fs::is_directory(p)) fail_user("checkpoint path {} is not a directory", path);
+  if (fs::exists(p / kStateFile)) return CheckpointToLoad{path, true};
+  if (fs::exists(p / kTrackerFile)) {
+    std::ifstream in(p / kTrackerFile);
+    int64_t iteration = -1;
+    if (!(in >> iteration) || iteration < 0) {
+      fail_user("{}: expected an iteration number. Point --load at one iter_* directory instead.", (p / kTrackerFile).string());
+    }
+    const fs::path dir = p / iter_name(iteration);
+    if (!fs::exists(dir / kStateFile)) {
+      fail_user("{} names iteration {}, but {} is missing or incomplete. Point --load at another iter_* directory.",
+                (p / kTrackerFile).string(), iteration, dir.string());
+    }
+    return CheckpointToLoad{dir.string(), true};
+  }
+  if (fs::exists(p / "config.json")) return CheckpointToLoad{path, false};
+  bool empty = true;
+  for (const auto& entry : fs::directory_iterator(p)) {
+    (void)entry;
+    empty = false;
+  }
+  if (empty) return std::nullopt;
+  fail_user("{} holds no checkpoint: expected {} (a save directory), {} (one training checkpoint) or config.json (a "
+            "Hugging Face checkpoint)",
+            path, kTrackerFile, kStateFile);
+}
+
+std::vector<std::string> model_config_differences(const ModelConfig& a, const ModelConfig& b) {
+  std::vector<std::string> out;
+  auto cmp = [&](const char* name, const auto& x, const auto& y) {
+    if (x != y) out.push_back(fmt::format("model.{}: checkpoint {}, config {}", name, x, y));
+  };
+  cmp("num_layers", a.num_layers, b.num_layers);
+  cmp("hidden_size", a.hidden_size, b.hidden_size);
+  cmp("num_attention_heads", a.num_attention_heads, b.num_attention_heads);
+  cmp("num_query_groups", *a.num_query_groups, *b.num_query_groups);
+  cmp("kv_channels", *a.kv_channels, *b.kv_channels);
+  cmp("padded vocab size", a.padded_vocab_size(), b.padded_vocab_size());
+  cmp("add_qkv_bias", a.add_qkv_bias, b.add_qkv_bias);
+  cmp("untie_embeddings_and_output_weights", a.untie_embeddings_and_output_weights, b.untie_embeddings_and_output_weights);
+  cmp("num_experts", a.num_experts.value_or(0), b.num_experts.value_or(0));
+  cmp("moe_shared_expert_intermediate_size", a.moe_shared_expert_intermediate_size.value_or(0),
+      b.moe_shared_expert_intermediate_size.value_or(0));
+  cmp("moe_shared_expert_gate", a.moe_shared_expert_gate, b.moe_shared_expert_gate);
+  for (int64_t l = 0; l < std::min(a.num_layers, b.num_layers); ++l) {
+    const bool moe_a = a.is_moe() && a.is_moe_layer(l), moe_b = b.is_moe() && b.is_moe_layer(l);
+    if (moe_a != moe_b) {
+      out.push_back(fmt::format("layer {}: checkpoint {}, config {}", l, moe_a ? "MoE" : "dense", moe_b ? "MoE" : "dense"));
+      continue;
+    }
+    if (moe_a) {
+      cmp("moe_ffn_hidden_size", *a.moe_ffn_hidden_size, *b.moe_ffn_hidden_size);
+    } else {
+      cmp("ffn_hidden_size", *a.ffn_hidden_size, *b.ffn_hidden_size);
+    }
+  }
+  // Values that change the function but not the shapes: loading would silently train another model.
+  cmp("rotary_base", a.rotary_base, b.rotary_base);
+  cmp("norm_epsilon", a.norm_epsilon, b.norm_epsilon);
+  if (a.is_moe() && b.is_moe()) {
+    cmp("moe_router_topk", a.moe_router_topk, b.moe_router_topk);
+    cmp("moe_router_norm_topk_prob", a.moe_router_norm_topk_prob, b.moe_router_norm_topk_prob);
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+void load_model_weights(const std::string& dir, model::GPTModelImpl& model) {
+  const auto loaded = moe::load_hf_checkpoint(dir);
+  const auto diffs = model_config_differences(loaded.config, model.config());
+  if (!diffs.empty()) {
+    fail_user("{} holds a different model than the config describes ({} difference{}):\n  - {}\nFix the config's model "
+              "section or load another checkpoint.",
+              dir, diffs.size(), diffs.size() > 1 ? "s" : "", fmt::join(diffs, "\n  - "));
+  }
+  torch::NoGradGuard no_grad;
+  const auto source = loaded.model->named_parameters();
+  for (auto& item : model.named_parameters()) {
+    const auto* from = source.find(item.key());
+    if (from == nullptr || from->sizes() != item.value().sizes()) {
+      fail_user("{}: tensor {} does not match the configured model", dir, item.key());  // unreachable after the diff
+    }
+    item.value().copy_(*from);
+  }
+}
+
+TrainState load_training_state(const std::string& dir, AdamW& optimizer) {
+  const fs::path p(dir);
+  std::ifstream in(p / kStateFile);
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    fail_user("{}: unreadable ({}). Point --load at another checkpoint.", (p / kStateFile).string(), e.what());
+  }
+  TrainState s;
+  int64_t optimizer_steps = 0;
+  try {
+    s.iteration = j.at("iteration").get<int64_t>();
+    s.consumed_train_samples = j.at("consumed_train_samples").get<int64_t>();
+    s.consumed_valid_samples = j.at("consumed_valid_samples").get<int64_t>();
+    s.lr_num_steps = j.at("lr_num_steps").get<int64_t>();
+    s.skipped_iterations = j.at("skipped_iterations").get<int64_t>();
+    optimizer_steps = j.at("optimizer_steps").get<int64_t>();
+  } catch (const json::exception& e) {
+    fail_user("{}: {}", (p / kStateFile).string(), e.what());
+  }
+  const SafetensorsFile opt((p / kOptimizerFile).string());
+  optimizer.load_state(opt, optimizer_steps);
+  if (opt.contains("rng.cpu")) {
+    auto generator = at::detail::getDefaultCPUGenerator();
+    generator.set_state(opt.tensor("rng.cpu"));
+  }
+  return s;
+}
+
+}  // namespace moeforge

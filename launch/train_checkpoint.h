@@ -1,0 +1,66 @@
+// defines: TrainState, save_checkpoint, find_checkpoint, CheckpointToLoad,
+//          load_model_weights, load_training_state, model_config_differences, kTrackerFile
+//
+// Training checkpoints, Megatron's directory layout with a Hugging Face model inside:
+//
+//   <save>/latest_checkpointed_iteration.txt    the newest complete checkpoint's iteration
+//   <save>/iter_0000010/config.json              \ the model as a Hugging Face checkpoint
+//   <save>/iter_0000010/model.safetensors        / (moeforge forward and transformers load it)
+//   <save>/iter_0000010/optimizer.safetensors    Adam moments, fp32 master weights (bf16), RNG
+//   <save>/iter_0000010/trainer_state.json       iteration, consumed samples, schedule, counters
+//   <save>/iter_0000010/config.yaml              the resolved experiment config
+//
+// A save is atomic: everything is written into `iter_0000010.tmp-<pid>`, each file fsynced, the
+// directory renamed into place and the save directory fsynced, and only then is the tracker file
+// replaced (written to a temporary, fsynced, renamed). A process killed at any point leaves the
+// previous checkpoint as the latest, complete and loadable.
+#pragma once
+
+#include "core/config.h"
+#include "core/gpt_model.h"
+#include "core/optimizer.h"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+inline constexpr const char* kTrackerFile = "latest_checkpointed_iteration.txt";
+
+struct TrainState {
+  int64_t iteration = 0;  // completed iterations
+  int64_t consumed_train_samples = 0;
+  int64_t consumed_valid_samples = 0;
+  int64_t lr_num_steps = 0;  // LrSchedule::num_steps
+  int64_t skipped_iterations = 0;
+};
+
+// Writes <save_dir>/iter_<iteration> atomically, points the tracker at it, then removes all but
+// the newest `keep_latest_k` checkpoints (0 = keep all). Returns the checkpoint's directory.
+std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const model::GPTModelImpl& model,
+                            const AdamW& optimizer, const ExperimentConfig& config, int64_t keep_latest_k);
+
+struct CheckpointToLoad {
+  std::string dir;
+  bool resume = false;  // a training checkpoint (state and optimizer too); false = model weights only
+};
+
+// What a --load path names: a save directory (its latest checkpoint, from the tracker), one
+// training checkpoint directory, or a Hugging Face checkpoint (weights only). nullopt for a save
+// directory holding no checkpoint yet. Throws UserError for anything else.
+std::optional<CheckpointToLoad> find_checkpoint(const std::string& path);
+
+// Copies a Hugging Face checkpoint's weights into `model`. Throws UserError naming every config
+// value and tensor that differs from the model the experiment config describes.
+void load_model_weights(const std::string& dir, model::GPTModelImpl& model);
+
+// Restores the optimizer (and, in bf16, the model from the fp32 master weights) and the RNG from a
+// training checkpoint whose weights load_model_weights() already loaded; returns its state.
+TrainState load_training_state(const std::string& dir, AdamW& optimizer);
+
+// "hidden_size: checkpoint 64, config 128" for every shape- or math-relevant value that differs.
+std::vector<std::string> model_config_differences(const ModelConfig& checkpoint, const ModelConfig& config);
+
+}  // namespace moeforge

@@ -1,0 +1,46 @@
+// defines: StepMetrics, step_metrics_json, step_log_line, kTimingMetricKeys
+//
+// What one training iteration reports: the Megatron-like log line and one JSON object per
+// iteration in <run_dir>/metrics.jsonl (keys in docs/training.md). Keys that depend on timing
+// or the machine are listed in kTimingMetricKeys; everything else is bit-identical between two
+// runs of the same config on CPU, and between a resumed and an uninterrupted run.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moeforge {
+
+struct StepMetrics {
+  int64_t iteration = 0, train_iters = 0, consumed_samples = 0, num_micro_batches = 0;
+  double lm_loss = 0, aux_loss = 0, z_loss = 0, loss = 0;  // loss = lm + coefficients * aux, z
+  double lr = 0, grad_norm = 0;
+  bool skipped = false;
+  int64_t skipped_iterations = 0;
+  std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
+  double expert_load_max_over_mean = 0;       // the largest of those
+  // Timing and machine-dependent values.
+  double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_optimizer_s = 0;
+  double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
+  double mfu = 0, mfu_6n = 0, peak_tflops = 0;
+  int64_t peak_memory_bytes = 0;
+  std::optional<double> valid_lm_loss;  // iterations that evaluated
+};
+
+inline constexpr std::array<std::string_view, 14> kTimingMetricKeys{
+    "step_time_s",    "time_data_s",       "time_forward_s",          "time_backward_s", "time_optimizer_s",
+    "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",    "mfu_6n",
+    "peak_tflops",    "peak_memory_bytes", "time_eval_s",             "timestamp"};
+
+nlohmann::json step_metrics_json(const StepMetrics& m);
+
+// "iteration   10/  40 | consumed samples: 160 | elapsed time per iteration (ms): 812.3 | ..."
+std::string step_log_line(const StepMetrics& m);
+
+}  // namespace moeforge

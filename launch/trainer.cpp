@@ -1,0 +1,298 @@
+#include "launch/trainer.h"
+
+#include "core/errors.h"
+#include "core/logging.h"
+#include "core/model_size.h"
+#include "data/blend.h"
+#include "data/datasets.h"
+#include "launch/commands.h"
+#include "moe/moe_layer.h"
+#include "parallel/layout.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+std::string human_count(int64_t n) {
+  if (n >= 1'000'000'000) return fmt::format("{:.2f} B", static_cast<double>(n) / 1e9);
+  if (n >= 1'000'000) return fmt::format("{:.2f} M", static_cast<double>(n) / 1e6);
+  if (n >= 1'000) return fmt::format("{:.1f} K", static_cast<double>(n) / 1e3);
+  return fmt::format("{}", n);
+}
+
+}  // namespace
+
+Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.config) {
+  const auto& t = c_.training;
+  // This trainer runs on one process; the layout object still validates the config's degrees.
+  std::string world_source;
+  const int64_t world = resolve_world_size(std::nullopt, c_.parallel.world_size, c_.parallel.pipeline_model_parallel_size,
+                                           c_.parallel.expert_model_parallel_size, &world_source);
+  const ParallelLayout layout = ParallelLayout::create(c_, world);
+  if (layout.world() != 1) {
+    fail_user("{}: moeforge train runs on a single process so far, but this layout is {} (world size from {}). Train "
+              "with --set parallel.pipeline_model_parallel_size=1 --set parallel.expert_model_parallel_size=1 and "
+              "without mpirun; `moeforge plan` sizes multi-device layouts.",
+              loaded_.path, layout.describe(), world_source);
+  }
+  micro_batches_ = layout.micro_batches_per_step();
+
+  if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
+  if (c_.hardware.device == Device::cuda) {
+    if (!torch::cuda::is_available()) {
+      fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
+#ifdef MOEFORGE_WITH_CUDA
+                "yes"
+#else
+                "no"
+#endif
+      );
+    }
+    device_ = torch::Device(torch::kCUDA, 0);
+  }
+
+  // Data: Megatron's datasets for every split, read by the data-parallel sampler.
+  data::validate_data_config(c_.data);
+  const auto splits = data::build_datasets(data::dataset_spec_from_config(c_));
+  train_data_ = splits[0];
+  valid_data_ = splits[1];
+  if (!train_data_) fail_user("data.split '{}' gives the train split no documents: training needs some", c_.data.split);
+
+  // Model, initialized as Megatron does, or from --load / checkpoint.load / checkpoint.save.
+  model_ = moe::build_model(c_.model);
+  model::init_megatron(*model_, static_cast<uint64_t>(t.seed));
+  model_->set_recompute(t.recompute_granularity);
+  std::string load = c_.checkpoint.load;
+  bool auto_resume = false;
+  if (load.empty() && !c_.checkpoint.save.empty() && fs::exists(fs::path(c_.checkpoint.save) / kTrackerFile)) {
+    load = c_.checkpoint.save;
+    auto_resume = true;
+  }
+  std::optional<CheckpointToLoad> checkpoint;
+  if (!load.empty()) {
+    checkpoint = find_checkpoint(load);
+    if (!checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", load);
+    load_model_weights(checkpoint->dir, *model_);
+  }
+  if (t.bf16) model_->to(torch::kBFloat16);
+  model_->to(device_);
+
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (auto& item : model_->named_parameters()) named.emplace_back(item.key(), item.value());
+  optimizer_ = std::make_unique<AdamW>(select_trainable(named, t), t);
+  schedule_ = std::make_unique<LrSchedule>(t);
+  if (checkpoint && checkpoint->resume) {
+    state_ = load_training_state(checkpoint->dir, *optimizer_);
+    schedule_->set_num_steps(state_.lr_num_steps);
+    spdlog::info("resumed from {}{} at iteration {} ({} samples consumed)", checkpoint->dir,
+                 auto_resume ? " (the latest in checkpoint.save)" : "", state_.iteration, state_.consumed_train_samples);
+  } else if (checkpoint) {
+    spdlog::info("initialized the model from {} (weights only: a fresh optimizer and schedule)", checkpoint->dir);
+  }
+  train_loader_ = std::make_unique<data::DataLoader>(train_data_, t.micro_batch_size, 0, 1, state_.consumed_train_samples);
+
+  // What an MFU is computed from.
+  const auto flops = model_flops_per_step(c_.model, t.global_batch_size, t.seq_length);
+  flops_per_step_ = static_cast<double>(flops.megatron);
+  flops_6n_per_step_ = static_cast<double>(flops.six_n);
+  peak_ = resolve_peak(c_.hardware, t.bf16);
+
+  const auto counts = count_parameters(c_.model);
+  spdlog::info("resolved config ({}):\n{}", loaded_.path, resolved_config_table(loaded_));
+  spdlog::info("layout: {}", layout.describe());
+  spdlog::info("model: {} parameters ({} activated), {} trainable in {} tensors; {} on {}", human_count(counts.total),
+               human_count(counts.activated), human_count(optimizer_->num_trainable_elements()),
+               optimizer_->params().size(), t.bf16 ? "bf16 with fp32 master weights" : "fp32", device_.str());
+  spdlog::info("data: train {} samples{}, valid {}", train_data_->size(), "",
+               valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
+  spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
+               flops_6n_per_step_, peak_.tflops, peak_.source);
+
+  fs::create_directories(c_.logging.run_dir);
+  write_resolved_config(c_, c_.logging.run_dir);
+  const fs::path metrics_path = fs::path(c_.logging.run_dir) / "metrics.jsonl";
+  // A resumed run appends after the iterations it has not redone; a fresh run starts the file anew.
+  metrics_.open(metrics_path, state_.iteration > 0 ? std::ios::app : std::ios::trunc);
+  if (!metrics_) fail_user("cannot write {}: check logging.run_dir", metrics_path.string());
+}
+
+Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  const std::vector<int64_t> shape{mb.batch, mb.seq};
+  auto from = [&](const auto& v, torch::TensorOptions o) {
+    return torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o).clone().to(device_);
+  };
+  return {from(mb.tokens, i64), from(mb.labels, i64), from(mb.loss_mask, torch::TensorOptions().dtype(torch::kFloat32)),
+          from(mb.position_ids, i64)};
+}
+
+StepMetrics Trainer::train_step() {
+  const auto& t = c_.training;
+  const auto step_start = Clock::now();
+  StepMetrics m;
+  m.num_micro_batches = micro_batches_;
+  m.lr = schedule_->current();
+  std::vector<torch::Tensor> load_per_layer;  // routed slots per expert, summed over micro-batches
+  double data_s = 0, forward_s = 0, backward_s = 0;
+  for (int64_t i = 0; i < micro_batches_; ++i) {
+    auto t0 = Clock::now();
+    const Batch b = to_tensors(train_loader_->next());
+    data_s += seconds_since(t0);
+    t0 = Clock::now();
+    const auto out = model_->forward(b.tokens, b.position_ids);
+    const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask);
+    forward_s += seconds_since(t0);
+    t0 = Clock::now();
+    (loss.total / static_cast<double>(micro_batches_)).backward();
+    optimizer_->accumulate_grads();
+    backward_s += seconds_since(t0);
+    m.lm_loss += loss.lm.item<double>() / static_cast<double>(micro_batches_);
+    m.aux_loss += loss.aux.item<double>() / static_cast<double>(micro_batches_);
+    m.z_loss += loss.z.item<double>() / static_cast<double>(micro_batches_);
+    m.loss += loss.total.item<double>() / static_cast<double>(micro_batches_);
+    size_t moe_layer = 0;
+    for (const auto& layer : out.layers) {
+      if (!layer.tokens_per_expert_E) continue;
+      const auto counts = layer.tokens_per_expert_E->to(torch::kCPU, torch::kFloat64);
+      if (load_per_layer.size() <= moe_layer) load_per_layer.push_back(counts.clone());
+      else load_per_layer[moe_layer].add_(counts);
+      ++moe_layer;
+    }
+  }
+  const auto opt_start = Clock::now();
+  m.grad_norm = optimizer_->grad_norm();
+  if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
+    if (t.on_nonfinite == NonFinitePolicy::stop) {
+      fail_user("iteration {}: the loss is {} and the gradient norm {}; stopping (training.on_nonfinite: stop). Lower "
+                "training.lr, check the data, or set training.on_nonfinite: skip to skip such updates.",
+                state_.iteration + 1, m.loss, m.grad_norm);
+    }
+    optimizer_->zero_grads();
+    m.skipped = true;
+    ++state_.skipped_iterations;
+  } else {
+    optimizer_->clip_grads(m.grad_norm, t.clip_grad);
+    optimizer_->step(m.lr);
+    schedule_->step();  // as Megatron: only a successful update advances the schedule
+  }
+  m.time_optimizer_s = seconds_since(opt_start);
+  ++state_.iteration;
+  state_.consumed_train_samples += t.global_batch_size;
+  state_.lr_num_steps = schedule_->num_steps();
+  for (const auto& counts : load_per_layer) {
+    const double mean = counts.mean().item<double>();
+    const double ratio = mean > 0 ? counts.max().item<double>() / mean : 0.0;
+    m.expert_load_per_layer.push_back(ratio);
+    m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
+  }
+  m.iteration = state_.iteration;
+  m.train_iters = t.train_iters;
+  m.consumed_samples = state_.consumed_train_samples;
+  m.skipped_iterations = state_.skipped_iterations;
+  m.time_data_s = data_s;
+  m.time_forward_s = forward_s;
+  m.time_backward_s = backward_s;
+  m.step_time_s = seconds_since(step_start);
+  m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s;
+  m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12;
+  m.tflops_6n_per_device = flops_6n_per_step_ / m.step_time_s / 1e12;
+  m.peak_tflops = peak_.tflops;
+  m.mfu = m.tflops_per_device / peak_.tflops;
+  m.mfu_6n = m.tflops_6n_per_device / peak_.tflops;
+  m.peak_memory_bytes = peak_rss_bytes();
+  return m;
+}
+
+double Trainer::evaluate() {
+  // Megatron's validation iterator continues where the previous evaluation stopped.
+  const auto& t = c_.training;
+  torch::NoGradGuard no_grad;
+  data::DataLoader loader(valid_data_, t.micro_batch_size, 0, 1, state_.consumed_valid_samples, 2);
+  double total = 0;
+  for (int64_t it = 0; it < t.eval_iters; ++it) {
+    for (int64_t i = 0; i < micro_batches_; ++i) {
+      const Batch b = to_tensors(loader.next());
+      const auto out = model_->forward(b.tokens, b.position_ids);
+      total += model::lm_loss(out.logits_BSV, b.labels, b.loss_mask).item<double>();
+    }
+    state_.consumed_valid_samples += t.global_batch_size;
+  }
+  return total / static_cast<double>(t.eval_iters * micro_batches_);
+}
+
+void Trainer::save() {
+  const auto t0 = Clock::now();
+  const auto dir = save_checkpoint(c_.checkpoint.save, state_, *model_, *optimizer_, c_, c_.checkpoint.keep_latest_k);
+  spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
+}
+
+int Trainer::train() {
+  const auto& t = c_.training;
+  const auto start = Clock::now();
+  if (state_.iteration >= t.train_iters) {
+    spdlog::info("nothing to do: the checkpoint is at iteration {} and training.train_iters is {}", state_.iteration,
+                 t.train_iters);
+    return 0;
+  }
+  const int64_t first = state_.iteration + 1;
+  while (state_.iteration < t.train_iters) {
+    StepMetrics m = train_step();
+    const bool last = state_.iteration == t.train_iters;
+    const bool eval_now = valid_data_ && t.eval_iters > 0 && (state_.iteration % t.eval_interval == 0 || last);
+    nlohmann::json extra;
+    if (eval_now) {
+      const auto t0 = Clock::now();
+      m.valid_lm_loss = evaluate();
+      extra["time_eval_s"] = seconds_since(t0);
+    }
+    if (state_.iteration % c_.logging.log_interval == 0 || last) spdlog::info("{}", step_log_line(m));
+    if (m.valid_lm_loss) {
+      spdlog::info("validation at iteration {} | lm loss: {:.6E} | lm loss PPL: {:.6E}", m.iteration, *m.valid_lm_loss,
+                   std::exp(std::min(*m.valid_lm_loss, 20.0)));
+    }
+    auto j = step_metrics_json(m);
+    if (!extra.is_null()) j.update(extra);
+    metrics_ << j.dump() << "\n";
+    metrics_.flush();
+    const bool save_now = !c_.checkpoint.save.empty() &&
+                          (last || (c_.checkpoint.save_interval && state_.iteration % *c_.checkpoint.save_interval == 0));
+    if (save_now) save();
+  }
+  const double total = seconds_since(start);
+  spdlog::info("trained iterations {}..{} in {:.1f} s; metrics: {}", first, state_.iteration, total,
+               (fs::path(c_.logging.run_dir) / "metrics.jsonl").string());
+  if (!c_.checkpoint.save.empty()) {
+    spdlog::info("checkpoint: {}", (fs::path(c_.checkpoint.save) / fmt::format("iter_{:07d}", state_.iteration)).string());
+  }
+  return 0;
+}
+
+int run_train(const TrainOptions& o) {
+  auto overrides = o.overrides;
+  if (!o.load.empty()) overrides.push_back("checkpoint.load=" + o.load);
+  LoadedConfig loaded = load_config(o.config_path, overrides);
+  set_log_level(loaded.config.logging.log_level);
+  Trainer trainer(std::move(loaded));
+  return trainer.train();
+}
+
+}  // namespace moeforge

@@ -1,0 +1,65 @@
+// defines: TrainOptions, run_train, Trainer
+//
+// `moeforge train CONFIG [--set k=v ...] [--load DIR]`: pretraining on one process. Per
+// iteration: global_batch / micro_batch micro-batches (Megatron's sampler order), forward,
+// backward of (LM + aux + z loss) / micro-batches, fp32 gradient accumulation, global-norm
+// clipping, AdamW with Megatron's LR schedule, one log line with MFU and one metrics.jsonl
+// object; evaluation every eval_interval iterations; atomic checkpoints every save_interval
+// iterations and at the end; resume from the latest checkpoint of --load (or of checkpoint.save).
+#pragma once
+
+#include "core/config_loader.h"
+#include "core/gpt_model.h"
+#include "core/lr_schedule.h"
+#include "core/mfu.h"
+#include "core/optimizer.h"
+#include "data/loader.h"
+#include "launch/train_checkpoint.h"
+#include "launch/train_metrics.h"
+
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+struct TrainOptions {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string load;  // overrides checkpoint.load
+};
+int run_train(const TrainOptions& options);
+
+class Trainer {
+ public:
+  explicit Trainer(LoadedConfig loaded);
+  // Trains from the current state to training.train_iters; returns the process exit code.
+  int train();
+
+ private:
+  struct Batch {
+    torch::Tensor tokens, labels, loss_mask, position_ids;
+  };
+  Batch to_tensors(const data::MicroBatch& mb) const;
+  StepMetrics train_step();
+  double evaluate();
+  void save();
+
+  LoadedConfig loaded_;
+  const ExperimentConfig& c_;
+  torch::Device device_{torch::kCPU};
+  model::GPTModel model_{nullptr};
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<LrSchedule> schedule_;
+  std::shared_ptr<const data::SampleSource> train_data_, valid_data_;
+  std::unique_ptr<data::DataLoader> train_loader_;
+  TrainState state_;
+  PeakFlops peak_;
+  double flops_per_step_ = 0, flops_6n_per_step_ = 0;
+  int64_t micro_batches_ = 1;
+  std::ofstream metrics_;
+};
+
+}  // namespace moeforge

@@ -1,0 +1,190 @@
+// `moeforge train` properties that are about itself: bitwise determinism, resume equal to an
+// uninterrupted run, a kill during a save, freezing, and clear errors for bad input.
+#include "core/safetensors.h"
+#include "test_util.h"
+#include "train_fixture.h"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+using namespace moeforge;
+using namespace moeforge::test;
+using Catch::Matchers::Contains;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+TEST_CASE("train: the same config and seed give bitwise-identical metrics", "[train]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string args = "--set training.train_iters=4 --set training.eval_interval=2";
+  train(config, args + " --set logging.run_dir=" + (dir.path() / "a").string());
+  train(config, args + " --set logging.run_dir=" + (dir.path() / "b").string());
+  const auto a = read_metrics(dir.path() / "a" / "metrics.jsonl");
+  const auto b = read_metrics(dir.path() / "b" / "metrics.jsonl");
+  REQUIRE(a.size() == 4);
+  REQUIRE(b.size() == 4);
+  for (size_t i = 0; i < 4; ++i) CHECK(without_timing(a[i]).dump() == without_timing(b[i]).dump());
+  for (const char* key : {"iteration", "consumed_samples", "lm_loss", "aux_loss", "lr", "grad_norm", "step_time_s",
+                          "tokens_per_s_per_device", "tflops_per_device", "mfu", "mfu_6n", "peak_tflops"}) {
+    CHECK(a[0].contains(key));
+  }
+  CHECK(a[1].contains("valid_lm_loss"));  // eval_interval 2
+  CHECK(a[3]["consumed_samples"] == 32);
+  CHECK(a[0]["peak_tflops"] == 1.0);
+}
+
+TEST_CASE("train: a resumed run continues bit for bit, checkpoints are complete and pruned", "[train][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = (dir.path() / "ckpt").string();
+  const std::string args = "--set training.train_iters=6 --set training.eval_interval=2 --set checkpoint.save_interval=3";
+  train(config, args + " --set checkpoint.save=" + save + " --set logging.run_dir=" + (dir.path() / "full").string());
+  CHECK(slurp(save + "/latest_checkpointed_iteration.txt") == "6\n");
+  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.yaml"}) {
+    CHECK(fs::exists(fs::path(save) / "iter_0000003" / f));
+  }
+  // The model inside a checkpoint is a Hugging Face checkpoint: `moeforge forward` runs it.
+  const auto tokens = dir.file("tokens.json", "[116, 104, 101, 32, 101, 120, 112]");
+  const auto fwd = run_command(kBin + " forward --checkpoint " + save + "/iter_0000006 --tokens " + tokens);
+  CHECK(fwd.exit_code == 0);
+
+  const auto out = train(config, args + " --load " + save + "/iter_0000003 --set logging.run_dir=" + (dir.path() / "resumed").string());
+  CHECK_THAT(out, Contains("resumed from") && Contains("at iteration 3"));
+  const auto full = read_metrics(dir.path() / "full" / "metrics.jsonl");
+  const auto resumed = read_metrics(dir.path() / "resumed" / "metrics.jsonl");
+  REQUIRE(full.size() == 6);
+  REQUIRE(resumed.size() == 3);
+  for (size_t i = 0; i < 3; ++i) CHECK(without_timing(resumed[i]).dump() == without_timing(full[i + 3]).dump());
+
+  // Automatic resume from checkpoint.save, and keep_latest_k.
+  const auto again = train(config, "--set training.train_iters=8 --set checkpoint.save_interval=1 --set checkpoint.keep_latest_k=2 "
+                                   "--set checkpoint.save=" + save + " --set logging.run_dir=" + (dir.path() / "more").string());
+  CHECK_THAT(again, Contains("the latest in checkpoint.save") && Contains("at iteration 6"));
+  std::vector<std::string> kept;
+  for (const auto& e : fs::directory_iterator(save)) {
+    if (e.is_directory()) kept.push_back(e.path().filename().string());
+  }
+  std::sort(kept.begin(), kept.end());
+  CHECK(kept == std::vector<std::string>{"iter_0000007", "iter_0000008"});
+}
+
+TEST_CASE("train: a process killed during a save leaves the previous checkpoint loadable", "[train][checkpoint][slow]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt";
+  // A larger vocabulary makes each save take long enough to be caught in the middle.
+  const std::string args = " --set model.vocab_size=65536 --set checkpoint.save_interval=1 --set checkpoint.save=" +
+                           save.string() + " --set logging.run_dir=" + (dir.path() / "run").string();
+  bool caught = false;
+  for (int attempt = 0; attempt < 8 && !caught; ++attempt) {
+    const auto pid_file = dir.path() / "pid";
+    fs::remove(pid_file);
+    run_command("(" + kBin + " train " + config + args + " --set training.train_iters=" + std::to_string(40 + attempt) +
+                " > " + (dir.path() / "log").string() + " 2>&1 & echo $! > " + pid_file.string() + ")");
+    const auto pid = std::stol(slurp(pid_file.string()));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (std::chrono::steady_clock::now() < deadline && !caught) {
+      if (fs::exists(save / "latest_checkpointed_iteration.txt") && fs::exists(save)) {
+        for (const auto& e : fs::directory_iterator(save)) {
+          if (e.path().filename().string().find(".tmp-") != std::string::npos) {
+            ::kill(static_cast<pid_t>(pid), SIGKILL);
+            caught = fs::exists(e.path());  // still mid-save after the kill
+            break;
+          }
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+    ::kill(static_cast<pid_t>(pid), SIGKILL);
+    run_command("while kill -0 " + std::to_string(pid) + " 2>/dev/null; do sleep 0.05; done");
+  }
+  REQUIRE(caught);
+  const auto latest = std::stol(slurp((save / "latest_checkpointed_iteration.txt").string()));
+  CHECK(fs::exists(save / fmt::format("iter_{:07d}", latest) / "trainer_state.json"));
+  // The run resumes from that checkpoint and saves again, cleaning up the torn save.
+  const auto out = train(config, args + " --set training.train_iters=" + std::to_string(latest + 1));
+  CHECK_THAT(out, Contains(fmt::format("at iteration {}", latest)));
+  for (const auto& e : fs::directory_iterator(save)) CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
+}
+
+TEST_CASE("train: frozen parameters stay bit-identical and get no optimizer state", "[train][freeze][oracle]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto init = (dir.path() / "init").string();
+  run_oracle("train_oracle.py", "init " + init + " 3");
+  const auto save = (dir.path() / "ckpt").string();
+  train(config, "--load " + init + " --set training.train_iters=3 --set checkpoint.save=" + save +
+                    " --set 'training.trainable=[\"layers.*.mlp.gate.weight\"]'");
+  const SafetensorsCheckpoint before(init), after(save + "/iter_0000003");
+  int changed = 0;
+  for (const auto& name : before.names()) {
+    const bool router = name.find("mlp.gate.weight") != std::string::npos;
+    const bool equal = torch::equal(before.tensor(name), after.tensor(name));
+    INFO(name);
+    CHECK(equal != router);
+    changed += router && !equal;
+  }
+  CHECK(changed == 2);
+  const SafetensorsFile opt(save + "/iter_0000003/optimizer.safetensors");
+  CHECK(opt.names().size() == 2 * 2 + 1);  // exp_avg and exp_avg_sq of the two routers, and the RNG state
+}
+
+TEST_CASE("train: bf16 keeps fp32 master weights and trains close to fp32", "[train][bf16]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string args = " --set training.train_iters=3 --set training.eval_interval=100";
+  train(config, args + " --set logging.run_dir=" + (dir.path() / "fp32").string());
+  train(config, args + " --set training.bf16=true --set checkpoint.save=" + (dir.path() / "ckpt").string() +
+                    " --set logging.run_dir=" + (dir.path() / "bf16").string());
+  const auto fp32 = read_metrics(dir.path() / "fp32" / "metrics.jsonl");
+  const auto bf16 = read_metrics(dir.path() / "bf16" / "metrics.jsonl");
+  for (size_t i = 0; i < 3; ++i) CHECK(bf16[i]["lm_loss"].get<double>() == Approx(fp32[i]["lm_loss"].get<double>()).epsilon(0.02));
+  const SafetensorsFile opt((dir.path() / "ckpt/iter_0000003/optimizer.safetensors").string());
+  CHECK(opt.info("master.embed_tokens.weight").dtype == "F32");
+  const SafetensorsCheckpoint model((dir.path() / "ckpt/iter_0000003").string());
+  CHECK(model.info("model.embed_tokens.weight").dtype == "BF16");
+}
+
+TEST_CASE("train: non-finite losses stop the run or are skipped and counted", "[train][errors]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  // An absurd learning rate overflows the weights after the first update.
+  const std::string args = " --set training.train_iters=4 --set training.lr=1e30 --set training.min_lr=0 "
+                           "--set training.lr_warmup_iters=0 --set training.clip_grad=0";
+  auto r = run_command(kBin + " train " + config + args);
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("error: iteration 2") && Contains("training.on_nonfinite: skip"));
+  r = run_command(kBin + " train " + config + args + " --set training.on_nonfinite=skip");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const auto m = read_metrics(dir.path() / "run" / "metrics.jsonl");
+  REQUIRE(m.size() == 4);
+  CHECK(m[3]["skipped_iterations"] == 3);
+  CHECK(m[3]["skipped"] == true);
+  CHECK(m[3]["lm_loss"].is_null());
+}
+
+TEST_CASE("train: bad input gets a clear error", "[train][errors]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto init = (dir.path() / "init").string();
+  run_oracle("train_oracle.py", "init " + init + " 3");
+  auto r = run_command(kBin + " train " + config + " --load " + init + " --set model.hidden_size=32 --set model.ffn_hidden_size=64");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("model.hidden_size: checkpoint 64, config 32") && Contains("Fix the config"));
+  r = run_command(kBin + " train " + config + " --load " + (dir.path() / "nowhere").string());
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("nowhere does not exist"));
+  r = run_command(kBin + " train " + config + " --set 'training.frozen=[\"layers.*.mlp.gaet.weight\"]'");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("matches no parameter"));
+  r = run_command(kBin + " train " + config + " --set parallel.pipeline_model_parallel_size=2");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("single process"));
+}
