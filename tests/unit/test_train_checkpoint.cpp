@@ -79,7 +79,8 @@ TEST_CASE("train: a process killed during a save leaves the previous checkpoint 
   const auto config = write_config(dir);
   const auto save = dir.path() / "ckpt";
   // A larger vocabulary makes each save take long enough to be caught in the middle.
-  const std::string args = " --set model.vocab_size=65536 --set checkpoint.save_interval=1 --set checkpoint.save=" +
+  const std::string args = " --set model.vocab_size=65536 --set training.lr_decay_iters=100 --set checkpoint.save_interval=1 "
+                           "--set checkpoint.save=" +
                            save.string() + " --set logging.run_dir=" + (dir.path() / "run").string();
   bool caught = false;
   for (int attempt = 0; attempt < 8 && !caught; ++attempt) {
