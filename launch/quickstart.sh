@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job at CPU size: set up, build, make a dataset from a real English corpus that every
-# Debian system has offline (/usr/share/common-licenses), and train configs/quickstart.yaml
+# Debian system has offline (launch/corpus.sh: /usr/share/common-licenses), and train configs/quickstart.yaml
 # (tiny.yaml's 60-expert top-4 model with a gated shared expert) for 40 iterations, printing MFU
 # every step. Extra arguments go to `moeforge train` (e.g. --set training.train_iters=80).
 #   bash launch/quickstart.sh
@@ -12,18 +12,8 @@ cd "$root"
 bash launch/setup.sh
 bash launch/build.sh
 
-data=runs/quickstart/data
-mkdir -p "$data"
-if [[ ! -f $data/corpus_text_document.idx ]]; then
-  # One document per paragraph (blank-line separated), as JSON lines (perl-base is in every Debian).
-  for f in /usr/share/common-licenses/*; do
-    perl -0777 -ne 'for my $p (split /\n\s*\n/) {
-        next unless $p =~ /\S/;
-        $p =~ s/\\/\\\\/g; $p =~ s/"/\\"/g; $p =~ s/\t/\\t/g; $p =~ s/\n/\\n/g; $p =~ s/[\x00-\x1f]//g;
-        print "{\"text\": \"$p\"}\n" }' "$f"
-  done > "$data/corpus.jsonl"
-  build/moeforge data preprocess --input "$data/corpus.jsonl" --tokenizer byte --append-eod \
-    --output-prefix "$data/corpus"
+if [[ ! -f runs/quickstart/data/corpus_text_document.idx ]]; then
+  bash launch/corpus.sh runs/quickstart/data/corpus
 fi
 # A fresh start each time (remove the checkpoints to keep them from being resumed).
 rm -rf runs/quickstart/checkpoints

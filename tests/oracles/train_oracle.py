@@ -1,9 +1,9 @@
 """Test oracle: an independent PyTorch training loop over Hugging Face `transformers`, and
 Megatron-Core's own learning-rate scheduler, for the trainer tests.
 
-  init DIR SEED
-      a small Qwen2-MoE (the MODEL config below) initialized by transformers itself, saved with
-      save_pretrained: the initial weights both trainers start from
+  init DIR SEED [OVERRIDES.json]
+      a small Qwen2-MoE (the MODEL config below, with any overrides) initialized by transformers
+      itself, saved with save_pretrained: the initial weights both trainers start from
   lr STYLE WARMUP_ITERS DECAY_ITERS LR MIN_LR GLOBAL_BATCH ITERS
       the learning rate Megatron-Core's OptimizerParamScheduler applies in iterations 1..ITERS
       (JSON list), driven as Megatron's training loop drives it
@@ -11,12 +11,14 @@ Megatron-Core's own learning-rate scheduler, for the trainer tests.
       trains the checkpoint in fp32 on the samples (as `moeforge data samples --json` prints them,
       consumed in order, global batch after global batch) with torch.optim.AdamW (no decay on
       biases and 1-D tensors), gradient accumulation over micro-batches, clip_grad_norm_ and
-      Megatron-Core's scheduler; writes per-iteration lm loss, aux loss, grad norm and lr
+      Megatron-Core's scheduler; writes per-iteration lm loss, aux loss, grad norm, lr and step
+      time (the benchmark's baseline)
 
 Used only by tests; the framework never runs Python.
 """
 import json
 import sys
+import time
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -34,9 +36,10 @@ MODEL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_
              router_aux_loss_coef=0.01, output_router_logits=True, initializer_range=0.02)
 
 
-def init(directory, seed):
+def init(directory, seed, overrides=None):
     torch.manual_seed(int(seed))
-    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**MODEL)).float()
+    config = dict(MODEL, **(json.load(open(overrides)) if overrides else {}))
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**config)).float()
     model.save_pretrained(directory)
 
 
@@ -69,6 +72,8 @@ def train(directory, samples_path, hparams_path, out_path):
     h = json.load(open(hparams_path))
     samples = json.load(open(samples_path))["samples"]
     torch.manual_seed(0)
+    if "threads" in h:
+        torch.set_num_threads(h["threads"])
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                               attn_implementation="sdpa")
     model.train()
@@ -85,6 +90,7 @@ def train(directory, samples_path, hparams_path, out_path):
     cfg = model.config
     result = []
     for it in range(h["train_iters"]):
+        start = time.perf_counter()
         lr = sched.optimizer.param_groups[0]["lr"]
         lm_sum = aux_sum = 0.0
         for m in range(n_micro):
@@ -108,7 +114,7 @@ def train(directory, samples_path, hparams_path, out_path):
         opt.zero_grad(set_to_none=True)
         sched.step(increment=gbs)
         result.append({"iteration": it + 1, "lm_loss": lm_sum / n_micro, "aux_loss": aux_sum / n_micro,
-                       "grad_norm": norm, "lr": lr})
+                       "grad_norm": norm, "lr": lr, "step_time_s": time.perf_counter() - start})
     json.dump(result, open(out_path, "w"))
 
 

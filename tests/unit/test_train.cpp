@@ -130,3 +130,23 @@ TEST_CASE("train matches a PyTorch + transformers training loop over 30 iteratio
                            "loss {:.4f} -> {:.4f}\n",
                            mean_rel, worst, ours.front()["lm_loss"].get<double>(), ours.back()["lm_loss"].get<double>());
 }
+
+TEST_CASE("the quickstart corpus and config train with the loss clearly going down", "[train][quickstart]") {
+  TempDir dir;
+  const auto prefix = (dir.path() / "corpus").string();
+  const auto corpus = run_command("bash " + source_path("launch/corpus.sh") + " " + prefix);
+  INFO(corpus.output);
+  REQUIRE(corpus.exit_code == 0);
+  const auto out = train(source_path("configs/quickstart.yaml"),
+                         "--set 'data.data_path=[" + prefix + "_text_document]' --set checkpoint.save=" +
+                             (dir.path() / "ckpt").string() + " --set logging.run_dir=" + (dir.path() / "run").string());
+  const auto m = read_metrics(dir.path() / "run" / "metrics.jsonl");
+  REQUIRE(m.size() == 40);
+  CHECK_THAT(out, Contains("iteration 40/40") && Contains("MFU") && Contains("calibrated"));
+  double first = 0, last = 0;
+  for (size_t i = 0; i < 5; ++i) first += m[i]["lm_loss"].get<double>() / 5;
+  for (size_t i = 35; i < 40; ++i) last += m[i]["lm_loss"].get<double>() / 5;
+  CHECK(last < 0.6 * first);
+  CHECK(m[39]["valid_lm_loss"].get<double>() < m[19]["valid_lm_loss"].get<double>());
+  CHECK(fs::exists(dir.path() / "ckpt" / "iter_0000040" / "model.safetensors"));
+}
