@@ -122,7 +122,7 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   spdlog::info("model: {} parameters ({} activated), {} trainable in {} tensors; {} on {}", human_count(counts.total),
                human_count(counts.activated), human_count(optimizer_->num_trainable_elements()),
                optimizer_->params().size(), t.bf16 ? "bf16 with fp32 master weights" : "fp32", device_.str());
-  spdlog::info("data: train {} samples{}, valid {}", train_data_->size(), "",
+  spdlog::info("data: train {} samples, valid {}", train_data_->size(),
                valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
                flops_6n_per_step_, peak_.tflops, peak_.source);
