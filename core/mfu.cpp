@@ -53,9 +53,9 @@ double calibrate_cpu_peak_tflops(torch::ScalarType dtype, int64_t n, int reps) {
 }
 
 PeakFlops resolve_peak(const HardwareConfig& hw, bool bf16) {
-  if (hw.peak_tflops) return {*hw.peak_tflops, "hardware.peak_tflops"};
+  if (hw.peak_tflops) return {*hw.peak_tflops, "config", "hardware.peak_tflops"};
   if (!hw.chip.empty()) {
-    if (const auto t = known_chip_peak_tflops(hw.chip)) return {*t, fmt::format("chip table ({})", hw.chip)};
+    if (const auto t = known_chip_peak_tflops(hw.chip)) return {*t, "chip table", fmt::format("chip table ({})", hw.chip)};
     if (hw.device != Device::cpu) {
       fail_user("hardware.chip '{}' is not in the table of known chips: set hardware.peak_tflops to its dense "
                 "{} peak per device",
@@ -67,7 +67,7 @@ PeakFlops resolve_peak(const HardwareConfig& hw, bool bf16) {
   }
   const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
   const double t = calibrate_cpu_peak_tflops(dtype);
-  return {t, fmt::format("calibrated ({} 2048^3 matmul, {} threads)", bf16 ? "bf16" : "fp32", torch::get_num_threads())};
+  return {t, "calibrated", fmt::format("calibrated ({} 2048^3 matmul, {} threads)", bf16 ? "bf16" : "fp32", torch::get_num_threads())};
 }
 
 }  // namespace moeforge

@@ -19,7 +19,8 @@ namespace moeforge {
 
 struct PeakFlops {
   double tflops = 0;
-  std::string source;  // "config", "chip table (H100)", "calibrated (fp32 2048^3 matmul, 2 threads)"
+  std::string kind;    // "config", "chip table" or "calibrated": what every log line says
+  std::string source;  // "hardware.peak_tflops", "chip table (H100)", "calibrated (fp32 2048^3 matmul, 2 threads)"
 };
 
 // Dense bf16 peak TFLOP/s of a chip by name, case-insensitive, matched inside longer names

@@ -34,6 +34,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {"mfu", m.mfu},
       {"mfu_6n", m.mfu_6n},
       {"peak_tflops", m.peak_tflops},
+      {"peak_source", m.peak_source},
       {"peak_memory_bytes", m.peak_memory_bytes},
       {"timestamp", std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()},
   };
@@ -52,10 +53,10 @@ std::string step_log_line(const StepMetrics& m) {
   const int width = static_cast<int>(std::to_string(m.train_iters).size());
   std::string line = fmt::format(
       "iteration {:>{}}/{} | consumed samples: {} | elapsed time per iteration (ms): {:.1f} | tokens/s/device: {:.0f} | "
-      "TFLOP/s/device: {:.3f} | MFU: {:.2f}% | MFU(6N): {:.2f}% (peak {:.3g} TFLOP/s) | learning rate: {:.6E} | "
+      "TFLOP/s/device: {:.3f} | MFU: {:.2f}% | MFU(6N): {:.2f}% (peak {:.3g} TFLOP/s, {}) | learning rate: {:.6E} | "
       "lm loss: {:.6E} | aux loss: {:.6E} | ",
       m.iteration, width, m.train_iters, m.consumed_samples, m.step_time_s * 1e3, m.tokens_per_s_per_device,
-      m.tflops_per_device, 100 * m.mfu, 100 * m.mfu_6n, m.peak_tflops, m.lr, m.lm_loss, m.aux_loss);
+      m.tflops_per_device, 100 * m.mfu, 100 * m.mfu_6n, m.peak_tflops, m.peak_kind, m.lr, m.lm_loss, m.aux_loss);
   if (m.z_loss != 0) line += fmt::format("z loss: {:.6E} | ", m.z_loss);
   line += fmt::format("grad norm: {:.4f} | skipped iterations: {}", m.grad_norm, m.skipped_iterations);
   if (!m.expert_load_per_layer.empty()) line += fmt::format(" | expert load max/mean: {:.2f}", m.expert_load_max_over_mean);

@@ -29,14 +29,15 @@ struct StepMetrics {
   double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_optimizer_s = 0;
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
+  std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
   int64_t peak_memory_bytes = 0;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-inline constexpr std::array<std::string_view, 14> kTimingMetricKeys{
-    "step_time_s",    "time_data_s",       "time_forward_s",          "time_backward_s", "time_optimizer_s",
-    "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",    "mfu_6n",
-    "peak_tflops",    "peak_memory_bytes", "time_eval_s",             "timestamp"};
+inline constexpr std::array<std::string_view, 15> kTimingMetricKeys{
+    "step_time_s",       "time_data_s",       "time_forward_s",       "time_backward_s", "time_optimizer_s",
+    "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",     "mfu_6n",
+    "peak_tflops",       "peak_source",       "peak_memory_bytes",    "time_eval_s",     "timestamp"};
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
 

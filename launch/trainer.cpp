@@ -130,7 +130,17 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   fs::create_directories(c_.logging.run_dir);
   write_resolved_config(c_, c_.logging.run_dir);
   const fs::path metrics_path = fs::path(c_.logging.run_dir) / "metrics.jsonl";
-  // A resumed run appends after the iterations it has not redone; a fresh run starts the file anew.
+  // A fresh run starts the file anew; a resumed run keeps the lines up to its checkpoint (a run
+  // killed after it had logged further would otherwise leave those iterations twice) and appends.
+  if (state_.iteration > 0 && fs::exists(metrics_path)) {
+    std::ifstream in(metrics_path);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.contains("iteration") && j["iteration"].get<int64_t>() <= state_.iteration) kept += line + "\n";
+    }
+    std::ofstream(metrics_path, std::ios::trunc) << kept;
+  }
   metrics_.open(metrics_path, state_.iteration > 0 ? std::ios::app : std::ios::trunc);
   if (!metrics_) fail_user("cannot write {}: check logging.run_dir", metrics_path.string());
 }
@@ -151,7 +161,9 @@ StepMetrics Trainer::train_step() {
   StepMetrics m;
   m.num_micro_batches = micro_batches_;
   m.lr = schedule_->current();
-  std::vector<torch::Tensor> load_per_layer;  // routed slots per expert, summed over micro-batches
+  // Summed on the device and read once per step: a GPU is not synchronized per micro-batch.
+  auto losses = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));  // lm, aux, z, total
+  torch::Tensor load_LE;  // routed slots per expert of each MoE layer, summed over micro-batches
   double data_s = 0, forward_s = 0, backward_s = 0;
   for (int64_t i = 0; i < micro_batches_; ++i) {
     auto t0 = Clock::now();
@@ -165,19 +177,18 @@ StepMetrics Trainer::train_step() {
     (loss.total / static_cast<double>(micro_batches_)).backward();
     optimizer_->accumulate_grads();
     backward_s += seconds_since(t0);
-    m.lm_loss += loss.lm.item<double>() / static_cast<double>(micro_batches_);
-    m.aux_loss += loss.aux.item<double>() / static_cast<double>(micro_batches_);
-    m.z_loss += loss.z.item<double>() / static_cast<double>(micro_batches_);
-    m.loss += loss.total.item<double>() / static_cast<double>(micro_batches_);
-    size_t moe_layer = 0;
+    losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
+    std::vector<torch::Tensor> counts;
     for (const auto& layer : out.layers) {
-      if (!layer.tokens_per_expert_E) continue;
-      const auto counts = layer.tokens_per_expert_E->to(torch::kCPU, torch::kFloat64);
-      if (load_per_layer.size() <= moe_layer) load_per_layer.push_back(counts.clone());
-      else load_per_layer[moe_layer].add_(counts);
-      ++moe_layer;
+      if (layer.tokens_per_expert_E) counts.push_back(*layer.tokens_per_expert_E);
     }
+    if (!counts.empty()) load_LE = load_LE.defined() ? load_LE + torch::stack(counts) : torch::stack(counts);
   }
+  const auto mean_losses = (losses / static_cast<double>(micro_batches_)).cpu();
+  m.lm_loss = mean_losses[0].item<double>();
+  m.aux_loss = mean_losses[1].item<double>();
+  m.z_loss = mean_losses[2].item<double>();
+  m.loss = mean_losses[3].item<double>();
   const auto opt_start = Clock::now();
   m.grad_norm = optimizer_->grad_norm();
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
@@ -198,11 +209,14 @@ StepMetrics Trainer::train_step() {
   ++state_.iteration;
   state_.consumed_train_samples += t.global_batch_size;
   state_.lr_num_steps = schedule_->num_steps();
-  for (const auto& counts : load_per_layer) {
-    const double mean = counts.mean().item<double>();
-    const double ratio = mean > 0 ? counts.max().item<double>() / mean : 0.0;
-    m.expert_load_per_layer.push_back(ratio);
-    m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
+  if (load_LE.defined()) {
+    const auto load = load_LE.to(torch::kCPU, torch::kFloat64);
+    for (int64_t l = 0; l < load.size(0); ++l) {
+      const double mean = load[l].mean().item<double>();
+      const double ratio = mean > 0 ? load[l].max().item<double>() / mean : 0.0;
+      m.expert_load_per_layer.push_back(ratio);
+      m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
+    }
   }
   m.iteration = state_.iteration;
   m.train_iters = t.train_iters;
@@ -216,6 +230,8 @@ StepMetrics Trainer::train_step() {
   m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12;
   m.tflops_6n_per_device = flops_6n_per_step_ / m.step_time_s / 1e12;
   m.peak_tflops = peak_.tflops;
+  m.peak_kind = peak_.kind;
+  m.peak_source = peak_.source;
   m.mfu = m.tflops_per_device / peak_.tflops;
   m.mfu_6n = m.tflops_6n_per_device / peak_.tflops;
   m.peak_memory_bytes = peak_rss_bytes();

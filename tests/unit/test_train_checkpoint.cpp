@@ -61,6 +61,11 @@ TEST_CASE("train: a resumed run continues bit for bit, checkpoints are complete 
   REQUIRE(full.size() == 6);
   REQUIRE(resumed.size() == 3);
   for (size_t i = 0; i < 3; ++i) CHECK(without_timing(resumed[i]).dump() == without_timing(full[i + 3]).dump());
+  // Resuming into a run directory that already logged past the checkpoint keeps each iteration once.
+  train(config, args + " --load " + save + "/iter_0000003 --set logging.run_dir=" + (dir.path() / "full").string());
+  const auto rerun = read_metrics(dir.path() / "full" / "metrics.jsonl");
+  REQUIRE(rerun.size() == 6);
+  for (size_t i = 0; i < 6; ++i) CHECK(without_timing(rerun[i]).dump() == without_timing(full[i]).dump());
 
   // Automatic resume from checkpoint.save, and keep_latest_k.
   const auto again = train(config, "--set training.train_iters=8 --set checkpoint.save_interval=1 --set checkpoint.keep_latest_k=2 "
