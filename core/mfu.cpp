@@ -10,6 +10,10 @@
 #include <chrono>
 #include <utility>
 
+#ifdef MOEFORGE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
 namespace moeforge {
 
 namespace {
@@ -52,14 +56,26 @@ double calibrate_cpu_peak_tflops(torch::ScalarType dtype, int64_t n, int reps) {
   return best;
 }
 
+std::string cuda_device_name(int index) {
+#ifdef MOEFORGE_WITH_CUDA
+  if (torch::cuda::is_available() && index < static_cast<int>(torch::cuda::device_count())) {
+    return at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(index))->name;
+  }
+#else
+  (void)index;
+#endif
+  return {};
+}
+
 PeakFlops resolve_peak(const HardwareConfig& hw, bool bf16) {
   if (hw.peak_tflops) return {*hw.peak_tflops, "config", "hardware.peak_tflops"};
-  if (!hw.chip.empty()) {
-    if (const auto t = known_chip_peak_tflops(hw.chip)) return {*t, "chip table", fmt::format("chip table ({})", hw.chip)};
+  const std::string chip = hw.chip.empty() && hw.device == Device::cuda ? cuda_device_name(0) : hw.chip;
+  if (!chip.empty()) {
+    if (const auto t = known_chip_peak_tflops(chip)) return {*t, "chip table", fmt::format("chip table ({})", chip)};
     if (hw.device != Device::cpu) {
       fail_user("hardware.chip '{}' is not in the table of known chips: set hardware.peak_tflops to its dense "
                 "{} peak per device",
-                hw.chip, bf16 ? "bf16" : "fp32");
+                chip, bf16 ? "bf16" : "fp32");
     }
   }
   if (hw.device != Device::cpu) {

@@ -1,4 +1,4 @@
-// defines: PeakFlops, known_chip_peak_tflops, calibrate_cpu_peak_tflops, resolve_peak
+// defines: PeakFlops, known_chip_peak_tflops, calibrate_cpu_peak_tflops, cuda_device_name, resolve_peak
 //
 // The peak an MFU is measured against. In order: hardware.peak_tflops as given; else the dense
 // bf16 peak of a known chip named by hardware.chip (table in docs/training.md); else, on CPU, a
@@ -30,7 +30,12 @@ std::optional<double> known_chip_peak_tflops(std::string_view chip);
 // Best TFLOP/s of `reps` n x n x n matrix products of `dtype` on the CPU.
 double calibrate_cpu_peak_tflops(torch::ScalarType dtype, int64_t n = 2048, int reps = 3);
 
-// Throws UserError on a GPU run with neither hardware.peak_tflops nor a known hardware.chip.
+// The name of CUDA device `index` as the driver reports it ("NVIDIA H100 80GB HBM3"); empty in a
+// CPU-only build or without a GPU.
+std::string cuda_device_name(int index);
+
+// On a GPU, an empty hardware.chip is detected from the device name. Throws UserError on a GPU
+// run with neither hardware.peak_tflops nor a known chip.
 PeakFlops resolve_peak(const HardwareConfig& hardware, bool bf16);
 
 }  // namespace moeforge
