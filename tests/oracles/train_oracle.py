@@ -4,9 +4,10 @@ Megatron-Core's own learning-rate scheduler, for the trainer tests.
   init DIR SEED [OVERRIDES.json]
       a small Qwen2-MoE (the MODEL config below, with any overrides) initialized by transformers
       itself, saved with save_pretrained: the initial weights both trainers start from
-  lr STYLE WARMUP_ITERS DECAY_ITERS LR MIN_LR GLOBAL_BATCH ITERS
-      the learning rate Megatron-Core's OptimizerParamScheduler applies in iterations 1..ITERS
-      (JSON list), driven as Megatron's training loop drives it
+  lr CASE [CASE ...]      (CASE = STYLE,WARMUP_ITERS,DECAY_ITERS,LR,MIN_LR,GLOBAL_BATCH,ITERS)
+      for each case, the learning rate Megatron-Core's OptimizerParamScheduler applies in
+      iterations 1..ITERS, driven as Megatron's training loop drives it: one JSON list of lists,
+      on the last line of the output
   train DIR SAMPLES.json HPARAMS.json OUT.json
       trains the checkpoint in fp32 on the samples (as `moeforge data samples --json` prints them,
       consumed in order, global batch after global batch) with torch.optim.AdamW (no decay on
@@ -58,14 +59,18 @@ def scheduler(style, warmup_iters, decay_iters, lr, min_lr, gbs, groups):
                                    wd_incr_style="constant")
 
 
-def lr_values(style, warmup, decay, lr, min_lr, gbs, iters):
-    groups = _Groups()
-    s = scheduler(style, int(warmup), int(decay), float(lr), float(min_lr), int(gbs), groups)
-    out = []
-    for _ in range(int(iters)):
-        out.append(groups.param_groups[0]["lr"])  # what this iteration's update uses
-        s.step(increment=int(gbs))
-    print(json.dumps(out))
+def lr_values(*cases):
+    result = []
+    for case in cases:
+        style, warmup, decay, lr, min_lr, gbs, iters = case.split(",")
+        groups = _Groups()
+        s = scheduler(style, int(warmup), int(decay), float(lr), float(min_lr), int(gbs), groups)
+        out = []
+        for _ in range(int(iters)):
+            out.append(groups.param_groups[0]["lr"])  # what this iteration's update uses
+            s.step(increment=int(gbs))
+        result.append(out)
+    print(json.dumps(result))
 
 
 def train(directory, samples_path, hparams_path, out_path):

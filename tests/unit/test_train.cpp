@@ -29,24 +29,32 @@ TEST_CASE("LR schedule equals Megatron-Core's OptimizerParamScheduler", "[train]
     const char* name;
     int64_t warmup, decay, iters;
   };
-  for (const Case c : {Case{LrDecayStyle::cosine, "cosine", 5, 40, 50}, Case{LrDecayStyle::linear, "linear", 3, 20, 25},
-                       Case{LrDecayStyle::constant, "constant", 4, 20, 10}, Case{LrDecayStyle::cosine, "cosine", 0, 30, 35}}) {
+  const std::vector<Case> cases{{LrDecayStyle::cosine, "cosine", 5, 40, 50},
+                                {LrDecayStyle::linear, "linear", 3, 20, 25},
+                                {LrDecayStyle::constant, "constant", 4, 20, 10},
+                                {LrDecayStyle::cosine, "cosine", 0, 30, 35}};
+  const double lr = 3e-4, min_lr = 3e-5;
+  const int64_t gbs = 512;
+  std::string args = "lr";
+  for (const auto& c : cases) args += fmt::format(" {},{},{},{},{},{},{}", c.name, c.warmup, c.decay, lr, min_lr, gbs, c.iters);
+  const auto output = run_oracle("train_oracle.py", args);
+  // The JSON is the last line (Megatron-Core may warn on import).
+  const auto trimmed = output.substr(0, output.find_last_not_of('\n') + 1);
+  const auto expected = json::parse(trimmed.substr(trimmed.find_last_of('\n') + 1));
+  REQUIRE(expected.size() == cases.size());
+  for (size_t k = 0; k < cases.size(); ++k) {
+    const auto& c = cases[k];
     TrainingConfig t;
-    t.lr = 3e-4;
-    t.min_lr = 3e-5;
+    t.lr = lr;
+    t.min_lr = min_lr;
     t.lr_decay_style = c.style;
     t.lr_warmup_iters = c.warmup;
     t.lr_decay_iters = c.decay;
-    t.global_batch_size = 512;
-    const auto output = run_oracle(
-        "train_oracle.py", fmt::format("lr {} {} {} {} {} {} {}", c.name, c.warmup, c.decay, t.lr, t.min_lr, 512, c.iters));
-    // The JSON is the last line (Megatron-Core may warn on import).
-    const auto trimmed = output.substr(0, output.find_last_not_of('\n') + 1);
-    const auto expected = json::parse(trimmed.substr(trimmed.find_last_of('\n') + 1));
+    t.global_batch_size = gbs;
     LrSchedule s(t);
     for (int64_t i = 0; i < c.iters; ++i) {
-      INFO(c.name << " iteration " << i + 1);
-      CHECK(s.current() == Approx(expected[static_cast<size_t>(i)].get<double>()).epsilon(1e-12).margin(1e-18));
+      INFO(c.name << " warm-up " << c.warmup << ", iteration " << i + 1);
+      CHECK(s.current() == Approx(expected[k][static_cast<size_t>(i)].get<double>()).epsilon(1e-12).margin(1e-18));
       s.step();
     }
   }
