@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -26,6 +27,7 @@ namespace {
 
 constexpr const char* kStateFile = "trainer_state.json";
 constexpr const char* kOptimizerFile = "optimizer.safetensors";
+constexpr const char* kOldSuffix = ".old-";  // iter_N.old-<pid>: the previous iter_N while it is replaced
 
 std::string iter_name(int64_t iteration) { return fmt::format("iter_{:07d}", iteration); }
 
@@ -58,16 +60,36 @@ std::optional<int64_t> iteration_of(const fs::path& dir) {
   return std::stoll(m[1].str());
 }
 
-void prune(const fs::path& save, int64_t keep) {
+// Keeps the newest `keep` checkpoints at or below `current` (the one just saved). Checkpoints above
+// it belong to a run this one resumed from an earlier point: they are left alone (and replaced as
+// this run reaches their iterations), never counted against the one just saved.
+void prune(const fs::path& save, int64_t keep, int64_t current) {
   std::vector<std::pair<int64_t, fs::path>> found;
   for (const auto& entry : fs::directory_iterator(save)) {
     if (!entry.is_directory()) continue;
-    if (const auto it = iteration_of(entry.path())) found.emplace_back(*it, entry.path());
+    if (const auto it = iteration_of(entry.path()); it && *it <= current) found.emplace_back(*it, entry.path());
   }
   std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   for (size_t i = static_cast<size_t>(keep); keep > 0 && i < found.size(); ++i) {
     fs::remove_all(found[i].second);
     spdlog::info("removed old checkpoint {} (checkpoint.keep_latest_k = {})", found[i].second.string(), keep);
+  }
+}
+
+// A kill between the two renames of a replacement without RENAME_EXCHANGE leaves iter_N missing
+// and its complete old copy as iter_N.old-<pid>: put it back. Otherwise an old copy is garbage.
+void recover_replaced(const fs::path& save) {
+  for (const auto& entry : fs::directory_iterator(save)) {
+    const std::string name = entry.path().filename().string();
+    const auto at = name.find(kOldSuffix);
+    if (at == std::string::npos) continue;
+    const fs::path original = save / name.substr(0, at);
+    if (fs::exists(original)) {
+      fs::remove_all(entry.path());
+    } else {
+      fs::rename(entry.path(), original);
+      spdlog::warn("restored {} from {} (a save replacing it was interrupted)", original.string(), entry.path().string());
+    }
   }
 }
 
@@ -78,6 +100,7 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
   const fs::path save(save_dir);
   fs::create_directories(save);
   // Leftovers of saves that were killed: never referenced by the tracker, safe to remove.
+  recover_replaced(save);
   for (const auto& entry : fs::directory_iterator(save)) {
     if (entry.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(entry.path());
   }
@@ -95,24 +118,31 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
             {"lr_num_steps", state.lr_num_steps},
             {"optimizer_steps", optimizer.steps()},
             {"skipped_iterations", state.skipped_iterations},
+            {"bf16", config.training.bf16},
             {"moeforge_version", MOEFORGE_VERSION}};
   write_file_atomic(tmp / kStateFile, j.dump(2) + "\n");
   write_file_atomic(tmp / "config.yaml", resolved_config_yaml(config));
   for (const auto& entry : fs::directory_iterator(tmp)) fsync_path(entry.path(), false);
   fsync_path(tmp, true);
 
-  // Re-saving an iteration (a resumed run reaching it again) replaces the old copy.
+  // Re-saving an iteration (a resumed run reaching it again) swaps the new copy in atomically: at
+  // every moment `iter_N` is a complete checkpoint, the old or the new one.
   if (fs::exists(final_dir)) {
-    const fs::path old = save / fmt::format("{}.tmp-{}-old", iter_name(state.iteration), ::getpid());
-    fs::rename(final_dir, old);
-    fs::rename(tmp, final_dir);
-    fs::remove_all(old);
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
+      // A file system without RENAME_EXCHANGE: two renames; recover_replaced() repairs a kill between them.
+      const fs::path old = save / fmt::format("{}{}{}", iter_name(state.iteration), kOldSuffix, ::getpid());
+      fs::rename(final_dir, old);
+      fs::rename(tmp, final_dir);
+      fs::remove_all(old);
+    } else {
+      fs::remove_all(tmp);  // now the old copy
+    }
   } else {
     fs::rename(tmp, final_dir);
   }
   fsync_path(save, true);
   write_file_atomic(save / kTrackerFile, std::to_string(state.iteration) + "\n");
-  prune(save, keep_latest_k);
+  prune(save, keep_latest_k, state.iteration);
   return final_dir.string();
 }
 
@@ -122,6 +152,7 @@ std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
   if (!fs::is_directory(p)) fail_user("checkpoint path {} is not a directory", path);
   if (fs::exists(p / kStateFile)) return CheckpointToLoad{path, true};
   if (fs::exists(p / kTrackerFile)) {
+    recover_replaced(p);
     std::ifstream in(p / kTrackerFile);
     int64_t iteration = -1;
     if (!(in >> iteration) || iteration < 0) {
@@ -206,7 +237,7 @@ void load_model_weights(const std::string& dir, model::GPTModelImpl& model) {
   }
 }
 
-TrainState load_training_state(const std::string& dir, AdamW& optimizer) {
+TrainState load_training_state(const std::string& dir, AdamW& optimizer, bool bf16) {
   const fs::path p(dir);
   std::ifstream in(p / kStateFile);
   json j;
@@ -224,6 +255,11 @@ TrainState load_training_state(const std::string& dir, AdamW& optimizer) {
     s.lr_num_steps = j.at("lr_num_steps").get<int64_t>();
     s.skipped_iterations = j.at("skipped_iterations").get<int64_t>();
     optimizer_steps = j.at("optimizer_steps").get<int64_t>();
+    if (j.contains("bf16") && j["bf16"].get<bool>() != bf16) {
+      fail_user("{} was trained with training.bf16 = {}, this config says {}: a resumed run keeps its precision. Set "
+                "training.bf16: {}.",
+                dir, j["bf16"].get<bool>(), bf16, j["bf16"].get<bool>());
+    }
   } catch (const json::exception& e) {
     fail_user("{}: {}", (p / kStateFile).string(), e.what());
   }

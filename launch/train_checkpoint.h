@@ -11,9 +11,10 @@
 //   <save>/iter_0000010/config.yaml              the resolved experiment config
 //
 // A save is atomic: everything is written into `iter_0000010.tmp-<pid>`, each file fsynced, the
-// directory renamed into place and the save directory fsynced, and only then is the tracker file
-// replaced (written to a temporary, fsynced, renamed). A process killed at any point leaves the
-// previous checkpoint as the latest, complete and loadable.
+// directory renamed into place (or, when that iteration exists, exchanged with it atomically) and
+// the save directory fsynced, and only then is the tracker file replaced (written to a temporary,
+// fsynced, renamed). A process killed at any point leaves the previous checkpoint as the latest,
+// complete and loadable.
 #pragma once
 
 #include "core/config.h"
@@ -58,7 +59,8 @@ void load_model_weights(const std::string& dir, model::GPTModelImpl& model);
 
 // Restores the optimizer (and, in bf16, the model from the fp32 master weights) and the RNG from a
 // training checkpoint whose weights load_model_weights() already loaded; returns its state.
-TrainState load_training_state(const std::string& dir, AdamW& optimizer);
+// Throws UserError when the checkpoint's training.bf16 differs from `bf16`.
+TrainState load_training_state(const std::string& dir, AdamW& optimizer, bool bf16);
 
 // "hidden_size: checkpoint 64, config 128" for every shape- or math-relevant value that differs.
 std::vector<std::string> model_config_differences(const ModelConfig& checkpoint, const ModelConfig& config);

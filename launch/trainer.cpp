@@ -12,9 +12,11 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 namespace fs = std::filesystem;
@@ -37,6 +39,15 @@ std::string human_count(int64_t n) {
   if (n >= 1'000'000) return fmt::format("{:.2f} M", static_cast<double>(n) / 1e6);
   if (n >= 1'000) return fmt::format("{:.1f} K", static_cast<double>(n) / 1e3);
   return fmt::format("{}", n);
+}
+
+void ensure_writable_dir(const char* key, const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || ::access(dir.c_str(), W_OK) != 0) {
+    fail_user("{} {} cannot be created or written ({}). Choose a writable directory.", key, dir,
+              ec ? ec.message() : std::string(std::strerror(errno)));
+  }
 }
 
 }  // namespace
@@ -76,23 +87,35 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   train_data_ = splits[0];
   valid_data_ = splits[1];
   if (!train_data_) fail_user("data.split '{}' gives the train split no documents: training needs some", c_.data.split);
+  if (!valid_data_ && t.eval_iters > 0) {
+    spdlog::warn("data.split '{}' gives the valid split no documents: no evaluation (training.eval_iters {} ignored)",
+                 c_.data.split, t.eval_iters);
+  }
+  // Where results go must be writable before any work is done, not found out at the first save.
+  ensure_writable_dir("logging.run_dir", c_.logging.run_dir);
+  if (!c_.checkpoint.save.empty()) ensure_writable_dir("checkpoint.save", c_.checkpoint.save);
 
   // Model, initialized as Megatron does, or from --load / checkpoint.load / checkpoint.save.
   model_ = moe::build_model(c_.model);
   model::init_megatron(*model_, static_cast<uint64_t>(t.seed));
   model_->set_recompute(t.recompute_granularity);
-  std::string load = c_.checkpoint.load;
+  std::optional<CheckpointToLoad> checkpoint;
+  if (!c_.checkpoint.load.empty()) {
+    checkpoint = find_checkpoint(c_.checkpoint.load);
+    if (!checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", c_.checkpoint.load);
+  }
+  // As Megatron: a run whose save directory already holds a checkpoint continues from it (re-running
+  // a command after a crash resumes), unless --load names a training checkpoint explicitly. Weights
+  // named by --load were that run's starting point.
   bool auto_resume = false;
-  if (load.empty() && !c_.checkpoint.save.empty() && fs::exists(fs::path(c_.checkpoint.save) / kTrackerFile)) {
-    load = c_.checkpoint.save;
+  if (!c_.checkpoint.save.empty() && fs::exists(fs::path(c_.checkpoint.save) / kTrackerFile) &&
+      !(checkpoint && checkpoint->resume)) {
+    if (checkpoint) spdlog::info("checkpoint.save {} already holds a checkpoint: resuming it instead of starting again from {}",
+                                 c_.checkpoint.save, checkpoint->dir);
+    checkpoint = find_checkpoint(c_.checkpoint.save);
     auto_resume = true;
   }
-  std::optional<CheckpointToLoad> checkpoint;
-  if (!load.empty()) {
-    checkpoint = find_checkpoint(load);
-    if (!checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", load);
-    load_model_weights(checkpoint->dir, *model_);
-  }
+  if (checkpoint) load_model_weights(checkpoint->dir, *model_);
   if (t.bf16) model_->to(torch::kBFloat16);
   model_->to(device_);
 
@@ -101,7 +124,7 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   optimizer_ = std::make_unique<AdamW>(select_trainable(named, t), t);
   schedule_ = std::make_unique<LrSchedule>(t);
   if (checkpoint && checkpoint->resume) {
-    state_ = load_training_state(checkpoint->dir, *optimizer_);
+    state_ = load_training_state(checkpoint->dir, *optimizer_, t.bf16);
     schedule_->set_num_steps(state_.lr_num_steps);
     spdlog::info("resumed from {}{} at iteration {} ({} samples consumed)", checkpoint->dir,
                  auto_resume ? " (the latest in checkpoint.save)" : "", state_.iteration, state_.consumed_train_samples);
@@ -127,7 +150,6 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
                flops_6n_per_step_, peak_.tflops, peak_.source);
 
-  fs::create_directories(c_.logging.run_dir);
   write_resolved_config(c_, c_.logging.run_dir);
   const fs::path metrics_path = fs::path(c_.logging.run_dir) / "metrics.jsonl";
   // A fresh run starts the file anew; a resumed run keeps the lines up to its checkpoint (a run
@@ -137,7 +159,10 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
     std::string line, kept;
     while (std::getline(in, line)) {
       const auto j = nlohmann::json::parse(line, nullptr, false);
-      if (!j.is_discarded() && j.contains("iteration") && j["iteration"].get<int64_t>() <= state_.iteration) kept += line + "\n";
+      if (!j.is_discarded() && j.contains("iteration") && j["iteration"].is_number_integer() &&
+          j["iteration"].get<int64_t>() <= state_.iteration) {
+        kept += line + "\n";
+      }
     }
     std::ofstream(metrics_path, std::ios::trunc) << kept;
   }

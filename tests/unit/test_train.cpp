@@ -147,7 +147,8 @@ TEST_CASE("the quickstart corpus and config train with the loss clearly going do
   REQUIRE(corpus.exit_code == 0);
   const auto out = train(source_path("configs/quickstart.yaml"),
                          "--set 'data.data_path=[" + prefix + "_text_document]' --set checkpoint.save=" +
-                             (dir.path() / "ckpt").string() + " --set logging.run_dir=" + (dir.path() / "run").string());
+                             (dir.path() / "ckpt").string() + " --set logging.run_dir=" + (dir.path() / "run").string() +
+                             " --set hardware.num_threads=1");
   const auto m = read_metrics(dir.path() / "run" / "metrics.jsonl");
   REQUIRE(m.size() == 40);
   CHECK_THAT(out, Contains("iteration 40/40") && Contains("MFU") && Contains("calibrated"));

@@ -141,20 +141,79 @@ TEST_CASE("train: frozen parameters stay bit-identical and get no optimizer stat
   CHECK(opt.names().size() == 2 * 2 + 1);  // exp_avg and exp_avg_sq of the two routers, and the RNG state
 }
 
-TEST_CASE("train: bf16 keeps fp32 master weights and trains close to fp32", "[train][bf16]") {
+TEST_CASE("train: bf16 keeps fp32 master weights, trains close to fp32 and resumes bit for bit", "[train][bf16]") {
   TempDir dir;
   const auto config = write_config(dir);
-  const std::string args = " --set training.train_iters=3 --set training.eval_interval=100";
+  const std::string args = " --set training.train_iters=10 --set training.lr_warmup_iters=0 --set training.eval_interval=100";
   train(config, args + " --set logging.run_dir=" + (dir.path() / "fp32").string());
-  train(config, args + " --set training.bf16=true --set checkpoint.save=" + (dir.path() / "ckpt").string() +
+  const auto save = (dir.path() / "ckpt").string();
+  train(config, args + " --set training.bf16=true --set checkpoint.save_interval=5 --set checkpoint.save=" + save +
                     " --set logging.run_dir=" + (dir.path() / "bf16").string());
   const auto fp32 = read_metrics(dir.path() / "fp32" / "metrics.jsonl");
   const auto bf16 = read_metrics(dir.path() / "bf16" / "metrics.jsonl");
-  for (size_t i = 0; i < 3; ++i) CHECK(bf16[i]["lm_loss"].get<double>() == Approx(fp32[i]["lm_loss"].get<double>()).epsilon(0.02));
-  const SafetensorsFile opt((dir.path() / "ckpt/iter_0000003/optimizer.safetensors").string());
+  REQUIRE(bf16.size() == 10);
+  for (size_t i = 0; i < 10; ++i) CHECK(bf16[i]["lm_loss"].get<double>() == Approx(fp32[i]["lm_loss"].get<double>()).epsilon(0.02));
+  CHECK(bf16[9]["lm_loss"].get<double>() < 0.8 * bf16[0]["lm_loss"].get<double>());  // it trains
+  // The fp32 master weights carry more than the bf16 weights the model runs with.
+  const SafetensorsFile opt(save + "/iter_0000010/optimizer.safetensors");
+  const SafetensorsCheckpoint model(save + "/iter_0000010");
   CHECK(opt.info("master.embed_tokens.weight").dtype == "F32");
-  const SafetensorsCheckpoint model((dir.path() / "ckpt/iter_0000003").string());
   CHECK(model.info("model.embed_tokens.weight").dtype == "BF16");
+  const auto master = opt.tensor("master.embed_tokens.weight");
+  const auto weights = model.tensor("model.embed_tokens.weight").to(torch::kFloat32);
+  CHECK(torch::equal(master.to(torch::kBFloat16).to(torch::kFloat32), weights));
+  CHECK_FALSE(torch::equal(master, weights));
+  // A bf16 run resumes exactly; a resume in the other precision is refused.
+  train(config, args + " --set training.bf16=true --load " + save + "/iter_0000005 --set logging.run_dir=" +
+                    (dir.path() / "resumed").string());
+  const auto resumed = read_metrics(dir.path() / "resumed" / "metrics.jsonl");
+  REQUIRE(resumed.size() == 5);
+  for (size_t i = 0; i < 5; ++i) CHECK(without_timing(resumed[i]).dump() == without_timing(bf16[i + 5]).dump());
+  const auto r = run_command(kBin + " train " + config + args + " --load " + save + "/iter_0000005");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("training.bf16 = true, this config says false"));
+}
+
+TEST_CASE("train: resuming from an earlier checkpoint re-saves atomically and prunes only older ones", "[train][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = (dir.path() / "ckpt").string();
+  // lr_decay_iters fixed, so runs of different lengths share one schedule.
+  const std::string args = " --set training.lr_decay_iters=6 --set training.eval_interval=100 --set checkpoint.save_interval=1"
+                           " --set checkpoint.save=" + save;
+  train(config, args + " --set training.train_iters=6 --set logging.run_dir=" + (dir.path() / "a").string());
+  train(config, args + " --set training.train_iters=4 --set checkpoint.keep_latest_k=2 --load " + save +
+                    "/iter_0000003 --set logging.run_dir=" + (dir.path() / "b").string());
+  CHECK(slurp(save + "/latest_checkpointed_iteration.txt") == "4\n");
+  std::vector<std::string> entries;
+  for (const auto& e : fs::directory_iterator(save)) entries.push_back(e.path().filename().string());
+  std::sort(entries.begin(), entries.end());
+  // iter_4 replaced in place, 1 and 2 pruned, 5 and 6 (past the resumed point) left alone.
+  CHECK(entries == std::vector<std::string>{"iter_0000003", "iter_0000004", "iter_0000005", "iter_0000006",
+                                            "latest_checkpointed_iteration.txt"});
+  const auto a = read_metrics(dir.path() / "a" / "metrics.jsonl");
+  const auto b = read_metrics(dir.path() / "b" / "metrics.jsonl");
+  REQUIRE(b.size() == 1);
+  for (const char* key : {"iteration", "consumed_samples", "lm_loss", "aux_loss", "grad_norm", "lr"}) CHECK(b[0][key] == a[3][key]);
+  // Re-running with weights-only --load while checkpoint.save holds a checkpoint resumes it.
+  const auto init = (dir.path() / "init").string();
+  run_oracle("train_oracle.py", "init " + init + " 3");
+  const auto out = train(config, args + " --set training.train_iters=5 --load " + init + " --set logging.run_dir=" +
+                                     (dir.path() / "c").string());
+  CHECK_THAT(out, Contains("resuming it instead of starting again") && Contains("at iteration 4"));
+}
+
+TEST_CASE("train: unwritable output directories are refused before training", "[train][errors]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto file = dir.file("a-file", "x");
+  auto r = run_command(kBin + " train " + config + " --set checkpoint.save=" + file + "/ckpt");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("checkpoint.save " + file + "/ckpt cannot be created"));
+  CHECK_THAT(r.output, !Contains("iteration 1/"));
+  r = run_command(kBin + " train " + config + " --set logging.run_dir=" + file + "/run");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("logging.run_dir"));
 }
 
 TEST_CASE("train: non-finite losses stop the run or are skipped and counted", "[train][errors]") {

@@ -84,7 +84,7 @@ logging:
   run_dir: {}/run
 hardware:
   peak_tflops: 1.0
-  num_threads: 2
+  num_threads: 1  # ctest runs two tests at once on two cores
 {})",
                                             dir.path().string(), dir.path().string(), extra));
 }
