@@ -61,9 +61,9 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   const ParallelLayout layout = ParallelLayout::create(c_, world);
   if (layout.world() != 1) {
     fail_user("{}: moeforge train runs on a single process so far, but this layout is {} (world size from {}). Train "
-              "with --set parallel.pipeline_model_parallel_size=1 --set parallel.expert_model_parallel_size=1 and "
+              "with {}--set parallel.pipeline_model_parallel_size=1 --set parallel.expert_model_parallel_size=1 and "
               "without mpirun; `moeforge plan` sizes multi-device layouts.",
-              loaded_.path, layout.describe(), world_source);
+              loaded_.path, layout.describe(), world_source, c_.parallel.world_size ? "--set parallel.world_size=1 " : "");
   }
   micro_batches_ = layout.micro_batches_per_step();
 
@@ -140,7 +140,7 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   peak_ = resolve_peak(c_.hardware, t.bf16);
 
   const auto counts = count_parameters(c_.model);
-  spdlog::info("resolved config ({}):\n{}", loaded_.path, resolved_config_table(loaded_));
+  spdlog::info("{}", resolved_config_table(loaded_));
   spdlog::info("layout: {}", layout.describe());
   spdlog::info("model: {} parameters ({} activated), {} trainable in {} tensors; {} on {}", human_count(counts.total),
                human_count(counts.activated), human_count(optimizer_->num_trainable_elements()),
