@@ -28,7 +28,7 @@ struct PeakFlops {
 std::optional<double> known_chip_peak_tflops(std::string_view chip);
 
 // Best TFLOP/s of `reps` n x n x n matrix products of `dtype` on the CPU.
-double calibrate_cpu_peak_tflops(torch::ScalarType dtype, int64_t n = 2048, int reps = 3);
+double calibrate_cpu_peak_tflops(torch::ScalarType dtype, int64_t n = 2048, int reps = 5);
 
 // The name of CUDA device `index` as the driver reports it ("NVIDIA H100 80GB HBM3"); empty in a
 // CPU-only build or without a GPU.
