@@ -50,6 +50,26 @@ void ensure_writable_dir(const char* key, const std::string& dir) {
   }
 }
 
+// What the run starts from: --load / checkpoint.load, or, as Megatron, the latest checkpoint in
+// checkpoint.save when it holds one (re-running a command after a crash resumes) unless --load
+// names a training checkpoint explicitly; weights named by --load were that run's starting point.
+std::optional<CheckpointToLoad> checkpoint_to_start_from(const CheckpointConfig& k, bool& from_save) {
+  std::optional<CheckpointToLoad> checkpoint;
+  if (!k.load.empty()) {
+    checkpoint = find_checkpoint(k.load);
+    if (!checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", k.load);
+  }
+  from_save = !k.save.empty() && fs::exists(fs::path(k.save) / kTrackerFile) && !(checkpoint && checkpoint->resume);
+  if (from_save) {
+    if (checkpoint) {
+      spdlog::info("checkpoint.save {} already holds a checkpoint: resuming it instead of starting again from {}", k.save,
+                   checkpoint->dir);
+    }
+    checkpoint = find_checkpoint(k.save);
+  }
+  return checkpoint;
+}
+
 }  // namespace
 
 Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.config) {
@@ -99,22 +119,8 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   model_ = moe::build_model(c_.model);
   model::init_megatron(*model_, static_cast<uint64_t>(t.seed));
   model_->set_recompute(t.recompute_granularity);
-  std::optional<CheckpointToLoad> checkpoint;
-  if (!c_.checkpoint.load.empty()) {
-    checkpoint = find_checkpoint(c_.checkpoint.load);
-    if (!checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", c_.checkpoint.load);
-  }
-  // As Megatron: a run whose save directory already holds a checkpoint continues from it (re-running
-  // a command after a crash resumes), unless --load names a training checkpoint explicitly. Weights
-  // named by --load were that run's starting point.
   bool auto_resume = false;
-  if (!c_.checkpoint.save.empty() && fs::exists(fs::path(c_.checkpoint.save) / kTrackerFile) &&
-      !(checkpoint && checkpoint->resume)) {
-    if (checkpoint) spdlog::info("checkpoint.save {} already holds a checkpoint: resuming it instead of starting again from {}",
-                                 c_.checkpoint.save, checkpoint->dir);
-    checkpoint = find_checkpoint(c_.checkpoint.save);
-    auto_resume = true;
-  }
+  const auto checkpoint = checkpoint_to_start_from(c_.checkpoint, auto_resume);
   if (checkpoint) load_model_weights(checkpoint->dir, *model_);
   if (t.bf16) model_->to(torch::kBFloat16);
   model_->to(device_);
@@ -151,6 +157,10 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
                flops_6n_per_step_, peak_.tflops, peak_.source);
 
   write_resolved_config(c_, c_.logging.run_dir);
+  open_metrics();
+}
+
+void Trainer::open_metrics() {
   const fs::path metrics_path = fs::path(c_.logging.run_dir) / "metrics.jsonl";
   // A fresh run starts the file anew; a resumed run keeps the lines up to its checkpoint (a run
   // killed after it had logged further would otherwise leave those iterations twice) and appends.

@@ -42,6 +42,7 @@ class Trainer {
   struct Batch {
     torch::Tensor tokens, labels, loss_mask, position_ids;
   };
+  void open_metrics();
   Batch to_tensors(const data::MicroBatch& mb) const;
   StepMetrics train_step();
   double evaluate();
