@@ -1,0 +1,75 @@
+// defines: ReduceOp, Communicator, LocalCommunicator
+//
+// The one communication interface the runtime uses: a group of ranks and the collectives MoE
+// training needs. Backends: MpiCommunicator (CPU tensors, parallel/mpi_communicator.h) and
+// LocalCommunicator (a group of one: every call is a copy, so single-process code paths need no MPI).
+//
+// Contract of every call (CPU backends): blocking. It returns when this rank's part is complete:
+// its output holds the result and its input may be reused. Every rank of the group must make the
+// same calls in the same order with matching shapes and dtypes. A call that does not complete within
+// the group's timeout ends the process with a message naming the call, the group and its ranks
+// (a hung or dead peer must not hang the job). Tensors must be contiguous CPU tensors; bf16 and fp16
+// are moved as bytes and reduced in fp32.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+enum class ReduceOp { sum, avg, max };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;  // in the group
+  virtual int size() const = 0;
+  // "world", "dp", "ep", ...: what error messages call the group.
+  virtual const std::string& name() const = 0;
+  // The world ranks of the members, in group order.
+  virtual const std::vector<int>& world_ranks() const = 0;
+
+  // In place: every rank ends with op over all ranks' tensors.
+  virtual void all_reduce(torch::Tensor& tensor, ReduceOp op) = 0;
+  // Every rank's tensor (same shape) concatenated along dim 0, in rank order.
+  virtual torch::Tensor all_gather(const torch::Tensor& tensor) = 0;
+  // op over all ranks' tensors, of which rank r keeps the r-th of `size()` equal chunks along dim 0.
+  virtual torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) = 0;
+  // Uneven all-to-all along dim 0: rows [sum(send_rows[:p]), +send_rows[p]) go to rank p; the
+  // result holds recv_rows[p] rows from each rank p, in rank order.
+  virtual torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                                   const std::vector<int64_t>& recv_rows) = 0;
+  // In place: every rank ends with `root`'s tensor.
+  virtual void broadcast(torch::Tensor& tensor, int root) = 0;
+  virtual void send(const torch::Tensor& tensor, int peer, int tag) = 0;
+  virtual void recv(torch::Tensor& tensor, int peer, int tag) = 0;  // into a tensor of the sent shape
+  virtual void barrier() = 0;
+};
+
+// A group of one rank.
+class LocalCommunicator : public Communicator {
+ public:
+  explicit LocalCommunicator(std::string name = "world", int world_rank = 0) : name_(std::move(name)), ranks_{world_rank} {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const std::string& name() const override { return name_; }
+  const std::vector<int>& world_ranks() const override { return ranks_; }
+  void all_reduce(torch::Tensor&, ReduceOp) override {}
+  torch::Tensor all_gather(const torch::Tensor& tensor) override { return tensor.clone(); }
+  torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp) override { return tensor.clone(); }
+  torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                           const std::vector<int64_t>& recv_rows) override;
+  void broadcast(torch::Tensor&, int root) override;
+  void send(const torch::Tensor&, int peer, int) override;
+  void recv(torch::Tensor&, int peer, int) override;
+  void barrier() override {}
+
+ private:
+  std::string name_;
+  std::vector<int> ranks_;
+};
+
+}  // namespace moeforge

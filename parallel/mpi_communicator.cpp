@@ -1,0 +1,292 @@
+#include "parallel/mpi_communicator.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <stdexcept>
+#include <thread>
+
+namespace moeforge {
+
+namespace {
+
+void check(int rc, const char* what) {
+  if (rc != MPI_SUCCESS) {
+    char text[MPI_MAX_ERROR_STRING];
+    int length = 0;
+    MPI_Error_string(rc, text, &length);
+    throw std::runtime_error(fmt::format("{} failed: {}", what, std::string(text, static_cast<size_t>(length))));
+  }
+}
+
+void require_cpu_contiguous(const torch::Tensor& t, const char* operation) {
+  if (!t.device().is_cpu() || !t.is_contiguous()) {
+    throw std::invalid_argument(fmt::format("MpiCommunicator::{}: needs a contiguous CPU tensor", operation));
+  }
+}
+
+// The MPI type of a reduction over `t`, which is never bf16/fp16 here (those reduce in fp32).
+MPI_Datatype reduce_type(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return MPI_FLOAT;
+    case torch::kFloat64: return MPI_DOUBLE;
+    case torch::kInt64: return MPI_INT64_T;
+    case torch::kInt32: return MPI_INT32_T;
+    default: throw std::invalid_argument(fmt::format("MpiCommunicator: no reduction for dtype {}", c10::toString(t.scalar_type())));
+  }
+}
+
+MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::max ? MPI_MAX : MPI_SUM; }
+
+bool is_half(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf; }
+
+// A datatype of one dim-0 row's bytes, so counts are in rows (freed on scope exit).
+class RowType {
+ public:
+  explicit RowType(const torch::Tensor& t) {
+    const int64_t bytes = t.dim() == 0 ? static_cast<int64_t>(t.element_size()) : t.numel() / std::max<int64_t>(t.size(0), 1) * static_cast<int64_t>(t.element_size());
+    if (bytes > INT_MAX) throw std::invalid_argument("MpiCommunicator: one row exceeds 2 GiB");
+    check(MPI_Type_contiguous(static_cast<int>(std::max<int64_t>(bytes, 1)), MPI_BYTE, &type_), "MPI_Type_contiguous");
+    check(MPI_Type_commit(&type_), "MPI_Type_commit");
+  }
+  ~RowType() { MPI_Type_free(&type_); }
+  RowType(const RowType&) = delete;
+  RowType& operator=(const RowType&) = delete;
+  MPI_Datatype get() const { return type_; }
+
+ private:
+  MPI_Datatype type_{};
+};
+
+int as_int(int64_t v, const char* what) {
+  if (v < 0 || v > INT_MAX) throw std::invalid_argument(fmt::format("MpiCommunicator: {} {} does not fit MPI's int", what, v));
+  return static_cast<int>(v);
+}
+
+}  // namespace
+
+MpiRuntime::MpiRuntime() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
+    initialized_here_ = true;
+  }
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size_);
+  MPI_Comm node;
+  check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank_, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_size(node, &local_size_);
+  MPI_Comm_free(&node);
+}
+
+MpiRuntime::~MpiRuntime() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (initialized_here_ && !finalized) MPI_Finalize();
+}
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned)
+    : comm_(comm), name_(std::move(name)), timeout_seconds_(timeout_seconds), owned_(owned), max_chunk_(INT_MAX) {
+  MPI_Comm_rank(comm_, &rank_);
+  MPI_Comm_size(comm_, &size_);
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  world_ranks_.resize(static_cast<size_t>(size_));
+  check(MPI_Allgather(&world_rank, 1, MPI_INT, world_ranks_.data(), 1, MPI_INT, comm_), "MPI_Allgather");
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::world(double timeout_seconds) {
+  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(MPI_COMM_WORLD, "world", timeout_seconds, false));
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (owned_ && !finalized) MPI_Comm_free(&comm_);
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key, const std::string& name) const {
+  MPI_Comm sub;
+  check(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
+  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(sub, name, timeout_seconds_, true));
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::group_of(const std::vector<int64_t>& members, const std::string& name) const {
+  const int me = world_ranks_[static_cast<size_t>(rank_)];
+  int position = -1;
+  for (size_t i = 0; i < members.size(); ++i) {
+    if (members[i] == me) position = static_cast<int>(i);
+  }
+  if (position < 0) throw std::invalid_argument(fmt::format("group_of({}): world rank {} is not a member", name, me));
+  // The smallest member names the group; its position orders it.
+  int color = INT_MAX;
+  for (auto m : members) color = std::min(color, static_cast<int>(m));
+  return split(color, position, name);
+}
+
+void MpiCommunicator::wait(MPI_Request& request, const char* operation) const {
+  std::vector<MPI_Request> one{request};
+  wait_all(one, operation);
+  request = one[0];
+}
+
+void MpiCommunicator::wait_all(std::vector<MPI_Request>& requests, const char* operation) const {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::duration<double>(timeout_seconds_);
+  int polls = 0;
+  while (true) {
+    int done = 0;
+    check(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE), operation);
+    if (done) return;
+    if (Clock::now() > deadline) {
+      int world_rank = 0;
+      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+      std::fprintf(stderr,
+                   "error: rank %d: %s on group %s (world ranks [%s]) did not complete within %.1f s "
+                   "(parallel.distributed_timeout_minutes): a peer rank is hung or has died. Ending the job.\n",
+                   world_rank, operation, name_.c_str(), fmt::format("{}", fmt::join(world_ranks_, ", ")).c_str(),
+                   timeout_seconds_);
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    // Spin briefly (collectives usually finish fast), then back off to spare the cores.
+    if (++polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(polls > 10000 ? 1000 : 50));
+  }
+}
+
+void MpiCommunicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
+  require_cpu_contiguous(tensor, "all_reduce");
+  if (is_half(tensor)) {
+    auto fp32 = tensor.to(torch::kFloat32);
+    all_reduce(fp32, op);
+    tensor.copy_(fp32);
+    return;
+  }
+  if (op == ReduceOp::avg && !tensor.is_floating_point()) throw std::invalid_argument("MpiCommunicator: avg of integers");
+  const MPI_Datatype type = reduce_type(tensor);
+  auto* base = static_cast<char*>(tensor.data_ptr());
+  const int64_t n = tensor.numel();
+  for (int64_t at = 0; at < n; at += max_chunk_) {
+    const int64_t count = std::min(max_chunk_, n - at);
+    MPI_Request request;
+    check(MPI_Iallreduce(MPI_IN_PLACE, base + at * tensor.element_size(), static_cast<int>(count), type, mpi_op(op), comm_,
+                         &request),
+          "MPI_Iallreduce");
+    wait(request, "all_reduce");
+  }
+  if (op == ReduceOp::avg) tensor.div_(size_);
+}
+
+torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& tensor) {
+  require_cpu_contiguous(tensor, "all_gather");
+  auto sizes = tensor.sizes().vec();
+  if (sizes.empty()) sizes = {1};
+  const int64_t rows = sizes[0];
+  sizes[0] = rows * size_;
+  auto out = torch::empty(sizes, tensor.options());
+  const RowType row(tensor.dim() == 0 ? tensor.reshape({1}) : tensor);
+  MPI_Request request;
+  check(MPI_Iallgather(tensor.data_ptr(), as_int(rows, "rows"), row.get(), out.data_ptr(), as_int(rows, "rows"), row.get(),
+                       comm_, &request),
+        "MPI_Iallgather");
+  wait(request, "all_gather");
+  return out;
+}
+
+torch::Tensor MpiCommunicator::reduce_scatter(const torch::Tensor& tensor, ReduceOp op) {
+  require_cpu_contiguous(tensor, "reduce_scatter");
+  if (tensor.dim() == 0 || tensor.size(0) % size_ != 0) {
+    throw std::invalid_argument(fmt::format("MpiCommunicator::reduce_scatter: dim 0 must divide by the group size {}", size_));
+  }
+  // A reduction then this rank's chunk: the same result as MPI_Reduce_scatter_block, with the
+  // chunking and half-precision handling of all_reduce.
+  auto full = tensor.clone();
+  all_reduce(full, op);
+  return full.chunk(size_, 0)[static_cast<size_t>(rank_)].clone();
+}
+
+torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                                          const std::vector<int64_t>& recv_rows) {
+  require_cpu_contiguous(tensor, "all_to_all");
+  if (send_rows.size() != static_cast<size_t>(size_) || recv_rows.size() != static_cast<size_t>(size_)) {
+    throw std::invalid_argument("MpiCommunicator::all_to_all: one send and one receive count per rank");
+  }
+  std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
+  int64_t send_total = 0, recv_total = 0;
+  for (int p = 0; p < size_; ++p) {
+    send_counts.push_back(as_int(send_rows[static_cast<size_t>(p)], "send rows"));
+    send_displs.push_back(as_int(send_total, "send offset"));
+    send_total += send_rows[static_cast<size_t>(p)];
+    recv_counts.push_back(as_int(recv_rows[static_cast<size_t>(p)], "receive rows"));
+    recv_displs.push_back(as_int(recv_total, "receive offset"));
+    recv_total += recv_rows[static_cast<size_t>(p)];
+  }
+  if (send_total != tensor.size(0)) {
+    throw std::invalid_argument(fmt::format("MpiCommunicator::all_to_all: send counts sum to {}, the tensor has {} rows",
+                                            send_total, tensor.size(0)));
+  }
+  auto sizes = tensor.sizes().vec();
+  sizes[0] = recv_total;
+  auto out = torch::empty(sizes, tensor.options());
+  const RowType row(tensor);
+  MPI_Request request;
+  check(MPI_Ialltoallv(tensor.data_ptr(), send_counts.data(), send_displs.data(), row.get(), out.data_ptr(),
+                       recv_counts.data(), recv_displs.data(), row.get(), comm_, &request),
+        "MPI_Ialltoallv");
+  wait(request, "all_to_all");
+  return out;
+}
+
+void MpiCommunicator::broadcast(torch::Tensor& tensor, int root) {
+  require_cpu_contiguous(tensor, "broadcast");
+  auto* base = static_cast<char*>(tensor.data_ptr());
+  const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
+  for (int64_t at = 0; at < bytes || at == 0; at += max_chunk_) {
+    const int64_t count = std::min(max_chunk_, bytes - at);
+    MPI_Request request;
+    check(MPI_Ibcast(base + at, static_cast<int>(count), MPI_BYTE, root, comm_, &request), "MPI_Ibcast");
+    wait(request, "broadcast");
+    if (bytes == 0) break;
+  }
+}
+
+void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
+  require_cpu_contiguous(tensor, "send");
+  auto* base = static_cast<char*>(tensor.data_ptr());
+  const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
+  std::vector<MPI_Request> requests;
+  for (int64_t at = 0; at < bytes; at += max_chunk_) {
+    requests.emplace_back();
+    check(MPI_Isend(base + at, static_cast<int>(std::min(max_chunk_, bytes - at)), MPI_BYTE, peer, tag, comm_, &requests.back()),
+          "MPI_Isend");
+  }
+  wait_all(requests, "send");
+}
+
+void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
+  require_cpu_contiguous(tensor, "recv");
+  auto* base = static_cast<char*>(tensor.data_ptr());
+  const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
+  std::vector<MPI_Request> requests;
+  for (int64_t at = 0; at < bytes; at += max_chunk_) {
+    requests.emplace_back();
+    check(MPI_Irecv(base + at, static_cast<int>(std::min(max_chunk_, bytes - at)), MPI_BYTE, peer, tag, comm_, &requests.back()),
+          "MPI_Irecv");
+  }
+  wait_all(requests, "recv");
+}
+
+void MpiCommunicator::barrier() {
+  MPI_Request request;
+  check(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
+  wait(request, "barrier");
+}
+
+}  // namespace moeforge

@@ -1,0 +1,87 @@
+// defines: MpiRuntime, MpiCommunicator
+//
+// MPI for CPU tensors. MpiRuntime initializes MPI once per process (MPI_THREAD_FUNNELED: only the
+// main thread communicates) and finds this process's world rank, world size and node-local rank
+// (MPI_Comm_split_type SHARED, so it works under Open MPI's mpirun, MPICH/Hydra and SLURM's srun
+// alike). MpiCommunicator implements the Communicator contract with non-blocking MPI calls that are
+// polled against the group's timeout, so a hung or dead peer ends the job with a message instead
+// of hanging it. bf16/fp16 are reduced in fp32 and moved as bytes otherwise; messages larger than
+// MPI's int counts are sent in chunks.
+#pragma once
+
+#include "parallel/communicator.h"
+
+#include <mpi.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+class MpiRuntime {
+ public:
+  // Initializes MPI if this process has not; finalizes on destruction if it did.
+  MpiRuntime();
+  ~MpiRuntime();
+  MpiRuntime(const MpiRuntime&) = delete;
+  MpiRuntime& operator=(const MpiRuntime&) = delete;
+  int world_rank() const { return world_rank_; }
+  int world_size() const { return world_size_; }
+  int local_rank() const { return local_rank_; }  // among the ranks on this node
+  int local_size() const { return local_size_; }
+
+ private:
+  bool initialized_here_ = false;
+  int world_rank_ = 0, world_size_ = 1, local_rank_ = 0, local_size_ = 1;
+};
+
+class MpiCommunicator : public Communicator {
+ public:
+  // The whole world (MPI_COMM_WORLD, not freed).
+  static std::unique_ptr<MpiCommunicator> world(double timeout_seconds);
+  ~MpiCommunicator() override;
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+
+  // A sub-group: the ranks passing the same `color` form one group, ordered by `key`. Collective
+  // over this group.
+  std::unique_ptr<MpiCommunicator> split(int color, int key, const std::string& name) const;
+  // The sub-group of exactly `world_ranks_of_group` (this rank must be one of them); every rank of
+  // this group calls it, each with the members of its own group. Groups must partition the ranks.
+  std::unique_ptr<MpiCommunicator> group_of(const std::vector<int64_t>& world_ranks_of_group, const std::string& name) const;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  const std::vector<int>& world_ranks() const override { return world_ranks_; }
+  double timeout_seconds() const { return timeout_seconds_; }
+  // Largest message part in elements (default INT_MAX); smaller values exercise chunking in tests.
+  void set_max_chunk_elements(int64_t n) { max_chunk_ = n; }
+
+  void all_reduce(torch::Tensor& tensor, ReduceOp op) override;
+  torch::Tensor all_gather(const torch::Tensor& tensor) override;
+  torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
+  torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                           const std::vector<int64_t>& recv_rows) override;
+  void broadcast(torch::Tensor& tensor, int root) override;
+  void send(const torch::Tensor& tensor, int peer, int tag) override;
+  void recv(torch::Tensor& tensor, int peer, int tag) override;
+  void barrier() override;
+
+ private:
+  MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned);
+  // Polls `request` until it completes; past the timeout, reports and aborts the whole job.
+  void wait(MPI_Request& request, const char* operation) const;
+  void wait_all(std::vector<MPI_Request>& requests, const char* operation) const;
+
+  MPI_Comm comm_;
+  std::string name_;
+  double timeout_seconds_;
+  bool owned_;
+  int rank_ = 0, size_ = 1;
+  std::vector<int> world_ranks_;
+  int64_t max_chunk_;
+};
+
+}  // namespace moeforge

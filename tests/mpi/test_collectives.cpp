@@ -1,0 +1,131 @@
+// Every collective of MpiCommunicator against closed forms (rank r of n contributes values made
+// from r, so each result is a formula of n), fp32, int64 and bf16, chunked and not, uneven
+// all-to-all and sub-groups. Run by ctest under `mpirun --oversubscribe -np 4` (and -np 3).
+#include "parallel/mpi_communicator.h"
+
+#include <catch2/catch.hpp>
+
+using namespace moeforge;
+
+namespace {
+MpiCommunicator& world() {
+  static auto w = MpiCommunicator::world(60.0);
+  return *w;
+}
+}  // namespace
+
+TEST_CASE("all_reduce: sum, avg and max in fp32, int64 and bf16, chunked and whole", "[mpi]") {
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  auto t = torch::full({5}, static_cast<float>(r + 1));
+  w.all_reduce(t, ReduceOp::sum);
+  CHECK(torch::equal(t, torch::full({5}, n * (n + 1) / 2.0F)));
+  t = torch::full({5}, static_cast<float>(r + 1));
+  w.all_reduce(t, ReduceOp::avg);
+  CHECK(torch::allclose(t, torch::full({5}, (n + 1) / 2.0F)));
+  t = torch::full({5}, static_cast<float>(r + 1));
+  w.all_reduce(t, ReduceOp::max);
+  CHECK(torch::equal(t, torch::full({5}, static_cast<float>(n))));
+  auto i = torch::full({3}, static_cast<int64_t>(r) << 40, torch::kInt64);  // beyond 32 bits
+  w.all_reduce(i, ReduceOp::sum);
+  CHECK(torch::equal(i, torch::full({3}, (static_cast<int64_t>(n) * (n - 1) / 2) << 40, torch::kInt64)));
+  auto b = torch::full({4}, r + 0.5, torch::kBFloat16);
+  w.all_reduce(b, ReduceOp::sum);
+  CHECK(b.scalar_type() == torch::kBFloat16);
+  CHECK(torch::equal(b.to(torch::kFloat32), torch::full({4}, n * n / 2.0F)));
+  w.set_max_chunk_elements(3);
+  auto c = torch::arange(10, torch::kFloat32) + 100.0F * static_cast<float>(r);
+  w.all_reduce(c, ReduceOp::sum);
+  w.set_max_chunk_elements(INT_MAX);
+  CHECK(torch::equal(c, torch::arange(10, torch::kFloat32) * static_cast<float>(n) + 100.0F * n * (n - 1) / 2.0F));
+}
+
+TEST_CASE("all_gather and reduce_scatter", "[mpi]") {
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  const auto g = w.all_gather(torch::full({2, 3}, static_cast<float>(r)));
+  REQUIRE(g.sizes() == c10::IntArrayRef({2 * n, 3}));
+  for (int p = 0; p < n; ++p) CHECK(torch::equal(g.narrow(0, 2 * p, 2), torch::full({2, 3}, static_cast<float>(p))));
+  const auto bf = w.all_gather(torch::full({1}, r, torch::kBFloat16));
+  CHECK(torch::equal(bf.to(torch::kFloat32), torch::arange(n, torch::kFloat32)));
+  const auto s = w.reduce_scatter(torch::arange(2 * n, torch::kFloat32).view({2 * n, 1}) + static_cast<float>(r), ReduceOp::sum);
+  REQUIRE(s.sizes() == c10::IntArrayRef({2, 1}));
+  const auto expected = torch::arange(2 * r, 2 * r + 2, torch::kFloat32).view({2, 1}) * static_cast<float>(n) + n * (n - 1) / 2.0F;
+  CHECK(torch::equal(s, expected));
+}
+
+TEST_CASE("uneven all_to_all delivers each block to its rank, in rank order", "[mpi]") {
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  // Rank r sends (r + p) % 3 rows to rank p (possibly none); row j of that block is 1000 r + 10 p + j.
+  std::vector<int64_t> send_rows, recv_rows;
+  std::vector<torch::Tensor> blocks;
+  for (int p = 0; p < n; ++p) {
+    const int64_t k = (r + p) % 3;
+    send_rows.push_back(k);
+    recv_rows.push_back((p + r) % 3);
+    blocks.push_back((torch::arange(k, torch::kFloat32) + 1000.0F * static_cast<float>(r) + 10.0F * static_cast<float>(p))
+                         .view({k, 1})
+                         .expand({k, 4})
+                         .contiguous());
+  }
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    const auto out = w.all_to_all(torch::cat(blocks).to(dtype), send_rows, recv_rows);
+    int64_t at = 0;
+    for (int p = 0; p < n; ++p) {
+      const int64_t k = recv_rows[static_cast<size_t>(p)];
+      const auto expected = (torch::arange(k, torch::kFloat32) + 1000.0F * static_cast<float>(p) + 10.0F * static_cast<float>(r))
+                                .view({k, 1})
+                                .expand({k, 4})
+                                .to(dtype);
+      CHECK(torch::equal(out.narrow(0, at, k), expected));
+      at += k;
+    }
+    CHECK(at == out.size(0));
+  }
+}
+
+TEST_CASE("broadcast, send/recv and barrier", "[mpi]") {
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  const int root = n - 1;
+  for (int64_t chunk : {int64_t{INT_MAX}, int64_t{7}}) {
+    w.set_max_chunk_elements(chunk);
+    auto t = r == root ? torch::arange(50, torch::kFloat32) : torch::zeros({50});
+    w.broadcast(t, root);
+    CHECK(torch::equal(t, torch::arange(50, torch::kFloat32)));
+    // A ring: even ranks send first, odd ranks receive first, so blocking sends cannot deadlock.
+    const auto mine = torch::full({33}, static_cast<double>(r), torch::kFloat64);
+    auto theirs = torch::empty({33}, torch::kFloat64);
+    const int next = (r + 1) % n, prev = (r + n - 1) % n;
+    if (r % 2 == 0) {
+      w.send(mine, next, 5);
+      w.recv(theirs, prev, 5);
+    } else {
+      w.recv(theirs, prev, 5);
+      w.send(mine, next, 5);
+    }
+    CHECK(torch::equal(theirs, torch::full({33}, static_cast<double>(prev), torch::kFloat64)));
+  }
+  w.set_max_chunk_elements(INT_MAX);
+  w.barrier();
+}
+
+TEST_CASE("sub-groups by split and by member list", "[mpi]") {
+  auto& w = world();
+  const int r = w.rank();
+  const auto parity = w.split(r % 2, r, "parity");
+  auto t = torch::full({1}, static_cast<int64_t>(r), torch::kInt64);
+  parity->all_reduce(t, ReduceOp::sum);
+  int64_t expected = 0;
+  std::vector<int64_t> members;
+  for (int p = r % 2; p < w.size(); p += 2) {
+    expected += p;
+    members.push_back(p);
+  }
+  CHECK(t.item<int64_t>() == expected);
+  CHECK(parity->world_ranks() == std::vector<int>(members.begin(), members.end()));
+  const auto same = w.group_of(members, "parity2");
+  CHECK(same->size() == static_cast<int>(members.size()));
+  CHECK(same->world_ranks() == parity->world_ranks());
+}
