@@ -1,0 +1,27 @@
+// defines: ProcessGroups
+//
+// The communicators of this rank for a parallel layout, made once at start-up from the
+// ParallelLayout's group membership (Megatron's rank order): world, pipeline (PP), data-parallel
+// (DP), expert-parallel (EP, inside DP) and expert-data-parallel (EDP: the ranks holding the same
+// experts, over which expert gradients are reduced).
+#pragma once
+
+#include "parallel/communicator.h"
+#include "parallel/layout.h"
+#include "parallel/mpi_communicator.h"
+
+#include <memory>
+
+namespace moeforge {
+
+struct ProcessGroups {
+  std::shared_ptr<Communicator> world, pp, dp, ep, edp;
+
+  // Splits `world` (collective over it). Throws UserError when the launch's world size is not the
+  // layout's.
+  static ProcessGroups create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world);
+  // Every group a group of one: a single process, no MPI.
+  static ProcessGroups single();
+};
+
+}  // namespace moeforge
