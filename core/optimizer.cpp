@@ -101,6 +101,12 @@ void AdamW::accumulate_grads() {
   }
 }
 
+std::vector<torch::Tensor> AdamW::gradients() {
+  std::vector<torch::Tensor> out;
+  for (size_t i = 0; i < params_.size(); ++i) out.push_back(grad(i));
+  return out;
+}
+
 double AdamW::grad_norm() const {
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> norms;

@@ -39,6 +39,9 @@ class AdamW {
   // After a micro-batch's backward: moves bf16 gradients into the fp32 accumulators (fp32
   // gradients accumulate in place in .grad and need nothing).
   void accumulate_grads();
+  // The fp32 gradient of every trainable parameter, in parameter order (zeros where a parameter
+  // got none), for reduction across ranks in place.
+  std::vector<torch::Tensor> gradients();
   // Global L2 norm of the accumulated gradients, every trainable parameter counted once.
   double grad_norm() const;
   // Scales every gradient by clip / (norm + 1e-6) when that is below 1 (Megatron, torch).

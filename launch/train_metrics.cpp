@@ -27,6 +27,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {"time_data_s", m.time_data_s},
       {"time_forward_s", m.time_forward_s},
       {"time_backward_s", m.time_backward_s},
+      {"time_grad_reduce_s", m.time_grad_reduce_s},
       {"time_optimizer_s", m.time_optimizer_s},
       {"tokens_per_s_per_device", m.tokens_per_s_per_device},
       {"tflops_per_device", m.tflops_per_device},

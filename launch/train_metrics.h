@@ -26,7 +26,8 @@ struct StepMetrics {
   std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
   double expert_load_max_over_mean = 0;       // the largest of those
   // Timing and machine-dependent values.
-  double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_optimizer_s = 0;
+  double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
+  double time_optimizer_s = 0;
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
@@ -34,8 +35,9 @@ struct StepMetrics {
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-inline constexpr std::array<std::string_view, 15> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 16> kTimingMetricKeys{
     "step_time_s",       "time_data_s",       "time_forward_s",       "time_backward_s", "time_optimizer_s",
+    "time_grad_reduce_s",
     "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",     "mfu_6n",
     "peak_tflops",       "peak_source",       "peak_memory_bytes",    "time_eval_s",     "timestamp"};
 

@@ -7,6 +7,7 @@
 #include "data/datasets.h"
 #include "launch/commands.h"
 #include "moe/moe_layer.h"
+#include "parallel/grad_sync.h"
 #include "parallel/layout.h"
 
 #include <fmt/format.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -79,12 +81,23 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   const int64_t world = resolve_world_size(std::nullopt, c_.parallel.world_size, c_.parallel.pipeline_model_parallel_size,
                                            c_.parallel.expert_model_parallel_size, &world_source);
   const ParallelLayout layout = ParallelLayout::create(c_, world);
-  if (layout.world() != 1) {
-    fail_user("{}: moeforge train runs on a single process so far, but this layout is {} (world size from {}). Train "
-              "with {}--set parallel.pipeline_model_parallel_size=1 --set parallel.expert_model_parallel_size=1 and "
-              "without mpirun; `moeforge plan` sizes multi-device layouts.",
-              loaded_.path, layout.describe(), world_source, c_.parallel.world_size ? "--set parallel.world_size=1 " : "");
+  if (layout.pp() != 1 || layout.ep() != 1) {
+    fail_user("{}: moeforge train runs data-parallel layouts so far (pipeline and expert parallel training are not "
+              "available yet), but this layout is {} (world size from {}). Train with "
+              "--set parallel.pipeline_model_parallel_size=1 --set parallel.expert_model_parallel_size=1{}; `moeforge "
+              "plan` sizes the other layouts.",
+              loaded_.path, layout.describe(), world_source, c_.parallel.world_size ? " --set parallel.world_size=1" : "");
   }
+  if (layout.world() > 1) {
+    mpi_ = std::make_unique<MpiRuntime>();
+    groups_ = ProcessGroups::create(
+        layout, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)));
+  } else {
+    groups_ = ProcessGroups::single();
+  }
+  world_ = layout.world();
+  dp_size_ = layout.dp();
+  dp_rank_ = layout.coordinates(groups_.world->rank()).dp;
   micro_batches_ = layout.micro_batches_per_step();
 
   if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
@@ -137,7 +150,8 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   } else if (checkpoint) {
     spdlog::info("initialized the model from {} (weights only: a fresh optimizer and schedule)", checkpoint->dir);
   }
-  train_loader_ = std::make_unique<data::DataLoader>(train_data_, t.micro_batch_size, 0, 1, state_.consumed_train_samples);
+  train_loader_ = std::make_unique<data::DataLoader>(train_data_, t.micro_batch_size, dp_rank_, dp_size_,
+                                                     state_.consumed_train_samples);
 
   // What an MFU is computed from.
   const auto flops = model_flops_per_step(c_.model, t.global_batch_size, t.seq_length);
@@ -156,8 +170,10 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
                flops_6n_per_step_, peak_.tflops, peak_.source);
 
-  write_resolved_config(c_, c_.logging.run_dir);
-  open_metrics();
+  if (is_rank0()) {
+    write_resolved_config(c_, c_.logging.run_dir);
+    open_metrics();
+  }
 }
 
 void Trainer::open_metrics() {
@@ -219,6 +235,19 @@ StepMetrics Trainer::train_step() {
     }
     if (!counts.empty()) load_LE = load_LE.defined() ? load_LE + torch::stack(counts) : torch::stack(counts);
   }
+  // Data parallel: gradients, losses and expert counts averaged / summed over the DP ranks.
+  const auto reduce_start = Clock::now();
+  auto grads = optimizer_->gradients();
+  all_reduce_in_buckets(grads, *groups_.dp, ReduceOp::avg);
+  if (dp_size_ > 1) {
+    losses = losses.cpu();
+    groups_.dp->all_reduce(losses, ReduceOp::avg);
+    if (load_LE.defined()) {
+      load_LE = load_LE.cpu().contiguous();
+      groups_.dp->all_reduce(load_LE, ReduceOp::sum);
+    }
+  }
+  m.time_grad_reduce_s = seconds_since(reduce_start);
   const auto mean_losses = (losses / static_cast<double>(micro_batches_)).cpu();
   m.lm_loss = mean_losses[0].item<double>();
   m.aux_loss = mean_losses[1].item<double>();
@@ -261,9 +290,10 @@ StepMetrics Trainer::train_step() {
   m.time_forward_s = forward_s;
   m.time_backward_s = backward_s;
   m.step_time_s = seconds_since(step_start);
-  m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s;
-  m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12;
-  m.tflops_6n_per_device = flops_6n_per_step_ / m.step_time_s / 1e12;
+  const auto devices = static_cast<double>(world_);
+  m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s / devices;
+  m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12 / devices;
+  m.tflops_6n_per_device = flops_6n_per_step_ / m.step_time_s / 1e12 / devices;
   m.peak_tflops = peak_.tflops;
   m.peak_kind = peak_.kind;
   m.peak_source = peak_.source;
@@ -277,7 +307,7 @@ double Trainer::evaluate() {
   // Megatron's validation iterator continues where the previous evaluation stopped.
   const auto& t = c_.training;
   torch::NoGradGuard no_grad;
-  data::DataLoader loader(valid_data_, t.micro_batch_size, 0, 1, state_.consumed_valid_samples, 2);
+  data::DataLoader loader(valid_data_, t.micro_batch_size, dp_rank_, dp_size_, state_.consumed_valid_samples, 2);
   double total = 0;
   for (int64_t it = 0; it < t.eval_iters; ++it) {
     for (int64_t i = 0; i < micro_batches_; ++i) {
@@ -287,13 +317,19 @@ double Trainer::evaluate() {
     }
     state_.consumed_valid_samples += t.global_batch_size;
   }
-  return total / static_cast<double>(t.eval_iters * micro_batches_);
+  auto mean = torch::full({1}, total / static_cast<double>(t.eval_iters * micro_batches_), torch::kFloat64);
+  groups_.dp->all_reduce(mean, ReduceOp::avg);
+  return mean.item<double>();
 }
 
 void Trainer::save() {
+  // Data-parallel ranks hold identical weights and optimizer state: rank 0 writes, the others wait.
   const auto t0 = Clock::now();
-  const auto dir = save_checkpoint(c_.checkpoint.save, state_, *model_, *optimizer_, c_, c_.checkpoint.keep_latest_k);
-  spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
+  if (is_rank0()) {
+    const auto dir = save_checkpoint(c_.checkpoint.save, state_, *model_, *optimizer_, c_, c_.checkpoint.keep_latest_k);
+    spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
+  }
+  groups_.world->barrier();
 }
 
 int Trainer::train() {
@@ -320,10 +356,12 @@ int Trainer::train() {
       spdlog::info("validation at iteration {} | lm loss: {:.6E} | lm loss PPL: {:.6E}", m.iteration, *m.valid_lm_loss,
                    std::exp(std::min(*m.valid_lm_loss, 20.0)));
     }
-    auto j = step_metrics_json(m);
-    if (!extra.is_null()) j.update(extra);
-    metrics_ << j.dump() << "\n";
-    metrics_.flush();
+    if (is_rank0()) {
+      auto j = step_metrics_json(m);
+      if (!extra.is_null()) j.update(extra);
+      metrics_ << j.dump() << "\n";
+      metrics_.flush();
+    }
     const bool save_now = !c_.checkpoint.save.empty() &&
                           (last || (c_.checkpoint.save_interval && state_.iteration % *c_.checkpoint.save_interval == 0));
     if (save_now) save();
@@ -342,8 +380,23 @@ int run_train(const TrainOptions& o) {
   if (!o.load.empty()) overrides.push_back("checkpoint.load=" + o.load);
   LoadedConfig loaded = load_config(o.config_path, overrides);
   set_log_level(loaded.config.logging.log_level);
-  Trainer trainer(std::move(loaded));
-  return trainer.train();
+  try {
+    Trainer trainer(std::move(loaded));
+    return trainer.train();
+  } catch (const std::exception& e) {
+    // An error on some ranks of a running job would leave the others waiting in a collective until
+    // the timeout: end the whole job now.
+    int initialized = 0, finalized = 0, size = 1;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (initialized && !finalized) MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (size > 1) {
+      std::fprintf(stderr, "error: rank %d: %s\n", launcher_rank(), e.what());
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, dynamic_cast<const UserError*>(&e) ? 1 : 3);
+    }
+    throw;
+  }
 }
 
 }  // namespace moeforge

@@ -1,6 +1,8 @@
 // defines: TrainOptions, run_train, Trainer
 //
-// `moeforge train CONFIG [--set k=v ...] [--load DIR]`: pretraining on one process. Per
+// `moeforge train CONFIG [--set k=v ...] [--load DIR]`: pretraining on one process, or data
+// parallel under mpirun (each rank reads its slice of every global batch, gradients averaged over
+// the data-parallel group in buckets; rank 0 logs, writes metrics and saves). Per
 // iteration: global_batch / micro_batch micro-batches (Megatron's sampler order), forward,
 // backward of (LM + aux + z loss) / micro-batches, fp32 gradient accumulation, global-norm
 // clipping, AdamW with Megatron's LR schedule, one log line with MFU and one metrics.jsonl
@@ -16,6 +18,7 @@
 #include "data/loader.h"
 #include "launch/train_checkpoint.h"
 #include "launch/train_metrics.h"
+#include "parallel/process_groups.h"
 
 #include <fstream>
 #include <memory>
@@ -48,8 +51,13 @@ class Trainer {
   double evaluate();
   void save();
 
+  bool is_rank0() const { return groups_.world->rank() == 0; }
+
   LoadedConfig loaded_;
   const ExperimentConfig& c_;
+  std::unique_ptr<MpiRuntime> mpi_;  // under a launcher with more than one rank; outlives groups_
+  ProcessGroups groups_;
+  int64_t dp_rank_ = 0, dp_size_ = 1, world_ = 1;
   torch::Device device_{torch::kCPU};
   model::GPTModel model_{nullptr};
   std::unique_ptr<AdamW> optimizer_;
