@@ -140,7 +140,6 @@ void MpiCommunicator::wait_all(std::vector<MPI_Request>& requests, const char* o
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::duration<double>(timeout_seconds_);
-  int polls = 0;
   while (true) {
     int done = 0;
     check(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE), operation);
@@ -156,8 +155,14 @@ void MpiCommunicator::wait_all(std::vector<MPI_Request>& requests, const char* o
       std::fflush(stderr);
       MPI_Abort(MPI_COMM_WORLD, 1);
     }
-    // Spin briefly (collectives usually finish fast), then back off to spare the cores.
-    if (++polls > 1000) std::this_thread::sleep_for(std::chrono::microseconds(polls > 10000 ? 1000 : 50));
+    // Non-blocking collectives advance only while they are polled (each round of a multi-round
+    // algorithm waits for a test), so poll without sleeping, yielding the core to other ranks; only a
+    // wait that has lasted a second (a slow or hung peer) backs off to millisecond polls.
+    if (Clock::now() - start < std::chrono::seconds(1)) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
   }
 }
 
