@@ -210,11 +210,25 @@ torch::Tensor MpiCommunicator::reduce_scatter(const torch::Tensor& tensor, Reduc
   if (tensor.dim() == 0 || tensor.size(0) % size_ != 0) {
     throw std::invalid_argument(fmt::format("MpiCommunicator::reduce_scatter: dim 0 must divide by the group size {}", size_));
   }
-  // A reduction then this rank's chunk: the same result as MPI_Reduce_scatter_block, with the
-  // chunking and half-precision handling of all_reduce.
-  auto full = tensor.clone();
-  all_reduce(full, op);
-  return full.chunk(size_, 0)[static_cast<size_t>(rank_)].clone();
+  if (is_half(tensor)) return reduce_scatter(tensor.to(torch::kFloat32), op).to(tensor.scalar_type());
+  if (op == ReduceOp::avg && !tensor.is_floating_point()) throw std::invalid_argument("MpiCommunicator: avg of integers");
+  const int64_t count = tensor.numel() / size_;
+  auto sizes = tensor.sizes().vec();
+  sizes[0] /= size_;
+  if (count > max_chunk_) {
+    // Beyond one message: a chunked reduction of everything, then this rank's part.
+    auto full = tensor.clone();
+    all_reduce(full, op);
+    return full.chunk(size_, 0)[static_cast<size_t>(rank_)].clone();
+  }
+  auto out = torch::empty(sizes, tensor.options());
+  MPI_Request request;
+  check(MPI_Ireduce_scatter_block(tensor.data_ptr(), out.data_ptr(), static_cast<int>(count), reduce_type(tensor), mpi_op(op),
+                                  comm_, &request),
+        "MPI_Ireduce_scatter_block");
+  wait(request, "reduce_scatter");
+  if (op == ReduceOp::avg) out.div_(size_);
+  return out;
 }
 
 torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,

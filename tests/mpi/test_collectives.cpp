@@ -52,6 +52,14 @@ TEST_CASE("all_gather and reduce_scatter", "[mpi]") {
   REQUIRE(s.sizes() == c10::IntArrayRef({2, 1}));
   const auto expected = torch::arange(2 * r, 2 * r + 2, torch::kFloat32).view({2, 1}) * static_cast<float>(n) + n * (n - 1) / 2.0F;
   CHECK(torch::equal(s, expected));
+  // bf16 through fp32, and the chunked path.
+  const auto sb = w.reduce_scatter((torch::arange(2 * n, torch::kFloat32).view({2 * n, 1}) + static_cast<float>(r)).to(torch::kBFloat16),
+                                   ReduceOp::sum);
+  CHECK(torch::equal(sb.to(torch::kFloat32), expected));
+  w.set_max_chunk_elements(1);
+  CHECK(torch::equal(w.reduce_scatter(torch::arange(2 * n, torch::kFloat32).view({2 * n, 1}) + static_cast<float>(r), ReduceOp::sum),
+                     expected));
+  w.set_max_chunk_elements(INT_MAX);
 }
 
 TEST_CASE("uneven all_to_all delivers each block to its rank, in rank order", "[mpi]") {
