@@ -263,42 +263,40 @@ torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& tensor, const std
   return out;
 }
 
-void MpiCommunicator::broadcast(torch::Tensor& tensor, int root) {
-  require_cpu_contiguous(tensor, "broadcast");
+template <typename Post>
+void MpiCommunicator::for_each_part(const torch::Tensor& tensor, Post&& post) const {
   auto* base = static_cast<char*>(tensor.data_ptr());
   const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
-  for (int64_t at = 0; at < bytes || at == 0; at += max_chunk_) {
-    const int64_t count = std::min(max_chunk_, bytes - at);
+  const int64_t part = std::min<int64_t>(max_chunk_ * static_cast<int64_t>(tensor.element_size()), INT_MAX);
+  for (int64_t at = 0; at < bytes; at += part) post(base + at, static_cast<int>(std::min(part, bytes - at)));
+}
+
+void MpiCommunicator::broadcast(torch::Tensor& tensor, int root) {
+  require_cpu_contiguous(tensor, "broadcast");
+  for_each_part(tensor, [&](char* at, int bytes) {
     MPI_Request request;
-    check(MPI_Ibcast(base + at, static_cast<int>(count), MPI_BYTE, root, comm_, &request), "MPI_Ibcast");
+    check(MPI_Ibcast(at, bytes, MPI_BYTE, root, comm_, &request), "MPI_Ibcast");
     wait(request, "broadcast");
-    if (bytes == 0) break;
-  }
+  });
 }
 
 void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
   require_cpu_contiguous(tensor, "send");
-  auto* base = static_cast<char*>(tensor.data_ptr());
-  const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
   std::vector<MPI_Request> requests;
-  for (int64_t at = 0; at < bytes; at += max_chunk_) {
+  for_each_part(tensor, [&](char* at, int bytes) {
     requests.emplace_back();
-    check(MPI_Isend(base + at, static_cast<int>(std::min(max_chunk_, bytes - at)), MPI_BYTE, peer, tag, comm_, &requests.back()),
-          "MPI_Isend");
-  }
+    check(MPI_Isend(at, bytes, MPI_BYTE, peer, tag, comm_, &requests.back()), "MPI_Isend");
+  });
   wait_all(requests, "send");
 }
 
 void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
   require_cpu_contiguous(tensor, "recv");
-  auto* base = static_cast<char*>(tensor.data_ptr());
-  const int64_t bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
   std::vector<MPI_Request> requests;
-  for (int64_t at = 0; at < bytes; at += max_chunk_) {
+  for_each_part(tensor, [&](char* at, int bytes) {
     requests.emplace_back();
-    check(MPI_Irecv(base + at, static_cast<int>(std::min(max_chunk_, bytes - at)), MPI_BYTE, peer, tag, comm_, &requests.back()),
-          "MPI_Irecv");
-  }
+    check(MPI_Irecv(at, bytes, MPI_BYTE, peer, tag, comm_, &requests.back()), "MPI_Irecv");
+  });
   wait_all(requests, "recv");
 }
 

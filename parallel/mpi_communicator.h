@@ -74,6 +74,10 @@ class MpiCommunicator : public Communicator {
   // Polls `request` until it completes; past the timeout, reports and aborts the whole job.
   void wait(MPI_Request& request, const char* operation) const;
   void wait_all(std::vector<MPI_Request>& requests, const char* operation) const;
+  // Calls post(pointer, bytes) for each consecutive part of the tensor's bytes, parts of at most
+  // max_chunk_ elements and of MPI's int count (none for an empty tensor); for the byte-moving calls.
+  template <typename Post>
+  void for_each_part(const torch::Tensor& tensor, Post&& post) const;
 
   MPI_Comm comm_;
   std::string name_;
