@@ -62,12 +62,31 @@ std::vector<TrainableParameter> select_trainable(const std::vector<std::pair<std
   return out;
 }
 
-AdamW::AdamW(std::vector<TrainableParameter> params, const TrainingConfig& t)
-    : params_(std::move(params)),
-      beta1_(t.adam_beta1),
-      beta2_(t.adam_beta2),
-      eps_(t.adam_eps),
-      weight_decay_(t.weight_decay) {
+void adamw_update(torch::Tensor& w, const torch::Tensor& g, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
+                  const TrainingConfig& h, double lr, bool decay, int64_t step) {
+  const double bias1 = 1.0 - std::pow(h.adam_beta1, static_cast<double>(step));
+  const double bias2_sqrt = std::sqrt(1.0 - std::pow(h.adam_beta2, static_cast<double>(step)));
+  if (decay && h.weight_decay > 0) w.mul_(1.0 - lr * h.weight_decay);
+  exp_avg.lerp_(g, 1.0 - h.adam_beta1);
+  exp_avg_sq.mul_(h.adam_beta2).addcmul_(g, g, 1.0 - h.adam_beta2);
+  const auto denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(h.adam_eps);
+  w.addcdiv_(exp_avg, denom, -lr / bias1);
+}
+
+int64_t Optimizer::num_trainable_elements() const {
+  int64_t n = 0;
+  for (const auto& p : params()) n += p.param.numel();
+  return n;
+}
+
+void report_state_problems(const std::string& source, const std::vector<std::string>& problems) {
+  if (problems.empty()) return;
+  fail_user("{}: the optimizer state does not match the trainable parameters ({} problem{}):\n  - {}\nWas the "
+            "checkpoint saved with other training.trainable / training.frozen settings or another model?",
+            source, problems.size(), problems.size() > 1 ? "s" : "", fmt::join(problems, "\n  - "));
+}
+
+AdamW::AdamW(std::vector<TrainableParameter> params, const TrainingConfig& t) : params_(std::move(params)), hyper_(t) {
   torch::NoGradGuard no_grad;
   for (const auto& p : params_) {
     const auto fp32 = p.param.options().dtype(torch::kFloat32);
@@ -101,21 +120,21 @@ void AdamW::accumulate_grads() {
   }
 }
 
-std::vector<torch::Tensor> AdamW::gradients() {
-  std::vector<torch::Tensor> out;
-  for (size_t i = 0; i < params_.size(); ++i) out.push_back(grad(i));
-  return out;
+std::pair<double, double> AdamW::grad_sq_norms() {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> replicated, expert;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    (params_[i].expert_parallel ? expert : replicated).push_back(grad(i).norm(2).to(torch::kFloat64));
+  }
+  auto sq = [](const std::vector<torch::Tensor>& norms) {
+    return norms.empty() ? 0.0 : torch::stack(norms).square().sum().item<double>();
+  };
+  return {sq(replicated), sq(expert)};
 }
 
-double AdamW::grad_norm() const {
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> norms;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const auto& g = main_grad_[i].defined() ? main_grad_[i] : params_[i].param.grad();
-    if (g.defined()) norms.push_back(g.norm(2).to(torch::kFloat32));
-  }
-  if (norms.empty()) return 0.0;
-  return torch::stack(norms).norm(2).item<double>();
+double AdamW::grad_norm() {
+  const auto [replicated, expert] = grad_sq_norms();
+  return std::sqrt(replicated + expert);
 }
 
 void AdamW::clip_grads(double norm, double clip) {
@@ -129,17 +148,9 @@ void AdamW::clip_grads(double norm, double clip) {
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++steps_;
-  const double bias1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
-  const double bias2_sqrt = std::sqrt(1.0 - std::pow(beta2_, static_cast<double>(steps_)));
   for (size_t i = 0; i < params_.size(); ++i) {
-    auto& g = grad(i);
     auto& w = master_[i].defined() ? master_[i] : params_[i].param;
-    // Same order of operations as torch.optim.AdamW (single-tensor path).
-    if (params_[i].weight_decay && weight_decay_ > 0) w.mul_(1.0 - lr * weight_decay_);
-    exp_avg_[i].lerp_(g, 1.0 - beta1_);
-    exp_avg_sq_[i].mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
-    const auto denom = (exp_avg_sq_[i].sqrt() / bias2_sqrt).add_(eps_);
-    w.addcdiv_(exp_avg_[i], denom, -lr / bias1);
+    adamw_update(w, grad(i), exp_avg_[i], exp_avg_sq_[i], hyper_, lr, params_[i].weight_decay, steps_);
     if (master_[i].defined()) params_[i].param.copy_(w);
   }
   zero_grads();
@@ -153,13 +164,7 @@ void AdamW::zero_grads() {
   }
 }
 
-int64_t AdamW::num_trainable_elements() const {
-  int64_t n = 0;
-  for (const auto& p : params_) n += p.param.numel();
-  return n;
-}
-
-NamedTensors AdamW::state() const {
+NamedTensors AdamW::state() {
   NamedTensors out;
   for (size_t i = 0; i < params_.size(); ++i) {
     out.emplace_back("exp_avg." + params_[i].name, exp_avg_[i]);
@@ -169,20 +174,19 @@ NamedTensors AdamW::state() const {
   return out;
 }
 
-void AdamW::load_state(const SafetensorsFile& file, int64_t steps) {
+void AdamW::load_state(const StateLookup& lookup, const std::string& source, int64_t steps) {
   torch::NoGradGuard no_grad;
   std::vector<std::string> problems;
   auto restore = [&](const std::string& name, torch::Tensor& into) {
-    if (!file.contains(name)) {
+    const auto t = lookup(name);
+    if (!t) {
       problems.push_back(fmt::format("{} is missing", name));
-      return;
+    } else if (t->sizes() != into.sizes()) {
+      problems.push_back(fmt::format("{} is [{}], the model needs [{}]", name, fmt::join(t->sizes(), ", "),
+                                     fmt::join(into.sizes(), ", ")));
+    } else {
+      into.copy_(*t);
     }
-    const auto& shape = file.info(name).shape;
-    if (c10::IntArrayRef(shape) != into.sizes()) {
-      problems.push_back(fmt::format("{} is [{}], the model needs [{}]", name, fmt::join(shape, ", "), fmt::join(into.sizes(), ", ")));
-      return;
-    }
-    into.copy_(file.tensor(name, torch::kFloat32));
   };
   for (size_t i = 0; i < params_.size(); ++i) {
     restore("exp_avg." + params_[i].name, exp_avg_[i]);
@@ -192,11 +196,7 @@ void AdamW::load_state(const SafetensorsFile& file, int64_t steps) {
       params_[i].param.copy_(master_[i]);
     }
   }
-  if (!problems.empty()) {
-    fail_user("{}: the optimizer state does not match the trainable parameters ({} problem{}):\n  - {}\nWas the "
-              "checkpoint saved with other training.trainable / training.frozen settings or another model?",
-              file.path(), problems.size(), problems.size() > 1 ? "s" : "", fmt::join(problems, "\n  - "));
-  }
+  report_state_problems(source, problems);
   steps_ = steps;
 }
 

@@ -1,4 +1,4 @@
-// defines: TrainableParameter, select_trainable, AdamW
+// defines: TrainableParameter, select_trainable, adamw_update, StateLookup, Optimizer, AdamW
 //
 // The optimizer side of training, independent of the model's structure: which parameters train
 // (freezing by name glob), and AdamW with decoupled weight decay over fp32 master weights.
@@ -12,6 +12,8 @@
 
 #include <torch/torch.h>
 
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,7 +22,8 @@ namespace moeforge {
 struct TrainableParameter {
   std::string name;
   torch::Tensor param;
-  bool weight_decay = true;  // false for biases and 1-D tensors (norms), as Megatron
+  bool weight_decay = true;      // false for biases and 1-D tensors (norms), as Megatron
+  bool expert_parallel = false;  // split over expert-parallel ranks (routed experts): reduced over EDP
 };
 
 // The parameters of `named` that train under training.trainable / training.frozen (globs with `*`
@@ -32,42 +35,76 @@ std::vector<TrainableParameter> select_trainable(const std::vector<std::pair<std
 
 bool glob_match(std::string_view pattern, std::string_view text);
 
-class AdamW {
+// One AdamW update of `w` in place, in torch.optim.AdamW's order of operations (single-tensor
+// path): decoupled decay, moments, bias-corrected step. `step` counts from 1. Shared by the
+// replicated and the sharded (ZeRO-1) optimizers so both do bit-identical math.
+void adamw_update(torch::Tensor& w, const torch::Tensor& g, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
+                  const TrainingConfig& hyper, double lr, bool decay, int64_t step);
+
+// Looks up a tensor of a saved optimizer state by name, as fp32 and shaped like this rank's
+// parameter (expert-parallel tensors already cut to this rank's experts); nullopt when absent.
+using StateLookup = std::function<std::optional<torch::Tensor>(const std::string& name)>;
+
+// What the trainer drives, one process or many: accumulate over micro-batches, reduce over the
+// data-parallel ranks, norm, clip, step.
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  // After a micro-batch's backward: moves the parameters' gradients into fp32 accumulators.
+  virtual void accumulate_grads() = 0;
+  // After the last micro-batch: the data-parallel reduction (nothing on one process).
+  virtual void reduce_grads() = 0;
+  // Global L2 norm of the reduced gradients, every parameter of the whole model counted once.
+  virtual double grad_norm() = 0;
+  // Scales every gradient by clip / (norm + 1e-6) when that is below 1 (Megatron, torch).
+  virtual void clip_grads(double norm, double clip) = 0;
+  // One AdamW update at learning rate `lr`, then zeroes the gradients.
+  virtual void step(double lr) = 0;
+  // Drops the accumulated gradients without an update (a skipped iteration).
+  virtual void zero_grads() = 0;
+
+  virtual int64_t steps() const = 0;
+  virtual const std::vector<TrainableParameter>& params() const = 0;
+  int64_t num_trainable_elements() const;
+
+  // Optimizer state for checkpoints, per parameter and shaped like this rank's parameters:
+  // exp_avg.<name>, exp_avg_sq.<name> and, in bf16, master.<name>. Collective for a sharded
+  // optimizer (every rank of its groups must call it).
+  virtual NamedTensors state() = 0;
+  // Restores state(); throws UserError naming `source` and every missing or mis-shaped tensor.
+  virtual void load_state(const StateLookup& lookup, const std::string& source, int64_t steps) = 0;
+};
+
+// AdamW over whole parameters, every rank holding the full state. On one process reduce_grads()
+// does nothing; DataParallelAdamW (parallel/) adds the data-parallel reduction and norm.
+class AdamW : public Optimizer {
  public:
   AdamW(std::vector<TrainableParameter> params, const TrainingConfig& training);
 
-  // After a micro-batch's backward: moves bf16 gradients into the fp32 accumulators (fp32
-  // gradients accumulate in place in .grad and need nothing).
-  void accumulate_grads();
-  // The fp32 gradient of every trainable parameter, in parameter order (zeros where a parameter
-  // got none), for reduction across ranks in place.
-  std::vector<torch::Tensor> gradients();
-  // Global L2 norm of the accumulated gradients, every trainable parameter counted once.
-  double grad_norm() const;
-  // Scales every gradient by clip / (norm + 1e-6) when that is below 1 (Megatron, torch).
-  void clip_grads(double norm, double clip);
-  // One AdamW update at learning rate `lr`, then zeroes the gradients.
-  void step(double lr);
-  // Drops the accumulated gradients without an update (a skipped iteration).
-  void zero_grads();
+  void accumulate_grads() override;
+  void reduce_grads() override {}
+  double grad_norm() override;
+  void clip_grads(double norm, double clip) override;
+  void step(double lr) override;
+  void zero_grads() override;
+  int64_t steps() const override { return steps_; }
+  const std::vector<TrainableParameter>& params() const override { return params_; }
+  NamedTensors state() override;
+  void load_state(const StateLookup& lookup, const std::string& source, int64_t steps) override;
 
-  int64_t steps() const { return steps_; }
-  const std::vector<TrainableParameter>& params() const { return params_; }
-  int64_t num_trainable_elements() const;
-
-  // Optimizer state for checkpoints: exp_avg.<name>, exp_avg_sq.<name> and, in bf16,
-  // master.<name>; `steps` goes with the trainer's state.
-  NamedTensors state() const;
-  // Restores state(); throws UserError naming every missing or mis-shaped tensor.
-  void load_state(const SafetensorsFile& file, int64_t steps);
+ protected:
+  torch::Tensor& grad(size_t i);  // the fp32 gradient of parameter i (zeros where it got none)
+  // Squared L2 norms of this rank's gradients: {replicated parameters, expert-parallel ones}.
+  std::pair<double, double> grad_sq_norms();
 
  private:
-  torch::Tensor& grad(size_t i);  // the fp32 gradient of parameter i
-
   std::vector<TrainableParameter> params_;
   std::vector<torch::Tensor> master_, main_grad_, exp_avg_, exp_avg_sq_;  // master/main_grad: bf16 only
-  double beta1_, beta2_, eps_, weight_decay_;
+  TrainingConfig hyper_;
   int64_t steps_ = 0;
 };
+
+// Throws the UserError load_state() reports for `problems` (does nothing when empty).
+void report_state_problems(const std::string& source, const std::vector<std::string>& problems);
 
 }  // namespace moeforge

@@ -3,6 +3,7 @@
 #include "core/config_loader.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "moe/expert_parallel.h"
 #include "moe/hf_checkpoint.h"
 
 #include <fcntl.h>
@@ -95,8 +96,8 @@ void recover_replaced(const fs::path& save) {
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const model::GPTModelImpl& model,
-                            const AdamW& optimizer, const ExperimentConfig& config, int64_t keep_latest_k) {
+std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,
+                            const ExperimentConfig& config, int64_t keep_latest_k) {
   const fs::path save(save_dir);
   fs::create_directories(save);
   // Leftovers of saves that were killed: never referenced by the tracker, safe to remove.
@@ -108,15 +109,15 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
   const fs::path tmp = save / fmt::format("{}.tmp-{}", iter_name(state.iteration), ::getpid());
   fs::create_directories(tmp);
 
-  moe::save_hf_checkpoint(model, tmp.string());
-  NamedTensors opt = optimizer.state();
+  moe::save_hf_checkpoint(config.model, contents.model, tmp.string());
+  NamedTensors opt = contents.optimizer;
   opt.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
   save_safetensors((tmp / kOptimizerFile).string(), opt, {{"format", "moeforge"}});
   json j = {{"iteration", state.iteration},
             {"consumed_train_samples", state.consumed_train_samples},
             {"consumed_valid_samples", state.consumed_valid_samples},
             {"lr_num_steps", state.lr_num_steps},
-            {"optimizer_steps", optimizer.steps()},
+            {"optimizer_steps", contents.optimizer_steps},
             {"skipped_iterations", state.skipped_iterations},
             {"bf16", config.training.bf16},
             {"moeforge_version", MOEFORGE_VERSION}};
@@ -237,7 +238,8 @@ void load_model_weights(const std::string& dir, model::GPTModelImpl& model) {
   }
 }
 
-TrainState load_training_state(const std::string& dir, AdamW& optimizer, bool bf16) {
+TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, int64_t ep_rank,
+                               int64_t ep_size) {
   const fs::path p(dir);
   std::ifstream in(p / kStateFile);
   json j;
@@ -264,7 +266,17 @@ TrainState load_training_state(const std::string& dir, AdamW& optimizer, bool bf
     fail_user("{}: {}", (p / kStateFile).string(), e.what());
   }
   const SafetensorsFile opt((p / kOptimizerFile).string());
-  optimizer.load_state(opt, optimizer_steps);
+  optimizer.load_state(
+      [&](const std::string& name) -> std::optional<torch::Tensor> {
+        if (!opt.contains(name)) return std::nullopt;
+        auto t = opt.tensor(name, torch::kFloat32);
+        if (ep_size > 1 && moe::is_expert_parallel_parameter(name)) {
+          if (t.dim() == 0 || t.size(0) % ep_size != 0) return t;  // reported as mis-shaped
+          t = moe::local_experts(t, ep_rank, ep_size);
+        }
+        return t;
+      },
+      opt.path(), optimizer_steps);
   if (opt.contains("rng.cpu")) {
     auto generator = at::detail::getDefaultCPUGenerator();
     generator.set_state(opt.tensor("rng.cpu"));

@@ -38,10 +38,18 @@ struct TrainState {
   int64_t skipped_iterations = 0;
 };
 
+// What a checkpoint holds, whole: every parameter and its optimizer state with all experts
+// (gathered from the ranks that hold them), so a checkpoint does not depend on the parallel layout.
+struct CheckpointContents {
+  NamedTensors model;      // our parameter names
+  NamedTensors optimizer;  // Optimizer::state() names
+  int64_t optimizer_steps = 0;
+};
+
 // Writes <save_dir>/iter_<iteration> atomically, points the tracker at it, then removes all but
 // the newest `keep_latest_k` checkpoints (0 = keep all). Returns the checkpoint's directory.
-std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const model::GPTModelImpl& model,
-                            const AdamW& optimizer, const ExperimentConfig& config, int64_t keep_latest_k);
+std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,
+                            const ExperimentConfig& config, int64_t keep_latest_k);
 
 struct CheckpointToLoad {
   std::string dir;
@@ -59,8 +67,10 @@ void load_model_weights(const std::string& dir, model::GPTModelImpl& model);
 
 // Restores the optimizer (and, in bf16, the model from the fp32 master weights) and the RNG from a
 // training checkpoint whose weights load_model_weights() already loaded; returns its state.
+// Under expert parallelism (ep_size > 1) expert tensors are cut to EP rank `ep_rank`'s experts.
 // Throws UserError when the checkpoint's training.bf16 differs from `bf16`.
-TrainState load_training_state(const std::string& dir, AdamW& optimizer, bool bf16);
+TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, int64_t ep_rank = 0,
+                               int64_t ep_size = 1);
 
 // "hidden_size: checkpoint 64, config 128" for every shape- or math-relevant value that differs.
 std::vector<std::string> model_config_differences(const ModelConfig& checkpoint, const ModelConfig& config);

@@ -43,6 +43,12 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
   for (const char* key : {"lm_loss", "aux_loss", "z_loss", "loss", "grad_norm"}) {
     if (!std::isfinite(j[key].get<double>())) j[key] = nullptr;
   }
+  if (!m.ep_tokens_received.empty()) {
+    j["ep_tokens_received"] = m.ep_tokens_received;
+    j["ep_tokens_received_max_over_mean"] = m.ep_tokens_received_max_over_mean;
+    j["all_to_all_bytes_sent"] = m.all_to_all_bytes_sent;
+    j["time_all_to_all_s"] = m.time_all_to_all_s;
+  }
   if (m.valid_lm_loss) {
     j["valid_lm_loss"] = *m.valid_lm_loss;
     j["valid_ppl"] = std::exp(std::min(*m.valid_lm_loss, 20.0));  // Megatron caps the exponent at 20
@@ -61,6 +67,10 @@ std::string step_log_line(const StepMetrics& m) {
   if (m.z_loss != 0) line += fmt::format("z loss: {:.6E} | ", m.z_loss);
   line += fmt::format("grad norm: {:.4f} | skipped iterations: {}", m.grad_norm, m.skipped_iterations);
   if (!m.expert_load_per_layer.empty()) line += fmt::format(" | expert load max/mean: {:.2f}", m.expert_load_max_over_mean);
+  if (!m.ep_tokens_received.empty()) {
+    line += fmt::format(" | EP tokens received max/mean: {:.2f} | all-to-all (ms): {:.1f}", m.ep_tokens_received_max_over_mean,
+                        m.time_all_to_all_s * 1e3);
+  }
   if (m.skipped) line += " | SKIPPED (non-finite loss or gradient)";
   return line;
 }

@@ -25,9 +25,15 @@ struct StepMetrics {
   int64_t skipped_iterations = 0;
   std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
   double expert_load_max_over_mean = 0;       // the largest of those
+  // Expert parallel only (empty otherwise): per MoE layer, the rows each DP rank's experts received
+  // over the step's micro-batches (dp rank order), the largest max/mean over ranks of any layer,
+  // and the bytes this rank sent in all-to-alls (forward and backward, rows kept locally excluded).
+  std::vector<std::vector<int64_t>> ep_tokens_received;
+  double ep_tokens_received_max_over_mean = 0;
+  int64_t all_to_all_bytes_sent = 0;
   // Timing and machine-dependent values.
   double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
-  double time_optimizer_s = 0;
+  double time_optimizer_s = 0, time_all_to_all_s = 0;  // all-to-all time is part of forward and backward
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
@@ -35,9 +41,9 @@ struct StepMetrics {
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-inline constexpr std::array<std::string_view, 16> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 17> kTimingMetricKeys{
     "step_time_s",       "time_data_s",       "time_forward_s",       "time_backward_s", "time_optimizer_s",
-    "time_grad_reduce_s",
+    "time_grad_reduce_s", "time_all_to_all_s",
     "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",     "mfu_6n",
     "peak_tflops",       "peak_source",       "peak_memory_bytes",    "time_eval_s",     "timestamp"};
 

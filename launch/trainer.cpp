@@ -6,8 +6,9 @@
 #include "data/blend.h"
 #include "data/datasets.h"
 #include "launch/commands.h"
+#include "moe/expert_parallel.h"
 #include "moe/moe_layer.h"
-#include "parallel/grad_sync.h"
+#include "parallel/data_parallel_optimizer.h"
 #include "parallel/layout.h"
 
 #include <fmt/format.h>
@@ -81,12 +82,12 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   const int64_t world = resolve_world_size(std::nullopt, c_.parallel.world_size, c_.parallel.pipeline_model_parallel_size,
                                            c_.parallel.expert_model_parallel_size, &world_source);
   const ParallelLayout layout = ParallelLayout::create(c_, world);
-  if (layout.pp() != 1 || layout.ep() != 1) {
-    fail_user("{}: moeforge train runs data-parallel layouts so far (pipeline and expert parallel training are not "
+  if (layout.pp() != 1) {
+    fail_user("{}: moeforge train runs data- and expert-parallel layouts so far (pipeline parallel training is not "
               "available yet), but this layout is {} (world size from {}). Train with "
-              "--set parallel.pipeline_model_parallel_size=1 --set parallel.expert_model_parallel_size=1{}; `moeforge "
-              "plan` sizes the other layouts.",
-              loaded_.path, layout.describe(), world_source, c_.parallel.world_size ? " --set parallel.world_size=1" : "");
+              "--set parallel.pipeline_model_parallel_size=1{}; `moeforge plan` sizes the other layouts.",
+              loaded_.path, layout.describe(), world_source,
+              c_.parallel.world_size ? " --set parallel.world_size=<DP>" : "");
   }
   if (layout.world() > 1) {
     mpi_ = std::make_unique<MpiRuntime>();
@@ -97,7 +98,10 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   }
   world_ = layout.world();
   dp_size_ = layout.dp();
-  dp_rank_ = layout.coordinates(groups_.world->rank()).dp;
+  const RankCoordinates coords = layout.coordinates(groups_.world->rank());
+  dp_rank_ = coords.dp;
+  ep_rank_ = coords.ep;
+  ep_size_ = layout.ep();
   micro_batches_ = layout.micro_batches_per_step();
 
   if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
@@ -135,15 +139,20 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   bool auto_resume = false;
   const auto checkpoint = checkpoint_to_start_from(c_.checkpoint, auto_resume);
   if (checkpoint) load_model_weights(checkpoint->dir, *model_);
+  // Expert parallel: every rank built the whole model (the same weights as one process); each now
+  // keeps its EP rank's experts and dispatches through the all-to-all.
+  dispatchers_ = moe::shard_experts(*model_, groups_.ep);
   if (t.bf16) model_->to(torch::kBFloat16);
   model_->to(device_);
 
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& item : model_->named_parameters()) named.emplace_back(item.key(), item.value());
-  optimizer_ = std::make_unique<AdamW>(select_trainable(named, t), t);
+  auto trainable = select_trainable(named, t);
+  for (auto& p : trainable) p.expert_parallel = moe::is_expert_parallel_parameter(p.name);
+  optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel.use_distributed_optimizer);
   schedule_ = std::make_unique<LrSchedule>(t);
   if (checkpoint && checkpoint->resume) {
-    state_ = load_training_state(checkpoint->dir, *optimizer_, t.bf16);
+    state_ = load_training_state(checkpoint->dir, *optimizer_, t.bf16, ep_rank_, ep_size_);
     schedule_->set_num_steps(state_.lr_num_steps);
     spdlog::info("resumed from {}{} at iteration {} ({} samples consumed)", checkpoint->dir,
                  auto_resume ? " (the latest in checkpoint.save)" : "", state_.iteration, state_.consumed_train_samples);
@@ -162,9 +171,12 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   const auto counts = count_parameters(c_.model);
   spdlog::info("{}", resolved_config_table(loaded_));
   spdlog::info("layout: {}", layout.describe());
-  spdlog::info("model: {} parameters ({} activated), {} trainable in {} tensors; {} on {}", human_count(counts.total),
-               human_count(counts.activated), human_count(optimizer_->num_trainable_elements()),
-               optimizer_->params().size(), t.bf16 ? "bf16 with fp32 master weights" : "fp32", device_.str());
+  spdlog::info("model: {} parameters ({} activated), {} trainable on this rank in {} tensors; {} on {}; {}",
+               human_count(counts.total), human_count(counts.activated),
+               human_count(optimizer_->num_trainable_elements()), optimizer_->params().size(),
+               t.bf16 ? "bf16 with fp32 master weights" : "fp32", device_.str(),
+               c_.parallel.use_distributed_optimizer ? "distributed optimizer (Adam state sharded over DP)"
+                                                     : "Adam state replicated");
   spdlog::info("data: train {} samples, valid {}", train_data_->size(),
                valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
@@ -216,6 +228,7 @@ StepMetrics Trainer::train_step() {
   auto losses = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));  // lm, aux, z, total
   torch::Tensor load_LE;  // routed slots per expert of each MoE layer, summed over micro-batches
   double data_s = 0, forward_s = 0, backward_s = 0;
+  for (auto& d : dispatchers_) d->stats().reset();
   for (int64_t i = 0; i < micro_batches_; ++i) {
     auto t0 = Clock::now();
     const Batch b = to_tensors(train_loader_->next());
@@ -237,8 +250,7 @@ StepMetrics Trainer::train_step() {
   }
   // Data parallel: gradients, losses and expert counts averaged / summed over the DP ranks.
   const auto reduce_start = Clock::now();
-  auto grads = optimizer_->gradients();
-  all_reduce_in_buckets(grads, *groups_.dp, ReduceOp::avg);
+  optimizer_->reduce_grads();
   if (dp_size_ > 1) {
     losses = losses.cpu();
     groups_.dp->all_reduce(losses, ReduceOp::avg);
@@ -248,6 +260,7 @@ StepMetrics Trainer::train_step() {
     }
   }
   m.time_grad_reduce_s = seconds_since(reduce_start);
+  if (!dispatchers_.empty()) record_dispatch(m);
   const auto mean_losses = (losses / static_cast<double>(micro_batches_)).cpu();
   m.lm_loss = mean_losses[0].item<double>();
   m.aux_loss = mean_losses[1].item<double>();
@@ -303,6 +316,25 @@ StepMetrics Trainer::train_step() {
   return m;
 }
 
+void Trainer::record_dispatch(StepMetrics& m) {
+  // Rows received per rank and layer, gathered over DP: load imbalance across EP ranks is what
+  // slows expert-parallel steps down, and what users look for.
+  auto received = torch::empty({static_cast<int64_t>(dispatchers_.size())}, torch::kInt64);
+  for (size_t l = 0; l < dispatchers_.size(); ++l) {
+    const auto& s = dispatchers_[l]->stats();
+    received[static_cast<int64_t>(l)] = s.rows_received;
+    m.all_to_all_bytes_sent += s.bytes_sent;
+    m.time_all_to_all_s += s.seconds;
+  }
+  const auto per_rank_L = groups_.dp->all_gather(received.unsqueeze(0)).t().contiguous();  // [layers, DP]
+  for (int64_t l = 0; l < per_rank_L.size(0); ++l) {
+    const auto row = per_rank_L[l];
+    m.ep_tokens_received.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+    const double mean = row.to(torch::kFloat64).mean().item<double>();
+    if (mean > 0) m.ep_tokens_received_max_over_mean = std::max(m.ep_tokens_received_max_over_mean, row.max().item<double>() / mean);
+  }
+}
+
 double Trainer::evaluate() {
   // Megatron's validation iterator continues where the previous evaluation stopped.
   const auto& t = c_.training;
@@ -323,10 +355,17 @@ double Trainer::evaluate() {
 }
 
 void Trainer::save() {
-  // Data-parallel ranks hold identical weights and optimizer state: rank 0 writes, the others wait.
+  // The checkpoint is whole: sharded optimizer state is gathered over DP, experts over EP (every
+  // rank takes part), then rank 0 writes it and the others wait.
   const auto t0 = Clock::now();
+  CheckpointContents contents;
+  contents.optimizer = optimizer_->state();
+  for (auto& item : model_->named_parameters()) contents.model.emplace_back(item.key(), item.value().detach());
+  moe::gather_expert_parallel(contents.model, *groups_.ep);
+  moe::gather_expert_parallel(contents.optimizer, *groups_.ep);
+  contents.optimizer_steps = optimizer_->steps();
   if (is_rank0()) {
-    const auto dir = save_checkpoint(c_.checkpoint.save, state_, *model_, *optimizer_, c_, c_.checkpoint.keep_latest_k);
+    const auto dir = save_checkpoint(c_.checkpoint.save, state_, contents, c_, c_.checkpoint.keep_latest_k);
     spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
   }
   groups_.world->barrier();

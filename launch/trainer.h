@@ -1,8 +1,9 @@
 // defines: TrainOptions, run_train, Trainer
 //
-// `moeforge train CONFIG [--set k=v ...] [--load DIR]`: pretraining on one process, or data
-// parallel under mpirun (each rank reads its slice of every global batch, gradients averaged over
-// the data-parallel group in buckets; rank 0 logs, writes metrics and saves). Per
+// `moeforge train CONFIG [--set k=v ...] [--load DIR]`: pretraining on one process, or data and
+// expert parallel under mpirun (each DP rank reads its slice of every global batch; each EP rank
+// holds num_experts / EP experts and exchanges tokens by all-to-all; gradients reduced by the
+// data-parallel optimizer, optionally ZeRO-1; rank 0 logs, writes metrics and saves). Per
 // iteration: global_batch / micro_batch micro-batches (Megatron's sampler order), forward,
 // backward of (LM + aux + z loss) / micro-batches, fp32 gradient accumulation, global-norm
 // clipping, AdamW with Megatron's LR schedule, one log line with MFU and one metrics.jsonl
@@ -18,6 +19,7 @@
 #include "data/loader.h"
 #include "launch/train_checkpoint.h"
 #include "launch/train_metrics.h"
+#include "moe/alltoall_dispatcher.h"
 #include "parallel/process_groups.h"
 
 #include <fstream>
@@ -48,6 +50,7 @@ class Trainer {
   void open_metrics();
   Batch to_tensors(const data::MicroBatch& mb) const;
   StepMetrics train_step();
+  void record_dispatch(StepMetrics& m);
   double evaluate();
   void save();
 
@@ -57,10 +60,11 @@ class Trainer {
   const ExperimentConfig& c_;
   std::unique_ptr<MpiRuntime> mpi_;  // under a launcher with more than one rank; outlives groups_
   ProcessGroups groups_;
-  int64_t dp_rank_ = 0, dp_size_ = 1, world_ = 1;
+  int64_t dp_rank_ = 0, dp_size_ = 1, ep_rank_ = 0, ep_size_ = 1, world_ = 1;
   torch::Device device_{torch::kCPU};
   model::GPTModel model_{nullptr};
-  std::unique_ptr<AdamW> optimizer_;
+  std::vector<std::shared_ptr<moe::AllToAllDispatcher>> dispatchers_;  // expert parallel only
+  std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<LrSchedule> schedule_;
   std::shared_ptr<const data::SampleSource> train_data_, valid_data_;
   std::unique_ptr<data::DataLoader> train_loader_;

@@ -17,6 +17,10 @@ struct Dispatched {
   std::vector<int64_t> rows_per_local_expert;  // block sizes of x_ND, in local-expert order
   torch::Tensor inverse_S;                     // what combine() needs to restore slot order
   int64_t dropped = 0;                         // slots dropped by a capacity limit
+  // Expert parallel only (AllToAllDispatcher): rows sent to / received from each EP rank, and the
+  // permutation from arrival order (by source rank) to local-expert order.
+  std::vector<int64_t> send_rows, recv_rows;
+  torch::Tensor regroup_N;
 };
 
 class Dispatcher {

@@ -270,15 +270,20 @@ HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
 }
 
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir) {
-  const ModelConfig& c = model.config();
+  NamedTensors params;
+  for (const auto& item : model.named_parameters()) params.emplace_back(item.key(), item.value().detach());
+  save_hf_checkpoint(model.config(), params, dir);
+}
+
+void save_hf_checkpoint(const ModelConfig& c, const NamedTensors& params, const std::string& dir) {
   NamedTensors tensors;
   torch::ScalarType dtype = torch::kFloat32;
-  for (const auto& item : model.named_parameters()) {
-    const auto p = item.value().detach();
+  for (const auto& [name, value] : params) {
+    const auto p = value.detach();
     dtype = p.scalar_type();
     int64_t layer = 0;
     bool gate_up = false;
-    if (is_experts(item.key(), &layer, &gate_up)) {
+    if (is_experts(name, &layer, &gate_up)) {
       for (int64_t e = 0; e < p.size(0); ++e) {
         const auto names = expert_names(layer, e, c.model_type);
         if (gate_up) {
@@ -291,7 +296,7 @@ void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir
       }
       continue;
     }
-    tensors.emplace_back(hub_name(item.key(), c.model_type), p.contiguous());
+    tensors.emplace_back(hub_name(name, c.model_type), p.contiguous());
   }
   fs::create_directories(dir);
   save_safetensors_checkpoint(dir, tensors);

@@ -11,6 +11,7 @@
 
 #include "core/config.h"
 #include "core/gpt_model.h"
+#include "core/safetensors.h"
 
 #include <nlohmann/json.hpp>
 
@@ -32,5 +33,8 @@ HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype = tor
 
 // Writes DIR/config.json and the safetensors files in the hub layout `transformers` loads.
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir);
+// The same from the model's parameters by our names (all experts present, e.g. gathered from
+// the expert-parallel ranks).
+void save_hf_checkpoint(const ModelConfig& config, const NamedTensors& params, const std::string& dir);
 
 }  // namespace moeforge::moe

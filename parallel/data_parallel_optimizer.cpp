@@ -1,0 +1,206 @@
+#include "parallel/data_parallel_optimizer.h"
+
+#include "parallel/grad_sync.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+
+namespace moeforge {
+
+namespace {
+
+double all_reduce_sum(double value, Communicator& group) {
+  if (group.size() == 1) return value;
+  auto t = torch::full({1}, value, torch::kFloat64);
+  group.all_reduce(t, ReduceOp::sum);
+  return t.item<double>();
+}
+
+}  // namespace
+
+DataParallelAdamW::DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
+                                     const ProcessGroups& groups)
+    : AdamW(std::move(params), training), groups_(groups) {}
+
+void DataParallelAdamW::reduce_grads() {
+  if (groups_.dp->size() == 1) return;
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> replicated, expert;
+  for (size_t i = 0; i < params().size(); ++i) (params()[i].expert_parallel ? expert : replicated).push_back(grad(i));
+  all_reduce_in_buckets(replicated, *groups_.dp, ReduceOp::avg);
+  // Each expert's gradient already holds the tokens that every EP rank sent it; summing over the
+  // ranks holding the same experts covers the global batch once, which the mean divides by DP.
+  all_reduce_in_buckets(expert, *groups_.edp, ReduceOp::sum);
+  for (auto& g : expert) g.div_(static_cast<double>(groups_.dp->size()));
+}
+
+double DataParallelAdamW::grad_norm() {
+  // Replicated gradients are equal on every rank after the reduction; expert parameters are split
+  // over the EP group, whose ranks each add theirs once.
+  const auto [replicated, expert] = grad_sq_norms();
+  return std::sqrt(replicated + all_reduce_sum(expert, *groups_.ep));
+}
+
+DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
+                                   const ProcessGroups& groups)
+    : params_(std::move(params)), groups_(groups), hyper_(training) {
+  torch::NoGradGuard no_grad;
+  for (const bool expert : {false, true}) {
+    for (const bool decay : {true, false}) {
+      Bucket b;
+      b.group = expert ? groups_.edp : groups_.dp;
+      b.decay = decay;
+      int64_t numel = 0;
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (params_[i].expert_parallel != expert || params_[i].weight_decay != decay) continue;
+        b.members.push_back(i);
+        b.offsets.push_back(numel);
+        numel += params_[i].param.numel();
+        mixed_ = mixed_ || params_[i].param.scalar_type() != torch::kFloat32;
+      }
+      if (b.members.empty()) continue;
+      const int64_t g = b.group->size();
+      b.padded = (numel + g - 1) / g * g;
+      b.shard = b.padded / g;
+      const auto fp32 = params_[b.members[0]].param.options().dtype(torch::kFloat32);
+      b.main_grad = torch::zeros({b.padded}, fp32);
+      b.master = flatten_params(b).narrow(0, b.group->rank() * b.shard, b.shard).clone();
+      b.exp_avg = torch::zeros({b.shard}, fp32);
+      b.exp_avg_sq = torch::zeros({b.shard}, fp32);
+      buckets_.push_back(std::move(b));
+    }
+  }
+}
+
+torch::Tensor DistributedAdamW::flatten_params(const Bucket& b) const {
+  auto flat = torch::zeros({b.padded}, params_[b.members[0]].param.options().dtype(torch::kFloat32));
+  for (size_t j = 0; j < b.members.size(); ++j) {
+    const auto& p = params_[b.members[j]].param;
+    flat.narrow(0, b.offsets[j], p.numel()).copy_(p.detach().reshape({-1}));
+  }
+  return flat;
+}
+
+void DistributedAdamW::accumulate_grads() {
+  torch::NoGradGuard no_grad;
+  for (auto& b : buckets_) {
+    for (size_t j = 0; j < b.members.size(); ++j) {
+      auto& g = params_[b.members[j]].param.mutable_grad();
+      if (!g.defined()) continue;
+      b.main_grad.narrow(0, b.offsets[j], g.numel()).add_(g.reshape({-1}).to(torch::kFloat32));
+      g = torch::Tensor();
+    }
+  }
+}
+
+void DistributedAdamW::reduce_grads() {
+  torch::NoGradGuard no_grad;
+  // Replicated: sum over DP / DP = the mean. Experts: sum over EDP / DP (see DataParallelAdamW).
+  const double dp = static_cast<double>(groups_.dp->size());
+  for (auto& b : buckets_) b.grad_shard = b.group->reduce_scatter(b.main_grad, ReduceOp::sum).div_(dp);
+}
+
+double DistributedAdamW::grad_norm() {
+  // Every element of the model lies in exactly one shard across the DP group: replicated buckets
+  // are split over DP, expert buckets over EDP within each EP rank's distinct experts.
+  double sq = 0;
+  for (const auto& b : buckets_) sq += b.grad_shard.to(torch::kFloat64).square().sum().item<double>();
+  return std::sqrt(all_reduce_sum(sq, *groups_.dp));
+}
+
+void DistributedAdamW::clip_grads(double norm, double clip) {
+  if (clip <= 0) return;
+  const double coeff = clip / (norm + 1e-6);
+  if (coeff >= 1.0) return;
+  for (auto& b : buckets_) b.grad_shard.mul_(coeff);
+}
+
+void DistributedAdamW::gather_into_params(Bucket& b) {
+  const auto full = b.group->all_gather(b.master);
+  for (size_t j = 0; j < b.members.size(); ++j) {
+    auto& p = params_[b.members[j]].param;
+    p.detach().copy_(full.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
+  }
+}
+
+void DistributedAdamW::step(double lr) {
+  torch::NoGradGuard no_grad;
+  ++steps_;
+  for (auto& b : buckets_) {
+    adamw_update(b.master, b.grad_shard, b.exp_avg, b.exp_avg_sq, hyper_, lr, b.decay, steps_);
+    gather_into_params(b);
+  }
+  zero_grads();
+}
+
+void DistributedAdamW::zero_grads() {
+  torch::NoGradGuard no_grad;
+  for (auto& b : buckets_) {
+    b.main_grad.zero_();
+    b.grad_shard = torch::Tensor();
+  }
+  for (auto& p : params_) p.param.mutable_grad() = torch::Tensor();
+}
+
+NamedTensors DistributedAdamW::state() {
+  NamedTensors out;
+  for (auto& b : buckets_) {
+    const auto exp_avg = b.group->all_gather(b.exp_avg);
+    const auto exp_avg_sq = b.group->all_gather(b.exp_avg_sq);
+    const auto master = mixed_ ? b.group->all_gather(b.master) : torch::Tensor();
+    for (size_t j = 0; j < b.members.size(); ++j) {
+      const auto& p = params_[b.members[j]];
+      auto part = [&](const torch::Tensor& flat) { return flat.narrow(0, b.offsets[j], p.param.numel()).view(p.param.sizes()); };
+      out.emplace_back("exp_avg." + p.name, part(exp_avg));
+      out.emplace_back("exp_avg_sq." + p.name, part(exp_avg_sq));
+      if (mixed_) out.emplace_back("master." + p.name, part(master));
+    }
+  }
+  return out;
+}
+
+void DistributedAdamW::load_state(const StateLookup& lookup, const std::string& source, int64_t steps) {
+  torch::NoGradGuard no_grad;
+  std::vector<std::string> problems;
+  for (auto& b : buckets_) {
+    auto exp_avg = torch::zeros({b.padded}, b.master.options());
+    auto exp_avg_sq = torch::zeros({b.padded}, b.master.options());
+    auto master = flatten_params(b);
+    for (size_t j = 0; j < b.members.size(); ++j) {
+      const auto& p = params_[b.members[j]];
+      auto restore = [&](const std::string& name, torch::Tensor& flat) {
+        const auto t = lookup(name);
+        if (!t) {
+          problems.push_back(fmt::format("{} is missing", name));
+        } else if (t->sizes() != p.param.sizes()) {
+          problems.push_back(fmt::format("{} is [{}], the model needs [{}]", name, fmt::join(t->sizes(), ", "),
+                                         fmt::join(p.param.sizes(), ", ")));
+        } else {
+          flat.narrow(0, b.offsets[j], p.param.numel()).copy_(t->reshape({-1}));
+        }
+      };
+      restore("exp_avg." + p.name, exp_avg);
+      restore("exp_avg_sq." + p.name, exp_avg_sq);
+      if (mixed_) restore("master." + p.name, master);
+    }
+    const int64_t begin = b.group->rank() * b.shard;
+    b.exp_avg.copy_(exp_avg.narrow(0, begin, b.shard));
+    b.exp_avg_sq.copy_(exp_avg_sq.narrow(0, begin, b.shard));
+    b.master.copy_(master.narrow(0, begin, b.shard));
+  }
+  report_state_problems(source, problems);
+  // The model's weights from the fp32 masters (in bf16 they are more precise than the saved model).
+  for (auto& b : buckets_) {
+    if (mixed_) gather_into_params(b);
+  }
+  steps_ = steps;
+}
+
+std::unique_ptr<Optimizer> make_optimizer(std::vector<TrainableParameter> params, const TrainingConfig& training,
+                                          const ProcessGroups& groups, bool distributed) {
+  if (distributed) return std::make_unique<DistributedAdamW>(std::move(params), training, groups);
+  return std::make_unique<DataParallelAdamW>(std::move(params), training, groups);
+}
+
+}  // namespace moeforge

@@ -1,0 +1,83 @@
+// defines: DataParallelAdamW, DistributedAdamW, make_optimizer
+//
+// The two data-parallel optimizers (parallel.use_distributed_optimizer picks one):
+//
+// DataParallelAdamW: every rank holds the whole fp32 state (as Megatron without
+//   --use-distributed-optimizer). Replicated gradients are averaged over DP in buckets; expert
+//   gradients (each EP rank holds other experts) are summed over the expert-data-parallel group
+//   and divided by DP, which is the same average over every token of the global batch.
+//
+// DistributedAdamW (ZeRO-1, Megatron's distributed optimizer): the trainable parameters are laid
+//   out in flat fp32 buffers, one per (replicated | expert, decay | no decay), each padded to a
+//   multiple of its group's size (DP for replicated, EDP for expert parameters). Micro-batch
+//   gradients accumulate into the flat buffer; reduce_grads() reduce-scatters it, so each rank
+//   keeps the summed gradient of its 1/G shard only; the fp32 master weights and Adam moments exist
+//   only for that shard; after the update the shards are all-gathered into the model's weights.
+//   Optimizer memory per rank drops from 12 to 12/G bytes per parameter (plus the 4-byte buffer).
+//
+// Both count every parameter of the model once in the gradient norm and do the same elementwise
+// AdamW math (adamw_update), so their updates are identical. Checkpoints hold per-parameter state
+// (state() gathers the shards), so a checkpoint does not depend on the layout it was saved from.
+#pragma once
+
+#include "core/optimizer.h"
+#include "parallel/process_groups.h"
+
+#include <memory>
+
+namespace moeforge {
+
+class DataParallelAdamW : public AdamW {
+ public:
+  DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups);
+  void reduce_grads() override;
+  double grad_norm() override;
+
+ private:
+  ProcessGroups groups_;
+};
+
+class DistributedAdamW : public Optimizer {
+ public:
+  DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups);
+
+  void accumulate_grads() override;
+  void reduce_grads() override;
+  double grad_norm() override;
+  void clip_grads(double norm, double clip) override;
+  void step(double lr) override;
+  void zero_grads() override;
+  int64_t steps() const override { return steps_; }
+  const std::vector<TrainableParameter>& params() const override { return params_; }
+  NamedTensors state() override;
+  void load_state(const StateLookup& lookup, const std::string& source, int64_t steps) override;
+
+ private:
+  // One flat buffer and this rank's shard of it.
+  struct Bucket {
+    std::shared_ptr<Communicator> group;  // dp (replicated parameters) or edp (experts)
+    bool decay = true;
+    std::vector<size_t> members;  // indices into params_
+    std::vector<int64_t> offsets;  // of each member in the flat buffer
+    int64_t padded = 0, shard = 0;  // flat size (a multiple of the group size), shard size
+    torch::Tensor main_grad;        // [padded] fp32: micro-batch gradients accumulate here
+    torch::Tensor grad_shard, master, exp_avg, exp_avg_sq;  // [shard] fp32
+  };
+  // The parameters' values (or zeros) laid out flat, [padded] fp32.
+  torch::Tensor flatten_params(const Bucket& b) const;
+  void gather_into_params(Bucket& b);
+
+  std::vector<TrainableParameter> params_;
+  std::vector<Bucket> buckets_;
+  ProcessGroups groups_;
+  TrainingConfig hyper_;
+  bool mixed_ = false;  // bf16 parameters: master weights are part of the saved state
+  int64_t steps_ = 0;
+};
+
+// DistributedAdamW when `distributed` (parallel.use_distributed_optimizer), else DataParallelAdamW
+// (which is plain AdamW on one process).
+std::unique_ptr<Optimizer> make_optimizer(std::vector<TrainableParameter> params, const TrainingConfig& training,
+                                          const ProcessGroups& groups, bool distributed);
+
+}  // namespace moeforge
