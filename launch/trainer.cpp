@@ -89,12 +89,27 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
               loaded_.path, layout.describe(), world_source,
               c_.parallel.world_size ? " --set parallel.world_size=<DP>" : "");
   }
+  if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
+  const bool gpu = c_.hardware.device == Device::cuda;
+  if (gpu && !torch::cuda::is_available()) {
+    fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
+#ifdef MOEFORGE_WITH_CUDA
+              "yes"
+#else
+              "no"
+#endif
+    );
+  }
   if (layout.world() > 1) {
     mpi_ = std::make_unique<MpiRuntime>();
+    // NCCL binds each communicator to the device current when it is made: choose it first.
+    if (gpu) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(select_cuda_device(mpi_->local_rank())));
     groups_ = ProcessGroups::create(
-        layout, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)));
+        layout, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)),
+        /*nccl=*/gpu);
   } else {
     groups_ = ProcessGroups::single();
+    if (gpu) device_ = torch::Device(torch::kCUDA, 0);
   }
   world_ = layout.world();
   dp_size_ = layout.dp();
@@ -103,20 +118,6 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   ep_rank_ = coords.ep;
   ep_size_ = layout.ep();
   micro_batches_ = layout.micro_batches_per_step();
-
-  if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
-  if (c_.hardware.device == Device::cuda) {
-    if (!torch::cuda::is_available()) {
-      fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
-#ifdef MOEFORGE_WITH_CUDA
-                "yes"
-#else
-                "no"
-#endif
-      );
-    }
-    device_ = torch::Device(torch::kCUDA, 0);
-  }
 
   // Data: Megatron's datasets for every split, read by the data-parallel sampler.
   data::validate_data_config(c_.data);

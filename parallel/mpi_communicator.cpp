@@ -6,6 +6,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <exception>
 #include <stdexcept>
 #include <thread>
 
@@ -88,7 +89,12 @@ MpiRuntime::MpiRuntime() {
 MpiRuntime::~MpiRuntime() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (initialized_here_ && !finalized) MPI_Finalize();
+  if (!initialized_here_ || finalized) return;
+  // Unwinding from an error that not every rank hit: the others may be inside a collective, where
+  // MPI_Finalize would wait for them forever. The error handler (run_train) reports it and aborts
+  // the whole job instead.
+  if (std::uncaught_exceptions() > 0 && world_size_ > 1) return;
+  MPI_Finalize();
 }
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned)

@@ -2,9 +2,14 @@
 
 #include "core/errors.h"
 
+#ifdef MOEFORGE_WITH_NCCL
+#include "parallel/nccl_communicator.h"
+#endif
+
 namespace moeforge {
 
-ProcessGroups ProcessGroups::create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world) {
+ProcessGroups ProcessGroups::create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world,
+                                    bool nccl) {
   if (world->size() != layout.world()) {
     fail_user("the launcher started {} ranks, but the layout is {}: launch with mpirun -np {} or change the layout",
               world->size(), layout.describe(), layout.world());
@@ -16,8 +21,25 @@ ProcessGroups ProcessGroups::create(const ParallelLayout& layout, const std::sha
   g.dp = world->group_of(layout.data_parallel_group(me), "dp");
   g.ep = world->group_of(layout.expert_parallel_group(me), "ep");
   g.edp = world->group_of(layout.expert_data_parallel_group(me), "edp");
+  if (nccl) {
+#ifdef MOEFORGE_WITH_NCCL
+    for (auto* group : {&g.pp, &g.dp, &g.ep, &g.edp}) {
+      *group = std::make_shared<NcclCommunicator>(*group, world->timeout_seconds());
+    }
+#else
+    fail_user("GPU training across ranks needs NCCL, and this build has no CUDA (see the GPU line of the CMake "
+              "summary). Build on a machine with nvcc matching the torch wheel, or train with hardware.device: cpu.");
+#endif
+  }
   return g;
 }
+
+#ifndef MOEFORGE_WITH_NCCL
+int select_cuda_device(int) {
+  fail_user("GPU training across ranks needs NCCL, and this build has no CUDA (see the GPU line of the CMake summary). "
+            "Build on a machine with nvcc matching the torch wheel, or train with hardware.device: cpu.");
+}
+#endif
 
 ProcessGroups ProcessGroups::single() {
   ProcessGroups g;

@@ -18,10 +18,17 @@ struct ProcessGroups {
   std::shared_ptr<Communicator> world, pp, dp, ep, edp;
 
   // Splits `world` (collective over it). Throws UserError when the launch's world size is not the
-  // layout's.
-  static ProcessGroups create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world);
+  // layout's. With `nccl` (GPU training) pp/dp/ep/edp are NcclCommunicators over those MPI groups
+  // (CUDA tensors over NCCL, CPU tensors over MPI); select_cuda_device() must have run. Throws
+  // UserError for `nccl` in a build without CUDA.
+  static ProcessGroups create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world,
+                              bool nccl = false);
   // Every group a group of one: a single process, no MPI.
   static ProcessGroups single();
 };
+
+// GPU training under a launcher: makes device `local_rank % visible GPUs` current (before any NCCL
+// communicator is made) and returns it. Throws UserError without a GPU or in a build without CUDA.
+int select_cuda_device(int local_rank);
 
 }  // namespace moeforge

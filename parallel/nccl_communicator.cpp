@@ -1,0 +1,220 @@
+#include "parallel/nccl_communicator.h"
+
+#include "core/errors.h"
+
+#include <c10/core/Event.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <fmt/format.h>
+#include <mpi.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+namespace moeforge {
+
+namespace {
+
+void check(ncclResult_t r, const char* call, const std::string& group) {
+  if (r != ncclSuccess) {
+    throw std::runtime_error(fmt::format("{} on group {} failed: {}", call, group, ncclGetErrorString(r)));
+  }
+}
+
+ncclDataType_t nccl_type(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return ncclFloat32;
+    case torch::kFloat64: return ncclFloat64;
+    case torch::kBFloat16: return ncclBfloat16;
+    case torch::kFloat16: return ncclFloat16;
+    case torch::kInt64: return ncclInt64;
+    case torch::kInt32: return ncclInt32;
+    case torch::kUInt8: return ncclUint8;
+    case torch::kInt8: return ncclInt8;
+    default: throw std::invalid_argument(fmt::format("NcclCommunicator: unsupported dtype {}", c10::toString(t.scalar_type())));
+  }
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum: return ncclSum;
+    case ReduceOp::avg: return ncclAvg;
+    case ReduceOp::max: return ncclMax;
+  }
+  return ncclSum;
+}
+
+void require_cuda_contiguous(const torch::Tensor& t, const char* op) {
+  if (!t.is_cuda() || !t.is_contiguous()) {
+    throw std::invalid_argument(fmt::format("NcclCommunicator::{}: tensors must be contiguous CUDA tensors", op));
+  }
+}
+
+}  // namespace
+
+struct NcclCommunicator::State {
+  ncclComm_t comm = nullptr;
+  int device = 0;
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream(); }
+};
+
+int select_cuda_device(int local_rank) {
+  const int count = c10::cuda::device_count();
+  if (count == 0) fail_user("hardware.device is cuda but no GPU is visible to local rank {}", local_rank);
+  const int device = local_rank % count;
+  c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+  return device;
+}
+
+NcclCommunicator::NcclCommunicator(std::shared_ptr<Communicator> mpi_group, double timeout_seconds)
+    : mpi_(std::move(mpi_group)), timeout_seconds_(timeout_seconds), state_(std::make_unique<State>()) {
+  state_->device = c10::cuda::current_device();
+  ncclUniqueId id{};
+  if (mpi_->rank() == 0) check(ncclGetUniqueId(&id), "ncclGetUniqueId", name());
+  auto id_bytes = torch::empty({static_cast<int64_t>(sizeof(id))}, torch::kUInt8);
+  std::memcpy(id_bytes.data_ptr(), &id, sizeof(id));
+  mpi_->broadcast(id_bytes, 0);
+  std::memcpy(&id, id_bytes.data_ptr(), sizeof(id));
+  check(ncclCommInitRank(&state_->comm, mpi_->size(), id, mpi_->rank()), "ncclCommInitRank", name());
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (state_ && state_->comm) ncclCommDestroy(state_->comm);
+}
+
+void NcclCommunicator::wait(const char* operation) {
+  // An event after the enqueued kernel, polled: completion or a timeout, never an endless wait.
+  c10::Event done(c10::DeviceType::CUDA);
+  done.record(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(state_->device)));
+  const auto start = std::chrono::steady_clock::now();
+  while (!done.query()) {
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(state_->comm, &async);
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (async != ncclSuccess || waited > timeout_seconds_) {
+      std::string ranks;
+      for (int r : world_ranks()) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+      std::fprintf(stderr,
+                   "error: NCCL %s on group %s (world ranks %s) %s after %.0f s. A peer is dead, hung or diverged "
+                   "(every rank must make the same calls); ending the job. Raise "
+                   "parallel.distributed_timeout_minutes if the step is legitimately that slow.\n",
+                   operation, name().c_str(), ranks.c_str(),
+                   async != ncclSuccess ? ncclGetErrorString(async) : "did not complete", waited);
+      std::fflush(stderr);
+      ncclCommAbort(state_->comm);
+      state_->comm = nullptr;
+      MPI_Abort(MPI_COMM_WORLD, 3);
+    }
+    std::this_thread::yield();
+  }
+}
+
+void NcclCommunicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
+  if (!tensor.is_cuda()) return mpi_->all_reduce(tensor, op);
+  require_cuda_contiguous(tensor, "all_reduce");
+  check(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
+                      nccl_op(op), state_->comm, state_->stream()),
+        "ncclAllReduce", name());
+  wait("all_reduce");
+}
+
+torch::Tensor NcclCommunicator::all_gather(const torch::Tensor& tensor) {
+  if (!tensor.is_cuda()) return mpi_->all_gather(tensor);
+  require_cuda_contiguous(tensor, "all_gather");
+  auto sizes = tensor.sizes().vec();
+  if (sizes.empty()) sizes = {1};
+  sizes[0] *= size();
+  auto out = torch::empty(sizes, tensor.options());
+  check(ncclAllGather(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
+                      state_->comm, state_->stream()),
+        "ncclAllGather", name());
+  wait("all_gather");
+  return out;
+}
+
+torch::Tensor NcclCommunicator::reduce_scatter(const torch::Tensor& tensor, ReduceOp op) {
+  if (!tensor.is_cuda()) return mpi_->reduce_scatter(tensor, op);
+  require_cuda_contiguous(tensor, "reduce_scatter");
+  if (tensor.dim() == 0 || tensor.size(0) % size() != 0) {
+    throw std::invalid_argument(fmt::format("NcclCommunicator::reduce_scatter: dim 0 must divide by the group size {}", size()));
+  }
+  auto sizes = tensor.sizes().vec();
+  sizes[0] /= size();
+  auto out = torch::empty(sizes, tensor.options());
+  check(ncclReduceScatter(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), nccl_type(tensor),
+                          nccl_op(op), state_->comm, state_->stream()),
+        "ncclReduceScatter", name());
+  wait("reduce_scatter");
+  return out;
+}
+
+torch::Tensor NcclCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                                           const std::vector<int64_t>& recv_rows) {
+  if (!tensor.is_cuda()) return mpi_->all_to_all(tensor, send_rows, recv_rows);
+  require_cuda_contiguous(tensor, "all_to_all");
+  if (send_rows.size() != static_cast<size_t>(size()) || recv_rows.size() != static_cast<size_t>(size())) {
+    throw std::invalid_argument("NcclCommunicator::all_to_all: one send and one receive count per rank");
+  }
+  auto sizes = tensor.sizes().vec();
+  int64_t row = 1;  // elements per row
+  for (size_t d = 1; d < sizes.size(); ++d) row *= sizes[d];
+  int64_t total = 0;
+  for (int64_t r : recv_rows) total += r;
+  sizes[0] = total;
+  auto out = torch::empty(sizes, tensor.options());
+  const auto type = nccl_type(tensor);
+  const auto bytes_per_row = row * static_cast<int64_t>(tensor.element_size());
+  // Uneven all-to-all as grouped point-to-point calls (NCCL has no alltoallv).
+  check(ncclGroupStart(), "ncclGroupStart", name());
+  int64_t send_at = 0, recv_at = 0;
+  for (int p = 0; p < size(); ++p) {
+    const auto s = static_cast<size_t>(p);
+    if (send_rows[s] > 0) {
+      check(ncclSend(static_cast<const char*>(tensor.data_ptr()) + send_at * bytes_per_row,
+                     static_cast<size_t>(send_rows[s] * row), type, p, state_->comm, state_->stream()),
+            "ncclSend", name());
+    }
+    if (recv_rows[s] > 0) {
+      check(ncclRecv(static_cast<char*>(out.data_ptr()) + recv_at * bytes_per_row, static_cast<size_t>(recv_rows[s] * row),
+                     type, p, state_->comm, state_->stream()),
+            "ncclRecv", name());
+    }
+    send_at += send_rows[s];
+    recv_at += recv_rows[s];
+  }
+  check(ncclGroupEnd(), "ncclGroupEnd", name());
+  wait("all_to_all");
+  return out;
+}
+
+void NcclCommunicator::broadcast(torch::Tensor& tensor, int root) {
+  if (!tensor.is_cuda()) return mpi_->broadcast(tensor, root);
+  require_cuda_contiguous(tensor, "broadcast");
+  check(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), root,
+                      state_->comm, state_->stream()),
+        "ncclBroadcast", name());
+  wait("broadcast");
+}
+
+void NcclCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
+  if (!tensor.is_cuda()) return mpi_->send(tensor, peer, tag);
+  require_cuda_contiguous(tensor, "send");
+  check(ncclSend(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm,
+                 state_->stream()),
+        "ncclSend", name());
+  wait("send");
+}
+
+void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
+  if (!tensor.is_cuda()) return mpi_->recv(tensor, peer, tag);
+  require_cuda_contiguous(tensor, "recv");
+  check(ncclRecv(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm,
+                 state_->stream()),
+        "ncclRecv", name());
+  wait("recv");
+}
+
+}  // namespace moeforge

@@ -1,0 +1,55 @@
+// defines: NcclCommunicator (and select_cuda_device of parallel/process_groups.h)
+//
+// The GPU backend: NCCL for CUDA tensors, built when CMake finds CUDA (MOEFORGE_WITH_CUDA) and
+// linked against the NCCL the torch wheel ships (one NCCL per process, the one torch loads).
+//
+// Made from an MPI group, collectively: rank 0 of the group creates the NCCL unique id, MPI
+// broadcasts it, every rank joins on its current CUDA device, which select_cuda_device() must
+// have set from the local rank before (NCCL binds a communicator to the device current at init).
+//
+// Stream contract: each call enqueues its NCCL kernel on the caller's current CUDA stream (so it is
+// ordered after the kernels that produced its input) and then waits, polling an event, until it
+// has completed: the same blocking contract and the same timeout as the CPU backends (a hung peer
+// aborts the communicator and ends the job with the call, the group and its ranks named).
+// CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the MPI group.
+// send/recv ignore the tag: NCCL matches point-to-point calls by order per peer.
+#pragma once
+
+#include "parallel/communicator.h"
+#include "parallel/process_groups.h"
+
+#include <memory>
+
+namespace moeforge {
+
+class NcclCommunicator : public Communicator {
+ public:
+  NcclCommunicator(std::shared_ptr<Communicator> mpi_group, double timeout_seconds);
+  ~NcclCommunicator() override;
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const override { return mpi_->rank(); }
+  int size() const override { return mpi_->size(); }
+  const std::string& name() const override { return mpi_->name(); }
+  const std::vector<int>& world_ranks() const override { return mpi_->world_ranks(); }
+
+  void all_reduce(torch::Tensor& tensor, ReduceOp op) override;
+  torch::Tensor all_gather(const torch::Tensor& tensor) override;
+  torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
+  torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                           const std::vector<int64_t>& recv_rows) override;
+  void broadcast(torch::Tensor& tensor, int root) override;
+  void send(const torch::Tensor& tensor, int peer, int tag) override;
+  void recv(torch::Tensor& tensor, int peer, int tag) override;
+  void barrier() override { mpi_->barrier(); }
+
+ private:
+  struct State;  // NCCL and CUDA types stay out of this header
+  void wait(const char* operation);
+  std::shared_ptr<Communicator> mpi_;
+  double timeout_seconds_;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace moeforge
