@@ -38,14 +38,24 @@ GPTModelImpl::GPTModelImpl(const ModelConfig& c, const FeedForwardFactory& make_
 }
 
 ModelOutput GPTModelImpl::forward(const torch::Tensor& tokens_BS, const torch::Tensor& position_ids_BS) {
+  return forward_layers(tokens_BS, position_ids_BS, 0, static_cast<int64_t>(layers->size()));
+}
+
+ModelOutput GPTModelImpl::forward_layers(const torch::Tensor& input, const torch::Tensor& position_ids_BS, int64_t begin,
+                                         int64_t end) {
   ModelOutput out;
-  auto x_BSD = embed_tokens(tokens_BS);
+  auto x_BSD = begin == 0 ? embed_tokens(input) : input;
   const auto [cos, sin] = rope_.tables(position_ids_BS, x_BSD.scalar_type());
-  out.layers.resize(layers->size());
+  out.layers.resize(static_cast<size_t>(end - begin));
   const bool full = recompute_ == RecomputeGranularity::full && torch::GradMode::is_enabled();
-  for (size_t i = 0; i < layers->size(); ++i) {
-    auto* layer = layers[i]->as<DecoderLayer>();
-    x_BSD = full ? checkpointed_layer(layer, x_BSD, cos, sin, out.layers[i]) : layer->forward(x_BSD, cos, sin, out.layers[i]);
+  for (int64_t i = begin; i < end; ++i) {
+    auto* layer = layers[static_cast<size_t>(i)]->as<DecoderLayer>();
+    auto& stats = out.layers[static_cast<size_t>(i - begin)];
+    x_BSD = full ? checkpointed_layer(layer, x_BSD, cos, sin, stats) : layer->forward(x_BSD, cos, sin, stats);
+  }
+  if (end < static_cast<int64_t>(layers->size())) {
+    out.hidden_BSD = x_BSD;
+    return out;
   }
   x_BSD = norm(x_BSD);
   out.logits_BSV = lm_head ? lm_head(x_BSD) : torch::matmul(x_BSD, embed_tokens->weight.t());

@@ -31,14 +31,19 @@ class DecoderLayerImpl : public torch::nn::Module {
 TORCH_MODULE(DecoderLayer);
 
 struct ModelOutput {
-  torch::Tensor logits_BSV;
-  std::vector<FeedForwardOutput> layers;  // per layer, for the load-balancing losses
+  torch::Tensor logits_BSV;               // when the run reached the head
+  torch::Tensor hidden_BSD;               // otherwise: the last layer's output
+  std::vector<FeedForwardOutput> layers;  // per layer run, for the load-balancing losses
 };
 
 class GPTModelImpl : public torch::nn::Module {
  public:
   GPTModelImpl(const ModelConfig& config, const FeedForwardFactory& make_ffn);
   ModelOutput forward(const torch::Tensor& tokens_BS, const torch::Tensor& position_ids_BS);
+  // Layers [begin, end) only (a pipeline stage runs one such slice): `input` is the tokens when
+  // begin == 0 (the embedding runs), else the hidden states entering layer `begin`; the final norm
+  // and head run when end == num_layers (logits), else the output is hidden_BSD.
+  ModelOutput forward_layers(const torch::Tensor& input, const torch::Tensor& position_ids_BS, int64_t begin, int64_t end);
   const ModelConfig& config() const { return config_; }
   // training.recompute_granularity: full recomputes each decoder layer in backward, selective the
   // attention core; the results are the same, the memory is not.

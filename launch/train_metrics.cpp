@@ -29,6 +29,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {"time_backward_s", m.time_backward_s},
       {"time_grad_reduce_s", m.time_grad_reduce_s},
       {"time_optimizer_s", m.time_optimizer_s},
+      {"time_pipeline_wait_s", m.time_pipeline_wait_s},
       {"tokens_per_s_per_device", m.tokens_per_s_per_device},
       {"tflops_per_device", m.tflops_per_device},
       {"tflops_6n_per_device", m.tflops_6n_per_device},

@@ -34,6 +34,7 @@ struct StepMetrics {
   // Timing and machine-dependent values.
   double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
   double time_optimizer_s = 0, time_all_to_all_s = 0;  // all-to-all time is part of forward and backward
+  double time_pipeline_wait_s = 0;  // in pipeline sends and receives (bubble and transfers); 0 without PP
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
@@ -41,9 +42,9 @@ struct StepMetrics {
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-inline constexpr std::array<std::string_view, 17> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 18> kTimingMetricKeys{
     "step_time_s",       "time_data_s",       "time_forward_s",       "time_backward_s", "time_optimizer_s",
-    "time_grad_reduce_s", "time_all_to_all_s",
+    "time_grad_reduce_s", "time_all_to_all_s", "time_pipeline_wait_s",
     "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",     "mfu_6n",
     "peak_tflops",       "peak_source",       "peak_memory_bytes",    "time_eval_s",     "timestamp"};
 

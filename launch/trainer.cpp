@@ -9,6 +9,7 @@
 #include "moe/expert_parallel.h"
 #include "moe/moe_layer.h"
 #include "parallel/data_parallel_optimizer.h"
+#include "parallel/pipeline.h"
 #include "parallel/layout.h"
 
 #include <fmt/format.h>
@@ -16,6 +17,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cmath>
@@ -82,12 +84,17 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   const int64_t world = resolve_world_size(std::nullopt, c_.parallel.world_size, c_.parallel.pipeline_model_parallel_size,
                                            c_.parallel.expert_model_parallel_size, &world_source);
   const ParallelLayout layout = ParallelLayout::create(c_, world);
-  if (layout.pp() != 1) {
-    fail_user("{}: moeforge train runs data- and expert-parallel layouts so far (pipeline parallel training is not "
-              "available yet), but this layout is {} (world size from {}). Train with "
-              "--set parallel.pipeline_model_parallel_size=1{}; `moeforge plan` sizes the other layouts.",
-              loaded_.path, layout.describe(), world_source,
-              c_.parallel.world_size ? " --set parallel.world_size=<DP>" : "");
+  if (layout.pp() > 1 && !c_.model.untie_embeddings_and_output_weights) {
+    fail_user("{}: pipeline parallel training needs untied embeddings (the embedding lives on the first stage, the "
+              "head on the last), but model.untie_embeddings_and_output_weights is false. Set it to true or train "
+              "with parallel.pipeline_model_parallel_size: 1.",
+              loaded_.path);
+  }
+  if (layout.pp() > 1 && c_.model.moe_router_load_balancing_type == LoadBalancingType::hf_pooled_aux_loss) {
+    fail_user("{}: model.moe_router_load_balancing_type hf_pooled_aux_loss pools the router statistics of all layers, "
+              "which pipeline stages do not share; with parallel.pipeline_model_parallel_size {} use aux_loss or "
+              "seq_aux_loss (per layer, as Megatron).",
+              loaded_.path, layout.pp());
   }
   if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
   const bool gpu = c_.hardware.device == Device::cuda;
@@ -114,6 +121,10 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   world_ = layout.world();
   dp_size_ = layout.dp();
   const RankCoordinates coords = layout.coordinates(groups_.world->rank());
+  stage_begin_ = layout.first_layer(coords.pp);
+  stage_end_ = stage_begin_ + layout.layers_per_stage()[static_cast<size_t>(coords.pp)];
+  for (int64_t l = 0, n = 0; l < c_.model.num_layers; ++l) moe_index_.push_back(c_.model.is_moe_layer(l) ? n++ : -1);
+  num_moe_layers_ = static_cast<int64_t>(std::count_if(moe_index_.begin(), moe_index_.end(), [](int64_t i) { return i >= 0; }));
   dp_rank_ = coords.dp;
   ep_rank_ = coords.ep;
   ep_size_ = layout.ep();
@@ -148,7 +159,18 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
 
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& item : model_->named_parameters()) named.emplace_back(item.key(), item.value());
-  auto trainable = select_trainable(named, t);
+  auto trainable = select_trainable(named, t);  // the patterns are checked against the whole model
+  // Pipeline parallel: this stage keeps its layers (the embedding on the first, norm and head on the
+  // last); the other parameters are released and neither train nor count in this rank's norm.
+  std::erase_if(trainable, [&](const TrainableParameter& p) { return !on_stage(p.name); });
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, p] : named) {
+      if (on_stage(name)) continue;
+      p.set_requires_grad(false);
+      p.set_data(torch::empty({0}, p.options()));
+    }
+  }
   for (auto& p : trainable) p.expert_parallel = moe::is_expert_parallel_parameter(p.name);
   optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel.use_distributed_optimizer);
   schedule_ = std::make_unique<LrSchedule>(t);
@@ -227,41 +249,49 @@ StepMetrics Trainer::train_step() {
   m.lr = schedule_->current();
   // Summed on the device and read once per step: a GPU is not synchronized per micro-batch.
   auto losses = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));  // lm, aux, z, total
-  torch::Tensor load_LE;  // routed slots per expert of each MoE layer, summed over micro-batches
-  double data_s = 0, forward_s = 0, backward_s = 0;
+  // Routed slots per expert of every MoE layer of the model (zeros for other stages' layers).
+  auto load_LE = torch::zeros({std::max<int64_t>(num_moe_layers_, 1), c_.model.num_experts.value_or(1)},
+                              torch::TensorOptions().dtype(torch::kInt64).device(device_));
+  double data_s = 0;
   for (auto& d : dispatchers_) d->stats().reset();
-  for (int64_t i = 0; i < micro_batches_; ++i) {
+  StageCallbacks callbacks;
+  callbacks.forward = [&](int64_t, const torch::Tensor& input) {
     auto t0 = Clock::now();
     const Batch b = to_tensors(train_loader_->next());
     data_s += seconds_since(t0);
-    t0 = Clock::now();
-    const auto out = model_->forward(b.tokens, b.position_ids);
+    const auto out = model_->forward_layers(stage_begin_ == 0 ? b.tokens : input, b.position_ids, stage_begin_, stage_end_);
     const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask);
-    forward_s += seconds_since(t0);
-    t0 = Clock::now();
-    (loss.total / static_cast<double>(micro_batches_)).backward();
-    optimizer_->accumulate_grads();
-    backward_s += seconds_since(t0);
     losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
-    std::vector<torch::Tensor> counts;
-    for (const auto& layer : out.layers) {
-      if (layer.tokens_per_expert_E) counts.push_back(*layer.tokens_per_expert_E);
+    for (size_t j = 0; j < out.layers.size(); ++j) {
+      const auto& layer = out.layers[j];
+      const int64_t moe = moe_index_[static_cast<size_t>(stage_begin_) + j];
+      if (layer.tokens_per_expert_E && moe >= 0) load_LE[moe] += *layer.tokens_per_expert_E;
     }
-    if (!counts.empty()) load_LE = load_LE.defined() ? load_LE + torch::stack(counts) : torch::stack(counts);
-  }
-  // Data parallel: gradients, losses and expert counts averaged / summed over the DP ranks.
+    StageOutput o;
+    o.output = out.hidden_BSD;
+    // Backward runs on (LM + aux + z) / micro-batches; a stage without the head adds its layers'
+    // auxiliary losses to the gradient coming from the next stage.
+    if (loss.total.requires_grad()) o.loss = loss.total / static_cast<double>(micro_batches_);
+    return o;
+  };
+  callbacks.after_backward = [&] { optimizer_->accumulate_grads(); };
+  const auto times = run_1f1b(*groups_.pp, micro_batches_, activation_shape(), activation_options(), callbacks);
+  // Losses are summed over the stages (the LM loss lives on the last, auxiliary losses on every
+  // stage), then averaged over the data-parallel ranks; expert counts are summed.
   const auto reduce_start = Clock::now();
   optimizer_->reduce_grads();
-  if (dp_size_ > 1) {
+  if (world_ > 1) {
     losses = losses.cpu();
+    load_LE = load_LE.cpu().contiguous();
+    groups_.pp->all_reduce(losses, ReduceOp::sum);
+    groups_.pp->all_reduce(load_LE, ReduceOp::sum);
     groups_.dp->all_reduce(losses, ReduceOp::avg);
-    if (load_LE.defined()) {
-      load_LE = load_LE.cpu().contiguous();
-      groups_.dp->all_reduce(load_LE, ReduceOp::sum);
-    }
+    groups_.dp->all_reduce(load_LE, ReduceOp::sum);
   }
   m.time_grad_reduce_s = seconds_since(reduce_start);
   if (!dispatchers_.empty()) record_dispatch(m);
+  const double forward_s = times.forward_s - data_s, backward_s = times.backward_s;
+  m.time_pipeline_wait_s = times.p2p_s;
   const auto mean_losses = (losses / static_cast<double>(micro_batches_)).cpu();
   m.lm_loss = mean_losses[0].item<double>();
   m.aux_loss = mean_losses[1].item<double>();
@@ -287,7 +317,7 @@ StepMetrics Trainer::train_step() {
   ++state_.iteration;
   state_.consumed_train_samples += t.global_batch_size;
   state_.lr_num_steps = schedule_->num_steps();
-  if (load_LE.defined()) {
+  if (num_moe_layers_ > 0) {
     const auto load = load_LE.to(torch::kCPU, torch::kFloat64);
     for (int64_t l = 0; l < load.size(0); ++l) {
       const double mean = load[l].mean().item<double>();
@@ -317,9 +347,27 @@ StepMetrics Trainer::train_step() {
   return m;
 }
 
+bool Trainer::on_stage(const std::string& name) const {
+  if (name.starts_with("layers.")) {
+    const int64_t layer = std::stoll(name.substr(7));
+    return layer >= stage_begin_ && layer < stage_end_;
+  }
+  if (name.starts_with("embed_tokens.")) return stage_begin_ == 0;
+  return stage_end_ == c_.model.num_layers;  // the final norm and the head
+}
+
+std::vector<int64_t> Trainer::activation_shape() const {
+  return {c_.training.micro_batch_size, c_.training.seq_length, c_.model.hidden_size};
+}
+
+torch::TensorOptions Trainer::activation_options() const {
+  return torch::TensorOptions().dtype(c_.training.bf16 ? torch::kBFloat16 : torch::kFloat32).device(device_);
+}
+
 void Trainer::record_dispatch(StepMetrics& m) {
   // Rows received per rank and layer, gathered over DP: load imbalance across EP ranks is what
   // slows expert-parallel steps down, and what users look for.
+  // Dispatchers of other stages' layers moved nothing: the sum over the pipeline fills every layer.
   auto received = torch::empty({static_cast<int64_t>(dispatchers_.size())}, torch::kInt64);
   for (size_t l = 0; l < dispatchers_.size(); ++l) {
     const auto& s = dispatchers_[l]->stats();
@@ -327,6 +375,7 @@ void Trainer::record_dispatch(StepMetrics& m) {
     m.all_to_all_bytes_sent += s.bytes_sent;
     m.time_all_to_all_s += s.seconds;
   }
+  groups_.pp->all_reduce(received, ReduceOp::sum);
   const auto per_rank_L = groups_.dp->all_gather(received.unsqueeze(0)).t().contiguous();  // [layers, DP]
   for (int64_t l = 0; l < per_rank_L.size(0); ++l) {
     const auto row = per_rank_L[l];
@@ -341,16 +390,20 @@ double Trainer::evaluate() {
   const auto& t = c_.training;
   torch::NoGradGuard no_grad;
   data::DataLoader loader(valid_data_, t.micro_batch_size, dp_rank_, dp_size_, state_.consumed_valid_samples, 2);
-  double total = 0;
+  double total = 0;  // the LM loss, on the last stage
   for (int64_t it = 0; it < t.eval_iters; ++it) {
-    for (int64_t i = 0; i < micro_batches_; ++i) {
-      const Batch b = to_tensors(loader.next());
-      const auto out = model_->forward(b.tokens, b.position_ids);
-      total += model::lm_loss(out.logits_BSV, b.labels, b.loss_mask).item<double>();
-    }
+    run_forward_only(*groups_.pp, micro_batches_, activation_shape(), activation_options(),
+                     [&](int64_t, const torch::Tensor& input) {
+                       const Batch b = to_tensors(loader.next());
+                       const auto out = model_->forward_layers(stage_begin_ == 0 ? b.tokens : input, b.position_ids,
+                                                               stage_begin_, stage_end_);
+                       if (out.logits_BSV.defined()) total += model::lm_loss(out.logits_BSV, b.labels, b.loss_mask).item<double>();
+                       return StageOutput{out.hidden_BSD, {}};
+                     });
     state_.consumed_valid_samples += t.global_batch_size;
   }
   auto mean = torch::full({1}, total / static_cast<double>(t.eval_iters * micro_batches_), torch::kFloat64);
+  groups_.pp->all_reduce(mean, ReduceOp::sum);
   groups_.dp->all_reduce(mean, ReduceOp::avg);
   return mean.item<double>();
 }
@@ -361,9 +414,13 @@ void Trainer::save() {
   const auto t0 = Clock::now();
   CheckpointContents contents;
   contents.optimizer = optimizer_->state();
-  for (auto& item : model_->named_parameters()) contents.model.emplace_back(item.key(), item.value().detach());
+  for (auto& item : model_->named_parameters()) {
+    if (on_stage(item.key())) contents.model.emplace_back(item.key(), item.value().detach());
+  }
   moe::gather_expert_parallel(contents.model, *groups_.ep);
   moe::gather_expert_parallel(contents.optimizer, *groups_.ep);
+  gather_to_first_stage(contents.model, *groups_.pp);
+  gather_to_first_stage(contents.optimizer, *groups_.pp);
   contents.optimizer_steps = optimizer_->steps();
   if (is_rank0()) {
     const auto dir = save_checkpoint(c_.checkpoint.save, state_, contents, c_, c_.checkpoint.keep_latest_k);

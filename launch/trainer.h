@@ -51,6 +51,9 @@ class Trainer {
   Batch to_tensors(const data::MicroBatch& mb) const;
   StepMetrics train_step();
   void record_dispatch(StepMetrics& m);
+  bool on_stage(const std::string& parameter_name) const;  // held by this pipeline stage
+  std::vector<int64_t> activation_shape() const;          // what stages send each other
+  torch::TensorOptions activation_options() const;
   double evaluate();
   void save();
 
@@ -61,6 +64,9 @@ class Trainer {
   std::unique_ptr<MpiRuntime> mpi_;  // under a launcher with more than one rank; outlives groups_
   ProcessGroups groups_;
   int64_t dp_rank_ = 0, dp_size_ = 1, ep_rank_ = 0, ep_size_ = 1, world_ = 1;
+  int64_t stage_begin_ = 0, stage_end_ = 0;  // this pipeline stage's layers
+  std::vector<int64_t> moe_index_;            // per layer: its index among MoE layers, or -1
+  int64_t num_moe_layers_ = 0;
   torch::Device device_{torch::kCPU};
   model::GPTModel model_{nullptr};
   std::vector<std::shared_ptr<moe::AllToAllDispatcher>> dispatchers_;  // expert parallel only

@@ -59,7 +59,9 @@ model::GPTModel build_model(const ModelConfig& config) {
 LossBreakdown model_loss(const ModelConfig& c, const model::ModelOutput& out, const torch::Tensor& labels_BS,
                          const torch::Tensor& loss_mask_BS) {
   LossBreakdown l;
-  l.lm = model::lm_loss(out.logits_BSV, labels_BS, loss_mask_BS);
+  // A pipeline stage without the head contributes only its layers' auxiliary losses.
+  l.lm = out.logits_BSV.defined() ? model::lm_loss(out.logits_BSV, labels_BS, loss_mask_BS)
+                                  : torch::zeros({}, out.hidden_BSD.options().dtype(torch::kFloat32));
   l.aux = torch::zeros({}, l.lm.options());
   l.z = torch::zeros({}, l.lm.options());
   std::vector<torch::Tensor> logits;

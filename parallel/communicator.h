@@ -46,6 +46,10 @@ class Communicator {
   virtual void broadcast(torch::Tensor& tensor, int root) = 0;
   virtual void send(const torch::Tensor& tensor, int peer, int tag) = 0;
   virtual void recv(torch::Tensor& tensor, int peer, int tag) = 0;  // into a tensor of the sent shape
+  // send() to `send_peer` and recv() from `recv_peer` in one call, both in flight together: the
+  // pipeline's paired exchanges (send an activation, receive a gradient), which would deadlock as
+  // two blocking calls when both neighbours send first.
+  virtual void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) = 0;
   virtual void barrier() = 0;
 };
 
@@ -65,6 +69,7 @@ class LocalCommunicator : public Communicator {
   void broadcast(torch::Tensor&, int root) override;
   void send(const torch::Tensor&, int peer, int) override;
   void recv(torch::Tensor&, int peer, int) override;
+  void send_recv(const torch::Tensor&, int send_peer, torch::Tensor&, int, int) override { send({}, send_peer, 0); }
   void barrier() override {}
 
  private:

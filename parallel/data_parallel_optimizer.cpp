@@ -38,8 +38,9 @@ void DataParallelAdamW::reduce_grads() {
 double DataParallelAdamW::grad_norm() {
   // Replicated gradients are equal on every rank after the reduction; expert parameters are split
   // over the EP group, whose ranks each add theirs once.
+  // Pipeline stages hold different parameters: their squares add up.
   const auto [replicated, expert] = grad_sq_norms();
-  return std::sqrt(replicated + all_reduce_sum(expert, *groups_.ep));
+  return std::sqrt(all_reduce_sum(replicated + all_reduce_sum(expert, *groups_.ep), *groups_.pp));
 }
 
 DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
@@ -106,7 +107,7 @@ double DistributedAdamW::grad_norm() {
   // are split over DP, expert buckets over EDP within each EP rank's distinct experts.
   double sq = 0;
   for (const auto& b : buckets_) sq += b.grad_shard.to(torch::kFloat64).square().sum().item<double>();
-  return std::sqrt(all_reduce_sum(sq, *groups_.dp));
+  return std::sqrt(all_reduce_sum(all_reduce_sum(sq, *groups_.dp), *groups_.pp));
 }
 
 void DistributedAdamW::clip_grads(double norm, double clip) {

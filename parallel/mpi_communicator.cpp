@@ -306,6 +306,21 @@ void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
   wait_all(requests, "recv");
 }
 
+void MpiCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) {
+  require_cpu_contiguous(send, "send_recv");
+  require_cpu_contiguous(recv, "send_recv");
+  std::vector<MPI_Request> requests;
+  for_each_part(recv, [&](char* at, int bytes) {
+    requests.emplace_back();
+    check(MPI_Irecv(at, bytes, MPI_BYTE, recv_peer, tag, comm_, &requests.back()), "MPI_Irecv");
+  });
+  for_each_part(send, [&](char* at, int bytes) {
+    requests.emplace_back();
+    check(MPI_Isend(at, bytes, MPI_BYTE, send_peer, tag, comm_, &requests.back()), "MPI_Isend");
+  });
+  wait_all(requests, "send_recv");
+}
+
 void MpiCommunicator::barrier() {
   MPI_Request request;
   check(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");

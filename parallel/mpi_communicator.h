@@ -67,6 +67,7 @@ class MpiCommunicator : public Communicator {
   void broadcast(torch::Tensor& tensor, int root) override;
   void send(const torch::Tensor& tensor, int peer, int tag) override;
   void recv(torch::Tensor& tensor, int peer, int tag) override;
+  void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) override;
   void barrier() override;
 
  private:

@@ -217,4 +217,17 @@ void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
   wait("recv");
 }
 
+void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) {
+  if (!send.is_cuda()) return mpi_->send_recv(send, send_peer, recv, recv_peer, tag);
+  require_cuda_contiguous(send, "send_recv");
+  require_cuda_contiguous(recv, "send_recv");
+  check(ncclGroupStart(), "ncclGroupStart", name());
+  check(ncclSend(send.data_ptr(), static_cast<size_t>(send.numel()), nccl_type(send), send_peer, state_->comm, state_->stream()),
+        "ncclSend", name());
+  check(ncclRecv(recv.data_ptr(), static_cast<size_t>(recv.numel()), nccl_type(recv), recv_peer, state_->comm, state_->stream()),
+        "ncclRecv", name());
+  check(ncclGroupEnd(), "ncclGroupEnd", name());
+  wait("send_recv");
+}
+
 }  // namespace moeforge

@@ -42,6 +42,7 @@ class NcclCommunicator : public Communicator {
   void broadcast(torch::Tensor& tensor, int root) override;
   void send(const torch::Tensor& tensor, int peer, int tag) override;
   void recv(torch::Tensor& tensor, int peer, int tag) override;
+  void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) override;
   void barrier() override { mpi_->barrier(); }
 
  private:

@@ -30,16 +30,19 @@ double relative(double a, double b) { return std::abs(a - b) / std::max(std::abs
 struct Layout {
   int ranks = 1, ep = 1;
   bool distributed_optimizer = false;
+  int pp = 1;
+  int dp() const { return ranks / pp; }
   std::string name() const {
-    return fmt::format("dp{}_ep{}{}", ranks, ep, distributed_optimizer ? "_zero1" : "");
+    return fmt::format("pp{}_dp{}_ep{}{}", pp, dp(), ep, distributed_optimizer ? "_zero1" : "");
   }
   std::string args() const {
-    return fmt::format(" --set parallel.expert_model_parallel_size={} --set parallel.use_distributed_optimizer={}", ep,
-                       distributed_optimizer);
+    return fmt::format(" --set parallel.expert_model_parallel_size={} --set parallel.use_distributed_optimizer={} --set "
+                       "parallel.pipeline_model_parallel_size={}",
+                       ep, distributed_optimizer, pp);
   }
 };
 
-void check_equals_single_process(const std::vector<Layout>& layouts, const std::string& extra = "") {
+void check_equals_single_process(const std::vector<Layout>& layouts, const std::string& extra = "", int layers = 2) {
   TempDir dir;
   const auto config = write_config(dir);
   const std::string args =
@@ -60,7 +63,7 @@ void check_equals_single_process(const std::vector<Layout>& layouts, const std::
   for (const auto& layout : layouts) {
     INFO(layout.name());
     const auto out = run(layout);
-    CHECK_THAT(out, Contains(fmt::format("world {} = PP 1 x DP {} (EP {}", layout.ranks, layout.ranks, layout.ep)));
+    CHECK_THAT(out, Contains(fmt::format("world {} = PP {} x DP {} (EP {}", layout.ranks, layout.pp, layout.dp(), layout.ep)));
     const auto m = read_metrics(dir.path() / layout.name() / "metrics.jsonl");  // written once, by rank 0
     REQUIRE(m.size() == 3);
     for (size_t i = 0; i < 3; ++i) {
@@ -77,9 +80,9 @@ void check_equals_single_process(const std::vector<Layout>& layouts, const std::
         // per layer, summed over DP ranks, are all slots (global batch x seq x top-k), and routing
         // by a random router is uneven across ranks.
         const auto received = m[i]["ep_tokens_received"];
-        REQUIRE(received.size() == 2);
+        REQUIRE(received.size() == static_cast<size_t>(layers));
         for (const auto& layer : received) {
-          REQUIRE(layer.size() == static_cast<size_t>(layout.ranks));
+          REQUIRE(layer.size() == static_cast<size_t>(layout.dp()));
           int64_t total = 0;
           for (const auto& r : layer) total += r.get<int64_t>();
           if (extra.empty()) CHECK(total == 8 * 32 * 4);  // a capacity factor drops some
@@ -144,6 +147,19 @@ TEST_CASE("expert parallel with the distributed optimizer equals the single-proc
 TEST_CASE("expert parallel with a capacity factor (dropped slots) equals the single-process run",
           "[train][distributed][mpi]") {
   check_equals_single_process({{2, 2, false}}, " --set model.moe_expert_capacity_factor=0.8");
+}
+
+// Pipeline stages: per-layer load balancing (the pooled Hugging Face loss spans all layers) and
+// four layers so that PP=4 has one per stage.
+const std::string kPipelineModel = " --set model.num_layers=4 --set model.moe_router_load_balancing_type=aux_loss";
+
+TEST_CASE("pipeline-parallel (1F1B) training equals the single-process run", "[train][distributed][mpi]") {
+  check_equals_single_process({{2, 1, false, 2}, {4, 1, false, 4}}, kPipelineModel, 4);
+}
+
+TEST_CASE("pipeline with expert and data parallel, and with ZeRO-1, equals the single-process run",
+          "[train][distributed][mpi]") {
+  check_equals_single_process({{4, 2, false, 2}, {4, 1, true, 2}}, kPipelineModel, 4);
 }
 
 TEST_CASE("checkpoints move between layouts: EP=2 with ZeRO-1 resumes on one process and back", "[train][distributed][mpi]") {
