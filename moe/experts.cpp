@@ -24,7 +24,13 @@ torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_ND, const std::vector<
     outputs.push_back(torch::matmul(h_nF, down[e].t()));
     start += rows;
   }
-  if (outputs.empty()) return torch::zeros({0, down_proj.size(1)}, x_ND.options());
+  if (outputs.empty()) {
+    // No rows for any expert (under expert parallelism: no peer routed a token here). Run expert 0
+    // on the empty block anyway, so the result stays connected to the input and the weights: the
+    // all-to-alls around it must run their backward on every rank, or the ranks' collectives diverge.
+    const auto halves = torch::matmul(x_ND, gate_up[0].t()).chunk(2, -1);
+    return torch::matmul(torch::silu(halves[0]) * halves[1], down[0].t());
+  }
   return torch::cat(outputs, 0);
 }
 

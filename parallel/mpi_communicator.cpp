@@ -48,7 +48,9 @@ bool is_half(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat1
 class RowType {
  public:
   explicit RowType(const torch::Tensor& t) {
-    const int64_t bytes = t.dim() == 0 ? static_cast<int64_t>(t.element_size()) : t.numel() / std::max<int64_t>(t.size(0), 1) * static_cast<int64_t>(t.element_size());
+    // From the sizes, not numel / rows: a tensor of zero rows still has the row size its peers use.
+    int64_t bytes = static_cast<int64_t>(t.element_size());
+    for (int64_t d = 1; d < t.dim(); ++d) bytes *= t.size(d);
     if (bytes > INT_MAX) throw std::invalid_argument("MpiCommunicator: one row exceeds 2 GiB");
     check(MPI_Type_contiguous(static_cast<int>(std::max<int64_t>(bytes, 1)), MPI_BYTE, &type_), "MPI_Type_contiguous");
     check(MPI_Type_commit(&type_), "MPI_Type_commit");

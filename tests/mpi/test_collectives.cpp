@@ -62,6 +62,26 @@ TEST_CASE("all_gather and reduce_scatter", "[mpi]") {
   w.set_max_chunk_elements(INT_MAX);
 }
 
+TEST_CASE("all_to_all from a rank that sends no rows at all to ranks that do", "[mpi]") {
+  // Rank 0 sends nothing (a [0, 3] tensor: the MoE dispatcher's combine when none of its experts was
+  // chosen) and receives two rows from every other rank; its row size must still be 3 elements.
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  std::vector<int64_t> send_rows(static_cast<size_t>(n), 0), recv_rows(static_cast<size_t>(n), 0);
+  if (r != 0) send_rows[0] = 2;
+  if (r == 0) {
+    for (int p = 1; p < n; ++p) recv_rows[static_cast<size_t>(p)] = 2;
+  }
+  const auto in = torch::full({r == 0 ? 0 : 2, 3}, static_cast<float>(r));
+  const auto out = w.all_to_all(in, send_rows, recv_rows);
+  if (r == 0) {
+    REQUIRE(out.sizes() == c10::IntArrayRef({2 * (n - 1), 3}));
+    for (int p = 1; p < n; ++p) CHECK(out[2 * (p - 1) + 1][2].item<float>() == static_cast<float>(p));
+  } else {
+    CHECK(out.size(0) == 0);
+  }
+}
+
 TEST_CASE("uneven all_to_all delivers each block to its rank, in rank order", "[mpi]") {
   auto& w = world();
   const int n = w.size(), r = w.rank();
