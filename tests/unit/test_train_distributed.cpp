@@ -162,7 +162,7 @@ TEST_CASE("pipeline with expert and data parallel, and with ZeRO-1, equals the s
   check_equals_single_process({{4, 2, false, 2}, {4, 1, true, 2}}, kPipelineModel, 4);
 }
 
-TEST_CASE("checkpoints move between layouts: EP=2 with ZeRO-1 resumes on one process and back", "[train][distributed][mpi]") {
+TEST_CASE("checkpoints move between layouts: EP=2 / PP=2 with ZeRO-1 resume on one process and back", "[train][distributed][mpi]") {
   // Training 3 iterations in one go equals training 2 under one layout and resuming the third under
   // another: the saved state (experts gathered, optimizer shards gathered) is layout-independent.
   TempDir dir;
@@ -190,6 +190,15 @@ TEST_CASE("checkpoints move between layouts: EP=2 with ZeRO-1 resumes on one pro
       CHECK(relative((*resumed)[2][key].get<double>(), whole[2][key].get<double>()) < 1e-5);
     }
   }
+  // And across pipeline layouts: PP=2 x DP=2 with EP=2 and ZeRO-1 saves, one process resumes.
+  const std::string pp = kPipelineModel;
+  const auto whole_pp = train(kBin, "whole_pp", 3, pp);
+  train(kMpirun + " -np 4 " + kBin, "from_pp", 2,
+        pp + " --set parallel.pipeline_model_parallel_size=2" + ep2);
+  const auto resumed_pp = train(kBin, "from_pp", 3, pp);
+  REQUIRE(resumed_pp.size() == 3);
+  CHECK(relative(resumed_pp[2]["lm_loss"].get<double>(), whole_pp[2]["lm_loss"].get<double>()) < 1e-5);
+  CHECK(relative(resumed_pp[2]["grad_norm"].get<double>(), whole_pp[2]["grad_norm"].get<double>()) < 1e-5);
 }
 
 TEST_CASE("a rank killed during data-parallel training ends the job", "[train][distributed][mpi][slow]") {
