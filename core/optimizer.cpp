@@ -137,12 +137,15 @@ double AdamW::grad_norm() {
   return std::sqrt(replicated + expert);
 }
 
-void AdamW::clip_grads(double norm, double clip) {
+void Optimizer::clip_grads(double norm, double clip) {
   if (clip <= 0) return;
   const double coeff = clip / (norm + 1e-6);
-  if (coeff >= 1.0) return;
+  if (coeff < 1.0) scale_grads(coeff);
+}
+
+void AdamW::scale_grads(double factor) {
   torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) grad(i).mul_(coeff);
+  for (size_t i = 0; i < params_.size(); ++i) grad(i).mul_(factor);
 }
 
 void AdamW::step(double lr) {

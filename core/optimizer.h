@@ -56,8 +56,11 @@ class Optimizer {
   virtual void reduce_grads() = 0;
   // Global L2 norm of the reduced gradients, every parameter of the whole model counted once.
   virtual double grad_norm() = 0;
-  // Scales every gradient by clip / (norm + 1e-6) when that is below 1 (Megatron, torch).
-  virtual void clip_grads(double norm, double clip) = 0;
+  // Scales every gradient by clip / (norm + 1e-6) when that is below 1 (Megatron, torch); clip <= 0
+  // disables clipping.
+  void clip_grads(double norm, double clip);
+  // Multiplies every (reduced) gradient this rank holds by `factor`.
+  virtual void scale_grads(double factor) = 0;
   // One AdamW update at learning rate `lr`, then zeroes the gradients.
   virtual void step(double lr) = 0;
   // Drops the accumulated gradients without an update (a skipped iteration).
@@ -84,7 +87,7 @@ class AdamW : public Optimizer {
   void accumulate_grads() override;
   void reduce_grads() override {}
   double grad_norm() override;
-  void clip_grads(double norm, double clip) override;
+  void scale_grads(double factor) override;
   void step(double lr) override;
   void zero_grads() override;
   int64_t steps() const override { return steps_; }

@@ -63,21 +63,13 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   const int64_t E = placement_.num_experts();
   const int64_t P = placement_.ep_size();
   const int64_t L = placement_.experts_per_rank();
-  const int64_t K = experts_TK.size(1);
-  const auto experts_S = experts_TK.reshape({-1});
-  // Slots sorted by global expert: grouped by destination rank, then by its local expert.
-  const auto order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  const auto counts_E1 = torch::bincount(experts_S, /*weights=*/{}, E + 1).to(torch::kCPU);
-  Dispatched d;
-  d.dropped = counts_E1[E].item<int64_t>();
-  d.inverse_S = torch::empty_like(order_S);
-  d.inverse_S.index_put_({order_S}, torch::arange(order_S.size(0), order_S.options()));
-  const auto kept_S = order_S.narrow(0, 0, order_S.size(0) - d.dropped);
-  const auto x_send = x_TD.index_select(0, torch::div(kept_S, K, "floor"));
+  // 1. Sorted by global expert: grouped by destination rank, then by its local expert.
+  Dispatched d = sort_by_expert(x_TD, experts_TK, E);
+  const auto x_send = d.x_ND;
 
   // 2. Counts: row p of send_PL is what this rank sends to rank p's L experts.
   const auto t0 = Clock::now();
-  const auto send_PL = counts_E1.narrow(0, 0, E).reshape({P, L}).contiguous();
+  const auto send_PL = torch::tensor(d.rows_per_local_expert, torch::kInt64).reshape({P, L});
   const auto recv_PL = ep_->all_to_all(send_PL, std::vector<int64_t>(P, 1), std::vector<int64_t>(P, 1));
   stats_->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
   d.send_rows = host_vector(send_PL.sum(1));
@@ -103,9 +95,7 @@ torch::Tensor AllToAllDispatcher::combine(const torch::Tensor& y_ND, const Dispa
   auto ungroup_N = torch::empty_like(d.regroup_N);
   ungroup_N.index_put_({d.regroup_N}, torch::arange(d.regroup_N.size(0), d.regroup_N.options()));
   const auto y_recv = y_ND.index_select(0, ungroup_N);
-  auto y_send = RowAllToAll::apply(y_recv, ep_.get(), stats_.get(), d.recv_rows, d.send_rows);
-  if (d.dropped > 0) y_send = torch::cat({y_send, torch::zeros({d.dropped, y_send.size(1)}, y_send.options())});
-  return y_send.index_select(0, d.inverse_S);
+  return unsort(RowAllToAll::apply(y_recv, ep_.get(), stats_.get(), d.recv_rows, d.send_rows), d);
 }
 
 }  // namespace moeforge::moe

@@ -33,6 +33,13 @@ class Dispatcher {
   virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched) = 0;
 };
 
+// The slots' rows sorted stably by expert (x_ND, one block per expert of `num_experts`, dropped
+// slots left out), with the inverse permutation and counts: LocalDispatcher's whole dispatch, and
+// the first step of the expert-parallel one.
+Dispatched sort_by_expert(const torch::Tensor& x_TD, const torch::Tensor& experts_TK, int64_t num_experts);
+// Rows in sorted-slot order (dropped slots excluded) back to slot order, zeros for dropped slots.
+torch::Tensor unsort(const torch::Tensor& y_ND, const Dispatched& sorted);
+
 // All experts on this rank: a stable sort of the slots by expert, one gather, and the inverse
 // permutation to come back (a gather too: deterministic, no scatter-add).
 class LocalDispatcher : public Dispatcher {

@@ -110,11 +110,8 @@ double DistributedAdamW::grad_norm() {
   return std::sqrt(all_reduce_sum(all_reduce_sum(sq, *groups_.dp), *groups_.pp));
 }
 
-void DistributedAdamW::clip_grads(double norm, double clip) {
-  if (clip <= 0) return;
-  const double coeff = clip / (norm + 1e-6);
-  if (coeff >= 1.0) return;
-  for (auto& b : buckets_) b.grad_shard.mul_(coeff);
+void DistributedAdamW::scale_grads(double factor) {
+  for (auto& b : buckets_) b.grad_shard.mul_(factor);
 }
 
 void DistributedAdamW::gather_into_params(Bucket& b) {

@@ -44,7 +44,7 @@ class DistributedAdamW : public Optimizer {
   void accumulate_grads() override;
   void reduce_grads() override;
   double grad_norm() override;
-  void clip_grads(double norm, double clip) override;
+  void scale_grads(double factor) override;
   void step(double lr) override;
   void zero_grads() override;
   int64_t steps() const override { return steps_; }
