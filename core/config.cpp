@@ -26,6 +26,8 @@ constexpr Names<RecomputeGranularity, 3> kRecompute{{{RecomputeGranularity::none
                                                      {RecomputeGranularity::full, "full"},
                                                      {RecomputeGranularity::selective, "selective"}}};
 constexpr Names<NonFinitePolicy, 2> kNonFinite{{{NonFinitePolicy::stop, "stop"}, {NonFinitePolicy::skip, "skip"}}};
+constexpr Names<CheckpointFormat, 2> kCheckpointFormat{
+    {{CheckpointFormat::whole, "whole"}, {CheckpointFormat::sharded, "sharded"}}};
 constexpr Names<LogLevel, 5> kLogLevel{{{LogLevel::trace, "trace"},
                                         {LogLevel::debug, "debug"},
                                         {LogLevel::info, "info"},
@@ -53,6 +55,10 @@ std::span<const std::pair<RecomputeGranularity, std::string_view>> enum_names<Re
 template <>
 std::span<const std::pair<NonFinitePolicy, std::string_view>> enum_names<NonFinitePolicy>() {
   return kNonFinite;
+}
+template <>
+std::span<const std::pair<CheckpointFormat, std::string_view>> enum_names<CheckpointFormat>() {
+  return kCheckpointFormat;
 }
 template <>
 std::span<const std::pair<LogLevel, std::string_view>> enum_names<LogLevel>() { return kLogLevel; }

@@ -35,6 +35,11 @@ enum class RecomputeGranularity { none, full, selective };
 // default) or skip the update, count it and go on.
 enum class NonFinitePolicy { stop, skip };
 
+// whole: one Hugging Face checkpoint plus optimizer state, gathered to rank 0 (any layout resumes it).
+// sharded: one directory per pipeline stage and expert-parallel rank, written by those ranks
+// (`moeforge convert` turns one into the other or into another PP x EP layout).
+enum class CheckpointFormat { whole, sharded };
+
 enum class LogLevel { trace, debug, info, warn, error };
 
 enum class Device { cpu, cuda };
@@ -145,6 +150,7 @@ struct CheckpointConfig {
   std::string load;  // directory to resume from; empty = start fresh
   std::optional<int64_t> save_interval;  // null = only at the end
   int64_t keep_latest_k = 0;             // checkpoints kept in `save`; 0 = all
+  CheckpointFormat format = CheckpointFormat::whole;
 };
 
 struct LoggingConfig {

@@ -1,6 +1,9 @@
-// defines: the `moeforge` subcommands (plan, config, version, forward) as functions of parsed options.
+// defines: the `moeforge` subcommands (plan, config, version, forward, convert, train --dry-run) as
+//          functions of parsed options.
 // Each returns the process exit code; user errors propagate as UserError to main.
 #pragma once
+
+#include "core/config_loader.h"
 
 #include <cstdint>
 #include <optional>
@@ -34,6 +37,19 @@ struct ForwardOptions {
   std::string out_path;     // optional: logits as safetensors
 };
 int run_forward(const ForwardOptions& options);
+
+struct ConvertOptions {
+  std::string source;  // a save directory or an iter_* training checkpoint (whole or sharded)
+  std::string target;  // the save directory to write the converted checkpoint into
+  std::string format = "whole";        // whole | sharded
+  std::vector<std::string> overrides;  // applied to the checkpoint's config.yaml: the target layout
+};
+int run_convert(const ConvertOptions& options);
+
+// `moeforge train CONFIG --dry-run`: the layout and plan for the world size, what every rank would
+// hold, and the checks a run makes before training (data, checkpoint to resume and its layout),
+// without allocating the model. Non-zero exit when a check fails.
+int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_size);
 
 // The world size a command plans for: --world-size, else parallel.world_size, else the
 // launcher's, else the smallest layout the config allows (PP x EP). `source` says which.

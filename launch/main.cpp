@@ -58,6 +58,23 @@ int run(int argc, char** argv) {
   train_cmd->add_option("--load", train.load,
                         "Resume from a save directory or iter_* checkpoint, or start from a Hugging Face checkpoint's "
                         "weights (overrides checkpoint.load)");
+  train_cmd->add_flag("--dry-run", train.dry_run,
+                      "Build the layout and plan, show what every rank would hold and run the start-up checks; "
+                      "allocate and write nothing");
+  train_cmd->add_option("--world-size", train.world_size,
+                        "With --dry-run: ranks to plan for (default: parallel.world_size, the launcher's, or PP x EP)")
+      ->check(CLI::PositiveNumber);
+
+  moeforge::ConvertOptions convert;
+  auto* convert_cmd = app.add_subcommand(
+      "convert", "Rewrite a training checkpoint as a whole one, or sharded for another pipeline x expert layout");
+  convert_cmd->add_option("source", convert.source, "Save directory or iter_* checkpoint (whole or sharded)")->required();
+  convert_cmd->add_option("target", convert.target, "Save directory to write the converted checkpoint into")->required();
+  convert_cmd->add_option("--format", convert.format, "whole (any layout resumes it) or sharded (per stage and EP rank)")
+      ->check(CLI::IsMember({"whole", "sharded"}));
+  convert_cmd->add_option("--set", convert.overrides,
+                          "Override a key of the checkpoint's config, e.g. parallel.pipeline_model_parallel_size=2 "
+                          "(repeatable)");
 
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
@@ -108,6 +125,7 @@ int run(int argc, char** argv) {
   if (*version_cmd) return moeforge::run_version();
   if (*train_cmd) return moeforge::run_train(train);
   if (*forward_cmd) return moeforge::run_forward(forward);
+  if (*convert_cmd) return moeforge::run_convert(convert);
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);
   if (*merge_cmd) return moeforge::run_data_merge(merge);

@@ -3,6 +3,7 @@
 #include "core/config_loader.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "launch/sharded_checkpoint.h"
 #include "moe/expert_parallel.h"
 #include "moe/hf_checkpoint.h"
 
@@ -96,8 +97,11 @@ void recover_replaced(const fs::path& save) {
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,
-                            const ExperimentConfig& config, int64_t keep_latest_k) {
+std::string checkpoint_tmp_dir(const std::string& save_dir, int64_t iteration, int64_t tag) {
+  return (fs::path(save_dir) / fmt::format("{}.tmp-{}", iter_name(iteration), tag)).string();
+}
+
+std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteration, int64_t tag) {
   const fs::path save(save_dir);
   fs::create_directories(save);
   // Leftovers of saves that were killed: never referenced by the tracker, safe to remove.
@@ -105,25 +109,35 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
   for (const auto& entry : fs::directory_iterator(save)) {
     if (entry.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(entry.path());
   }
-  const fs::path final_dir = save / iter_name(state.iteration);
-  const fs::path tmp = save / fmt::format("{}.tmp-{}", iter_name(state.iteration), ::getpid());
+  const std::string tmp = checkpoint_tmp_dir(save_dir, iteration, tag);
   fs::create_directories(tmp);
+  return tmp;
+}
 
-  moe::save_hf_checkpoint(config.model, contents.model, tmp.string());
+void write_whole_checkpoint(const std::string& dir, const CheckpointContents& contents, const ExperimentConfig& config) {
+  moe::save_hf_checkpoint(config.model, contents.model, dir);
   NamedTensors opt = contents.optimizer;
-  opt.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
-  save_safetensors((tmp / kOptimizerFile).string(), opt, {{"format", "moeforge"}});
+  opt.emplace_back("rng.cpu", contents.rng.defined() ? contents.rng : at::detail::getDefaultCPUGenerator().get_state());
+  save_safetensors((fs::path(dir) / kOptimizerFile).string(), opt, {{"format", "moeforge"}});
+}
+
+std::string commit_checkpoint(const std::string& save_dir, const std::string& tmp_dir, const TrainState& state,
+                              int64_t optimizer_steps, const ExperimentConfig& config, int64_t keep_latest_k,
+                              const json& extra) {
+  const fs::path save(save_dir), tmp(tmp_dir);
+  const fs::path final_dir = save / iter_name(state.iteration);
   json j = {{"iteration", state.iteration},
             {"consumed_train_samples", state.consumed_train_samples},
             {"consumed_valid_samples", state.consumed_valid_samples},
             {"lr_num_steps", state.lr_num_steps},
-            {"optimizer_steps", contents.optimizer_steps},
+            {"optimizer_steps", optimizer_steps},
             {"skipped_iterations", state.skipped_iterations},
             {"bf16", config.training.bf16},
             {"moeforge_version", MOEFORGE_VERSION}};
+  j.update(extra);
   write_file_atomic(tmp / kStateFile, j.dump(2) + "\n");
   write_file_atomic(tmp / "config.yaml", resolved_config_yaml(config));
-  for (const auto& entry : fs::directory_iterator(tmp)) fsync_path(entry.path(), false);
+  for (const auto& entry : fs::recursive_directory_iterator(tmp)) fsync_path(entry.path(), entry.is_directory());
   fsync_path(tmp, true);
 
   // Re-saving an iteration (a resumed run reaching it again) swaps the new copy in atomically: at
@@ -145,6 +159,14 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
   write_file_atomic(save / kTrackerFile, std::to_string(state.iteration) + "\n");
   prune(save, keep_latest_k, state.iteration);
   return final_dir.string();
+}
+
+std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,
+                            const ExperimentConfig& config, int64_t keep_latest_k) {
+  const std::string tmp = prepare_checkpoint_dir(save_dir, state.iteration, ::getpid());
+  write_whole_checkpoint(tmp, contents, config);
+  return commit_checkpoint(save_dir, tmp, state, contents.optimizer_steps, config, keep_latest_k,
+                           {{"format", "whole"}});
 }
 
 std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
@@ -238,8 +260,7 @@ void load_model_weights(const std::string& dir, model::GPTModelImpl& model) {
   }
 }
 
-TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, int64_t ep_rank,
-                               int64_t ep_size) {
+SavedTrainState read_train_state(const std::string& dir) {
   const fs::path p(dir);
   std::ifstream in(p / kStateFile);
   json j;
@@ -248,40 +269,55 @@ TrainState load_training_state(const std::string& dir, Optimizer& optimizer, boo
   } catch (const json::exception& e) {
     fail_user("{}: unreadable ({}). Point --load at another checkpoint.", (p / kStateFile).string(), e.what());
   }
-  TrainState s;
-  int64_t optimizer_steps = 0;
+  SavedTrainState out;
+  TrainState& s = out.state;
   try {
     s.iteration = j.at("iteration").get<int64_t>();
     s.consumed_train_samples = j.at("consumed_train_samples").get<int64_t>();
     s.consumed_valid_samples = j.at("consumed_valid_samples").get<int64_t>();
     s.lr_num_steps = j.at("lr_num_steps").get<int64_t>();
     s.skipped_iterations = j.at("skipped_iterations").get<int64_t>();
-    optimizer_steps = j.at("optimizer_steps").get<int64_t>();
-    if (j.contains("bf16") && j["bf16"].get<bool>() != bf16) {
-      fail_user("{} was trained with training.bf16 = {}, this config says {}: a resumed run keeps its precision. Set "
-                "training.bf16: {}.",
-                dir, j["bf16"].get<bool>(), bf16, j["bf16"].get<bool>());
-    }
+    out.optimizer_steps = j.at("optimizer_steps").get<int64_t>();
+    out.bf16 = j.value("bf16", false);
   } catch (const json::exception& e) {
     fail_user("{}: {}", (p / kStateFile).string(), e.what());
   }
-  const SafetensorsFile opt((p / kOptimizerFile).string());
-  optimizer.load_state(
-      [&](const std::string& name) -> std::optional<torch::Tensor> {
-        if (!opt.contains(name)) return std::nullopt;
-        auto t = opt.tensor(name, torch::kFloat32);
-        if (ep_size > 1 && moe::is_expert_parallel_parameter(name)) {
-          if (t.dim() == 0 || t.size(0) % ep_size != 0) return t;  // reported as mis-shaped
-          t = moe::local_experts(t, ep_rank, ep_size);
-        }
-        return t;
-      },
-      opt.path(), optimizer_steps);
-  if (opt.contains("rng.cpu")) {
-    auto generator = at::detail::getDefaultCPUGenerator();
-    generator.set_state(opt.tensor("rng.cpu"));
+  return out;
+}
+
+TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, const ShardPosition& at) {
+  const SavedTrainState saved = read_train_state(dir);
+  if (saved.bf16 != bf16) {
+    fail_user("{} was trained with training.bf16 = {}, this config says {}: a resumed run keeps its precision. Set "
+              "training.bf16: {}.",
+              dir, saved.bf16, bf16, saved.bf16);
   }
-  return s;
+  torch::Tensor rng;
+  if (is_sharded_checkpoint(dir)) {
+    const ShardReader shard(dir, at.stage, at.ep_rank);
+    optimizer.load_state([&](const std::string& name) { return shard.optimizer(name); }, shard.describe(),
+                         saved.optimizer_steps);
+    if (auto r = shard.rng()) rng = *r;
+  } else {
+    const SafetensorsFile opt((fs::path(dir) / kOptimizerFile).string());
+    optimizer.load_state(
+        [&](const std::string& name) -> std::optional<torch::Tensor> {
+          if (!opt.contains(name)) return std::nullopt;
+          auto t = opt.tensor(name, torch::kFloat32);
+          if (at.ep_size > 1 && moe::is_expert_parallel_parameter(name)) {
+            if (t.dim() == 0 || t.size(0) % at.ep_size != 0) return t;  // reported as mis-shaped
+            t = moe::local_experts(t, at.ep_rank, at.ep_size);
+          }
+          return t;
+        },
+        opt.path(), saved.optimizer_steps);
+    if (opt.contains("rng.cpu")) rng = opt.tensor("rng.cpu");
+  }
+  if (rng.defined()) {
+    auto generator = at::detail::getDefaultCPUGenerator();
+    generator.set_state(rng);
+  }
+  return saved.state;
 }
 
 }  // namespace moeforge

@@ -1,5 +1,7 @@
-// defines: TrainState, save_checkpoint, find_checkpoint, CheckpointToLoad,
-//          load_model_weights, load_training_state, model_config_differences, kTrackerFile
+// defines: TrainState, CheckpointContents, save_checkpoint, prepare_checkpoint_dir,
+//          write_whole_checkpoint, commit_checkpoint, find_checkpoint, CheckpointToLoad,
+//          read_train_state, load_model_weights, load_training_state, model_config_differences,
+//          kTrackerFile
 //
 // Training checkpoints, Megatron's directory layout with a Hugging Face model inside:
 //
@@ -14,12 +16,16 @@
 // directory renamed into place (or, when that iteration exists, exchanged with it atomically) and
 // the save directory fsynced, and only then is the tracker file replaced (written to a temporary,
 // fsynced, renamed). A process killed at any point leaves the previous checkpoint as the latest,
-// complete and loadable.
+// complete and loadable. With checkpoint.format: sharded the model and optimizer files are replaced
+// by one directory per pipeline stage and EP rank (launch/sharded_checkpoint.h), written by the
+// ranks holding them between prepare_checkpoint_dir() and commit_checkpoint().
 #pragma once
 
 #include "core/config.h"
 #include "core/gpt_model.h"
 #include "core/optimizer.h"
+
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <optional>
@@ -44,12 +50,25 @@ struct CheckpointContents {
   NamedTensors model;      // our parameter names
   NamedTensors optimizer;  // Optimizer::state() names
   int64_t optimizer_steps = 0;
+  torch::Tensor rng;  // the CPU generator's state to store; undefined = this process's, now
 };
 
 // Writes <save_dir>/iter_<iteration> atomically, points the tracker at it, then removes all but
 // the newest `keep_latest_k` checkpoints (0 = keep all). Returns the checkpoint's directory.
 std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,
                             const ExperimentConfig& config, int64_t keep_latest_k);
+
+// The steps of a save, for checkpoints several processes write. One process prepares: clears
+// leftovers of killed saves and creates the temporary directory (named by `tag`, the same on
+// every rank) that it returns; the writers fill it; one process commits: writes
+// trainer_state.json (plus `extra` keys) and config.yaml, syncs, renames the directory into place,
+// moves the tracker and prunes. Returns the final directory.
+std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteration, int64_t tag);
+std::string checkpoint_tmp_dir(const std::string& save_dir, int64_t iteration, int64_t tag);
+void write_whole_checkpoint(const std::string& dir, const CheckpointContents& contents, const ExperimentConfig& config);
+std::string commit_checkpoint(const std::string& save_dir, const std::string& tmp_dir, const TrainState& state,
+                              int64_t optimizer_steps, const ExperimentConfig& config, int64_t keep_latest_k,
+                              const nlohmann::json& extra = nlohmann::json::object());
 
 struct CheckpointToLoad {
   std::string dir;
@@ -61,16 +80,28 @@ struct CheckpointToLoad {
 // directory holding no checkpoint yet. Throws UserError for anything else.
 std::optional<CheckpointToLoad> find_checkpoint(const std::string& path);
 
+// trainer_state.json of a training checkpoint.
+struct SavedTrainState {
+  TrainState state;
+  int64_t optimizer_steps = 0;
+  bool bf16 = false;
+};
+SavedTrainState read_train_state(const std::string& dir);
+
 // Copies a Hugging Face checkpoint's weights into `model`. Throws UserError naming every config
 // value and tensor that differs from the model the experiment config describes.
 void load_model_weights(const std::string& dir, model::GPTModelImpl& model);
 
+// Which part of a checkpoint a rank restores.
+struct ShardPosition {
+  int64_t stage = 0, ep_rank = 0, ep_size = 1;
+};
+
 // Restores the optimizer (and, in bf16, the model from the fp32 master weights) and the RNG from a
-// training checkpoint whose weights load_model_weights() already loaded; returns its state.
-// Under expert parallelism (ep_size > 1) expert tensors are cut to EP rank `ep_rank`'s experts.
-// Throws UserError when the checkpoint's training.bf16 differs from `bf16`.
-TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, int64_t ep_rank = 0,
-                               int64_t ep_size = 1);
+// training checkpoint whose weights are already loaded; returns its state. From a whole
+// checkpoint, expert tensors are cut to the position's experts; from a sharded one the position's
+// shards are read. Throws UserError when the checkpoint's training.bf16 differs from `bf16`.
+TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, const ShardPosition& at = {});
 
 // "hidden_size: checkpoint 64, config 128" for every shape- or math-relevant value that differs.
 std::vector<std::string> model_config_differences(const ModelConfig& checkpoint, const ModelConfig& config);

@@ -50,6 +50,13 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
     j["all_to_all_bytes_sent"] = m.all_to_all_bytes_sent;
     j["time_all_to_all_s"] = m.time_all_to_all_s;
   }
+  if (!m.rank_times.empty()) {
+    for (size_t k = 0; k < kRankTimeKeys.size(); ++k) {
+      std::vector<double> per_rank;
+      for (const auto& r : m.rank_times) per_rank.push_back(r[k]);
+      j["rank_times"][kRankTimeKeys[k]] = per_rank;
+    }
+  }
   if (m.valid_lm_loss) {
     j["valid_lm_loss"] = *m.valid_lm_loss;
     j["valid_ppl"] = std::exp(std::min(*m.valid_lm_loss, 20.0));  // Megatron caps the exponent at 20

@@ -39,14 +39,22 @@ struct StepMetrics {
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
   int64_t peak_memory_bytes = 0;
+  // Several ranks only: every rank's breakdown, in world-rank order (kRankTimeKeys).
+  std::vector<std::array<double, 6>> rank_times;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-inline constexpr std::array<std::string_view, 18> kTimingMetricKeys{
+// rank_times.<key>[rank]: compute (forward + backward outside all-to-alls), pipeline wait,
+// all-to-all, gradient reduction, optimizer, the whole step.
+inline constexpr std::array<const char*, 6> kRankTimeKeys{"compute_s",     "pipeline_wait_s", "all_to_all_s",
+                                                          "grad_reduce_s", "optimizer_s",     "step_s"};
+
+inline constexpr std::array<std::string_view, 19> kTimingMetricKeys{
     "step_time_s",       "time_data_s",       "time_forward_s",       "time_backward_s", "time_optimizer_s",
     "time_grad_reduce_s", "time_all_to_all_s", "time_pipeline_wait_s",
     "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu",     "mfu_6n",
-    "peak_tflops",       "peak_source",       "peak_memory_bytes",    "time_eval_s",     "timestamp"};
+    "peak_tflops",       "peak_source",       "peak_memory_bytes",    "time_eval_s",     "timestamp",
+    "rank_times"};
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
 

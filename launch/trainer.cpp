@@ -13,6 +13,7 @@
 #include "parallel/layout.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -126,6 +127,7 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   for (int64_t l = 0, n = 0; l < c_.model.num_layers; ++l) moe_index_.push_back(c_.model.is_moe_layer(l) ? n++ : -1);
   num_moe_layers_ = static_cast<int64_t>(std::count_if(moe_index_.begin(), moe_index_.end(), [](int64_t i) { return i >= 0; }));
   dp_rank_ = coords.dp;
+  stage_ = coords.pp;
   ep_rank_ = coords.ep;
   ep_size_ = layout.ep();
   micro_batches_ = layout.micro_batches_per_step();
@@ -150,7 +152,14 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   model_->set_recompute(t.recompute_granularity);
   bool auto_resume = false;
   const auto checkpoint = checkpoint_to_start_from(c_.checkpoint, auto_resume);
-  if (checkpoint) load_model_weights(checkpoint->dir, *model_);
+  shard_layout_ = ShardLayout{layout.pp(), layout.ep(), layout.layers_per_stage()};
+  const bool sharded_checkpoint = checkpoint && is_sharded_checkpoint(checkpoint->dir);
+  if (sharded_checkpoint) check_shard_layout(checkpoint->dir);
+  if (checkpoint && !sharded_checkpoint) load_model_weights(checkpoint->dir, *model_);
+  // What a sharded checkpoint's shards.json lists: every tensor whole, before this rank drops any.
+  for (auto& item : model_->named_parameters()) {
+    full_model_shapes_[item.key()] = {item.value().sizes().begin(), item.value().sizes().end()};
+  }
   // Expert parallel: every rank built the whole model (the same weights as one process); each now
   // keeps its EP rank's experts and dispatches through the all-to-all.
   dispatchers_ = moe::shard_experts(*model_, groups_.ep);
@@ -160,6 +169,11 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& item : model_->named_parameters()) named.emplace_back(item.key(), item.value());
   auto trainable = select_trainable(named, t);  // the patterns are checked against the whole model
+  for (const auto& p : trainable) {
+    const auto& shape = full_model_shapes_.at(p.name);
+    for (const char* kind : {"exp_avg.", "exp_avg_sq."}) full_optimizer_shapes_[kind + p.name] = shape;
+    if (t.bf16) full_optimizer_shapes_["master." + p.name] = shape;
+  }
   // Pipeline parallel: this stage keeps its layers (the embedding on the first, norm and head on the
   // last); the other parameters are released and neither train nor count in this rank's norm.
   std::erase_if(trainable, [&](const TrainableParameter& p) { return !on_stage(p.name); });
@@ -171,11 +185,12 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
       p.set_data(torch::empty({0}, p.options()));
     }
   }
+  if (sharded_checkpoint) load_shard_weights(checkpoint->dir, coords);
   for (auto& p : trainable) p.expert_parallel = moe::is_expert_parallel_parameter(p.name);
   optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel.use_distributed_optimizer);
   schedule_ = std::make_unique<LrSchedule>(t);
   if (checkpoint && checkpoint->resume) {
-    state_ = load_training_state(checkpoint->dir, *optimizer_, t.bf16, ep_rank_, ep_size_);
+    state_ = load_training_state(checkpoint->dir, *optimizer_, t.bf16, ShardPosition{coords.pp, ep_rank_, ep_size_});
     schedule_->set_num_steps(state_.lr_num_steps);
     spdlog::info("resumed from {}{} at iteration {} ({} samples consumed)", checkpoint->dir,
                  auto_resume ? " (the latest in checkpoint.save)" : "", state_.iteration, state_.consumed_train_samples);
@@ -344,6 +359,15 @@ StepMetrics Trainer::train_step() {
   m.mfu = m.tflops_per_device / peak_.tflops;
   m.mfu_6n = m.tflops_6n_per_device / peak_.tflops;
   m.peak_memory_bytes = peak_rss_bytes();
+  if (world_ > 1) {
+    // Every rank's breakdown (rank 0 writes it): the slow stage or the overloaded EP rank shows.
+    const auto mine = torch::tensor({forward_s + backward_s - m.time_all_to_all_s, m.time_pipeline_wait_s,
+                                     m.time_all_to_all_s, m.time_grad_reduce_s, m.time_optimizer_s, m.step_time_s},
+                                    torch::kFloat64);
+    const auto all = groups_.world->all_gather(mine.unsqueeze(0)).contiguous();  // [world, 6]
+    const double* p = all.data_ptr<double>();
+    for (int64_t r = 0; r < all.size(0); ++r, p += 6) m.rank_times.push_back({p[0], p[1], p[2], p[3], p[4], p[5]});
+  }
   return m;
 }
 
@@ -409,24 +433,73 @@ double Trainer::evaluate() {
 }
 
 void Trainer::save() {
-  // The checkpoint is whole: sharded optimizer state is gathered over DP, experts over EP (every
-  // rank takes part), then rank 0 writes it and the others wait.
   const auto t0 = Clock::now();
+  const auto& k = c_.checkpoint;
   CheckpointContents contents;
-  contents.optimizer = optimizer_->state();
+  contents.optimizer = optimizer_->state();  // collective: a sharded optimizer gathers over DP
+  contents.optimizer_steps = optimizer_->steps();
   for (auto& item : model_->named_parameters()) {
     if (on_stage(item.key())) contents.model.emplace_back(item.key(), item.value().detach());
   }
-  moe::gather_expert_parallel(contents.model, *groups_.ep);
-  moe::gather_expert_parallel(contents.optimizer, *groups_.ep);
-  gather_to_first_stage(contents.model, *groups_.pp);
-  gather_to_first_stage(contents.optimizer, *groups_.pp);
-  contents.optimizer_steps = optimizer_->steps();
-  if (is_rank0()) {
-    const auto dir = save_checkpoint(c_.checkpoint.save, state_, contents, c_, c_.checkpoint.keep_latest_k);
-    spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
+  std::string dir;
+  if (k.format == CheckpointFormat::sharded) {
+    // Rank 0 prepares the directory and names it; the first expert-DP replica of every (stage, EP
+    // rank) writes its shard; rank 0 commits once all have written.
+    auto tag = torch::full({1}, static_cast<int64_t>(::getpid()), torch::kInt64);
+    if (is_rank0()) prepare_checkpoint_dir(k.save, state_.iteration, tag.item<int64_t>());
+    groups_.world->broadcast(tag, 0);
+    const std::string tmp = checkpoint_tmp_dir(k.save, state_.iteration, tag.item<int64_t>());
+    groups_.world->barrier();
+    if (dp_rank_ < ep_size_) write_shard(tmp, stage_, ep_rank_, contents.model, contents.optimizer);
+    groups_.world->barrier();
+    if (is_rank0()) {
+      write_shard_manifest(tmp, shard_layout_, full_model_shapes_, full_optimizer_shapes_);
+      dir = commit_checkpoint(k.save, tmp, state_, contents.optimizer_steps, c_, k.keep_latest_k,
+                              {{"format", "sharded"}});
+    }
+  } else {
+    // Whole: experts gathered over EP, stages to the first; rank 0 writes.
+    moe::gather_expert_parallel(contents.model, *groups_.ep);
+    moe::gather_expert_parallel(contents.optimizer, *groups_.ep);
+    gather_to_first_stage(contents.model, *groups_.pp);
+    gather_to_first_stage(contents.optimizer, *groups_.pp);
+    if (is_rank0()) dir = save_checkpoint(k.save, state_, contents, c_, k.keep_latest_k);
   }
+  if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
   groups_.world->barrier();
+}
+
+void Trainer::check_shard_layout(const std::string& dir) const {
+  const ShardLayout saved = read_shard_layout(dir);
+  if (saved == shard_layout_) return;
+  fail_user("{} is a sharded checkpoint of {}, but this run is {}. Shards are per pipeline stage and expert-parallel "
+            "rank: convert it first, e.g.\n  moeforge convert {} CONVERTED_DIR --format sharded --set "
+            "parallel.pipeline_model_parallel_size={} --set parallel.expert_model_parallel_size={}\nthen --load "
+            "CONVERTED_DIR (or --format whole, which resumes on any layout).",
+            dir, saved.describe(), shard_layout_.describe(), dir, shard_layout_.pp, shard_layout_.ep);
+}
+
+void Trainer::load_shard_weights(const std::string& dir, const RankCoordinates& coords) {
+  const ShardReader shard(dir, coords.pp, coords.ep);
+  std::vector<std::string> problems;
+  torch::NoGradGuard no_grad;
+  for (auto& item : model_->named_parameters()) {
+    if (!on_stage(item.key())) continue;
+    const auto from = shard.model(item.key());
+    if (!from) {
+      problems.push_back(item.key() + " missing");
+    } else if (from->sizes() != item.value().sizes()) {
+      problems.push_back(fmt::format("{}: shard [{}], model [{}]", item.key(), fmt::join(from->sizes(), ", "),
+                                     fmt::join(item.value().sizes(), ", ")));
+    } else {
+      item.value().copy_(*from);
+    }
+  }
+  if (!problems.empty()) {
+    fail_user("{} does not match the configured model ({} problem{}):\n  - {}\nFix the config's model section or load "
+              "another checkpoint.",
+              shard.describe(), problems.size(), problems.size() > 1 ? "s" : "", fmt::join(problems, "\n  - "));
+  }
 }
 
 int Trainer::train() {
@@ -477,6 +550,7 @@ int run_train(const TrainOptions& o) {
   if (!o.load.empty()) overrides.push_back("checkpoint.load=" + o.load);
   LoadedConfig loaded = load_config(o.config_path, overrides);
   set_log_level(loaded.config.logging.log_level);
+  if (o.dry_run) return run_train_dry_run(loaded, o.world_size);
   try {
     Trainer trainer(std::move(loaded));
     return trainer.train();

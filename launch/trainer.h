@@ -17,9 +17,11 @@
 #include "core/mfu.h"
 #include "core/optimizer.h"
 #include "data/loader.h"
+#include "launch/sharded_checkpoint.h"
 #include "launch/train_checkpoint.h"
 #include "launch/train_metrics.h"
 #include "moe/alltoall_dispatcher.h"
+#include "parallel/layout.h"
 #include "parallel/process_groups.h"
 
 #include <fstream>
@@ -34,6 +36,8 @@ struct TrainOptions {
   std::string config_path;
   std::vector<std::string> overrides;
   std::string load;  // overrides checkpoint.load
+  bool dry_run = false;                // layout, plan and checks only (run_train_dry_run)
+  std::optional<int64_t> world_size;   // --world-size: the world a dry run plans for
 };
 int run_train(const TrainOptions& options);
 
@@ -56,6 +60,8 @@ class Trainer {
   torch::TensorOptions activation_options() const;
   double evaluate();
   void save();
+  void check_shard_layout(const std::string& dir) const;  // a sharded checkpoint must match this layout
+  void load_shard_weights(const std::string& dir, const RankCoordinates& coords);
 
   bool is_rank0() const { return groups_.world->rank() == 0; }
 
@@ -64,7 +70,9 @@ class Trainer {
   std::unique_ptr<MpiRuntime> mpi_;  // under a launcher with more than one rank; outlives groups_
   ProcessGroups groups_;
   int64_t dp_rank_ = 0, dp_size_ = 1, ep_rank_ = 0, ep_size_ = 1, world_ = 1;
-  int64_t stage_begin_ = 0, stage_end_ = 0;  // this pipeline stage's layers
+  int64_t stage_ = 0, stage_begin_ = 0, stage_end_ = 0;  // this pipeline stage and its layers
+  ShardLayout shard_layout_;
+  TensorShapes full_model_shapes_, full_optimizer_shapes_;  // every tensor whole (shards.json)
   std::vector<int64_t> moe_index_;            // per layer: its index among MoE layers, or -1
   int64_t num_moe_layers_ = 0;
   torch::Device device_{torch::kCPU};

@@ -19,12 +19,6 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kMpirun = std::string("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
-                                        "OMPI_MCA_btl_vader_single_copy_mechanism=none timeout 300 ") +
-                            MOEFORGE_MPIEXEC + " --oversubscribe";
-
-double relative(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-30); }
-
 
 // One layout's run against the single-process run of the same global batch.
 struct Layout {
@@ -148,10 +142,6 @@ TEST_CASE("expert parallel with a capacity factor (dropped slots) equals the sin
           "[train][distributed][mpi]") {
   check_equals_single_process({{2, 2, false}}, " --set model.moe_expert_capacity_factor=0.8");
 }
-
-// Pipeline stages: per-layer load balancing (the pooled Hugging Face loss spans all layers) and
-// four layers so that PP=4 has one per stage.
-const std::string kPipelineModel = " --set model.num_layers=4 --set model.moe_router_load_balancing_type=aux_loss";
 
 TEST_CASE("pipeline-parallel (1F1B) training equals the single-process run", "[train][distributed][mpi]") {
   check_equals_single_process({{2, 1, false, 2}, {4, 1, false, 4}}, kPipelineModel, 4);

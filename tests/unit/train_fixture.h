@@ -10,6 +10,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -18,6 +20,17 @@
 namespace moeforge::test {
 
 inline const std::string kBin = MOEFORGE_BINARY;
+
+// mpirun as root, on one machine, with more ranks than cores.
+inline const std::string kMpirun = std::string("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+                                               "OMPI_MCA_btl_vader_single_copy_mechanism=none timeout 300 ") +
+                                   MOEFORGE_MPIEXEC + " --oversubscribe";
+
+// Pipeline stages: per-layer load balancing (the pooled Hugging Face loss spans all layers) and
+// four layers so that PP=4 has one per stage.
+inline const std::string kPipelineModel = " --set model.num_layers=4 --set model.moe_router_load_balancing_type=aux_loss";
+
+inline double relative(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-30); }
 
 // Documents of English-like text (bytes), varied by a small LCG so the model has something to learn.
 inline void write_text_dataset(const std::string& prefix, int documents) {

@@ -1,0 +1,219 @@
+// Sharded checkpoints (checkpoint.format: sharded) and `moeforge convert`: a PP=2 x DP=2 (EP=2,
+// ZeRO-1) run writes one shard per stage and EP rank; it resumes on the same layout, and after
+// conversion on another layout or on one process, each time continuing exactly as the
+// uninterrupted single-process run; the conversion to a whole checkpoint gives bit for bit the
+// checkpoint the same run saves whole; a damaged shard is refused. Also `train --dry-run`.
+#include "core/safetensors.h"
+#include "test_util.h"
+#include "train_fixture.h"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+
+using namespace moeforge;
+using namespace moeforge::test;
+using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kCommon = kPipelineModel + " --set training.eval_iters=0 --set training.lr_decay_iters=30";
+const std::string kPP2EP2 = " --set parallel.pipeline_model_parallel_size=2 --set parallel.expert_model_parallel_size=2 "
+                            "--set parallel.use_distributed_optimizer=true";
+
+struct Runner {
+  TempDir dir;
+  std::string config = write_config(dir);
+
+  std::vector<nlohmann::json> train(const std::string& launcher, const std::string& name, int iters,
+                                    const std::string& extra, int expect_exit = 0, std::string* output = nullptr) {
+    const auto r = run_command(launcher + " train " + config + kCommon + extra +
+                               fmt::format(" --set training.train_iters={}", iters) + " --set checkpoint.save=" +
+                               (dir.path() / name).string() + " --set logging.run_dir=" + (dir.path() / name).string());
+    INFO(r.output);
+    REQUIRE(r.exit_code == expect_exit);
+    if (output) *output = r.output;
+    return expect_exit == 0 ? read_metrics(dir.path() / name / "metrics.jsonl") : std::vector<nlohmann::json>{};
+  }
+  CommandResult convert(const std::string& from, const std::string& to, const std::string& args) {
+    return run_command(kBin + " convert " + from + " " + (dir.path() / to).string() + " " + args);
+  }
+  fs::path path(const std::string& p) const { return dir.path() / p; }
+};
+
+void check_continues(const std::vector<nlohmann::json>& resumed, const std::vector<nlohmann::json>& whole) {
+  // A converted checkpoint's new run directory starts its metrics at the resumed iteration.
+  REQUIRE(!resumed.empty());
+  REQUIRE(resumed.back()["iteration"] == 3);
+  for (const char* key : {"lm_loss", "grad_norm"}) {
+    INFO(key << ": " << resumed.back()[key] << " vs " << whole[2][key]);
+    CHECK(relative(resumed.back()[key].get<double>(), whole[2][key].get<double>()) < 1e-5);
+  }
+}
+
+// Every tensor of two safetensors files equal, bit for bit.
+void check_identical(const std::string& a_path, const std::string& b_path) {
+  INFO(a_path << " vs " << b_path);
+  const SafetensorsCheckpoint a(a_path), b(b_path);
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  REQUIRE(sorted(a.names()) == sorted(b.names()));
+  for (const auto& name : a.names()) {
+    INFO(name);
+    CHECK(torch::equal(a.tensor(name), b.tensor(name)));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("sharded checkpoints resume on their layout and, after moeforge convert, on others", "[train][distributed][mpi]") {
+  Runner r;
+  const std::string mpi4 = kMpirun + " -np 4 " + kBin, mpi2 = kMpirun + " -np 2 " + kBin;
+  const auto whole = r.train(kBin, "single", 3, "");
+  const auto first = r.train(mpi4, "sharded", 2, kPP2EP2 + " --set checkpoint.format=sharded");
+  // Every rank's time breakdown is in the metrics.
+  REQUIRE(first[0]["rank_times"]["step_s"].size() == 4);
+  REQUIRE(first[0]["rank_times"]["pipeline_wait_s"].size() == 4);
+
+  // One directory per (stage, EP rank); dense tensors only in EP rank 0's, experts split.
+  const fs::path it2 = r.path("sharded/iter_0000002");
+  REQUIRE(fs::exists(it2 / "shards.json"));
+  CHECK_FALSE(fs::exists(it2 / "model.safetensors"));
+  for (const char* shard : {"mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"}) {
+    INFO(shard);
+    REQUIRE(fs::exists(it2 / shard / "model.safetensors"));
+    REQUIRE(fs::exists(it2 / shard / "optimizer.safetensors"));
+  }
+  {
+    const SafetensorsFile stage0_ep0((it2 / "mp_rank_00_000_000" / "model.safetensors").string());
+    const SafetensorsFile stage1_ep1((it2 / "mp_rank_00_001_001" / "model.safetensors").string());
+    CHECK(stage0_ep0.contains("embed_tokens.weight"));
+    CHECK_FALSE(stage0_ep0.contains("lm_head.weight"));
+    CHECK_FALSE(stage0_ep0.contains("layers.2.mlp.experts.down_proj"));
+    CHECK(stage0_ep0.info("layers.0.mlp.experts.down_proj").shape[0] == 4);  // 8 experts over EP 2
+    for (const auto& name : stage1_ep1.names()) CHECK(name.find("mlp.experts.") != std::string::npos);
+    CHECK(stage1_ep1.contains("layers.3.mlp.experts.gate_up_proj"));
+  }
+
+  {
+    INFO("another layout is refused, naming the conversion");
+    std::string out;
+    r.train(kBin, "sharded", 3, "", 1, &out);
+    CHECK_THAT(out, Contains("PP 2 x EP 2") && Contains("moeforge convert"));
+  }
+  {
+    INFO("converted to whole: bit for bit the whole checkpoint of the same run; one process resumes it");
+    r.train(mpi4, "whole_ref", 2, kPP2EP2);
+    const auto c = r.convert(it2.string(), "as_whole", "--format whole");
+    INFO(c.output);
+    REQUIRE(c.exit_code == 0);
+    for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+      // The RNG is each writer's own; everything else must be identical.
+      const fs::path a = r.path("as_whole/iter_0000002") / file, b = r.path("whole_ref/iter_0000002") / file;
+      if (std::string(file) == "model.safetensors") {
+        check_identical(a.string(), b.string());
+      } else {
+        const SafetensorsFile x(a.string()), y(b.string());
+        for (const auto& name : y.names()) {
+          if (name == "rng.cpu") continue;
+          INFO(name);
+          REQUIRE(x.contains(name));
+          CHECK(torch::equal(x.tensor(name), y.tensor(name)));
+        }
+        CHECK(x.names().size() == y.names().size());
+      }
+    }
+    check_continues(r.train(kBin, "as_whole", 3, ""), whole);
+  }
+  {
+    INFO("converted to PP 1 x EP 2 shards: an EP=2 run resumes them");
+    const auto c = r.convert(it2.string(), "as_ep2",
+                             "--format sharded --set parallel.pipeline_model_parallel_size=1 --set "
+                             "parallel.expert_model_parallel_size=2");
+    INFO(c.output);
+    REQUIRE(c.exit_code == 0);
+    REQUIRE(fs::exists(r.path("as_ep2/iter_0000002/mp_rank_00_000_001/model.safetensors")));
+    CHECK_FALSE(fs::exists(r.path("as_ep2/iter_0000002/mp_rank_00_001_000")));
+    check_continues(r.train(mpi2, "as_ep2", 3,
+                            " --set parallel.expert_model_parallel_size=2 --set checkpoint.format=sharded"),
+                    whole);
+  }
+  {
+    INFO("resumes on the same layout");
+    check_continues(r.train(mpi4, "sharded", 3, kPP2EP2 + " --set checkpoint.format=sharded"), whole);
+  }
+  {
+    INFO("a damaged shard is refused and nothing is written");
+    const fs::path shard = it2 / "mp_rank_00_001_001" / "model.safetensors";
+    NamedTensors tensors;
+    {
+      const SafetensorsFile f(shard.string());
+      for (const auto& name : f.names()) {
+        if (name != "layers.3.mlp.experts.down_proj") tensors.emplace_back(name, f.tensor(name));
+      }
+    }
+    tensors.emplace_back("layers.3.mlp.unexpected", torch::zeros({2}));
+    save_safetensors(shard.string(), tensors);
+    const auto c = r.convert(it2.string(), "damaged", "--format whole");
+    INFO(c.output);
+    CHECK(c.exit_code == 1);
+    CHECK_THAT(c.output, Contains("layers.3.mlp.experts.down_proj missing from") &&
+                             Contains("layers.3.mlp.unexpected") && Contains("Nothing was converted"));
+    CHECK_FALSE(fs::exists(r.path("damaged/latest_checkpointed_iteration.txt")));
+  }
+}
+
+TEST_CASE("moeforge convert refuses what it cannot convert", "[train][checkpoint]") {
+  Runner r;
+  r.train(kBin, "run", 1, "");
+  SECTION("the save directory it reads from") {
+    const auto c = run_command(kBin + " convert " + r.path("run").string() + " " + r.path("run").string());
+    CHECK(c.exit_code == 1);
+    CHECK_THAT(c.output, Contains("another directory"));
+  }
+  SECTION("experts that do not divide over the target EP") {
+    const auto c = r.convert(r.path("run").string(), "ep3", "--format sharded --set parallel.expert_model_parallel_size=3");
+    CHECK(c.exit_code == 1);
+    CHECK_THAT(c.output, Contains("expert_model_parallel_size"));
+    CHECK_FALSE(fs::exists(r.path("ep3/latest_checkpointed_iteration.txt")));
+  }
+  SECTION("a Hugging Face checkpoint (weights only)") {
+    fs::remove(r.path("run/iter_0000001/trainer_state.json"));
+    const auto hf = r.convert(r.path("run/iter_0000001").string(), "y", "");
+    CHECK(hf.exit_code == 1);
+    CHECK_THAT(hf.output, Contains("Hugging Face checkpoint"));
+  }
+}
+
+TEST_CASE("train --dry-run shows every rank's share and the start-up checks, allocating nothing", "[train][cli]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string base = kBin + " train " + config + kPipelineModel + " --dry-run --set logging.run_dir=" +
+                           (dir.path() / "run").string() + " --set checkpoint.save=" + (dir.path() / "ckpt").string();
+  const auto ok = run_command(base + " --world-size 8" + kPP2EP2 + " --set checkpoint.format=sharded");
+  INFO(ok.output);
+  REQUIRE(ok.exit_code == 0);
+  CHECK_THAT(ok.output, Contains("world 8 = PP 2 x DP 4 (EP 2") && Contains("dry run passed"));
+  // rank 7: stage 1, dp 3, ep 1, edp 1 -> experts 4-7, layers 2-3, writes no shard; rank 5 writes (1, 1).
+  CHECK_THAT(ok.output, Contains("mp_rank_00_001_001") && Contains("4-7 of 8"));
+  int rank_rows = 0;
+  for (size_t at = 0; (at = ok.output.find(" of 8 ", at)) != std::string::npos; ++at) ++rank_rows;
+  CHECK(rank_rows == 8);
+  CHECK_FALSE(fs::exists(dir.path() / "run"));
+  CHECK_FALSE(fs::exists(dir.path() / "ckpt"));
+
+  const auto bad_layout = run_command(base + " --world-size 6 --set parallel.pipeline_model_parallel_size=4");
+  CHECK(bad_layout.exit_code == 1);
+  CHECK_THAT(bad_layout.output, Contains("6"));
+
+  const auto missing = run_command(base + " --world-size 2 --set checkpoint.load=" + (dir.path() / "nowhere").string() +
+                                   " --set data.data_path=[" + (dir.path() / "nodata").string() + "]");
+  INFO(missing.output);
+  CHECK(missing.exit_code == 1);
+  CHECK_THAT(missing.output, Contains("PROBLEM  data") && Contains("PROBLEM  checkpoint.load") &&
+                                 Contains("found 2 problem"));
+}
