@@ -1,0 +1,91 @@
+# Shared by run_single_node.sh, run_multi_node.sh and slurm.sbatch (sourced, not run): starts
+# `moeforge train` under Open MPI's mpirun with the settings a GPU cluster job needs, after a
+# `train --dry-run` for the same world size has passed (a layout mistake fails here, in seconds,
+# not after a queue wait). Settings and their reasons: docs/launching.md.
+#
+#   moeforge_launch NPROC PER_NODE [mpirun arguments ...] -- CONFIG [moeforge train arguments ...]
+#
+# Environment (all optional):
+#   MOEFORGE_BIN         the binary (default: build/moeforge of this checkout)
+#   MOEFORGE_IFACE       network interface for MPI's and NCCL's TCP traffic (e.g. eth0, ib0); sets
+#                        NCCL_SOCKET_IFNAME unless that is set
+#   MOEFORGE_BIND        numa (default: each rank bound to a NUMA domain, ranks spread in order),
+#                        core, or none (always none when ranks outnumber cores)
+#   MOEFORGE_SKIP_DRY_RUN=1   launch without the dry run
+#   MOEFORGE_MPIRUN      the mpirun to use (default: mpirun on PATH)
+# Variables named NCCL_*, UCX_*, CUDA_*, MOEFORGE_*, OMP_*, PYTORCH_* and TORCH_* are passed to
+# every rank, on every node.
+
+moeforge_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+moeforge_launch() {
+  local nproc=$1 per_node=$2
+  shift 2
+  local -a mpi_args=()
+  while [[ $# -gt 0 && $1 != "--" ]]; do mpi_args+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift
+  if [[ $# -lt 1 ]]; then
+    echo "error: no experiment config given (usage: ... CONFIG [moeforge train arguments])" >&2
+    return 2
+  fi
+  local bin=${MOEFORGE_BIN:-$moeforge_root/build/moeforge}
+  if [[ ! -x $bin ]]; then
+    echo "error: $bin does not exist or is not executable: build it (bash launch/build.sh) or set MOEFORGE_BIN" >&2
+    return 2
+  fi
+  local mpirun=${MOEFORGE_MPIRUN:-mpirun}
+  if ! command -v "$mpirun" > /dev/null; then
+    echo "error: $mpirun not found: install Open MPI (bash launch/setup.sh) or set MOEFORGE_MPIRUN" >&2
+    return 2
+  fi
+
+  # Megatron's setting: one hardware queue per device, so kernels run in launch order and the
+  # communication kernels of the pipeline and the all-to-all do not wait behind compute.
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+  # Containers often forbid the cross-memory attach Open MPI's shared-memory transport tries first.
+  export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
+  if [[ $EUID -eq 0 ]]; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  fi
+  if [[ -n ${MOEFORGE_IFACE:-} ]]; then
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$MOEFORGE_IFACE}
+    mpi_args+=(--mca btl_tcp_if_include "$MOEFORGE_IFACE" --mca oob_tcp_if_include "$MOEFORGE_IFACE")
+  fi
+  # Threads per rank: this node's cores shared by its ranks (LibTorch's CPU work, data loading).
+  local cores
+  cores=$(nproc)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / per_node > 0 ? cores / per_node : 1 ))}
+  local bind=${MOEFORGE_BIND:-numa}
+  if (( per_node > cores )); then
+    bind=none
+    mpi_args+=(--oversubscribe)
+  fi
+  case $bind in
+    numa) mpi_args+=(--map-by "ppr:${per_node}:node" --bind-to numa) ;;
+    core) mpi_args+=(--map-by "ppr:${per_node}:node:PE=$(( cores / per_node ))" --bind-to core) ;;
+    none) mpi_args+=(--bind-to none) ;;
+    *) echo "error: MOEFORGE_BIND=$bind: expected numa, core or none" >&2; return 2 ;;
+  esac
+  local -a env_args=()
+  local name
+  for name in $(compgen -e); do
+    case $name in
+      NCCL_*|UCX_*|CUDA_*|MOEFORGE_*|OMP_*|PYTORCH_*|TORCH_*|LD_LIBRARY_PATH|PATH) env_args+=(-x "$name") ;;
+    esac
+  done
+
+  if [[ ${MOEFORGE_SKIP_DRY_RUN:-0} != 1 ]]; then
+    local report
+    report=$(mktemp)
+    if ! "$bin" train "$@" --dry-run --world-size "$nproc" > "$report" 2>&1; then
+      cat "$report" >&2
+      rm -f "$report"
+      echo "error: the dry run for world size $nproc failed (above); nothing was launched" >&2
+      return 1
+    fi
+    echo "dry run for world size $nproc passed ($(grep -m1 '^layout' "$report" | sed 's/^layout *//'))"
+    rm -f "$report"
+  fi
+  echo "+ $mpirun -np $nproc ${mpi_args[*]} $bin train $*"
+  "$mpirun" -np "$nproc" "${mpi_args[@]}" "${env_args[@]}" "$bin" train "$@"
+}
