@@ -170,6 +170,21 @@ TEST_CASE("sharded checkpoints resume on their layout and, after moeforge conver
 TEST_CASE("moeforge convert refuses what it cannot convert", "[train][checkpoint]") {
   Runner r;
   r.train(kBin, "run", 1, "");
+  SECTION("whole -> PP 2 x EP 4 shards -> whole is bit for bit the original") {
+    const auto a = r.convert(r.path("run").string(), "shards",
+                             "--format sharded --set parallel.pipeline_model_parallel_size=2 --set "
+                             "parallel.expert_model_parallel_size=4");
+    INFO(a.output);
+    REQUIRE(a.exit_code == 0);
+    CHECK(fs::exists(r.path("shards/iter_0000001/mp_rank_00_001_003/model.safetensors")));
+    const auto b = r.convert(r.path("shards").string(), "back", "--format whole");
+    INFO(b.output);
+    REQUIRE(b.exit_code == 0);
+    check_identical(r.path("back/iter_0000001/model.safetensors").string(),
+                    r.path("run/iter_0000001/model.safetensors").string());
+    check_identical(r.path("back/iter_0000001/optimizer.safetensors").string(),
+                    r.path("run/iter_0000001/optimizer.safetensors").string());
+  }
   SECTION("the save directory it reads from") {
     const auto c = run_command(kBin + " convert " + r.path("run").string() + " " + r.path("run").string());
     CHECK(c.exit_code == 1);
