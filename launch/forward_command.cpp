@@ -5,6 +5,7 @@
 
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "launch/sharded_checkpoint.h"
 #include "moe/hf_checkpoint.h"
 #include "moe/moe_layer.h"
 
@@ -34,6 +35,12 @@ int run_forward(const ForwardOptions& o) {
     fail_user("{}: expected a list of token ids, or a list of equally long lists", o.tokens_path);
   }
   if (rows.empty() || rows[0].size() < 2) fail_user("{}: give at least one sequence of two or more tokens", o.tokens_path);
+  if (is_sharded_checkpoint(o.checkpoint)) {
+    fail_user("{} is a sharded training checkpoint (one shard per pipeline stage and EP rank). Make it one Hugging "
+              "Face checkpoint first: moeforge convert {} WHOLE_DIR --format whole, then --checkpoint "
+              "WHOLE_DIR/iter_*.",
+              o.checkpoint, o.checkpoint);
+  }
   auto loaded = moe::load_hf_checkpoint(o.checkpoint);
   const int64_t B = static_cast<int64_t>(rows.size()), S = static_cast<int64_t>(rows[0].size());
   std::vector<int64_t> flat;

@@ -100,6 +100,13 @@ TEST_CASE("sharded checkpoints resume on their layout and, after moeforge conver
   }
 
   {
+    INFO("forward wants one Hugging Face checkpoint: it names the conversion");
+    const auto f = run_command(kBin + " forward --checkpoint " + it2.string() + " --tokens " +
+                               r.dir.file("tokens.json", "[1, 2, 3]"));
+    CHECK(f.exit_code == 1);
+    CHECK_THAT(f.output, Contains("moeforge convert"));
+  }
+  {
     INFO("another layout is refused, naming the conversion");
     std::string out;
     r.train(kBin, "sharded", 3, "", 1, &out);
