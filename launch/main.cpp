@@ -7,11 +7,13 @@
 #include "launch/commands.h"
 #include "launch/data_commands.h"
 #include "launch/trainer.h"
+#include "launch/upcycle_command.h"
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
 #include <iostream>
+#include <map>
 
 namespace {
 
@@ -76,6 +78,28 @@ int run(int argc, char** argv) {
                           "Override a key of the checkpoint's config, e.g. parallel.pipeline_model_parallel_size=2 "
                           "(repeatable)");
 
+  moeforge::UpcycleCommandOptions up;
+  std::string up_method = "copy", up_split = "contiguous", up_shared = "dense";
+  double up_scale = 0;
+  auto* up_cmd = app.add_subcommand("upcycle", "Build an MoE Hugging Face checkpoint from a dense one (docs/upcycling.md)");
+  up_cmd->add_option("--from", up.from, "Dense Hugging Face checkpoint (qwen2 / Qwen1.5 or llama)")->required();
+  up_cmd->add_option("--to", up.to, "Output directory (a Hugging Face checkpoint plus upcycle.json)")->required();
+  up_cmd->add_option("--config", up.config_path, "Experiment YAML whose model section is the MoE to build")->required();
+  up_cmd->add_option("--set", up.overrides, "Override a config key: section.key=value (repeatable)");
+  up_cmd->add_option("--method", up_method, "copy, split, granular or fine_grained")
+      ->check(CLI::IsMember({"copy", "split", "granular", "fine_grained"}));
+  up_cmd->add_option("--seed", up.upcycle.seed, "Seed of every random choice (partition, shuffles, random rows, router)");
+  up_cmd->add_option("--split-order", up_split, "split: contiguous blocks or a random partition of the neurons")
+      ->check(CLI::IsMember({"contiguous", "random"}));
+  up_cmd->add_option("--granularity", up.upcycle.granularity, "granular: shards per copy (G)")->check(CLI::PositiveNumber);
+  auto* scale_opt = up_cmd->add_option("--scale", up_scale, "Expert output scale (multiplies down_proj); default 1, granular G");
+  up_cmd->add_option("--reinit-fraction", up.upcycle.reinit_fraction, "fine_grained: share of each expert's neurons drawn anew");
+  up_cmd->add_option("--shared-init", up_shared, "Shared expert from the dense FFN's first neurons, or random")
+      ->check(CLI::IsMember({"dense", "random"}));
+  up_cmd->add_option("--router-std", up.upcycle.router_std, "Random router: normal(0, std)");
+  up_cmd->add_option("--router-from", up.upcycle.router_from, "Warm boot: copy the routers of this MoE checkpoint");
+  up_cmd->add_flag("--verify", up.verify, "Check the method's invariants against the dense model on sample tokens");
+
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
   moeforge::DataInspectOptions inspect;
@@ -126,6 +150,18 @@ int run(int argc, char** argv) {
   if (*train_cmd) return moeforge::run_train(train);
   if (*forward_cmd) return moeforge::run_forward(forward);
   if (*convert_cmd) return moeforge::run_convert(convert);
+  if (*up_cmd) {
+    static const std::map<std::string, moeforge::moe::UpcycleMethod> methods{
+        {"copy", moeforge::moe::UpcycleMethod::copy},
+        {"split", moeforge::moe::UpcycleMethod::split},
+        {"granular", moeforge::moe::UpcycleMethod::granular},
+        {"fine_grained", moeforge::moe::UpcycleMethod::fine_grained}};
+    up.upcycle.method = methods.at(up_method);
+    up.upcycle.random_split = up_split == "random";
+    up.upcycle.shared_init = up_shared == "dense" ? moeforge::moe::SharedExpertInit::dense : moeforge::moe::SharedExpertInit::random;
+    if (scale_opt->count() > 0) up.upcycle.scale = up_scale;
+    return moeforge::run_upcycle(up);
+  }
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);
   if (*merge_cmd) return moeforge::run_data_merge(merge);

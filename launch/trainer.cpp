@@ -6,6 +6,7 @@
 #include "data/blend.h"
 #include "data/datasets.h"
 #include "launch/commands.h"
+#include "launch/upcycle_command.h"
 #include "moe/expert_parallel.h"
 #include "moe/moe_layer.h"
 #include "parallel/data_parallel_optimizer.h"
@@ -169,6 +170,11 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& item : model_->named_parameters()) named.emplace_back(item.key(), item.value());
   auto trainable = select_trainable(named, t);  // the patterns are checked against the whole model
+  {
+    std::vector<std::string> names;
+    for (const auto& p : trainable) names.push_back(p.name);
+    if (const auto why = router_only_noop_reason(*model_, c_.model, names)) spdlog::warn("{}", *why);
+  }
   for (const auto& p : trainable) {
     const auto& shape = full_model_shapes_.at(p.name);
     for (const char* kind : {"exp_avg.", "exp_avg_sq."}) full_optimizer_shapes_[kind + p.name] = shape;

@@ -269,6 +269,8 @@ HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
   return out;
 }
 
+std::string hub_tensor_name(const std::string& ours, ModelType type) { return hub_name(ours, type); }
+
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir) {
   NamedTensors params;
   for (const auto& item : model.named_parameters()) params.emplace_back(item.key(), item.value().detach());

@@ -28,6 +28,10 @@ struct HFModel {
   model::GPTModel model{nullptr};
 };
 
+// The hub's name of one of our non-expert tensors ("layers.3.mlp.gate.weight" ->
+// "model.layers.3.mlp.gate.weight", Mixtral: "model.layers.3.block_sparse_moe.gate.weight").
+std::string hub_tensor_name(const std::string& ours, ModelType type);
+
 // Reads DIR/config.json and the weights (fp32 unless `dtype` says otherwise).
 HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype = torch::kFloat32);
 

@@ -1,7 +1,7 @@
 """Test oracle: Hugging Face `transformers` models (fp32, CPU) for the C++ model tests.
 
   run KIND SEED TOKENS.json OUT.json
-      builds a tiny random model of KIND (qwen2_moe, qwen2_moe_dense_layer, mixtral, qwen2),
+      builds a tiny random model of KIND (qwen2_moe, qwen2_moe_dense_layer, mixtral, qwen2, llama),
       runs it on the token ids with labels (and router logits for MoE), backpropagates the loss,
       and writes JSON: the config values, every parameter (name as in the model's state_dict,
       shape, values), the logits, the LM loss, the aux loss, the total loss and every gradient.
@@ -10,6 +10,11 @@
       the same random model, saved with save_pretrained (config.json + model.safetensors)
   logits DIR TOKENS.json OUT.json
       loads DIR with AutoModelForCausalLM.from_pretrained (fp32) and writes its logits and loss
+  experts DENSE_DIR MOE_DIR OUT.json
+      for every MoE layer of MOE_DIR (qwen2_moe or mixtral safetensors) and random inputs x: the
+      sum of all routed experts at unit weight and the dense FFN of DENSE_DIR, both computed with
+      torch from the raw tensors; and, per expert, how many of its gate rows are rows of the dense
+      gate_proj. Writes JSON per layer: {"sum": [...], "dense": [...], "rows_from_dense": [...]}
 
 Used only by tests; the framework never runs Python.
 """
@@ -41,6 +46,9 @@ def build(kind):
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**{**COMMON, "tie_word_embeddings": True}, intermediate_size=64)
         return transformers.Qwen2ForCausalLM(cfg)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**COMMON, intermediate_size=64)
+        return transformers.LlamaForCausalLM(cfg)
     raise SystemExit(f"unknown kind {kind}")
 
 
@@ -64,6 +72,35 @@ def logits(directory, tokens_path, out_path):
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
     json.dump({"logits": out.logits.reshape(-1).tolist(), "loss": out.loss.item()}, open(out_path, "w"))
+
+
+def experts(dense_dir, moe_dir, out_path):
+    from safetensors.torch import load_file
+    dense = load_file(f"{dense_dir}/model.safetensors")
+    moe = load_file(f"{moe_dir}/model.safetensors")
+    cfg = json.load(open(f"{moe_dir}/config.json"))
+    mixtral = cfg["model_type"] == "mixtral"
+    n = cfg.get("num_local_experts", cfg.get("num_experts"))
+    torch.manual_seed(0)
+    silu = torch.nn.functional.silu
+    result = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        g, u, d = (dense[p + f"mlp.{w}_proj.weight"].float() for w in ("gate", "up", "down"))
+        x = torch.randn(16, g.shape[1])
+        total = torch.zeros(16, g.shape[1])
+        rows = []
+        for e in range(n):
+            if mixtral:
+                eg, eu, ed = (moe[p + f"block_sparse_moe.experts.{e}.{w}.weight"].float() for w in ("w1", "w3", "w2"))
+            else:
+                eg, eu, ed = (moe[p + f"mlp.experts.{e}.{w}_proj.weight"].float() for w in ("gate", "up", "down"))
+            total += (silu(x @ eg.T) * (x @ eu.T)) @ ed.T
+            rows.append(int(sum(bool((g == r).all(dim=1).any()) for r in eg)))
+        result[str(layer)] = {"sum": total.reshape(-1).tolist(),
+                              "dense": ((silu(x @ g.T) * (x @ u.T)) @ d.T).reshape(-1).tolist(),
+                              "rows_from_dense": rows}
+    json.dump(result, open(out_path, "w"))
 
 
 def main(kind, seed, tokens_path, out_path):
@@ -92,5 +129,7 @@ if __name__ == "__main__":
         save(*sys.argv[2:5])
     elif sys.argv[1] == "logits":
         logits(*sys.argv[2:5])
+    elif sys.argv[1] == "experts":
+        experts(*sys.argv[2:5])
     else:
         raise SystemExit("usage: hf_model_oracle.py run|save|logits ...")
