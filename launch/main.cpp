@@ -6,6 +6,8 @@
 #include "core/logging.h"
 #include "launch/commands.h"
 #include "launch/data_commands.h"
+#include "launch/report.h"
+#include "launch/run_environment.h"
 #include "launch/trainer.h"
 #include "launch/upcycle_command.h"
 
@@ -100,6 +102,17 @@ int run(int argc, char** argv) {
   up_cmd->add_option("--router-from", up.upcycle.router_from, "Warm boot: copy the routers of this MoE checkpoint");
   up_cmd->add_flag("--verify", up.verify, "Check the method's invariants against the dense model on sample tokens");
 
+  moeforge::ReportOptions report;
+  auto* report_cmd = app.add_subcommand("report", "Benchmark report of a run: FlagPerf's row, MFU, accuracy verdict, plots (docs/report.md)");
+  report_cmd->add_option("run_dir", report.run_dir, "The run's directory (logging.run_dir)")->required();
+  report_cmd->add_option("--reference", report.reference,
+                         "Reference loss curve: a run directory, its metrics.jsonl, or a Megatron-LM log");
+  report_cmd->add_option("--out", report.out_dir, "Where report.json/.md/.html go (default RUN_DIR/report)");
+  report_cmd->add_option("--warmup", report.warmup, "Iterations left out of the steady state (default: n/10, 1..10)")
+      ->check(CLI::NonNegativeNumber);
+  report_cmd->add_option("--from-iteration", report.from_iteration, "Compare losses from this iteration on (FlagPerf: 21)");
+  report_cmd->add_option("--threshold", report.threshold, "Pass when the mean relative loss error is below this (FlagPerf: 0.02)");
+
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
   moeforge::DataInspectOptions inspect;
@@ -147,9 +160,13 @@ int run(int argc, char** argv) {
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();
-  if (*train_cmd) return moeforge::run_train(train);
+  if (*train_cmd) {
+    train.command = moeforge::shell_command_line(argc, argv);
+    return moeforge::run_train(train);
+  }
   if (*forward_cmd) return moeforge::run_forward(forward);
   if (*convert_cmd) return moeforge::run_convert(convert);
+  if (*report_cmd) return moeforge::run_report(report);
   if (*up_cmd) {
     static const std::map<std::string, moeforge::moe::UpcycleMethod> methods{
         {"copy", moeforge::moe::UpcycleMethod::copy},

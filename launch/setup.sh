@@ -23,6 +23,7 @@ apt_packages=(
   libyaml-cpp-dev libspdlog-dev libfmt-dev catch2 libcli11-dev nlohmann-json3-dev libpcre2-dev
   libutf8proc-dev
   clang libclang-rt-14-dev
+  chromium  # the report test opens report.html in a real headless browser
 )
 if [[ "${MOEFORGE_SKIP_APT:-0}" != 1 ]]; then
   missing=()

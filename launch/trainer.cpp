@@ -6,6 +6,7 @@
 #include "data/blend.h"
 #include "data/datasets.h"
 #include "launch/commands.h"
+#include "launch/run_environment.h"
 #include "launch/upcycle_command.h"
 #include "moe/expert_parallel.h"
 #include "moe/moe_layer.h"
@@ -79,7 +80,7 @@ std::optional<CheckpointToLoad> checkpoint_to_start_from(const CheckpointConfig&
 
 }  // namespace
 
-Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.config) {
+Trainer::Trainer(LoadedConfig loaded, const std::string& command) : loaded_(std::move(loaded)), c_(loaded_.config) {
   const auto& t = c_.training;
   // This trainer runs on one process; the layout object still validates the config's degrees.
   std::string world_source;
@@ -226,8 +227,11 @@ Trainer::Trainer(LoadedConfig loaded) : loaded_(std::move(loaded)), c_(loaded_.c
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
                flops_6n_per_step_, peak_.tflops, peak_.source);
 
+  const auto hostnames = gather_hostnames(*groups_.world);
   if (is_rank0()) {
     write_resolved_config(c_, c_.logging.run_dir);
+    std::ofstream(fs::path(c_.logging.run_dir) / "environment.json")
+        << run_environment(c_, hostnames, command).dump(2) << "\n";
     open_metrics();
   }
 }
@@ -558,7 +562,7 @@ int run_train(const TrainOptions& o) {
   set_log_level(loaded.config.logging.log_level);
   if (o.dry_run) return run_train_dry_run(loaded, o.world_size);
   try {
-    Trainer trainer(std::move(loaded));
+    Trainer trainer(std::move(loaded), o.command);
     return trainer.train();
   } catch (const std::exception& e) {
     // An error on some ranks of a running job would leave the others waiting in a collective until

@@ -38,12 +38,14 @@ struct TrainOptions {
   std::string load;  // overrides checkpoint.load
   bool dry_run = false;                // layout, plan and checks only (run_train_dry_run)
   std::optional<int64_t> world_size;   // --world-size: the world a dry run plans for
+  std::string command;                 // the command line, for environment.json
 };
 int run_train(const TrainOptions& options);
 
 class Trainer {
  public:
-  explicit Trainer(LoadedConfig loaded);
+  // `command`: the command line that started the run (recorded in environment.json).
+  explicit Trainer(LoadedConfig loaded, const std::string& command = "");
   // Trains from the current state to training.train_iters; returns the process exit code.
   int train();
 

@@ -61,6 +61,13 @@ struct NcclCommunicator::State {
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream(); }
 };
 
+std::string nccl_version() {
+  int v = 0;
+  if (ncclGetVersion(&v) != ncclSuccess) return "unknown";
+  // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
+  return fmt::format("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100);
+}
+
 int select_cuda_device(int local_rank) {
   const int count = c10::cuda::device_count();
   if (count == 0) fail_user("hardware.device is cuda but no GPU is visible to local rank {}", local_rank);

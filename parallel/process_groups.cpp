@@ -39,6 +39,7 @@ int select_cuda_device(int) {
   fail_user("GPU training across ranks needs NCCL, and this build has no CUDA (see the GPU line of the CMake summary). "
             "Build on a machine with nvcc matching the torch wheel, or train with hardware.device: cpu.");
 }
+std::string nccl_version() { return "not built (no CUDA)"; }
 #endif
 
 ProcessGroups ProcessGroups::single() {

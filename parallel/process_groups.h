@@ -11,6 +11,7 @@
 #include "parallel/mpi_communicator.h"
 
 #include <memory>
+#include <string>
 
 namespace moeforge {
 
@@ -30,5 +31,8 @@ struct ProcessGroups {
 // GPU training under a launcher: makes device `local_rank % visible GPUs` current (before any NCCL
 // communicator is made) and returns it. Throws UserError without a GPU or in a build without CUDA.
 int select_cuda_device(int local_rank);
+
+// "2.21.5" from the NCCL this build links, or "not built (no CUDA)" (for run fingerprints).
+std::string nccl_version();
 
 }  // namespace moeforge

@@ -1,0 +1,280 @@
+#include "launch/report.h"
+
+#include "core/config_loader.h"
+#include "core/errors.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <regex>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeforge {
+
+namespace {
+
+std::vector<json> read_metrics_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) fail_user("{}: not found. Point at a run directory (logging.run_dir of a moeforge train run).", path.string());
+  std::vector<json> out;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("iteration")) {
+      fail_user("{}:{}: not a metrics line (one JSON object with \"iteration\" per line expected)", path.string(), n);
+    }
+    out.push_back(std::move(j));
+  }
+  if (out.empty()) fail_user("{}: no iterations logged yet", path.string());
+  return out;
+}
+
+double percentile(const std::vector<double>& sorted, double q) {  // numpy's default (linear)
+  const double pos = q * static_cast<double>(sorted.size() - 1);
+  const auto lo = static_cast<size_t>(std::floor(pos)), hi = static_cast<size_t>(std::ceil(pos));
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
+}
+
+double number(const json& j, const char* key) { return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN; }
+
+}  // namespace
+
+LossCurve parse_megatron_log(std::istream& in, const std::string& source) {
+  static const std::regex iteration(R"(iteration\s+(\d+)\s*/\s*\d+\s*\|)");
+  static const std::regex elapsed(R"(elapsed time per iteration \(ms\):\s*([0-9.]+))");
+  static const std::regex loss(R"(\|\s*lm loss:\s*([-+0-9.eE]+))");
+  LossCurve c;
+  c.source = source;
+  c.kind = "Megatron-LM log";
+  std::string line;
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (!std::regex_search(line, m, iteration)) continue;
+    const int64_t it = std::stoll(m[1]);
+    if (std::regex_search(line, m, loss)) c.lm_loss[it] = std::stod(m[1]);
+    if (std::regex_search(line, m, elapsed)) c.step_time_s[it] = std::stod(m[1]) / 1e3;
+  }
+  return c;
+}
+
+LossCurve read_reference(const std::string& path) {
+  fs::path p(path);
+  if (fs::is_directory(p)) p /= "metrics.jsonl";
+  std::ifstream in(p);
+  if (!in) fail_user("--reference {}: not found (a run directory, its metrics.jsonl, or a Megatron-LM log)", p.string());
+  const int first = (in >> std::ws).peek();
+  LossCurve c;
+  if (first == '{') {
+    c.source = p.string();
+    c.kind = "moeforge metrics";
+    for (const auto& j : read_metrics_file(p)) {
+      const auto it = j["iteration"].get<int64_t>();
+      if (const double l = number(j, "lm_loss"); std::isfinite(l)) c.lm_loss[it] = l;
+      if (const double t = number(j, "step_time_s"); std::isfinite(t)) c.step_time_s[it] = t;
+    }
+  } else {
+    c = parse_megatron_log(in, p.string());
+  }
+  if (c.lm_loss.empty()) {
+    fail_user("--reference {}: no loss found; expected moeforge metrics.jsonl lines or Megatron-LM log lines like "
+              "\"iteration 21/ 100 | ... elapsed time per iteration (ms): 70412.3 | ... lm loss: 8.53E+00 |\"",
+              p.string());
+  }
+  return c;
+}
+
+json steady_stats(std::vector<double> v) {
+  std::erase_if(v, [](double x) { return !std::isfinite(x); });
+  if (v.empty()) return json{{"count", 0}};
+  std::sort(v.begin(), v.end());
+  const double n = static_cast<double>(v.size());
+  const double mean = std::accumulate(v.begin(), v.end(), 0.0) / n;
+  double var = 0;
+  for (double x : v) var += (x - mean) * (x - mean);
+  return json{{"count", v.size()},
+              {"median", percentile(v, 0.5)},
+              {"mean", mean},
+              {"min", v.front()},
+              {"max", v.back()},
+              {"stdev", v.size() > 1 ? std::sqrt(var / (n - 1)) : 0.0},
+              {"p25", percentile(v, 0.25)},
+              {"p75", percentile(v, 0.75)}};
+}
+
+json accuracy_verdict(const std::map<int64_t, double>& run, const LossCurve& ref, int64_t from, double threshold) {
+  json steps = json::array();
+  double sum = 0;
+  for (const auto& [it, loss] : run) {
+    if (it < from || !ref.lm_loss.contains(it)) continue;
+    const double r = ref.lm_loss.at(it);
+    const double err = std::abs(loss - r) / std::max(std::abs(r), 1e-30);
+    steps.push_back({{"iteration", it}, {"lm_loss", loss}, {"reference_lm_loss", r}, {"relative_error", err}});
+    sum += err;
+  }
+  json v = {{"reference", ref.source},
+            {"reference_kind", ref.kind},
+            {"from_iteration", from},
+            {"threshold", threshold},
+            {"compared_iterations", steps.size()},
+            {"per_step", steps}};
+  if (steps.empty()) {
+    v["mean_relative_error"] = nullptr;
+    v["pass"] = nullptr;
+    v["message"] = fmt::format("no iteration at or after {} in both curves (run {}..{}, reference {}..{})", from,
+                               run.empty() ? 0 : run.begin()->first, run.empty() ? 0 : run.rbegin()->first,
+                               ref.lm_loss.begin()->first, ref.lm_loss.rbegin()->first);
+    return v;
+  }
+  const double mean = sum / static_cast<double>(steps.size());
+  v["mean_relative_error"] = mean;
+  v["pass"] = mean < threshold;
+  v["message"] = fmt::format("mean relative loss error {:.3f} % over {} iterations from {} on: {} (threshold {:.1f} %)",
+                             100 * mean, steps.size(), from, mean < threshold ? "PASS" : "FAIL", 100 * threshold);
+  return v;
+}
+
+json build_report(const ReportOptions& o) {
+  const fs::path run(o.run_dir);
+  const auto metrics = read_metrics_file(run / "metrics.jsonl");
+  const fs::path config_file = run / "config.yaml";
+  if (!fs::exists(config_file)) fail_user("{}: missing; is {} the logging.run_dir of a moeforge train run?", config_file.string(), o.run_dir);
+  const ExperimentConfig c = load_config(config_file.string(), {}).config;
+  json env = json::object();
+  if (std::ifstream in(run / "environment.json"); in) env = json::parse(in, nullptr, false);
+  if (env.is_discarded()) env = json::object();
+
+  const int64_t n = static_cast<int64_t>(metrics.size());
+  const int64_t warmup = o.warmup.value_or(n <= 2 ? 0 : std::min<int64_t>(10, std::max<int64_t>(1, n / 10)));
+  if (warmup >= n) fail_user("--warmup {} leaves no iteration of the {} logged for the steady state", warmup, n);
+  json series;
+  for (const char* key : {"iteration", "lm_loss", "step_time_s", "tokens_per_s_per_device", "tflops_per_device",
+                          "tflops_6n_per_device", "mfu", "mfu_6n", "time_data_s", "time_forward_s", "time_backward_s",
+                          "time_pipeline_wait_s", "time_grad_reduce_s", "time_optimizer_s", "expert_load_max_over_mean",
+                          "peak_memory_bytes"}) {
+    series[key] = json::array();
+    for (const auto& m : metrics) series[key].push_back(m.contains(key) && !m[key].is_null() ? m[key] : json(nullptr));
+  }
+  series["expert_load_per_layer"] = json::array();
+  for (const auto& m : metrics) series["expert_load_per_layer"].push_back(m.value("expert_load_per_layer", json::array()));
+  auto steady = [&](const char* key) {
+    std::vector<double> v;
+    for (int64_t i = warmup; i < n; ++i) v.push_back(number(metrics[static_cast<size_t>(i)], key));
+    return steady_stats(v);
+  };
+  json steady_state = {{"warmup_iterations", warmup},
+                       {"first_iteration", metrics[static_cast<size_t>(warmup)]["iteration"]},
+                       {"last_iteration", metrics.back()["iteration"]}};
+  for (const char* key : {"step_time_s", "tokens_per_s_per_device", "tflops_per_device", "tflops_6n_per_device", "mfu", "mfu_6n"}) {
+    steady_state[key] = steady(key);
+  }
+  steady_state["iterations"] = steady_state["step_time_s"]["count"];
+
+  const auto& last = metrics.back();
+  const int64_t world = env.value("world_size", int64_t{0}) > 0 ? env["world_size"].get<int64_t>()
+                                                               : c.parallel.world_size.value_or(1);
+  const int64_t pp = c.parallel.pipeline_model_parallel_size, ep = c.parallel.expert_model_parallel_size;
+  const int64_t nodes = env.value("nodes", int64_t{1}), per_node = env.value("devices_per_node", world);
+  const std::string chip = env.value("chip", c.hardware.chip.empty() ? std::string("unknown") : c.hardware.chip);
+  int64_t peak_used = 0;
+  for (const auto& m : metrics) peak_used = std::max<int64_t>(peak_used, m.value("peak_memory_bytes", int64_t{0}));
+  int64_t memory_total = 0;
+  if (env.contains("chips") && !env["chips"].empty()) memory_total = env["chips"][0].value("memory_total_bytes", int64_t{0});
+  auto median = [&](const char* key) { return steady_state[key].value("median", NAN); };
+  const json result = {
+      {"config", fmt::format("{} {}x{}", chip, nodes, per_node)},
+      {"chip", chip},
+      {"nodes", nodes},
+      {"devices_per_node", per_node},
+      {"devices", world},
+      {"precision", c.training.bf16 ? "bf16" : "fp32"},
+      {"parallel", fmt::format("TP1xPP{}xDP{}xEP{}", pp, world / pp, ep)},
+      {"global_batch_size", c.training.global_batch_size},
+      {"seq_length", c.training.seq_length},
+      {"tokens_per_s_per_chip", median("tokens_per_s_per_device")},
+      {"lm_loss_last", last.contains("lm_loss") ? last["lm_loss"] : json(nullptr)},
+      {"last_iteration", last["iteration"]},
+      {"peak_memory_used_bytes", peak_used},
+      {"peak_memory_total_bytes", memory_total},
+      {"peak_memory_kind", env.value("device", std::string("cpu")) == "cuda" ? "host memory of rank 0 (GPU memory is not recorded yet)"
+                                                                            : "resident memory of rank 0"},
+      {"tflops_per_chip", {{"megatron", median("tflops_per_device")}, {"six_n", median("tflops_6n_per_device")}}},
+      {"mfu", {{"megatron", median("mfu")}, {"six_n", median("mfu_6n")}}},
+      {"peak_tflops", last.value("peak_tflops", 0.0)},
+      {"peak_source", last.value("peak_source", std::string())},
+      {"step_time_s", median("step_time_s")},
+  };
+  json report = {{"schema_version", 1},
+                 {"run_dir", fs::absolute(run).string()},
+                 {"case", {{"config", (fs::absolute(run) / "config.yaml").string()},
+                           {"model_type", std::string(to_string(c.model.model_type))},
+                           {"num_layers", c.model.num_layers},
+                           {"hidden_size", c.model.hidden_size},
+                           {"num_experts", c.model.num_experts.value_or(0)},
+                           {"moe_router_topk", c.model.is_moe() ? c.model.moe_router_topk : 0},
+                           {"train_iters", c.training.train_iters}}},
+                 {"result", result},
+                 {"steady_state", steady_state},
+                 {"environment", env},
+                 {"series", series}};
+  if (!o.reference.empty()) {
+    const LossCurve ref = read_reference(o.reference);
+    std::map<int64_t, double> run_loss;
+    for (const auto& m : metrics) {
+      if (const double l = number(m, "lm_loss"); std::isfinite(l)) run_loss[m["iteration"].get<int64_t>()] = l;
+    }
+    json acc = accuracy_verdict(run_loss, ref, o.from_iteration, o.threshold);
+    std::vector<double> ref_times;
+    for (const auto& [it, t] : ref.step_time_s) {
+      if (it > metrics[static_cast<size_t>(warmup)]["iteration"].get<int64_t>() - 1) ref_times.push_back(t);
+    }
+    const json ref_steady = steady_stats(ref_times);
+    acc["reference_step_time_s"] = ref_steady;
+    if (ref_steady["count"].get<int64_t>() > 0) {
+      acc["step_time_ratio_reference_over_run"] = ref_steady["median"].get<double>() / median("step_time_s");
+    }
+    json ref_series = json::array();
+    for (const auto& m : metrics) {
+      const auto it = m["iteration"].get<int64_t>();
+      ref_series.push_back(ref.lm_loss.contains(it) ? json(ref.lm_loss.at(it)) : json(nullptr));
+    }
+    report["series"]["reference_lm_loss"] = ref_series;
+    report["accuracy"] = acc;
+  } else {
+    report["accuracy"] = nullptr;
+  }
+  const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  report["generated_at"] = stamp;
+  return report;
+}
+
+int run_report(const ReportOptions& o) {
+  const json report = build_report(o);
+  const fs::path out = o.out_dir.empty() ? fs::path(o.run_dir) / "report" : fs::path(o.out_dir);
+  fs::create_directories(out);
+  std::ofstream(out / "report.json") << report.dump(2) << "\n";
+  std::ofstream(out / "report.md") << render_markdown(report);
+  std::ofstream(out / "report.html") << render_html(report);
+  const auto& r = report["result"];
+  spdlog::info("{} | {} | {} | {:.1f} tokens/s/chip | loss {} | MFU {:.2f} % (6N {:.2f} %)", r["config"].get<std::string>(),
+               r["precision"].get<std::string>(), r["parallel"].get<std::string>(), r["tokens_per_s_per_chip"].get<double>(),
+               r["lm_loss_last"].dump(), 100 * r["mfu"]["megatron"].get<double>(), 100 * r["mfu"]["six_n"].get<double>());
+  if (!report["accuracy"].is_null()) spdlog::info("accuracy: {}", report["accuracy"]["message"].get<std::string>());
+  spdlog::info("wrote {}/report.json, report.md, report.html", out.string());
+  return 0;
+}
+
+}  // namespace moeforge

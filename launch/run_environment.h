@@ -1,0 +1,28 @@
+// defines: run_environment, gather_hostnames, shell_command_line
+//
+// The fingerprint a benchmark report needs about where and how a run ran: chips (names, count,
+// memory), driver, CUDA, NCCL, MPI, LibTorch, compiler, moeforge version and commit, hostnames of
+// every rank, the exact command. The trainer's rank 0 writes it to <run_dir>/environment.json at
+// start-up; `moeforge report` reads it (keys in docs/report.md).
+#pragma once
+
+#include "core/config.h"
+#include "parallel/communicator.h"
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+// Every rank's host name, in world-rank order (collective).
+std::vector<std::string> gather_hostnames(Communicator& world);
+
+nlohmann::json run_environment(const ExperimentConfig& config, const std::vector<std::string>& hostnames,
+                               const std::string& command);
+
+// argv as one line a shell would run again (arguments quoted where needed).
+std::string shell_command_line(int argc, char** argv);
+
+}  // namespace moeforge

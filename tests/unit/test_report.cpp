@@ -1,0 +1,140 @@
+// `moeforge report`: numbers recomputed from the metrics by a numpy oracle, the accuracy verdict at
+// FlagPerf's threshold, Megatron-LM log lines as the reference, and report.html opened in a real
+// headless browser (chromium).
+#include "test_util.h"
+#include "train_fixture.h"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+using namespace moeforge;
+using namespace moeforge::test;
+using Catch::Matchers::Contains;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+json read_json(const fs::path& p) { return json::parse(std::ifstream(p)); }
+
+// A Megatron-LM training log line (megatron/training/training.py's format) for iteration `it`.
+std::string megatron_line(int it, double loss, double ms) {
+  return fmt::format(" [2024-05-06 10:{:02d}:00] iteration {:>8}/     100 | consumed samples: {:>12} | elapsed time per "
+                     "iteration (ms): {:.1f} | throughput per GPU (TFLOP/s/GPU): 123.4 | learning rate: 9.876543E-06 | "
+                     "global batch size:   512 | lm loss: {:.6E} | load_balancing_loss: 1.012345E+00 | loss scale: 1.0 | "
+                     "grad norm: 1.234 | number of skipped iterations:   0 | number of nan iterations:   0 |\n",
+                     it % 60, it, it * 512, ms, loss);
+}
+
+}  // namespace
+
+TEST_CASE("report of a 2-rank run against a single-process reference: numbers equal the numpy oracle", "[report][mpi]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string common = " --set training.train_iters=6 --set training.eval_iters=0 --set training.lr_warmup_iters=1";
+  for (const auto& [launcher, name] : {std::pair{kMpirun + " -np 2 " + kBin, "dp2"}, std::pair{kBin, "single"}}) {
+    const auto r = run_command(launcher + " train " + config + common + " --set logging.run_dir=" + (dir.path() / name).string());
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+  }
+  const auto run = dir.path() / "dp2";
+  const auto r = run_command(kBin + " report " + run.string() + " --reference " + (dir.path() / "single").string() +
+                             " --warmup 1 --from-iteration 2");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  CHECK_THAT(r.output, Contains("TP1xPP1xDP2xEP1") && Contains("PASS"));
+  for (const char* f : {"report.json", "report.md", "report.html"}) CHECK(fs::exists(run / "report" / f));
+  const auto rep = read_json(run / "report" / "report.json");
+  const auto oracle_out = (dir.path() / "oracle.json").string();
+  run_oracle("report_oracle.py", (run / "metrics.jsonl").string() + " " + (dir.path() / "single" / "metrics.jsonl").string() +
+                                     " 1 2 " + oracle_out);
+  const auto expected = read_json(oracle_out);
+  for (const auto& [key, stats] : expected["steady"].items()) {
+    for (const auto& [stat, value] : stats.items()) {
+      INFO(key << "." << stat);
+      CHECK(rep["steady_state"][key][stat].get<double>() == Approx(value.get<double>()).epsilon(1e-12).margin(1e-15));
+    }
+  }
+  CHECK(rep["steady_state"]["iterations"] == 5);
+  CHECK(rep["result"]["tokens_per_s_per_chip"].get<double>() == Approx(expected["steady"]["tokens_per_s_per_device"]["median"].get<double>()));
+  CHECK(rep["result"]["mfu"]["megatron"].get<double>() == Approx(expected["steady"]["mfu"]["median"].get<double>()));
+  CHECK(rep["result"]["devices"] == 2);
+  CHECK(rep["result"]["precision"] == "fp32");
+  CHECK(rep["accuracy"]["compared_iterations"] == expected["compared"]);
+  CHECK(rep["accuracy"]["mean_relative_error"].get<double>() ==
+        Approx(expected["mean_relative_error"].get<double>()).margin(1e-12));
+  CHECK(rep["accuracy"]["pass"] == true);
+  const auto& env = rep["environment"];
+  CHECK(env["hostnames"].size() == 2);
+  CHECK_THAT(env["command"].get<std::string>(), Contains("train") && Contains("logging.run_dir="));
+  CHECK(env.contains("libtorch"));
+  CHECK(env.contains("mpi"));
+  CHECK_THAT(slurp((run / "report" / "report.md").string()), Contains("| config | precision | parallel (TPxPPxDPxEP)"));
+
+  SECTION("report.html renders in a real headless browser: every plot is there") {
+    const auto browser = run_command("command -v chromium || command -v chromium-browser || command -v google-chrome");
+    INFO("no chromium: install it with bash launch/setup.sh (apt package chromium)");
+    REQUIRE(browser.exit_code == 0);
+    std::string bin = browser.output;
+    bin.erase(bin.find_last_not_of("\n") + 1);
+    const auto dom = run_command("timeout 120 " + bin + " --headless --no-sandbox --disable-gpu --disable-dev-shm-usage "
+                                 "--user-data-dir=" + (dir.path() / "chromium").string() + " --dump-dom file://" +
+                                 (run / "report" / "report.html").string() + " 2>/dev/null");
+    REQUIRE(dom.exit_code == 0);
+    // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time, expert load).
+    CHECK_THAT(dom.output, Contains("data-plots=\"5\""));
+    CHECK_THAT(dom.output, Contains("<polyline") && Contains("PASS"));
+  }
+}
+
+TEST_CASE("report verdict at FlagPerf's threshold, against a Megatron-LM log", "[report]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  // A run logged for 30 iterations at loss 1, reference losses from a Megatron log.
+  const auto run = dir.path() / "run";
+  REQUIRE(run_command(kBin + " train " + config + " --set training.train_iters=1 --set training.eval_iters=0 "
+                      "--set training.lr_warmup_iters=0 --set logging.run_dir=" + run.string()).exit_code == 0);
+  {
+    const auto first = read_json(run / "metrics.jsonl");
+    std::ofstream out(run / "metrics.jsonl");
+    for (int it = 1; it <= 30; ++it) {
+      json m = first;
+      m["iteration"] = it;
+      m["lm_loss"] = 1.0;
+      out << m.dump() << "\n";
+    }
+  }
+  auto verdict = [&](double error) {
+    // |1 - r| / r = error from iteration 21 on; iterations before 21 are far off and must not count.
+    const auto log = dir.path() / fmt::format("megatron_{}.log", error);
+    {
+      std::ofstream out(log);
+      out << "using world size: 8, data-parallel size: 4\n";
+      for (int it = 1; it <= 30; ++it) out << megatron_line(it, it < 21 ? 2.0 : 1.0 / (1.0 + error), 70412.3);
+    }
+    const auto r = run_command(kBin + " report " + run.string() + " --reference " + log.string() + " --out " +
+                               (dir.path() / fmt::format("out_{}", error)).string());
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+    return read_json(dir.path() / fmt::format("out_{}", error) / "report.json")["accuracy"];
+  };
+  const auto below = verdict(0.0199), above = verdict(0.0201);
+  CHECK(below["pass"] == true);
+  CHECK(above["pass"] == false);
+  CHECK(below["compared_iterations"] == 10);
+  CHECK(below["from_iteration"] == 21);
+  CHECK(below["mean_relative_error"].get<double>() == Approx(0.0199).epsilon(1e-5));
+  CHECK(below["reference_kind"] == "Megatron-LM log");
+  CHECK(below["reference_step_time_s"]["median"].get<double>() == Approx(70.4123));
+  CHECK(below["per_step"][0]["iteration"] == 21);
+
+  const auto none = run_command(kBin + " report " + run.string() + " --reference " + config);
+  CHECK(none.exit_code == 1);
+  CHECK_THAT(none.output, Contains("no loss found"));
+  const auto missing = run_command(kBin + " report " + (dir.path() / "nowhere").string());
+  CHECK(missing.exit_code == 1);
+  CHECK_THAT(missing.output, Contains("metrics.jsonl: not found"));
+}
