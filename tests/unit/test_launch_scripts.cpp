@@ -1,6 +1,6 @@
 // launch/run_single_node.sh, run_multi_node.sh (hostfile) and slurm.sbatch (outside SLURM, with
 // the variables sbatch sets) start a real 2-rank CPU job, after a dry run; a layout the dry run
-// rejects launches nothing.
+// rejects launches nothing; run_benchmark.sh runs a case and reports it.
 #include "test_util.h"
 #include "train_fixture.h"
 
@@ -43,6 +43,14 @@ TEST_CASE("the launch scripts run a 2-rank job after a dry run", "[launch][mpi]"
   CHECK(bad.exit_code == 1);
   CHECK_THAT(bad.output, Contains("nothing was launched"));
   CHECK_FALSE(fs::exists(dir.path() / "bad"));
+  // run_benchmark.sh: a case, then its report (against the single-node run above as reference).
+  const auto bench = run_command(env + "bash " + source_path("launch/run_benchmark.sh") + " -n 2 -r " +
+                                 (dir.path() / "single").string() + " -o " + (dir.path() / "bench").string() + " " + config +
+                                 " --set training.train_iters=2 --set training.lr_warmup_iters=0 --set training.eval_iters=0");
+  INFO(bench.output);
+  REQUIRE(bench.exit_code == 0);
+  CHECK_THAT(bench.output, Contains("TP1xPP1xDP2xEP1") && Contains("report.html"));
+  for (const char* f : {"report.json", "report.md", "report.html"}) CHECK(fs::exists(dir.path() / "bench" / "report" / f));
   const auto no_hostfile = run_command(env + "bash " + source_path("launch/run_multi_node.sh") + args("x"));
   CHECK(no_hostfile.exit_code == 2);
   CHECK_THAT(no_hostfile.output, Contains("-H HOSTFILE"));
