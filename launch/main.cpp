@@ -104,10 +104,15 @@ int run(int argc, char** argv) {
 
   moeforge::ReportOptions report;
   auto* report_cmd = app.add_subcommand("report", "Benchmark report of a run: FlagPerf's row, MFU, accuracy verdict, plots (docs/report.md)");
-  report_cmd->add_option("run_dir", report.run_dir, "The run's directory (logging.run_dir)")->required();
+  std::vector<std::string> report_runs;
+  report_cmd->add_option("run_dir", report_runs,
+                         "The run's directory (logging.run_dir); several: one report each plus a comparison of them")
+      ->required();
   report_cmd->add_option("--reference", report.reference,
                          "Reference loss curve: a run directory, its metrics.jsonl, or a Megatron-LM log");
-  report_cmd->add_option("--out", report.out_dir, "Where report.json/.md/.html go (default RUN_DIR/report)");
+  report_cmd->add_option("--out", report.out_dir,
+                         "Where report.json/.md/.html go (default RUN_DIR/report); with several runs, DIR/<run>/ and "
+                         "DIR/comparison.* (default: reports)");
   report_cmd->add_option("--warmup", report.warmup, "Iterations left out of the steady state (default: n/10, 1..10)")
       ->check(CLI::NonNegativeNumber);
   report_cmd->add_option("--from-iteration", report.from_iteration, "Compare losses from this iteration on (FlagPerf: 21)");
@@ -166,7 +171,7 @@ int run(int argc, char** argv) {
   }
   if (*forward_cmd) return moeforge::run_forward(forward);
   if (*convert_cmd) return moeforge::run_convert(convert);
-  if (*report_cmd) return moeforge::run_report(report);
+  if (*report_cmd) return moeforge::run_reports(report, report_runs);
   if (*up_cmd) {
     static const std::map<std::string, moeforge::moe::UpcycleMethod> methods{
         {"copy", moeforge::moe::UpcycleMethod::copy},

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <numeric>
 #include <regex>
+#include <set>
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -274,6 +275,61 @@ int run_report(const ReportOptions& o) {
                r["lm_loss_last"].dump(), 100 * r["mfu"]["megatron"].get<double>(), 100 * r["mfu"]["six_n"].get<double>());
   if (!report["accuracy"].is_null()) spdlog::info("accuracy: {}", report["accuracy"]["message"].get<std::string>());
   spdlog::info("wrote {}/report.json, report.md, report.html", out.string());
+  return 0;
+}
+
+json build_comparison(const std::vector<json>& reports) {
+  json rows = json::array();
+  const auto& base = reports.front()["result"];
+  for (const auto& rep : reports) {
+    const auto& r = rep["result"];
+    json row = {{"run_dir", rep["run_dir"]},
+                {"config", r["config"]},
+                {"precision", r["precision"]},
+                {"parallel", r["parallel"]},
+                {"tokens_per_s_per_chip", r["tokens_per_s_per_chip"]},
+                {"lm_loss_last", r["lm_loss_last"]},
+                {"peak_memory_used_bytes", r["peak_memory_used_bytes"]},
+                {"peak_memory_total_bytes", r["peak_memory_total_bytes"]},
+                {"mfu", r["mfu"]},
+                {"tflops_per_chip", r["tflops_per_chip"]},
+                {"peak_tflops", r["peak_tflops"]},
+                {"accuracy_pass", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["pass"]},
+                {"mean_relative_error", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["mean_relative_error"]}};
+    row["tokens_per_s_per_chip_vs_baseline"] =
+        r["tokens_per_s_per_chip"].get<double>() / base["tokens_per_s_per_chip"].get<double>();
+    row["mfu_vs_baseline"] = r["mfu"]["megatron"].get<double>() / base["mfu"]["megatron"].get<double>();
+    rows.push_back(row);
+  }
+  return {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
+}
+
+int run_reports(ReportOptions o, const std::vector<std::string>& run_dirs) {
+  if (run_dirs.size() == 1) {
+    o.run_dir = run_dirs.front();
+    return run_report(o);
+  }
+  const fs::path out = o.out_dir.empty() ? fs::path("reports") : fs::path(o.out_dir);
+  std::vector<json> reports;
+  std::set<std::string> names;
+  for (const auto& dir : run_dirs) {
+    ReportOptions one = o;
+    one.run_dir = dir;
+    fs::path normal = fs::path(dir).lexically_normal();
+    if (normal.filename().empty()) normal = normal.parent_path();  // "runs/a/"
+    const std::string base = normal.filename().string();
+    std::string name = base;
+    for (int k = 2; !names.insert(name).second; ++k) name = fmt::format("{}-{}", base, k);
+    one.out_dir = (out / name).string();
+    run_report(one);
+    reports.push_back(json::parse(std::ifstream(out / name / "report.json")));
+  }
+  const json comparison = build_comparison(reports);
+  std::ofstream(out / "comparison.json") << comparison.dump(2) << "\n";
+  std::ofstream(out / "comparison.md") << render_comparison_markdown(comparison);
+  std::ofstream(out / "comparison.html") << render_comparison_html(comparison);
+  spdlog::info("compared {} runs (baseline {}): {}/comparison.md, comparison.html, comparison.json", run_dirs.size(),
+               run_dirs.front(), out.string());
   return 0;
 }
 

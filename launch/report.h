@@ -1,5 +1,6 @@
 // defines: ReportOptions, LossCurve, read_reference, parse_megatron_log, steady_stats,
-//          accuracy_verdict, build_report, render_markdown, render_html, run_report
+//          accuracy_verdict, build_report, render_markdown, render_html, run_report, run_reports,
+//          build_comparison, render_comparison_markdown, render_comparison_html
 //
 // `moeforge report RUN_DIR [--reference REF] [--out DIR]`: the benchmark result of a training run
 // (its metrics.jsonl, config.yaml and environment.json) as FlagPerf's result row plus the numbers
@@ -53,5 +54,13 @@ std::string render_markdown(const nlohmann::json& report);
 std::string render_html(const nlohmann::json& report);
 
 int run_report(const ReportOptions& options);
+
+// Several runs of a case (e.g. one per chip): each one's report into <out>/<run name>/, then
+// <out>/comparison.{json,md,html}: one FlagPerf row per run and each run's throughput and MFU
+// relative to the first (the baseline). One run: run_report().
+int run_reports(ReportOptions options, const std::vector<std::string>& run_dirs);
+nlohmann::json build_comparison(const std::vector<nlohmann::json>& reports);
+std::string render_comparison_markdown(const nlohmann::json& comparison);
+std::string render_comparison_html(const nlohmann::json& comparison);
 
 }  // namespace moeforge

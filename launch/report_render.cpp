@@ -266,4 +266,55 @@ std::string render_html(const json& rep) {
   return o.str();
 }
 
+std::string render_comparison_markdown(const json& c) {
+  std::ostringstream o;
+  o << "# moeforge benchmark comparison\n\nBaseline (ratios 1.00): `" << c["baseline"].get<std::string>()
+    << "`. Each run's full report is in its own directory.\n\n"
+    << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | vs baseline | loss | memory used/total | MFU | "
+       "MFU (6N) | accuracy |\n|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& r : c["runs"]) {
+    const std::string acc = r["accuracy_pass"].is_null() ? "-"
+                            : fmt::format("{} ({:.2f} %)", r["accuracy_pass"].get<bool>() ? "PASS" : "FAIL",
+                                          100 * r["mean_relative_error"].get<double>());
+    o << fmt::format("| {} | {} | {} | {} | {:.2f}x | {} | {} / {} | {} | {} | {} |\n", r["config"].get<std::string>(),
+                     r["precision"].get<std::string>(), r["parallel"].get<std::string>(),
+                     num(r["tokens_per_s_per_chip"], "{:.1f}"), r["tokens_per_s_per_chip_vs_baseline"].get<double>(),
+                     num(r["lm_loss_last"], "{:.4f}"), gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]),
+                     pct(r["mfu"]["megatron"]), pct(r["mfu"]["six_n"]), acc);
+  }
+  return o.str();
+}
+
+std::string render_comparison_html(const json& c) {
+  std::ostringstream o;
+  o << "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moeforge benchmark comparison</title>"
+       "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}"
+       "td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}svg text{font-size:12px}</style></head><body>"
+       "<h1>moeforge benchmark comparison</h1><table><tr><th>config</th><th>precision</th><th>parallel</th>"
+       "<th>tokens/s/chip</th><th>vs baseline</th><th>loss</th><th>MFU</th><th>MFU (6N)</th></tr>";
+  double top = 0;
+  for (const auto& r : c["runs"]) top = std::max(top, r["tokens_per_s_per_chip"].get<double>());
+  for (const auto& r : c["runs"]) {
+    o << "<tr><td>" << esc(r["config"].get<std::string>()) << "</td><td>" << esc(r["precision"].get<std::string>())
+      << "</td><td>" << esc(r["parallel"].get<std::string>()) << "</td><td>" << num(r["tokens_per_s_per_chip"], "{:.1f}")
+      << "</td><td>" << fmt::format("{:.2f}x", r["tokens_per_s_per_chip_vs_baseline"].get<double>()) << "</td><td>"
+      << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << pct(r["mfu"]["megatron"]) << "</td><td>" << pct(r["mfu"]["six_n"])
+      << "</td></tr>";
+  }
+  const double row_h = 26, width = 520;
+  o << "</table><h2>tokens/s/chip</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width + 260 << "\" height=\""
+    << row_h * static_cast<double>(c["runs"].size()) + 10 << "\">";
+  double y = 4;
+  for (const auto& r : c["runs"]) {
+    const double v = r["tokens_per_s_per_chip"].get<double>();
+    o << fmt::format(R"(<text x="0" y="{:.0f}">{}</text><rect x="250" y="{:.0f}" width="{:.1f}" height="18" fill="#1f77b4"/>)"
+                     R"(<text x="{:.1f}" y="{:.0f}">{:.1f}</text>)",
+                     y + 14, esc(r["config"].get<std::string>() + " " + r["parallel"].get<std::string>()), y,
+                     top > 0 ? v / top * (width - 80) : 0, 254 + (top > 0 ? v / top * (width - 80) : 0), y + 14, v);
+    y += row_h;
+  }
+  o << "</svg></body></html>\n";
+  return o.str();
+}
+
 }  // namespace moeforge

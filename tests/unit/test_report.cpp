@@ -74,6 +74,24 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
   CHECK(env.contains("mpi"));
   CHECK_THAT(slurp((run / "report" / "report.md").string()), Contains("| config | precision | parallel (TPxPPxDPxEP)"));
 
+  SECTION("several runs: a report each and a comparison against the first") {
+    const auto cmp = dir.path() / "cmp";
+    const auto c = run_command(kBin + " report " + run.string() + " " + (dir.path() / "single").string() + "/ --out " +
+                               cmp.string());
+    INFO(c.output);
+    REQUIRE(c.exit_code == 0);
+    CHECK(fs::exists(cmp / "dp2" / "report.html"));
+    CHECK(fs::exists(cmp / "single" / "report.html"));
+    const auto comparison = read_json(cmp / "comparison.json");
+    REQUIRE(comparison["runs"].size() == 2);
+    CHECK(comparison["runs"][0]["tokens_per_s_per_chip_vs_baseline"] == 1.0);
+    const auto single_rep = read_json(cmp / "single" / "report.json");
+    CHECK(comparison["runs"][1]["tokens_per_s_per_chip_vs_baseline"].get<double>() ==
+          Approx(single_rep["result"]["tokens_per_s_per_chip"].get<double>() /
+                 rep["result"]["tokens_per_s_per_chip"].get<double>()));
+    CHECK_THAT(slurp((cmp / "comparison.md").string()), Contains("TP1xPP1xDP2xEP1") && Contains("TP1xPP1xDP1xEP1"));
+    CHECK(fs::exists(cmp / "comparison.html"));
+  }
   SECTION("report.html renders in a real headless browser: every plot is there") {
     const auto browser = run_command("command -v chromium || command -v chromium-browser || command -v google-chrome");
     INFO("no chromium: install it with bash launch/setup.sh (apt package chromium)");
