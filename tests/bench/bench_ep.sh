@@ -21,39 +21,11 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_va
 
 bash launch/corpus.sh "$work/corpus" >/dev/null
 cat > "$work/bench.yaml" <<YAML
-model:
-  model_type: qwen2_moe
-  num_layers: 4
-  hidden_size: 256
-  num_attention_heads: 8
-  num_query_groups: 4
-  ffn_hidden_size: 1024
-  vocab_size: 257
-  rotary_base: 10000
-  norm_epsilon: 1.0e-6
-  add_qkv_bias: true
-  untie_embeddings_and_output_weights: true
-  num_experts: 60
-  moe_ffn_hidden_size: 64
-  moe_router_topk: 4
-  moe_router_pre_softmax: true
-  moe_router_load_balancing_type: hf_pooled_aux_loss
-  moe_aux_loss_coeff: 0.01
-  moe_shared_expert_intermediate_size: 256
-  moe_shared_expert_gate: true
+base: $root/tests/bench/bench_model.yaml
 training:
-  seq_length: 256
-  micro_batch_size: 4
-  global_batch_size: 16
   train_iters: $iters
-  lr: 1.0e-3
-  min_lr: 1.0e-4
-  lr_decay_style: cosine
-  lr_warmup_iters: 2
-  eval_iters: 0
 data:
   data_path: [$work/corpus_text_document]
-  split: "98,2,0"
 hardware:
   num_threads: $threads
 YAML
