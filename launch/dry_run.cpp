@@ -95,12 +95,7 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
       if (!found) return path + " holds no checkpoint yet";
       if (!found->resume) return found->dir + ": Hugging Face weights, loadable on any layout";
       if (!is_sharded_checkpoint(found->dir)) return found->dir + ": whole training checkpoint, resumable on any layout";
-      const ShardLayout saved = read_shard_layout(found->dir);
-      if (saved != run_layout) {
-        fail_user("{} is sharded as {}, this run is {}: convert it with `moeforge convert {} NEW_DIR --format sharded "
-                  "--set parallel.pipeline_model_parallel_size={} --set parallel.expert_model_parallel_size={}`",
-                  found->dir, saved.describe(), run_layout.describe(), found->dir, run_layout.pp, run_layout.ep);
-      }
+      check_shard_layout(found->dir, run_layout);
       return found->dir + ": sharded as this layout, resumable";
     });
   };

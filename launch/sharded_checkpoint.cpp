@@ -70,6 +70,16 @@ std::string shard_dir_name(int64_t stage, int64_t ep_rank) { return fmt::format(
 
 bool is_sharded_checkpoint(const std::string& dir) { return fs::exists(fs::path(dir) / kShardManifestFile); }
 
+void check_shard_layout(const std::string& dir, const ShardLayout& run) {
+  const ShardLayout saved = read_shard_layout(dir);
+  if (saved == run) return;
+  fail_user("{} is a sharded checkpoint of {}, but this run is {}. Shards are per pipeline stage and expert-parallel "
+            "rank: convert it first, e.g.\n  moeforge convert {} CONVERTED_DIR --format sharded --set "
+            "parallel.pipeline_model_parallel_size={} --set parallel.expert_model_parallel_size={}\nthen --load "
+            "CONVERTED_DIR (or --format whole, which resumes on any layout).",
+            dir, saved.describe(), run.describe(), dir, run.pp, run.ep);
+}
+
 ShardLayout read_shard_layout(const std::string& dir) {
   const fs::path path = fs::path(dir) / kShardManifestFile;
   try {
@@ -234,13 +244,8 @@ void write_all_shards(const std::string& dir, const ShardLayout& layout, const C
   }
   for (int64_t s = 0; s < layout.pp; ++s) {
     for (int64_t e = 0; e < layout.ep; ++e) {
-      const fs::path shard = fs::path(dir) / shard_dir_name(s, e);
-      fs::create_directories(shard);
-      save_safetensors((shard / kModelFile).string(), shard_part(contents.model, &layout, s, e, layout.ep),
-                       {{"format", "pt"}});
-      NamedTensors opt = shard_part(contents.optimizer, &layout, s, e, layout.ep);
-      opt.emplace_back(kRngName, contents.rng.defined() ? contents.rng : at::detail::getDefaultCPUGenerator().get_state());
-      save_safetensors((shard / kOptimizerFile).string(), opt, {{"format", "moeforge"}});
+      write_shard(dir, s, e, shard_part(contents.model, &layout, s, e, layout.ep),
+                  shard_part(contents.optimizer, &layout, s, e, layout.ep), contents.rng);
     }
   }
   write_shard_manifest(dir, layout, model, optimizer);

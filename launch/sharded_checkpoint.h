@@ -1,5 +1,5 @@
 // defines: ShardLayout, TensorShapes, ShardReader, shard_dir_name, is_sharded_checkpoint,
-//          read_shard_layout, write_shard, write_shard_manifest, read_all_shards, write_all_shards,
+//          read_shard_layout, check_shard_layout, write_shard, write_shard_manifest, read_all_shards, write_all_shards,
 //          kShardManifestFile
 //
 // Sharded training checkpoints (checkpoint.format: sharded), laid out as Megatron's:
@@ -46,6 +46,8 @@ using TensorShapes = std::map<std::string, std::vector<int64_t>>;
 std::string shard_dir_name(int64_t stage, int64_t ep_rank);  // "mp_rank_00_001_000"
 bool is_sharded_checkpoint(const std::string& dir);
 ShardLayout read_shard_layout(const std::string& dir);  // UserError naming shards.json when malformed
+// UserError, naming the `moeforge convert` command that fixes it, unless `dir` was sharded as `run`.
+void check_shard_layout(const std::string& dir, const ShardLayout& run);
 
 // Writes shard (stage, ep_rank) into the checkpoint directory `dir`: the tensors of `model` and
 // `optimizer` (this rank's: its stage, its experts), dense ones only when ep_rank == 0, plus

@@ -200,10 +200,10 @@ std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
             path, kTrackerFile, kStateFile);
 }
 
-std::vector<std::string> model_config_differences(const ModelConfig& a, const ModelConfig& b) {
+std::vector<std::string> backbone_config_differences(const ModelConfig& a, const ModelConfig& b, const std::string& label) {
   std::vector<std::string> out;
   auto cmp = [&](const char* name, const auto& x, const auto& y) {
-    if (x != y) out.push_back(fmt::format("model.{}: checkpoint {}, config {}", name, x, y));
+    if (x != y) out.push_back(fmt::format("model.{}: {} {}, config {}", name, label, x, y));
   };
   cmp("num_layers", a.num_layers, b.num_layers);
   cmp("hidden_size", a.hidden_size, b.hidden_size);
@@ -213,6 +213,17 @@ std::vector<std::string> model_config_differences(const ModelConfig& a, const Mo
   cmp("padded vocab size", a.padded_vocab_size(), b.padded_vocab_size());
   cmp("add_qkv_bias", a.add_qkv_bias, b.add_qkv_bias);
   cmp("untie_embeddings_and_output_weights", a.untie_embeddings_and_output_weights, b.untie_embeddings_and_output_weights);
+  // Values that change the function but not the shapes: loading would silently train another model.
+  cmp("rotary_base", a.rotary_base, b.rotary_base);
+  cmp("norm_epsilon", a.norm_epsilon, b.norm_epsilon);
+  return out;
+}
+
+std::vector<std::string> model_config_differences(const ModelConfig& a, const ModelConfig& b) {
+  std::vector<std::string> out = backbone_config_differences(a, b);
+  auto cmp = [&](const char* name, const auto& x, const auto& y) {
+    if (x != y) out.push_back(fmt::format("model.{}: checkpoint {}, config {}", name, x, y));
+  };
   cmp("num_experts", a.num_experts.value_or(0), b.num_experts.value_or(0));
   cmp("moe_shared_expert_intermediate_size", a.moe_shared_expert_intermediate_size.value_or(0),
       b.moe_shared_expert_intermediate_size.value_or(0));
@@ -229,9 +240,6 @@ std::vector<std::string> model_config_differences(const ModelConfig& a, const Mo
       cmp("ffn_hidden_size", *a.ffn_hidden_size, *b.ffn_hidden_size);
     }
   }
-  // Values that change the function but not the shapes: loading would silently train another model.
-  cmp("rotary_base", a.rotary_base, b.rotary_base);
-  cmp("norm_epsilon", a.norm_epsilon, b.norm_epsilon);
   if (a.is_moe() && b.is_moe()) {
     cmp("moe_router_topk", a.moe_router_topk, b.moe_router_topk);
     cmp("moe_router_norm_topk_prob", a.moe_router_norm_topk_prob, b.moe_router_norm_topk_prob);

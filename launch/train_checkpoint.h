@@ -105,5 +105,9 @@ TrainState load_training_state(const std::string& dir, Optimizer& optimizer, boo
 
 // "hidden_size: checkpoint 64, config 128" for every shape- or math-relevant value that differs.
 std::vector<std::string> model_config_differences(const ModelConfig& checkpoint, const ModelConfig& config);
+// The same for the values outside the feed-forward parts (layers, widths, heads, vocabulary,
+// biases, tying, RoPE base, norm epsilon); `label` names the checkpoint ("dense checkpoint").
+std::vector<std::string> backbone_config_differences(const ModelConfig& checkpoint, const ModelConfig& config,
+                                                     const std::string& label = "checkpoint");
 
 }  // namespace moeforge

@@ -156,7 +156,7 @@ Trainer::Trainer(LoadedConfig loaded, const std::string& command) : loaded_(std:
   const auto checkpoint = checkpoint_to_start_from(c_.checkpoint, auto_resume);
   shard_layout_ = ShardLayout{layout.pp(), layout.ep(), layout.layers_per_stage()};
   const bool sharded_checkpoint = checkpoint && is_sharded_checkpoint(checkpoint->dir);
-  if (sharded_checkpoint) check_shard_layout(checkpoint->dir);
+  if (sharded_checkpoint) check_shard_layout(checkpoint->dir, shard_layout_);
   if (checkpoint && !sharded_checkpoint) load_model_weights(checkpoint->dir, *model_);
   // What a sharded checkpoint's shards.json lists: every tensor whole, before this rank drops any.
   for (auto& item : model_->named_parameters()) {
@@ -477,16 +477,6 @@ void Trainer::save() {
   }
   if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
   groups_.world->barrier();
-}
-
-void Trainer::check_shard_layout(const std::string& dir) const {
-  const ShardLayout saved = read_shard_layout(dir);
-  if (saved == shard_layout_) return;
-  fail_user("{} is a sharded checkpoint of {}, but this run is {}. Shards are per pipeline stage and expert-parallel "
-            "rank: convert it first, e.g.\n  moeforge convert {} CONVERTED_DIR --format sharded --set "
-            "parallel.pipeline_model_parallel_size={} --set parallel.expert_model_parallel_size={}\nthen --load "
-            "CONVERTED_DIR (or --format whole, which resumes on any layout).",
-            dir, saved.describe(), shard_layout_.describe(), dir, shard_layout_.pp, shard_layout_.ep);
 }
 
 void Trainer::load_shard_weights(const std::string& dir, const RankCoordinates& coords) {

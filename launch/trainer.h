@@ -62,7 +62,6 @@ class Trainer {
   torch::TensorOptions activation_options() const;
   double evaluate();
   void save();
-  void check_shard_layout(const std::string& dir) const;  // a sharded checkpoint must match this layout
   void load_shard_weights(const std::string& dir, const RankCoordinates& coords);
 
   bool is_rank0() const { return groups_.world->rank() == 0; }

@@ -3,6 +3,7 @@
 #include "core/config_loader.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "launch/train_checkpoint.h"
 #include "moe/hf_checkpoint.h"
 #include "moe/moe_layer.h"
 
@@ -31,26 +32,6 @@ const char* method_name(moe::UpcycleMethod m) {
     case moe::UpcycleMethod::fine_grained: return "fine_grained";
   }
   return "?";
-}
-
-// Everything outside the MLPs must be the same model.
-std::vector<std::string> non_mlp_differences(const ModelConfig& dense, const ModelConfig& moe) {
-  std::vector<std::string> out;
-  auto cmp = [&](const char* name, const auto& a, const auto& b) {
-    if (a != b) out.push_back(fmt::format("model.{}: dense checkpoint {}, config {}", name, a, b));
-  };
-  cmp("num_layers", dense.num_layers, moe.num_layers);
-  cmp("hidden_size", dense.hidden_size, moe.hidden_size);
-  cmp("num_attention_heads", dense.num_attention_heads, moe.num_attention_heads);
-  cmp("num_query_groups", *dense.num_query_groups, *moe.num_query_groups);
-  cmp("kv_channels", *dense.kv_channels, *moe.kv_channels);
-  cmp("padded vocab size", dense.padded_vocab_size(), moe.padded_vocab_size());
-  cmp("add_qkv_bias", dense.add_qkv_bias, moe.add_qkv_bias);
-  cmp("untie_embeddings_and_output_weights", dense.untie_embeddings_and_output_weights,
-      moe.untie_embeddings_and_output_weights);
-  cmp("rotary_base", dense.rotary_base, moe.rotary_base);
-  cmp("norm_epsilon", dense.norm_epsilon, moe.norm_epsilon);
-  return out;
 }
 
 // Warm boot: layer l's router from another MoE checkpoint (its config.json says its family).
@@ -105,7 +86,7 @@ int run_upcycle(const UpcycleCommandOptions& o) {
   }
   auto dense = moe::load_hf_checkpoint(o.from);
   if (dense.config.is_moe()) fail_user("--from {} is already an MoE checkpoint; upcycle starts from a dense model", o.from);
-  if (const auto diffs = non_mlp_differences(dense.config, mc); !diffs.empty()) {
+  if (const auto diffs = backbone_config_differences(dense.config, mc, "dense checkpoint"); !diffs.empty()) {
     fail_user("--from {} and {} describe different models outside the MLPs:\n  - {}\nMake the config's model section "
               "match the dense checkpoint.",
               o.from, o.config_path, fmt::join(diffs, "\n  - "));
