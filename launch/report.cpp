@@ -262,7 +262,10 @@ json build_report(const ReportOptions& o) {
   return report;
 }
 
-int run_report(const ReportOptions& o) {
+namespace {
+
+// Builds and writes one run's report; returns it.
+json write_report(const ReportOptions& o) {
   const json report = build_report(o);
   const fs::path out = o.out_dir.empty() ? fs::path(o.run_dir) / "report" : fs::path(o.out_dir);
   fs::create_directories(out);
@@ -275,6 +278,13 @@ int run_report(const ReportOptions& o) {
                r["lm_loss_last"].dump(), 100 * r["mfu"]["megatron"].get<double>(), 100 * r["mfu"]["six_n"].get<double>());
   if (!report["accuracy"].is_null()) spdlog::info("accuracy: {}", report["accuracy"]["message"].get<std::string>());
   spdlog::info("wrote {}/report.json, report.md, report.html", out.string());
+  return report;
+}
+
+}  // namespace
+
+int run_report(const ReportOptions& o) {
+  write_report(o);
   return 0;
 }
 
@@ -321,8 +331,7 @@ int run_reports(ReportOptions o, const std::vector<std::string>& run_dirs) {
     std::string name = base;
     for (int k = 2; !names.insert(name).second; ++k) name = fmt::format("{}-{}", base, k);
     one.out_dir = (out / name).string();
-    run_report(one);
-    reports.push_back(json::parse(std::ifstream(out / name / "report.json")));
+    reports.push_back(write_report(one));
   }
   const json comparison = build_comparison(reports);
   std::ofstream(out / "comparison.json") << comparison.dump(2) << "\n";
