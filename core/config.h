@@ -166,6 +166,11 @@ struct HardwareConfig {
   int64_t num_threads = 0;             // intra-op threads per rank; 0 = LibTorch's default
 };
 
+// What a config is loaded for: a training run (every required key, every check), or only its
+// model section (`moeforge upcycle` builds a model and trains nothing): keys outside `model` may
+// then be absent, and only the model is validated.
+enum class ConfigUse { training, model_only };
+
 struct ExperimentConfig {
   ModelConfig model;
   ParallelConfig parallel;

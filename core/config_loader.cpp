@@ -2,7 +2,9 @@
 
 #include "core/config_schema.h"
 #include "core/config_validate.h"
+#include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/file_names.h"
 #include "core/text_distance.h"
 
 #include <fmt/format.h>
@@ -133,7 +135,7 @@ void collect_override(const std::string& assignment, RawValues& out) {
 
 }  // namespace
 
-LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides, ConfigUse use) {
   RawValues raw;
   std::vector<fs::path> chain;
   collect_file(path, raw, chain);
@@ -146,7 +148,7 @@ LoadedConfig load_config(const std::string& path, const std::vector<std::string>
     const std::string name = field.name();
     auto it = raw.find(name);
     if (it == raw.end()) {
-      if (field.required) missing.push_back(fmt::format("  {}: {} ({})", name, field.doc, field.type));
+      if (field.required && (use == ConfigUse::training || field.section == "model")) missing.push_back(fmt::format("  {}: {} ({})", name, field.doc, field.type));
       loaded.origin[name] = "default";
       continue;
     }
@@ -166,7 +168,7 @@ LoadedConfig load_config(const std::string& path, const std::vector<std::string>
               path, missing.size() > 1 ? "s" : "", fmt::join(missing, "\n"), missing.size() > 1 ? "them" : "it");
   }
   resolve_derived_values(loaded.config, path, loaded.origin);
-  validate_config(loaded.config);
+  validate_config(loaded.config, use);
   return loaded;
 }
 
@@ -203,14 +205,8 @@ fs::path write_resolved_config(const ExperimentConfig& config, const fs::path& d
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) fail_user("cannot create run directory {}: {}. Set logging.run_dir to a writable path.", dir.string(), ec.message());
-  const fs::path path = dir / "config.yaml";
-  const fs::path tmp = dir / "config.yaml.tmp";
-  {
-    std::ofstream f(tmp);
-    f << resolved_config_yaml(config);
-    if (!f) fail_user("cannot write {}: {}. Check free space and permissions.", tmp.string(), std::strerror(errno));
-  }
-  fs::rename(tmp, path);
+  const fs::path path = dir / files::kResolvedConfig;
+  write_file_durably(path, resolved_config_yaml(config));
   return path;
 }
 

@@ -24,8 +24,10 @@ struct LoadedConfig {
 
 // Throws UserError naming the file, line, key and fix for: a missing or unreadable file, YAML
 // syntax errors, an unknown section or key (with the closest valid key), a wrong type, a missing
-// required value, a cyclic `base`, and every invalid value validate_config() finds.
-LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// required value (with ConfigUse::model_only: of the model section), a cyclic `base`, and every
+// invalid value validate_config() finds.
+LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {},
+                         ConfigUse use = ConfigUse::training);
 
 // The resolved config as an aligned table: key, value, where the value came from.
 std::string resolved_config_table(const LoadedConfig& loaded);

@@ -157,9 +157,10 @@ void validate_training(const TrainingConfig& t, Problems& p) {
 
 }  // namespace
 
-void validate_config(const ExperimentConfig& c) {
+void validate_config(const ExperimentConfig& c, ConfigUse use) {
   Problems p;
   validate_model(c.model, c.training, p);
+  if (use == ConfigUse::model_only) return p.throw_if_any();
   validate_training(c.training, p);
   const ParallelConfig& par = c.parallel;
   if (par.world_size) p.positive("parallel.world_size", *par.world_size);

@@ -14,7 +14,8 @@ void resolve_derived_values(ExperimentConfig& config, const std::string& config_
                             std::map<std::string, std::string>& origin);
 
 // Checks every value and every relation between values that does not depend on the parallel
-// layout. Throws one UserError listing all problems found.
-void validate_config(const ExperimentConfig& config);
+// layout (with ConfigUse::model_only, the model section's). Throws one UserError listing all
+// problems found.
+void validate_config(const ExperimentConfig& config, ConfigUse use = ConfigUse::training);
 
 }  // namespace moeforge

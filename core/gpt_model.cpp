@@ -2,6 +2,7 @@
 
 #include "core/recompute.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace moeforge::model {
@@ -28,12 +29,12 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x_BSD, const torch:
 
 GPTModelImpl::GPTModelImpl(const ModelConfig& c, const FeedForwardFactory& make_ffn)
     : config_(c), rope_(c.head_dim(), c.rotary_base) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.padded_vocab_size(), c.hidden_size));
+  embed_tokens = register_module("embed_tokens", Embedding(c.padded_vocab_size(), c.hidden_size));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(DecoderLayer(c, i, make_ffn));
   norm = register_module("norm", RMSNorm(c.hidden_size, c.norm_epsilon));
   if (c.untie_embeddings_and_output_weights) {
-    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.padded_vocab_size()).bias(false)));
+    lm_head = register_module("lm_head", Linear(c.hidden_size, c.padded_vocab_size(), false));
   }
 }
 
@@ -78,24 +79,58 @@ torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labe
   return (per_token * mask).sum() / mask.sum();
 }
 
-void init_megatron(GPTModelImpl& model, uint64_t seed) {
+namespace {
+
+// A 64-bit stream seed from (seed, name, block): FNV-1a over the name, mixed by splitmix64.
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+uint64_t stream_seed(uint64_t seed, const std::string& name, int64_t block) {
+  uint64_t h = 0xCBF29CE484222325ULL;
+  for (const unsigned char ch : name) h = (h ^ ch) * 0x100000001B3ULL;
+  return mix(mix(h ^ mix(seed)) ^ static_cast<uint64_t>(block + 1));
+}
+
+}  // namespace
+
+void init_megatron_parameter(const ModelConfig& c, const std::string& name, torch::Tensor& t, uint64_t seed,
+                             std::optional<int64_t> first_block) {
   torch::NoGradGuard no_grad;
-  const auto& c = model.config();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  const double std = c.init_method_std;
-  const double out_std = std / std::sqrt(2.0 * static_cast<double>(c.num_layers));
+  if (t.numel() == 0) return;
+  const bool is_norm = name.find("layernorm") != std::string::npos || name == "norm.weight";
+  if (is_norm) {
+    t.fill_(1.0);
+    return;
+  }
+  if (name.ends_with(".bias")) {
+    t.zero_();
+    return;
+  }
+  const bool output = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
+  const double std = output ? c.init_method_std / std::sqrt(2.0 * static_cast<double>(c.num_layers)) : c.init_method_std;
+  // Drawn on the CPU in fp32 (the same numbers on every device), then copied into place.
+  auto draw = [&](torch::Tensor part, int64_t block) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(stream_seed(seed, name, block));
+    auto values = torch::empty(part.sizes(), torch::kFloat32);
+    values.normal_(0.0, std, gen);
+    part.copy_(values);
+  };
+  if (!first_block) return draw(t, -1);
+  for (int64_t b = 0; b < t.size(0); ++b) draw(t[b], *first_block + b);
+}
+
+void init_megatron(GPTModelImpl& model, uint64_t seed) {
+  materialize(model, torch::TensorOptions().dtype(torch::kFloat32));
+  std::vector<const c10::TensorImpl*> stacked;
+  for (const auto& layer : *model.layers) {
+    for (const auto& w : layer->as<DecoderLayerImpl>()->mlp->stacked_expert_weights()) stacked.push_back(w.unsafeGetTensorImpl());
+  }
   for (auto& item : model.named_parameters()) {
-    const std::string& name = item.key();
-    auto& p = item.value();
-    const bool is_norm = name.find("layernorm") != std::string::npos || name == "norm.weight";
-    if (is_norm) {
-      p.fill_(1.0);
-    } else if (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
-      p.zero_();
-    } else {
-      const bool output = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
-      p.normal_(0.0, output ? out_std : std, gen);
-    }
+    const bool blocks = std::find(stacked.begin(), stacked.end(), item.value().unsafeGetTensorImpl()) != stacked.end();
+    init_megatron_parameter(model.config(), item.key(), item.value(), seed, blocks ? std::optional<int64_t>(0) : std::nullopt);
   }
 }
 

@@ -49,10 +49,11 @@ class GPTModelImpl : public torch::nn::Module {
   // attention core; the results are the same, the memory is not.
   void set_recompute(RecomputeGranularity granularity);
 
-  torch::nn::Embedding embed_tokens{nullptr};
+  Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null when tied to the embedding
+  Linear lm_head{nullptr};  // null when tied to the embedding
+  DecoderLayerImpl& layer(int64_t i) { return *layers->ptr<DecoderLayerImpl>(static_cast<size_t>(i)); }
 
  private:
   ModelConfig config_;
@@ -65,7 +66,16 @@ TORCH_MODULE(GPTModel);
 torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS);
 
 // Megatron's initialization: normal(0, std) for weights, std / sqrt(2 * num_layers) for the output
-// projections of each block (o_proj, down projections), ones for norms, zeros for biases.
+// projections of each block (o_proj, down projections), ones for norms, zeros for biases. Each
+// parameter draws from its own stream, derived from the seed and its name (and, for stacked expert
+// weights, each expert's block from the expert's index), so a rank that materialises only some
+// parameters, or only some experts, gets exactly the values the whole model has.
+//
+// The whole model: parameters still on the meta device are first allocated on the CPU (fp32).
 void init_megatron(GPTModelImpl& model, uint64_t seed);
+// One parameter `t` (any device): `name` is its name in the whole model; for stacked expert
+// weights `first_block` is the global index of its first block (its first expert).
+void init_megatron_parameter(const ModelConfig& config, const std::string& name, torch::Tensor& t, uint64_t seed,
+                             std::optional<int64_t> first_block = std::nullopt);
 
 }  // namespace moeforge::model

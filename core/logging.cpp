@@ -3,17 +3,9 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
-#include <cstdlib>
 #include <string>
 
 namespace moeforge {
-
-int launcher_rank() {
-  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"}) {
-    if (const char* value = std::getenv(var)) return std::atoi(value);
-  }
-  return 0;
-}
 
 namespace {
 spdlog::level::level_enum to_spdlog(LogLevel level) {

@@ -1,4 +1,4 @@
-// defines: launcher_rank, init_logging, set_log_level
+// defines: init_logging, set_log_level
 //
 // Rank-aware logging on spdlog's default logger. Rank 0 logs at the configured level; other ranks
 // log warnings and errors only (unless all_ranks), each line tagged with its rank, so an
@@ -9,10 +9,7 @@
 
 namespace moeforge {
 
-// This process's rank as told by the launcher's environment (Open MPI, MPICH/Hydra, SLURM),
-// readable before MPI is initialized; 0 when not launched by one.
-int launcher_rank();
-
+// `rank`: this process's world rank (0 until MPI has said otherwise).
 void init_logging(int rank, LogLevel level, bool all_ranks = false);
 
 // Applies a level (e.g. the config's logging.log_level) to the logger init_logging made.

@@ -29,6 +29,13 @@ bool glob_match(std::string_view pattern, std::string_view text) {
   return p == pattern.size();
 }
 
+std::string_view optimizer_state_parameter(std::string_view name) {
+  for (std::string_view prefix : {"exp_avg_sq.", "exp_avg.", "master."}) {
+    if (name.starts_with(prefix)) return name.substr(prefix.size());
+  }
+  return name;
+}
+
 std::vector<TrainableParameter> select_trainable(const std::vector<std::pair<std::string, torch::Tensor>>& named,
                                                  const TrainingConfig& t) {
   auto matches_any = [](const std::vector<std::string>& patterns, const std::string& name) {

@@ -1,4 +1,5 @@
-// defines: TrainableParameter, select_trainable, adamw_update, StateLookup, Optimizer, AdamW
+// defines: TrainableParameter, select_trainable, optimizer_state_parameter, adamw_update, StateLookup,
+//          Optimizer, AdamW
 //
 // The optimizer side of training, independent of the model's structure: which parameters train
 // (freezing by name glob), and AdamW with decoupled weight decay over fp32 master weights.
@@ -34,6 +35,10 @@ std::vector<TrainableParameter> select_trainable(const std::vector<std::pair<std
                                                  const TrainingConfig& training);
 
 bool glob_match(std::string_view pattern, std::string_view text);
+
+// The parameter an optimizer-state tensor belongs to (Optimizer::state() names it
+// exp_avg.<parameter>, exp_avg_sq.<parameter> or master.<parameter>); any other name as it is.
+std::string_view optimizer_state_parameter(std::string_view name);
 
 // One AdamW update of `w` in place, in torch.optim.AdamW's order of operations (single-tensor
 // path): decoupled decay, moments, bias-corrected step. `step` counts from 1. Shared by the

@@ -1,5 +1,6 @@
 #include "core/safetensors.h"
 
+#include "core/durable_file.h"
 #include "core/errors.h"
 #include "core/text_distance.h"
 
@@ -105,57 +106,6 @@ std::string did_you_mean(const std::string& name, const std::vector<std::string>
 }
 
 // ---- writing -------------------------------------------------------------------------------------
-
-// A file that appears at `path` only once complete: written to a temporary name in the same
-// directory, fsynced, then renamed over `path`. A crash leaves the old file or none, never half.
-class AtomicFile {
- public:
-  explicit AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp." + std::to_string(::getpid())) {
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) fail_user("cannot create {}: {}. Check that the directory is writable.", tmp_, std::strerror(errno));
-  }
-  ~AtomicFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-
-  void write(const void* data, size_t n) {
-    const auto* p = static_cast<const char*>(data);
-    while (n > 0) {
-      const ssize_t k = ::write(fd_, p, n);
-      if (k < 0 && errno == EINTR) continue;
-      if (k <= 0) fail_io("write");
-      p += k;
-      n -= static_cast<size_t>(k);
-    }
-  }
-
-  void commit() {
-    if (::fsync(fd_) != 0) fail_io("fsync");
-    const int fd = std::exchange(fd_, -1);
-    if (::close(fd) != 0) fail_io("close");
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail_io("rename");
-    committed_ = true;
-    // The rename itself is durable only once the directory is synced.
-    const auto dir = fs::path(path_).parent_path();
-    const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
-  }
-
- private:
-  [[noreturn]] void fail_io(const char* op) const {
-    fail_user("cannot write {} ({} of {} failed: {}). Free disk space or choose another output path.", path_, op,
-              tmp_, std::strerror(errno));
-  }
-  std::string path_, tmp_;
-  int fd_ = -1;
-  bool committed_ = false;
-};
 
 // A string as JSON, escaped exactly as serde_json (the Python writer's serializer) escapes it.
 std::string json_string(const std::string& s, const std::string& path, const char* what) {
@@ -376,21 +326,21 @@ SafetensorsCheckpoint::SafetensorsCheckpoint(const std::string& path) : path_(pa
   const fs::path p(path);
   std::error_code ec;
   if (fs::is_directory(p, ec)) {
-    const bool single = fs::exists(p / kSafetensorsFile, ec), index = fs::exists(p / kSafetensorsIndexFile, ec);
+    const bool single = fs::exists(p / files::kSafetensors, ec), index = fs::exists(p / files::kSafetensorsIndex, ec);
     if (single && index) {
       fail_user("{} holds both {} and {}, so which is the checkpoint is ambiguous. Remove the stale one.", path,
-                kSafetensorsFile, kSafetensorsIndexFile);
+                files::kSafetensors, files::kSafetensorsIndex);
     }
     if (!single && !index) {
       fail_user("{} holds neither {} nor {}: it is not a safetensors checkpoint. (A PyTorch .bin checkpoint must be "
                 "converted to safetensors first.)",
-                path, kSafetensorsFile, kSafetensorsIndexFile);
+                path, files::kSafetensors, files::kSafetensorsIndex);
     }
     if (index) {
-      load_index((p / kSafetensorsIndexFile).string());
+      load_index((p / files::kSafetensorsIndex).string());
       return;
     }
-    shards_.emplace_back((p / kSafetensorsFile).string());
+    shards_.emplace_back((p / files::kSafetensors).string());
   } else if (!fs::exists(p, ec)) {
     fail_user("checkpoint {} does not exist. Check the path.", path);
   } else if (p.extension() == ".json") {
@@ -494,7 +444,7 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   header.append((8 - header.size() % 8) % 8, ' ');
 
   create_parent(path);
-  AtomicFile out(path);
+  DurableFile out(path);
   const uint64_t header_len = header.size();
   out.write(&header_len, 8);
   out.write(header.data(), header.size());
@@ -536,8 +486,8 @@ void save_safetensors_checkpoint(const std::string& dir, const NamedTensors& ten
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
   std::set<std::string> written;
   if (shards.size() <= 1) {
-    save_safetensors((root / kSafetensorsFile).string(), tensors, metadata);
-    written.insert(kSafetensorsFile);
+    save_safetensors((root / files::kSafetensors).string(), tensors, metadata);
+    written.insert(files::kSafetensors);
   } else {
     json weight_map = json::object();
     for (size_t s = 0; s < shards.size(); ++s) {
@@ -553,16 +503,14 @@ void save_safetensors_checkpoint(const std::string& dir, const NamedTensors& ten
     // As transformers writes it: sorted keys, indent 2, a final newline.
     const json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
     const std::string text = index.dump(2) + "\n";
-    AtomicFile out((root / kSafetensorsIndexFile).string());
-    out.write(text.data(), text.size());
-    out.commit();
-    written.insert(kSafetensorsIndexFile);
+    write_file_durably(root / files::kSafetensorsIndex, text);
+    written.insert(files::kSafetensorsIndex);
   }
 
   // Remove what an earlier checkpoint left here (the index first, so no index names a missing
   // shard); a stale index or single file next to the new one would make loading ambiguous.
   static const std::regex kShard(R"(model-\d{5}-of-\d{5}\.safetensors)");
-  for (const char* name : {kSafetensorsIndexFile, kSafetensorsFile}) {
+  for (const char* name : {files::kSafetensorsIndex, files::kSafetensors}) {
     if (!written.contains(name)) fs::remove(root / name);
   }
   for (const auto& entry : fs::directory_iterator(root)) {

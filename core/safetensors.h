@@ -1,5 +1,5 @@
 // defines: SafetensorsFile, SafetensorsCheckpoint, NamedTensors, save_safetensors,
-//          save_safetensors_checkpoint, kSafetensorsFile, kSafetensorsIndexFile
+//          save_safetensors_checkpoint
 //
 // The safetensors format (Hugging Face): an 8-byte little-endian header length N, N bytes of UTF-8
 // JSON {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [begin, end]}}, then
@@ -8,6 +8,8 @@
 // tensor's bytes are read only when it is asked for, so opening a 30 GB checkpoint reads only its
 // headers. Our writer produces the same bytes as Python's `safetensors.torch.save_file`.
 #pragma once
+
+#include "core/file_names.h"
 
 #include <torch/torch.h>
 
@@ -22,8 +24,6 @@
 
 namespace moeforge {
 
-inline constexpr const char* kSafetensorsFile = "model.safetensors";
-inline constexpr const char* kSafetensorsIndexFile = "model.safetensors.index.json";
 
 // One safetensors file, mapped read-only. Move-only; tensors it returns own their memory.
 class SafetensorsFile {

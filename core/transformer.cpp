@@ -6,9 +6,35 @@ namespace moeforge::model {
 
 namespace F = torch::nn::functional;
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
-  weight = register_parameter("weight", torch::ones({dim}));
+torch::Tensor deferred_parameter(torch::nn::Module& module, const std::string& name, torch::IntArrayRef shape) {
+  return module.register_parameter(name, torch::empty(shape, torch::TensorOptions().device(torch::kMeta)));
 }
+
+void materialize(torch::nn::Module& module, const torch::TensorOptions& options) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) {
+    if (!p.is_meta()) continue;
+    // The parameter object must stay the one its module and its member field hold. set_data()
+    // refuses a meta -> real swap (no "compatible shallow-copy type"); after that check it does
+    // exactly this: take over the new tensor's storage, sizes, device and dispatch keys, keeping
+    // requires_grad and the version counter. Nothing has run on the meta tensor, so no autograd
+    // state refers to its old device.
+    p.unsafeGetTensorImpl()->shallow_copy_from(torch::empty(p.sizes(), options).getIntrusivePtr());
+  }
+}
+
+LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias) {
+  weight = deferred_parameter(*this, "weight", {out, in});
+  if (with_bias) bias = deferred_parameter(*this, "bias", {out});
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return torch::linear(x, weight, bias); }
+
+EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim) { weight = deferred_parameter(*this, "weight", {num, dim}); }
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) { return torch::embedding(weight, ids); }
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) { weight = deferred_parameter(*this, "weight", {dim}); }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   // In fp32 whatever the input dtype, cast back before the weight (as the reference does).
@@ -36,10 +62,10 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos_BSDh
 }
 
 AttentionImpl::AttentionImpl(const AttentionConfig& c) : c_(c) {
-  q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(c.hidden, c.heads * c.head_dim).bias(c.qkv_bias)));
-  k_proj = register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(c.hidden, c.kv_heads * c.head_dim).bias(c.qkv_bias)));
-  v_proj = register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(c.hidden, c.kv_heads * c.head_dim).bias(c.qkv_bias)));
-  o_proj = register_module("o_proj", torch::nn::Linear(torch::nn::LinearOptions(c.heads * c.head_dim, c.hidden).bias(false)));
+  q_proj = register_module("q_proj", Linear(c.hidden, c.heads * c.head_dim, c.qkv_bias));
+  k_proj = register_module("k_proj", Linear(c.hidden, c.kv_heads * c.head_dim, c.qkv_bias));
+  v_proj = register_module("v_proj", Linear(c.hidden, c.kv_heads * c.head_dim, c.qkv_bias));
+  o_proj = register_module("o_proj", Linear(c.heads * c.head_dim, c.hidden, false));
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh,
@@ -59,17 +85,17 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Te
 }
 
 MLPImpl::MLPImpl(int64_t hidden, int64_t ffn) {
-  gate_proj = register_module("gate_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
-  up_proj = register_module("up_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
-  down_proj = register_module("down_proj", torch::nn::Linear(torch::nn::LinearOptions(ffn, hidden).bias(false)));
+  gate_proj = register_module("gate_proj", Linear(hidden, ffn, false));
+  up_proj = register_module("up_proj", Linear(hidden, ffn, false));
+  down_proj = register_module("down_proj", Linear(ffn, hidden, false));
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down_proj(F::silu(gate_proj(x)) * up_proj(x)); }
 
 DenseFeedForward::DenseFeedForward(int64_t hidden, int64_t ffn) {
-  gate_proj = register_module("gate_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
-  up_proj = register_module("up_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden, ffn).bias(false)));
-  down_proj = register_module("down_proj", torch::nn::Linear(torch::nn::LinearOptions(ffn, hidden).bias(false)));
+  gate_proj = register_module("gate_proj", Linear(hidden, ffn, false));
+  up_proj = register_module("up_proj", Linear(hidden, ffn, false));
+  down_proj = register_module("down_proj", Linear(ffn, hidden, false));
 }
 
 FeedForwardOutput DenseFeedForward::forward(const torch::Tensor& x_BSD) {

@@ -1,16 +1,47 @@
-// defines: RMSNorm, RotaryEmbedding, apply_rotary, Attention, MLP, FeedForward, FeedForwardOutput
+// defines: Linear, Embedding, RMSNorm, RotaryEmbedding, apply_rotary, Attention, MLP, FeedForward,
+//          FeedForwardOutput, DenseFeedForward, deferred_parameter, materialize
 //
 // The dense transformer building blocks, numerically as Hugging Face's Qwen2/Llama reference:
 // RMSNorm in fp32, half-split RoPE, causal attention through LibTorch's
 // scaled_dot_product_attention (flash attention on GPUs), SwiGLU. Model code knows nothing of
 // parallelism. Shapes: B batch, S sequence, D hidden, H heads, G key/value heads, Dh head dim.
+//
+// Deferred initialisation: every module creates its parameters on the meta device (shapes only,
+// no memory), so building even a model far larger than host memory costs nothing. Whoever uses
+// the model then materialises what it needs (materialize(), init_megatron(), a checkpoint load),
+// and a rank of a parallel run materialises only the parameters it owns.
 #pragma once
 
 #include <torch/torch.h>
 
 #include <optional>
+#include <vector>
 
 namespace moeforge::model {
+
+// A parameter of `shape` on the meta device, registered on `module` as `name`.
+torch::Tensor deferred_parameter(torch::nn::Module& module, const std::string& name, torch::IntArrayRef shape);
+
+// Allocates every parameter of `module` still on the meta device with `options` (uninitialised).
+void materialize(torch::nn::Module& module, const torch::TensorOptions& options);
+
+// y = x W^T (+ b), W [out, in]: torch::nn::Linear's math without its eager initialisation.
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out, bool bias);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight, bias;  // bias undefined when off
+};
+TORCH_MODULE(Linear);
+
+// Rows of `weight` [V, D] by token id.
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t num, int64_t dim);
+  torch::Tensor forward(const torch::Tensor& ids);
+  torch::Tensor weight;
+};
+TORCH_MODULE(Embedding);
 
 class RMSNormImpl : public torch::nn::Module {
  public:
@@ -46,7 +77,7 @@ class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const AttentionConfig& c);
   torch::Tensor forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh);
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   bool recompute_core = false;  // selective recomputation: recompute softmax(QK^T)V in backward
 
  private:
@@ -59,7 +90,7 @@ class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(int64_t hidden, int64_t ffn);
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
 
@@ -77,6 +108,9 @@ struct FeedForwardOutput {
 class FeedForward : public torch::nn::Module {
  public:
   virtual FeedForwardOutput forward(const torch::Tensor& x_BSD) = 0;
+  // Parameters stacked along dim 0, one independent block per routed expert (an MoE layer's
+  // expert weights): initialised block by block, and what expert parallelism splits.
+  virtual std::vector<torch::Tensor> stacked_expert_weights() const { return {}; }
 };
 
 // A dense layer's SwiGLU FFN (the same parameters as MLP, named as the reference's layer.mlp).
@@ -84,7 +118,7 @@ class DenseFeedForward : public FeedForward {
  public:
   DenseFeedForward(int64_t hidden, int64_t ffn);
   FeedForwardOutput forward(const torch::Tensor& x_BSD) override;
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 
 }  // namespace moeforge::model

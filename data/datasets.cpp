@@ -107,7 +107,7 @@ std::array<std::shared_ptr<const SampleSource>, 3> build_datasets(const DatasetS
     const auto ranges = split_document_ranges(split, data->num_sequences());
     std::array<std::shared_ptr<const SampleSource>, 3> out;
     for (size_t i = 0; i < 3; ++i) {
-      if (ranges[i]) out[i] = std::make_shared<const GPTDataset>(data, static_cast<Split>(i), *ranges[i], sizes[i], spec.gpt);
+      if (ranges[i] && spec.build[i]) out[i] = std::make_shared<const GPTDataset>(data, static_cast<Split>(i), *ranges[i], sizes[i], spec.gpt);
     }
     return out;
   };

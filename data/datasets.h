@@ -44,13 +44,17 @@ struct DatasetSpec {
   std::vector<std::string> data_path;  // Megatron's --data-path (see data/blend.h)
   std::string split = "969, 30, 1";
   std::array<int64_t, 3> num_samples{};  // train, valid, test
+  // Which splits to build: only those a caller uses (the trainer: train, and valid when it
+  // evaluates; `data samples`: the one asked for). A split not built is never checked, so a split
+  // that rounds to no documents only fails a run that needs it.
+  std::array<bool, 3> build{true, true, true};
   GPTDatasetOptions gpt;
   double mid_level_dataset_surplus = 0.005;  // Megatron's default
 };
 
 DatasetSpec dataset_spec_from_config(const ExperimentConfig& config);
 
-// One SampleSource per split (null where the split is empty).
+// One SampleSource per split (null where the split is empty or not asked for in spec.build).
 std::array<std::shared_ptr<const SampleSource>, 3> build_datasets(const DatasetSpec& spec);
 
 }  // namespace moeforge::data

@@ -1,5 +1,6 @@
 #include "data/index_cache.h"
 
+#include "core/durable_file.h"
 #include "core/errors.h"
 
 #include <fmt/format.h>
@@ -75,9 +76,7 @@ IndexCache::Arrays IndexCache::load() const {
 
 void IndexCache::save(const Views& arrays) const {
   for (const auto& [array, a] : arrays) write_npy(path_of(array).string(), a.descr, a.shape, a.data, a.bytes);
-  const fs::path tmp = description_path().string() + ".tmp";
-  std::ofstream(tmp) << description_;
-  fs::rename(tmp, description_path());  // last: marks the entry complete
+  write_file_durably(description_path(), description_);  // last: marks the entry complete
 }
 
 IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build, bool* built) {

@@ -242,17 +242,13 @@ int64_t IndexedDataset::max_token_id() const {
 // ---- writer ------------------------------------------------------------------------------------
 
 IndexedDatasetBuilder::IndexedDatasetBuilder(const std::string& prefix, TokenDType dtype)
-    : prefix_(prefix), dtype_(dtype), bin_tmp_(bin_path(prefix) + ".tmp") {
+    : prefix_(prefix), dtype_(dtype) {
   const auto dir = std::filesystem::path(prefix).parent_path();
   if (!dir.empty()) std::filesystem::create_directories(dir);
-  bin_ = std::fopen(bin_tmp_.c_str(), "wb");
-  if (!bin_) fail_user("cannot create {}: {}. Check that the output directory is writable.", bin_tmp_, std::strerror(errno));
+  bin_ = std::make_unique<DurableFile>(bin_path(prefix));
 }
 
-IndexedDatasetBuilder::~IndexedDatasetBuilder() {
-  if (bin_) std::fclose(bin_);
-  if (!finalized_) std::remove(bin_tmp_.c_str());
-}
+IndexedDatasetBuilder::~IndexedDatasetBuilder() = default;
 
 void IndexedDatasetBuilder::add_item(std::span<const int64_t> tokens) {
   if (tokens.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
@@ -274,9 +270,7 @@ void IndexedDatasetBuilder::add_item(std::span<const int64_t> tokens) {
       std::memcpy(buffer_.data() + k * sizeof(T), &v, sizeof(T));
     }
   });
-  if (!buffer_.empty() && std::fwrite(buffer_.data(), 1, buffer_.size(), bin_) != buffer_.size()) {
-    fail_user("writing {} failed: {}. Check free disk space.", bin_tmp_, std::strerror(errno));
-  }
+  bin_->write(buffer_.data(), buffer_.size());
   lengths_.push_back(static_cast<int32_t>(tokens.size()));
   num_tokens_ += static_cast<int64_t>(tokens.size());
 }
@@ -299,22 +293,12 @@ void IndexedDatasetBuilder::add_index(const std::string& prefix) {
   for (size_t j = 1; j < other.document_index().size(); ++j) document_index_.push_back(offset + other.document_index()[j]);
   for (int64_t i = 0; i < other.num_sequences(); ++i) {
     const auto bytes = other.sequence_bytes(i);
-    if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), bin_) != bytes.size()) {
-      fail_user("writing {} failed: {}. Check free disk space.", bin_tmp_, std::strerror(errno));
-    }
+    bin_->write(bytes.data(), bytes.size());
     num_tokens_ += other.sequence_lengths()[static_cast<size_t>(i)];
   }
 }
 
 void IndexedDatasetBuilder::finalize() {
-  if (std::fflush(bin_) != 0 || ::fsync(::fileno(bin_)) != 0 || std::fclose(bin_) != 0) {
-    bin_ = nullptr;
-    fail_user("writing {} failed: {}. Check free disk space.", bin_tmp_, std::strerror(errno));
-  }
-  bin_ = nullptr;
-  const std::string idx_tmp = idx_path(prefix_) + ".tmp";
-  std::FILE* f = std::fopen(idx_tmp.c_str(), "wb");
-  if (!f) fail_user("cannot create {}: {}", idx_tmp, std::strerror(errno));
   const auto n = static_cast<uint64_t>(lengths_.size());
   const auto d = static_cast<uint64_t>(document_index_.size());
   const auto code = static_cast<uint8_t>(dtype_);
@@ -325,22 +309,18 @@ void IndexedDatasetBuilder::finalize() {
     pointers[i] = at;
     at += lengths_[i] * item;
   }
-  bool ok = std::fwrite(kMagic, 1, sizeof(kMagic), f) == sizeof(kMagic);
-  ok = ok && std::fwrite(&kVersion, 8, 1, f) == 1 && std::fwrite(&code, 1, 1, f) == 1;
-  ok = ok && std::fwrite(&n, 8, 1, f) == 1 && std::fwrite(&d, 8, 1, f) == 1;
-  ok = ok && (n == 0 || std::fwrite(lengths_.data(), 4, n, f) == n);
-  ok = ok && (n == 0 || std::fwrite(pointers.data(), 8, n, f) == n);
-  ok = ok && std::fwrite(document_index_.data(), 8, d, f) == d;
-  ok = ok && std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok) {
-    std::remove(idx_tmp.c_str());
-    fail_user("writing {} failed: {}. Check free disk space.", idx_tmp, std::strerror(errno));
-  }
+  DurableFile idx(idx_path(prefix_));
+  idx.write(kMagic, sizeof(kMagic));
+  idx.write(&kVersion, 8);
+  idx.write(&code, 1);
+  idx.write(&n, 8);
+  idx.write(&d, 8);
+  idx.write(lengths_.data(), 4 * n);
+  idx.write(pointers.data(), 8 * n);
+  idx.write(document_index_.data(), 8 * d);
   // The .bin first: a reader finds no .idx until both are complete.
-  std::filesystem::rename(bin_tmp_, bin_path(prefix_));
-  std::filesystem::rename(idx_tmp, idx_path(prefix_));
-  finalized_ = true;
+  bin_->commit();
+  idx.commit();
 }
 
 }  // namespace moeforge::data

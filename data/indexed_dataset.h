@@ -8,6 +8,8 @@
 // write byte-identical ones (docs/data.md).
 #pragma once
 
+#include "core/durable_file.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -73,9 +75,9 @@ class IndexedDataset {
   size_t bin_size_ = 0;
 };
 
-// Writes a dataset the way Megatron's IndexedDatasetBuilder does. Files are written under
-// temporary names and renamed into place by finalize(), so an interrupted build never leaves a
-// dataset under the final name.
+// Writes a dataset the way Megatron's IndexedDatasetBuilder does. Both files are durable writes
+// (core/durable_file.h) that finalize() commits, the .bin first, so an interrupted build never
+// leaves a dataset under the final name.
 class IndexedDatasetBuilder {
  public:
   IndexedDatasetBuilder(const std::string& prefix, TokenDType dtype);
@@ -100,13 +102,11 @@ class IndexedDatasetBuilder {
  private:
   std::string prefix_;
   TokenDType dtype_;
-  std::string bin_tmp_;
-  std::FILE* bin_ = nullptr;
+  std::unique_ptr<DurableFile> bin_;  // the .bin, complete under its name only after finalize()
   std::vector<int32_t> lengths_;
   std::vector<int64_t> document_index_{0};
   std::vector<std::byte> buffer_;
   int64_t num_tokens_ = 0;
-  bool finalized_ = false;
 };
 
 }  // namespace moeforge::data

@@ -1,5 +1,6 @@
 #include "data/npy.h"
 
+#include "core/durable_file.h"
 #include "core/errors.h"
 
 #include <fmt/format.h>
@@ -23,18 +24,13 @@ void write_npy(const std::string& path, const std::string& descr, const std::vec
   const size_t unpadded = 10 + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');
   header += '\n';
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    const uint16_t len = static_cast<uint16_t>(header.size());
-    f.write("\x93NUMPY\x01\x00", 8);
-    f.write(reinterpret_cast<const char*>(&len), 2);
-    f << header;
-    f.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-    f.flush();
-    if (!f) fail_user("writing {} failed: {}. Check free space in the data cache directory.", tmp, std::strerror(errno));
-  }
-  std::filesystem::rename(tmp, path);
+  DurableFile f(path);
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  f.write("\x93NUMPY\x01\x00", 8);
+  f.write(&len, 2);
+  f.write(header);
+  f.write(data, bytes);
+  f.commit();
 }
 
 NpyArray read_npy(const std::string& path) {

@@ -1,15 +1,14 @@
-// The `moeforge` executable: one binary, one subcommand per job. main() owns error reporting:
-// user errors print their message and exit 1 with no stack dump; anything else is a bug and
-// exits 3.
+// The `moeforge` executable: one binary, one subcommand per job (launch/commands/); this file only
+// wires the command line to them. main() owns error reporting: user errors print their message
+// and exit 1 with no stack dump; anything else is a bug and exits 3.
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/logging.h"
-#include "launch/commands.h"
-#include "launch/data_commands.h"
-#include "launch/report.h"
-#include "launch/run_environment.h"
-#include "launch/trainer.h"
-#include "launch/upcycle_command.h"
+#include "launch/commands/commands.h"
+#include "launch/commands/data_commands.h"
+#include "launch/commands/report.h"
+#include "launch/commands/upcycle_command.h"
+#include "launch/train/run_environment.h"
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -154,7 +153,7 @@ int run(int argc, char** argv) {
   for (const auto& [value, name] : moeforge::enum_names<moeforge::LogLevel>()) {
     if (name == level_name) level = value;
   }
-  moeforge::init_logging(moeforge::launcher_rank(), level);
+  moeforge::init_logging(0, level);  // `train` re-tags the lines with MPI's rank under a launcher
   // --log-level is an override of logging.log_level, so the config's level applies otherwise.
   if (app.get_option("--log-level")->count() > 0) {
     plan.overrides.push_back("logging.log_level=" + level_name);

@@ -9,8 +9,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-bash launch/setup.sh
-bash launch/build.sh
+bash launch/setup.sh --runtime  # no test oracles, browser or fuzzer: the quickstart runs none
+bash launch/build.sh moeforge    # the executable only, not the test suite
 
 if [[ ! -f runs/quickstart/data/corpus_text_document.idx ]]; then
   bash launch/corpus.sh runs/quickstart/data/corpus

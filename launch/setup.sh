@@ -2,6 +2,8 @@
 # Installs everything moeforge needs to build and test, idempotently.
 #
 #   bash launch/setup.sh            # apt packages + LibTorch venv + test-oracle packages
+#   bash launch/setup.sh --runtime  # only what building and training need (the quickstart): no
+#                                   # test oracles, no browser or fuzzing compiler
 #   MOEFORGE_SKIP_APT=1 ...         # skip the apt step (no root, packages already there)
 #   MOEFORGE_VENV_CACHE=DIR ...     # where cached venvs live (default ~/.cache/moeforge)
 #
@@ -15,6 +17,9 @@ cd "$root"
 
 say() { printf '[setup] %s\n' "$*"; }
 
+runtime_only=0
+[[ ${1:-} == --runtime ]] && runtime_only=1
+
 # ---- Debian packages --------------------------------------------------------------------------
 apt_packages=(
   build-essential cmake ninja-build ccache pkg-config git
@@ -22,9 +27,9 @@ apt_packages=(
   libopenmpi-dev openmpi-bin
   libyaml-cpp-dev libspdlog-dev libfmt-dev catch2 libcli11-dev nlohmann-json3-dev libpcre2-dev
   libutf8proc-dev
-  clang libclang-rt-14-dev
-  chromium  # the report test opens report.html in a real headless browser
 )
+# Only the tests need these: libFuzzer, and a real headless browser for report.html.
+((runtime_only)) || apt_packages+=(clang libclang-rt-14-dev chromium)
 if [[ "${MOEFORGE_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${apt_packages[@]}"; do
@@ -59,9 +64,14 @@ else
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q -r launch/requirements-torch.txt
-  "$venv/bin/pip" install -q -r launch/requirements-test.txt
   touch "$venv/.complete"
-  say "venv: installed $(cat launch/requirements-torch.txt launch/requirements-test.txt | grep -v '^#' | xargs)"
+  say "venv: installed $(grep -v '^#' launch/requirements-torch.txt | xargs)"
+fi
+# The test oracles go into the same venv the first time the tests need them (marker written last).
+if ((!runtime_only)) && [[ ! -f "$venv/.complete-test" ]]; then
+  "$venv/bin/pip" install -q -r launch/requirements-test.txt
+  touch "$venv/.complete-test"
+  say "venv: installed the test oracles $(grep -v '^#' launch/requirements-test.txt | xargs)"
 fi
 ln -sfn "$venv" .venv
 

@@ -1,10 +1,12 @@
 #include "moe/experts.h"
 
+#include "core/transformer.h"
+
 namespace moeforge::moe {
 
 ExpertsImpl::ExpertsImpl(int64_t num_experts, int64_t hidden, int64_t ffn) {
-  gate_up_proj = register_parameter("gate_up_proj", torch::empty({num_experts, 2 * ffn, hidden}));
-  down_proj = register_parameter("down_proj", torch::empty({num_experts, hidden, ffn}));
+  gate_up_proj = model::deferred_parameter(*this, "gate_up_proj", {num_experts, 2 * ffn, hidden});
+  down_proj = model::deferred_parameter(*this, "down_proj", {num_experts, hidden, ffn});
 }
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_ND, const std::vector<int64_t>& rows_per_expert) {

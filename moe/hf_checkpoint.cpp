@@ -1,5 +1,6 @@
 #include "moe/hf_checkpoint.h"
 
+#include "core/durable_file.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "moe/moe_layer.h"
@@ -8,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <set>
 
@@ -195,65 +197,68 @@ json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
   return j;
 }
 
-HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
+ModelConfig read_hf_config(const std::string& dir) {
   const fs::path config_path = fs::path(dir) / "config.json";
   std::ifstream in(config_path);
   if (!in) fail_user("{}: not found; a Hugging Face checkpoint directory holds config.json and *.safetensors", config_path.string());
-  json j;
   try {
-    j = json::parse(in);
+    return model_config_from_hf(json::parse(in), config_path.string());
   } catch (const json::parse_error& e) {
     fail_user("{}: invalid JSON: {}", config_path.string(), e.what());
   }
-  HFModel out;
-  out.config = model_config_from_hf(j, config_path.string());
-  out.model = build_model(out.config);
-  const SafetensorsCheckpoint ckpt(dir);
-  const ModelType type = out.config.model_type;
+}
 
-  std::set<std::string> used;
-  std::vector<std::string> missing, misshaped;
-  auto fetch = [&](const std::string& name, c10::IntArrayRef shape) -> std::optional<torch::Tensor> {
-    if (!ckpt.contains(name)) {
-      missing.push_back(name);
-      return std::nullopt;
-    }
-    used.insert(name);
-    if (c10::IntArrayRef(ckpt.info(name).shape) != shape) {
-      misshaped.push_back(fmt::format("{} is {} in the checkpoint, the model needs {}", name, shape_str(ckpt.info(name).shape),
-                                      shape_str(shape)));
-      return std::nullopt;
-    }
-    return ckpt.tensor(name, torch::kFloat32);
-  };
-  torch::NoGradGuard no_grad;
-  for (auto& item : out.model->named_parameters()) {
-    const std::string& ours = item.key();
-    auto& p = item.value();
+HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
+  HFModel out;
+  out.config = read_hf_config(dir);
+  out.model = build_model(out.config);
+  model::materialize(*out.model, torch::TensorOptions().dtype(torch::kFloat32));
+  load_hf_weights(dir, *out.model);
+  out.model->to(dtype);
+  return out;
+}
+
+void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert) {
+  const ModelConfig& c = model.config();
+  const SafetensorsCheckpoint ckpt(dir);
+  const ModelType type = c.model_type;
+  const int64_t F = c.moe_ffn_hidden_size.value_or(0), D = c.hidden_size;
+
+  // The hub tensors of one of our parameters, with their whole shapes, from the whole model's
+  // structure (built on the meta device: no memory).
+  const auto whole = build_model(c);
+  std::map<std::string, std::vector<int64_t>> expected;  // hub name -> shape
+  for (const auto& item : whole->named_parameters()) {
     int64_t layer = 0;
     bool gate_up = false;
-    if (is_experts(ours, &layer, &gate_up)) {
-      const int64_t F = *out.config.moe_ffn_hidden_size, D = out.config.hidden_size;
-      for (int64_t e = 0; e < *out.config.num_experts; ++e) {
+    if (is_experts(item.key(), &layer, &gate_up)) {
+      for (int64_t e = 0; e < *c.num_experts; ++e) {
         const auto names = expert_names(layer, e, type);
         if (gate_up) {
-          const auto g = fetch(names[0], {F, D});
-          const auto u = fetch(names[1], {F, D});
-          if (g && u) p[e].copy_(torch::cat({*g, *u}, 0));
-        } else if (const auto d = fetch(names[2], {D, F})) {
-          p[e].copy_(*d);
+          expected[names[0]] = {F, D};
+          expected[names[1]] = {F, D};
+        } else {
+          expected[names[2]] = {D, F};
         }
       }
-      continue;
+    } else {
+      expected[hub_name(item.key(), type)] = item.value().sizes().vec();
     }
-    if (const auto t = fetch(hub_name(ours, type), p.sizes())) p.copy_(*t);
   }
-  std::vector<std::string> unexpected;
+  std::vector<std::string> missing, unexpected, misshaped;
+  for (const auto& [name, shape] : expected) {
+    if (!ckpt.contains(name)) {
+      missing.push_back(name);
+    } else if (ckpt.info(name).shape != shape) {
+      misshaped.push_back(fmt::format("{} is {} in the checkpoint, the model needs {}", name, shape_str(ckpt.info(name).shape),
+                                      shape_str(shape)));
+    }
+  }
   for (const auto& name : ckpt.names()) {
-    if (used.contains(name)) continue;
+    if (expected.contains(name)) continue;
     // A tied head may be stored too; it must then equal the embedding it is tied to.
-    if (name == "lm_head.weight" && !out.config.untie_embeddings_and_output_weights &&
-        torch::equal(ckpt.tensor(name, torch::kFloat32), out.model->embed_tokens->weight)) {
+    if (name == "lm_head.weight" && !c.untie_embeddings_and_output_weights && ckpt.contains("model.embed_tokens.weight") &&
+        torch::equal(ckpt.tensor(name, torch::kFloat32), ckpt.tensor("model.embed_tokens.weight", torch::kFloat32))) {
       continue;
     }
     unexpected.push_back(name);
@@ -265,8 +270,24 @@ HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
     if (!misshaped.empty()) msg += fmt::format("\n  wrong shape ({}): {}", misshaped.size(), fmt::join(misshaped, "; "));
     fail_user("{}", msg);
   }
-  out.model->to(dtype);
-  return out;
+
+  torch::NoGradGuard no_grad;
+  auto read = [&](const std::string& name) { return ckpt.tensor(name, torch::kFloat32); };
+  for (auto& item : model.named_parameters()) {
+    auto& p = item.value();
+    if (p.numel() == 0) continue;
+    int64_t layer = 0;
+    bool gate_up = false;
+    if (!is_experts(item.key(), &layer, &gate_up)) {
+      p.copy_(read(hub_name(item.key(), type)));
+      continue;
+    }
+    const int64_t first = first_expert ? first_expert(item.key()) : 0;
+    for (int64_t e = 0; e < p.size(0); ++e) {
+      const auto names = expert_names(layer, first + e, type);
+      p[e].copy_(gate_up ? torch::cat({read(names[0]), read(names[1])}, 0) : read(names[2]));
+    }
+  }
 }
 
 std::string hub_tensor_name(const std::string& ours, ModelType type) { return hub_name(ours, type); }
@@ -302,10 +323,7 @@ void save_hf_checkpoint(const ModelConfig& c, const NamedTensors& params, const 
   }
   fs::create_directories(dir);
   save_safetensors_checkpoint(dir, tensors);
-  const fs::path config = fs::path(dir) / "config.json";
-  const fs::path tmp = config.string() + ".tmp";
-  std::ofstream(tmp) << hf_config_from_model(c, dtype).dump(2) << "\n";
-  fs::rename(tmp, config);
+  write_file_durably(fs::path(dir) / "config.json", hf_config_from_model(c, dtype).dump(2) + "\n");
 }
 
 }  // namespace moeforge::moe

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <string>
 
 namespace moeforge::moe {
@@ -32,8 +33,23 @@ struct HFModel {
 // "model.layers.3.mlp.gate.weight", Mixtral: "model.layers.3.block_sparse_moe.gate.weight").
 std::string hub_tensor_name(const std::string& ours, ModelType type);
 
+// DIR/config.json as our model section (UserError naming the file when absent or invalid).
+ModelConfig read_hf_config(const std::string& dir);
+
 // Reads DIR/config.json and the weights (fp32 unless `dtype` says otherwise).
 HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype = torch::kFloat32);
+
+// For a stacked expert weight that holds only some experts (a rank's, under expert parallelism):
+// the global index of its first expert. Called only for stacked expert weights.
+using FirstExpert = std::function<int64_t(const std::string& name)>;
+
+// Copies the weights of DIR into the materialised parameters of `model`, whose config must be the
+// checkpoint's model (the caller compares them): parameters without elements (another pipeline
+// stage's) are skipped, stacked expert weights get their experts from `first_expert` on (all from 0
+// when it is empty). Every tensor of the checkpoint is checked against the whole model first, by
+// name and shape from the file headers: anything missing, unexpected or mis-shaped is a UserError
+// listing all of them. Only the tensors copied are read.
+void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert = {});
 
 // Writes DIR/config.json and the safetensors files in the hub layout `transformers` loads.
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir);

@@ -8,8 +8,7 @@ MoELayer::MoELayer(const ModelConfig& c) : config_(c), dispatcher_(std::make_sha
   if (c.moe_shared_expert_intermediate_size) {
     shared_expert = register_module("shared_expert", model::MLP(c.hidden_size, *c.moe_shared_expert_intermediate_size));
     if (c.moe_shared_expert_gate) {
-      shared_expert_gate = register_module("shared_expert_gate",
-                                           torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, 1).bias(false)));
+      shared_expert_gate = register_module("shared_expert_gate", model::Linear(c.hidden_size, 1, false));
     }
   }
 }

@@ -25,7 +25,8 @@ class MoELayer : public model::FeedForward {
   Router gate{nullptr};
   Experts experts{nullptr};
   model::MLP shared_expert{nullptr};              // null without a shared expert
-  torch::nn::Linear shared_expert_gate{nullptr};  // null without its gate
+  model::Linear shared_expert_gate{nullptr};  // null without its gate
+  std::vector<torch::Tensor> stacked_expert_weights() const override { return {experts->gate_up_proj, experts->down_proj}; }
 
  private:
   ModelConfig config_;

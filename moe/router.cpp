@@ -1,12 +1,14 @@
 #include "moe/router.h"
 
+#include "core/transformer.h"
+
 #include <cmath>
 
 namespace moeforge::moe {
 
 RouterImpl::RouterImpl(const ModelConfig& c)
     : topk_(c.moe_router_topk), pre_softmax_(c.moe_router_pre_softmax), norm_topk_(c.moe_router_norm_topk_prob) {
-  weight = register_parameter("weight", torch::zeros({*c.num_experts, c.hidden_size}));
+  weight = model::deferred_parameter(*this, "weight", {*c.num_experts, c.hidden_size});
 }
 
 Routing RouterImpl::forward(const torch::Tensor& x_TD) {

@@ -1,6 +1,9 @@
 #include "moe/upcycle.h"
 
 #include "core/errors.h"
+#include "moe/moe_layer.h"
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -145,6 +148,28 @@ UpcycledLayer upcycle_layer(const DenseMLP& dense, const ModelConfig& moe, const
     if (moe.moe_shared_expert_gate) out.shared_gate_1D = torch::normal(0.0, std_in, {1, D}, gen);
   }
   return out;
+}
+
+bool combine_weights_sum_to_one(const ModelConfig& c) { return !c.moe_router_pre_softmax || c.moe_router_norm_topk_prob; }
+
+std::optional<std::string> router_only_noop_reason(model::GPTModelImpl& m, const ModelConfig& c,
+                                                   const std::vector<std::string>& trainable) {
+  if (!c.is_moe() || trainable.empty()) return std::nullopt;
+  for (const auto& name : trainable) {
+    if (!name.ends_with(".mlp.gate.weight")) return std::nullopt;
+  }
+  if (!combine_weights_sum_to_one(c) || c.moe_aux_loss_coeff != 0 || c.moe_z_loss_coeff != 0) return std::nullopt;
+  torch::NoGradGuard no_grad;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    for (const auto& w : m.layer(l).mlp->stacked_expert_weights()) {
+      if (w.size(0) > 1 && !torch::equal(w, w.narrow(0, 0, 1).expand_as(w))) return std::nullopt;
+    }
+  }
+  return fmt::format("only the routers train, every MoE layer's {} experts are identical (copy-upcycled), the combine "
+                     "weights sum to one and moe_aux_loss_coeff and moe_z_loss_coeff are 0: the LM loss gives the "
+                     "routers exactly zero gradient, so this run cannot change the model. Set "
+                     "model.moe_aux_loss_coeff (or z-loss), or also train the experts.",
+                     *c.num_experts);
 }
 
 }  // namespace moeforge::moe

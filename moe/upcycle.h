@@ -1,5 +1,5 @@
 // defines: UpcycleMethod, SharedExpertInit, UpcycleOptions, DenseMLP, UpcycledLayer,
-//          upcycle_layer, default_scale
+//          upcycle_layer, default_scale, combine_weights_sum_to_one, router_only_noop_reason
 //
 // Building a layer's MoE from a dense SwiGLU FFN (gate/up [I, D], down [D, I]); facts and
 // invariants in docs/upcycling.md. An expert is a list of F dense neurons (a neuron = one row of
@@ -18,6 +18,7 @@
 #pragma once
 
 #include "core/config.h"
+#include "core/gpt_model.h"
 
 #include <torch/torch.h>
 
@@ -61,5 +62,16 @@ struct UpcycledLayer {
 // `generator` is advanced (seeded once per run, so layers differ).
 UpcycledLayer upcycle_layer(const DenseMLP& dense, const ModelConfig& moe, const UpcycleOptions& options,
                             torch::Generator& generator);
+
+// Whether a token's k combine weights always sum to one (renormalized top-k, or top-k of the
+// logits then softmax), which makes copied experts reproduce the dense FFN exactly.
+bool combine_weights_sum_to_one(const ModelConfig& config);
+
+// Why training only the routers of this model can change nothing (identical experts in every MoE
+// layer, combine weights summing to one, no aux or z loss: the LM loss gives the routers exactly
+// zero gradient), or nullopt when it can. Reads the experts this process holds (under expert
+// parallelism its block: a copy-upcycled model's blocks are all alike).
+std::optional<std::string> router_only_noop_reason(model::GPTModelImpl& model, const ModelConfig& config,
+                                                   const std::vector<std::string>& trainable_names);
 
 }  // namespace moeforge::moe

@@ -102,6 +102,24 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
                                    "(model.num_experts is null): set it to 1",
                                    ep));
   }
+  if (c.parallel.world_size && *c.parallel.world_size != world_size) {
+    problems.push_back(fmt::format("parallel.world_size is {} but the run has {} ranks: launch {} ranks, or remove "
+                                   "parallel.world_size (or set it to {})",
+                                   *c.parallel.world_size, world_size, *c.parallel.world_size, world_size));
+  }
+  if (pp > 1 && !c.model.untie_embeddings_and_output_weights) {
+    problems.push_back(fmt::format(
+        "pipeline parallel training needs untied embeddings (the embedding lives on the first stage, the head on the "
+        "last), but model.untie_embeddings_and_output_weights is false: set it to true or use "
+        "parallel.pipeline_model_parallel_size 1"));
+  }
+  if (pp > 1 && c.model.is_moe() && c.model.moe_router_load_balancing_type == LoadBalancingType::hf_pooled_aux_loss) {
+    problems.push_back(fmt::format(
+        "model.moe_router_load_balancing_type hf_pooled_aux_loss pools the router statistics of all layers, which "
+        "pipeline stages do not share: with parallel.pipeline_model_parallel_size {} use aux_loss or seq_aux_loss "
+        "(per layer, as Megatron)",
+        pp));
+  }
   std::vector<int64_t> layers = split_layers(c, pp, problems);
   int64_t micro_batches = 0;
   if (dp > 0) {
@@ -128,7 +146,16 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
   layout.ep_ = ep;
   layout.micro_batches_ = micro_batches;
   layout.layers_per_stage_ = std::move(layers);
+  layout.num_experts_ = c.model.num_experts.value_or(0);
   return layout;
+}
+
+int64_t ParallelLayout::stage_of_layer(int64_t layer) const {
+  for (int64_t s = 0, first = 0; s < pp_; ++s) {
+    first += layers_per_stage_[static_cast<size_t>(s)];
+    if (layer < first) return s;
+  }
+  return pp_ - 1;
 }
 
 int64_t ParallelLayout::first_layer(int64_t stage) const {

@@ -1,7 +1,10 @@
 // defines: ParallelLayout, RankCoordinates
 //
-// The one object that owns the parallel degree arithmetic (torchtitan's ParallelDims). Created
-// once at start-up from the config and the world size; everything else asks it. Rank order is
+// The one object that owns the parallel degree arithmetic (torchtitan's ParallelDims) and every
+// rule a layout must satisfy (degrees, EP within DP, experts divisible by EP, layers per stage,
+// the batch split, tied embeddings and pooled router losses under PP, parallel.world_size).
+// Created once at start-up from the config and the world size; `plan`, `train --dry-run`,
+// `convert`, `report` and the trainer all create it the same way. Rank order is
 // Megatron's tp-cp-ep-dp-pp with TP = CP = 1: pipeline outermost, so each stage's ranks are
 // contiguous, and expert-parallel ranks are consecutive inside a stage.
 //
@@ -40,6 +43,9 @@ class ParallelLayout {
   // Layers of stage `stage`: [first_layer(stage), first_layer(stage) + layers_on(stage)).
   const std::vector<int64_t>& layers_per_stage() const { return layers_per_stage_; }
   int64_t first_layer(int64_t stage) const;
+  int64_t stage_of_layer(int64_t layer) const;
+  // Routed experts per EP rank (0 for a dense model); EP rank r holds [r * n, (r + 1) * n).
+  int64_t experts_per_rank() const { return num_experts_ / ep_; }
 
   RankCoordinates coordinates(int64_t rank) const;
   // The ranks of each group `rank` belongs to, in group order.
@@ -52,7 +58,7 @@ class ParallelLayout {
   std::string describe() const;
 
  private:
-  int64_t world_ = 1, pp_ = 1, dp_ = 1, ep_ = 1, micro_batches_ = 1;
+  int64_t world_ = 1, pp_ = 1, dp_ = 1, ep_ = 1, micro_batches_ = 1, num_experts_ = 0;
   std::vector<int64_t> layers_per_stage_;
 };
 

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <climits>
+#include <cstdlib>
 #include <cstdio>
 #include <exception>
 #include <stdexcept>
@@ -70,6 +71,13 @@ int as_int(int64_t v, const char* what) {
 }
 
 }  // namespace
+
+bool MpiRuntime::launched() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID"}) {
+    if (std::getenv(var) != nullptr) return true;
+  }
+  return false;
+}
 
 MpiRuntime::MpiRuntime() {
   int initialized = 0;

@@ -21,6 +21,9 @@ namespace moeforge {
 
 class MpiRuntime {
  public:
+  // Whether an MPI launcher (Open MPI's mpirun, MPICH/Hydra, PMIx, SLURM's srun) started this
+  // process; the only place its environment is read. Every other rank and size comes from MPI.
+  static bool launched();
   // Initializes MPI if this process has not; finalizes on destruction if it did.
   MpiRuntime();
   ~MpiRuntime();

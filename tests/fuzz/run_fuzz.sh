@@ -9,7 +9,8 @@ work=${2:-$root/build/fuzz}
 mkdir -p "$work/corpus"
 clangxx=$(command -v clang++ || command -v clang++-14)
 "$clangxx" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$root" "$root/tests/fuzz/fuzz_idx.cpp" "$root/data/indexed_dataset.cpp" -lfmt -o "$work/fuzz_idx"
+  -I"$root" "$root/tests/fuzz/fuzz_idx.cpp" "$root/data/indexed_dataset.cpp" "$root/core/durable_file.cpp" -lfmt \
+  -o "$work/fuzz_idx"
 # Seeds: valid indexes as our writer produces them (2 size bytes, then the .idx).
 python3 - "$work/corpus" <<'PY'
 import struct, sys, os

@@ -23,6 +23,7 @@ model:
   vocab_size: 1000
   num_experts: 12
   moe_ffn_hidden_size: 32
+  untie_embeddings_and_output_weights: true  # required under PP
 parallel:
   pipeline_model_parallel_size: {}
   expert_model_parallel_size: {}

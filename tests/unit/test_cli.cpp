@@ -1,5 +1,5 @@
 // The `moeforge` executable as a user runs it: exit codes, messages, --json, docs in sync.
-#include "launch/commands.h"
+#include "launch/commands/commands.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

@@ -10,8 +10,10 @@ using namespace moeforge;
 using Catch::Matchers::Contains;
 
 namespace {
-ExperimentConfig config_with(const std::vector<std::string>& overrides) {
+// The minimal model, untied so that pipeline layouts are possible.
+ExperimentConfig config_with(std::vector<std::string> overrides) {
   test::TempDir dir;
+  overrides.insert(overrides.begin(), "model.untie_embeddings_and_output_weights=true");
   return load_config(dir.file("c.yaml", test::kMinimalModel), overrides).config;
 }
 std::string layout_error(const ExperimentConfig& c, int64_t world) {
@@ -70,4 +72,27 @@ TEST_CASE("impossible layouts list the problem and every factor", "[layout][erro
                           2),
              Contains("puts 1 + 1 layers on its 2 stages but model.num_layers is 4"));
   CHECK_THAT(layout_error(c, 0), Contains("world size must be at least 1"));
+}
+
+TEST_CASE("pipeline rules and the run's world size are layout rules too", "[layout][errors]") {
+  CHECK_THAT(layout_error(config_with({"model.untie_embeddings_and_output_weights=false",
+                                       "parallel.pipeline_model_parallel_size=2"}),
+                          2),
+             Contains("pipeline parallel training needs untied embeddings"));
+  CHECK_THAT(layout_error(config_with({"model.moe_router_load_balancing_type=hf_pooled_aux_loss",
+                                       "parallel.pipeline_model_parallel_size=2"}),
+                          2),
+             Contains("hf_pooled_aux_loss pools the router statistics of all layers"));
+  CHECK_THAT(layout_error(config_with({"parallel.world_size=8"}), 4),
+             Contains("parallel.world_size is 8 but the run has 4 ranks"));
+  // One stage may tie and pool: the head sits next to the embedding, every layer's router is local.
+  CHECK_NOTHROW(ParallelLayout::create(config_with({"model.untie_embeddings_and_output_weights=false",
+                                                    "model.moe_router_load_balancing_type=hf_pooled_aux_loss"}),
+                                       2));
+  const auto L = ParallelLayout::create(config_with({"parallel.expert_model_parallel_size=2"}), 2);
+  CHECK(L.experts_per_rank() == 4);
+  CHECK(L.stage_of_layer(3) == 0);
+  const auto P = ParallelLayout::create(config_with({"parallel.pipeline_model_parallel_size=2"}), 2);
+  CHECK(P.stage_of_layer(1) == 0);
+  CHECK(P.stage_of_layer(2) == 1);
 }

@@ -81,6 +81,7 @@ TEST_CASE("logits, losses and every gradient match transformers", "[model]") {
 
     const ModelConfig config = tiny_config(kind);
     auto model = moe::build_model(config);
+    model::materialize(*model, torch::kFloat32);
     {
       torch::NoGradGuard no_grad;
       auto params = model->named_parameters();

@@ -38,6 +38,7 @@ TEST_CASE("router variants: Qwen, Mixtral and Megatron's default", "[moe]") {
   auto c = moe_config();
   const auto x_TD = torch::randn({50, 64});
   moe::Router qwen(c);
+  model::materialize(*qwen, torch::kFloat32);  // modules are built on the meta device
   torch::nn::init::normal_(qwen->weight, 0.0, 0.5);
   const auto probs_TE = torch::softmax(torch::matmul(x_TD, qwen->weight.t()), -1);
   const auto [top_TK, idx_TK] = torch::topk(probs_TE, 2, -1);
@@ -48,6 +49,7 @@ TEST_CASE("router variants: Qwen, Mixtral and Megatron's default", "[moe]") {
 
   c.moe_router_norm_topk_prob = true;  // Mixtral
   moe::Router mixtral(c);
+  model::materialize(*mixtral, torch::kFloat32);
   mixtral->weight.set_data(qwen->weight.clone());
   const auto m = mixtral(x_TD);
   CHECK(torch::allclose(m.weights_TK, top_TK / top_TK.sum(-1, true), 1e-6, 1e-7));
@@ -55,6 +57,7 @@ TEST_CASE("router variants: Qwen, Mixtral and Megatron's default", "[moe]") {
   c.moe_router_norm_topk_prob = false;
   c.moe_router_pre_softmax = false;  // Megatron: top-k on logits, softmax over the k
   moe::Router megatron(c);
+  model::materialize(*megatron, torch::kFloat32);
   megatron->weight.set_data(qwen->weight.clone());
   const auto g = megatron(x_TD);
   CHECK(torch::equal(g.experts_TK, idx_TK));  // softmax is monotone: the same experts
@@ -130,6 +133,27 @@ TEST_CASE("Megatron initialization and bf16 execution", "[moe]") {
   const auto bf16 = model->forward(tokens, positions).logits_BSV;
   CHECK(bf16.scalar_type() == torch::kBFloat16);
   CHECK(((bf16.to(torch::kFloat32) - fp32).norm() / fp32.norm()).item<double>() < 3e-2);
+}
+
+TEST_CASE("each parameter's initialization is its own stream: a part materialised alone equals the whole's",
+          "[moe][init]") {
+  const auto c = moe_config();
+  auto whole = moe::build_model(c);
+  CHECK(whole->named_parameters()["layers.0.mlp.experts.gate_up_proj"].is_meta());  // built without memory
+  model::init_megatron(*whole, 5);
+  const auto params = whole->named_parameters();
+  // An expert-parallel rank holding experts 2..5 of layer 1, and a rank holding the head only.
+  auto experts = torch::empty({4, 2 * 32, 64});
+  model::init_megatron_parameter(c, "layers.1.mlp.experts.gate_up_proj", experts, 5, 2);
+  CHECK(torch::equal(experts, params["layers.1.mlp.experts.gate_up_proj"].narrow(0, 2, 4)));
+  auto head = torch::empty({c.padded_vocab_size(), 64});
+  model::init_megatron_parameter(c, "lm_head.weight", head, 5);
+  CHECK(torch::equal(head, params["lm_head.weight"]));
+  // Streams differ by name and seed.
+  auto other = torch::empty({c.padded_vocab_size(), 64});
+  model::init_megatron_parameter(c, "lm_head.weight", other, 6);
+  CHECK_FALSE(torch::equal(head, other));
+  CHECK_FALSE(torch::equal(params["layers.0.self_attn.q_proj.weight"], params["layers.1.self_attn.q_proj.weight"]));
 }
 
 TEST_CASE("full and selective recomputation give the same losses and gradients", "[moe][recompute]") {

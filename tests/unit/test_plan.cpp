@@ -3,7 +3,7 @@
 // and closed forms for the batch, bubble and memory arithmetic.
 #include "core/config_loader.h"
 #include "core/model_size.h"
-#include "launch/plan.h"
+#include "parallel/plan.h"
 #include "parallel/layout.h"
 #include "test_util.h"
 

@@ -262,13 +262,13 @@ TEST_CASE("sharded checkpoints round-trip through model.safetensors.index.json a
     return read_json(out);
   };
 
-  const json index = read_json(ckpt + "/" + kSafetensorsIndexFile);
+  const json index = read_json(ckpt + "/" + files::kSafetensorsIndex);
   const json py = oracle(kShard);
   CHECK(py["hf_sharded"] == true);
   CHECK(index["weight_map"] == py["hf_weight_map"]);
   CHECK(index["metadata"]["total_size"] == py["hf_total_size"]);
   CHECK(py["format_ok"] == true);
-  CHECK_FALSE(std::filesystem::exists(ckpt + "/" + kSafetensorsFile));
+  CHECK_FALSE(std::filesystem::exists(ckpt + "/" + files::kSafetensors));
 
   const SafetensorsCheckpoint loaded(ckpt);
   std::set<std::string> files;
@@ -282,7 +282,7 @@ TEST_CASE("sharded checkpoints round-trip through model.safetensors.index.json a
     CHECK(describe(s.dtype, loaded.tensor(s.name)) == expected);
     CHECK(loaded.file(s.name).path() == ckpt + "/" + index["weight_map"][s.name].get<std::string>());
   }
-  CHECK(SafetensorsCheckpoint(ckpt + "/" + kSafetensorsIndexFile).names() == loaded.names());
+  CHECK(SafetensorsCheckpoint(ckpt + "/" + files::kSafetensorsIndex).names() == loaded.names());
 
   SECTION("re-saved small enough for one file: the shards and index are removed") {
     save_safetensors_checkpoint(ckpt, tensors);
@@ -298,7 +298,7 @@ TEST_CASE("inconsistent sharded checkpoints are refused, naming the shard", "[sa
   test::TempDir dir;
   const std::string ckpt = (dir.path() / "ckpt").string();
   save_safetensors_checkpoint(ckpt, make_all(checkpoint_specs()), kShard);
-  const json index = read_json(ckpt + "/" + kSafetensorsIndexFile);
+  const json index = read_json(ckpt + "/" + files::kSafetensorsIndex);
   const std::string first = ckpt + "/model-00001-of-00003.safetensors";
   SECTION("a missing shard") {
     std::filesystem::remove(first);
@@ -308,23 +308,23 @@ TEST_CASE("inconsistent sharded checkpoints are refused, naming the shard", "[sa
   SECTION("an index that maps a tensor to the wrong shard") {
     json edited = index;
     edited["weight_map"]["big"] = "model-00002-of-00003.safetensors";
-    std::ofstream(ckpt + "/" + kSafetensorsIndexFile) << edited.dump();
+    std::ofstream(ckpt + "/" + files::kSafetensorsIndex) << edited.dump();
     CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }),
                Contains("maps tensor \"big\" to model-00002-of-00003.safetensors") && Contains("different saves"));
   }
   SECTION("a shard holding a tensor the index does not list") {
     json edited = index;
     edited["weight_map"].erase("embed");
-    std::ofstream(ckpt + "/" + kSafetensorsIndexFile) << edited.dump();
+    std::ofstream(ckpt + "/" + files::kSafetensorsIndex) << edited.dump();
     CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }),
                Contains("model-00002-of-00003.safetensors holds tensor \"embed\"") && Contains("does not list"));
   }
   SECTION("an index without a weight map") {
-    std::ofstream(ckpt + "/" + kSafetensorsIndexFile) << R"({"metadata": {}})";
+    std::ofstream(ckpt + "/" + files::kSafetensorsIndex) << R"({"metadata": {}})";
     CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }), Contains("no \"weight_map\""));
   }
   SECTION("both a single file and an index") {
-    std::filesystem::copy_file(first, ckpt + "/" + kSafetensorsFile);
+    std::filesystem::copy_file(first, ckpt + "/" + files::kSafetensors);
     CHECK_THAT(test::user_error([&] { SafetensorsCheckpoint c(ckpt); }), Contains("ambiguous"));
   }
   SECTION("a tensor the checkpoint lacks") {

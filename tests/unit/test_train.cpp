@@ -5,8 +5,8 @@
 #include "core/lr_schedule.h"
 #include "core/optimizer.h"
 #include "core/safetensors.h"
-#include "launch/train_checkpoint.h"
-#include "launch/train_metrics.h"
+#include "launch/train/checkpoint.h"
+#include "launch/train/metrics.h"
 #include "test_util.h"
 #include "train_fixture.h"
 

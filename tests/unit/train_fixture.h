@@ -3,7 +3,7 @@
 #pragma once
 
 #include "data/indexed_dataset.h"
-#include "launch/train_metrics.h"
+#include "launch/train/metrics.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

@@ -1,0 +1,353 @@
+#include "launch/commands/report.h"
+
+#include "core/config_loader.h"
+#include "core/durable_file.h"
+#include "core/errors.h"
+#include "core/file_names.h"
+#include "launch/train/metrics.h"
+#include "parallel/layout.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <regex>
+#include <set>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeforge {
+
+namespace {
+
+std::vector<json> read_metrics_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) fail_user("{}: not found. Point at a run directory (logging.run_dir of a moeforge train run).", path.string());
+  std::vector<json> out;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains(metric::kIteration)) {
+      fail_user("{}:{}: not a metrics line (one JSON object with \"iteration\" per line expected)", path.string(), n);
+    }
+    out.push_back(std::move(j));
+  }
+  if (out.empty()) fail_user("{}: no iterations logged yet", path.string());
+  return out;
+}
+
+double percentile(const std::vector<double>& sorted, double q) {  // numpy's default (linear)
+  const double pos = q * static_cast<double>(sorted.size() - 1);
+  const auto lo = static_cast<size_t>(std::floor(pos)), hi = static_cast<size_t>(std::ceil(pos));
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - static_cast<double>(lo));
+}
+
+double number(const json& j, const char* key) { return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN; }
+
+}  // namespace
+
+LossCurve parse_megatron_log(std::istream& in, const std::string& source) {
+  static const std::regex iteration(R"(iteration\s+(\d+)\s*/\s*\d+\s*\|)");
+  static const std::regex elapsed(R"(elapsed time per iteration \(ms\):\s*([0-9.]+))");
+  static const std::regex loss(R"(\|\s*lm loss:\s*([-+0-9.eE]+))");
+  LossCurve c;
+  c.source = source;
+  c.kind = "Megatron-LM log";
+  std::string line;
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (!std::regex_search(line, m, iteration)) continue;
+    const int64_t it = std::stoll(m[1]);
+    if (std::regex_search(line, m, loss)) c.lm_loss[it] = std::stod(m[1]);
+    if (std::regex_search(line, m, elapsed)) c.step_time_s[it] = std::stod(m[1]) / 1e3;
+  }
+  return c;
+}
+
+LossCurve read_reference(const std::string& path) {
+  fs::path p(path);
+  if (fs::is_directory(p)) p /= files::kMetrics;
+  std::ifstream in(p);
+  if (!in) fail_user("--reference {}: not found (a run directory, its metrics.jsonl, or a Megatron-LM log)", p.string());
+  const int first = (in >> std::ws).peek();
+  LossCurve c;
+  if (first == '{') {
+    c.source = p.string();
+    c.kind = "moeforge metrics";
+    for (const auto& j : read_metrics_file(p)) {
+      const auto it = j[metric::kIteration].get<int64_t>();
+      if (const double l = number(j, metric::kLmLoss); std::isfinite(l)) c.lm_loss[it] = l;
+      if (const double t = number(j, metric::kStepTime); std::isfinite(t)) c.step_time_s[it] = t;
+    }
+  } else {
+    c = parse_megatron_log(in, p.string());
+  }
+  if (c.lm_loss.empty()) {
+    fail_user("--reference {}: no loss found; expected moeforge metrics.jsonl lines or Megatron-LM log lines like "
+              "\"iteration 21/ 100 | ... elapsed time per iteration (ms): 70412.3 | ... lm loss: 8.53E+00 |\"",
+              p.string());
+  }
+  return c;
+}
+
+json steady_stats(std::vector<double> v) {
+  std::erase_if(v, [](double x) { return !std::isfinite(x); });
+  if (v.empty()) return json{{"count", 0}};
+  std::sort(v.begin(), v.end());
+  const double n = static_cast<double>(v.size());
+  const double mean = std::accumulate(v.begin(), v.end(), 0.0) / n;
+  double var = 0;
+  for (double x : v) var += (x - mean) * (x - mean);
+  return json{{"count", v.size()},
+              {"median", percentile(v, 0.5)},
+              {"mean", mean},
+              {"min", v.front()},
+              {"max", v.back()},
+              {"stdev", v.size() > 1 ? std::sqrt(var / (n - 1)) : 0.0},
+              {"p25", percentile(v, 0.25)},
+              {"p75", percentile(v, 0.75)}};
+}
+
+json accuracy_verdict(const std::map<int64_t, double>& run, const LossCurve& ref, int64_t from, double threshold) {
+  json steps = json::array();
+  double sum = 0;
+  for (const auto& [it, loss] : run) {
+    if (it < from || !ref.lm_loss.contains(it)) continue;
+    const double r = ref.lm_loss.at(it);
+    const double err = std::abs(loss - r) / std::max(std::abs(r), 1e-30);
+    steps.push_back({{"iteration", it}, {"lm_loss", loss}, {"reference_lm_loss", r}, {"relative_error", err}});
+    sum += err;
+  }
+  json v = {{"reference", ref.source},
+            {"reference_kind", ref.kind},
+            {"from_iteration", from},
+            {"threshold", threshold},
+            {"compared_iterations", steps.size()},
+            {"per_step", steps}};
+  if (steps.empty()) {
+    v["mean_relative_error"] = nullptr;
+    v["pass"] = nullptr;
+    v["message"] = fmt::format("no iteration at or after {} in both curves (run {}..{}, reference {}..{})", from,
+                               run.empty() ? 0 : run.begin()->first, run.empty() ? 0 : run.rbegin()->first,
+                               ref.lm_loss.begin()->first, ref.lm_loss.rbegin()->first);
+    return v;
+  }
+  const double mean = sum / static_cast<double>(steps.size());
+  v["mean_relative_error"] = mean;
+  v["pass"] = mean < threshold;
+  v["message"] = fmt::format("mean relative loss error {:.3f} % over {} iterations from {} on: {} (threshold {:.1f} %)",
+                             100 * mean, steps.size(), from, mean < threshold ? "PASS" : "FAIL", 100 * threshold);
+  return v;
+}
+
+json build_report(const ReportOptions& o) {
+  const fs::path run(o.run_dir);
+  const auto metrics = read_metrics_file(run / files::kMetrics);
+  const fs::path config_file = run / files::kResolvedConfig;
+  if (!fs::exists(config_file)) fail_user("{}: missing; is {} the logging.run_dir of a moeforge train run?", config_file.string(), o.run_dir);
+  const ExperimentConfig c = load_config(config_file.string(), {}).config;
+  json env = json::object();
+  if (std::ifstream in(run / files::kEnvironment); in) env = json::parse(in, nullptr, false);
+  if (env.is_discarded()) env = json::object();
+
+  const int64_t n = static_cast<int64_t>(metrics.size());
+  const int64_t warmup = o.warmup.value_or(n <= 2 ? 0 : std::min<int64_t>(10, std::max<int64_t>(1, n / 10)));
+  if (warmup >= n) fail_user("--warmup {} leaves no iteration of the {} logged for the steady state", warmup, n);
+  json series;
+  for (const char* key : {metric::kIteration, metric::kLmLoss, metric::kStepTime, metric::kTokensPerSecond,
+                          metric::kTflops, metric::kTflops6N, metric::kMfu, metric::kMfu6N, metric::kTimeData,
+                          metric::kTimeForward, metric::kTimeBackward, metric::kTimePipelineWait,
+                          metric::kTimeGradReduce, metric::kTimeOptimizer, metric::kExpertLoadMaxOverMean,
+                          metric::kPeakMemory}) {
+    series[key] = json::array();
+    for (const auto& m : metrics) series[key].push_back(m.contains(key) && !m[key].is_null() ? m[key] : json(nullptr));
+  }
+  series[metric::kExpertLoadPerLayer] = json::array();
+  for (const auto& m : metrics) series[metric::kExpertLoadPerLayer].push_back(m.value(metric::kExpertLoadPerLayer, json::array()));
+  auto steady = [&](const char* key) {
+    std::vector<double> v;
+    for (int64_t i = warmup; i < n; ++i) v.push_back(number(metrics[static_cast<size_t>(i)], key));
+    return steady_stats(v);
+  };
+  json steady_state = {{"warmup_iterations", warmup},
+                       {"first_iteration", metrics[static_cast<size_t>(warmup)][metric::kIteration]},
+                       {"last_iteration", metrics.back()[metric::kIteration]}};
+  for (const char* key : kSteadyStateKeys) {
+    steady_state[key] = steady(key);
+  }
+  steady_state["iterations"] = steady_state[metric::kStepTime]["count"];
+
+  const auto& last = metrics.back();
+  const int64_t world = env.value("world_size", int64_t{0}) > 0 ? env["world_size"].get<int64_t>()
+                                                               : c.parallel.world_size.value_or(1);
+  // The run's layout, as the trainer made it (its config with the world it ran on).
+  ExperimentConfig as_run = c;
+  as_run.parallel.world_size = world;
+  const ParallelLayout layout = ParallelLayout::create(as_run, world);
+  const int64_t nodes = env.value("nodes", int64_t{1}), per_node = env.value("devices_per_node", world);
+  const std::string chip = env.value("chip", c.hardware.chip.empty() ? std::string("unknown") : c.hardware.chip);
+  int64_t peak_used = 0;
+  for (const auto& m : metrics) peak_used = std::max<int64_t>(peak_used, m.value(metric::kPeakMemory, int64_t{0}));
+  int64_t memory_total = 0;
+  if (env.contains("chips") && !env["chips"].empty()) memory_total = env["chips"][0].value("memory_total_bytes", int64_t{0});
+  auto median = [&](const char* key) { return steady_state[key].value("median", NAN); };
+  const json result = {
+      {"config", fmt::format("{} {}x{}", chip, nodes, per_node)},
+      {"chip", chip},
+      {"nodes", nodes},
+      {"devices_per_node", per_node},
+      {"devices", world},
+      {"precision", c.training.bf16 ? "bf16" : "fp32"},
+      {"parallel", fmt::format("TP1xPP{}xDP{}xEP{}", layout.pp(), layout.dp(), layout.ep())},
+      {"global_batch_size", c.training.global_batch_size},
+      {"seq_length", c.training.seq_length},
+      {"tokens_per_s_per_chip", median(metric::kTokensPerSecond)},
+      {"lm_loss_last", last.contains(metric::kLmLoss) ? last[metric::kLmLoss] : json(nullptr)},
+      {"last_iteration", last[metric::kIteration]},
+      {"peak_memory_used_bytes", peak_used},
+      {"peak_memory_total_bytes", memory_total},
+      {"peak_memory_kind", env.value("device", std::string("cpu")) == "cuda" ? "host memory of rank 0 (GPU memory is not recorded yet)"
+                                                                            : "resident memory of rank 0"},
+      {"tflops_per_chip", {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}}},
+      {"mfu", {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}}},
+      {"peak_tflops", last.value(metric::kPeakTflops, 0.0)},
+      {"peak_source", last.value(metric::kPeakSource, std::string())},
+      {"step_time_s", median(metric::kStepTime)},
+  };
+  json report = {{"schema_version", 1},
+                 {"run_dir", fs::absolute(run).string()},
+                 {"case", {{"config", (fs::absolute(run) / files::kResolvedConfig).string()},
+                           {"model_type", std::string(to_string(c.model.model_type))},
+                           {"num_layers", c.model.num_layers},
+                           {"hidden_size", c.model.hidden_size},
+                           {"num_experts", c.model.num_experts.value_or(0)},
+                           {"moe_router_topk", c.model.is_moe() ? c.model.moe_router_topk : 0},
+                           {"train_iters", c.training.train_iters}}},
+                 {"result", result},
+                 {"steady_state", steady_state},
+                 {"environment", env},
+                 {"series", series}};
+  if (!o.reference.empty()) {
+    const LossCurve ref = read_reference(o.reference);
+    std::map<int64_t, double> run_loss;
+    for (const auto& m : metrics) {
+      if (const double l = number(m, metric::kLmLoss); std::isfinite(l)) run_loss[m[metric::kIteration].get<int64_t>()] = l;
+    }
+    json acc = accuracy_verdict(run_loss, ref, o.from_iteration, o.threshold);
+    std::vector<double> ref_times;
+    for (const auto& [it, t] : ref.step_time_s) {
+      if (it > metrics[static_cast<size_t>(warmup)][metric::kIteration].get<int64_t>() - 1) ref_times.push_back(t);
+    }
+    const json ref_steady = steady_stats(ref_times);
+    acc["reference_step_time_s"] = ref_steady;
+    if (ref_steady["count"].get<int64_t>() > 0) {
+      acc["step_time_ratio_reference_over_run"] = ref_steady["median"].get<double>() / median(metric::kStepTime);
+    }
+    json ref_series = json::array();
+    for (const auto& m : metrics) {
+      const auto it = m[metric::kIteration].get<int64_t>();
+      ref_series.push_back(ref.lm_loss.contains(it) ? json(ref.lm_loss.at(it)) : json(nullptr));
+    }
+    report["series"]["reference_lm_loss"] = ref_series;
+    report["accuracy"] = acc;
+  } else {
+    report["accuracy"] = nullptr;
+  }
+  const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  report["generated_at"] = stamp;
+  return report;
+}
+
+namespace {
+
+// Builds and writes one run's report; returns it.
+json write_report(const ReportOptions& o) {
+  const json report = build_report(o);
+  const fs::path out = o.out_dir.empty() ? fs::path(o.run_dir) / "report" : fs::path(o.out_dir);
+  fs::create_directories(out);
+  write_file_durably(out / "report.json", report.dump(2) + "\n");
+  write_file_durably(out / "report.md", render_markdown(report));
+  write_file_durably(out / "report.html", render_html(report));
+  const auto& r = report["result"];
+  spdlog::info("{} | {} | {} | {:.1f} tokens/s/chip | loss {} | MFU {:.2f} % (6N {:.2f} %)", r["config"].get<std::string>(),
+               r["precision"].get<std::string>(), r["parallel"].get<std::string>(), r["tokens_per_s_per_chip"].get<double>(),
+               r["lm_loss_last"].dump(), 100 * r["mfu"]["megatron"].get<double>(), 100 * r["mfu"]["six_n"].get<double>());
+  if (!report["accuracy"].is_null()) spdlog::info("accuracy: {}", report["accuracy"]["message"].get<std::string>());
+  spdlog::info("wrote {}/report.json, report.md, report.html", out.string());
+  return report;
+}
+
+}  // namespace
+
+int run_report(const ReportOptions& o) {
+  write_report(o);
+  return 0;
+}
+
+json build_comparison(const std::vector<json>& reports) {
+  json rows = json::array();
+  const auto& base = reports.front()["result"];
+  for (const auto& rep : reports) {
+    const auto& r = rep["result"];
+    json row = {{"run_dir", rep["run_dir"]},
+                {"config", r["config"]},
+                {"precision", r["precision"]},
+                {"parallel", r["parallel"]},
+                {"tokens_per_s_per_chip", r["tokens_per_s_per_chip"]},
+                {"lm_loss_last", r["lm_loss_last"]},
+                {"peak_memory_used_bytes", r["peak_memory_used_bytes"]},
+                {"peak_memory_total_bytes", r["peak_memory_total_bytes"]},
+                {"mfu", r["mfu"]},
+                {"tflops_per_chip", r["tflops_per_chip"]},
+                {"peak_tflops", r["peak_tflops"]},
+                {"accuracy_pass", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["pass"]},
+                {"mean_relative_error", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["mean_relative_error"]}};
+    row["tokens_per_s_per_chip_vs_baseline"] =
+        r["tokens_per_s_per_chip"].get<double>() / base["tokens_per_s_per_chip"].get<double>();
+    row["mfu_vs_baseline"] = r["mfu"]["megatron"].get<double>() / base["mfu"]["megatron"].get<double>();
+    rows.push_back(row);
+  }
+  return {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
+}
+
+int run_reports(ReportOptions o, const std::vector<std::string>& run_dirs) {
+  if (run_dirs.size() == 1) {
+    o.run_dir = run_dirs.front();
+    return run_report(o);
+  }
+  const fs::path out = o.out_dir.empty() ? fs::path("reports") : fs::path(o.out_dir);
+  std::vector<json> reports;
+  std::set<std::string> names;
+  for (const auto& dir : run_dirs) {
+    ReportOptions one = o;
+    one.run_dir = dir;
+    fs::path normal = fs::path(dir).lexically_normal();
+    if (normal.filename().empty()) normal = normal.parent_path();  // "runs/a/"
+    const std::string base = normal.filename().string();
+    std::string name = base;
+    for (int k = 2; !names.insert(name).second; ++k) name = fmt::format("{}-{}", base, k);
+    one.out_dir = (out / name).string();
+    reports.push_back(write_report(one));
+  }
+  const json comparison = build_comparison(reports);
+  write_file_durably(out / "comparison.json", comparison.dump(2) + "\n");
+  write_file_durably(out / "comparison.md", render_comparison_markdown(comparison));
+  write_file_durably(out / "comparison.html", render_comparison_html(comparison));
+  spdlog::info("compared {} runs (baseline {}): {}/comparison.md, comparison.html, comparison.json", run_dirs.size(),
+               run_dirs.front(), out.string());
+  return 0;
+}
+
+}  // namespace moeforge

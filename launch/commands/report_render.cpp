@@ -1,0 +1,320 @@
+// report.md and report.html from report.json. The HTML is one file: inline CSS and SVG plots drawn
+// here, no scripts or resources from elsewhere (a one-line script only counts the plots).
+#include "launch/commands/report.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+using nlohmann::json;
+
+namespace moeforge {
+
+namespace {
+
+std::string esc(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '&': out += "&amp;"; break;
+      case '"': out += "&quot;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string num(const json& v, const char* fmt_spec = "{:.4g}") {
+  if (!v.is_number()) return "-";
+  return fmt::format(fmt::runtime(fmt_spec), v.get<double>());
+}
+std::string pct(const json& v) { return v.is_number() ? fmt::format("{:.2f} %", 100 * v.get<double>()) : "-"; }
+std::string gib(const json& v) {
+  return v.is_number() && v.get<double>() > 0 ? fmt::format("{:.1f} GiB", v.get<double>() / (1LL << 30)) : "-";
+}
+
+struct Series {
+  std::string name, color;
+  std::vector<double> x, y;  // NaN = gap
+};
+
+std::vector<double> column(const json& series, const char* key) {
+  std::vector<double> v;
+  if (!series.contains(key)) return v;
+  for (const auto& x : series[key]) v.push_back(x.is_number() ? x.get<double>() : NAN);
+  return v;
+}
+
+constexpr double W = 680, H = 260, L = 64, R = 130, T = 28, B = 40;  // the legend sits right of the plot
+
+std::string frame(const std::string& title, const std::string& ylabel, double x0, double x1, double y0, double y1) {
+  std::string s = fmt::format(R"(<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" viewBox="0 0 {} {}" role="img">)"
+                              R"(<title>{}</title><text x="{}" y="18" class="t">{}</text>)",
+                              W, H, W, H, esc(title), L, esc(title));
+  for (int i = 0; i <= 4; ++i) {
+    const double f = i / 4.0, y = H - B - f * (H - T - B), x = L + f * (W - L - R);
+    s += fmt::format(R"(<line x1="{}" x2="{}" y1="{:.1f}" y2="{:.1f}" class="grid"/><text x="{}" y="{:.1f}" class="yl">{:.4g}</text>)",
+                     L, W - R, y, y, L - 4, y + 4, y0 + f * (y1 - y0));
+    s += fmt::format(R"(<text x="{:.1f}" y="{}" class="xl">{:.4g}</text>)", x, H - B + 16, x0 + f * (x1 - x0));
+  }
+  s += fmt::format(R"(<rect x="{}" y="{}" width="{}" height="{}" class="plot"/>)", L, T, W - L - R, H - T - B);
+  s += fmt::format(R"svg(<text x="{}" y="{}" class="xl">iteration</text><text x="12" y="{}" class="yl" transform="rotate(-90 12 {})">{}</text>)svg",
+                   L + (W - L - R) / 2, H - 4, H / 2, H / 2, esc(ylabel));
+  return s;
+}
+
+std::string line_chart(const std::string& title, const std::string& ylabel, const std::vector<Series>& series) {
+  double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+  for (const auto& s : series) {
+    for (size_t i = 0; i < s.x.size(); ++i) {
+      if (!std::isfinite(s.y[i])) continue;
+      x0 = std::min(x0, s.x[i]), x1 = std::max(x1, s.x[i]), y0 = std::min(y0, s.y[i]), y1 = std::max(y1, s.y[i]);
+    }
+  }
+  if (!std::isfinite(x0)) return "";
+  if (x1 == x0) x1 = x0 + 1;
+  const double pad = y1 > y0 ? 0.05 * (y1 - y0) : std::max(std::abs(y0) * 0.05, 1e-9);
+  y0 -= pad, y1 += pad;
+  std::string s = frame(title, ylabel, x0, x1, y0, y1);
+  int legend = 0;
+  for (const auto& se : series) {
+    std::string points;
+    for (size_t i = 0; i < se.x.size(); ++i) {
+      if (!std::isfinite(se.y[i])) continue;
+      points += fmt::format("{:.1f},{:.1f} ", L + (se.x[i] - x0) / (x1 - x0) * (W - L - R),
+                            H - B - (se.y[i] - y0) / (y1 - y0) * (H - T - B));
+    }
+    s += fmt::format(R"(<polyline points="{}" fill="none" stroke="{}" stroke-width="1.6"/>)", points, se.color);
+    s += fmt::format(R"(<text x="{}" y="{}" fill="{}" class="lg">{}</text>)", W - R + 8, T + 14 + 14 * legend++, se.color, esc(se.name));
+  }
+  return s + "</svg>";
+}
+
+std::string stacked_bars(const std::string& title, const std::vector<double>& x, const std::vector<Series>& parts) {
+  if (x.empty()) return "";
+  double top = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    double sum = 0;
+    for (const auto& p : parts) sum += std::isfinite(p.y[i]) ? p.y[i] : 0;
+    top = std::max(top, sum);
+  }
+  if (top <= 0) top = 1;
+  std::string s = frame(title, "seconds", x.front(), x.back(), 0, top);
+  const double slot = (W - L - R) / static_cast<double>(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    double base = 0;
+    for (const auto& p : parts) {
+      const double v = std::isfinite(p.y[i]) ? p.y[i] : 0;
+      const double h = v / top * (H - T - B), y = H - B - (base + v) / top * (H - T - B);
+      s += fmt::format(R"(<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" fill="{}"/>)", L + slot * static_cast<double>(i),
+                       y, std::max(slot * 0.8, 0.5), h, p.color);
+      base += v;
+    }
+  }
+  int legend = 0;
+  for (const auto& p : parts) {
+    s += fmt::format(R"(<text x="{}" y="{}" fill="{}" class="lg">{}</text>)", W - R + 8, T + 14 + 14 * legend++, p.color, esc(p.name));
+  }
+  return s + "</svg>";
+}
+
+const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"};
+
+std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
+  return {{"config (chip nodes x devices)", r["config"].get<std::string>()},
+          {"precision", r["precision"].get<std::string>()},
+          {"parallel (TPxPPxDPxEP)", r["parallel"].get<std::string>()},
+          {"global batch x sequence", fmt::format("{} x {}", r["global_batch_size"].get<int64_t>(), r["seq_length"].get<int64_t>())},
+          {"tokens/s/chip (median)", num(r["tokens_per_s_per_chip"], "{:.1f}")},
+          {fmt::format("LM loss at iteration {}", r["last_iteration"].get<int64_t>()), num(r["lm_loss_last"], "{:.4f}")},
+          {"peak memory used / total", gib(r["peak_memory_used_bytes"]) + " / " + gib(r["peak_memory_total_bytes"])},
+          {"MFU (Megatron formula)", pct(r["mfu"]["megatron"])},
+          {"MFU (6N, FlagPerf)", pct(r["mfu"]["six_n"])},
+          {"TFLOP/s/chip (Megatron / 6N)", num(r["tflops_per_chip"]["megatron"]) + " / " + num(r["tflops_per_chip"]["six_n"])},
+          {"peak used for MFU", num(r["peak_tflops"]) + " TFLOP/s (" + r["peak_source"].get<std::string>() + ")"},
+          {"step time (median)", num(r["step_time_s"], "{:.4g}") + " s"}};
+}
+
+std::vector<std::pair<std::string, std::string>> environment_rows(const json& e) {
+  std::vector<std::pair<std::string, std::string>> rows;
+  for (const char* key : {"chip", "world_size", "nodes", "devices_per_node", "driver", "cuda", "nccl", "mpi", "libtorch",
+                          "compiler", "moeforge_version", "moeforge_commit", "started_at", "launcher", "command"}) {
+    if (e.contains(key)) rows.emplace_back(key, e[key].is_string() ? e[key].get<std::string>() : e[key].dump());
+  }
+  if (e.contains("hostnames")) {
+    std::string hosts;
+    for (const auto& h : e["hostnames"]) hosts += (hosts.empty() ? "" : ", ") + h.get<std::string>();
+    rows.emplace_back("hostnames (by rank)", hosts);
+  }
+  return rows;
+}
+
+}  // namespace
+
+std::string render_markdown(const json& rep) {
+  std::ostringstream o;
+  const auto& r = rep["result"];
+  o << "# moeforge benchmark report\n\nRun: `" << rep["run_dir"].get<std::string>() << "`, generated "
+    << rep["generated_at"].get<std::string>() << ". Plots: `report.html`. Numbers: `report.json`.\n\n## Result (FlagPerf's row)\n\n";
+  o << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | loss | memory used/total | MFU |\n|---|---|---|---|---|---|---|\n";
+  o << fmt::format("| {} | {} | {} | {} | {} | {} / {} | {} |\n\n", r["config"].get<std::string>(), r["precision"].get<std::string>(),
+                   r["parallel"].get<std::string>(), num(r["tokens_per_s_per_chip"], "{:.1f}"), num(r["lm_loss_last"], "{:.4f}"),
+                   gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]), pct(r["mfu"]["megatron"]));
+  o << "| | |\n|---|---|\n";
+  for (const auto& [k, v] : result_rows(r)) o << "| " << k << " | " << v << " |\n";
+  const auto& s = rep["steady_state"];
+  o << fmt::format("\n## Steady state\n\nIterations {}..{} ({} iterations; the first {} left out as warm-up). Medians with "
+                   "the interquartile range:\n\n| metric | median | p25 | p75 | min | max |\n|---|---|---|---|---|---|\n",
+                   s["first_iteration"].get<int64_t>(), s["last_iteration"].get<int64_t>(), s["iterations"].get<int64_t>(),
+                   s["warmup_iterations"].get<int64_t>());
+  for (const char* key : kSteadyStateKeys) {
+    const auto& st = s[key];
+    o << fmt::format("| {} | {} | {} | {} | {} | {} |\n", key, num(st["median"]), num(st["p25"]), num(st["p75"]),
+                     num(st["min"]), num(st["max"]));
+  }
+  o << "\n## Accuracy\n\n";
+  if (rep["accuracy"].is_null()) {
+    o << "No reference given (`--reference`).\n";
+  } else {
+    const auto& a = rep["accuracy"];
+    o << fmt::format("Reference: `{}` ({}). {}\n\n", a["reference"].get<std::string>(), a["reference_kind"].get<std::string>(),
+                     a["message"].get<std::string>());
+    if (a.contains("step_time_ratio_reference_over_run")) {
+      o << fmt::format("Step time, reference / this run: {:.3f}\n\n", a["step_time_ratio_reference_over_run"].get<double>());
+    }
+    o << "| iteration | loss | reference | relative error |\n|---|---|---|---|\n";
+    for (const auto& p : a["per_step"]) {
+      o << fmt::format("| {} | {:.6f} | {:.6f} | {:.4f} % |\n", p["iteration"].get<int64_t>(), p["lm_loss"].get<double>(),
+                       p["reference_lm_loss"].get<double>(), 100 * p["relative_error"].get<double>());
+    }
+  }
+  o << "\n## Fingerprint\n\n| | |\n|---|---|\n";
+  for (const auto& [k, v] : environment_rows(rep["environment"])) o << "| " << k << " | `" << v << "` |\n";
+  return o.str();
+}
+
+std::string render_html(const json& rep) {
+  const auto& series = rep["series"];
+  const auto x = column(series, metric::kIteration);
+  auto make = [&](const std::string& name, const char* key, int color) {
+    return Series{name, kColors[color], x, column(series, key)};
+  };
+  std::vector<std::string> charts;
+  std::vector<Series> loss{make("LM loss", metric::kLmLoss, 0)};
+  if (series.contains("reference_lm_loss")) loss.push_back(make("reference", "reference_lm_loss", 1));
+  charts.push_back(line_chart("LM loss" + std::string(loss.size() > 1 ? " against the reference" : ""), "loss", loss));
+  auto mfu = column(series, metric::kMfu), mfu6 = column(series, metric::kMfu6N);
+  for (auto* v : {&mfu, &mfu6}) for (auto& y : *v) y *= 100;
+  charts.push_back(line_chart("MFU per iteration", "%", {{"Megatron formula", kColors[0], x, mfu}, {"6N", kColors[2], x, mfu6}}));
+  charts.push_back(line_chart("Throughput", "tokens/s/chip", {make("tokens/s/chip", metric::kTokensPerSecond, 0)}));
+  charts.push_back(stacked_bars("Time per iteration", x,
+                                {make("data", metric::kTimeData, 7), make("forward", metric::kTimeForward, 0),
+                                 make("backward", metric::kTimeBackward, 2), make("pipeline wait", metric::kTimePipelineWait, 3),
+                                 make("grad reduce", metric::kTimeGradReduce, 4), make("optimizer", metric::kTimeOptimizer, 5)}));
+  std::vector<Series> load{make("max over layers", metric::kExpertLoadMaxOverMean, 1)};
+  if (series.contains(metric::kExpertLoadPerLayer) && !series[metric::kExpertLoadPerLayer].empty() &&
+      !series[metric::kExpertLoadPerLayer][0].empty()) {
+    const size_t layers = series[metric::kExpertLoadPerLayer][0].size();
+    for (size_t l = 0; l < std::min<size_t>(layers, 6); ++l) {
+      Series s{fmt::format("layer {}", l), kColors[(l + 2) % 8], x, {}};
+      for (const auto& per : series[metric::kExpertLoadPerLayer]) s.y.push_back(per.size() > l ? per[l].get<double>() : NAN);
+      load.push_back(s);
+    }
+  }
+  charts.push_back(line_chart("Expert load (busiest expert / mean)", "max/mean", load));
+  std::erase(charts, std::string());
+
+  std::ostringstream o;
+  const auto& r = rep["result"];
+  o << "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moeforge report: " << esc(r["config"].get<std::string>())
+    << "</title><style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}"
+       "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
+       ".pass{background:#e6f4ea;border:1px solid #34a853;padding:8px}.fail{background:#fce8e6;border:1px solid #d93025;padding:8px}"
+       ".plots{display:flex;flex-wrap:wrap;gap:12px}svg .t{font-size:14px;font-weight:600}svg .plot{fill:none;stroke:#999}"
+       "svg .grid{stroke:#eee}svg .yl{font-size:11px;text-anchor:end}svg .xl{font-size:11px;text-anchor:middle}svg .lg{font-size:12px}"
+       "code{font-size:12px}</style></head><body>\n";
+  o << "<h1>moeforge benchmark report</h1><p>Run <code>" << esc(rep["run_dir"].get<std::string>()) << "</code>, generated "
+    << esc(rep["generated_at"].get<std::string>()) << ".</p>\n<h2>Result</h2><table>";
+  for (const auto& [k, v] : result_rows(r)) o << "<tr><th>" << esc(k) << "</th><td>" << esc(v) << "</td></tr>";
+  o << "</table>\n<h2>Accuracy</h2>";
+  if (rep["accuracy"].is_null()) {
+    o << "<p>No reference given.</p>";
+  } else {
+    const auto& a = rep["accuracy"];
+    const char* cls = a["pass"].is_boolean() ? (a["pass"].get<bool>() ? "pass" : "fail") : "fail";
+    o << "<div class=\"" << cls << "\">" << esc(a["message"].get<std::string>()) << "<br>Reference: <code>"
+      << esc(a["reference"].get<std::string>()) << "</code> (" << esc(a["reference_kind"].get<std::string>()) << ")</div>";
+  }
+  o << "\n<h2>Plots</h2><div class=\"plots\">";
+  for (const auto& c : charts) o << c << "\n";
+  o << "</div>\n<h2>Steady state</h2><p>" << rep["steady_state"]["iterations"].get<int64_t>() << " iterations ("
+    << rep["steady_state"]["warmup_iterations"].get<int64_t>() << " warm-up left out)</p><table><tr><th>metric</th><th>median</th>"
+    << "<th>p25</th><th>p75</th><th>min</th><th>max</th></tr>";
+  for (const char* key : kSteadyStateKeys) {
+    const auto& st = rep["steady_state"][key];
+    o << "<tr><td>" << key << "</td><td>" << num(st["median"]) << "</td><td>" << num(st["p25"]) << "</td><td>" << num(st["p75"])
+      << "</td><td>" << num(st["min"]) << "</td><td>" << num(st["max"]) << "</td></tr>";
+  }
+  o << "</table>\n<h2>Fingerprint</h2><table>";
+  for (const auto& [k, v] : environment_rows(rep["environment"])) o << "<tr><th>" << esc(k) << "</th><td><code>" << esc(v) << "</code></td></tr>";
+  o << "</table>\n<script>document.body.dataset.plots = document.querySelectorAll('svg polyline, svg rect').length > 0 ? "
+       "document.querySelectorAll('svg').length : 0;</script>\n</body></html>\n";
+  return o.str();
+}
+
+std::string render_comparison_markdown(const json& c) {
+  std::ostringstream o;
+  o << "# moeforge benchmark comparison\n\nBaseline (ratios 1.00): `" << c["baseline"].get<std::string>()
+    << "`. Each run's full report is in its own directory.\n\n"
+    << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | vs baseline | loss | memory used/total | MFU | "
+       "MFU (6N) | accuracy |\n|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& r : c["runs"]) {
+    const std::string acc = r["accuracy_pass"].is_null() ? "-"
+                            : fmt::format("{} ({:.2f} %)", r["accuracy_pass"].get<bool>() ? "PASS" : "FAIL",
+                                          100 * r["mean_relative_error"].get<double>());
+    o << fmt::format("| {} | {} | {} | {} | {:.2f}x | {} | {} / {} | {} | {} | {} |\n", r["config"].get<std::string>(),
+                     r["precision"].get<std::string>(), r["parallel"].get<std::string>(),
+                     num(r["tokens_per_s_per_chip"], "{:.1f}"), r["tokens_per_s_per_chip_vs_baseline"].get<double>(),
+                     num(r["lm_loss_last"], "{:.4f}"), gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]),
+                     pct(r["mfu"]["megatron"]), pct(r["mfu"]["six_n"]), acc);
+  }
+  return o.str();
+}
+
+std::string render_comparison_html(const json& c) {
+  std::ostringstream o;
+  o << "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moeforge benchmark comparison</title>"
+       "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}"
+       "td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}svg text{font-size:12px}</style></head><body>"
+       "<h1>moeforge benchmark comparison</h1><table><tr><th>config</th><th>precision</th><th>parallel</th>"
+       "<th>tokens/s/chip</th><th>vs baseline</th><th>loss</th><th>MFU</th><th>MFU (6N)</th></tr>";
+  double top = 0;
+  for (const auto& r : c["runs"]) top = std::max(top, r["tokens_per_s_per_chip"].get<double>());
+  for (const auto& r : c["runs"]) {
+    o << "<tr><td>" << esc(r["config"].get<std::string>()) << "</td><td>" << esc(r["precision"].get<std::string>())
+      << "</td><td>" << esc(r["parallel"].get<std::string>()) << "</td><td>" << num(r["tokens_per_s_per_chip"], "{:.1f}")
+      << "</td><td>" << fmt::format("{:.2f}x", r["tokens_per_s_per_chip_vs_baseline"].get<double>()) << "</td><td>"
+      << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << pct(r["mfu"]["megatron"]) << "</td><td>" << pct(r["mfu"]["six_n"])
+      << "</td></tr>";
+  }
+  const double row_h = 26, width = 520;
+  o << "</table><h2>tokens/s/chip</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width + 260 << "\" height=\""
+    << row_h * static_cast<double>(c["runs"].size()) + 10 << "\">";
+  double y = 4;
+  for (const auto& r : c["runs"]) {
+    const double v = r["tokens_per_s_per_chip"].get<double>();
+    o << fmt::format(R"(<text x="0" y="{:.0f}">{}</text><rect x="250" y="{:.0f}" width="{:.1f}" height="18" fill="#1f77b4"/>)"
+                     R"(<text x="{:.1f}" y="{:.0f}">{:.1f}</text>)",
+                     y + 14, esc(r["config"].get<std::string>() + " " + r["parallel"].get<std::string>()), y,
+                     top > 0 ? v / top * (width - 80) : 0, 254 + (top > 0 ? v / top * (width - 80) : 0), y + 14, v);
+    y += row_h;
+  }
+  o << "</svg></body></html>\n";
+  return o.str();
+}
+
+}  // namespace moeforge

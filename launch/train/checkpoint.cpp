@@ -1,0 +1,261 @@
+#include "launch/train/checkpoint.h"
+
+#include "core/config_loader.h"
+#include "core/durable_file.h"
+#include "core/errors.h"
+#include "core/safetensors.h"
+#include "moe/hf_checkpoint.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeforge {
+
+namespace {
+
+constexpr const char* kOldSuffix = ".old-";  // iter_N.old-<pid>: the previous iter_N while it is replaced
+
+std::optional<int64_t> iteration_of(const fs::path& dir) {
+  static const std::regex re(R"(iter_(\d{7,}))");
+  std::smatch m;
+  const std::string name = dir.filename().string();
+  if (!std::regex_match(name, m, re)) return std::nullopt;
+  return std::stoll(m[1].str());
+}
+
+// Keeps the newest `keep` checkpoints at or below `current` (the one just saved). Checkpoints above
+// it belong to a run this one resumed from an earlier point: they are left alone (and replaced as
+// this run reaches their iterations), never counted against the one just saved.
+void prune(const fs::path& save, int64_t keep, int64_t current) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  for (const auto& entry : fs::directory_iterator(save)) {
+    if (!entry.is_directory()) continue;
+    if (const auto it = iteration_of(entry.path()); it && *it <= current) found.emplace_back(*it, entry.path());
+  }
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = static_cast<size_t>(keep); keep > 0 && i < found.size(); ++i) {
+    fs::remove_all(found[i].second);
+    spdlog::info("removed old checkpoint {} (checkpoint.keep_latest_k = {})", found[i].second.string(), keep);
+  }
+}
+
+// A kill between the two renames of a replacement without RENAME_EXCHANGE leaves iter_N missing
+// and its complete old copy as iter_N.old-<pid>: put it back. Otherwise an old copy is garbage.
+void recover_replaced(const fs::path& save) {
+  for (const auto& entry : fs::directory_iterator(save)) {
+    const std::string name = entry.path().filename().string();
+    const auto at = name.find(kOldSuffix);
+    if (at == std::string::npos) continue;
+    const fs::path original = save / name.substr(0, at);
+    if (fs::exists(original)) {
+      fs::remove_all(entry.path());
+    } else {
+      rename_durably(entry.path(), original);
+      spdlog::warn("restored {} from {} (a save replacing it was interrupted)", original.string(), entry.path().string());
+    }
+  }
+}
+
+}  // namespace
+
+std::string checkpoint_tmp_dir(const std::string& save_dir, int64_t iteration, int64_t tag) {
+  return (fs::path(save_dir) / fmt::format("{}.tmp-{}", files::iteration_dir(iteration), tag)).string();
+}
+
+std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteration, int64_t tag) {
+  const fs::path save(save_dir);
+  fs::create_directories(save);
+  // Leftovers of saves that were killed: never referenced by the tracker, safe to remove.
+  recover_replaced(save);
+  for (const auto& entry : fs::directory_iterator(save)) {
+    if (entry.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(entry.path());
+  }
+  const std::string tmp = checkpoint_tmp_dir(save_dir, iteration, tag);
+  fs::create_directories(tmp);
+  return tmp;
+}
+
+void write_whole_checkpoint(const std::string& dir, const CheckpointContents& contents, const ExperimentConfig& config) {
+  moe::save_hf_checkpoint(config.model, contents.model, dir);
+  NamedTensors opt = contents.optimizer;
+  opt.emplace_back(files::kRngTensor, contents.rng.defined() ? contents.rng : at::detail::getDefaultCPUGenerator().get_state());
+  save_safetensors((fs::path(dir) / files::kOptimizer).string(), opt, {{"format", "moeforge"}});
+}
+
+std::string commit_checkpoint(const std::string& save_dir, const std::string& tmp_dir, const TrainState& state,
+                              int64_t optimizer_steps, const ExperimentConfig& config, int64_t keep_latest_k,
+                              const json& extra) {
+  const fs::path save(save_dir), tmp(tmp_dir);
+  const fs::path final_dir = save / files::iteration_dir(state.iteration);
+  json j = {{"iteration", state.iteration},
+            {"consumed_train_samples", state.consumed_train_samples},
+            {"consumed_valid_samples", state.consumed_valid_samples},
+            {"lr_num_steps", state.lr_num_steps},
+            {"optimizer_steps", optimizer_steps},
+            {"skipped_iterations", state.skipped_iterations},
+            {"bf16", config.training.bf16},
+            {"moeforge_version", MOEFORGE_VERSION}};
+  j.update(extra);
+  write_file_durably(tmp / files::kTrainerState, j.dump(2) + "\n");
+  write_file_durably(tmp / files::kResolvedConfig, resolved_config_yaml(config));
+  // Every file was synced as it was written; the directories' entries are synced here.
+  for (const auto& entry : fs::recursive_directory_iterator(tmp)) {
+    if (entry.is_directory()) sync_path(entry.path());
+  }
+  sync_path(tmp);
+
+  // Re-saving an iteration (a resumed run reaching it again) swaps the new copy in atomically: at
+  // every moment `iter_N` is a complete checkpoint, the old or the new one.
+  if (fs::exists(final_dir)) {
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
+      // A file system without RENAME_EXCHANGE: two renames; recover_replaced() repairs a kill between them.
+      const fs::path old = save / fmt::format("{}{}{}", files::iteration_dir(state.iteration), kOldSuffix, ::getpid());
+      rename_durably(final_dir, old);
+      rename_durably(tmp, final_dir);
+      fs::remove_all(old);
+    } else {
+      fs::remove_all(tmp);  // now the old copy
+    }
+  } else {
+    fs::rename(tmp, final_dir);
+  }
+  sync_path(save);
+  write_file_durably(save / files::kTracker, std::to_string(state.iteration) + "\n");
+  prune(save, keep_latest_k, state.iteration);
+  return final_dir.string();
+}
+
+std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,
+                            const ExperimentConfig& config, int64_t keep_latest_k) {
+  const std::string tmp = prepare_checkpoint_dir(save_dir, state.iteration, ::getpid());
+  write_whole_checkpoint(tmp, contents, config);
+  return commit_checkpoint(save_dir, tmp, state, contents.optimizer_steps, config, keep_latest_k,
+                           {{"format", "whole"}});
+}
+
+std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
+  const fs::path p(path);
+  if (!fs::exists(p)) fail_user("checkpoint path {} does not exist", path);
+  if (!fs::is_directory(p)) fail_user("checkpoint path {} is not a directory", path);
+  if (fs::exists(p / files::kTrainerState)) return CheckpointToLoad{path, true};
+  if (fs::exists(p / files::kTracker)) {
+    recover_replaced(p);
+    std::ifstream in(p / files::kTracker);
+    int64_t iteration = -1;
+    if (!(in >> iteration) || iteration < 0) {
+      fail_user("{}: expected an iteration number. Point --load at one iter_* directory instead.", (p / files::kTracker).string());
+    }
+    const fs::path dir = p / files::iteration_dir(iteration);
+    if (!fs::exists(dir / files::kTrainerState)) {
+      fail_user("{} names iteration {}, but {} is missing or incomplete. Point --load at another iter_* directory.",
+                (p / files::kTracker).string(), iteration, dir.string());
+    }
+    return CheckpointToLoad{dir.string(), true};
+  }
+  if (fs::exists(p / files::kHfConfig)) return CheckpointToLoad{path, false};
+  bool empty = true;
+  for (const auto& entry : fs::directory_iterator(p)) {
+    (void)entry;
+    empty = false;
+  }
+  if (empty) return std::nullopt;
+  fail_user("{} holds no checkpoint: expected {} (a save directory), {} (one training checkpoint) or config.json (a "
+            "Hugging Face checkpoint)",
+            path, files::kTracker, files::kTrainerState);
+}
+
+std::vector<std::string> backbone_config_differences(const ModelConfig& a, const ModelConfig& b, const std::string& label) {
+  std::vector<std::string> out;
+  auto cmp = [&](const char* name, const auto& x, const auto& y) {
+    if (x != y) out.push_back(fmt::format("model.{}: {} {}, config {}", name, label, x, y));
+  };
+  cmp("num_layers", a.num_layers, b.num_layers);
+  cmp("hidden_size", a.hidden_size, b.hidden_size);
+  cmp("num_attention_heads", a.num_attention_heads, b.num_attention_heads);
+  cmp("num_query_groups", *a.num_query_groups, *b.num_query_groups);
+  cmp("kv_channels", *a.kv_channels, *b.kv_channels);
+  cmp("padded vocab size", a.padded_vocab_size(), b.padded_vocab_size());
+  cmp("add_qkv_bias", a.add_qkv_bias, b.add_qkv_bias);
+  cmp("untie_embeddings_and_output_weights", a.untie_embeddings_and_output_weights, b.untie_embeddings_and_output_weights);
+  // Values that change the function but not the shapes: loading would silently train another model.
+  cmp("rotary_base", a.rotary_base, b.rotary_base);
+  cmp("norm_epsilon", a.norm_epsilon, b.norm_epsilon);
+  return out;
+}
+
+std::vector<std::string> model_config_differences(const ModelConfig& a, const ModelConfig& b) {
+  std::vector<std::string> out = backbone_config_differences(a, b);
+  auto cmp = [&](const char* name, const auto& x, const auto& y) {
+    if (x != y) out.push_back(fmt::format("model.{}: checkpoint {}, config {}", name, x, y));
+  };
+  cmp("num_experts", a.num_experts.value_or(0), b.num_experts.value_or(0));
+  cmp("moe_shared_expert_intermediate_size", a.moe_shared_expert_intermediate_size.value_or(0),
+      b.moe_shared_expert_intermediate_size.value_or(0));
+  cmp("moe_shared_expert_gate", a.moe_shared_expert_gate, b.moe_shared_expert_gate);
+  for (int64_t l = 0; l < std::min(a.num_layers, b.num_layers); ++l) {
+    const bool moe_a = a.is_moe() && a.is_moe_layer(l), moe_b = b.is_moe() && b.is_moe_layer(l);
+    if (moe_a != moe_b) {
+      out.push_back(fmt::format("layer {}: checkpoint {}, config {}", l, moe_a ? "MoE" : "dense", moe_b ? "MoE" : "dense"));
+      continue;
+    }
+    if (moe_a) {
+      cmp("moe_ffn_hidden_size", *a.moe_ffn_hidden_size, *b.moe_ffn_hidden_size);
+    } else {
+      cmp("ffn_hidden_size", *a.ffn_hidden_size, *b.ffn_hidden_size);
+    }
+  }
+  if (a.is_moe() && b.is_moe()) {
+    cmp("moe_router_topk", a.moe_router_topk, b.moe_router_topk);
+    cmp("moe_router_norm_topk_prob", a.moe_router_norm_topk_prob, b.moe_router_norm_topk_prob);
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+bool is_sharded_checkpoint(const std::string& dir) { return fs::exists(fs::path(dir) / files::kShardManifest); }
+
+ModelConfig checkpoint_model_config(const std::string& dir) {
+  if (is_sharded_checkpoint(dir)) return load_config((fs::path(dir) / files::kResolvedConfig).string()).config.model;
+  return moe::read_hf_config(dir);
+}
+
+SavedTrainState read_train_state(const std::string& dir) {
+  const fs::path p(dir);
+  std::ifstream in(p / files::kTrainerState);
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    fail_user("{}: unreadable ({}). Point --load at another checkpoint.", (p / files::kTrainerState).string(), e.what());
+  }
+  SavedTrainState out;
+  TrainState& s = out.state;
+  try {
+    s.iteration = j.at("iteration").get<int64_t>();
+    s.consumed_train_samples = j.at("consumed_train_samples").get<int64_t>();
+    s.consumed_valid_samples = j.at("consumed_valid_samples").get<int64_t>();
+    s.lr_num_steps = j.at("lr_num_steps").get<int64_t>();
+    s.skipped_iterations = j.at("skipped_iterations").get<int64_t>();
+    out.optimizer_steps = j.at("optimizer_steps").get<int64_t>();
+    out.bf16 = j.value("bf16", false);
+  } catch (const json::exception& e) {
+    fail_user("{}: {}", (p / files::kTrainerState).string(), e.what());
+  }
+  return out;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,111 @@
+#include "launch/train/metrics.h"
+
+#include "core/durable_file.h"
+#include "core/errors.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cmath>
+
+namespace moeforge {
+
+nlohmann::json step_metrics_json(const StepMetrics& m) {
+  nlohmann::json j = {
+      {metric::kIteration, m.iteration},
+      {metric::kTrainIters, m.train_iters},
+      {metric::kConsumedSamples, m.consumed_samples},
+      {metric::kNumMicroBatches, m.num_micro_batches},
+      {metric::kLmLoss, m.lm_loss},
+      {metric::kAuxLoss, m.aux_loss},
+      {metric::kZLoss, m.z_loss},
+      {metric::kLoss, m.loss},
+      {metric::kLr, m.lr},
+      {metric::kGradNorm, m.grad_norm},
+      {metric::kSkipped, m.skipped},
+      {metric::kSkippedIterations, m.skipped_iterations},
+      {metric::kExpertLoadMaxOverMean, m.expert_load_max_over_mean},
+      {metric::kExpertLoadPerLayer, m.expert_load_per_layer},
+      {metric::kStepTime, m.step_time_s},
+      {metric::kTimeData, m.time_data_s},
+      {metric::kTimeForward, m.time_forward_s},
+      {metric::kTimeBackward, m.time_backward_s},
+      {metric::kTimeGradReduce, m.time_grad_reduce_s},
+      {metric::kTimeOptimizer, m.time_optimizer_s},
+      {metric::kTimePipelineWait, m.time_pipeline_wait_s},
+      {metric::kTokensPerSecond, m.tokens_per_s_per_device},
+      {metric::kTflops, m.tflops_per_device},
+      {metric::kTflops6N, m.tflops_6n_per_device},
+      {metric::kMfu, m.mfu},
+      {metric::kMfu6N, m.mfu_6n},
+      {metric::kPeakTflops, m.peak_tflops},
+      {metric::kPeakSource, m.peak_source},
+      {metric::kPeakMemory, m.peak_memory_bytes},
+      {metric::kTimestamp, std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()},
+  };
+  // JSON has no NaN or infinity: a non-finite value is written as null (the iteration is skipped).
+  for (const char* key : {metric::kLmLoss, "aux_loss", "z_loss", "loss", "grad_norm"}) {
+    if (!std::isfinite(j[key].get<double>())) j[key] = nullptr;
+  }
+  if (!m.ep_tokens_received.empty()) {
+    j[metric::kEpTokensReceived] = m.ep_tokens_received;
+    j[metric::kEpTokensReceivedMaxOverMean] = m.ep_tokens_received_max_over_mean;
+    j[metric::kAllToAllBytesSent] = m.all_to_all_bytes_sent;
+    j[metric::kTimeAllToAll] = m.time_all_to_all_s;
+  }
+  if (!m.rank_times.empty()) {
+    for (size_t k = 0; k < kRankTimeKeys.size(); ++k) {
+      std::vector<double> per_rank;
+      for (const auto& r : m.rank_times) per_rank.push_back(r[k]);
+      j[metric::kRankTimes][kRankTimeKeys[k]] = per_rank;
+    }
+  }
+  if (m.valid_lm_loss) {
+    j[metric::kValidLmLoss] = *m.valid_lm_loss;
+    j[metric::kValidPpl] = std::exp(std::min(*m.valid_lm_loss, 20.0));  // Megatron caps the exponent at 20
+  }
+  return j;
+}
+
+std::string step_log_line(const StepMetrics& m) {
+  const int width = static_cast<int>(std::to_string(m.train_iters).size());
+  std::string line = fmt::format(
+      "iteration {:>{}}/{} | consumed samples: {} | elapsed time per iteration (ms): {:.1f} | tokens/s/device: {:.0f} | "
+      "TFLOP/s/device: {:.3f} | MFU: {:.2f}% | MFU(6N): {:.2f}% (peak {:.3g} TFLOP/s, {}) | learning rate: {:.6E} | "
+      "lm loss: {:.6E} | aux loss: {:.6E} | ",
+      m.iteration, width, m.train_iters, m.consumed_samples, m.step_time_s * 1e3, m.tokens_per_s_per_device,
+      m.tflops_per_device, 100 * m.mfu, 100 * m.mfu_6n, m.peak_tflops, m.peak_kind, m.lr, m.lm_loss, m.aux_loss);
+  if (m.z_loss != 0) line += fmt::format("z loss: {:.6E} | ", m.z_loss);
+  line += fmt::format("grad norm: {:.4f} | skipped iterations: {}", m.grad_norm, m.skipped_iterations);
+  if (!m.expert_load_per_layer.empty()) line += fmt::format(" | expert load max/mean: {:.2f}", m.expert_load_max_over_mean);
+  if (!m.ep_tokens_received.empty()) {
+    line += fmt::format(" | EP tokens received max/mean: {:.2f} | all-to-all (ms): {:.1f}", m.ep_tokens_received_max_over_mean,
+                        m.time_all_to_all_s * 1e3);
+  }
+  if (m.skipped) line += " | SKIPPED (non-finite loss or gradient)";
+  return line;
+}
+
+MetricsFile::MetricsFile(const std::filesystem::path& path, int64_t resumed_iteration) : path_(path) {
+  if (resumed_iteration > 0 && std::filesystem::exists(path)) {
+    std::ifstream in(path);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.contains(metric::kIteration) && j[metric::kIteration].is_number_integer() &&
+          j[metric::kIteration].get<int64_t>() <= resumed_iteration) {
+        kept += line + "\n";
+      }
+    }
+    write_file_durably(path, kept);
+  }
+  out_.open(path, resumed_iteration > 0 ? std::ios::app : std::ios::trunc);
+  if (!out_) fail_user("cannot write {}: check logging.run_dir", path.string());
+}
+
+void MetricsFile::append(const nlohmann::json& line) {
+  out_ << line.dump() << "\n";
+  out_.flush();
+}
+
+}  // namespace moeforge

@@ -1,0 +1,124 @@
+// defines: StepMetrics, the metric key schema (namespace metric), kTimingMetricKeys, kRankTimeKeys,
+//          step_metrics_json, step_log_line, MetricsFile
+//
+// What one training iteration reports: the Megatron-like log line and one JSON object per
+// iteration in <run_dir>/metrics.jsonl (keys in docs/training.md). The keys are named once, here:
+// the trainer writes them and `moeforge report` reads them through the same names. Keys that
+// depend on timing or the machine are listed in kTimingMetricKeys; everything else is
+// bit-identical between two runs of the same config on CPU, and between a resumed and an
+// uninterrupted run.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moeforge {
+
+namespace metric {
+inline constexpr const char* kIteration = "iteration";
+inline constexpr const char* kTrainIters = "train_iters";
+inline constexpr const char* kConsumedSamples = "consumed_samples";
+inline constexpr const char* kNumMicroBatches = "num_micro_batches";
+inline constexpr const char* kLmLoss = "lm_loss";
+inline constexpr const char* kAuxLoss = "aux_loss";
+inline constexpr const char* kZLoss = "z_loss";
+inline constexpr const char* kLoss = "loss";
+inline constexpr const char* kLr = "lr";
+inline constexpr const char* kGradNorm = "grad_norm";
+inline constexpr const char* kSkipped = "skipped";
+inline constexpr const char* kSkippedIterations = "skipped_iterations";
+inline constexpr const char* kExpertLoadMaxOverMean = "expert_load_max_over_mean";
+inline constexpr const char* kExpertLoadPerLayer = "expert_load_per_layer";
+inline constexpr const char* kStepTime = "step_time_s";
+inline constexpr const char* kTimeData = "time_data_s";
+inline constexpr const char* kTimeForward = "time_forward_s";
+inline constexpr const char* kTimeBackward = "time_backward_s";
+inline constexpr const char* kTimeGradReduce = "time_grad_reduce_s";
+inline constexpr const char* kTimeOptimizer = "time_optimizer_s";
+inline constexpr const char* kTimePipelineWait = "time_pipeline_wait_s";
+inline constexpr const char* kTimeAllToAll = "time_all_to_all_s";
+inline constexpr const char* kTimeEval = "time_eval_s";
+inline constexpr const char* kTokensPerSecond = "tokens_per_s_per_device";
+inline constexpr const char* kTflops = "tflops_per_device";
+inline constexpr const char* kTflops6N = "tflops_6n_per_device";
+inline constexpr const char* kMfu = "mfu";
+inline constexpr const char* kMfu6N = "mfu_6n";
+inline constexpr const char* kPeakTflops = "peak_tflops";
+inline constexpr const char* kPeakSource = "peak_source";
+inline constexpr const char* kPeakMemory = "peak_memory_bytes";
+inline constexpr const char* kTimestamp = "timestamp";
+inline constexpr const char* kEpTokensReceived = "ep_tokens_received";
+inline constexpr const char* kEpTokensReceivedMaxOverMean = "ep_tokens_received_max_over_mean";
+inline constexpr const char* kAllToAllBytesSent = "all_to_all_bytes_sent";
+inline constexpr const char* kRankTimes = "rank_times";
+inline constexpr const char* kValidLmLoss = "valid_lm_loss";
+inline constexpr const char* kValidPpl = "valid_ppl";
+}  // namespace metric
+
+struct StepMetrics {
+  int64_t iteration = 0, train_iters = 0, consumed_samples = 0, num_micro_batches = 0;
+  double lm_loss = 0, aux_loss = 0, z_loss = 0, loss = 0;  // loss = lm + coefficients * aux, z
+  double lr = 0, grad_norm = 0;
+  bool skipped = false;
+  int64_t skipped_iterations = 0;
+  std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
+  double expert_load_max_over_mean = 0;       // the largest of those
+  // Expert parallel only (empty otherwise): per MoE layer, the rows each DP rank's experts received
+  // over the step's micro-batches (dp rank order), the largest max/mean over ranks of any layer,
+  // and the bytes this rank sent in all-to-alls (forward and backward, rows kept locally excluded).
+  std::vector<std::vector<int64_t>> ep_tokens_received;
+  double ep_tokens_received_max_over_mean = 0;
+  int64_t all_to_all_bytes_sent = 0;
+  // Timing and machine-dependent values.
+  double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
+  double time_optimizer_s = 0, time_all_to_all_s = 0;  // all-to-all time is part of forward and backward
+  double time_pipeline_wait_s = 0;  // in pipeline sends and receives (bubble and transfers); 0 without PP
+  double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
+  double mfu = 0, mfu_6n = 0, peak_tflops = 0;
+  std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
+  int64_t peak_memory_bytes = 0;
+  // Several ranks only: every rank's breakdown, in world-rank order (kRankTimeKeys).
+  std::vector<std::array<double, 6>> rank_times;
+  std::optional<double> valid_lm_loss;  // iterations that evaluated
+};
+
+// rank_times.<key>[rank]: compute (forward + backward outside all-to-alls), pipeline wait,
+// all-to-all, gradient reduction, optimizer, the whole step.
+inline constexpr std::array<const char*, 6> kRankTimeKeys{"compute_s",     "pipeline_wait_s", "all_to_all_s",
+                                                          "grad_reduce_s", "optimizer_s",     "step_s"};
+
+inline constexpr std::array<std::string_view, 19> kTimingMetricKeys{
+    metric::kStepTime,   metric::kTimeData,     metric::kTimeForward,       metric::kTimeBackward,
+    metric::kTimeOptimizer, metric::kTimeGradReduce, metric::kTimeAllToAll, metric::kTimePipelineWait,
+    metric::kTokensPerSecond, metric::kTflops,  metric::kTflops6N,          metric::kMfu,
+    metric::kMfu6N,      metric::kPeakTflops,   metric::kPeakSource,        metric::kPeakMemory,
+    metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes};
+
+nlohmann::json step_metrics_json(const StepMetrics& m);
+
+// "iteration   10/  40 | consumed samples: 160 | elapsed time per iteration (ms): 812.3 | ..."
+std::string step_log_line(const StepMetrics& m);
+
+// <run_dir>/metrics.jsonl, one line per iteration, flushed line by line. A fresh run starts the
+// file anew; a resumed run keeps the lines up to its checkpoint's iteration (a run killed after it
+// had logged further would otherwise leave those iterations twice) and appends.
+class MetricsFile {
+ public:
+  MetricsFile(const std::filesystem::path& path, int64_t resumed_iteration);
+  void append(const nlohmann::json& line);
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  std::ofstream out_;
+};
+
+}  // namespace moeforge

@@ -1,0 +1,52 @@
+#include "launch/train/restore.h"
+
+#include "core/file_names.h"
+#include "core/safetensors.h"
+#include "launch/train/sharded_checkpoint.h"
+#include "launch/train/startup_checks.h"
+#include "moe/hf_checkpoint.h"
+
+#include <filesystem>
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+
+void load_model_weights(const std::string& dir, model::GPTModelImpl& model, const ModelShard& shard) {
+  if (is_sharded_checkpoint(dir)) return load_shard_weights(dir, model, shard);
+  moe::load_hf_weights(dir, model, [&](const std::string&) { return shard.partition.first_expert(shard.at.ep); });
+}
+
+TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, const ModelShard& shard) {
+  check_precision_matches(dir, bf16);
+  const SavedTrainState saved = read_train_state(dir);
+  torch::Tensor rng;
+  if (is_sharded_checkpoint(dir)) {
+    const ShardReader reader(dir, shard);
+    optimizer.load_state([&](const std::string& name) { return reader.optimizer(name); }, reader.describe(),
+                         saved.optimizer_steps);
+    if (auto r = reader.rng()) rng = *r;
+  } else {
+    const SafetensorsFile opt((fs::path(dir) / files::kOptimizer).string());
+    const int64_t experts = shard.partition.layout().experts_per_rank() * shard.partition.layout().ep();
+    optimizer.load_state(
+        [&](const std::string& name) -> std::optional<torch::Tensor> {
+          if (!opt.contains(name)) return std::nullopt;
+          auto t = opt.tensor(name, torch::kFloat32);
+          // An expert tensor of the wrong expert count is left whole, to be reported as mis-shaped.
+          if (shard.partition.at(name).expert_parallel && t.dim() > 0 && t.size(0) == experts) {
+            t = shard.partition.local_part(name, t, shard.at.ep);
+          }
+          return t;
+        },
+        opt.path(), saved.optimizer_steps);
+    if (opt.contains(files::kRngTensor)) rng = opt.tensor(files::kRngTensor);
+  }
+  if (rng.defined()) {
+    auto generator = at::detail::getDefaultCPUGenerator();
+    generator.set_state(rng);
+  }
+  return saved.state;
+}
+
+}  // namespace moeforge

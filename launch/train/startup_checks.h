@@ -1,0 +1,49 @@
+// defines: StartPoint, start_point, check_data, check_output_dir, check_checkpoint_fits,
+//          check_model_matches, check_precision_matches, check_trainable, check_gpu_build
+//
+// The checks a training run makes before it allocates anything, in one place: the trainer calls
+// them (and stops at the first failure), `moeforge train --dry-run` calls the same functions and
+// lists every failure, so both refuse a config with the same message. Each throws a UserError.
+// The parallel layout's rules are ParallelLayout::create's (parallel/layout.h), checked first by both.
+#pragma once
+
+#include "core/config.h"
+#include "launch/train/checkpoint.h"
+#include "parallel/layout.h"
+
+#include <optional>
+#include <string>
+
+namespace moeforge {
+
+// What a run starts from: --load / checkpoint.load, or, as Megatron, the latest checkpoint in
+// checkpoint.save when it holds one (re-running a command after a crash resumes) unless --load
+// names a training checkpoint explicitly; weights named by --load were that run's starting point.
+struct StartPoint {
+  std::optional<CheckpointToLoad> checkpoint;
+  bool from_save = false;  // the latest checkpoint of checkpoint.save
+};
+StartPoint start_point(const CheckpointConfig& checkpoint);
+
+// data.split and data.data_path valid, every dataset's index opens and validates, the train split
+// gets documents. Returns "N dataset(s), M documents".
+std::string check_data(const ExperimentConfig& config);
+
+// `dir` (the value of config key `key`) can hold the run's output: created when `create`,
+// otherwise only its nearest existing parent checked for write access (the dry run writes nothing).
+void check_output_dir(const char* key, const std::string& dir, bool create);
+
+// The checkpoint can start this run: its model is the config's (config.json or config.yaml), a
+// training checkpoint was trained in the config's precision, a sharded one was sharded as `layout`.
+void check_checkpoint_fits(const CheckpointToLoad& checkpoint, const ExperimentConfig& config, const ParallelLayout& layout);
+void check_model_matches(const std::string& checkpoint_dir, const ModelConfig& config);
+void check_precision_matches(const std::string& checkpoint_dir, bool bf16);
+
+// training.trainable / training.frozen against the whole model's parameter names (built on the
+// meta device: no memory); the same check select_trainable() makes.
+void check_trainable(const ExperimentConfig& config);
+
+// GPU training across ranks needs a CUDA build (NCCL).
+void check_gpu_build(const ExperimentConfig& config, int64_t world_size);
+
+}  // namespace moeforge

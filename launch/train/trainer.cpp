@@ -1,0 +1,467 @@
+#include "launch/train/trainer.h"
+
+#include "core/durable_file.h"
+#include "core/errors.h"
+#include "core/logging.h"
+#include "core/model_size.h"
+#include "data/datasets.h"
+#include "launch/train/restore.h"
+#include "launch/train/run_environment.h"
+#include "moe/moe_layer.h"
+#include "moe/upcycle.h"
+#include "parallel/data_parallel_optimizer.h"
+#include "parallel/pipeline.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+std::string human_count(int64_t n) {
+  if (n >= 1'000'000'000) return fmt::format("{:.2f} B", static_cast<double>(n) / 1e9);
+  if (n >= 1'000'000) return fmt::format("{:.2f} M", static_cast<double>(n) / 1e6);
+  if (n >= 1'000) return fmt::format("{:.1f} K", static_cast<double>(n) / 1e3);
+  return fmt::format("{}", n);
+}
+
+}  // namespace
+
+Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command)
+    : loaded_(std::move(loaded)), c_(loaded_.config), mpi_(std::move(mpi)) {
+  setup_parallel();
+  setup_data();
+  setup_model();
+  setup_optimizer();
+  restore();
+  announce(command);
+}
+
+void Trainer::setup_parallel() {
+  const int64_t world = mpi_ ? mpi_->world_size() : 1;
+  layout_ = ParallelLayout::create(c_, world);
+  check_gpu_build(c_, world);
+  if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
+  const bool gpu = c_.hardware.device == Device::cuda;
+  if (gpu && !torch::cuda::is_available()) {
+    fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
+#ifdef MOEFORGE_WITH_CUDA
+              "yes"
+#else
+              "no"
+#endif
+    );
+  }
+  if (world > 1) {
+    // NCCL binds each communicator to the device current when it is made: choose it first.
+    if (gpu) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(select_cuda_device(mpi_->local_rank())));
+    groups_ = ProcessGroups::create(
+        layout_, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)),
+        /*nccl=*/gpu);
+  } else {
+    groups_ = ProcessGroups::single();
+    if (gpu) device_ = torch::Device(torch::kCUDA, 0);
+  }
+}
+
+void Trainer::setup_data() {
+  check_data(c_);
+  // Megatron's datasets for the splits the run reads: train, and valid when it evaluates.
+  auto spec = data::dataset_spec_from_config(c_);
+  spec.build = {true, c_.training.eval_iters > 0, false};
+  const auto splits = data::build_datasets(spec);
+  train_data_ = splits[0];
+  valid_data_ = splits[1];
+  if (!valid_data_ && c_.training.eval_iters > 0) {
+    spdlog::warn("data.split '{}' gives the valid split no documents: no evaluation (training.eval_iters {} ignored)",
+                 c_.data.split, c_.training.eval_iters);
+  }
+  // Where results go must be writable before any work is done, not found out at the first save.
+  check_output_dir("logging.run_dir", c_.logging.run_dir, /*create=*/true);
+  if (!c_.checkpoint.save.empty()) check_output_dir("checkpoint.save", c_.checkpoint.save, /*create=*/true);
+}
+
+void Trainer::setup_model() {
+  start_ = start_point(c_.checkpoint);
+  if (start_.checkpoint) check_checkpoint_fits(*start_.checkpoint, c_, layout_);
+  // Built on the meta device (no memory), then this rank keeps its stage and its experts and
+  // allocates only those: no rank ever holds the whole model.
+  model_ = moe::build_model(c_.model);
+  model_->set_recompute(c_.training.recompute_granularity);
+  shard_.emplace(parallelize_model(*model_, layout_, groups_));
+  const auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
+  if (start_.checkpoint) {
+    model::materialize(*model_, fp32);
+    load_model_weights(start_.checkpoint->dir, *model_, *shard_);
+  } else {
+    init_shard(*model_, *shard_, fp32, static_cast<uint64_t>(c_.training.seed));
+  }
+  if (c_.training.bf16) model_->to(torch::kBFloat16);
+}
+
+void Trainer::setup_optimizer() {
+  const auto& t = c_.training;
+  // The patterns are matched against the whole model's names; this rank trains those it holds.
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (auto& item : model_->named_parameters()) named.emplace_back(item.key(), item.value());
+  auto trainable = select_trainable(named, t);
+  for (const auto& p : trainable) {
+    const auto& shape = shard_->partition.at(p.name).shape;
+    for (const char* kind : {"exp_avg.", "exp_avg_sq.", "master."}) {
+      if (kind[0] != 'm' || t.bf16) full_optimizer_shapes_[kind + p.name] = shape;
+    }
+  }
+  std::erase_if(trainable, [&](const TrainableParameter& p) {
+    if (shard_->holds(p.name)) return false;
+    p.param.set_requires_grad(false);  // another stage's: it neither trains nor counts in this rank's norm
+    return true;
+  });
+  if (is_rank0()) {
+    std::vector<std::string> names;
+    for (const auto& p : trainable) names.push_back(p.name);
+    if (const auto why = moe::router_only_noop_reason(*model_, c_.model, names)) spdlog::warn("{}", *why);
+  }
+  for (auto& p : trainable) p.expert_parallel = shard_->partition.at(p.name).expert_parallel;
+  optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel.use_distributed_optimizer);
+  schedule_ = std::make_unique<LrSchedule>(t);
+}
+
+void Trainer::restore() {
+  const auto& t = c_.training;
+  if (start_.checkpoint && start_.checkpoint->resume) {
+    state_ = load_training_state(start_.checkpoint->dir, *optimizer_, t.bf16, *shard_);
+    schedule_->set_num_steps(state_.lr_num_steps);
+    spdlog::info("resumed from {}{} at iteration {} ({} samples consumed)", start_.checkpoint->dir,
+                 start_.from_save ? " (the latest in checkpoint.save)" : "", state_.iteration,
+                 state_.consumed_train_samples);
+  } else if (start_.checkpoint) {
+    spdlog::info("initialized the model from {} (weights only: a fresh optimizer and schedule)", start_.checkpoint->dir);
+  }
+  train_loader_ = std::make_unique<data::DataLoader>(train_data_, t.micro_batch_size, shard_->at.dp, layout_.dp(),
+                                                     state_.consumed_train_samples);
+}
+
+void Trainer::announce(const std::string& command) {
+  const auto& t = c_.training;
+  const auto flops = model_flops_per_step(c_.model, t.global_batch_size, t.seq_length);
+  flops_per_step_ = static_cast<double>(flops.megatron);
+  flops_6n_per_step_ = static_cast<double>(flops.six_n);
+  peak_ = resolve_peak(c_.hardware, t.bf16);
+
+  const auto counts = count_parameters(c_.model);
+  spdlog::info("{}", resolved_config_table(loaded_));
+  spdlog::info("layout: {}", layout_.describe());
+  spdlog::info("model: {} parameters ({} activated), {} trainable on this rank in {} tensors; {} on {}; {}",
+               human_count(counts.total), human_count(counts.activated),
+               human_count(optimizer_->num_trainable_elements()), optimizer_->params().size(),
+               t.bf16 ? "bf16 with fp32 master weights" : "fp32", device_.str(),
+               c_.parallel.use_distributed_optimizer ? "distributed optimizer (Adam state sharded over DP)"
+                                                     : "Adam state replicated");
+  spdlog::info("data: train {} samples, valid {}", train_data_->size(),
+               valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
+  spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
+               flops_6n_per_step_, peak_.tflops, peak_.source);
+
+  const auto hostnames = gather_hostnames(*groups_.world);
+  if (is_rank0()) {
+    write_resolved_config(c_, c_.logging.run_dir);
+    write_file_durably(fs::path(c_.logging.run_dir) / files::kEnvironment,
+                       run_environment(c_, hostnames, command).dump(2) + "\n");
+    metrics_.emplace(fs::path(c_.logging.run_dir) / files::kMetrics, state_.iteration);
+  }
+}
+
+Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  const std::vector<int64_t> shape{mb.batch, mb.seq};
+  auto from = [&](const auto& v, torch::TensorOptions o) {
+    return torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o).clone().to(device_);
+  };
+  return {from(mb.tokens, i64), from(mb.labels, i64), from(mb.loss_mask, torch::TensorOptions().dtype(torch::kFloat32)),
+          from(mb.position_ids, i64)};
+}
+
+StepMetrics Trainer::train_step() {
+  const auto& t = c_.training;
+  const auto step_start = Clock::now();
+  const int64_t micro_batches = layout_.micro_batches_per_step();
+  const int64_t first = shard_->first_layer, end = shard_->end_layer;
+  const int64_t num_moe_layers = c_.model.num_moe_layers();
+  StepMetrics m;
+  m.num_micro_batches = micro_batches;
+  m.lr = schedule_->current();
+  // Summed on the device and read once per step: a GPU is not synchronized per micro-batch.
+  auto losses = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));  // lm, aux, z, total
+  // Routed slots per expert of every MoE layer of the model (zeros for other stages' layers).
+  auto load_LE = torch::zeros({std::max<int64_t>(num_moe_layers, 1), c_.model.num_experts.value_or(1)},
+                              torch::TensorOptions().dtype(torch::kInt64).device(device_));
+  std::vector<int64_t> moe_index;  // this stage's layers: index among the model's MoE layers, or -1
+  for (int64_t l = 0, n = 0; l < end; ++l) {
+    const int64_t index = c_.model.is_moe_layer(l) ? n++ : -1;
+    if (l >= first) moe_index.push_back(index);
+  }
+  double data_s = 0;
+  for (auto& d : shard_->dispatchers) {
+    if (d) d->stats().reset();
+  }
+
+  // Forward and backward of every micro-batch, in the 1F1B schedule (one stage: plain gradient
+  // accumulation). Backward runs on (LM + aux + z) / micro-batches; a stage without the head adds
+  // its layers' auxiliary losses to the gradient coming from the next stage.
+  StageCallbacks callbacks;
+  callbacks.forward = [&](int64_t, const torch::Tensor& input) {
+    auto t0 = Clock::now();
+    const Batch b = to_tensors(train_loader_->next());
+    data_s += seconds_since(t0);
+    const auto out = model_->forward_layers(first == 0 ? b.tokens : input, b.position_ids, first, end);
+    const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask);
+    losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
+    for (size_t j = 0; j < out.layers.size(); ++j) {
+      const auto& layer = out.layers[j];
+      if (layer.tokens_per_expert_E && moe_index[j] >= 0) load_LE[moe_index[j]] += *layer.tokens_per_expert_E;
+    }
+    StageOutput o;
+    o.output = out.hidden_BSD;
+    if (loss.total.requires_grad()) o.loss = loss.total / static_cast<double>(micro_batches);
+    return o;
+  };
+  callbacks.after_backward = [&] { optimizer_->accumulate_grads(); };
+  const auto times = run_1f1b(*groups_.pp, micro_batches, activation_shape(), activation_options(), callbacks);
+
+  // Gradients over the data-parallel ranks; losses summed over the stages (the LM loss lives on the
+  // last, auxiliary losses on every stage), then averaged over DP; expert counts summed.
+  const auto reduce_start = Clock::now();
+  optimizer_->reduce_grads();
+  if (layout_.world() > 1) {
+    losses = losses.cpu();
+    load_LE = load_LE.cpu().contiguous();
+    groups_.pp->all_reduce(losses, ReduceOp::sum);
+    groups_.pp->all_reduce(load_LE, ReduceOp::sum);
+    groups_.dp->all_reduce(losses, ReduceOp::avg);
+    groups_.dp->all_reduce(load_LE, ReduceOp::sum);
+  }
+  m.time_grad_reduce_s = seconds_since(reduce_start);
+  if (layout_.ep() > 1) record_dispatch(m);
+  const auto mean_losses = (losses / static_cast<double>(micro_batches)).cpu();
+  m.lm_loss = mean_losses[0].item<double>();
+  m.aux_loss = mean_losses[1].item<double>();
+  m.z_loss = mean_losses[2].item<double>();
+  m.loss = mean_losses[3].item<double>();
+
+  // The update, unless the step is not finite.
+  const auto opt_start = Clock::now();
+  m.grad_norm = optimizer_->grad_norm();
+  if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
+    if (t.on_nonfinite == NonFinitePolicy::stop) {
+      fail_user("iteration {}: the loss is {} and the gradient norm {}; stopping (training.on_nonfinite: stop). Lower "
+                "training.lr, check the data, or set training.on_nonfinite: skip to skip such updates.",
+                state_.iteration + 1, m.loss, m.grad_norm);
+    }
+    optimizer_->zero_grads();
+    m.skipped = true;
+    ++state_.skipped_iterations;
+  } else {
+    optimizer_->clip_grads(m.grad_norm, t.clip_grad);
+    optimizer_->step(m.lr);
+    schedule_->step();  // as Megatron: only a successful update advances the schedule
+  }
+  m.time_optimizer_s = seconds_since(opt_start);
+  ++state_.iteration;
+  state_.consumed_train_samples += t.global_batch_size;
+  state_.lr_num_steps = schedule_->num_steps();
+
+  // What the log line and metrics.jsonl report.
+  if (num_moe_layers > 0) {
+    const auto load = load_LE.to(torch::kCPU, torch::kFloat64);
+    for (int64_t l = 0; l < load.size(0); ++l) {
+      const double mean = load[l].mean().item<double>();
+      const double ratio = mean > 0 ? load[l].max().item<double>() / mean : 0.0;
+      m.expert_load_per_layer.push_back(ratio);
+      m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
+    }
+  }
+  m.iteration = state_.iteration;
+  m.train_iters = t.train_iters;
+  m.consumed_samples = state_.consumed_train_samples;
+  m.skipped_iterations = state_.skipped_iterations;
+  m.time_data_s = data_s;
+  m.time_forward_s = times.forward_s - data_s;
+  m.time_backward_s = times.backward_s;
+  m.time_pipeline_wait_s = times.p2p_s;
+  m.step_time_s = seconds_since(step_start);
+  const auto devices = static_cast<double>(layout_.world());
+  m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s / devices;
+  m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12 / devices;
+  m.tflops_6n_per_device = flops_6n_per_step_ / m.step_time_s / 1e12 / devices;
+  m.peak_tflops = peak_.tflops;
+  m.peak_kind = peak_.kind;
+  m.peak_source = peak_.source;
+  m.mfu = m.tflops_per_device / peak_.tflops;
+  m.mfu_6n = m.tflops_6n_per_device / peak_.tflops;
+  m.peak_memory_bytes = peak_rss_bytes();
+  if (layout_.world() > 1) record_rank_times(m, m.time_forward_s + m.time_backward_s - m.time_all_to_all_s);
+  return m;
+}
+
+void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
+  // Every rank's breakdown (rank 0 writes it): the slow stage or the overloaded EP rank shows.
+  const auto mine = torch::tensor(
+      {compute_s, m.time_pipeline_wait_s, m.time_all_to_all_s, m.time_grad_reduce_s, m.time_optimizer_s, m.step_time_s},
+      torch::kFloat64);
+  const auto all = groups_.world->all_gather(mine.unsqueeze(0)).contiguous();  // [world, 6]
+  const double* p = all.data_ptr<double>();
+  for (int64_t r = 0; r < all.size(0); ++r, p += 6) m.rank_times.push_back({p[0], p[1], p[2], p[3], p[4], p[5]});
+}
+
+std::vector<int64_t> Trainer::activation_shape() const {
+  return {c_.training.micro_batch_size, c_.training.seq_length, c_.model.hidden_size};
+}
+
+torch::TensorOptions Trainer::activation_options() const {
+  return torch::TensorOptions().dtype(c_.training.bf16 ? torch::kBFloat16 : torch::kFloat32).device(device_);
+}
+
+void Trainer::record_dispatch(StepMetrics& m) {
+  // Rows received per rank and MoE layer, gathered over DP: load imbalance across EP ranks is what
+  // slows expert-parallel steps down, and what users look for. Other stages' layers are zeros
+  // here: the sum over the pipeline fills every layer.
+  const auto& dispatchers = shard_->dispatchers;
+  auto received = torch::zeros({static_cast<int64_t>(dispatchers.size())}, torch::kInt64);
+  for (size_t l = 0; l < dispatchers.size(); ++l) {
+    if (!dispatchers[l]) continue;
+    const auto& s = dispatchers[l]->stats();
+    received[static_cast<int64_t>(l)] = s.rows_received;
+    m.all_to_all_bytes_sent += s.bytes_sent;
+    m.time_all_to_all_s += s.seconds;
+  }
+  groups_.pp->all_reduce(received, ReduceOp::sum);
+  const auto per_rank_L = groups_.dp->all_gather(received.unsqueeze(0)).t().contiguous();  // [layers, DP]
+  for (int64_t l = 0; l < per_rank_L.size(0); ++l) {
+    const auto row = per_rank_L[l];
+    m.ep_tokens_received.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+    const double mean = row.to(torch::kFloat64).mean().item<double>();
+    if (mean > 0) m.ep_tokens_received_max_over_mean = std::max(m.ep_tokens_received_max_over_mean, row.max().item<double>() / mean);
+  }
+}
+
+double Trainer::evaluate() {
+  // Megatron's validation iterator continues where the previous evaluation stopped.
+  const auto& t = c_.training;
+  const int64_t micro_batches = layout_.micro_batches_per_step();
+  torch::NoGradGuard no_grad;
+  data::DataLoader loader(valid_data_, t.micro_batch_size, shard_->at.dp, layout_.dp(), state_.consumed_valid_samples, 2);
+  double total = 0;  // the LM loss, on the last stage
+  for (int64_t it = 0; it < t.eval_iters; ++it) {
+    run_forward_only(*groups_.pp, micro_batches, activation_shape(), activation_options(),
+                     [&](int64_t, const torch::Tensor& input) {
+                       const Batch b = to_tensors(loader.next());
+                       const auto out = model_->forward_layers(shard_->first_layer == 0 ? b.tokens : input,
+                                                               b.position_ids, shard_->first_layer, shard_->end_layer);
+                       if (out.logits_BSV.defined()) total += model::lm_loss(out.logits_BSV, b.labels, b.loss_mask).item<double>();
+                       return StageOutput{out.hidden_BSD, {}};
+                     });
+    state_.consumed_valid_samples += t.global_batch_size;
+  }
+  auto mean = torch::full({1}, total / static_cast<double>(t.eval_iters * micro_batches), torch::kFloat64);
+  groups_.pp->all_reduce(mean, ReduceOp::sum);
+  groups_.dp->all_reduce(mean, ReduceOp::avg);
+  return mean.item<double>();
+}
+
+void Trainer::save() {
+  const auto t0 = Clock::now();
+  const auto& k = c_.checkpoint;
+  CheckpointContents contents;
+  contents.optimizer = optimizer_->state();  // collective: a sharded optimizer gathers over DP
+  contents.optimizer_steps = optimizer_->steps();
+  for (auto& [name, p] : shard_->parameters(*model_)) contents.model.emplace_back(name, p.detach());
+  std::string dir;
+  if (k.format == CheckpointFormat::sharded) {
+    // Rank 0 prepares the directory and names it; the first expert-DP replica of every (stage, EP
+    // rank) writes its shard; rank 0 commits once all have written.
+    auto tag = torch::full({1}, static_cast<int64_t>(::getpid()), torch::kInt64);
+    if (is_rank0()) prepare_checkpoint_dir(k.save, state_.iteration, tag.item<int64_t>());
+    groups_.world->broadcast(tag, 0);
+    const std::string tmp = checkpoint_tmp_dir(k.save, state_.iteration, tag.item<int64_t>());
+    groups_.world->barrier();
+    if (shard_->at.edp == 0) write_shard(tmp, shard_->partition, shard_->at.pp, shard_->at.ep, contents.model, contents.optimizer);
+    groups_.world->barrier();
+    if (is_rank0()) {
+      write_shard_manifest(tmp, shard_->partition, full_optimizer_shapes_);
+      dir = commit_checkpoint(k.save, tmp, state_, contents.optimizer_steps, c_, k.keep_latest_k,
+                              {{"format", "sharded"}});
+    }
+  } else {
+    // Whole: experts gathered over EP, stages to the first; rank 0 writes.
+    gather_expert_parallel(contents.model, shard_->partition, *groups_.ep);
+    gather_expert_parallel(contents.optimizer, shard_->partition, *groups_.ep);
+    gather_to_first_stage(contents.model, *groups_.pp);
+    gather_to_first_stage(contents.optimizer, *groups_.pp);
+    if (is_rank0()) dir = save_checkpoint(k.save, state_, contents, c_, k.keep_latest_k);
+  }
+  if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
+  groups_.world->barrier();
+}
+
+int Trainer::train() {
+  const auto& t = c_.training;
+  const auto start = Clock::now();
+  if (state_.iteration >= t.train_iters) {
+    spdlog::info("nothing to do: the checkpoint is at iteration {} and training.train_iters is {}", state_.iteration,
+                 t.train_iters);
+    return 0;
+  }
+  const int64_t first = state_.iteration + 1;
+  while (state_.iteration < t.train_iters) {
+    StepMetrics m = train_step();
+    const bool last = state_.iteration == t.train_iters;
+    const bool eval_now = valid_data_ && t.eval_iters > 0 && (state_.iteration % t.eval_interval == 0 || last);
+    nlohmann::json extra;
+    if (eval_now) {
+      const auto t0 = Clock::now();
+      m.valid_lm_loss = evaluate();
+      extra[metric::kTimeEval] = seconds_since(t0);
+    }
+    if (state_.iteration % c_.logging.log_interval == 0 || last) spdlog::info("{}", step_log_line(m));
+    if (m.valid_lm_loss) {
+      spdlog::info("validation at iteration {} | lm loss: {:.6E} | lm loss PPL: {:.6E}", m.iteration, *m.valid_lm_loss,
+                   std::exp(std::min(*m.valid_lm_loss, 20.0)));
+    }
+    if (metrics_) {
+      auto j = step_metrics_json(m);
+      if (!extra.is_null()) j.update(extra);
+      metrics_->append(j);
+    }
+    const bool save_now = !c_.checkpoint.save.empty() &&
+                          (last || (c_.checkpoint.save_interval && state_.iteration % *c_.checkpoint.save_interval == 0));
+    if (save_now) save();
+  }
+  const double total = seconds_since(start);
+  spdlog::info("trained iterations {}..{} in {:.1f} s; metrics: {}", first, state_.iteration, total,
+               (fs::path(c_.logging.run_dir) / files::kMetrics).string());
+  if (!c_.checkpoint.save.empty()) {
+    spdlog::info("checkpoint: {}", (fs::path(c_.checkpoint.save) / files::iteration_dir(state_.iteration)).string());
+  }
+  return 0;
+}
+
+}  // namespace moeforge

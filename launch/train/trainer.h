@@ -1,0 +1,91 @@
+// defines: Trainer
+//
+// The training runtime: pretraining on one process, or pipeline-, data- and expert-parallel under
+// mpirun (each DP rank reads its slice of every global batch; each pipeline stage runs its layers
+// in Megatron's 1F1B schedule; each EP rank holds num_experts / EP experts and exchanges tokens by
+// all-to-all; gradients are reduced by the data-parallel optimizer, optionally ZeRO-1; rank 0 logs,
+// writes metrics and, for whole checkpoints, saves). Per iteration: global_batch / (micro_batch x
+// DP) micro-batches (Megatron's sampler order), forward, backward of (LM + aux + z loss) /
+// micro-batches, fp32 gradient accumulation, global-norm clipping, AdamW with Megatron's LR
+// schedule, one log line with MFU and one metrics.jsonl object; evaluation every eval_interval
+// iterations; atomic checkpoints every save_interval iterations and at the end; resume from the
+// latest checkpoint of --load (or of checkpoint.save).
+//
+// The constructor is the start-up, in named steps (setup_parallel, setup_data, setup_model,
+// setup_optimizer, restore, announce); train_step() is one iteration, read top to bottom.
+#pragma once
+
+#include "core/config_loader.h"
+#include "core/gpt_model.h"
+#include "core/lr_schedule.h"
+#include "core/mfu.h"
+#include "core/optimizer.h"
+#include "data/loader.h"
+#include "launch/train/checkpoint.h"
+#include "launch/train/metrics.h"
+#include "launch/train/sharded_checkpoint.h"
+#include "launch/train/startup_checks.h"
+#include "parallel/layout.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/parallelize.h"
+#include "parallel/process_groups.h"
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+class Trainer {
+ public:
+  // `mpi`: this process's MPI runtime when an MPI launcher started it (the world size and this
+  // rank come from it), null on one process. `command`: the command line, for environment.json.
+  Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command = "");
+  // Trains from the current state to training.train_iters; returns the process exit code.
+  int train();
+
+ private:
+  struct Batch {
+    torch::Tensor tokens, labels, loss_mask, position_ids;
+  };
+  // Start-up, in this order.
+  void setup_parallel();   // the layout (every rule), the device, the process groups
+  void setup_data();       // the datasets, the output directories
+  void setup_model();      // built on the meta device, parallelized, then this rank's part materialised
+  void setup_optimizer();  // trainable parameters, the optimizer and the LR schedule
+  void restore();          // a training checkpoint's optimizer, schedule, counters and RNG; the loader
+  void announce(const std::string& command);  // resolved config, layout, model; run files
+
+  Batch to_tensors(const data::MicroBatch& mb) const;
+  StepMetrics train_step();
+  void record_dispatch(StepMetrics& m);
+  void record_rank_times(StepMetrics& m, double compute_s);
+  std::vector<int64_t> activation_shape() const;  // what stages send each other
+  torch::TensorOptions activation_options() const;
+  double evaluate();
+  void save();
+
+  bool is_rank0() const { return groups_.world->rank() == 0; }
+
+  LoadedConfig loaded_;
+  const ExperimentConfig& c_;
+  std::unique_ptr<MpiRuntime> mpi_;  // outlives groups_ (declared first, destroyed last)
+  ParallelLayout layout_;
+  ProcessGroups groups_;
+  torch::Device device_{torch::kCPU};
+  std::shared_ptr<const data::SampleSource> train_data_, valid_data_;
+  StartPoint start_;
+  model::GPTModel model_{nullptr};
+  std::optional<ModelShard> shard_;  // this rank's stage and experts
+  TensorShapes full_optimizer_shapes_;  // every optimizer tensor whole (a sharded checkpoint's shards.json)
+  std::unique_ptr<Optimizer> optimizer_;
+  std::unique_ptr<LrSchedule> schedule_;
+  std::unique_ptr<data::DataLoader> train_loader_;
+  TrainState state_;
+  PeakFlops peak_;
+  double flops_per_step_ = 0, flops_6n_per_step_ = 0;
+  std::optional<MetricsFile> metrics_;  // rank 0
+};
+
+}  // namespace moeforge

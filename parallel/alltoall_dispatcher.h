@@ -1,0 +1,50 @@
+// defines: AllToAllDispatcher, DispatchStats
+//
+// Expert-parallel dispatch (Megatron-Core's MoEAlltoAllTokenDispatcher, dropless): the EP group's
+// ranks each hold num_experts / EP consecutive experts (EP rank r the block [r L, (r + 1) L),
+// parallel/parallelize.h). It implements the MoE layer's Dispatcher, so the model code is the
+// same with and without expert parallelism. Per MoE layer and
+// micro-batch:
+//   1. sort this rank's slots by global expert (destinations come out grouped by EP rank, then by
+//      local expert), count rows per expert;
+//   2. exchange the counts with an all-to-all of [EP, L] (L local experts): every rank learns how
+//      many rows each peer sends to each of its experts;
+//   3. all-to-all the rows (uneven counts), regroup the received rows by local expert (they
+//      arrive by source rank) so each expert gets one contiguous block;
+//   4. combine: undo the regrouping, the reverse all-to-all, then the local slot order.
+// The row all-to-alls are autograd functions: backward is the all-to-all in the other direction.
+// Shapes: T tokens, K top-k, S slots, N rows for the local experts, D hidden.
+#pragma once
+
+#include "moe/dispatcher.h"
+#include "parallel/communicator.h"
+
+#include <memory>
+
+namespace moeforge {
+
+// What the dispatcher moved since the last reset(); for the training log and benchmarks.
+struct DispatchStats {
+  int64_t rows_received = 0;     // rows this rank's experts received (forward dispatch)
+  int64_t rows_sent_remote = 0;  // rows sent to other ranks (forward dispatch)
+  int64_t bytes_sent = 0;        // all row all-to-alls, forward and backward, excluding rows kept locally
+  double seconds = 0;            // wall time in the row and count all-to-alls, forward and backward
+  void reset() { *this = DispatchStats{}; }
+};
+
+class AllToAllDispatcher : public moe::Dispatcher {
+ public:
+  // `num_experts` must divide by the EP group's size (ParallelLayout checks it).
+  AllToAllDispatcher(int64_t num_experts, std::shared_ptr<Communicator> ep_group);
+  moe::Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) override;
+  torch::Tensor combine(const torch::Tensor& y_ND, const moe::Dispatched& dispatched) override;
+
+  DispatchStats& stats() { return *stats_; }
+
+ private:
+  int64_t num_experts_;
+  std::shared_ptr<Communicator> ep_;
+  std::shared_ptr<DispatchStats> stats_ = std::make_shared<DispatchStats>();
+};
+
+}  // namespace moeforge

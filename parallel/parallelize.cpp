@@ -1,0 +1,120 @@
+#include "parallel/parallelize.h"
+
+#include "core/errors.h"
+#include "core/optimizer.h"
+#include "moe/moe_layer.h"
+
+#include <fmt/format.h>
+
+#include <unordered_map>
+
+namespace moeforge {
+
+namespace {
+
+using Impl = const c10::TensorImpl*;
+
+// Every parameter's stage and whether it is a stacked expert weight, keyed by tensor identity:
+// read off the modules that hold them.
+std::unordered_map<Impl, std::pair<int64_t, bool>> placement_by_tensor(model::GPTModelImpl& model,
+                                                                         const ParallelLayout& layout) {
+  std::unordered_map<Impl, std::pair<int64_t, bool>> out;
+  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, false};
+  for (int64_t i = 0; i < model.config().num_layers; ++i) {
+    auto& layer = model.layer(i);
+    const int64_t stage = layout.stage_of_layer(i);
+    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, false};
+    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, true};
+  }
+  const int64_t last = layout.pp() - 1;
+  for (const auto& p : model.norm->parameters()) out[p.unsafeGetTensorImpl()] = {last, false};
+  if (model.lm_head) {
+    for (const auto& p : model.lm_head->parameters()) out[p.unsafeGetTensorImpl()] = {last, false};
+  }
+  return out;
+}
+
+}  // namespace
+
+ModelPartition::ModelPartition(model::GPTModelImpl& model, const ParallelLayout& layout) : layout_(layout) {
+  const auto by_tensor = placement_by_tensor(model, layout);
+  for (const auto& item : model.named_parameters()) {
+    const auto it = by_tensor.find(item.value().unsafeGetTensorImpl());
+    if (it == by_tensor.end()) {
+      throw std::logic_error(fmt::format("ModelPartition: parameter {} belongs to no module it knows", item.key()));
+    }
+    index_.emplace(item.key(), parameters_.size());
+    parameters_.push_back({item.key(), item.value().sizes().vec(), it->second.first, it->second.second});
+  }
+}
+
+bool ModelPartition::contains(std::string_view name) const {
+  return index_.contains(std::string(optimizer_state_parameter(name)));
+}
+
+const ParameterPlacement& ModelPartition::at(std::string_view name) const {
+  const auto it = index_.find(std::string(optimizer_state_parameter(name)));
+  if (it == index_.end()) fail_user("tensor {} is not part of the configured model (nor the state of a parameter of it)", name);
+  return parameters_[it->second];
+}
+
+torch::Tensor ModelPartition::local_part(std::string_view name, const torch::Tensor& whole, int64_t ep_rank) const {
+  if (!at(name).expert_parallel || layout_.ep() == 1) return whole;
+  return whole.narrow(0, first_expert(ep_rank), layout_.experts_per_rank());
+}
+
+NamedTensors ModelShard::parameters(model::GPTModelImpl& model) const {
+  NamedTensors out;
+  for (auto& item : model.named_parameters()) {
+    if (holds(item.key())) out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups) {
+  ModelShard shard{ModelPartition(model, layout), layout.coordinates(groups.world->rank()), 0, 0, {}};
+  shard.first_layer = layout.first_layer(shard.at.pp);
+  shard.end_layer = shard.first_layer + layout.layers_per_stage()[static_cast<size_t>(shard.at.pp)];
+  torch::NoGradGuard no_grad;
+  for (auto& item : model.named_parameters()) {
+    auto& p = item.value();
+    const ParameterPlacement& where = shard.partition.at(item.key());
+    if (where.stage != shard.at.pp) {
+      // set_data keeps the parameter object (registered in its module); nothing is held for it.
+      p.set_data(torch::empty({0}, p.options()));
+      p.set_requires_grad(false);
+    } else if (where.expert_parallel && layout.ep() > 1) {
+      const auto mine = shard.partition.local_part(item.key(), p, shard.at.ep);
+      p.set_data(p.is_meta() ? torch::empty(mine.sizes(), p.options()) : mine.clone());
+    }
+  }
+  // This stage's MoE layers exchange their tokens with the other EP ranks.
+  for (int64_t i = 0; i < model.config().num_layers; ++i) {
+    if (!model.config().is_moe_layer(i)) continue;
+    std::shared_ptr<AllToAllDispatcher> dispatcher;
+    if (layout.ep() > 1 && i >= shard.first_layer && i < shard.end_layer) {
+      dispatcher = std::make_shared<AllToAllDispatcher>(*model.config().num_experts, groups.ep);
+      std::dynamic_pointer_cast<moe::MoELayer>(model.layer(i).mlp)->set_dispatcher(dispatcher);
+    }
+    shard.dispatchers.push_back(std::move(dispatcher));
+  }
+  return shard;
+}
+
+void init_shard(model::GPTModelImpl& model, const ModelShard& shard, const torch::TensorOptions& options, uint64_t seed) {
+  model::materialize(model, options);
+  for (auto& [name, p] : shard.parameters(model)) {
+    const auto& where = shard.partition.at(name);
+    const auto first = where.expert_parallel ? std::optional<int64_t>(shard.partition.first_expert(shard.at.ep)) : std::nullopt;
+    model::init_megatron_parameter(model.config(), name, p, seed, first);
+  }
+}
+
+void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group) {
+  if (ep_group.size() == 1) return;
+  for (auto& [name, t] : tensors) {
+    if (partition.at(name).expert_parallel) t = ep_group.all_gather(t.contiguous());
+  }
+}
+
+}  // namespace moeforge

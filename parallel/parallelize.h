@@ -1,0 +1,95 @@
+// defines: ParameterPlacement, ModelPartition, ModelShard, parallelize_model, init_shard,
+//          gather_expert_parallel
+//
+// Parallelism is applied to a built model in one place (torchtitan's parallelize_fn), by the
+// model's structure, never by parsing names: the embedding lives on the first pipeline stage,
+// decoder layer i on the stage the layout gives it, the final norm and the head on the last; the
+// stacked routed-expert weights of each MoE layer (FeedForward::stacked_expert_weights) are split
+// over the expert-parallel ranks in contiguous blocks of layout.experts_per_rank() experts
+// (Megatron-Core's placement), and those layers dispatch through the all-to-all.
+//
+// ModelPartition is the one name -> (stage, expert-parallel) map: sharded checkpoints, convert
+// and the optimizer's reduction groups read it. It is derived from a model whose parameters still
+// have their whole shapes; models are built on the meta device, so this costs no memory and works
+// for any layout (convert builds one for the layout it writes).
+//
+// The order at start-up: build on the meta device -> parallelize_model (this rank keeps its
+// stage and its experts, still unallocated) -> materialize (allocates only those) -> init_shard
+// or a checkpoint load. No rank ever holds the whole model, and every rank's values equal the
+// single-process run's (each parameter's, and each expert's, random stream comes from its name).
+#pragma once
+
+#include "core/gpt_model.h"
+#include "core/safetensors.h"
+#include "parallel/alltoall_dispatcher.h"
+#include "parallel/layout.h"
+#include "parallel/process_groups.h"
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace moeforge {
+
+struct ParameterPlacement {
+  std::string name;
+  std::vector<int64_t> shape;    // whole: every expert
+  int64_t stage = 0;             // the pipeline stage holding it
+  bool expert_parallel = false;  // dim 0 = experts, split over the EP ranks
+};
+
+class ModelPartition {
+ public:
+  ModelPartition(model::GPTModelImpl& model, const ParallelLayout& layout);
+
+  const ParallelLayout& layout() const { return layout_; }
+  const std::vector<ParameterPlacement>& parameters() const { return parameters_; }
+  bool contains(std::string_view name) const;
+  // The placement of a parameter, or of the parameter an optimizer-state tensor belongs to
+  // (exp_avg.<name>, exp_avg_sq.<name>, master.<name>). UserError for a name the model lacks.
+  const ParameterPlacement& at(std::string_view name) const;
+  // EP rank `ep_rank`'s part of tensor `name` given whole: its experts for an expert weight, the
+  // whole tensor otherwise.
+  torch::Tensor local_part(std::string_view name, const torch::Tensor& whole, int64_t ep_rank) const;
+  // The global index of EP rank `ep_rank`'s first expert.
+  int64_t first_expert(int64_t ep_rank) const { return ep_rank * layout_.experts_per_rank(); }
+
+ private:
+  ParallelLayout layout_;
+  std::vector<ParameterPlacement> parameters_;
+  std::unordered_map<std::string, size_t> index_;
+};
+
+// What parallelize_model made of the model on this rank.
+struct ModelShard {
+  ModelPartition partition;
+  RankCoordinates at;
+  int64_t first_layer = 0, end_layer = 0;  // this stage's decoder layers [first, end)
+  // One per MoE layer of the model, in layer order: the all-to-all of this stage's layers under
+  // expert parallelism, null otherwise (other stages' layers, or EP 1).
+  std::vector<std::shared_ptr<AllToAllDispatcher>> dispatchers;
+
+  bool holds(std::string_view name) const { return partition.at(name).stage == at.pp; }
+  // This rank's parameters: its stage's, with its block of each expert weight; in model order.
+  NamedTensors parameters(model::GPTModelImpl& model) const;
+};
+
+// Applies `layout` to `model` (built whole, normally still on the meta device): other stages'
+// parameters become empty and frozen, each expert weight keeps this EP rank's block, and this
+// stage's MoE layers dispatch through an all-to-all over groups.ep. A parameter already
+// allocated is cut (its values kept); one on the meta device stays unallocated.
+ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups);
+
+// Materialises this rank's parameters with `options` (fp32, the run's device) and gives them
+// Megatron's initialisation from `seed`: the values of the same parameters (and experts) of the
+// whole model initialised on one process.
+void init_shard(model::GPTModelImpl& model, const ModelShard& shard, const torch::TensorOptions& options, uint64_t seed);
+
+// Every expert-parallel tensor of `tensors` (parameters or their optimizer state, this rank's
+// experts) gathered over the EP group into all experts, in global expert order; other tensors
+// pass through. Collective over `ep_group`.
+void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group);
+
+}  // namespace moeforge

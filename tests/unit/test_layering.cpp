@@ -1,0 +1,75 @@
+// The architecture as a test (docs/architecture.md): which folder may include which. The training
+// runtime (launch/train) never includes a command; model code (core, moe) knows nothing of MPI or
+// of the parallel runtime; data knows no model; nothing below launch/ includes launch/.
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kRoot = MOEFORGE_SOURCE_DIR;
+
+// "file:line: #include ..." for every include in `folder` that starts with one of `forbidden`.
+std::vector<std::string> includes_of(const std::string& folder, const std::vector<std::string>& forbidden) {
+  static const std::regex include(R"(^\s*#\s*include\s*[<"]([^>"]+)[>"])");
+  std::vector<std::string> found;
+  for (const auto& entry : fs::recursive_directory_iterator(kRoot / folder)) {
+    const auto ext = entry.path().extension();
+    if (ext != ".h" && ext != ".cpp" && ext != ".cu" && ext != ".cuh") continue;
+    std::ifstream in(entry.path());
+    std::string line;
+    for (int n = 1; std::getline(in, line); ++n) {
+      std::smatch m;
+      if (!std::regex_search(line, m, include)) continue;
+      for (const auto& prefix : forbidden) {
+        if (m[1].str().starts_with(prefix)) {
+          found.push_back(fmt::format("{}:{}: {}", fs::relative(entry.path(), kRoot).string(), n, line));
+        }
+      }
+    }
+  }
+  return found;
+}
+
+std::string text_of(const fs::path& path) {
+  std::ifstream in(path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+}  // namespace
+
+TEST_CASE("the training runtime never includes a command", "[layering]") {
+  const auto found = includes_of("launch/train", {"launch/commands/", "CLI/"});
+  INFO(fmt::format("{}", fmt::join(found, "\n")));
+  CHECK(found.empty());
+}
+
+TEST_CASE("model code knows nothing of MPI, the parallel runtime or the commands", "[layering]") {
+  for (const std::string folder : {"core", "moe"}) {
+    const auto found = includes_of(folder, {"parallel/", "launch/", "data/", "mpi.h", "nccl.h"});
+    INFO(folder << ":\n" << fmt::format("{}", fmt::join(found, "\n")));
+    CHECK(found.empty());
+  }
+  // The MoE library builds and links without MPI.
+  const std::string moe_cmake = text_of(kRoot / "moe/CMakeLists.txt");
+  CHECK(moe_cmake.find("moeforge::comm") == std::string::npos);
+  CHECK(moe_cmake.find("moeforge::mpi") == std::string::npos);
+  CHECK(moe_cmake.find("moeforge::parallel") == std::string::npos);
+}
+
+TEST_CASE("data knows no model and no parallel runtime; parallel knows no commands", "[layering]") {
+  const auto data = includes_of("data", {"moe/", "parallel/", "launch/", "core/gpt_model", "core/transformer"});
+  INFO(fmt::format("{}", fmt::join(data, "\n")));
+  CHECK(data.empty());
+  const auto parallel = includes_of("parallel", {"launch/"});
+  INFO(fmt::format("{}", fmt::join(parallel, "\n")));
+  CHECK(parallel.empty());
+}
