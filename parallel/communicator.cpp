@@ -16,11 +16,21 @@ void LocalCommunicator::broadcast(torch::Tensor&, int root) {
   if (root != 0) throw std::invalid_argument("LocalCommunicator::broadcast: root must be 0");
 }
 
-void LocalCommunicator::send(const torch::Tensor&, int peer, int) {
+Transport transport_for(const torch::Device& device) { return device.is_cpu() ? Transport::host : Transport::device; }
+
+void check_transport(const torch::Tensor& tensor, Transport transport, const char* operation, const std::string& group) {
+  if (!tensor.defined() || tensor.device().is_cpu() == (transport == Transport::host)) return;
+  throw std::invalid_argument(fmt::format(
+      "{} on group {}: the call moves {} memory but the tensor is on {}; both ends of a message must use the same "
+      "transport (see Note [Transport] in parallel/communicator.h)",
+      operation, group, transport == Transport::host ? "host" : "device", tensor.device().str()));
+}
+
+void LocalCommunicator::send(const torch::Tensor&, int peer, int, Transport) {
   throw std::invalid_argument(fmt::format("LocalCommunicator::send to {}: a group of one has no peer", peer));
 }
 
-void LocalCommunicator::recv(torch::Tensor&, int peer, int) {
+void LocalCommunicator::recv(torch::Tensor&, int peer, int, Transport) {
   throw std::invalid_argument(fmt::format("LocalCommunicator::recv from {}: a group of one has no peer", peer));
 }
 

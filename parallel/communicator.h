@@ -1,4 +1,4 @@
-// defines: ReduceOp, Communicator, LocalCommunicator
+// defines: ReduceOp, Transport, transport_for, check_transport, Communicator, LocalCommunicator
 //
 // The one communication interface the runtime uses: a group of ranks and the collectives MoE
 // training needs. Backends: MpiCommunicator (CPU tensors, parallel/mpi_communicator.h) and
@@ -10,6 +10,14 @@
 // the group's timeout ends the process with a message naming the call, the group and its ranks
 // (a hung or dead peer must not hang the job). Tensors must be contiguous CPU tensors; bf16 and fp16
 // are moved as bytes and reduced in fp32.
+//
+// Note [Transport]: a point-to-point message travels in host memory (MPI) or in device memory
+// (NCCL), and the two ends must agree, or each waits for a message the other never sends. So the
+// transport is an argument of send, recv and send_recv, decided by the code both ranks run (the
+// pipeline: the device the run trains on; checkpoint gathers: always host), and each end checks
+// its own tensors against it; it is never inferred from a rank's own tensor, which differs
+// between ranks exactly when a caller allocates its receive buffer elsewhere. Collectives are
+// symmetric (every rank passes a tensor made by the same code), so their tensors pick it.
 #pragma once
 
 #include <torch/torch.h>
@@ -21,6 +29,13 @@
 namespace moeforge {
 
 enum class ReduceOp { sum, avg, max };
+
+enum class Transport { host, device };
+// The transport of tensors on `device`: host for the CPU, device otherwise.
+Transport transport_for(const torch::Device& device);
+// Throws std::invalid_argument naming the call and the group unless `tensor` lives where
+// `transport` moves it.
+void check_transport(const torch::Tensor& tensor, Transport transport, const char* operation, const std::string& group);
 
 class Communicator {
  public:
@@ -44,12 +59,14 @@ class Communicator {
                                    const std::vector<int64_t>& recv_rows) = 0;
   // In place: every rank ends with `root`'s tensor.
   virtual void broadcast(torch::Tensor& tensor, int root) = 0;
-  virtual void send(const torch::Tensor& tensor, int peer, int tag) = 0;
-  virtual void recv(torch::Tensor& tensor, int peer, int tag) = 0;  // into a tensor of the sent shape
+  // Point-to-point, over `transport` (Note [Transport]).
+  virtual void send(const torch::Tensor& tensor, int peer, int tag, Transport transport) = 0;
+  virtual void recv(torch::Tensor& tensor, int peer, int tag, Transport transport) = 0;  // into a tensor of the sent shape
   // send() to `send_peer` and recv() from `recv_peer` in one call, both in flight together: the
   // pipeline's paired exchanges (send an activation, receive a gradient), which would deadlock as
   // two blocking calls when both neighbours send first.
-  virtual void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) = 0;
+  virtual void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
+                         Transport transport) = 0;
   virtual void barrier() = 0;
 };
 
@@ -67,9 +84,11 @@ class LocalCommunicator : public Communicator {
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
   void broadcast(torch::Tensor&, int root) override;
-  void send(const torch::Tensor&, int peer, int) override;
-  void recv(torch::Tensor&, int peer, int) override;
-  void send_recv(const torch::Tensor&, int send_peer, torch::Tensor&, int, int) override { send({}, send_peer, 0); }
+  void send(const torch::Tensor&, int peer, int, Transport) override;
+  void recv(torch::Tensor&, int peer, int, Transport) override;
+  void send_recv(const torch::Tensor&, int send_peer, torch::Tensor&, int, int, Transport transport) override {
+    send({}, send_peer, 0, transport);
+  }
   void barrier() override {}
 
  private:

@@ -296,7 +296,8 @@ void MpiCommunicator::broadcast(torch::Tensor& tensor, int root) {
   });
 }
 
-void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
+void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  check_transport(tensor, transport, "send", name_);
   require_cpu_contiguous(tensor, "send");
   std::vector<MPI_Request> requests;
   for_each_part(tensor, [&](char* at, int bytes) {
@@ -306,7 +307,8 @@ void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
   wait_all(requests, "send");
 }
 
-void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
+void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  check_transport(tensor, transport, "recv", name_);
   require_cpu_contiguous(tensor, "recv");
   std::vector<MPI_Request> requests;
   for_each_part(tensor, [&](char* at, int bytes) {
@@ -316,7 +318,10 @@ void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
   wait_all(requests, "recv");
 }
 
-void MpiCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) {
+void MpiCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
+                                Transport transport) {
+  check_transport(send, transport, "send_recv", name_);
+  check_transport(recv, transport, "send_recv", name_);
   require_cpu_contiguous(send, "send_recv");
   require_cpu_contiguous(recv, "send_recv");
   std::vector<MPI_Request> requests;

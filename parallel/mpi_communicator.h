@@ -68,9 +68,11 @@ class MpiCommunicator : public Communicator {
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
   void broadcast(torch::Tensor& tensor, int root) override;
-  void send(const torch::Tensor& tensor, int peer, int tag) override;
-  void recv(torch::Tensor& tensor, int peer, int tag) override;
-  void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) override;
+  // Host transport only (device memory travels over NCCL).
+  void send(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
+  void recv(torch::Tensor& tensor, int peer, int tag, Transport transport) override;
+  void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
+                 Transport transport) override;
   void barrier() override;
 
  private:

@@ -206,8 +206,9 @@ void NcclCommunicator::broadcast(torch::Tensor& tensor, int root) {
   wait("broadcast");
 }
 
-void NcclCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
-  if (!tensor.is_cuda()) return mpi_->send(tensor, peer, tag);
+void NcclCommunicator::send(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  check_transport(tensor, transport, "send", name());
+  if (transport == Transport::host) return mpi_->send(tensor, peer, tag, transport);
   require_cuda_contiguous(tensor, "send");
   check(ncclSend(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm,
                  state_->stream()),
@@ -215,8 +216,9 @@ void NcclCommunicator::send(const torch::Tensor& tensor, int peer, int tag) {
   wait("send");
 }
 
-void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
-  if (!tensor.is_cuda()) return mpi_->recv(tensor, peer, tag);
+void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  check_transport(tensor, transport, "recv", name());
+  if (transport == Transport::host) return mpi_->recv(tensor, peer, tag, transport);
   require_cuda_contiguous(tensor, "recv");
   check(ncclRecv(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm,
                  state_->stream()),
@@ -224,8 +226,11 @@ void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag) {
   wait("recv");
 }
 
-void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) {
-  if (!send.is_cuda()) return mpi_->send_recv(send, send_peer, recv, recv_peer, tag);
+void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
+                                 Transport transport) {
+  check_transport(send, transport, "send_recv", name());
+  check_transport(recv, transport, "send_recv", name());
+  if (transport == Transport::host) return mpi_->send_recv(send, send_peer, recv, recv_peer, tag, transport);
   require_cuda_contiguous(send, "send_recv");
   require_cuda_contiguous(recv, "send_recv");
   check(ncclGroupStart(), "ncclGroupStart", name());

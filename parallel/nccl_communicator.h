@@ -11,8 +11,10 @@
 // ordered after the kernels that produced its input) and then waits, polling an event, until it
 // has completed: the same blocking contract and the same timeout as the CPU backends (a hung peer
 // aborts the communicator and ends the job with the call, the group and its ranks named).
-// CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the MPI group.
-// send/recv ignore the tag: NCCL matches point-to-point calls by order per peer.
+// Collectives on CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the
+// MPI group. Point-to-point calls go where their Transport says (Note [Transport]): device over
+// NCCL, host over the MPI group, each end's tensors checked against it. send/recv ignore the tag
+// on the device: NCCL matches point-to-point calls by order per peer.
 #pragma once
 
 #include "parallel/communicator.h"
@@ -40,9 +42,10 @@ class NcclCommunicator : public Communicator {
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
   void broadcast(torch::Tensor& tensor, int root) override;
-  void send(const torch::Tensor& tensor, int peer, int tag) override;
-  void recv(torch::Tensor& tensor, int peer, int tag) override;
-  void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag) override;
+  void send(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
+  void recv(torch::Tensor& tensor, int peer, int tag, Transport transport) override;
+  void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
+                 Transport transport) override;
   void barrier() override { mpi_->barrier(); }
 
  private:

@@ -18,41 +18,42 @@ constexpr int kTag = 7;
 
 class Pipe {
  public:
+  // Activations and gradients travel where the run trains (both stages have the same device kind).
   Pipe(Communicator& pp, const std::vector<int64_t>& shape, const torch::TensorOptions& options, PipelineTimes& times)
-      : pp_(pp), shape_(shape), options_(options), times_(times) {}
+      : pp_(pp), shape_(shape), options_(options), transport_(transport_for(options.device())), times_(times) {}
   bool first() const { return pp_.rank() == 0; }
   bool last() const { return pp_.rank() == pp_.size() - 1; }
 
   torch::Tensor recv_forward(bool grad) {
     if (first()) return {};
     auto x = empty();
-    timed([&] { pp_.recv(x, pp_.rank() - 1, kTag); });
+    timed([&] { pp_.recv(x, pp_.rank() - 1, kTag, transport_); });
     return grad ? x.requires_grad_(true) : x;
   }
   void send_forward(const torch::Tensor& y) {
     if (last()) return;
-    timed([&] { pp_.send(y.detach().contiguous(), pp_.rank() + 1, kTag); });
+    timed([&] { pp_.send(y.detach().contiguous(), pp_.rank() + 1, kTag, transport_); });
   }
   torch::Tensor recv_backward() {
     if (last()) return {};
     auto g = empty();
-    timed([&] { pp_.recv(g, pp_.rank() + 1, kTag); });
+    timed([&] { pp_.recv(g, pp_.rank() + 1, kTag, transport_); });
     return g;
   }
   void send_backward(const torch::Tensor& g) {
     if (first()) return;
-    timed([&] { pp_.send(g.contiguous(), pp_.rank() - 1, kTag); });
+    timed([&] { pp_.send(g.contiguous(), pp_.rank() - 1, kTag, transport_); });
   }
   torch::Tensor send_forward_recv_backward(const torch::Tensor& y) {
     if (last()) return {};
     auto g = empty();
-    timed([&] { pp_.send_recv(y.detach().contiguous(), pp_.rank() + 1, g, pp_.rank() + 1, kTag); });
+    timed([&] { pp_.send_recv(y.detach().contiguous(), pp_.rank() + 1, g, pp_.rank() + 1, kTag, transport_); });
     return g;
   }
   torch::Tensor send_backward_recv_forward(const torch::Tensor& g) {
     if (first()) return {};
     auto x = empty();
-    timed([&] { pp_.send_recv(g.contiguous(), pp_.rank() - 1, x, pp_.rank() - 1, kTag); });
+    timed([&] { pp_.send_recv(g.contiguous(), pp_.rank() - 1, x, pp_.rank() - 1, kTag, transport_); });
     return x.requires_grad_(true);
   }
 
@@ -67,6 +68,7 @@ class Pipe {
   Communicator& pp_;
   std::vector<int64_t> shape_;
   torch::TensorOptions options_;
+  Transport transport_;
   PipelineTimes& times_;
 };
 
@@ -147,12 +149,15 @@ void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector
 
 void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
   if (pp.size() == 1) return;
+  // Host memory end to end (Note [Transport]): the receiver allocates on the CPU, whatever device
+  // the sender's tensors live on, and a checkpoint is written from host memory anyway.
+  constexpr Transport kHost = Transport::host;
   auto send_i64 = [&](std::vector<int64_t> v, int to) {
-    pp.send(torch::tensor(v, torch::kInt64), to, kTag);
+    pp.send(torch::tensor(v, torch::kInt64), to, kTag, kHost);
   };
   auto recv_i64 = [&](int64_t n, int from) {
     auto t = torch::empty({n}, torch::kInt64);
-    pp.recv(t, from, kTag);
+    pp.recv(t, from, kTag, kHost);
     return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
   };
   for (int stage = 1; stage < pp.size(); ++stage) {
@@ -169,13 +174,13 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
       send_i64({static_cast<int64_t>(names.size()), static_cast<int64_t>(meta.size())}, 0);
       auto bytes = torch::empty({static_cast<int64_t>(names.size())}, torch::kUInt8);
       std::memcpy(bytes.data_ptr(), names.data(), names.size());
-      pp.send(bytes, 0, kTag);
+      pp.send(bytes, 0, kTag, kHost);
       send_i64(meta, 0);
-      for (const auto& [name, t] : tensors) pp.send(t.contiguous(), 0, kTag);
+      for (const auto& [name, t] : tensors) pp.send(t.to(torch::kCPU).contiguous(), 0, kTag, kHost);
     } else if (pp.rank() == 0) {
       const auto sizes = recv_i64(2, stage);
       auto bytes = torch::empty({sizes[0]}, torch::kUInt8);
-      pp.recv(bytes, stage, kTag);
+      pp.recv(bytes, stage, kTag, kHost);
       const auto meta = recv_i64(sizes[1], stage);
       std::istringstream names(std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(sizes[0])));
       std::string name;
@@ -187,7 +192,7 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
                                    meta.begin() + static_cast<std::ptrdiff_t>(at + 2 + static_cast<size_t>(rank)));
         at += 2 + static_cast<size_t>(rank);
         auto t = torch::empty(shape, torch::TensorOptions().dtype(dtype));
-        pp.recv(t, stage, kTag);
+        pp.recv(t, stage, kTag, kHost);
         tensors.emplace_back(name, t);
       }
     }

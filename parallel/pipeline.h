@@ -54,8 +54,9 @@ void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector
                       const torch::TensorOptions& options,
                       const std::function<StageOutput(int64_t i, const torch::Tensor& input)>& forward);
 
-// Moves every stage's tensors to pipeline rank 0, appended in stage order (collective over `pp`;
-// on the other ranks `tensors` is left as is). For whole checkpoints written by one rank.
+// Moves every stage's tensors to pipeline rank 0, appended in stage order, in host memory whatever
+// device they live on (collective over `pp`; on the other ranks `tensors` is left as is). For
+// whole checkpoints written by one rank.
 void gather_to_first_stage(NamedTensors& tensors, Communicator& pp);
 
 }  // namespace moeforge

@@ -127,11 +127,11 @@ TEST_CASE("broadcast, send/recv and barrier", "[mpi]") {
     auto theirs = torch::empty({33}, torch::kFloat64);
     const int next = (r + 1) % n, prev = (r + n - 1) % n;
     if (r % 2 == 0) {
-      w.send(mine, next, 5);
-      w.recv(theirs, prev, 5);
+      w.send(mine, next, 5, Transport::host);
+      w.recv(theirs, prev, 5, Transport::host);
     } else {
-      w.recv(theirs, prev, 5);
-      w.send(mine, next, 5);
+      w.recv(theirs, prev, 5, Transport::host);
+      w.send(mine, next, 5, Transport::host);
     }
     CHECK(torch::equal(theirs, torch::full({33}, static_cast<double>(prev), torch::kFloat64)));
   }
