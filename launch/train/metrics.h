@@ -85,15 +85,17 @@ struct StepMetrics {
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
   int64_t peak_memory_bytes = 0;
-  // Several ranks only: every rank's breakdown, in world-rank order (kRankTimeKeys).
-  std::vector<std::array<double, 6>> rank_times;
+  // Several ranks only: every rank's breakdown, in world-rank order, one value per kRankTimeKeys entry.
+  std::vector<std::vector<double>> rank_times;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
 // rank_times.<key>[rank]: compute (forward + backward outside all-to-alls), pipeline wait,
-// all-to-all, gradient reduction, optimizer, the whole step.
-inline constexpr std::array<const char*, 6> kRankTimeKeys{"compute_s",     "pipeline_wait_s", "all_to_all_s",
-                                                          "grad_reduce_s", "optimizer_s",     "step_s"};
+// all-to-all, gradient reduction, optimizer, the whole step, and the rank's peak memory (host
+// resident memory on CPU). A record of named per-rank values: new ones are appended here.
+inline constexpr std::array<const char*, 7> kRankTimeKeys{"compute_s",   "pipeline_wait_s", "all_to_all_s",
+                                                          "grad_reduce_s", "optimizer_s",   "step_s",
+                                                          "peak_memory_bytes"};
 
 inline constexpr std::array<std::string_view, 19> kTimingMetricKeys{
     metric::kStepTime,   metric::kTimeData,     metric::kTimeForward,       metric::kTimeBackward,

@@ -324,12 +324,13 @@ StepMetrics Trainer::train_step() {
 
 void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
   // Every rank's breakdown (rank 0 writes it): the slow stage or the overloaded EP rank shows.
-  const auto mine = torch::tensor(
-      {compute_s, m.time_pipeline_wait_s, m.time_all_to_all_s, m.time_grad_reduce_s, m.time_optimizer_s, m.step_time_s},
-      torch::kFloat64);
-  const auto all = groups_.world->all_gather(mine.unsqueeze(0)).contiguous();  // [world, 6]
+  const std::vector<double> values{compute_s,          m.time_pipeline_wait_s, m.time_all_to_all_s,
+                                   m.time_grad_reduce_s, m.time_optimizer_s,   m.step_time_s,
+                                   static_cast<double>(m.peak_memory_bytes)};
+  static_assert(kRankTimeKeys.size() == 7, "one value per key");
+  const auto all = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).contiguous();
   const double* p = all.data_ptr<double>();
-  for (int64_t r = 0; r < all.size(0); ++r, p += 6) m.rank_times.push_back({p[0], p[1], p[2], p[3], p[4], p[5]});
+  for (int64_t r = 0; r < all.size(0); ++r, p += all.size(1)) m.rank_times.emplace_back(p, p + all.size(1));
 }
 
 std::vector<int64_t> Trainer::activation_shape() const {

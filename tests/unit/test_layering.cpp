@@ -65,7 +65,7 @@ TEST_CASE("model code knows nothing of MPI, the parallel runtime or the commands
   CHECK(moe_cmake.find("moeforge::parallel") == std::string::npos);
 }
 
-TEST_CASE("data knows no model and no parallel runtime; parallel knows no commands", "[layering]") {
+TEST_CASE("data knows no model and no parallel runtime, parallel knows no commands", "[layering]") {
   const auto data = includes_of("data", {"moe/", "parallel/", "launch/", "core/gpt_model", "core/transformer"});
   INFO(fmt::format("{}", fmt::join(data, "\n")));
   CHECK(data.empty());

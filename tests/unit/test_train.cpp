@@ -139,7 +139,8 @@ TEST_CASE("train matches a PyTorch + transformers training loop over 30 iteratio
                            mean_rel, worst, ours.front()["lm_loss"].get<double>(), ours.back()["lm_loss"].get<double>());
 }
 
-TEST_CASE("the quickstart corpus and config train with the loss clearly going down", "[train][quickstart]") {
+TEST_CASE("the quickstart corpus and config train a healthy MoE: the loss clearly going down, no spike, even load",
+          "[train][quickstart]") {
   TempDir dir;
   const auto prefix = (dir.path() / "corpus").string();
   const auto corpus = run_command("bash " + source_path("launch/corpus.sh") + " " + prefix);
@@ -157,5 +158,13 @@ TEST_CASE("the quickstart corpus and config train with the loss clearly going do
   for (size_t i = 35; i < 40; ++i) last += m[i]["lm_loss"].get<double>() / 5;
   CHECK(last < 0.6 * first);
   CHECK(m[39]["valid_lm_loss"].get<double>() < m[19]["valid_lm_loss"].get<double>());
+  // What a first-time user should see of an MoE: after the first iterations no loss more than 25 %
+  // above the one before it, and the busiest expert within 3x the mean load at the end (E/k = 15
+  // would be total collapse).
+  for (size_t i = 5; i < m.size(); ++i) {
+    INFO("iteration " << i + 1);
+    CHECK(m[i]["lm_loss"].get<double>() < 1.25 * m[i - 1]["lm_loss"].get<double>());
+  }
+  CHECK(m[39]["expert_load_max_over_mean"].get<double>() < 3.0);
   CHECK(fs::exists(dir.path() / "ckpt" / "iter_0000040" / "model.safetensors"));
 }

@@ -2,6 +2,8 @@
 // optimizer, equal the single-process run of the same global batch (losses, gradient norms,
 // validation loss, every parameter and the optimizer state after 3 iterations, fp32, relative
 // 1e-5); checkpoints move between layouts; a killed rank ends the job.
+#include "core/config_loader.h"
+#include "core/model_size.h"
 #include "core/safetensors.h"
 #include "test_util.h"
 #include "train_fixture.h"
@@ -189,6 +191,67 @@ TEST_CASE("checkpoints move between layouts: EP=2 / PP=2 with ZeRO-1 resume on o
   REQUIRE(resumed_pp.size() == 3);
   CHECK(relative(resumed_pp[2]["lm_loss"].get<double>(), whole_pp[2]["lm_loss"].get<double>()) < 1e-5);
   CHECK(relative(resumed_pp[2]["grad_norm"].get<double>(), whole_pp[2]["grad_norm"].get<double>()) < 1e-5);
+}
+
+TEST_CASE("no rank holds the whole model: PP 2 x EP 2 trains within a per-process memory budget the whole model exceeds",
+          "[train][distributed][mpi][memory]") {
+  TempDir dir;
+  write_text_dataset((dir.path() / "text").string(), 200);
+  // 4 MoE layers of 32 experts of width 4096: 1.6 GB of fp32 weights in all, 0.4 GB per rank of
+  // PP 2 x EP 2. The experts are frozen so that each rank's share is its weights alone.
+  const auto config = dir.file("big.yaml", fmt::format(R"(
+model:
+  num_layers: 4
+  hidden_size: 256
+  num_attention_heads: 4
+  vocab_size: 256
+  untie_embeddings_and_output_weights: true
+  num_experts: 32
+  moe_ffn_hidden_size: 4096
+  moe_router_topk: 2
+  moe_aux_loss_coeff: 0.01
+training:
+  seq_length: 16
+  micro_batch_size: 1
+  global_batch_size: 2
+  train_iters: 1
+  lr: 1.0e-4
+  frozen: ["*.experts.*"]
+  eval_iters: 0
+data:
+  data_path: [{}/text]
+  split: "98,2,0"
+logging:
+  run_dir: {}/run
+hardware:
+  peak_tflops: 1.0
+  num_threads: 1
+)",
+                                                          dir.path().string(), dir.path().string()));
+  const int64_t whole_bytes = 4 * count_parameters(load_config(config).config.model).total;
+  REQUIRE(whole_bytes > 1'500'000'000);
+  // Private writable memory per process (RLIMIT_DATA counts anonymous mappings, so every
+  // allocation): less than the whole model, more than a rank's share with LibTorch's own.
+  const int64_t budget = 1'100'000'000;
+  const std::string limit = fmt::format("prlimit --data={}: ", budget);
+  const auto one = run_command(limit + kBin + " train " + config);
+  INFO(one.output);
+  CHECK(one.exit_code != 0);  // the whole model does not fit
+  const auto four = run_command(kMpirun + " -np 4 " + limit + kBin + " train " + config +
+                                " --set parallel.pipeline_model_parallel_size=2 --set parallel.expert_model_parallel_size=2");
+  INFO(four.output);
+  REQUIRE(four.exit_code == 0);
+  const auto m = read_metrics(dir.path() / "run" / "metrics.jsonl");
+  REQUIRE(m.size() == 1);
+  const auto peaks = m[0]["rank_times"]["peak_memory_bytes"].get<std::vector<double>>();
+  REQUIRE(peaks.size() == 4);
+  for (size_t r = 0; r < peaks.size(); ++r) {
+    INFO("rank " << r << " peak " << peaks[r] / 1e9 << " GB, whole model " << static_cast<double>(whole_bytes) / 1e9 << " GB");
+    CHECK(peaks[r] < static_cast<double>(budget));
+  }
+  std::cout << fmt::format("[memory] whole model {:.2f} GB fp32; per-rank peak resident memory of PP 2 x EP 2: {:.2f} GB "
+                           "(max over ranks)\n",
+                           static_cast<double>(whole_bytes) / 1e9, *std::max_element(peaks.begin(), peaks.end()) / 1e9);
 }
 
 TEST_CASE("a rank killed during data-parallel training ends the job", "[train][distributed][mpi][slow]") {
