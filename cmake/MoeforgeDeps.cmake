@@ -1,5 +1,12 @@
 # System dependencies from Debian packages (launch/setup.sh installs them).
 find_package(MPI REQUIRED COMPONENTS C)
+# Open MPI 5's wrapper compiles with -pthread, which only defines _REENTRANT (glibc has its threads
+# built in) but voids the precompiled LibTorch header for every target that uses MPI.
+get_target_property(_mpi_options MPI::MPI_C INTERFACE_COMPILE_OPTIONS)
+if(_mpi_options)
+  list(FILTER _mpi_options EXCLUDE REGEX "-pthread$")  # also its CUDA form, "...-Xcompiler >-pthread"
+  set_property(TARGET MPI::MPI_C PROPERTY INTERFACE_COMPILE_OPTIONS "${_mpi_options}")
+endif()
 find_package(yaml-cpp REQUIRED)
 find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)

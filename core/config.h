@@ -157,6 +157,11 @@ struct LoggingConfig {
   int64_t log_interval = 1;
   LogLevel log_level = LogLevel::info;
   std::string run_dir;  // derived: runs/<config file stem>
+  // Megatron's --profile: rank 0's iterations [profile_step_start, profile_step_end) recorded by
+  // LibTorch's profiler into <run_dir>/profile/.
+  bool profile = false;
+  int64_t profile_step_start = 10;
+  int64_t profile_step_end = 12;
 };
 
 struct HardwareConfig {

@@ -245,6 +245,11 @@ std::vector<ConfigField> make_fields() {
       bind("logging", L, "log_interval", &LC::log_interval, "Print a step line every this many iterations"),
       bind("logging", L, "log_level", &LC::log_level, "Log verbosity (--log-level overrides)"),
       bind("logging", L, "run_dir", &LC::run_dir, "Where the resolved config and metrics go; empty = runs/<config name>"),
+      bind("logging", L, "profile", &LC::profile,
+           "Profile rank 0's iterations [profile_step_start, profile_step_end) with LibTorch's profiler: "
+           "<run_dir>/profile/trace.json (Chrome trace) and top_ops.txt"),
+      bind("logging", L, "profile_step_start", &LC::profile_step_start, "First profiled iteration (1-based)"),
+      bind("logging", L, "profile_step_end", &LC::profile_step_end, "Profiling stops before this iteration"),
       // hardware
       bind("hardware", H, "device", &HC::device, "Where the model runs"),
       bind("hardware", H, "chip", &HC::chip, "Accelerator name for MFU peaks and reports (e.g. H100); empty = detect"),

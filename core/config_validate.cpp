@@ -173,6 +173,14 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   if (c.checkpoint.save_interval) p.positive("checkpoint.save_interval", *c.checkpoint.save_interval);
   p.non_negative("checkpoint.keep_latest_k", c.checkpoint.keep_latest_k);
   p.positive("logging.log_interval", c.logging.log_interval);
+  if (c.logging.profile) {
+    p.positive("logging.profile_step_start", c.logging.profile_step_start);
+    if (c.logging.profile_step_end <= c.logging.profile_step_start) {
+      p.add("logging.profile_step_end ({}) must be above logging.profile_step_start ({}): it is the first iteration not "
+            "profiled",
+            c.logging.profile_step_end, c.logging.profile_step_start);
+    }
+  }
   if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);
   p.non_negative("hardware.num_threads", c.hardware.num_threads);
   p.throw_if_any();

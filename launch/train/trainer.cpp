@@ -188,6 +188,7 @@ void Trainer::announce(const std::string& command) {
                        run_environment(c_, hostnames, command).dump(2) + "\n");
     metrics_.emplace(fs::path(c_.logging.run_dir) / files::kMetrics, state_.iteration);
   }
+  profiler_.emplace(c_.logging, is_rank0(), device_.is_cuda());
 }
 
 Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
@@ -433,7 +434,9 @@ int Trainer::train() {
   }
   const int64_t first = state_.iteration + 1;
   while (state_.iteration < t.train_iters) {
+    profiler_->before_step(state_.iteration + 1);
     StepMetrics m = train_step();
+    profiler_->after_step(state_.iteration);
     const bool last = state_.iteration == t.train_iters;
     const bool eval_now = valid_data_ && t.eval_iters > 0 && (state_.iteration % t.eval_interval == 0 || last);
     nlohmann::json extra;

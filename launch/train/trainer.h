@@ -23,6 +23,7 @@
 #include "data/loader.h"
 #include "launch/train/checkpoint.h"
 #include "launch/train/metrics.h"
+#include "launch/train/profiler.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
 #include "parallel/layout.h"
@@ -86,6 +87,7 @@ class Trainer {
   PeakFlops peak_;
   double flops_per_step_ = 0, flops_6n_per_step_ = 0;
   std::optional<MetricsFile> metrics_;  // rank 0
+  std::optional<StepProfiler> profiler_;
 };
 
 }  // namespace moeforge

@@ -168,3 +168,21 @@ TEST_CASE("the quickstart corpus and config train a healthy MoE: the loss clearl
   CHECK(m[39]["expert_load_max_over_mean"].get<double>() < 3.0);
   CHECK(fs::exists(dir.path() / "ckpt" / "iter_0000040" / "model.safetensors"));
 }
+
+TEST_CASE("logging.profile records the chosen iterations: a Chrome trace and the top operators", "[train][profile]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  train(config, "--set training.train_iters=3 --set training.eval_iters=0 --set logging.profile=true "
+                "--set logging.profile_step_start=2 --set logging.profile_step_end=3");
+  const auto profile = dir.path() / "run" / "profile";
+  REQUIRE(fs::exists(profile / "trace.json"));
+  const auto table = slurp((profile / "top_ops.txt").string());
+  CHECK_THAT(table, Contains("profile of iterations 2..2") && Contains("CPU operators") && Contains("aten::mm"));
+  // The trace is JSON that Chrome's and Perfetto's viewers read: a traceEvents list.
+  const auto trace = nlohmann::json::parse(slurp((profile / "trace.json").string()));
+  CHECK(trace["traceEvents"].size() > 100);
+  const auto bad = run_command(kBin + " train " + config + " --set logging.profile=true --set logging.profile_step_start=5 "
+                                                           "--set logging.profile_step_end=5");
+  CHECK(bad.exit_code == 1);
+  CHECK_THAT(bad.output, Contains("logging.profile_step_end (5) must be above logging.profile_step_start (5)"));
+}

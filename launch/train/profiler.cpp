@@ -1,0 +1,96 @@
+#include "launch/train/profiler.h"
+
+#include "core/durable_file.h"
+#include "core/errors.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+
+namespace fs = std::filesystem;
+namespace kineto = torch::autograd::profiler;
+using torch::profiler::impl::ActivityType;
+
+namespace moeforge {
+
+namespace {
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+std::set<ActivityType> activities(bool cuda) {
+  std::set<ActivityType> a{ActivityType::CPU};
+  if (cuda) a.insert(ActivityType::CUDA);
+  return a;
+}
+
+}  // namespace
+
+StepProfiler::StepProfiler(const LoggingConfig& c, bool this_rank, bool cuda)
+    : enabled_(c.profile && this_rank), cuda_(cuda), start_(c.profile_step_start), end_(c.profile_step_end),
+      dir_(fs::path(c.run_dir) / "profile") {}
+
+void StepProfiler::before_step(int64_t iteration) {
+  if (!enabled_ || running_ || iteration != start_) return;
+  fs::create_directories(dir_);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  kineto::prepareProfiler(config, activities(cuda_));
+  kineto::enableProfiler(config, activities(cuda_));
+  running_ = true;
+  wall_start_s_ = now_s();
+  spdlog::info("profiling iterations {}..{} (logging.profile)", start_, end_ - 1);
+}
+
+void StepProfiler::after_step(int64_t iteration) {
+  if (!running_ || iteration != end_ - 1) return;
+  if (cuda_) torch::cuda::synchronize();
+  const double wall_us = (now_s() - wall_start_s_) * 1e6;
+  const auto result = kineto::disableProfiler();
+  running_ = false;
+  const fs::path trace = dir_ / "trace.json";
+  result->save(trace.string());
+  std::map<std::pair<std::string, bool>, ProfiledOp> by_name;
+  for (const auto& e : result->events()) {
+    const bool device = e.deviceType() != c10::DeviceType::CPU;
+    auto& op = by_name[{e.name(), device}];
+    op.name = e.name();
+    op.device = device;
+    op.total_us += static_cast<double>(e.durationNs()) / 1e3;
+    ++op.calls;
+  }
+  std::vector<ProfiledOp> ops;
+  for (auto& [key, op] : by_name) ops.push_back(std::move(op));
+  const fs::path table = dir_ / "top_ops.txt";
+  write_file_durably(table, fmt::format("profile of iterations {}..{} ({:.1f} ms wall)\n", start_, end_ - 1, wall_us / 1e3) +
+                                top_ops_table(std::move(ops), wall_us));
+  spdlog::info("profile: {} and {}", trace.string(), table.string());
+}
+
+std::string top_ops_table(std::vector<ProfiledOp> ops, double wall_us, size_t rows) {
+  std::string out;
+  for (const bool device : {true, false}) {
+    std::vector<ProfiledOp> part;
+    for (const auto& op : ops) {
+      if (op.device == device) part.push_back(op);
+    }
+    if (part.empty()) continue;
+    std::sort(part.begin(), part.end(), [](const auto& a, const auto& b) { return a.total_us > b.total_us; });
+    out += fmt::format("\n{} (total time; CPU operators include the operators they call)\n",
+                       device ? "GPU kernels and copies" : "CPU operators");
+    out += fmt::format("  {:>12}  {:>7}  {:>8}  {}\n", "total ms", "% wall", "calls", "name");
+    for (size_t i = 0; i < std::min(rows, part.size()); ++i) {
+      const auto& op = part[i];
+      // Kernel names of templates run long: the first 120 characters tell them apart.
+      const std::string_view name(op.name);
+      out += fmt::format("  {:>12.3f}  {:>6.1f}%  {:>8}  {}{}\n", op.total_us / 1e3, 100 * op.total_us / wall_us, op.calls,
+                         name.substr(0, 117), name.size() > 120 ? "..." : name.substr(std::min<size_t>(117, name.size())));
+    }
+  }
+  return out;
+}
+
+}  // namespace moeforge
