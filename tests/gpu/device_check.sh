@@ -171,6 +171,7 @@ gpu_run() {
     local name=$1 limit=$2 log=$3
     shift 3
     local left=$((budget - SECONDS))
+    limit=$((limit * budget / 360))  # the phases' shares of the default 6 minutes
     ((limit > left)) && limit=$left
     if ((limit <= 5)); then
       printf '| %s | skipped: no time left | 0 |\n' "$name" >> "$summary"
