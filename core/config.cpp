@@ -34,6 +34,7 @@ constexpr Names<LogLevel, 5> kLogLevel{{{LogLevel::trace, "trace"},
                                         {LogLevel::warn, "warn"},
                                         {LogLevel::error, "error"}}};
 constexpr Names<Device, 2> kDevice{{{Device::cpu, "cpu"}, {Device::cuda, "cuda"}}};
+constexpr Names<KernelChoice, 2> kKernelChoice{{{KernelChoice::fused, "fused"}, {KernelChoice::reference, "reference"}}};
 }  // namespace
 
 template <>
@@ -64,6 +65,8 @@ template <>
 std::span<const std::pair<LogLevel, std::string_view>> enum_names<LogLevel>() { return kLogLevel; }
 template <>
 std::span<const std::pair<Device, std::string_view>> enum_names<Device>() { return kDevice; }
+template <>
+std::span<const std::pair<KernelChoice, std::string_view>> enum_names<KernelChoice>() { return kKernelChoice; }
 
 int64_t ModelConfig::padded_vocab_size() const {
   // Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (times TP, which

@@ -44,6 +44,9 @@ enum class LogLevel { trace, debug, info, warn, error };
 
 enum class Device { cpu, cuda };
 
+// model.kernels: our fused kernels (core/kernels) or the LibTorch compositions they replace.
+enum class KernelChoice { fused, reference };
+
 // Which layers are MoE: Megatron's --moe-layer-freq. An integer k makes layer i MoE when
 // i % k == 0; an explicit list gives one 0/1 entry per layer (1 = MoE, 0 = dense FFN).
 struct MoeLayerFreq {
@@ -82,6 +85,9 @@ struct ModelConfig {
   std::optional<int64_t> moe_shared_expert_intermediate_size;  // null = no shared expert
   bool moe_shared_expert_gate = false;  // sigmoid(Linear(h -> 1)) scales the shared expert
   MoeLayerFreq moe_layer_freq;
+
+  // How the math runs, not what it is: checkpoints and configs compare without it.
+  KernelChoice kernels = KernelChoice::fused;
 
   // Derived quantities, valid after resolve_derived_values().
   int64_t padded_vocab_size() const;

@@ -197,6 +197,8 @@ std::vector<ConfigField> make_fields() {
       bind("model", M, "moe_shared_expert_intermediate_size", &MC::moe_shared_expert_intermediate_size, "Total width of the shared expert; null = none"),
       bind("model", M, "moe_shared_expert_gate", &MC::moe_shared_expert_gate, "Scale the shared expert by sigmoid(Linear(h -> 1)) (Qwen1.5-MoE)"),
       bind("model", M, "moe_layer_freq", &MC::moe_layer_freq, "Which layers are MoE: k = every k-th layer from layer 0, or a 0/1 list per layer (0 = dense FFN)"),
+      bind("model", M, "kernels", &MC::kernels,
+           "fused: our kernels where they exist for the device (core/kernels); reference: the LibTorch compositions they replace"),
       // parallel
       bind("parallel", P, "world_size", &PC::world_size, "Ranks (devices) the experiment is meant for; null = as launched"),
       bind("parallel", P, "pipeline_model_parallel_size", &PC::pipeline_model_parallel_size, "Pipeline stages (PP)"),

@@ -1,5 +1,7 @@
 #include "moe/experts.h"
 
+#include "core/kernels/grouped_gemm.h"
+#include "core/kernels/swiglu.h"
 #include "core/transformer.h"
 
 namespace moeforge::moe {
@@ -10,6 +12,12 @@ ExpertsImpl::ExpertsImpl(int64_t num_experts, int64_t hidden, int64_t ffn) {
 }
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_ND, const std::vector<int64_t>& rows_per_expert) {
+  // One grouped GEMM per projection where LibTorch runs it (kernels/grouped_gemm.h).
+  if (x_ND.size(0) > 0 && kernels::grouped_mm_usable(x_ND, {gate_up_proj.size(1), gate_up_proj.size(2), down_proj.size(1)})) {
+    const auto offs_E = kernels::group_offsets(rows_per_expert, x_ND.device());
+    const auto gate_up_N2F = kernels::grouped_mm(x_ND, gate_up_proj.transpose(1, 2), offs_E);
+    return kernels::grouped_mm(kernels::swiglu(gate_up_N2F), down_proj.transpose(1, 2), offs_E);
+  }
   std::vector<torch::Tensor> outputs;
   // One unbind per weight: its backward stacks the per-expert gradients once, where indexing
   // w[e] per expert would materialize a full-size zero gradient for every expert.
@@ -20,18 +28,14 @@ torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_ND, const std::vector<
     const int64_t rows = rows_per_expert[e];
     if (rows == 0) continue;
     const auto x_nD = x_ND.narrow(0, start, rows);
-    const auto gate_up_n2F = torch::matmul(x_nD, gate_up[e].t());
-    const auto halves = gate_up_n2F.chunk(2, -1);
-    const auto h_nF = torch::silu(halves[0]) * halves[1];
-    outputs.push_back(torch::matmul(h_nF, down[e].t()));
+    outputs.push_back(torch::matmul(kernels::swiglu(torch::matmul(x_nD, gate_up[e].t())), down[e].t()));
     start += rows;
   }
   if (outputs.empty()) {
     // No rows for any expert (under expert parallelism: no peer routed a token here). Run expert 0
     // on the empty block anyway, so the result stays connected to the input and the weights: the
     // all-to-alls around it must run their backward on every rank, or the ranks' collectives diverge.
-    const auto halves = torch::matmul(x_ND, gate_up[0].t()).chunk(2, -1);
-    return torch::matmul(torch::silu(halves[0]) * halves[1], down[0].t());
+    return torch::matmul(kernels::swiglu(torch::matmul(x_ND, gate_up[0].t())), down[0].t());
   }
   return torch::cat(outputs, 0);
 }

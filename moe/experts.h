@@ -1,8 +1,10 @@
 // defines: Experts
 //
 // The routed experts of one MoE layer as stacked weights (the layout grouped GEMMs want):
-// gate_up_proj [E, 2F, D] (gate rows first, then up) and down_proj [E, D, F]. Each expert runs
-// one matrix product per projection on its contiguous block of rows.
+// gate_up_proj [E, 2F, D] (gate rows first, then up) and down_proj [E, D, F]. With the fused
+// kernels, one grouped GEMM per projection over all experts' contiguous blocks of rows and the
+// fused SwiGLU between them; otherwise (the reference, or where the grouped GEMM does not run) one
+// matrix product per expert and projection.
 #pragma once
 
 #include <torch/torch.h>

@@ -15,6 +15,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <set>
 
@@ -62,7 +63,8 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
     const std::string name = entry.path().filename().string();
     if (name.starts_with("tokenizer") || name == "vocab.json" || name == "merges.txt" ||
         name == "special_tokens_map.json" || name == "generation_config.json") {
-      fs::copy_file(entry.path(), to / name, fs::copy_options::overwrite_existing);
+      std::ifstream in(entry.path(), std::ios::binary);
+      write_file_durably(to / name, std::string(std::istreambuf_iterator<char>(in), {}));
     }
   }
 }

@@ -1,6 +1,8 @@
 // `moeforge version`: the build and runtime facts a bug report or benchmark report needs.
 #include "launch/commands/commands.h"
 
+#include "core/kernels/kernels.h"
+
 #include <fmt/format.h>
 #include <mpi.h>
 #include <spdlog/version.h>
@@ -31,6 +33,7 @@ int run_version() {
   std::cout << fmt::format("  CPU threads  {} (LibTorch intra-op)\n", at::get_num_threads());
   std::cout << fmt::format("  MPI          {}\n", mpi);
   std::cout << fmt::format("  spdlog       {}.{}.{}\n", SPDLOG_VER_MAJOR, SPDLOG_VER_MINOR, SPDLOG_VER_PATCH);
+  std::cout << fmt::format("  kernels      {}\n", kernels::describe_kernels());
   return 0;
 }
 

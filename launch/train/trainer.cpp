@@ -2,6 +2,7 @@
 
 #include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/kernels/kernels.h"
 #include "core/logging.h"
 #include "core/model_size.h"
 #include "data/datasets.h"
@@ -101,6 +102,7 @@ void Trainer::setup_data() {
 }
 
 void Trainer::setup_model() {
+  kernels::set_choice(c_.model.kernels);
   start_ = start_point(c_.checkpoint);
   if (start_.checkpoint) check_checkpoint_fits(*start_.checkpoint, c_, layout_);
   // Built on the meta device (no memory), then this rank keeps its stage and its experts and
@@ -176,6 +178,7 @@ void Trainer::announce(const std::string& command) {
                t.bf16 ? "bf16 with fp32 master weights" : "fp32", device_.str(),
                c_.parallel.use_distributed_optimizer ? "distributed optimizer (Adam state sharded over DP)"
                                                      : "Adam state replicated");
+  spdlog::info("kernels: {}", kernels::describe_kernels());
   spdlog::info("data: train {} samples, valid {}", train_data_->size(),
                valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,

@@ -1,0 +1,106 @@
+// SwiGLU on the CPU: blocks of a row converted to fp32 (a no-op for fp32), the math in 8-wide
+// fp32 vectors (Sleef's exp, 1 ulp), converted back.
+#include "core/kernels/cpu/cpu_kernels.h"
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace moeforge::kernels::cpu {
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBlock = 256;  // fp32 elements per block, on the stack
+
+template <typename T>
+const float* as_float(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)buffer;
+    (void)n;
+    return src;
+  } else {
+    at::vec::convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+template <typename T>
+void store(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (src != dst) std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+inline Vec sigmoid(const Vec& x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp()); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+template <typename T>
+void forward(const T* gate_up, T* y, int64_t F, int64_t begin, int64_t end) {
+  alignas(64) float gb[kBlock], ub[kBlock], yb[kBlock];
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g_row = gate_up + r * 2 * F;
+    for (int64_t at = 0; at < F; at += kBlock) {
+      const int64_t n = std::min(kBlock, F - at);
+      const float* g = as_float(g_row + at, gb, n);
+      const float* u = as_float(g_row + F + at, ub, n);
+      float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * F + at) : yb;
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size()) {
+        const Vec gv = Vec::loadu(g + i);
+        (gv * sigmoid(gv) * Vec::loadu(u + i)).store(out + i);
+      }
+      for (; i < n; ++i) out[i] = g[i] * sigmoid(g[i]) * u[i];
+      store(out, y + r * F + at, n);
+    }
+  }
+}
+
+template <typename T>
+void backward(const T* gate_up, const T* dy, T* d_gate_up, int64_t F, int64_t begin, int64_t end) {
+  alignas(64) float gb[kBlock], ub[kBlock], db[kBlock], dgb[kBlock], dub[kBlock];
+  const Vec one(1.0f);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g_row = gate_up + r * 2 * F;
+    T* d_row = d_gate_up + r * 2 * F;
+    for (int64_t at = 0; at < F; at += kBlock) {
+      const int64_t n = std::min(kBlock, F - at);
+      const float* g = as_float(g_row + at, gb, n);
+      const float* u = as_float(g_row + F + at, ub, n);
+      const float* d = as_float(dy + r * F + at, db, n);
+      float* dg = std::is_same_v<T, float> ? reinterpret_cast<float*>(d_row + at) : dgb;
+      float* du = std::is_same_v<T, float> ? reinterpret_cast<float*>(d_row + F + at) : dub;
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size()) {
+        const Vec gv = Vec::loadu(g + i), uv = Vec::loadu(u + i), dv = Vec::loadu(d + i);
+        const Vec s = sigmoid(gv);
+        (dv * uv * s * (one + gv * (one - s))).store(dg + i);
+        (dv * gv * s).store(du + i);
+      }
+      for (; i < n; ++i) {
+        const float s = sigmoid(g[i]);
+        dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+        du[i] = d[i] * g[i] * s;
+      }
+      store(dg, d_row + at, n);
+      store(du, d_row + F + at, n);
+    }
+  }
+}
+
+}  // namespace
+
+void swiglu_forward(const float* gu, float* y, int64_t F, int64_t b, int64_t e) { forward(gu, y, F, b, e); }
+void swiglu_forward(const c10::BFloat16* gu, c10::BFloat16* y, int64_t F, int64_t b, int64_t e) { forward(gu, y, F, b, e); }
+void swiglu_backward(const float* gu, const float* dy, float* d, int64_t F, int64_t b, int64_t e) {
+  backward(gu, dy, d, F, b, e);
+}
+void swiglu_backward(const c10::BFloat16* gu, const c10::BFloat16* dy, c10::BFloat16* d, int64_t F, int64_t b, int64_t e) {
+  backward(gu, dy, d, F, b, e);
+}
+
+}  // namespace moeforge::kernels::cpu
