@@ -1,10 +1,12 @@
 #include "core/transformer.h"
 
+#include "core/kernels/rmsnorm.h"
+#include "core/kernels/rope.h"
+#include "core/kernels/swiglu.h"
 #include "core/recompute.h"
 
 namespace moeforge::model {
 
-namespace F = torch::nn::functional;
 
 torch::Tensor deferred_parameter(torch::nn::Module& module, const std::string& name, torch::IntArrayRef shape) {
   return module.register_parameter(name, torch::empty(shape, torch::TensorOptions().device(torch::kMeta)));
@@ -36,12 +38,7 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) { return torch::e
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) { weight = deferred_parameter(*this, "weight", {dim}); }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  // In fp32 whatever the input dtype, cast back before the weight (as the reference does).
-  const auto x32 = x.to(torch::kFloat32);
-  const auto normed = x32 * torch::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps_);
-  return weight * normed.to(x.scalar_type());
-}
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return kernels::rms_norm(x, weight, eps_); }
 
 RotaryEmbedding::RotaryEmbedding(int64_t head_dim, double theta) {
   const auto i = torch::arange(0, head_dim, 2, torch::kInt64).to(torch::kFloat32);
@@ -55,12 +52,6 @@ std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::tables(const torch::Ten
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
-torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh) {
-  const int64_t half = x.size(-1) / 2;
-  const auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * cos_BSDh.unsqueeze(1) + rotated * sin_BSDh.unsqueeze(1);
-}
-
 AttentionImpl::AttentionImpl(const AttentionConfig& c) : c_(c) {
   q_proj = register_module("q_proj", Linear(c.hidden, c.heads * c.head_dim, c.qkv_bias));
   k_proj = register_module("k_proj", Linear(c.hidden, c.kv_heads * c.head_dim, c.qkv_bias));
@@ -71,11 +62,10 @@ AttentionImpl::AttentionImpl(const AttentionConfig& c) : c_(c) {
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh,
                                      const torch::Tensor& sin_BSDh) {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
-  auto q_BHSDh = q_proj(x_BSD).view({B, S, c_.heads, c_.head_dim}).transpose(1, 2);
-  auto k_BGSDh = k_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}).transpose(1, 2);
-  auto v_BGSDh = v_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}).transpose(1, 2);
-  q_BHSDh = apply_rotary(q_BHSDh, cos_BSDh, sin_BSDh);
-  k_BGSDh = apply_rotary(k_BGSDh, cos_BSDh, sin_BSDh);
+  // RoPE on the projections' own layout [B, S, heads, Dh] (contiguous), then the heads move forward.
+  const auto q_BHSDh = kernels::rope(q_proj(x_BSD).view({B, S, c_.heads, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
+  const auto k_BGSDh = kernels::rope(k_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
+  const auto v_BGSDh = v_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}).transpose(1, 2);
   // GQA: SDPA's enable_gqa shares each key/value head with heads / kv_heads query heads.
   const bool gqa = c_.kv_heads != c_.heads;
   const auto out_BHSDh = recompute_core && torch::GradMode::is_enabled()
@@ -90,7 +80,7 @@ MLPImpl::MLPImpl(int64_t hidden, int64_t ffn) {
   down_proj = register_module("down_proj", Linear(ffn, hidden, false));
 }
 
-torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down_proj(F::silu(gate_proj(x)) * up_proj(x)); }
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down_proj(kernels::swiglu(gate_proj(x), up_proj(x))); }
 
 DenseFeedForward::DenseFeedForward(int64_t hidden, int64_t ffn) {
   gate_proj = register_module("gate_proj", Linear(hidden, ffn, false));
@@ -100,7 +90,7 @@ DenseFeedForward::DenseFeedForward(int64_t hidden, int64_t ffn) {
 
 FeedForwardOutput DenseFeedForward::forward(const torch::Tensor& x_BSD) {
   FeedForwardOutput out;
-  out.y = down_proj(F::silu(gate_proj(x_BSD)) * up_proj(x_BSD));
+  out.y = down_proj(kernels::swiglu(gate_proj(x_BSD), up_proj(x_BSD)));
   return out;
 }
 

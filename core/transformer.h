@@ -1,4 +1,4 @@
-// defines: Linear, Embedding, RMSNorm, RotaryEmbedding, apply_rotary, Attention, MLP, FeedForward,
+// defines: Linear, Embedding, RMSNorm, RotaryEmbedding, Attention, MLP, FeedForward,
 //          FeedForwardOutput, DenseFeedForward, deferred_parameter, materialize
 //
 // The dense transformer building blocks, numerically as Hugging Face's Qwen2/Llama reference:
@@ -64,9 +64,6 @@ class RotaryEmbedding {
  private:
   torch::Tensor inv_freq_;  // [Dh / 2], fp32
 };
-
-// x * cos + rotate_half(x) * sin for x [B, heads, S, Dh].
-torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh);
 
 struct AttentionConfig {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0;

@@ -20,8 +20,8 @@ struct Implemented {
   bool cpu = false, cuda = false;
 };
 constexpr Implemented kImplemented[kNumKernels] = {
-    /*rmsnorm*/ {false, false},
-    /*rope*/ {false, false},
+    /*rmsnorm*/ {true, MOEFORGE_KERNELS_CUDA},
+    /*rope*/ {true, MOEFORGE_KERNELS_CUDA},
     /*swiglu*/ {true, MOEFORGE_KERNELS_CUDA},
     /*permute*/ {false, false},
     /*cross_entropy*/ {false, false},

@@ -13,9 +13,13 @@ namespace moeforge::kernels {
 
 // Fused (kernels::fused(Kernel::swiglu, device)) or the reference; gate_up [..., 2F].
 torch::Tensor swiglu(const torch::Tensor& gate_up);
-// silu(gate) * up over chunk(2, -1): the LibTorch composition, the oracle.
+// The same from separate gate and up products [..., F] (the dense MLP and the shared expert).
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+// silu(gate) * up (over chunk(2, -1) for one tensor): the LibTorch composition, the oracle.
 torch::Tensor swiglu_reference(const torch::Tensor& gate_up);
+torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& up);
 // The kernel alone, whatever the switch says (for tests and benchmarks); CPU or CUDA tensors.
 torch::Tensor swiglu_fused(const torch::Tensor& gate_up);
+torch::Tensor swiglu_fused(const torch::Tensor& gate, const torch::Tensor& up);
 
 }  // namespace moeforge::kernels

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <tuple>
 
 namespace fs = std::filesystem;
 namespace kineto = torch::autograd::profiler;
@@ -53,15 +54,44 @@ void StepProfiler::after_step(int64_t iteration) {
   running_ = false;
   const fs::path trace = dir_ / "trace.json";
   result->save(trace.string());
-  std::map<std::pair<std::string, bool>, ProfiledOp> by_name;
+  // Self time: an operator's time minus that of the operators it called (nested on its thread).
+  struct Interval {
+    uint64_t start, end;
+    std::string name;
+    bool device;
+    uint64_t thread;
+  };
+  std::vector<Interval> events;
   for (const auto& e : result->events()) {
-    const bool device = e.deviceType() != c10::DeviceType::CPU;
-    auto& op = by_name[{e.name(), device}];
-    op.name = e.name();
-    op.device = device;
-    op.total_us += static_cast<double>(e.durationNs()) / 1e3;
-    ++op.calls;
+    events.push_back({e.startNs(), e.endNs(), e.name(), e.deviceType() != c10::DeviceType::CPU, e.startThreadId()});
   }
+  std::sort(events.begin(), events.end(), [](const Interval& a, const Interval& b) {
+    return std::tie(a.device, a.thread, a.start, b.end) < std::tie(b.device, b.thread, b.start, a.end);
+  });
+  std::map<std::pair<std::string, bool>, ProfiledOp> by_name;
+  std::vector<std::pair<const Interval*, uint64_t>> open;  // an enclosing operator, its children's time
+  auto close = [&](const Interval& e, uint64_t children) {
+    auto& op = by_name[{e.name, e.device}];
+    op.name = e.name;
+    op.device = e.device;
+    op.total_us += static_cast<double>(e.end - e.start - std::min(children, e.end - e.start)) / 1e3;
+    ++op.calls;
+  };
+  for (size_t i = 0; i < events.size(); ++i) {
+    const Interval& e = events[i];
+    while (!open.empty() && (open.back().first->device != e.device || open.back().first->thread != e.thread ||
+                             open.back().first->end <= e.start)) {
+      close(*open.back().first, open.back().second);
+      open.pop_back();
+    }
+    if (!e.device && !open.empty()) open.back().second += e.end - e.start;
+    if (e.device) {
+      close(e, 0);  // kernels do not nest
+    } else {
+      open.emplace_back(&e, 0);
+    }
+  }
+  for (; !open.empty(); open.pop_back()) close(*open.back().first, open.back().second);
   std::vector<ProfiledOp> ops;
   for (auto& [key, op] : by_name) ops.push_back(std::move(op));
   const fs::path table = dir_ / "top_ops.txt";
@@ -79,9 +109,9 @@ std::string top_ops_table(std::vector<ProfiledOp> ops, double wall_us, size_t ro
     }
     if (part.empty()) continue;
     std::sort(part.begin(), part.end(), [](const auto& a, const auto& b) { return a.total_us > b.total_us; });
-    out += fmt::format("\n{} (total time; CPU operators include the operators they call)\n",
+    out += fmt::format("\n{} (self time: an operator's own, without the operators it calls)\n",
                        device ? "GPU kernels and copies" : "CPU operators");
-    out += fmt::format("  {:>12}  {:>7}  {:>8}  {}\n", "total ms", "% wall", "calls", "name");
+    out += fmt::format("  {:>12}  {:>7}  {:>8}  {}\n", "self ms", "% wall", "calls", "name");
     for (size_t i = 0; i < std::min(rows, part.size()); ++i) {
       const auto& op = part[i];
       // Kernel names of templates run long: the first 120 characters tell them apart.

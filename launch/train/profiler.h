@@ -4,8 +4,8 @@
 // 0 recorded by LibTorch's Kineto profiler (CPU operators; on a GPU also every kernel), written
 // when the last of them ends:
 //   <run_dir>/profile/trace.json      a Chrome trace (chrome://tracing or ui.perfetto.dev)
-//   <run_dir>/profile/top_ops.txt     operators and kernels by total time, with call counts and
-//                                     their share of the profiled wall time
+//   <run_dir>/profile/top_ops.txt     operators and kernels by self time (without the operators
+//                                     they call), with call counts and their share of the wall time
 // Off by default (logging.profile: false); costs nothing when off.
 #pragma once
 
@@ -37,7 +37,7 @@ class StepProfiler {
 struct ProfiledOp {
   std::string name;
   bool device = false;  // a GPU kernel or copy; false for a CPU operator
-  double total_us = 0;
+  double total_us = 0;  // self time
   int64_t calls = 0;
 };
 std::string top_ops_table(std::vector<ProfiledOp> ops, double wall_us, size_t rows = 30);

@@ -3,11 +3,15 @@
 // odd sizes, empty inputs and non-contiguous inputs. (The CUDA implementations: tests/gpu.)
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/rmsnorm.h"
+#include "core/kernels/rope.h"
 #include "core/kernels/swiglu.h"
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <array>
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -24,13 +28,16 @@ double norm_error(const torch::Tensor& a, const torch::Tensor& b) {
 double tolerance(torch::ScalarType t) { return t == torch::kBFloat16 ? 1e-2 : 1e-6; }
 
 // f(inputs) through the kernel and through the reference, with the same upstream gradient: the
-// outputs and every input's gradient compared.
+// outputs and the gradients of the first `differentiable` inputs (all of them by default) compared;
+// the others (tables the kernel takes no gradient for) enter as constants.
 void compare(const std::function<torch::Tensor(const std::vector<torch::Tensor>&)>& fused,
              const std::function<torch::Tensor(const std::vector<torch::Tensor>&)>& reference,
-             const std::vector<torch::Tensor>& inputs, uint64_t seed = 0) {
+             const std::vector<torch::Tensor>& inputs, size_t differentiable = SIZE_MAX, uint64_t seed = 0) {
   auto run = [&](const auto& f) {
     std::vector<torch::Tensor> leaves;
-    for (const auto& x : inputs) leaves.push_back(x.detach().clone().requires_grad_(x.is_floating_point()));
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      leaves.push_back(inputs[i].detach().clone().requires_grad_(inputs[i].is_floating_point() && i < differentiable));
+    }
     const auto y = f(leaves);
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
     const auto dy = torch::randn(y.sizes(), gen, torch::kFloat32).to(y.scalar_type());
@@ -80,6 +87,12 @@ TEST_CASE("swiglu: the fused kernel equals silu(gate) * up, forward and backward
     }
     // A non-contiguous input: every other row of a larger tensor.
     compare(fused, reference, {randn({40, 2 * 24}, dtype, 4).slice(0, 0, 40, 2)});
+    // Separate gate and up products (the dense MLP, the shared expert), one of them strided.
+    const auto pair = [](const auto& x) { return kernels::swiglu_fused(x[0], x[1]); };
+    const auto pair_reference = [](const auto& x) { return kernels::swiglu_reference(x[0], x[1]); };
+    compare(pair, pair_reference, {randn({33, 70}, dtype, 13) * 3, randn({33, 70}, dtype, 14)});
+    compare(pair, pair_reference, {randn({70, 33}, dtype, 15).t(), randn({33, 70}, dtype, 16)});
+    compare(pair, pair_reference, {randn({0, 8}, dtype, 17), randn({0, 8}, dtype, 18)});
   }
 }
 
@@ -103,5 +116,36 @@ TEST_CASE("grouped_mm: one grouped GEMM equals a product per group, with empty g
       return torch::cat(out);
     };
     compare(fused, reference, {randn({N, K}, dtype, 5), randn({E, M, K}, dtype, 6)});
+  }
+}
+
+TEST_CASE("rms_norm: the fused kernel equals Hugging Face's RMSNorm, forward and backward", "[kernels][rmsnorm]") {
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    INFO(c10::toString(dtype));
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{70, 64}, {2, 5, 37}, {3, 3}, {0, 16}, {130, 2048}}) {
+      INFO("shape " << shape);
+      const auto fused = [](const auto& x) { return kernels::rms_norm_fused(x[0], x[1], 1e-6); };
+      const auto reference = [](const auto& x) { return kernels::rms_norm_reference(x[0], x[1], 1e-6); };
+      compare(fused, reference, {randn(shape, dtype, 7) * 2, randn({shape.back()}, dtype, 8) + 1});
+    }
+    // A non-contiguous input.
+    const auto fused = [](const auto& x) { return kernels::rms_norm_fused(x[0], x[1], 1e-5); };
+    const auto reference = [](const auto& x) { return kernels::rms_norm_reference(x[0], x[1], 1e-5); };
+    compare(fused, reference, {randn({48, 40}, dtype, 9).t(), randn({48}, dtype, 10)});
+  }
+}
+
+TEST_CASE("rope: the fused kernel equals x cos + rotate_half(x) sin, forward and backward", "[kernels][rope]") {
+  const auto fused = [](const auto& x) { return kernels::rope_fused(x[0], x[1], x[2]); };
+  const auto reference = [](const auto& x) { return kernels::rope_reference(x[0], x[1], x[2]); };
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    INFO(c10::toString(dtype));
+    for (const auto& [B, S, H, Dh] : std::vector<std::array<int64_t, 4>>{{2, 9, 4, 32}, {1, 5, 3, 6}, {3, 0, 2, 8}, {1, 4, 1, 128}}) {
+      INFO("B S H Dh " << B << " " << S << " " << H << " " << Dh);
+      // The tables as RotaryEmbedding makes them: both halves the same angles.
+      const auto angles = randn({B, S, Dh / 2}, torch::kFloat32, 11) * 3;
+      const auto emb = torch::cat({angles, angles}, -1);
+      compare(fused, reference, {randn({B, S, H, Dh}, dtype, 12), emb.cos().to(dtype), emb.sin().to(dtype)}, 1);
+    }
   }
 }

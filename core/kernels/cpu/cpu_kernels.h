@@ -9,11 +9,34 @@
 
 namespace moeforge::kernels::cpu {
 
-// gate_up rows of 2F (gate, then up), y and dy rows of F, d_gate_up rows of 2F; rows contiguous.
-void swiglu_forward(const float* gate_up, float* y, int64_t F, int64_t begin, int64_t end);
-void swiglu_forward(const c10::BFloat16* gate_up, c10::BFloat16* y, int64_t F, int64_t begin, int64_t end);
-void swiglu_backward(const float* gate_up, const float* dy, float* d_gate_up, int64_t F, int64_t begin, int64_t end);
-void swiglu_backward(const c10::BFloat16* gate_up, const c10::BFloat16* dy, c10::BFloat16* d_gate_up, int64_t F,
+// SwiGLU y = silu(gate) * up over rows of F; gate and up rows start `ld` elements apart (2F for a
+// fused gate/up product, where up is gate + F; F for separate tensors). The backward writes
+// d_gate and d_up with the same strides.
+void swiglu_forward(const float* gate, const float* up, int64_t ld_in, float* y, int64_t F, int64_t begin, int64_t end);
+void swiglu_forward(const c10::BFloat16* gate, const c10::BFloat16* up, int64_t ld_in, c10::BFloat16* y, int64_t F,
+                    int64_t begin, int64_t end);
+void swiglu_backward(const float* gate, const float* up, int64_t ld_in, const float* dy, float* d_gate, float* d_up,
+                     int64_t F, int64_t begin, int64_t end);
+void swiglu_backward(const c10::BFloat16* gate, const c10::BFloat16* up, int64_t ld_in, const c10::BFloat16* dy,
+                     c10::BFloat16* d_gate, c10::BFloat16* d_up, int64_t F, int64_t begin, int64_t end);
+
+// RMSNorm over rows of D: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) kept per row (fp32). In
+// bf16 the normalized row is rounded before the weight multiplies it, as the reference does.
+void rmsnorm_forward(const float* x, const float* w, float* y, float* r, int64_t D, float eps, int64_t begin, int64_t end);
+void rmsnorm_forward(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* y, float* r, int64_t D, float eps,
                      int64_t begin, int64_t end);
+// dx for rows [begin, end) and their contribution to dw added into dw_acc (fp32, D).
+void rmsnorm_backward(const float* x, const float* w, const float* r, const float* dy, float* dx, float* dw_acc,
+                      int64_t D, int64_t begin, int64_t end);
+void rmsnorm_backward(const c10::BFloat16* x, const c10::BFloat16* w, const float* r, const c10::BFloat16* dy,
+                      c10::BFloat16* dx, float* dw_acc, int64_t D, int64_t begin, int64_t end);
+
+// Half-split RoPE on rows of Dh (x [B, S, H, Dh] contiguous, row = (b S + s) H + h) with tables
+// cos/sin [B S, Dh] (both halves equal): out = x cos + rotate_half(x) sin. `sign` -1 applies the
+// inverse rotation (the backward: dx = dy cos - rotate_half(dy sin) = RoPE of dy at -angle).
+void rope(const float* x, const float* cos, const float* sin, float* out, int64_t H, int64_t Dh, float sign, int64_t begin,
+          int64_t end);
+void rope(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin, c10::BFloat16* out, int64_t H,
+          int64_t Dh, float sign, int64_t begin, int64_t end);
 
 }  // namespace moeforge::kernels::cpu

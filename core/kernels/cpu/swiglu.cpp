@@ -40,14 +40,13 @@ inline Vec sigmoid(const Vec& x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp()
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 template <typename T>
-void forward(const T* gate_up, T* y, int64_t F, int64_t begin, int64_t end) {
+void forward(const T* gate, const T* up, int64_t ld, T* y, int64_t F, int64_t begin, int64_t end) {
   alignas(64) float gb[kBlock], ub[kBlock], yb[kBlock];
   for (int64_t r = begin; r < end; ++r) {
-    const T* g_row = gate_up + r * 2 * F;
     for (int64_t at = 0; at < F; at += kBlock) {
       const int64_t n = std::min(kBlock, F - at);
-      const float* g = as_float(g_row + at, gb, n);
-      const float* u = as_float(g_row + F + at, ub, n);
+      const float* g = as_float(gate + r * ld + at, gb, n);
+      const float* u = as_float(up + r * ld + at, ub, n);
       float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * F + at) : yb;
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -61,19 +60,18 @@ void forward(const T* gate_up, T* y, int64_t F, int64_t begin, int64_t end) {
 }
 
 template <typename T>
-void backward(const T* gate_up, const T* dy, T* d_gate_up, int64_t F, int64_t begin, int64_t end) {
+void backward(const T* gate, const T* up, int64_t ld, const T* dy, T* d_gate, T* d_up, int64_t F, int64_t begin,
+              int64_t end) {
   alignas(64) float gb[kBlock], ub[kBlock], db[kBlock], dgb[kBlock], dub[kBlock];
   const Vec one(1.0f);
   for (int64_t r = begin; r < end; ++r) {
-    const T* g_row = gate_up + r * 2 * F;
-    T* d_row = d_gate_up + r * 2 * F;
     for (int64_t at = 0; at < F; at += kBlock) {
       const int64_t n = std::min(kBlock, F - at);
-      const float* g = as_float(g_row + at, gb, n);
-      const float* u = as_float(g_row + F + at, ub, n);
+      const float* g = as_float(gate + r * ld + at, gb, n);
+      const float* u = as_float(up + r * ld + at, ub, n);
       const float* d = as_float(dy + r * F + at, db, n);
-      float* dg = std::is_same_v<T, float> ? reinterpret_cast<float*>(d_row + at) : dgb;
-      float* du = std::is_same_v<T, float> ? reinterpret_cast<float*>(d_row + F + at) : dub;
+      float* dg = std::is_same_v<T, float> ? reinterpret_cast<float*>(d_gate + r * ld + at) : dgb;
+      float* du = std::is_same_v<T, float> ? reinterpret_cast<float*>(d_up + r * ld + at) : dub;
       int64_t i = 0;
       for (; i + Vec::size() <= n; i += Vec::size()) {
         const Vec gv = Vec::loadu(g + i), uv = Vec::loadu(u + i), dv = Vec::loadu(d + i);
@@ -86,21 +84,28 @@ void backward(const T* gate_up, const T* dy, T* d_gate_up, int64_t F, int64_t be
         dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
         du[i] = d[i] * g[i] * s;
       }
-      store(dg, d_row + at, n);
-      store(du, d_row + F + at, n);
+      store(dg, d_gate + r * ld + at, n);
+      store(du, d_up + r * ld + at, n);
     }
   }
 }
 
 }  // namespace
 
-void swiglu_forward(const float* gu, float* y, int64_t F, int64_t b, int64_t e) { forward(gu, y, F, b, e); }
-void swiglu_forward(const c10::BFloat16* gu, c10::BFloat16* y, int64_t F, int64_t b, int64_t e) { forward(gu, y, F, b, e); }
-void swiglu_backward(const float* gu, const float* dy, float* d, int64_t F, int64_t b, int64_t e) {
-  backward(gu, dy, d, F, b, e);
+void swiglu_forward(const float* g, const float* u, int64_t ld, float* y, int64_t F, int64_t b, int64_t e) {
+  forward(g, u, ld, y, F, b, e);
 }
-void swiglu_backward(const c10::BFloat16* gu, const c10::BFloat16* dy, c10::BFloat16* d, int64_t F, int64_t b, int64_t e) {
-  backward(gu, dy, d, F, b, e);
+void swiglu_forward(const c10::BFloat16* g, const c10::BFloat16* u, int64_t ld, c10::BFloat16* y, int64_t F, int64_t b,
+                    int64_t e) {
+  forward(g, u, ld, y, F, b, e);
+}
+void swiglu_backward(const float* g, const float* u, int64_t ld, const float* dy, float* dg, float* du, int64_t F,
+                     int64_t b, int64_t e) {
+  backward(g, u, ld, dy, dg, du, F, b, e);
+}
+void swiglu_backward(const c10::BFloat16* g, const c10::BFloat16* u, int64_t ld, const c10::BFloat16* dy,
+                     c10::BFloat16* dg, c10::BFloat16* du, int64_t F, int64_t b, int64_t e) {
+  backward(g, u, ld, dy, dg, du, F, b, e);
 }
 
 }  // namespace moeforge::kernels::cpu

@@ -7,8 +7,21 @@
 
 namespace moeforge::kernels::cuda {
 
-// SwiGLU (core/kernels/swiglu.h): `bf16` selects __nv_bfloat16 elements, else float.
-int swiglu_forward(const void* gate_up, void* y, int64_t rows, int64_t F, bool bf16, void* stream);
-int swiglu_backward(const void* gate_up, const void* dy, void* d_gate_up, int64_t rows, int64_t F, bool bf16, void* stream);
+// SwiGLU (core/kernels/swiglu.h): gate and up rows `ld` elements apart (2F fused, F separate); `bf16`
+// selects __nv_bfloat16 elements, else float.
+int swiglu_forward(const void* gate, const void* up, int64_t ld, void* y, int64_t rows, int64_t F, bool bf16, void* stream);
+int swiglu_backward(const void* gate, const void* up, int64_t ld, const void* dy, void* d_gate, void* d_up, int64_t rows,
+                    int64_t F, bool bf16, void* stream);
+
+// RMSNorm (core/kernels/rmsnorm.h): r [rows] fp32 out of the forward; the backward writes dx and
+// dw_partial [ceil(rows / row_block), D] (fp32, summed over blocks by the caller, in order).
+int rmsnorm_forward(const void* x, const void* w, void* y, float* r, int64_t rows, int64_t D, float eps, bool bf16,
+                    void* stream);
+int rmsnorm_backward(const void* x, const void* w, const float* r, const void* dy, void* dx, float* dw_partial,
+                     int64_t rows, int64_t D, int64_t row_block, bool bf16, void* stream);
+
+// Half-split RoPE (core/kernels/rope.h) on x [B S H, Dh] with tables [B S, Dh]; sign -1 rotates back.
+int rope(const void* x, const void* cos, const void* sin, void* out, int64_t rows, int64_t H, int64_t Dh, float sign,
+         bool bf16, void* stream);
 
 }  // namespace moeforge::kernels::cuda
