@@ -1,12 +1,16 @@
 #include "moe/dispatcher.h"
 
+#include "core/kernels/moe_permute.h"
+
 namespace moeforge::moe {
 
 Dispatched LocalDispatcher::dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) {
   return sort_by_expert(x_TD, experts_TK, num_experts_);
 }
 
-torch::Tensor LocalDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d) { return unsort(y_ND, d); }
+torch::Tensor LocalDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK) {
+  return weighted_unsort(y_ND, d, weights_TK);
+}
 
 Dispatched sort_by_expert(const torch::Tensor& x_TD, const torch::Tensor& experts_TK, int64_t num_experts) {
   const int64_t K = experts_TK.size(1);
@@ -18,16 +22,16 @@ Dispatched sort_by_expert(const torch::Tensor& x_TD, const torch::Tensor& expert
   const auto counts = torch::bincount(experts_S, /*weights=*/{}, num_experts + 1).to(torch::kCPU);
   d.rows_per_local_expert.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + num_experts);
   d.dropped = counts.data_ptr<int64_t>()[num_experts];
-  const auto kept_S = order_S.narrow(0, 0, order_S.size(0) - d.dropped);
-  d.x_ND = x_TD.index_select(0, torch::div(kept_S, K, "floor"));
-  d.inverse_S = torch::empty_like(order_S);
-  d.inverse_S.index_put_({order_S}, torch::arange(order_S.size(0), order_S.options()));
+  const int64_t N = order_S.size(0) - d.dropped;
+  d.slot_of_row_N = order_S.narrow(0, 0, N).contiguous();
+  // Each slot's sorted row: a permutation written once per row (deterministic), -1 where dropped.
+  d.row_of_slot_S = torch::full_like(order_S, -1).index_put_({d.slot_of_row_N}, torch::arange(N, order_S.options()));
+  d.x_ND = kernels::moe_permute(x_TD, d.slot_of_row_N, d.row_of_slot_S, K);
   return d;
 }
 
-torch::Tensor unsort(const torch::Tensor& y_ND, const Dispatched& d) {
-  if (d.dropped == 0) return y_ND.index_select(0, d.inverse_S);
-  return torch::cat({y_ND, torch::zeros({d.dropped, y_ND.size(1)}, y_ND.options())}).index_select(0, d.inverse_S);
+torch::Tensor weighted_unsort(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK) {
+  return kernels::moe_combine(y_ND, d.slot_of_row_N, d.row_of_slot_S, weights_TK);
 }
 
 }  // namespace moeforge::moe

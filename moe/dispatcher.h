@@ -15,12 +15,14 @@ namespace moeforge::moe {
 struct Dispatched {
   torch::Tensor x_ND;                          // rows for the local experts, grouped by expert
   std::vector<int64_t> rows_per_local_expert;  // block sizes of x_ND, in local-expert order
-  torch::Tensor inverse_S;                     // what combine() needs to restore slot order
-  int64_t dropped = 0;                         // slots dropped by a capacity limit
+  // This rank's slots after the stable sort by expert (kernels/moe_permute.h): the slot of each
+  // sorted row, and the sorted row of each slot (-1 for a dropped one); int64 on the device.
+  torch::Tensor slot_of_row_N, row_of_slot_S;
+  int64_t dropped = 0;  // slots dropped by a capacity limit
   // Expert parallel only (AllToAllDispatcher): rows sent to / received from each EP rank, and the
-  // permutation from arrival order (by source rank) to local-expert order.
+  // permutation from arrival order (by source rank) to local-expert order and back.
   std::vector<int64_t> send_rows, recv_rows;
-  torch::Tensor regroup_N;
+  torch::Tensor regroup_N, ungroup_N;
 };
 
 class Dispatcher {
@@ -28,25 +30,25 @@ class Dispatcher {
   virtual ~Dispatcher() = default;
   // experts_TK holds each slot's expert, or num_experts for a slot dropped by the capacity limit.
   virtual Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) = 0;
-  // The expert outputs back in slot order (token-major: slot t * K + k), [S, D]; dropped slots
-  // get zeros.
-  virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched) = 0;
+  // The expert outputs back to their tokens, each token's K slots weighted by weights_TK and
+  // summed: [T, D]; dropped slots add nothing.
+  virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched, const torch::Tensor& weights_TK) = 0;
 };
 
 // The slots' rows sorted stably by expert (x_ND, one block per expert of `num_experts`, dropped
-// slots left out), with the inverse permutation and counts: LocalDispatcher's whole dispatch, and
-// the first step of the expert-parallel one.
+// slots left out), with both index maps and the counts: LocalDispatcher's whole dispatch, and the
+// first step of the expert-parallel one.
 Dispatched sort_by_expert(const torch::Tensor& x_TD, const torch::Tensor& experts_TK, int64_t num_experts);
-// Rows in sorted-slot order (dropped slots excluded) back to slot order, zeros for dropped slots.
-torch::Tensor unsort(const torch::Tensor& y_ND, const Dispatched& sorted);
+// Rows in this rank's sorted-slot order back to their tokens, weighted and summed (combine's last step).
+torch::Tensor weighted_unsort(const torch::Tensor& y_ND, const Dispatched& sorted, const torch::Tensor& weights_TK);
 
-// All experts on this rank: a stable sort of the slots by expert, one gather, and the inverse
-// permutation to come back (a gather too: deterministic, no scatter-add).
+// All experts on this rank: a stable sort of the slots by expert, one gather (kernels::moe_permute),
+// and the weighted gather back (kernels::moe_combine): deterministic, no scatter-add.
 class LocalDispatcher : public Dispatcher {
  public:
   explicit LocalDispatcher(int64_t num_experts) : num_experts_(num_experts) {}
   Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) override;
-  torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched) override;
+  torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched, const torch::Tensor& weights_TK) override;
 
  private:
   int64_t num_experts_;

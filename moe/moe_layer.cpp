@@ -16,8 +16,6 @@ MoELayer::MoELayer(const ModelConfig& c) : config_(c), dispatcher_(std::make_sha
 model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   const int64_t D = x_BSD.size(-1);
   const auto x_TD = x_BSD.reshape({-1, D});
-  const int64_t T = x_TD.size(0);
-  const int64_t K = config_.moe_router_topk;
   const Routing routing = gate(x_TD);
   const int64_t E = *config_.num_experts;
   // With a capacity factor, over-full experts drop slots (their expert id becomes E).
@@ -27,8 +25,7 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
                               : routing.experts_TK;
   const Dispatched dispatched = dispatcher_->dispatch(x_TD, experts_TK);
   const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
-  const auto y_SD = dispatcher_->combine(y_ND, dispatched);
-  auto y_TD = (y_SD.view({T, K, D}) * routing.weights_TK.unsqueeze(-1)).sum(1);
+  auto y_TD = dispatcher_->combine(y_ND, dispatched, routing.weights_TK);
   if (shared_expert) {
     auto s_TD = shared_expert(x_TD);
     if (shared_expert_gate) s_TD = torch::sigmoid(shared_expert_gate(x_TD)) * s_TD;

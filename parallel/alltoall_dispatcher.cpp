@@ -1,5 +1,7 @@
 #include "parallel/alltoall_dispatcher.h"
 
+#include "core/kernels/moe_permute.h"
+
 #include <chrono>
 
 namespace moeforge {
@@ -83,7 +85,9 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   const auto local_expert_N =
       torch::repeat_interleave(torch::arange(L).repeat({P}), recv_PL.reshape({-1})).to(x_TD.device());
   d.regroup_N = std::get<1>(torch::sort(local_expert_N, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  d.x_ND = x_recv.index_select(0, d.regroup_N);
+  d.ungroup_N = torch::empty_like(d.regroup_N).index_put_({d.regroup_N}, torch::arange(d.regroup_N.size(0), d.regroup_N.options()));
+  // A pure permutation: moe_permute with one slot per row (a gather each way, deterministic).
+  d.x_ND = kernels::moe_permute(x_recv, d.regroup_N, d.ungroup_N, 1);
 
   for (int64_t r : d.recv_rows) stats_->rows_received += r;
   for (int64_t p = 0; p < P; ++p) {
@@ -92,12 +96,10 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   return d;
 }
 
-torch::Tensor AllToAllDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d) {
-  // Inverse of the regrouping (a gather: deterministic), back to the ranks, then slot order.
-  auto ungroup_N = torch::empty_like(d.regroup_N);
-  ungroup_N.index_put_({d.regroup_N}, torch::arange(d.regroup_N.size(0), d.regroup_N.options()));
-  const auto y_recv = y_ND.index_select(0, ungroup_N);
-  return moe::unsort(RowAllToAll::apply(y_recv, ep_.get(), stats_.get(), d.recv_rows, d.send_rows), d);
+torch::Tensor AllToAllDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK) {
+  // Inverse of the regrouping, back to the ranks, then the tokens, weighted.
+  const auto y_recv = kernels::moe_permute(y_ND, d.ungroup_N, d.regroup_N, 1);
+  return moe::weighted_unsort(RowAllToAll::apply(y_recv, ep_.get(), stats_.get(), d.recv_rows, d.send_rows), d, weights_TK);
 }
 
 }  // namespace moeforge

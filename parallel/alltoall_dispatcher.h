@@ -37,7 +37,7 @@ class AllToAllDispatcher : public moe::Dispatcher {
   // `num_experts` must divide by the EP group's size (ParallelLayout checks it).
   AllToAllDispatcher(int64_t num_experts, std::shared_ptr<Communicator> ep_group);
   moe::Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) override;
-  torch::Tensor combine(const torch::Tensor& y_ND, const moe::Dispatched& dispatched) override;
+  torch::Tensor combine(const torch::Tensor& y_ND, const moe::Dispatched& dispatched, const torch::Tensor& weights_TK) override;
 
   DispatchStats& stats() { return *stats_; }
 

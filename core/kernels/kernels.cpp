@@ -23,7 +23,7 @@ constexpr Implemented kImplemented[kNumKernels] = {
     /*rmsnorm*/ {true, MOEFORGE_KERNELS_CUDA},
     /*rope*/ {true, MOEFORGE_KERNELS_CUDA},
     /*swiglu*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*permute*/ {false, false},
+    /*permute*/ {true, MOEFORGE_KERNELS_CUDA},
     /*cross_entropy*/ {false, false},
     /*adamw*/ {false, false},
     /*grouped_gemm*/ {true, MOEFORGE_KERNELS_CUDA},

@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
   part("  router", [&] { return moe->gate(x_TD).weights_TK; });
   part("  dispatch + combine", [&] {
     const auto d = dispatcher.dispatch(x_TD, routing.experts_TK);
-    return dispatcher.combine(d.x_ND, d);
+    return dispatcher.combine(d.x_ND, d, routing.weights_TK.detach());
   });
   const auto sent = dispatcher.dispatch(x_TD.detach(), routing.experts_TK);
   const auto x_ND = sent.x_ND.clone().requires_grad_();

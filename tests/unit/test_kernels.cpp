@@ -3,6 +3,7 @@
 // odd sizes, empty inputs and non-contiguous inputs. (The CUDA implementations: tests/gpu.)
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/moe_permute.h"
 #include "core/kernels/rmsnorm.h"
 #include "core/kernels/rope.h"
 #include "core/kernels/swiglu.h"
@@ -62,6 +63,17 @@ void compare(const std::function<torch::Tensor(const std::vector<torch::Tensor>&
 torch::Tensor randn(std::vector<int64_t> shape, torch::ScalarType dtype, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   return torch::randn(shape, gen, torch::kFloat32).to(dtype);
+}
+
+// The index maps of T tokens' K slots sorted stably by expert (expert E: dropped), built here from
+// their definition: slot_of_row_N the kept slots in sorted order, row_of_slot_S their rows, -1 dropped.
+std::pair<torch::Tensor, torch::Tensor> sorted_slots(const torch::Tensor& experts_S, int64_t E) {
+  const auto order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
+  const int64_t N = (experts_S < E).sum().item<int64_t>();
+  const auto sor = order_S.narrow(0, 0, N).contiguous();
+  auto ros = torch::full_like(experts_S, -1);
+  for (int64_t n = 0; n < N; ++n) ros[sor[n].item<int64_t>()] = n;
+  return {sor, ros};
 }
 
 }  // namespace
@@ -148,4 +160,44 @@ TEST_CASE("rope: the fused kernel equals x cos + rotate_half(x) sin, forward and
       compare(fused, reference, {randn({B, S, H, Dh}, dtype, 12), emb.cos().to(dtype), emb.sin().to(dtype)}, 1);
     }
   }
+}
+
+TEST_CASE("moe_permute / moe_combine: the fused kernels equal gather and weighted unsort, with dropped slots", "[kernels][permute]") {
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    INFO(c10::toString(dtype));
+    for (const auto& [T, K, D, E] : std::vector<std::array<int64_t, 4>>{{37, 4, 24, 6}, {5, 1, 7, 3}, {0, 2, 8, 4}, {64, 2, 130, 8}}) {
+      INFO("T K D E " << T << " " << K << " " << D << " " << E);
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(19);
+      const auto experts_S = torch::randint(0, E + 1, {T * K}, gen, torch::kInt64);  // value E: dropped
+      const auto [sor, ros] = sorted_slots(experts_S, E);
+      const auto permute = [&](const auto& x) { return kernels::moe_permute_fused(x[0], sor, ros, K); };
+      const auto permute_reference = [&](const auto& x) { return kernels::moe_permute_reference(x[0], sor, K); };
+      compare(permute, permute_reference, {randn({T, D}, dtype, 20)});
+      const auto combine = [&](const auto& x) { return kernels::moe_combine_fused(x[0], sor, ros, x[1]); };
+      const auto combine_reference = [&](const auto& x) { return kernels::moe_combine_reference(x[0], ros, x[1]); };
+      compare(combine, combine_reference, {randn({sor.size(0), D}, dtype, 21), randn({T, K}, dtype, 22).abs()});
+    }
+  }
+}
+
+TEST_CASE("moe_combine: a token's slots summed in slot order, the same bits on every run", "[kernels][permute]") {
+  const int64_t T = 300, K = 4, D = 96, E = 16;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(23);
+  const auto [sor, ros] = sorted_slots(torch::randint(0, E, {T * K}, gen, torch::kInt64), E);
+  const auto y = randn({T * K, D}, torch::kFloat32, 24).requires_grad_();
+  const auto w = randn({T, K}, torch::kFloat32, 25).requires_grad_();
+  const auto dy = randn({T, D}, torch::kFloat32, 26);
+  auto run = [&] {
+    y.mutable_grad().reset();
+    w.mutable_grad().reset();
+    const auto out = kernels::moe_combine_fused(y, sor, ros, w);
+    out.backward(dy);
+    return std::array<torch::Tensor, 3>{out.detach(), y.grad().clone(), w.grad().clone()};
+  };
+  const auto a = run(), b = run();
+  for (size_t i = 0; i < a.size(); ++i) CHECK(torch::equal(a[i], b[i]));
+  // One-hot weights pick one slot's row exactly.
+  const auto onehot_TK = torch::zeros({T, K}).index_fill_(1, torch::tensor({2}), 1.0);
+  const auto picked = kernels::moe_combine_fused(y.detach(), sor, ros, onehot_TK);
+  CHECK(torch::equal(picked, y.detach().index_select(0, ros.view({T, K}).select(1, 2))));
 }

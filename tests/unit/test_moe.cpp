@@ -93,11 +93,11 @@ TEST_CASE("capacity limits drop the lowest-probability or the latest slots", "[m
   const auto sent = d.dispatch(x_TD, by_probs);
   CHECK(sent.dropped == 6);
   CHECK(sent.rows_per_local_expert == std::vector<int64_t>{2, 0, 0, 0});
-  const auto back = d.combine(sent.x_ND, sent);
+  const auto back = d.combine(sent.x_ND, sent, torch::ones({8, 1}));
   CHECK(torch::equal(back.view({-1}), torch::tensor({0.f, 1.f, 0.f, 3.f, 0.f, 0.f, 0.f, 0.f})));
 }
 
-TEST_CASE("dispatch then combine is the identity on every slot", "[moe]") {
+TEST_CASE("dispatch then combine returns every slot to its token, weighted", "[moe]") {
   torch::manual_seed(1);
   const auto x_TD = torch::randn({37, 5});
   const auto experts_TK = torch::randint(0, 6, {37, 3}, torch::kInt64);
@@ -106,8 +106,16 @@ TEST_CASE("dispatch then combine is the identity on every slot", "[moe]") {
   int64_t total = 0;
   for (auto n : sent.rows_per_local_expert) total += n;
   CHECK(total == 37 * 3);
-  const auto back_SD = d.combine(sent.x_ND, sent);
-  CHECK(torch::equal(back_SD, x_TD.repeat_interleave(3, 0)));
+  // Rows grouped by expert: each row's expert is its block's.
+  const auto experts_N = experts_TK.view({-1}).index_select(0, sent.slot_of_row_N);
+  CHECK(torch::equal(experts_N, std::get<0>(torch::sort(experts_TK.view({-1})))));
+  // Slot k alone (one-hot weights) brings back its token's row exactly; any weights scale it by their sum.
+  for (int64_t k = 0; k < 3; ++k) {
+    const auto onehot_TK = torch::zeros({37, 3}).index_fill_(1, torch::tensor({k}), 1.0);
+    CHECK(torch::equal(d.combine(sent.x_ND, sent, onehot_TK), x_TD));
+  }
+  const auto w_TK = torch::rand({37, 3});
+  CHECK(torch::allclose(d.combine(sent.x_ND, sent, w_TK), x_TD * w_TK.sum(1, true), 1e-6, 1e-6));
 }
 
 TEST_CASE("Megatron initialization and bf16 execution", "[moe]") {

@@ -39,4 +39,25 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
 void rope(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin, c10::BFloat16* out, int64_t H,
           int64_t Dh, float sign, int64_t begin, int64_t end);
 
+// MoE permutation (core/kernels/moe_permute.h), rows of D, K slots per token; row_of_slot -1 for a
+// dropped slot. permute: x_ND[n] = x_TD[slot_of_row[n] / K] for rows [begin, end); its backward
+// dx_TD[t] = sum over k of dx_ND[row_of_slot[t K + k]] for tokens [begin, end), in slot order.
+template <typename T>
+void moe_permute(const T* x_TD, const int64_t* slot_of_row, T* x_ND, int64_t D, int64_t K, int64_t begin, int64_t end);
+template <typename T>
+void moe_permute_backward(const T* dx_ND, const int64_t* row_of_slot, T* dx_TD, int64_t D, int64_t K, int64_t begin,
+                          int64_t end);
+// combine: y_TD[t] = sum over k of w[t K + k] y_ND[row_of_slot[t K + k]] for tokens [begin, end);
+// backward: dy_ND[n] = w[s] dy_TD[s / K] (s = slot_of_row[n]) for rows [begin, end), and
+// dw[s] = dy_TD[s / K] . y_ND[row_of_slot[s]] for slots [begin, end).
+template <typename T>
+void moe_combine(const T* y_ND, const int64_t* row_of_slot, const T* w_S, T* y_TD, int64_t D, int64_t K, int64_t begin,
+                 int64_t end);
+template <typename T>
+void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const T* w_S, T* dy_ND, int64_t D, int64_t K,
+                               int64_t begin, int64_t end);
+template <typename T>
+void moe_combine_backward_weights(const T* dy_TD, const T* y_ND, const int64_t* row_of_slot, T* dw_S, int64_t D,
+                                  int64_t K, int64_t begin, int64_t end);
+
 }  // namespace moeforge::kernels::cpu

@@ -24,4 +24,16 @@ int rmsnorm_backward(const void* x, const void* w, const float* r, const void* d
 int rope(const void* x, const void* cos, const void* sin, void* out, int64_t rows, int64_t H, int64_t Dh, float sign,
          bool bf16, void* stream);
 
+// The MoE permutation (core/kernels/moe_permute.h): index tensors int64 on the device, N rows, T
+// tokens, K slots per token, rows of D.
+int moe_permute(const void* x_TD, const int64_t* slot_of_row, void* x_ND, int64_t N, int64_t D, int64_t K, bool bf16,
+                void* stream);
+int moe_permute_backward(const void* dx_ND, const int64_t* row_of_slot, void* dx_TD, int64_t T, int64_t D, int64_t K,
+                         bool bf16, void* stream);
+int moe_combine(const void* y_ND, const int64_t* row_of_slot, const void* w_S, void* y_TD, int64_t T, int64_t D, int64_t K,
+                bool bf16, void* stream);
+int moe_combine_backward(const void* dy_TD, const void* y_ND, const int64_t* slot_of_row, const int64_t* row_of_slot,
+                         const void* w_S, void* dy_ND, void* dw_S, int64_t N, int64_t T, int64_t D, int64_t K, bool bf16,
+                         void* stream);
+
 }  // namespace moeforge::kernels::cuda
