@@ -1,5 +1,6 @@
 #include "core/gpt_model.h"
 
+#include "core/kernels/cross_entropy.h"
 #include "core/recompute.h"
 
 #include <algorithm>
@@ -43,7 +44,7 @@ ModelOutput GPTModelImpl::forward(const torch::Tensor& tokens_BS, const torch::T
 }
 
 ModelOutput GPTModelImpl::forward_layers(const torch::Tensor& input, const torch::Tensor& position_ids_BS, int64_t begin,
-                                         int64_t end) {
+                                         int64_t end, HeadOutput head) {
   ModelOutput out;
   auto x_BSD = begin == 0 ? embed_tokens(input) : input;
   const auto [cos, sin] = rope_.tables(position_ids_BS, x_BSD.scalar_type());
@@ -59,7 +60,12 @@ ModelOutput GPTModelImpl::forward_layers(const torch::Tensor& input, const torch
     return out;
   }
   x_BSD = norm(x_BSD);
-  out.logits_BSV = lm_head ? lm_head(x_BSD) : torch::matmul(x_BSD, embed_tokens->weight.t());
+  if (head == HeadOutput::logits) {
+    out.logits_BSV = lm_head ? lm_head(x_BSD) : torch::matmul(x_BSD, embed_tokens->weight.t());
+  } else {
+    out.head_input_BSD = x_BSD;
+    out.head_weight_VD = lm_head ? lm_head->weight : embed_tokens->weight;
+  }
   return out;
 }
 
@@ -70,13 +76,13 @@ void GPTModelImpl::set_recompute(RecomputeGranularity granularity) {
   }
 }
 
-torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS) {
-  const auto V = logits_BSV.size(-1);
-  const auto per_token = torch::nn::functional::cross_entropy(
-      logits_BSV.to(torch::kFloat32).reshape({-1, V}), labels_BS.reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-  const auto mask = loss_mask_BS.reshape({-1}).to(torch::kFloat32);
-  return (per_token * mask).sum() / mask.sum();
+torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS) {
+  const auto labels_T = labels_BS.reshape({-1}), mask_T = loss_mask_BS.reshape({-1});
+  if (out.logits_BSV.defined()) {
+    return kernels::masked_cross_entropy(out.logits_BSV.reshape({-1, out.logits_BSV.size(-1)}), labels_T, mask_T);
+  }
+  const auto& h = out.head_input_BSD;
+  return kernels::lm_head_cross_entropy(h.reshape({-1, h.size(-1)}), out.head_weight_VD, labels_T, mask_T);
 }
 
 namespace {

@@ -30,10 +30,16 @@ class DecoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(DecoderLayer);
 
+// What a run that reaches the head returns: the logits, or what the head would take (the final
+// norm's output and the head's weight) for a loss that makes the logits itself, a chunk at a time
+// (kernels::lm_head_cross_entropy: training never holds the whole [tokens, vocabulary] logits).
+enum class HeadOutput { logits, head_input };
+
 struct ModelOutput {
-  torch::Tensor logits_BSV;               // when the run reached the head
-  torch::Tensor hidden_BSD;               // otherwise: the last layer's output
-  std::vector<FeedForwardOutput> layers;  // per layer run, for the load-balancing losses
+  torch::Tensor logits_BSV;                    // the head ran, HeadOutput::logits
+  torch::Tensor head_input_BSD, head_weight_VD;  // the head's input and weight, HeadOutput::head_input
+  torch::Tensor hidden_BSD;                    // the run stopped before the head: the last layer's output
+  std::vector<FeedForwardOutput> layers;       // per layer run, for the load-balancing losses
 };
 
 class GPTModelImpl : public torch::nn::Module {
@@ -42,8 +48,9 @@ class GPTModelImpl : public torch::nn::Module {
   ModelOutput forward(const torch::Tensor& tokens_BS, const torch::Tensor& position_ids_BS);
   // Layers [begin, end) only (a pipeline stage runs one such slice): `input` is the tokens when
   // begin == 0 (the embedding runs), else the hidden states entering layer `begin`; the final norm
-  // and head run when end == num_layers (logits), else the output is hidden_BSD.
-  ModelOutput forward_layers(const torch::Tensor& input, const torch::Tensor& position_ids_BS, int64_t begin, int64_t end);
+  // and head run when end == num_layers (as `head` says), else the output is hidden_BSD.
+  ModelOutput forward_layers(const torch::Tensor& input, const torch::Tensor& position_ids_BS, int64_t begin, int64_t end,
+                             HeadOutput head = HeadOutput::logits);
   const ModelConfig& config() const { return config_; }
   // training.recompute_granularity: full recomputes each decoder layer in backward, selective the
   // attention core; the results are the same, the memory is not.
@@ -62,8 +69,9 @@ class GPTModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(GPTModel);
 
-// Mean cross-entropy in fp32 over the positions where loss_mask is 1 (labels already shifted).
-torch::Tensor lm_loss(const torch::Tensor& logits_BSV, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS);
+// Mean cross-entropy in fp32 over the positions where loss_mask is 1 (labels already shifted), from
+// the logits or from the head's input and weight (fused with the head, model.kernels).
+torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS);
 
 // Megatron's initialization: normal(0, std) for weights, std / sqrt(2 * num_layers) for the output
 // projections of each block (o_proj, down projections), ones for norms, zeros for biases. Each

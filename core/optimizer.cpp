@@ -1,6 +1,7 @@
 #include "core/optimizer.h"
 
 #include "core/errors.h"
+#include "core/kernels/adamw.h"
 
 #include <fmt/format.h>
 
@@ -67,17 +68,6 @@ std::vector<TrainableParameter> select_trainable(const std::vector<std::pair<std
   }
   if (out.empty()) fail_user("training.trainable / training.frozen leave no parameter to train");
   return out;
-}
-
-void adamw_update(torch::Tensor& w, const torch::Tensor& g, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
-                  const TrainingConfig& h, double lr, bool decay, int64_t step) {
-  const double bias1 = 1.0 - std::pow(h.adam_beta1, static_cast<double>(step));
-  const double bias2_sqrt = std::sqrt(1.0 - std::pow(h.adam_beta2, static_cast<double>(step)));
-  if (decay && h.weight_decay > 0) w.mul_(1.0 - lr * h.weight_decay);
-  exp_avg.lerp_(g, 1.0 - h.adam_beta1);
-  exp_avg_sq.mul_(h.adam_beta2).addcmul_(g, g, 1.0 - h.adam_beta2);
-  const auto denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(h.adam_eps);
-  w.addcdiv_(exp_avg, denom, -lr / bias1);
 }
 
 int64_t Optimizer::num_trainable_elements() const {
@@ -158,11 +148,14 @@ void AdamW::scale_grads(double factor) {
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++steps_;
+  // One pass per tensor: the fp32 master (or fp32 parameter) and, in bf16, the model's weight.
+  std::vector<kernels::AdamWTensors> tensors;
   for (size_t i = 0; i < params_.size(); ++i) {
-    auto& w = master_[i].defined() ? master_[i] : params_[i].param;
-    adamw_update(w, grad(i), exp_avg_[i], exp_avg_sq_[i], hyper_, lr, params_[i].weight_decay, steps_);
-    if (master_[i].defined()) params_[i].param.copy_(w);
+    const bool mixed = master_[i].defined();
+    tensors.push_back({mixed ? master_[i] : params_[i].param.detach(), grad(i), exp_avg_[i], exp_avg_sq_[i],
+                       mixed ? params_[i].param.detach() : torch::Tensor(), params_[i].weight_decay});
   }
+  kernels::adamw_step(tensors, kernels::AdamWHyper::of(hyper_, lr, steps_));
   zero_grads();
 }
 

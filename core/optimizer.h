@@ -1,8 +1,9 @@
-// defines: TrainableParameter, select_trainable, optimizer_state_parameter, adamw_update, StateLookup,
+// defines: TrainableParameter, select_trainable, optimizer_state_parameter, StateLookup,
 //          Optimizer, AdamW
 //
 // The optimizer side of training, independent of the model's structure: which parameters train
-// (freezing by name glob), and AdamW with decoupled weight decay over fp32 master weights.
+// (freezing by name glob), and AdamW with decoupled weight decay over fp32 master weights
+// (the update itself: kernels::adamw_step, shared with the sharded optimizer).
 // When the model runs in bf16, each micro-batch's bf16 gradients are accumulated into an fp32
 // main-grad buffer (as Megatron's DDP does) and the fp32 master copy is what Adam updates; the
 // model's bf16 weights are then copied from it. In fp32 the parameter is its own master.
@@ -39,12 +40,6 @@ bool glob_match(std::string_view pattern, std::string_view text);
 // The parameter an optimizer-state tensor belongs to (Optimizer::state() names it
 // exp_avg.<parameter>, exp_avg_sq.<parameter> or master.<parameter>); any other name as it is.
 std::string_view optimizer_state_parameter(std::string_view name);
-
-// One AdamW update of `w` in place, in torch.optim.AdamW's order of operations (single-tensor
-// path): decoupled decay, moments, bias-corrected step. `step` counts from 1. Shared by the
-// replicated and the sharded (ZeRO-1) optimizers so both do bit-identical math.
-void adamw_update(torch::Tensor& w, const torch::Tensor& g, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq,
-                  const TrainingConfig& hyper, double lr, bool decay, int64_t step);
 
 // Looks up a tensor of a saved optimizer state by name, as fp32 and shaped like this rank's
 // parameter (expert-parallel tensors already cut to this rank's experts); nullopt when absent.

@@ -56,8 +56,8 @@ LossBreakdown model_loss(const ModelConfig& c, const model::ModelOutput& out, co
                          const torch::Tensor& loss_mask_BS) {
   LossBreakdown l;
   // A pipeline stage without the head contributes only its layers' auxiliary losses.
-  l.lm = out.logits_BSV.defined() ? model::lm_loss(out.logits_BSV, labels_BS, loss_mask_BS)
-                                  : torch::zeros({}, out.hidden_BSD.options().dtype(torch::kFloat32));
+  l.lm = out.hidden_BSD.defined() ? torch::zeros({}, out.hidden_BSD.options().dtype(torch::kFloat32))
+                                  : model::lm_loss(out, labels_BS, loss_mask_BS);
   l.aux = torch::zeros({}, l.lm.options());
   l.z = torch::zeros({}, l.lm.options());
   std::vector<torch::Tensor> logits;

@@ -1,5 +1,6 @@
 #include "parallel/data_parallel_optimizer.h"
 
+#include "core/kernels/adamw.h"
 #include "parallel/grad_sync.h"
 
 #include <fmt/format.h>
@@ -69,6 +70,8 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
       b.master = flatten_params(b).narrow(0, b.group->rank() * b.shard, b.shard).clone();
       b.exp_avg = torch::zeros({b.shard}, fp32);
       b.exp_avg_sq = torch::zeros({b.shard}, fp32);
+      const auto dtype = params_[b.members[0]].param.scalar_type();
+      if (dtype == torch::kBFloat16) b.model_shard = b.master.to(dtype);
       buckets_.push_back(std::move(b));
     }
   }
@@ -115,7 +118,8 @@ void DistributedAdamW::scale_grads(double factor) {
 }
 
 void DistributedAdamW::gather_into_params(Bucket& b) {
-  const auto full = b.group->all_gather(b.master);
+  // In bf16 the shard the update rounded to the model's dtype: half the bytes of the fp32 master.
+  const auto full = b.group->all_gather(b.model_shard.defined() ? b.model_shard : b.master);
   for (size_t j = 0; j < b.members.size(); ++j) {
     auto& p = params_[b.members[j]].param;
     p.detach().copy_(full.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
@@ -125,10 +129,10 @@ void DistributedAdamW::gather_into_params(Bucket& b) {
 void DistributedAdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++steps_;
-  for (auto& b : buckets_) {
-    adamw_update(b.master, b.grad_shard, b.exp_avg, b.exp_avg_sq, hyper_, lr, b.decay, steps_);
-    gather_into_params(b);
-  }
+  std::vector<kernels::AdamWTensors> shards;
+  for (auto& b : buckets_) shards.push_back({b.master, b.grad_shard, b.exp_avg, b.exp_avg_sq, b.model_shard, b.decay});
+  kernels::adamw_step(shards, kernels::AdamWHyper::of(hyper_, lr, steps_));
+  for (auto& b : buckets_) gather_into_params(b);
   zero_grads();
 }
 
@@ -190,7 +194,9 @@ void DistributedAdamW::load_state(const StateLookup& lookup, const std::string& 
   report_state_problems(source, problems);
   // The model's weights from the fp32 masters (in bf16 they are more precise than the saved model).
   for (auto& b : buckets_) {
-    if (mixed_) gather_into_params(b);
+    if (!mixed_) continue;
+    if (b.model_shard.defined()) b.model_shard.copy_(b.master);
+    gather_into_params(b);
   }
   steps_ = steps;
 }

@@ -16,7 +16,9 @@
 //   Optimizer memory per rank drops from 12 to 12/G bytes per parameter (plus the 4-byte buffer).
 //
 // Both count every parameter of the model once in the gradient norm and do the same elementwise
-// AdamW math (adamw_update), so their updates are identical. Checkpoints hold per-parameter state
+// AdamW math (kernels::adamw_step, whose elements do not depend on where a tensor is cut), so
+// their updates are identical. In bf16 the update also writes the shard's bf16 copy, and that is
+// what the all-gather sends. Checkpoints hold per-parameter state
 // (state() gathers the shards), so a checkpoint does not depend on the layout it was saved from.
 #pragma once
 
@@ -62,6 +64,7 @@ class DistributedAdamW : public Optimizer {
     int64_t padded = 0, shard = 0;  // flat size (a multiple of the group size), shard size
     torch::Tensor main_grad;        // [padded] fp32: micro-batch gradients accumulate here
     torch::Tensor grad_shard, master, exp_avg, exp_avg_sq;  // [shard] fp32
+    torch::Tensor model_shard;  // [shard] bf16 for a bf16 model (the all-gather's input), else undefined
   };
   // The parameters' values (or zeros) laid out flat, [padded] fp32.
   torch::Tensor flatten_params(const Bucket& b) const;

@@ -24,8 +24,8 @@ constexpr Implemented kImplemented[kNumKernels] = {
     /*rope*/ {true, MOEFORGE_KERNELS_CUDA},
     /*swiglu*/ {true, MOEFORGE_KERNELS_CUDA},
     /*permute*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*cross_entropy*/ {false, false},
-    /*adamw*/ {false, false},
+    /*cross_entropy*/ {true, MOEFORGE_KERNELS_CUDA},
+    /*adamw*/ {true, MOEFORGE_KERNELS_CUDA},
     /*grouped_gemm*/ {true, MOEFORGE_KERNELS_CUDA},
 };
 

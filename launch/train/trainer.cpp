@@ -3,6 +3,7 @@
 #include "core/durable_file.h"
 #include "core/errors.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/self_check.h"
 #include "core/logging.h"
 #include "core/model_size.h"
 #include "data/datasets.h"
@@ -118,6 +119,13 @@ void Trainer::setup_model() {
     init_shard(*model_, *shard_, fp32, static_cast<uint64_t>(c_.training.seed));
   }
   if (c_.training.bf16) model_->to(torch::kBFloat16);
+  // Before the first step: each fused kernel against its reference on this device, the verdict
+  // agreed over every rank (one failure anywhere: the reference everywhere).
+  kernels::self_check(device_, [this](const std::vector<int64_t>& failed) {
+    auto t = torch::tensor(failed, torch::kInt64);
+    groups_.world->all_reduce(t, ReduceOp::max);
+    return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
+  });
 }
 
 void Trainer::setup_optimizer() {
@@ -236,7 +244,8 @@ StepMetrics Trainer::train_step() {
     auto t0 = Clock::now();
     const Batch b = to_tensors(train_loader_->next());
     data_s += seconds_since(t0);
-    const auto out = model_->forward_layers(first == 0 ? b.tokens : input, b.position_ids, first, end);
+    const auto out =
+        model_->forward_layers(first == 0 ? b.tokens : input, b.position_ids, first, end, model::HeadOutput::head_input);
     const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask);
     losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
     for (size_t j = 0; j < out.layers.size(); ++j) {
@@ -379,9 +388,10 @@ double Trainer::evaluate() {
     run_forward_only(*groups_.pp, micro_batches, activation_shape(), activation_options(),
                      [&](int64_t, const torch::Tensor& input) {
                        const Batch b = to_tensors(loader.next());
-                       const auto out = model_->forward_layers(shard_->first_layer == 0 ? b.tokens : input,
-                                                               b.position_ids, shard_->first_layer, shard_->end_layer);
-                       if (out.logits_BSV.defined()) total += model::lm_loss(out.logits_BSV, b.labels, b.loss_mask).item<double>();
+                       const auto out =
+                           model_->forward_layers(shard_->first_layer == 0 ? b.tokens : input, b.position_ids,
+                                                  shard_->first_layer, shard_->end_layer, model::HeadOutput::head_input);
+                       if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask).item<double>();
                        return StageOutput{out.hidden_BSD, {}};
                      });
     state_.consumed_valid_samples += t.global_batch_size;

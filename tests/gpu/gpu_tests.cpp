@@ -2,11 +2,14 @@
 // (ctest: skipped, shown as such) where no GPU is visible.
 #define CATCH_CONFIG_RUNNER
 #include "../unit/train_fixture.h"
+#include "core/kernels/self_check.h"
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <set>
+#include <string>
 
 using namespace moeforge;
 using namespace moeforge::test;
@@ -31,6 +34,18 @@ Run train_on(const std::string& config, const std::string& device, bool bf16, co
 }
 
 }  // namespace
+
+TEST_CASE("every fused CUDA kernel equals its reference composition (the start-up self-check)", "[gpu][kernels]") {
+  kernels::set_choice(KernelChoice::fused);
+  const auto checks = kernels::check_kernels(torch::Device(torch::kCUDA, 0));
+  std::set<std::string> checked;
+  for (const auto& c : checks) {
+    INFO(kernels::kernel_name(c.kernel) << " " << c.detail << ": error " << c.error);
+    CHECK(c.ok);
+    checked.insert(kernels::kernel_name(c.kernel));
+  }
+  CHECK(checked.size() == static_cast<size_t>(kernels::kNumKernels));
+}
 
 TEST_CASE("training steps on CUDA equal the same steps on the CPU", "[gpu][train]") {
   TempDir dir;

@@ -1,11 +1,14 @@
 // The kernel layer (core/kernels): every fused kernel against its reference composition, outputs
 // and every input's gradient, norm-wise (|a - b| / |b|) within 1e-6 in fp32 and 1e-2 in bf16, on
 // odd sizes, empty inputs and non-contiguous inputs. (The CUDA implementations: tests/gpu.)
+#include "core/kernels/adamw.h"
+#include "core/kernels/cross_entropy.h"
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/moe_permute.h"
 #include "core/kernels/rmsnorm.h"
 #include "core/kernels/rope.h"
+#include "core/kernels/self_check.h"
 #include "core/kernels/swiglu.h"
 
 #include <catch2/catch.hpp>
@@ -14,6 +17,8 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <set>
+#include <string>
 #include <vector>
 
 using namespace moeforge;
@@ -200,4 +205,129 @@ TEST_CASE("moe_combine: a token's slots summed in slot order, the same bits on e
   const auto onehot_TK = torch::zeros({T, K}).index_fill_(1, torch::tensor({2}), 1.0);
   const auto picked = kernels::moe_combine_fused(y.detach(), sor, ros, onehot_TK);
   CHECK(torch::equal(picked, y.detach().index_select(0, ros.view({T, K}).select(1, 2))));
+}
+
+TEST_CASE("lm_head_cross_entropy: chunked head and loss equal the whole logits' cross-entropy", "[kernels][cross_entropy]") {
+  for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    INFO(c10::toString(dtype));
+    for (const auto& [T, D, V, chunk] : std::vector<std::array<int64_t, 4>>{{37, 24, 101, 8}, {5, 16, 3, 0}, {64, 32, 1000, 64}, {9, 8, 77, 1}}) {
+      INFO("T D V chunk " << T << " " << D << " " << V << " " << chunk);
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(27);
+      const auto labels = torch::randint(0, V, {T}, gen, torch::kInt64);
+      auto mask = (torch::rand({T}, gen) > 0.25).to(torch::kFloat32);
+      mask[0] = 1.0;
+      const auto fused = [&](const auto& x) { return kernels::lm_head_cross_entropy_fused(x[0], x[1], labels, mask, chunk); };
+      const auto reference = [&](const auto& x) { return kernels::lm_head_cross_entropy_reference(x[0], x[1], labels, mask); };
+      compare(fused, reference, {randn({T, D}, dtype, 28), randn({V, D}, dtype, 29) * 0.5});
+    }
+  }
+  // Without gradients (evaluation) only the loss is made.
+  torch::NoGradGuard no_grad;
+  const auto h = randn({12, 8}, torch::kFloat32, 30), w = randn({50, 8}, torch::kFloat32, 31);
+  const auto labels = torch::arange(12, torch::kInt64), mask = torch::ones({12});
+  CHECK(norm_error(kernels::lm_head_cross_entropy_fused(h, w, labels, mask, 5),
+                   kernels::lm_head_cross_entropy_reference(h, w, labels, mask)) < 1e-6);
+}
+
+namespace {
+
+// One parameter's AdamW state, the gradient positive and negative, moments of earlier steps.
+kernels::AdamWTensors adamw_state(int64_t n, bool with_copy, bool decay, uint64_t seed) {
+  kernels::AdamWTensors t;
+  t.w = randn({n}, torch::kFloat32, seed);
+  t.g = randn({n}, torch::kFloat32, seed + 1) * 0.1;
+  t.exp_avg = randn({n}, torch::kFloat32, seed + 2) * 0.01;
+  t.exp_avg_sq = randn({n}, torch::kFloat32, seed + 3).square() * 1e-3;
+  if (with_copy) t.copy = torch::zeros({n}, torch::kBFloat16);
+  t.decay = decay;
+  return t;
+}
+
+std::vector<kernels::AdamWTensors> clone_states(const std::vector<kernels::AdamWTensors>& v) {
+  std::vector<kernels::AdamWTensors> out;
+  for (const auto& t : v) {
+    out.push_back({t.w.clone(), t.g.clone(), t.exp_avg.clone(), t.exp_avg_sq.clone(),
+                   t.copy.defined() ? t.copy.clone() : torch::Tensor(), t.decay});
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("adamw_step: every tensor in one pass equals torch's AdamW composition, the bf16 copy its rounding",
+          "[kernels][adamw]") {
+  // Sizes around the vector width and the chunk (16384), an empty tensor, with and without decay
+  // and the bf16 copy; three steps, so bias correction and the moments carry over.
+  std::vector<kernels::AdamWTensors> state;
+  uint64_t seed = 40;
+  for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{8}, int64_t{131}, int64_t{16384 + 9}, int64_t{3 * 16384}}) {
+    for (const bool copy : {false, true}) state.push_back(adamw_state(n, copy, /*decay=*/n % 2 == 1, seed += 4));
+  }
+  auto fused = clone_states(state), reference = clone_states(state);
+  for (int64_t step = 1; step <= 3; ++step) {
+    const kernels::AdamWHyper h{1e-3, 0.9, 0.95, 1e-8, 0.1, step};
+    kernels::adamw_step_fused(fused, h);
+    kernels::adamw_step_reference(reference, h);
+  }
+  for (size_t i = 0; i < state.size(); ++i) {
+    INFO("tensor " << i << " of " << state[i].w.numel() << " elements");
+    CHECK(norm_error(fused[i].w, reference[i].w) < 1e-6);
+    CHECK(norm_error(fused[i].exp_avg, reference[i].exp_avg) < 1e-6);
+    CHECK(norm_error(fused[i].exp_avg_sq, reference[i].exp_avg_sq) < 1e-6);
+    CHECK(!torch::equal(fused[i].w, state[i].w) == (state[i].w.numel() > 0));
+    if (state[i].copy.defined()) CHECK(torch::equal(fused[i].copy, fused[i].w.to(torch::kBFloat16)));
+  }
+}
+
+TEST_CASE("adamw_step: an element's update does not depend on where its tensor is cut (ZeRO shards)", "[kernels][adamw]") {
+  const int64_t n = 16384 * 2 + 77;
+  const auto whole = adamw_state(n, true, true, 60);
+  auto one = clone_states({whole});
+  // The same elements as three pieces at odd offsets, as a sharded optimizer holds them.
+  std::vector<kernels::AdamWTensors> pieces;
+  for (const auto& [at, len] : std::vector<std::pair<int64_t, int64_t>>{{0, 13}, {13, 16384 + 3}, {16384 + 16, n - 16384 - 16}}) {
+    pieces.push_back({whole.w.narrow(0, at, len).clone(), whole.g.narrow(0, at, len).clone(),
+                      whole.exp_avg.narrow(0, at, len).clone(), whole.exp_avg_sq.narrow(0, at, len).clone(),
+                      torch::zeros({len}, torch::kBFloat16), true});
+  }
+  const kernels::AdamWHyper h{3e-4, 0.9, 0.999, 1e-8, 0.01, 5};
+  kernels::adamw_step_fused(one, h);
+  kernels::adamw_step_fused(pieces, h);
+  auto cat = [&](auto member) {
+    std::vector<torch::Tensor> parts;
+    for (const auto& p : pieces) parts.push_back(p.*member);
+    return torch::cat(parts);
+  };
+  CHECK(torch::equal(cat(&kernels::AdamWTensors::w), one[0].w));
+  CHECK(torch::equal(cat(&kernels::AdamWTensors::exp_avg), one[0].exp_avg));
+  CHECK(torch::equal(cat(&kernels::AdamWTensors::exp_avg_sq), one[0].exp_avg_sq));
+  CHECK(torch::equal(cat(&kernels::AdamWTensors::copy), one[0].copy));
+}
+
+TEST_CASE("self-check: every fused CPU kernel agrees with its reference; a failure disables the kernel", "[kernels][self_check]") {
+  kernels::set_choice(KernelChoice::fused);
+  const auto checks = kernels::check_kernels(torch::kCPU);
+  std::set<std::string> checked;
+  for (const auto& c : checks) {
+    INFO(kernels::kernel_name(c.kernel) << " " << c.detail << ": error " << c.error);
+    CHECK(c.ok);
+    checked.insert(kernels::kernel_name(c.kernel));
+  }
+  CHECK(checked == std::set<std::string>{"rmsnorm", "rope", "swiglu", "permute", "cross_entropy", "adamw", "grouped_gemm"});
+  // A made-up failure, on the CUDA device type so that this process's CPU kernels stay on: the
+  // kernel is disabled there and reported.
+  std::vector<kernels::KernelCheck> verdict{{kernels::Kernel::rope, true, 0, ""}, {kernels::Kernel::rope, false, 0.5, "bf16 [2]"}};
+  std::vector<int64_t> seen;
+  const auto disabled = kernels::agree_and_disable(verdict, c10::DeviceType::CUDA, [&](const std::vector<int64_t>& f) {
+    seen = f;
+    return f;
+  });
+  CHECK(disabled == std::vector<std::string>{"rope"});
+  CHECK(seen.at(static_cast<size_t>(kernels::Kernel::rope)) == 1);
+  CHECK_FALSE(kernels::fused(kernels::Kernel::rope, c10::DeviceType::CUDA));
+  CHECK(kernels::fused(kernels::Kernel::rope, c10::DeviceType::CPU));
+  // Under model.kernels: reference nothing runs fused, so nothing is checked.
+  kernels::set_choice(KernelChoice::reference);
+  CHECK(kernels::check_kernels(torch::kCPU).empty());
+  kernels::set_choice(KernelChoice::fused);
 }

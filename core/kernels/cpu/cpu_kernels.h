@@ -3,6 +3,8 @@
 //          caller splits the work with at::parallel_for
 #pragma once
 
+#include "core/kernels/adamw_math.h"
+
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -59,5 +61,15 @@ void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const
 template <typename T>
 void moe_combine_backward_weights(const T* dy_TD, const T* y_ND, const int64_t* row_of_slot, T* dw_S, int64_t D,
                                   int64_t K, int64_t begin, int64_t end);
+
+// Cross-entropy (core/kernels/cross_entropy.h) over rows [begin, end) of logits [rows, V]:
+// loss[r] = logsumexp(row) - row[labels[r]] (NaN for a label outside [0, V)); with `grad` the row
+// is overwritten by its gradient, (softmax(row) - onehot(label)) * scale[r].
+template <typename T>
+void cross_entropy_rows(T* logits, int64_t V, const int64_t* labels, const float* scale, float* loss, bool grad,
+                        int64_t begin, int64_t end);
+
+// AdamW (core/kernels/adamw.h) over n elements; copy (bf16) may be null.
+void adamw(float* w, const float* g, float* m, float* v, c10::BFloat16* copy, int64_t n, const AdamWScalars& s);
 
 }  // namespace moeforge::kernels::cpu

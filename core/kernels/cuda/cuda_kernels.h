@@ -3,6 +3,8 @@
 //          error of its launch (0 = cudaSuccess).
 #pragma once
 
+#include "core/kernels/adamw_math.h"
+
 #include <cstdint>
 
 namespace moeforge::kernels::cuda {
@@ -35,5 +37,13 @@ int moe_combine(const void* y_ND, const int64_t* row_of_slot, const void* w_S, v
 int moe_combine_backward(const void* dy_TD, const void* y_ND, const int64_t* slot_of_row, const int64_t* row_of_slot,
                          const void* w_S, void* dy_ND, void* dw_S, int64_t N, int64_t T, int64_t D, int64_t K, bool bf16,
                          void* stream);
+
+// Cross-entropy rows (core/kernels/cross_entropy.h): logits [rows, V] overwritten by their
+// gradient when `grad`; loss [rows] fp32; labels int64, scale fp32, on the device.
+int cross_entropy_rows(void* logits, int64_t rows, int64_t V, const int64_t* labels, const float* scale, float* loss,
+                       bool grad, bool bf16, void* stream);
+
+// AdamW (core/kernels/adamw.h): one launch over `num_chunks` chunks, the table on the device.
+int adamw(const AdamWChunk* chunks, int64_t num_chunks, const AdamWScalars& s, void* stream);
 
 }  // namespace moeforge::kernels::cuda

@@ -1,0 +1,203 @@
+#include "core/kernels/self_check.h"
+
+#include "core/kernels/adamw.h"
+#include "core/kernels/cross_entropy.h"
+#include "core/kernels/grouped_gemm.h"
+#include "core/kernels/moe_permute.h"
+#include "core/kernels/rmsnorm.h"
+#include "core/kernels/rope.h"
+#include "core/kernels/swiglu.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+
+namespace moeforge::kernels {
+
+namespace {
+
+using Fn = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+
+double norm_error(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto d = (a.to(torch::kFloat64) - b.to(torch::kFloat64)).norm().item<double>();
+  const auto n = b.to(torch::kFloat64).norm().item<double>();
+  if (!std::isfinite(d)) return INFINITY;
+  return n == 0 ? d : d / n;
+}
+
+// The output and the gradients of the first `differentiable` inputs, for the same upstream gradient.
+std::vector<torch::Tensor> run(const Fn& f, const std::vector<torch::Tensor>& inputs, size_t differentiable) {
+  std::vector<torch::Tensor> leaves;
+  for (size_t i = 0; i < inputs.size(); ++i) leaves.push_back(inputs[i].detach().clone().requires_grad_(i < differentiable));
+  const auto y = f(leaves);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  y.backward(torch::randn(y.sizes(), gen, torch::kFloat32).to(y.options()));
+  std::vector<torch::Tensor> out{y.detach()};
+  for (const auto& l : leaves) {
+    if (l.requires_grad()) out.push_back(l.grad().defined() ? l.grad() : torch::zeros_like(l));
+  }
+  return out;
+}
+
+// A detector of a broken kernel, not a precision test (tests/unit/test_kernels.cpp is that).
+double tolerance(torch::ScalarType t) { return t == torch::kBFloat16 ? 3e-2 : 1e-4; }
+
+struct Case {
+  Kernel kernel;
+  Fn fused, reference;
+  std::vector<torch::Tensor> inputs;  // made on the CPU, moved to the device
+  size_t differentiable = SIZE_MAX;   // the inputs that get gradients (rope's tables do not)
+};
+
+torch::Tensor randn(const std::vector<int64_t>& shape, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return torch::randn(shape, gen, torch::kFloat32);
+}
+
+std::vector<Case> cases(const torch::Device& device) {
+  const int64_t T = 24, K = 2, E = 4, D = 32;
+  // Slots sorted by expert (expert s mod E, slot 5 dropped), in the kernels' index maps.
+  auto experts_S = torch::arange(T * K, torch::kInt64).remainder(E);
+  experts_S[5] = E;
+  const auto order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
+  const auto sor = order_S.narrow(0, 0, T * K - 1).contiguous().to(device);
+  auto ros = torch::empty({T * K}, torch::kInt64);
+  ros.index_put_({order_S.narrow(0, 0, T * K - 1)}, torch::arange(T * K - 1, torch::kInt64));
+  ros[5] = -1;
+  ros = ros.to(device);
+  const auto labels = torch::arange(T, torch::kInt64).remainder(13).to(device);
+  const auto mask = (torch::arange(T) % 5 != 0).to(torch::kFloat32).to(device);
+  const std::vector<int64_t> rows{7, 0, 9, 8};
+  const auto offs = group_offsets(rows, device);
+  // RoPE's tables as RotaryEmbedding makes them: both halves the same angles.
+  const auto half = randn({2, 6, 8}, 3) * 3;
+  const auto rope_angles = torch::cat({half, half}, -1);
+  return {
+      {Kernel::rmsnorm, [](const auto& x) { return rms_norm_fused(x[0], x[1], 1e-6); },
+       [](const auto& x) { return rms_norm_reference(x[0], x[1], 1e-6); }, {randn({T, D}, 1), randn({D}, 2)}},
+      {Kernel::rope, [](const auto& x) { return rope_fused(x[0], x[1], x[2]); },
+       [](const auto& x) { return rope_reference(x[0], x[1], x[2]); },
+       {randn({2, 6, 3, 16}, 3), rope_angles.cos(), rope_angles.sin()}, 1},
+      {Kernel::swiglu, [](const auto& x) { return swiglu_fused(x[0]); },
+       [](const auto& x) { return swiglu_reference(x[0]); }, {randn({T, 2 * 40}, 6)}},
+      {Kernel::swiglu, [](const auto& x) { return swiglu_fused(x[0], x[1]); },
+       [](const auto& x) { return swiglu_reference(x[0], x[1]); }, {randn({T, 40}, 7), randn({T, 40}, 8)}},
+      {Kernel::permute, [=](const auto& x) { return moe_permute_fused(x[0], sor, ros, K); },
+       [=](const auto& x) { return moe_permute_reference(x[0], sor, K); }, {randn({T, D}, 9)}},
+      {Kernel::permute, [=](const auto& x) { return moe_combine_fused(x[0], sor, ros, x[1]); },
+       [=](const auto& x) { return moe_combine_reference(x[0], ros, x[1]); }, {randn({T * K - 1, D}, 10), randn({T, K}, 11)}},
+      {Kernel::cross_entropy, [=](const auto& x) { return lm_head_cross_entropy_fused(x[0], x[1], labels, mask, 5); },
+       [=](const auto& x) { return lm_head_cross_entropy_reference(x[0], x[1], labels, mask); },
+       {randn({T, D}, 12), randn({50, D}, 13)}},
+      {Kernel::grouped_gemm, [=](const auto& x) { return grouped_mm(x[0], x[1].transpose(1, 2), offs); },
+       [=](const auto& x) {
+         std::vector<torch::Tensor> out;
+         for (int64_t e = 0, at = 0; e < E; at += rows[static_cast<size_t>(e)], ++e) {
+           out.push_back(torch::matmul(x[0].narrow(0, at, rows[static_cast<size_t>(e)]), x[1][e].t()));
+         }
+         return torch::cat(out);
+       },
+       {randn({T, D}, 14), randn({E, D, D}, 15)}},
+  };
+}
+
+// AdamW has no autograd: three steps over two tensors (one with a bf16 copy), then w, the moments
+// and the copy compared.
+KernelCheck check_adamw(const torch::Device& device) {
+  auto make = [&](int64_t n, bool copy, uint64_t seed) {
+    return AdamWTensors{randn({n}, seed).to(device), (randn({n}, seed + 1) * 0.1).to(device),
+                        (randn({n}, seed + 2) * 0.01).to(device), (randn({n}, seed + 3).square() * 1e-3).to(device),
+                        copy ? torch::zeros({n}, torch::TensorOptions(torch::kBFloat16).device(device)) : torch::Tensor(),
+                        copy};
+  };
+  std::vector<AdamWTensors> a{make(1000, false, 20), make(37, true, 30)}, b;
+  for (const auto& t : a) {
+    b.push_back({t.w.clone(), t.g.clone(), t.exp_avg.clone(), t.exp_avg_sq.clone(),
+                 t.copy.defined() ? t.copy.clone() : torch::Tensor(), t.decay});
+  }
+  for (int64_t step = 1; step <= 3; ++step) {
+    const AdamWHyper h{1e-3, 0.9, 0.95, 1e-8, 0.1, step};
+    adamw_step_fused(a, h);
+    adamw_step_reference(b, h);
+  }
+  KernelCheck c{Kernel::adamw, true, 0, "fp32 [1000] and [37] with a bf16 copy, 3 steps"};
+  for (size_t i = 0; i < a.size(); ++i) {
+    for (const auto& [x, y] : {std::pair{a[i].w, b[i].w}, {a[i].exp_avg, b[i].exp_avg}, {a[i].exp_avg_sq, b[i].exp_avg_sq}}) {
+      c.error = std::max(c.error, norm_error(x, y));
+    }
+    if (a[i].copy.defined()) c.error = std::max(c.error, norm_error(a[i].copy, b[i].copy) / 10);  // bf16 rounding
+  }
+  c.ok = c.error <= tolerance(torch::kFloat32);
+  return c;
+}
+
+std::string shapes_of(const std::vector<torch::Tensor>& inputs) {
+  std::vector<std::string> s;
+  for (const auto& x : inputs) s.push_back(fmt::format("[{}]", fmt::join(x.sizes(), ", ")));
+  return fmt::format("{}", fmt::join(s, " "));
+}
+
+}  // namespace
+
+std::vector<KernelCheck> check_kernels(const torch::Device& device) {
+  std::vector<KernelCheck> out;
+  auto guarded = [&](Kernel k, const std::string& what, const std::function<KernelCheck()>& f) {
+    try {
+      out.push_back(f());
+    } catch (const std::exception& e) {
+      out.push_back({k, false, INFINITY, fmt::format("{}: {}", what, e.what())});
+    }
+  };
+  for (auto& c : cases(device)) {
+    if (!fused(c.kernel, device.type())) continue;
+    for (const auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      std::vector<torch::Tensor> inputs;
+      for (const auto& x : c.inputs) inputs.push_back(x.to(device, dtype));
+      const auto what = fmt::format("{} {}", c10::toString(dtype), shapes_of(inputs));
+      guarded(c.kernel, what, [&] {
+        const auto a = run(c.fused, inputs, c.differentiable), b = run(c.reference, inputs, c.differentiable);
+        KernelCheck r{c.kernel, true, 0, what};
+        for (size_t i = 0; i < a.size() && i < b.size(); ++i) r.error = std::max(r.error, norm_error(a[i], b[i]));
+        r.ok = a.size() == b.size() && r.error <= tolerance(dtype);
+        return r;
+      });
+    }
+  }
+  if (fused(Kernel::adamw, device.type())) guarded(Kernel::adamw, "fp32", [&] { return check_adamw(device); });
+  return out;
+}
+
+std::vector<std::string> agree_and_disable(const std::vector<KernelCheck>& checks, c10::DeviceType device,
+                                           const MaxOverRanks& max_over_ranks) {
+  std::vector<int64_t> failed(kNumKernels, 0);
+  std::vector<std::string> why(kNumKernels);
+  for (const auto& c : checks) {
+    if (c.ok) continue;
+    const auto k = static_cast<size_t>(c.kernel);
+    failed[k] = 1;
+    if (why[k].empty()) why[k] = fmt::format("its self-check disagrees with the reference (error {:.3g}, {})", c.error, c.detail);
+  }
+  const auto anywhere = max_over_ranks(failed);
+  std::vector<std::string> disabled;
+  for (size_t k = 0; k < failed.size(); ++k) {
+    if (anywhere.at(k) == 0) continue;
+    disable(static_cast<Kernel>(k), device, why[k].empty() ? "its self-check failed on another rank" : why[k]);
+    disabled.emplace_back(kernel_name(static_cast<Kernel>(k)));
+  }
+  return disabled;
+}
+
+void self_check(const torch::Device& device, const MaxOverRanks& max_over_ranks) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto checks = check_kernels(device);
+  const auto disabled = agree_and_disable(checks, device.type(), max_over_ranks);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  double worst = 0;
+  for (const auto& c : checks) worst = std::max(worst, c.error);
+  spdlog::info("kernel self-check on {}: {} checks in {:.0f} ms, worst error {:.2g}{}", device.str(), checks.size(), ms,
+               worst, disabled.empty() ? "" : fmt::format("; disabled: {}", fmt::join(disabled, ", ")));
+}
+
+}  // namespace moeforge::kernels
