@@ -211,7 +211,7 @@ step_build() {
   unpack "$gpu_prefix"
   rm -rf "$gpu_build"
   configure "$gpu_build" "$gpu_venv" ON "$gpu_prefix"
-  ninja -C "$gpu_build" -j "$(nproc)" moeforge moeforge_gpu_tests moeforge_nccl_tests
+  ninja -C "$gpu_build" -j "$(nproc)" moeforge moeforge_gpu_tests moeforge_nccl_tests bench_kernels
   check_from_prefix "$gpu_build" "$gpu_prefix"
   "$gpu_build/moeforge" version
 }
@@ -223,6 +223,9 @@ step_gpu_tests() {
 
 step_bench() {
   use_prefix "$gpu_prefix"
+  # Each kernel fused against its reference on the GPU (fp32, then bf16), then the real shapes.
+  "$gpu_build/tests/bench/bench_kernels" 16 --cuda || true
+  "$gpu_build/tests/bench/bench_kernels" 16 --bf16 --cuda || true
   bash "$root/tests/bench/bench_gpu.sh" "$gpu_build/moeforge" /tmp/moeforge-bench "$1"
 }
 
