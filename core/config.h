@@ -129,6 +129,7 @@ struct TrainingConfig {
   double adam_eps = 1e-8;
   double clip_grad = 1.0;
   bool bf16 = false;
+  bool deterministic = false;
   RecomputeGranularity recompute_granularity = RecomputeGranularity::none;
   int64_t seed = 1234;
   int64_t eval_interval = 1000;

@@ -223,6 +223,7 @@ std::vector<ConfigField> make_fields() {
       bind("training", T, "adam_eps", &TC::adam_eps, "Adam epsilon"),
       bind("training", T, "clip_grad", &TC::clip_grad, "Clip the global gradient norm to this; 0 = off"),
       bind("training", T, "bf16", &TC::bf16, "Run the model in bf16 with fp32 master weights and optimizer state"),
+      bind("training", T, "deterministic", &TC::deterministic, "LibTorch's deterministic algorithms and cuBLAS's fixed workspace: a GPU run repeats bit for bit (slower; an op without a deterministic implementation warns, naming itself). CPU runs repeat either way"),
       bind("training", T, "recompute_granularity", &TC::recompute_granularity, "Activation recomputation: none, full (every layer), selective (attention core)"),
       bind("training", T, "seed", &TC::seed, "Seed for initialization and data shuffling"),
       bind("training", T, "eval_interval", &TC::eval_interval, "Evaluate on the valid split every this many iterations"),

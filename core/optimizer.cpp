@@ -112,7 +112,7 @@ void AdamW::accumulate_grads() {
     if (!main_grad_[i].defined()) continue;
     auto& g = params_[i].param.mutable_grad();
     if (!g.defined()) continue;
-    main_grad_[i].add_(g.to(torch::kFloat32));
+    main_grad_[i].add_(g);  // bf16 into fp32 as it is read: no fp32 temporary
     g = torch::Tensor();
   }
 }

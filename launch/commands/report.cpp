@@ -196,10 +196,18 @@ json build_report(const ReportOptions& o) {
   const ParallelLayout layout = ParallelLayout::create(as_run, world);
   const int64_t nodes = env.value("nodes", int64_t{1}), per_node = env.value("devices_per_node", world);
   const std::string chip = env.value("chip", c.hardware.chip.empty() ? std::string("unknown") : c.hardware.chip);
-  int64_t peak_used = 0;
-  for (const auto& m : metrics) peak_used = std::max<int64_t>(peak_used, m.value(metric::kPeakMemory, int64_t{0}));
-  int64_t memory_total = 0;
-  if (env.contains("chips") && !env["chips"].empty()) memory_total = env["chips"][0].value("memory_total_bytes", int64_t{0});
+  // FlagPerf's "mem used / total": on GPUs rank 0's peak reserved device memory over the device's
+  // total; on CPUs the peak resident set over the host's memory.
+  const bool gpu_memory = last.contains(metric::kPeakMemoryReserved);
+  int64_t peak_used = 0, memory_total = 0;
+  for (const auto& m : metrics) {
+    peak_used = std::max<int64_t>(peak_used, m.value(gpu_memory ? metric::kPeakMemoryReserved : metric::kPeakMemory, int64_t{0}));
+  }
+  if (gpu_memory) {
+    memory_total = last.value(metric::kDeviceMemoryTotal, int64_t{0});
+  } else if (env.contains("chips") && !env["chips"].empty()) {
+    memory_total = env["chips"][0].value("memory_total_bytes", int64_t{0});
+  }
   auto median = [&](const char* key) { return steady_state[key].value("median", NAN); };
   const json result = {
       {"config", fmt::format("{} {}x{}", chip, nodes, per_node)},
@@ -216,8 +224,8 @@ json build_report(const ReportOptions& o) {
       {"last_iteration", last[metric::kIteration]},
       {"peak_memory_used_bytes", peak_used},
       {"peak_memory_total_bytes", memory_total},
-      {"peak_memory_kind", env.value("device", std::string("cpu")) == "cuda" ? "host memory of rank 0 (GPU memory is not recorded yet)"
-                                                                            : "resident memory of rank 0"},
+      {"peak_memory_kind", gpu_memory ? "peak reserved GPU memory of rank 0 (CUDA caching allocator) / device total"
+                                      : "peak resident host memory of rank 0 / host total"},
       {"tflops_per_chip", {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}}},
       {"mfu", {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}}},
       {"peak_tflops", last.value(metric::kPeakTflops, 0.0)},

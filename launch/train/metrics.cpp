@@ -53,6 +53,11 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
     j[metric::kAllToAllBytesSent] = m.all_to_all_bytes_sent;
     j[metric::kTimeAllToAll] = m.time_all_to_all_s;
   }
+  if (m.device_memory) {
+    j[metric::kPeakMemoryAllocated] = m.device_memory->peak_allocated_bytes;
+    j[metric::kPeakMemoryReserved] = m.device_memory->peak_reserved_bytes;
+    j[metric::kDeviceMemoryTotal] = m.device_memory->total_bytes;
+  }
   if (!m.rank_times.empty()) {
     for (size_t k = 0; k < kRankTimeKeys.size(); ++k) {
       std::vector<double> per_rank;

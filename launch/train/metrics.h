@@ -9,6 +9,8 @@
 // uninterrupted run.
 #pragma once
 
+#include "core/device_memory.h"
+
 #include <nlohmann/json.hpp>
 
 #include <array>
@@ -53,7 +55,11 @@ inline constexpr const char* kMfu = "mfu";
 inline constexpr const char* kMfu6N = "mfu_6n";
 inline constexpr const char* kPeakTflops = "peak_tflops";
 inline constexpr const char* kPeakSource = "peak_source";
-inline constexpr const char* kPeakMemory = "peak_memory_bytes";
+inline constexpr const char* kPeakMemory = "peak_memory_bytes";  // host resident memory (every run)
+// CUDA runs only: the caching allocator's peaks on this rank's GPU and the GPU's total.
+inline constexpr const char* kPeakMemoryAllocated = "peak_memory_allocated_bytes";
+inline constexpr const char* kPeakMemoryReserved = "peak_memory_reserved_bytes";
+inline constexpr const char* kDeviceMemoryTotal = "device_memory_total_bytes";
 inline constexpr const char* kTimestamp = "timestamp";
 inline constexpr const char* kEpTokensReceived = "ep_tokens_received";
 inline constexpr const char* kEpTokensReceivedMaxOverMean = "ep_tokens_received_max_over_mean";
@@ -85,24 +91,27 @@ struct StepMetrics {
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
   int64_t peak_memory_bytes = 0;
+  std::optional<DeviceMemory> device_memory;  // CUDA runs
   // Several ranks only: every rank's breakdown, in world-rank order, one value per kRankTimeKeys entry.
   std::vector<std::vector<double>> rank_times;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
 // rank_times.<key>[rank]: compute (forward + backward outside all-to-alls), pipeline wait,
-// all-to-all, gradient reduction, optimizer, the whole step, and the rank's peak memory (host
-// resident memory on CPU). A record of named per-rank values: new ones are appended here.
-inline constexpr std::array<const char*, 7> kRankTimeKeys{"compute_s",   "pipeline_wait_s", "all_to_all_s",
-                                                          "grad_reduce_s", "optimizer_s",   "step_s",
-                                                          "peak_memory_bytes"};
+// all-to-all, gradient reduction, optimizer, the whole step, the rank's peak host resident memory
+// and its peak reserved GPU memory (0 on CPU). A record of named per-rank values: new ones are
+// appended here.
+inline constexpr std::array<const char*, 8> kRankTimeKeys{"compute_s",     "pipeline_wait_s", "all_to_all_s",
+                                                          "grad_reduce_s", "optimizer_s",     "step_s",
+                                                          "peak_memory_bytes", "peak_memory_reserved_bytes"};
 
-inline constexpr std::array<std::string_view, 19> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 22> kTimingMetricKeys{
     metric::kStepTime,   metric::kTimeData,     metric::kTimeForward,       metric::kTimeBackward,
     metric::kTimeOptimizer, metric::kTimeGradReduce, metric::kTimeAllToAll, metric::kTimePipelineWait,
     metric::kTokensPerSecond, metric::kTflops,  metric::kTflops6N,          metric::kMfu,
     metric::kMfu6N,      metric::kPeakTflops,   metric::kPeakSource,        metric::kPeakMemory,
-    metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes};
+    metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes,         metric::kPeakMemoryAllocated,
+    metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal};
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
 

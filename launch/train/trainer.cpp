@@ -1,5 +1,6 @@
 #include "launch/train/trainer.h"
 
+#include "core/device_memory.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
 #include "core/kernels/kernels.h"
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 
 namespace fs = std::filesystem;
@@ -46,6 +48,18 @@ std::string human_count(int64_t n) {
   return fmt::format("{}", n);
 }
 
+// training.deterministic: cuBLAS needs a fixed workspace for repeatable reductions (set before the
+// first GEMM makes its handle), and LibTorch's deterministic algorithms replace the atomic ones
+// (index_add_, scatter_add_, the attention backward where it has a deterministic variant); an op
+// without a deterministic implementation warns, naming itself, instead of stopping the run.
+void apply_determinism(bool on) {
+  if (!on) return;
+  setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
+  spdlog::info("training.deterministic: deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG={})",
+               std::getenv("CUBLAS_WORKSPACE_CONFIG"));
+}
+
 }  // namespace
 
 Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command)
@@ -63,6 +77,7 @@ void Trainer::setup_parallel() {
   layout_ = ParallelLayout::create(c_, world);
   check_gpu_build(c_, world);
   if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
+  apply_determinism(c_.training.deterministic);
   const bool gpu = c_.hardware.device == Device::cuda;
   if (gpu && !torch::cuda::is_available()) {
     fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
@@ -331,6 +346,7 @@ StepMetrics Trainer::train_step() {
   m.mfu = m.tflops_per_device / peak_.tflops;
   m.mfu_6n = m.tflops_6n_per_device / peak_.tflops;
   m.peak_memory_bytes = peak_rss_bytes();
+  m.device_memory = device_memory(device_);
   if (layout_.world() > 1) record_rank_times(m, m.time_forward_s + m.time_backward_s - m.time_all_to_all_s);
   return m;
 }
@@ -339,8 +355,9 @@ void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
   // Every rank's breakdown (rank 0 writes it): the slow stage or the overloaded EP rank shows.
   const std::vector<double> values{compute_s,          m.time_pipeline_wait_s, m.time_all_to_all_s,
                                    m.time_grad_reduce_s, m.time_optimizer_s,   m.step_time_s,
-                                   static_cast<double>(m.peak_memory_bytes)};
-  static_assert(kRankTimeKeys.size() == 7, "one value per key");
+                                   static_cast<double>(m.peak_memory_bytes),
+                                   static_cast<double>(m.device_memory ? m.device_memory->peak_reserved_bytes : 0)};
+  static_assert(kRankTimeKeys.size() == 8, "one value per key");
   const auto all = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).contiguous();
   const double* p = all.data_ptr<double>();
   for (int64_t r = 0; r < all.size(0); ++r, p += all.size(1)) m.rank_times.emplace_back(p, p + all.size(1));

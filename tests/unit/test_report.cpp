@@ -92,6 +92,33 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
     CHECK_THAT(slurp((cmp / "comparison.md").string()), Contains("TP1xPP1xDP2xEP1") && Contains("TP1xPP1xDP1xEP1"));
     CHECK(fs::exists(cmp / "comparison.html"));
   }
+  SECTION("GPU memory: a CUDA run's row is the peak reserved device memory over the device total") {
+    // A CPU run records host memory only; its metrics made into a CUDA run's as the trainer writes
+    // them there (launch/train/metrics.cpp), with known values.
+    CHECK_FALSE(read_metrics(run / "metrics.jsonl")[0].contains("peak_memory_reserved_bytes"));
+    CHECK(rep["result"]["peak_memory_kind"].get<std::string>().find("host") != std::string::npos);
+    const auto gpu = dir.path() / "gpu";
+    fs::create_directories(gpu);
+    for (const auto& f : fs::directory_iterator(run)) {
+      if (f.is_regular_file()) fs::copy_file(f.path(), gpu / f.path().filename());
+    }
+    std::ofstream out(gpu / "metrics.jsonl", std::ios::trunc);
+    int64_t i = 0;
+    for (auto m : read_metrics(run / "metrics.jsonl")) {
+      m["peak_memory_allocated_bytes"] = (++i) << 30;
+      m["peak_memory_reserved_bytes"] = (i + 1) << 30;
+      m["device_memory_total_bytes"] = int64_t{150} << 30;
+      out << m.dump() << "\n";
+    }
+    out.close();
+    const auto g = run_command(kBin + " report " + gpu.string());
+    INFO(g.output);
+    REQUIRE(g.exit_code == 0);
+    const auto gpu_rep = read_json(gpu / "report" / "report.json");
+    CHECK(gpu_rep["result"]["peak_memory_used_bytes"] == ((i + 1) << 30));  // the largest reserved, not RSS
+    CHECK(gpu_rep["result"]["peak_memory_total_bytes"] == (int64_t{150} << 30));
+    CHECK(gpu_rep["result"]["peak_memory_kind"].get<std::string>().find("GPU") != std::string::npos);
+  }
   SECTION("report.html renders in a real headless browser: every plot is there") {
     const auto browser = run_command("command -v chromium || command -v chromium-browser || command -v google-chrome");
     INFO("no chromium: install it with bash launch/setup.sh (apt package chromium)");

@@ -88,6 +88,7 @@ training:
   weight_decay: 0.1
   adam_beta2: 0.95
   clip_grad: 1.0
+  deterministic: true  # the parity tests' setting (docs/training.md)
   eval_interval: 10
   eval_iters: 2
 data:
