@@ -2,6 +2,7 @@
 // exponentials together (the running sum rescaled when the max grows), one pass writing the
 // gradient in place; fp32 math in 8-wide vectors (Sleef's exp), converted from and to bf16.
 #include "core/kernels/cpu/cpu_kernels.h"
+#include "core/kernels/cpu/vec_util.h"
 
 #include <ATen/cpu/vec/vec.h>
 
@@ -16,18 +17,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 512;  // fp32 elements per block, on the stack
-
-template <typename T>
-const float* as_float(const T* src, float* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    (void)buffer;
-    (void)n;
-    return src;
-  } else {
-    at::vec::convert(src, buffer, n);
-    return buffer;
-  }
-}
 
 float vec_max(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v); }
 float vec_sum(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v); }

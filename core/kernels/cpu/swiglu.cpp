@@ -1,6 +1,7 @@
 // SwiGLU on the CPU: blocks of a row converted to fp32 (a no-op for fp32), the math in 8-wide
 // fp32 vectors (Sleef's exp, 1 ulp), converted back.
 #include "core/kernels/cpu/cpu_kernels.h"
+#include "core/kernels/cpu/vec_util.h"
 
 #include <ATen/cpu/vec/vec.h>
 
@@ -14,18 +15,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 256;  // fp32 elements per block, on the stack
-
-template <typename T>
-const float* as_float(const T* src, float* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    (void)buffer;
-    (void)n;
-    return src;
-  } else {
-    at::vec::convert(src, buffer, n);
-    return buffer;
-  }
-}
 
 template <typename T>
 void store(const float* src, T* dst, int64_t n) {

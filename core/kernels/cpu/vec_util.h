@@ -1,0 +1,24 @@
+// defines: as_float: what the CPU kernels share (compiled for AVX2 + FMA with them)
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace moeforge::kernels::cpu {
+
+// n elements of src as fp32: src itself for float, else converted into buffer (n floats).
+template <typename T>
+const float* as_float(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)buffer;
+    (void)n;
+    return src;
+  } else {
+    at::vec::convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+}  // namespace moeforge::kernels::cpu
