@@ -5,6 +5,7 @@
 #include "core/kernels/kernels.h"
 
 #include <ATen/Parallel.h>
+#include <torch/version.h>
 
 namespace moeforge::kernels {
 
@@ -32,16 +33,20 @@ void cross_entropy_rows(torch::Tensor& logits_CV, const torch::Tensor& labels_C,
   });
 }
 
-// dw_acc (fp32) += a^T b. cuBLAS accumulates bf16 products straight into fp32; elsewhere a bf16
-// product is made, then added.
+// dw_acc (fp32) += a^T b. cuBLAS accumulates bf16 products straight into fp32 (addmm's out_dtype,
+// LibTorch 2.9 on); elsewhere a bf16 product is made, then added.
 void add_product(torch::Tensor& dw_acc, const torch::Tensor& a, const torch::Tensor& b) {
   if (a.scalar_type() == torch::kFloat32) {
     dw_acc.addmm_(a.t(), b);
-  } else if (a.is_cuda()) {
-    at::addmm_out(dw_acc, dw_acc, a.t(), b, torch::kFloat32);
-  } else {
-    dw_acc.add_(torch::mm(a.t(), b));
+    return;
   }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  if (a.is_cuda()) {
+    at::addmm_out(dw_acc, dw_acc, a.t(), b, torch::kFloat32);
+    return;
+  }
+#endif
+  dw_acc.add_(torch::mm(a.t(), b));
 }
 
 class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
