@@ -67,32 +67,36 @@ void moe_permute(const T* x_TD, const int64_t* slot_of_row, T* x_ND, int64_t D, 
   }
 }
 
-template <typename T>
-void moe_permute_backward(const T* dx_ND, const int64_t* row_of_slot, T* dx_TD, int64_t D, int64_t K, int64_t begin,
-                          int64_t end) {
+namespace {
+
+// out_TD[t] = sum_k weight(t K + k) rows_ND[row_of_slot[t K + k]] in fp32, slots in order (dropped
+// slots skipped): the permutation's backward (unit weights) and the combine.
+template <typename T, typename Weight>
+void sum_slots(const T* rows_ND, const int64_t* row_of_slot, const Weight& weight, T* out_TD, int64_t D, int64_t K,
+               int64_t begin, int64_t end) {
   std::vector<float> acc(static_cast<size_t>(D)), buffer;
   for (int64_t t = begin; t < end; ++t) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t row = row_of_slot[t * K + k];
-      if (row >= 0) axpy(1.0f, dx_ND + row * D, acc.data(), D, buffer);
+      if (row >= 0) axpy(weight(t * K + k), rows_ND + row * D, acc.data(), D, buffer);
     }
-    store(acc.data(), dx_TD + t * D, D);
+    store(acc.data(), out_TD + t * D, D);
   }
+}
+
+}  // namespace
+
+template <typename T>
+void moe_permute_backward(const T* dx_ND, const int64_t* row_of_slot, T* dx_TD, int64_t D, int64_t K, int64_t begin,
+                          int64_t end) {
+  sum_slots(dx_ND, row_of_slot, [](int64_t) { return 1.0f; }, dx_TD, D, K, begin, end);
 }
 
 template <typename T>
 void moe_combine(const T* y_ND, const int64_t* row_of_slot, const T* w_S, T* y_TD, int64_t D, int64_t K, int64_t begin,
                  int64_t end) {
-  std::vector<float> acc(static_cast<size_t>(D)), buffer;
-  for (int64_t t = begin; t < end; ++t) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t row = row_of_slot[t * K + k];
-      if (row >= 0) axpy(static_cast<float>(w_S[t * K + k]), y_ND + row * D, acc.data(), D, buffer);
-    }
-    store(acc.data(), y_TD + t * D, D);
-  }
+  sum_slots(y_ND, row_of_slot, [w_S](int64_t s) { return static_cast<float>(w_S[s]); }, y_TD, D, K, begin, end);
 }
 
 template <typename T>
