@@ -120,7 +120,7 @@ void init_megatron_parameter(const ModelConfig& c, const std::string& name, torc
   // Drawn on the CPU in fp32 (the same numbers on every device), then copied into place.
   auto draw = [&](torch::Tensor part, int64_t block) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(stream_seed(seed, name, block));
-    auto values = torch::empty(part.sizes(), torch::kFloat32);
+    auto values = torch::empty(part.sizes(), torch::kFloat32);  // host: drawn by the CPU generator
     values.normal_(0.0, std, gen);
     part.copy_(values);
   };

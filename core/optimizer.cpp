@@ -1,6 +1,7 @@
 #include "core/optimizer.h"
 
 #include "core/errors.h"
+#include "core/host_sync.h"
 #include "core/kernels/adamw.h"
 
 #include <fmt/format.h>
@@ -86,16 +87,16 @@ void report_state_problems(const std::string& source, const std::vector<std::str
 AdamW::AdamW(std::vector<TrainableParameter> params, const TrainingConfig& t) : params_(std::move(params)), hyper_(t) {
   torch::NoGradGuard no_grad;
   for (const auto& p : params_) {
-    const auto fp32 = p.param.options().dtype(torch::kFloat32);
+    const auto fp32_options = p.param.options().dtype(torch::kFloat32);
     if (p.param.scalar_type() != torch::kFloat32) {
       master_.push_back(p.param.detach().to(torch::kFloat32).clone());
-      main_grad_.push_back(torch::zeros(p.param.sizes(), fp32));
+      main_grad_.push_back(torch::zeros(p.param.sizes(), fp32_options));
     } else {
       master_.emplace_back();
       main_grad_.emplace_back();
     }
-    exp_avg_.push_back(torch::zeros(p.param.sizes(), fp32));
-    exp_avg_sq_.push_back(torch::zeros(p.param.sizes(), fp32));
+    exp_avg_.push_back(torch::zeros(p.param.sizes(), fp32_options));
+    exp_avg_sq_.push_back(torch::zeros(p.param.sizes(), fp32_options));
   }
 }
 
@@ -123,10 +124,13 @@ std::pair<double, double> AdamW::grad_sq_norms() {
   for (size_t i = 0; i < params_.size(); ++i) {
     (params_[i].expert_parallel ? expert : replicated).push_back(grad(i).norm(2).to(torch::kFloat64));
   }
-  auto sq = [](const std::vector<torch::Tensor>& norms) {
-    return norms.empty() ? 0.0 : torch::stack(norms).square().sum().item<double>();
+  if (replicated.empty() && expert.empty()) return {0.0, 0.0};
+  auto sq = [](const std::vector<torch::Tensor>& norms, const torch::Tensor& like) {
+    return norms.empty() ? torch::zeros({}, like.options()) : torch::stack(norms).square().sum();
   };
-  return {sq(replicated), sq(expert)};
+  const auto& like = replicated.empty() ? expert.front() : replicated.front();
+  const auto both = to_host(torch::stack({sq(replicated, like), sq(expert, like)}));  // one read for both
+  return {both[0].item<double>(), both[1].item<double>()};
 }
 
 double AdamW::grad_norm() {

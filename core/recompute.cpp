@@ -14,10 +14,15 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 namespace {
 
-// Outputs: y, router logits, aux loss, z loss, tokens per expert, and which of the middle four
-// the layer produced (absent ones are placeholders).
+// Which of the optional outputs a layer produced: known on the host when its forward returns.
+struct Present {
+  bool logits = false, aux = false, z = false;
+};
+
+// Outputs: y, router logits, aux loss, z loss, tokens per expert (absent ones are placeholders;
+// `present` says which were produced).
 struct LayerFunction : public torch::autograd::Function<LayerFunction> {
-  static variable_list forward(AutogradContext* ctx, DecoderLayerImpl* layer, const torch::Tensor& x,
+  static variable_list forward(AutogradContext* ctx, DecoderLayerImpl* layer, Present* present, const torch::Tensor& x,
                                const torch::Tensor& cos, const torch::Tensor& sin) {
     ctx->save_for_backward({x, cos, sin});
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
@@ -27,10 +32,10 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["logits"] = o.router_logits_TE.has_value();
     ctx->saved_data["aux"] = o.aux_loss.has_value();
     ctx->saved_data["z"] = o.z_loss.has_value();
-    const auto counts = o.tokens_per_expert_E.value_or(torch::zeros({0}, torch::kInt64));
-    const auto present = torch::tensor({o.router_logits_TE.has_value(), o.aux_loss.has_value(), o.z_loss.has_value()});
-    ctx->mark_non_differentiable({counts, present});
-    return {y, o.router_logits_TE.value_or(none), o.aux_loss.value_or(none), o.z_loss.value_or(none), counts, present};
+    const auto counts = o.tokens_per_expert_E.value_or(torch::zeros({0}, x.options().dtype(torch::kInt64)));
+    *present = {o.router_logits_TE.has_value(), o.aux_loss.has_value(), o.z_loss.has_value()};
+    ctx->mark_non_differentiable({counts});
+    return {y, o.router_logits_TE.value_or(none), o.aux_loss.value_or(none), o.z_loss.value_or(none), counts};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -48,7 +53,7 @@ struct LayerFunction : public torch::autograd::Function<LayerFunction> {
     if (ctx->saved_data["aux"].toBool()) outputs.push_back(*o.aux_loss), output_grads.push_back(grads[2]);
     if (ctx->saved_data["z"].toBool()) outputs.push_back(*o.z_loss), output_grads.push_back(grads[3]);
     torch::autograd::backward(outputs, output_grads);
-    return {torch::Tensor(), x.grad(), torch::Tensor(), torch::Tensor()};
+    return {torch::Tensor(), torch::Tensor(), x.grad(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -78,16 +83,16 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
 torch::Tensor checkpointed_layer(DecoderLayerImpl* layer, const torch::Tensor& x_BSD, const torch::Tensor& cos,
                                  const torch::Tensor& sin, FeedForwardOutput& ffn_out) {
-  const auto out = LayerFunction::apply(layer, x_BSD, cos, sin);
+  Present present;
+  const auto out = LayerFunction::apply(layer, &present, x_BSD, cos, sin);
   ffn_out = FeedForwardOutput{};
   ffn_out.y = out[0];
-  const auto present = out[5];
-  if (present[0].item<bool>()) {
+  if (present.logits) {
     ffn_out.router_logits_TE = out[1];
     ffn_out.tokens_per_expert_E = out[4];
   }
-  if (present[1].item<bool>()) ffn_out.aux_loss = out[2];
-  if (present[2].item<bool>()) ffn_out.z_loss = out[3];
+  if (present.aux) ffn_out.aux_loss = out[2];
+  if (present.z) ffn_out.z_loss = out[3];
   return out[0];
 }
 

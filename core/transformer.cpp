@@ -41,13 +41,16 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) { weight = deferre
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return kernels::rms_norm(x, weight, eps_); }
 
 RotaryEmbedding::RotaryEmbedding(int64_t head_dim, double theta) {
+  // host: once, at construction (see inv_freq_).
   const auto i = torch::arange(0, head_dim, 2, torch::kInt64).to(torch::kFloat32);
+  // host: as above.
   inv_freq_ = 1.0 / torch::pow(torch::tensor(theta, torch::kFloat64).to(torch::kFloat32), i / static_cast<double>(head_dim));
 }
 
 std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::tables(const torch::Tensor& position_ids_BS,
                                                                 torch::ScalarType dtype) const {
-  const auto freqs = position_ids_BS.unsqueeze(-1).to(torch::kFloat32) * inv_freq_.to(position_ids_BS.device());
+  if (inv_freq_.device() != position_ids_BS.device()) inv_freq_ = inv_freq_.to(position_ids_BS.device());
+  const auto freqs = position_ids_BS.unsqueeze(-1).to(torch::kFloat32) * inv_freq_;
   const auto emb = torch::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }

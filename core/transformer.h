@@ -62,7 +62,9 @@ class RotaryEmbedding {
   std::pair<torch::Tensor, torch::Tensor> tables(const torch::Tensor& position_ids_BS, torch::ScalarType dtype) const;
 
  private:
-  torch::Tensor inv_freq_;  // [Dh / 2], fp32
+  // [Dh / 2], fp32: computed on the host as transformers does (the same bits on every device), and
+  // kept on the device of the last call so a step copies it once, not per layer and micro-batch.
+  mutable torch::Tensor inv_freq_;
 };
 
 struct AttentionConfig {

@@ -1,6 +1,8 @@
 #include "moe/dispatcher.h"
 
+#include "core/host_sync.h"
 #include "core/kernels/moe_permute.h"
+#include "moe/router.h"
 
 namespace moeforge::moe {
 
@@ -17,9 +19,9 @@ Dispatched sort_by_expert(const torch::Tensor& x_TD, const torch::Tensor& expert
   const auto experts_S = experts_TK.reshape({-1});
   const auto order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   Dispatched d;
-  // Block sizes are needed on the host to slice per expert (a device-to-host sync on GPUs, as in
-  // Megatron). Dropped slots (expert id num_experts) sort last and are not sent.
-  const auto counts = torch::bincount(experts_S, /*weights=*/{}, num_experts + 1).to(torch::kCPU);
+  // Block sizes are needed on the host to slice per expert and size the all-to-all: the layer's one
+  // device-to-host sync, as in Megatron. Dropped slots (expert id num_experts) sort last, not sent.
+  const auto counts = to_host(slots_per_expert(experts_S, num_experts + 1));
   d.rows_per_local_expert.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + num_experts);
   d.dropped = counts.data_ptr<int64_t>()[num_experts];
   const int64_t N = order_S.size(0) - d.dropped;

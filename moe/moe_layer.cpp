@@ -34,7 +34,7 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   model::FeedForwardOutput out;
   out.y = y_TD.view(x_BSD.sizes());
   out.router_logits_TE = routing.logits_TE;
-  out.tokens_per_expert_E = torch::bincount(experts_TK.reshape({-1}), {}, E + 1).narrow(0, 0, E);
+  out.tokens_per_expert_E = slots_per_expert(experts_TK, E + 1).narrow(0, 0, E);
   switch (config_.moe_router_load_balancing_type) {
     case LoadBalancingType::aux_loss: out.aux_loss = aux_loss(routing.probs_TE, experts_TK, E); break;
     case LoadBalancingType::seq_aux_loss: out.aux_loss = seq_aux_loss(routing.probs_TE, experts_TK, E, x_BSD.size(1)); break;

@@ -28,9 +28,15 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   return r;
 }
 
+torch::Tensor slots_per_expert(const torch::Tensor& experts_TK, int64_t bins) {
+  const auto experts_S = experts_TK.reshape({-1}).to(torch::kInt64);
+  // Integer sums: exact in any order, so deterministic although the CUDA scatter uses atomics.
+  return torch::zeros({bins}, experts_S.options()).scatter_add_(0, experts_S, torch::ones_like(experts_S));
+}
+
 namespace {
 torch::Tensor counts_E(const torch::Tensor& experts_TK, int64_t num_experts) {
-  return torch::bincount(experts_TK.reshape({-1}), /*weights=*/{}, num_experts + 1).narrow(0, 0, num_experts).to(torch::kFloat32);
+  return slots_per_expert(experts_TK, num_experts + 1).narrow(0, 0, num_experts).to(torch::kFloat32);
 }
 }  // namespace
 
@@ -50,7 +56,7 @@ torch::Tensor apply_capacity(const torch::Tensor& experts_TK, const torch::Tenso
     order_S = by_prob_S.index_select(0, std::get<1>(torch::sort(experts_S.index_select(0, by_prob_S), true, 0, false)));
   }
   const auto sorted_experts_S = experts_S.index_select(0, order_S);
-  const auto counts = torch::bincount(experts_S, {}, num_experts);
+  const auto counts = slots_per_expert(experts_S, num_experts);
   const auto starts = torch::cumsum(counts, 0) - counts;
   const auto rank_sorted_S = torch::arange(experts_S.size(0), experts_S.options()) - starts.index_select(0, sorted_experts_S);
   auto rank_S = torch::empty_like(rank_sorted_S);
@@ -76,17 +82,18 @@ torch::Tensor seq_aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& e
 }
 
 torch::Tensor hf_pooled_aux_loss(const std::vector<torch::Tensor>& logits_TE_per_layer, int64_t num_experts, int64_t topk) {
-  auto slots_E = torch::zeros({num_experts}, torch::kFloat32);
-  auto probs_E = torch::zeros({num_experts}, torch::kFloat32);
+  const auto options = logits_TE_per_layer.front().options().dtype(torch::kFloat32);
+  auto slots_E = torch::zeros({num_experts}, options);
+  auto probs_E = torch::zeros({num_experts}, options);
   double rows = 0;
   for (const auto& logits_TE : logits_TE_per_layer) {
     const auto probs_TE = torch::softmax(logits_TE, -1);
     const auto chosen_TK = std::get<1>(torch::topk(probs_TE, topk, -1));
-    slots_E = slots_E + counts_E(chosen_TK, num_experts).to(slots_E.device());
-    probs_E = probs_E.to(probs_TE.device()) + probs_TE.to(torch::kFloat32).sum(0);
+    slots_E = slots_E + counts_E(chosen_TK, num_experts);
+    probs_E = probs_E + probs_TE.to(torch::kFloat32).sum(0);
     rows += static_cast<double>(logits_TE.size(0));
   }
-  return (slots_E.to(probs_E.device()) / rows * (probs_E / rows)).sum() * static_cast<double>(num_experts);
+  return (slots_E / rows * (probs_E / rows)).sum() * static_cast<double>(num_experts);
 }
 
 torch::Tensor z_loss(const torch::Tensor& logits_TE) {

@@ -34,6 +34,10 @@ class RouterImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Router);
 
+// Slots per expert id in [0, bins) (int64, on experts_TK's device). A scatter-add of ones, not
+// bincount: CUDA's bincount reads its input's maximum on the host, a device sync per call.
+torch::Tensor slots_per_expert(const torch::Tensor& experts_TK, int64_t bins);
+
 // Megatron's capacity limit: each expert keeps at most ceil(T * K / E * factor) slots, those of
 // highest probability (policy probs) or the earliest tokens (policy position). Returns the expert
 // of each slot, or num_experts where the slot is dropped.

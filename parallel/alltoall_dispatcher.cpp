@@ -1,5 +1,6 @@
 #include "parallel/alltoall_dispatcher.h"
 
+#include "core/host_sync.h"
 #include "core/kernels/moe_permute.h"
 
 #include <chrono>
@@ -53,8 +54,10 @@ class RowAllToAll : public torch::autograd::Function<RowAllToAll> {
   }
 };
 
+// Of host tensors (the counts exchanged over the CPU path): no device read.
 std::vector<int64_t> host_vector(const torch::Tensor& t) {
-  const auto c = t.to(torch::kCPU, torch::kInt64).contiguous();
+  TORCH_CHECK(t.device().is_cpu(), "host_vector: counts must be host tensors");
+  const auto c = t.to(torch::kInt64).contiguous();
   return {c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()};
 }
 
@@ -73,6 +76,7 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
 
   // 2. Counts: row p of send_PL is what this rank sends to rank p's L experts.
   const auto t0 = Clock::now();
+  // host: the counts travel over the host path (they size the row exchange).
   const auto send_PL = torch::tensor(d.rows_per_local_expert, torch::kInt64).reshape({P, L});
   const auto recv_PL = ep_->all_to_all(send_PL, std::vector<int64_t>(P, 1), std::vector<int64_t>(P, 1));
   stats_->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
@@ -83,7 +87,7 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   // 3. Rows, then regrouped from (source rank, local expert) order to (local expert, source rank).
   const auto x_recv = RowAllToAll::apply(x_send, ep_.get(), stats_.get(), d.send_rows, d.recv_rows);
   const auto local_expert_N =
-      torch::repeat_interleave(torch::arange(L).repeat({P}), recv_PL.reshape({-1})).to(x_TD.device());
+      to_device(torch::repeat_interleave(torch::arange(L).repeat({P}), recv_PL.reshape({-1})), x_TD.device());
   d.regroup_N = std::get<1>(torch::sort(local_expert_N, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   d.ungroup_N = torch::empty_like(d.regroup_N).index_put_({d.regroup_N}, torch::arange(d.regroup_N.size(0), d.regroup_N.options()));
   // A pure permutation: moe_permute with one slot per row (a gather each way, deterministic).

@@ -1,5 +1,6 @@
 #include "parallel/data_parallel_optimizer.h"
 
+#include "core/host_sync.h"
 #include "core/kernels/adamw.h"
 #include "parallel/grad_sync.h"
 
@@ -13,7 +14,7 @@ namespace {
 
 double all_reduce_sum(double value, Communicator& group) {
   if (group.size() == 1) return value;
-  auto t = torch::full({1}, value, torch::kFloat64);
+  auto t = torch::full({1}, value, torch::kFloat64);  // host: a norm already read
   group.all_reduce(t, ReduceOp::sum);
   return t.item<double>();
 }
@@ -65,11 +66,11 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
       const int64_t g = b.group->size();
       b.padded = (numel + g - 1) / g * g;
       b.shard = b.padded / g;
-      const auto fp32 = params_[b.members[0]].param.options().dtype(torch::kFloat32);
-      b.main_grad = torch::zeros({b.padded}, fp32);
+      const auto fp32_options = params_[b.members[0]].param.options().dtype(torch::kFloat32);
+      b.main_grad = torch::zeros({b.padded}, fp32_options);
       b.master = flatten_params(b).narrow(0, b.group->rank() * b.shard, b.shard).clone();
-      b.exp_avg = torch::zeros({b.shard}, fp32);
-      b.exp_avg_sq = torch::zeros({b.shard}, fp32);
+      b.exp_avg = torch::zeros({b.shard}, fp32_options);
+      b.exp_avg_sq = torch::zeros({b.shard}, fp32_options);
       const auto dtype = params_[b.members[0]].param.scalar_type();
       if (dtype == torch::kBFloat16) b.model_shard = b.master.to(dtype);
       buckets_.push_back(std::move(b));
@@ -118,7 +119,7 @@ double DistributedAdamW::grad_norm() {
       sq_t = sq_t.defined() ? sq_t + part : part;
     }
   }
-  const double sq = sq_t.defined() ? sq_t.item<double>() : 0.0;
+  const double sq = sq_t.defined() ? to_host(sq_t).item<double>() : 0.0;
   return std::sqrt(all_reduce_sum(all_reduce_sum(sq, *groups_.dp), *groups_.pp));
 }
 

@@ -1,6 +1,7 @@
 #include "parallel/nccl_communicator.h"
 
 #include "core/errors.h"
+#include "core/host_sync.h"
 
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -97,6 +98,7 @@ void NcclCommunicator::wait(const char* operation) {
   c10::Event done(c10::DeviceType::CUDA);
   done.record(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(state_->device)));
   const auto start = std::chrono::steady_clock::now();
+  count_host_sync();
   while (!done.query()) {
     ncclResult_t async = ncclSuccess;
     ncclCommGetAsyncError(state_->comm, &async);

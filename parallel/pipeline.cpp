@@ -1,6 +1,5 @@
 #include "parallel/pipeline.h"
 
-#include <chrono>
 #include <cstring>
 #include <deque>
 #include <sstream>
@@ -9,9 +8,6 @@ namespace moeforge {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
 // Activations go from stage s to s + 1 and gradients back, so the direction of a message tells
 // them apart: one tag serves both.
 constexpr int kTag = 7;
@@ -19,8 +15,9 @@ constexpr int kTag = 7;
 class Pipe {
  public:
   // Activations and gradients travel where the run trains (both stages have the same device kind).
-  Pipe(Communicator& pp, const std::vector<int64_t>& shape, const torch::TensorOptions& options, PipelineTimes& times)
-      : pp_(pp), shape_(shape), options_(options), transport_(transport_for(options.device())), times_(times) {}
+  // `timer`: where waits are timed (null: untimed, as in evaluation).
+  Pipe(Communicator& pp, const std::vector<int64_t>& shape, const torch::TensorOptions& options, StepTimer* timer)
+      : pp_(pp), shape_(shape), options_(options), transport_(transport_for(options.device())), timer_(timer) {}
   bool first() const { return pp_.rank() == 0; }
   bool last() const { return pp_.rank() == pp_.size() - 1; }
 
@@ -61,15 +58,15 @@ class Pipe {
   torch::Tensor empty() const { return torch::empty(shape_, options_); }
   template <typename F>
   void timed(F&& f) {
-    const auto t0 = Clock::now();
+    if (!timer_) return f();
+    const auto scope = timer_->scope(Phase::pipeline_wait);
     f();
-    times_.p2p_s += since(t0);
   }
   Communicator& pp_;
   std::vector<int64_t> shape_;
   torch::TensorOptions options_;
   Transport transport_;
-  PipelineTimes& times_;
+  StepTimer* timer_;
 };
 
 struct InFlight {
@@ -78,17 +75,16 @@ struct InFlight {
 
 }  // namespace
 
-PipelineTimes run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
-                       const torch::TensorOptions& options, const StageCallbacks& callbacks) {
-  PipelineTimes times;
-  Pipe pipe(pp, activation_shape, options, times);
+void run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
+              const torch::TensorOptions& options, const StageCallbacks& callbacks, StepTimer& timer) {
+  Pipe pipe(pp, activation_shape, options, &timer);
   std::deque<InFlight> in_flight;
   int64_t next = 0;
 
   auto forward = [&](const torch::Tensor& input) {
-    const auto t0 = Clock::now();
+    timer.start(Phase::forward);
     StageOutput out = callbacks.forward(next++, input);
-    times.forward_s += since(t0);
+    timer.stop(Phase::forward);
     in_flight.push_back({input, out.output, out.loss});
     return out.output;
   };
@@ -99,7 +95,7 @@ PipelineTimes run_1f1b(Communicator& pp, int64_t micro_batches, const std::vecto
   auto backward = [&](const torch::Tensor& grad_output) {
     InFlight f = std::move(in_flight.front());
     in_flight.pop_front();
-    const auto t0 = Clock::now();
+    timer.start(Phase::backward);
     std::vector<torch::Tensor> roots, grads;
     if (f.output.defined()) {
       roots.push_back(f.output);
@@ -110,7 +106,7 @@ PipelineTimes run_1f1b(Communicator& pp, int64_t micro_batches, const std::vecto
       grads.push_back(torch::ones_like(f.loss));
     }
     if (!roots.empty()) torch::autograd::backward(roots, grads);
-    times.backward_s += since(t0);
+    timer.stop(Phase::backward);
     if (callbacks.after_backward) callbacks.after_backward();
     if (!f.input.defined()) return torch::Tensor();  // the first stage sends nothing back
     return f.input.grad().defined() ? f.input.grad() : torch::zeros(activation_shape, options);
@@ -136,14 +132,12 @@ PipelineTimes run_1f1b(Communicator& pp, int64_t micro_batches, const std::vecto
     }
   }
   for (int64_t i = 0; i < warmup; ++i) pipe.send_backward(backward(pipe.recv_backward()));
-  return times;
 }
 
 void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
                       const torch::TensorOptions& options,
                       const std::function<StageOutput(int64_t i, const torch::Tensor& input)>& forward) {
-  PipelineTimes times;
-  Pipe pipe(pp, activation_shape, options, times);
+  Pipe pipe(pp, activation_shape, options, nullptr);
   for (int64_t i = 0; i < micro_batches; ++i) pipe.send_forward(forward(i, pipe.recv_forward(false)).output);
 }
 
@@ -152,11 +146,12 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
   // Host memory end to end (Note [Transport]): the receiver allocates on the CPU, whatever device
   // the sender's tensors live on, and a checkpoint is written from host memory anyway.
   constexpr Transport kHost = Transport::host;
+  // host: all of this function (a checkpoint gather between steps).
   auto send_i64 = [&](std::vector<int64_t> v, int to) {
-    pp.send(torch::tensor(v, torch::kInt64), to, kTag, kHost);
+    pp.send(torch::tensor(v, torch::kInt64), to, kTag, kHost);  // host: header
   };
   auto recv_i64 = [&](int64_t n, int from) {
-    auto t = torch::empty({n}, torch::kInt64);
+    auto t = torch::empty({n}, torch::kInt64);  // host: header
     pp.recv(t, from, kTag, kHost);
     return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
   };
@@ -172,14 +167,15 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
         for (int64_t d : t.sizes()) meta.push_back(d);
       }
       send_i64({static_cast<int64_t>(names.size()), static_cast<int64_t>(meta.size())}, 0);
-      auto bytes = torch::empty({static_cast<int64_t>(names.size())}, torch::kUInt8);
+      auto bytes = torch::empty({static_cast<int64_t>(names.size())}, torch::kUInt8);  // host: header
       std::memcpy(bytes.data_ptr(), names.data(), names.size());
       pp.send(bytes, 0, kTag, kHost);
       send_i64(meta, 0);
+      // host: the checkpoint's tensors, read between steps.
       for (const auto& [name, t] : tensors) pp.send(t.to(torch::kCPU).contiguous(), 0, kTag, kHost);
     } else if (pp.rank() == 0) {
       const auto sizes = recv_i64(2, stage);
-      auto bytes = torch::empty({sizes[0]}, torch::kUInt8);
+      auto bytes = torch::empty({sizes[0]}, torch::kUInt8);  // host: header
       pp.recv(bytes, stage, kTag, kHost);
       const auto meta = recv_i64(sizes[1], stage);
       std::istringstream names(std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(sizes[0])));
@@ -191,7 +187,7 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
         std::vector<int64_t> shape(meta.begin() + static_cast<std::ptrdiff_t>(at + 2),
                                    meta.begin() + static_cast<std::ptrdiff_t>(at + 2 + static_cast<size_t>(rank)));
         at += 2 + static_cast<size_t>(rank);
-        auto t = torch::empty(shape, torch::TensorOptions().dtype(dtype));
+        auto t = torch::empty(shape, torch::TensorOptions().dtype(dtype));  // host: written from here
         pp.recv(t, stage, kTag, kHost);
         tensors.emplace_back(name, t);
       }

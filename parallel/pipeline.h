@@ -1,4 +1,4 @@
-// defines: StageOutput, StageCallbacks, PipelineTimes, run_1f1b, run_forward_only, gather_to_first_stage
+// defines: StageOutput, StageCallbacks, run_1f1b, run_forward_only, gather_to_first_stage
 //
 // Megatron's non-interleaved 1F1B pipeline schedule over the pipeline group, independent of the
 // model: the caller's forward callback runs one micro-batch on this stage. Per step, with S stages,
@@ -16,6 +16,7 @@
 #pragma once
 
 #include "core/safetensors.h"
+#include "core/step_timer.h"
 #include "parallel/communicator.h"
 
 #include <torch/torch.h>
@@ -38,16 +39,12 @@ struct StageCallbacks {
   std::function<void()> after_backward;
 };
 
-struct PipelineTimes {
-  double p2p_s = 0;       // waiting in sends and receives: the pipeline bubble and the transfers
-  double forward_s = 0;   // in the forward callback
-  double backward_s = 0;  // in autograd backward (includes the all-to-alls in backward)
-};
-
 // One training step's forwards and backwards. `activation_shape` / `options`: the tensors passed
 // between stages ([micro_batch, seq, hidden] in the model dtype).
-PipelineTimes run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
-                       const torch::TensorOptions& options, const StageCallbacks& callbacks);
+// Times go to `timer`: Phase::forward (the callbacks), Phase::backward (autograd backward, with the
+// all-to-alls in it), Phase::pipeline_wait (sends and receives: the pipeline bubble and transfers).
+void run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
+              const torch::TensorOptions& options, const StageCallbacks& callbacks, StepTimer& timer);
 
 // Forwards only, no gradients (evaluation).
 void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,

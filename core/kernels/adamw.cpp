@@ -71,7 +71,7 @@ void run_cuda(const std::vector<AdamWChunk>& chunks, AdamWScalars s, const torch
   // The table travels as bytes: pinned, copied on the current stream (the caching host allocator
   // keeps the pinned block until the copy has run).
   const auto bytes = static_cast<int64_t>(chunks.size() * sizeof(AdamWChunk));
-  auto host = torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
+  auto host = torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));  // host: staging
   std::memcpy(host.data_ptr(), chunks.data(), static_cast<size_t>(bytes));
   const auto table = host.to(device, /*non_blocking=*/true);
   MOEFORGE_CUDA_LAUNCH(cuda::adamw(reinterpret_cast<const AdamWChunk*>(table.data_ptr()),

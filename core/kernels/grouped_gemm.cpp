@@ -1,5 +1,6 @@
 #include "core/kernels/grouped_gemm.h"
 
+#include "core/host_sync.h"
 #include "core/kernels/kernels.h"
 
 #include <fmt/format.h>
@@ -68,7 +69,7 @@ torch::Tensor group_offsets(const std::vector<int64_t>& rows, const torch::Devic
   std::vector<int32_t> ends(rows.size());
   int64_t at = 0;
   for (size_t e = 0; e < rows.size(); ++e) ends[e] = static_cast<int32_t>(at += rows[e]);
-  return torch::tensor(ends, torch::kInt32).to(device, /*non_blocking=*/true);
+  return to_device(torch::tensor(ends, torch::kInt32), device);  // pinned: never blocks the host
 }
 
 }  // namespace moeforge::kernels

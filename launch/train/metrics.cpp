@@ -26,6 +26,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {metric::kSkippedIterations, m.skipped_iterations},
       {metric::kExpertLoadMaxOverMean, m.expert_load_max_over_mean},
       {metric::kExpertLoadPerLayer, m.expert_load_per_layer},
+      {metric::kHostSyncs, m.host_syncs},
       {metric::kStepTime, m.step_time_s},
       {metric::kTimeData, m.time_data_s},
       {metric::kTimeForward, m.time_forward_s},

@@ -39,6 +39,7 @@ inline constexpr const char* kSkipped = "skipped";
 inline constexpr const char* kSkippedIterations = "skipped_iterations";
 inline constexpr const char* kExpertLoadMaxOverMean = "expert_load_max_over_mean";
 inline constexpr const char* kExpertLoadPerLayer = "expert_load_per_layer";
+inline constexpr const char* kHostSyncs = "host_syncs";
 inline constexpr const char* kStepTime = "step_time_s";
 inline constexpr const char* kTimeData = "time_data_s";
 inline constexpr const char* kTimeForward = "time_forward_s";
@@ -83,7 +84,11 @@ struct StepMetrics {
   std::vector<std::vector<int64_t>> ep_tokens_received;
   double ep_tokens_received_max_over_mean = 0;
   int64_t all_to_all_bytes_sent = 0;
-  // Timing and machine-dependent values.
+  // Times this rank's host waited for its device in the step (core/host_sync.h: on CPU, where a
+  // GPU would have waited).
+  int64_t host_syncs = 0;
+  // Timing and machine-dependent values. On GPUs the phases are CUDA-event times on the compute
+  // stream (core/step_timer.h); the step time is the host's, to the end of the device's work.
   double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
   double time_optimizer_s = 0, time_all_to_all_s = 0;  // all-to-all time is part of forward and backward
   double time_pipeline_wait_s = 0;  // in pipeline sends and receives (bubble and transfers); 0 without PP

@@ -3,10 +3,12 @@
 #include "core/device_memory.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/host_sync.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/self_check.h"
 #include "core/logging.h"
 #include "core/model_size.h"
+#include "core/step_timer.h"
 #include "data/datasets.h"
 #include "launch/train/restore.h"
 #include "launch/train/run_environment.h"
@@ -137,7 +139,7 @@ void Trainer::setup_model() {
   // Before the first step: each fused kernel against its reference on this device, the verdict
   // agreed over every rank (one failure anywhere: the reference everywhere).
   kernels::self_check(device_, [this](const std::vector<int64_t>& failed) {
-    auto t = torch::tensor(failed, torch::kInt64);
+    auto t = torch::tensor(failed, torch::kInt64);  // host: MPI verdicts
     groups_.world->all_reduce(t, ReduceOp::max);
     return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
   });
@@ -220,8 +222,11 @@ void Trainer::announce(const std::string& command) {
 Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   const std::vector<int64_t> shape{mb.batch, mb.seq};
+  // The loader's thread has read ahead on the host; the copy to a GPU goes through pinned memory
+  // and does not block (it is ordered on the compute stream before the forward that reads it).
   auto from = [&](const auto& v, torch::TensorOptions o) {
-    return torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o).clone().to(device_);
+    const auto view = torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o);
+    return device_.is_cpu() ? view.clone() : to_device(view, device_);
   };
   return {from(mb.tokens, i64), from(mb.labels, i64), from(mb.loss_mask, torch::TensorOptions().dtype(torch::kFloat32)),
           from(mb.position_ids, i64)};
@@ -230,6 +235,8 @@ Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
 StepMetrics Trainer::train_step() {
   const auto& t = c_.training;
   const auto step_start = Clock::now();
+  const int64_t syncs_before = host_syncs();
+  StepTimer timer(device_);
   const int64_t micro_batches = layout_.micro_batches_per_step();
   const int64_t first = shard_->first_layer, end = shard_->end_layer;
   const int64_t num_moe_layers = c_.model.num_moe_layers();
@@ -246,7 +253,6 @@ StepMetrics Trainer::train_step() {
     const int64_t index = c_.model.is_moe_layer(l) ? n++ : -1;
     if (l >= first) moe_index.push_back(index);
   }
-  double data_s = 0;
   for (auto& d : shard_->dispatchers) {
     if (d) d->stats().reset();
   }
@@ -256,9 +262,9 @@ StepMetrics Trainer::train_step() {
   // its layers' auxiliary losses to the gradient coming from the next stage.
   StageCallbacks callbacks;
   callbacks.forward = [&](int64_t, const torch::Tensor& input) {
-    auto t0 = Clock::now();
+    timer.start(Phase::data);
     const Batch b = to_tensors(train_loader_->next());
-    data_s += seconds_since(t0);
+    timer.stop(Phase::data);
     const auto out =
         model_->forward_layers(first == 0 ? b.tokens : input, b.position_ids, first, end, model::HeadOutput::head_input);
     const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask);
@@ -273,30 +279,30 @@ StepMetrics Trainer::train_step() {
     return o;
   };
   callbacks.after_backward = [&] { optimizer_->accumulate_grads(); };
-  const auto times = run_1f1b(*groups_.pp, micro_batches, activation_shape(), activation_options(), callbacks);
+  run_1f1b(*groups_.pp, micro_batches, activation_shape(), activation_options(), callbacks, timer);
 
-  // Gradients over the data-parallel ranks; losses summed over the stages (the LM loss lives on the
-  // last, auxiliary losses on every stage), then averaged over DP; expert counts summed.
-  const auto reduce_start = Clock::now();
+  // Gradients over the data-parallel ranks. The step's losses and expert loads read in one go
+  // (exact in fp64: counts stay far below 2^53), then summed over the stages (the LM loss lives on
+  // the last, auxiliary losses on every stage) and the DP ranks; losses are averaged over DP.
+  timer.start(Phase::grad_reduce);
   optimizer_->reduce_grads();
+  const int64_t E = load_LE.size(1);
+  auto sums = to_host(torch::cat({losses, load_LE.reshape({-1}).to(torch::kFloat64)}));
   if (layout_.world() > 1) {
-    losses = losses.cpu();
-    load_LE = load_LE.cpu().contiguous();
-    groups_.pp->all_reduce(losses, ReduceOp::sum);
-    groups_.pp->all_reduce(load_LE, ReduceOp::sum);
-    groups_.dp->all_reduce(losses, ReduceOp::avg);
-    groups_.dp->all_reduce(load_LE, ReduceOp::sum);
+    groups_.pp->all_reduce(sums, ReduceOp::sum);
+    groups_.dp->all_reduce(sums, ReduceOp::sum);
+    sums.narrow(0, 0, 4).div_(static_cast<double>(layout_.dp()));
   }
-  m.time_grad_reduce_s = seconds_since(reduce_start);
+  timer.stop(Phase::grad_reduce);
   if (layout_.ep() > 1) record_dispatch(m);
-  const auto mean_losses = (losses / static_cast<double>(micro_batches)).cpu();
+  const auto mean_losses = sums.narrow(0, 0, 4) / static_cast<double>(micro_batches);
   m.lm_loss = mean_losses[0].item<double>();
   m.aux_loss = mean_losses[1].item<double>();
   m.z_loss = mean_losses[2].item<double>();
   m.loss = mean_losses[3].item<double>();
 
   // The update, unless the step is not finite.
-  const auto opt_start = Clock::now();
+  timer.start(Phase::optimizer);
   m.grad_norm = optimizer_->grad_norm();
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
     if (t.on_nonfinite == NonFinitePolicy::stop) {
@@ -312,14 +318,14 @@ StepMetrics Trainer::train_step() {
     optimizer_->step(m.lr);
     schedule_->step();  // as Megatron: only a successful update advances the schedule
   }
-  m.time_optimizer_s = seconds_since(opt_start);
+  timer.stop(Phase::optimizer);
   ++state_.iteration;
   state_.consumed_train_samples += t.global_batch_size;
   state_.lr_num_steps = schedule_->num_steps();
 
   // What the log line and metrics.jsonl report.
   if (num_moe_layers > 0) {
-    const auto load = load_LE.to(torch::kCPU, torch::kFloat64);
+    const auto load = sums.narrow(0, 4, sums.numel() - 4).view({-1, E});
     for (int64_t l = 0; l < load.size(0); ++l) {
       const double mean = load[l].mean().item<double>();
       const double ratio = mean > 0 ? load[l].max().item<double>() / mean : 0.0;
@@ -331,11 +337,16 @@ StepMetrics Trainer::train_step() {
   m.train_iters = t.train_iters;
   m.consumed_samples = state_.consumed_train_samples;
   m.skipped_iterations = state_.skipped_iterations;
-  m.time_data_s = data_s;
-  m.time_forward_s = times.forward_s - data_s;
-  m.time_backward_s = times.backward_s;
-  m.time_pipeline_wait_s = times.p2p_s;
+  const auto phase_s = timer.finish();  // on a GPU: waits for the step's work to end
+  auto of = [&](Phase p) { return phase_s[static_cast<size_t>(p)]; };
+  m.time_data_s = of(Phase::data);
+  m.time_forward_s = of(Phase::forward) - of(Phase::data);  // the forward phase includes its data
+  m.time_backward_s = of(Phase::backward);
+  m.time_pipeline_wait_s = of(Phase::pipeline_wait);
+  m.time_grad_reduce_s = of(Phase::grad_reduce);
+  m.time_optimizer_s = of(Phase::optimizer);
   m.step_time_s = seconds_since(step_start);
+  m.host_syncs = host_syncs() - syncs_before;
   const auto devices = static_cast<double>(layout_.world());
   m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s / devices;
   m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12 / devices;
@@ -358,6 +369,7 @@ void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
                                    static_cast<double>(m.peak_memory_bytes),
                                    static_cast<double>(m.device_memory ? m.device_memory->peak_reserved_bytes : 0)};
   static_assert(kRankTimeKeys.size() == 8, "one value per key");
+  // host: timings
   const auto all = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).contiguous();
   const double* p = all.data_ptr<double>();
   for (int64_t r = 0; r < all.size(0); ++r, p += all.size(1)) m.rank_times.emplace_back(p, p + all.size(1));
@@ -376,7 +388,7 @@ void Trainer::record_dispatch(StepMetrics& m) {
   // slows expert-parallel steps down, and what users look for. Other stages' layers are zeros
   // here: the sum over the pipeline fills every layer.
   const auto& dispatchers = shard_->dispatchers;
-  auto received = torch::zeros({static_cast<int64_t>(dispatchers.size())}, torch::kInt64);
+  auto received = torch::zeros({static_cast<int64_t>(dispatchers.size())}, torch::kInt64);  // host: host-side counts
   for (size_t l = 0; l < dispatchers.size(); ++l) {
     if (!dispatchers[l]) continue;
     const auto& s = dispatchers[l]->stats();
@@ -400,7 +412,8 @@ double Trainer::evaluate() {
   const int64_t micro_batches = layout_.micro_batches_per_step();
   torch::NoGradGuard no_grad;
   data::DataLoader loader(valid_data_, t.micro_batch_size, shard_->at.dp, layout_.dp(), state_.consumed_valid_samples, 2);
-  double total = 0;  // the LM loss, on the last stage
+  // The LM loss (on the last stage), summed on the device and read once.
+  auto total = torch::zeros({}, activation_options().dtype(torch::kFloat64));
   for (int64_t it = 0; it < t.eval_iters; ++it) {
     run_forward_only(*groups_.pp, micro_batches, activation_shape(), activation_options(),
                      [&](int64_t, const torch::Tensor& input) {
@@ -408,12 +421,12 @@ double Trainer::evaluate() {
                        const auto out =
                            model_->forward_layers(shard_->first_layer == 0 ? b.tokens : input, b.position_ids,
                                                   shard_->first_layer, shard_->end_layer, model::HeadOutput::head_input);
-                       if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask).item<double>();
+                       if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask).to(torch::kFloat64);
                        return StageOutput{out.hidden_BSD, {}};
                      });
     state_.consumed_valid_samples += t.global_batch_size;
   }
-  auto mean = torch::full({1}, total / static_cast<double>(t.eval_iters * micro_batches), torch::kFloat64);
+  auto mean = to_host(total / static_cast<double>(t.eval_iters * micro_batches)).reshape({1});
   groups_.pp->all_reduce(mean, ReduceOp::sum);
   groups_.dp->all_reduce(mean, ReduceOp::avg);
   return mean.item<double>();
@@ -430,7 +443,7 @@ void Trainer::save() {
   if (k.format == CheckpointFormat::sharded) {
     // Rank 0 prepares the directory and names it; the first expert-DP replica of every (stage, EP
     // rank) writes its shard; rank 0 commits once all have written.
-    auto tag = torch::full({1}, static_cast<int64_t>(::getpid()), torch::kInt64);
+    auto tag = torch::full({1}, static_cast<int64_t>(::getpid()), torch::kInt64);  // host: a pid
     if (is_rank0()) prepare_checkpoint_dir(k.save, state_.iteration, tag.item<int64_t>());
     groups_.world->broadcast(tag, 0);
     const std::string tmp = checkpoint_tmp_dir(k.save, state_.iteration, tag.item<int64_t>());
@@ -457,6 +470,7 @@ void Trainer::save() {
 int Trainer::train() {
   const auto& t = c_.training;
   const auto start = Clock::now();
+  const CudaSyncCounter count_cuda_syncs(device_);  // host_syncs on GPUs: every sync LibTorch makes
   if (state_.iteration >= t.train_iters) {
     spdlog::info("nothing to do: the checkpoint is at iteration {} and training.train_iters is {}", state_.iteration,
                  t.train_iters);

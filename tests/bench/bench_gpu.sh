@@ -69,13 +69,16 @@ for L in layers:
                  "tokens_per_s": med("tokens_per_s_per_device"), "tflops_megatron": med("tflops_per_device"),
                  "tflops_6n": med("tflops_6n_per_device"), "mfu_megatron": med("mfu"), "mfu_6n": med("mfu_6n"),
                  "peak_tflops": m[-1]["peak_tflops"], "host_peak_memory_bytes": m[-1]["peak_memory_bytes"],
-                 "lm_loss_last": m[-1]["lm_loss"]})
+                 "lm_loss_last": m[-1]["lm_loss"], "host_syncs": med("host_syncs"),
+                 "gpu_peak_reserved_bytes": m[-1].get("peak_memory_reserved_bytes"),
+                 "phases_s": {k: med(k) for k in ("time_data_s", "time_forward_s", "time_backward_s", "time_optimizer_s")}})
 json.dump({"case": "Qwen1.5-MoE-A2.7B shapes, one GPU, bf16", "rows": rows}, open(os.path.join(results, "bench.json"), "w"), indent=2)
 with open(os.path.join(results, "bench.md"), "w") as f:
-    f.write("| layers | step (s) | tokens/s | TFLOP/s (Megatron) | MFU (Megatron) | MFU (6N) |\n|---|---|---|---|---|---|\n")
+    f.write("| layers | step (s) | tokens/s | TFLOP/s (Megatron) | MFU (Megatron) | MFU (6N) | host syncs / step |\n"
+            "|---|---|---|---|---|---|---|\n")
     for r in rows:
         f.write(f"| {r['layers']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops_megatron']:.1f} | "
-                f"{100 * r['mfu_megatron']:.1f} % | {100 * r['mfu_6n']:.1f} % |\n")
+                f"{100 * r['mfu_megatron']:.1f} % | {100 * r['mfu_6n']:.1f} % | {r['host_syncs']:.0f} |\n")
 print(open(os.path.join(results, "bench.md")).read())
 PY
 first=${layers%% *}

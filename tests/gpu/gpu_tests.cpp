@@ -18,6 +18,7 @@ namespace {
 
 struct Run {
   std::vector<double> lm_loss, grad_norm;
+  std::vector<nlohmann::json> metrics;
 };
 
 Run train_on(const std::string& config, const std::string& device, bool bf16, const TempDir& dir) {
@@ -29,6 +30,7 @@ Run train_on(const std::string& config, const std::string& device, bool bf16, co
   for (const auto& m : read_metrics(dir.path() / name / "metrics.jsonl")) {
     r.lm_loss.push_back(m["lm_loss"].get<double>());
     r.grad_norm.push_back(m["grad_norm"].get<double>());
+    r.metrics.push_back(m);
   }
   return r;
 }
@@ -62,6 +64,18 @@ TEST_CASE("training steps on CUDA equal the same steps on the CPU", "[gpu][train
                         << cpu.grad_norm[i] << " cuda " << cuda.grad_norm[i]);
       CHECK(relative(cuda.lm_loss[i], cpu.lm_loss[i]) < loss_tol);
       CHECK(relative(cuda.grad_norm[i], cpu.grad_norm[i]) < norm_tol);
+      // The CPU counts where a GPU waits (core/host_sync.h); on CUDA LibTorch reports every sync,
+      // its hidden ones included: a difference names an op that synchronizes.
+      const auto& m = cuda.metrics[i];
+      CHECK(m["host_syncs"] == cpu.metrics[i]["host_syncs"]);
+      // CUDA-event phases: device time, within the host's step time.
+      double phases = 0;
+      for (const char* key : {"time_forward_s", "time_backward_s", "time_optimizer_s"}) {
+        INFO(key << " " << m[key]);
+        CHECK(m[key].get<double>() > 0);
+        phases += m[key].get<double>();
+      }
+      CHECK(phases <= 1.05 * m["step_time_s"].get<double>());
     }
   }
 }

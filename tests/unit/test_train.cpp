@@ -169,6 +169,25 @@ TEST_CASE("the quickstart corpus and config train a healthy MoE: the loss clearl
   CHECK(fs::exists(dir.path() / "ckpt" / "iter_0000040" / "model.safetensors"));
 }
 
+TEST_CASE("host_syncs counts the step's device waits: the dispatcher's counts per MoE layer and micro-batch, "
+          "the losses, the gradient norm, the step's end",
+          "[train][host_syncs]") {
+  // The fixture: 2 MoE layers, 4 micro-batches of 2 samples per step. Full recomputation runs each
+  // layer's forward again in the backward, so its dispatcher reads its counts twice.
+  TempDir dir;
+  const auto config = write_config(dir);
+  for (const auto& [recompute, per_layer] : {std::pair{"none", 1}, std::pair{"full", 2}}) {
+    INFO("recompute " << recompute);
+    const auto run = dir.path() / recompute;
+    train(config, fmt::format("--set training.train_iters=2 --set training.lr_warmup_iters=1 --set "
+                              "training.eval_iters=0 --set training.recompute_granularity={} --set logging.run_dir={}",
+                              recompute, run.string()));
+    const auto m = read_metrics(run / "metrics.jsonl");
+    REQUIRE(m.size() == 2);
+    for (const auto& step : m) CHECK(step["host_syncs"].get<int>() == 4 * 2 * per_layer + 3);
+  }
+}
+
 TEST_CASE("logging.profile records the chosen iterations: a Chrome trace and the top operators", "[train][profile]") {
   TempDir dir;
   const auto config = write_config(dir);

@@ -71,6 +71,10 @@ void check_equals_single_process(const std::vector<Layout>& layouts, const std::
       CHECK(m[i]["consumed_samples"] == single[i]["consumed_samples"]);
       CHECK(m[i]["lr"] == single[i]["lr"]);
       CHECK(m[i]["expert_load_per_layer"] == single[i]["expert_load_per_layer"]);
+      // Rank 0's host syncs (core/host_sync.h): the dispatcher's counts once per MoE layer of its
+      // stage and micro-batch, then the losses' read, the gradient norm's and the step's end.
+      const int micro_batches = 8 / (2 * layout.dp());
+      CHECK(m[i]["host_syncs"].get<int>() == micro_batches * layers / layout.pp + 3);
       if (layout.ep > 1) {
         // Every routed slot of the global batch arrives at exactly one EP rank: the rows received
         // per layer, summed over DP ranks, are all slots (global batch x seq x top-k), and routing

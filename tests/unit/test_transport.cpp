@@ -134,7 +134,8 @@ TEST_CASE("the pipeline's messages use the transport of the device the run train
       return out;
     };
     callbacks.after_backward = [&] { grads.push_back(w.grad().clone()); };
-    run_1f1b(pp, 3, shape, torch::TensorOptions().dtype(torch::kFloat32), callbacks);
+    StepTimer timer(torch::kCPU);
+    run_1f1b(pp, 3, shape, torch::TensorOptions().dtype(torch::kFloat32), callbacks, timer);
   };
   std::vector<torch::Tensor> grads0, grads1;
   std::thread stage1([&] { run_stage(1, grads1); });

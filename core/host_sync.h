@@ -1,0 +1,49 @@
+// defines: host_syncs, count_host_sync, to_host, to_device, CudaSyncCounter
+//
+// Every time the host waits for the device costs a GPU the queue it had: kernel launches stop until
+// the device drains. The training step keeps these to the few it needs (each MoE layer's token counts
+// for the dispatcher, the gradient norm for clipping and skipping, one read of the step's losses and
+// expert loads, the step's end for its timings) and counts them: metrics.jsonl's `host_syncs`.
+// Device-to-host reads on the training path go through to_host, host-to-device copies through
+// to_device; tests/lint/device_factories.sh keeps the rest of the code from adding others.
+//
+// What is counted: on CPU, every to_host call and blocking device wait (where a GPU would wait:
+// the CPU test of the count is the GPU's count); on CUDA, every synchronizing operation LibTorch
+// reports (its sync debug mode: blocking copies either way, .item(), stream synchronizes, and
+// LibTorch's own hidden ones such as nonzero) plus our blocking waits on events.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+
+namespace moeforge {
+
+// Host synchronisations of this process so far.
+int64_t host_syncs();
+// A blocking wait for the device that LibTorch does not see (an event polled or synchronized).
+void count_host_sync();
+
+// `t` in host memory, contiguous; one counted synchronization.
+torch::Tensor to_host(const torch::Tensor& t);
+// A host tensor on `device` without blocking the host: through pinned memory when `device` is a
+// GPU (the copy is ordered on the current stream; the staging buffer is freed after it).
+torch::Tensor to_device(const torch::Tensor& host, const torch::Device& device);
+
+// While alive on a CUDA training thread: LibTorch's sync debug mode on (warnings), its "called a
+// synchronizing CUDA operation" warnings counted instead of printed, other warnings passed on.
+// No-op for other devices or builds without CUDA.
+class CudaSyncCounter {
+ public:
+  explicit CudaSyncCounter(const torch::Device& device);
+  ~CudaSyncCounter();
+  CudaSyncCounter(const CudaSyncCounter&) = delete;
+  CudaSyncCounter& operator=(const CudaSyncCounter&) = delete;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace moeforge
