@@ -111,6 +111,11 @@ struct ParallelConfig {
   std::optional<int64_t> decoder_last_pipeline_num_layers;
   bool use_distributed_optimizer = false;
   double distributed_timeout_minutes = 10.0;
+  // Data-parallel gradient buckets reduced while the backward still runs (false: after it, blocking).
+  bool overlap_comm = true;
+  // Elements per data-parallel gradient bucket (Megatron's --ddp-bucket-size); 0: Megatron's default,
+  // max(40M, 1M x DP).
+  int64_t ddp_bucket_size = 0;
 };
 
 struct TrainingConfig {

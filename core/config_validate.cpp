@@ -167,6 +167,7 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   p.positive("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size);
   p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
   p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
+  p.non_negative("parallel.ddp_bucket_size", par.ddp_bucket_size);
   if ((c.data.reset_position_ids || c.data.eod_mask_loss) && c.data.tokenizer_model.empty()) {
     p.add("data.reset_position_ids / data.eod_mask_loss need the EOD token id: set data.tokenizer_model");
   }

@@ -108,14 +108,16 @@ torch::Tensor& AdamW::grad(size_t i) {
 }
 
 void AdamW::accumulate_grads() {
+  for (size_t i = 0; i < params_.size(); ++i) accumulate_grad(i);
+}
+
+void AdamW::accumulate_grad(size_t i) {
+  if (!main_grad_[i].defined()) return;  // fp32: .grad is the accumulator
+  auto& g = params_[i].param.mutable_grad();
+  if (!g.defined()) return;
   torch::NoGradGuard no_grad;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    if (!main_grad_[i].defined()) continue;
-    auto& g = params_[i].param.mutable_grad();
-    if (!g.defined()) continue;
-    main_grad_[i].add_(g);  // bf16 into fp32 as it is read: no fp32 temporary
-    g = torch::Tensor();
-  }
+  main_grad_[i].add_(g);  // bf16 into fp32 as it is read: no fp32 temporary
+  g = torch::Tensor();
 }
 
 std::pair<double, double> AdamW::grad_sq_norms() {

@@ -52,7 +52,11 @@ class Optimizer {
   virtual ~Optimizer() = default;
   // After a micro-batch's backward: moves the parameters' gradients into fp32 accumulators.
   virtual void accumulate_grads() = 0;
-  // After the last micro-batch: the data-parallel reduction (nothing on one process).
+  // Before the last micro-batch's backward: where gradients are reduced while that backward runs
+  // (parallel.overlap_comm), their hooks start doing so.
+  virtual void begin_last_backward() {}
+  // After the last micro-batch: the data-parallel reduction (nothing on one process), or what is
+  // left of it and the wait for it.
   virtual void reduce_grads() = 0;
   // Global L2 norm of the reduced gradients, every parameter of the whole model counted once.
   virtual double grad_norm() = 0;
@@ -97,6 +101,7 @@ class AdamW : public Optimizer {
 
  protected:
   torch::Tensor& grad(size_t i);  // the fp32 gradient of parameter i (zeros where it got none)
+  void accumulate_grad(size_t i);  // accumulate_grads() for parameter i
   // Squared L2 norms of this rank's gradients: {replicated parameters, expert-parallel ones}.
   std::pair<double, double> grad_sq_norms();
 

@@ -4,7 +4,7 @@
 // training needs. Backends: MpiCommunicator (CPU tensors, parallel/mpi_communicator.h) and
 // LocalCommunicator (a group of one: every call is a copy, so single-process code paths need no MPI).
 //
-// Contract of every call (CPU backends): blocking. It returns when this rank's part is complete:
+// Contract of every call but the `*_async` ones (CPU backends): blocking. It returns when this rank's part is complete:
 // its output holds the result and its input may be reused. Every rank of the group must make the
 // same calls in the same order with matching shapes and dtypes. A call that does not complete within
 // the group's timeout ends the process with a message naming the call, the group and its ranks
@@ -19,6 +19,8 @@
 // between ranks exactly when a caller allocates its receive buffer elsewhere. Collectives are
 // symmetric (every rank passes a tensor made by the same code), so their tensors pick it.
 #pragma once
+
+#include "parallel/work.h"
 
 #include <torch/torch.h>
 
@@ -49,6 +51,12 @@ class Communicator {
 
   // In place: every rank ends with op over all ranks' tensors.
   virtual void all_reduce(torch::Tensor& tensor, ReduceOp op) = 0;
+  // all_reduce started now and complete when the handle's wait() returns (parallel/work.h); the
+  // caller leaves `tensor` alone until then. This default runs it blocking.
+  virtual std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) {
+    all_reduce(tensor, op);
+    return completed_work();
+  }
   // Every rank's tensor (same shape) concatenated along dim 0, in rank order.
   virtual torch::Tensor all_gather(const torch::Tensor& tensor) = 0;
   // op over all ranks' tensors, of which rank r keeps the r-th of `size()` equal chunks along dim 0.

@@ -4,6 +4,9 @@
 #include "core/kernels/adamw.h"
 #include "parallel/grad_sync.h"
 
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -21,20 +24,69 @@ double all_reduce_sum(double value, Communicator& group) {
 
 }  // namespace
 
-DataParallelAdamW::DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
-                                     const ProcessGroups& groups)
-    : AdamW(std::move(params), training), groups_(groups) {}
+namespace {
 
-void DataParallelAdamW::reduce_grads() {
+class GradFinalHook : public torch::autograd::PostAccumulateGradHook {
+ public:
+  explicit GradFinalHook(std::function<void()> f) : f_(std::move(f)) {}
+  void operator()(const torch::autograd::Variable&) override { f_(); }
+
+ private:
+  std::function<void()> f_;
+};
+
+}  // namespace
+
+DataParallelAdamW::DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
+                                     const ProcessGroups& groups, const ParallelConfig& parallel)
+    : AdamW(std::move(params), training), groups_(groups), overlap_(parallel.overlap_comm) {
   if (groups_.dp->size() == 1) return;
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> replicated, expert;
-  for (size_t i = 0; i < params().size(); ++i) (params()[i].expert_parallel ? expert : replicated).push_back(grad(i));
-  all_reduce_in_buckets(replicated, *groups_.dp, ReduceOp::avg);
+  place_.resize(this->params().size());
+  std::vector<int64_t> replicated_numels, expert_numels;
+  for (size_t n = this->params().size(); n-- > 0;) {
+    const auto& p = this->params()[n];
+    auto& order = p.expert_parallel ? expert_ : replicated_;
+    place_[n] = {p.expert_parallel, order.size()};
+    order.push_back(n);
+    (p.expert_parallel ? expert_numels : replicated_numels).push_back(p.param.numel());
+  }
+  const int64_t elements = parallel.ddp_bucket_size > 0 ? parallel.ddp_bucket_size : default_bucket_elements(groups_.dp->size());
+  replicated_buckets_ = std::make_unique<GradBuckets>(replicated_numels, groups_.dp, ReduceOp::avg, elements, overlap_);
   // Each expert's gradient already holds the tokens that every EP rank sent it; summing over the
   // ranks holding the same experts covers the global batch once, which the mean divides by DP.
-  all_reduce_in_buckets(expert, *groups_.edp, ReduceOp::sum);
-  for (auto& g : expert) g.div_(static_cast<double>(groups_.dp->size()));
+  expert_buckets_ = std::make_unique<GradBuckets>(expert_numels, groups_.edp, ReduceOp::sum, elements, overlap_);
+  if (!overlap_) return;
+  for (size_t i = 0; i < this->params().size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks(this->params()[i].param,
+                                                   std::make_unique<GradFinalHook>([this, i] { grad_final(i); }));
+  }
+}
+
+DataParallelAdamW::~DataParallelAdamW() {
+  if (!overlap_ || place_.empty()) return;
+  for (const auto& p : params()) torch::autograd::impl::set_post_acc_grad_hooks(p.param, nullptr);
+}
+
+void DataParallelAdamW::begin_last_backward() { armed_ = overlap_ && !place_.empty(); }
+
+void DataParallelAdamW::grad_final(size_t i) {
+  if (!armed_) return;
+  accumulate_grad(i);  // into fp32 main_grad first (bf16), as after the other micro-batches
+  const auto [expert, k] = place_[i];
+  if (expert) {
+    expert_buckets_->ready(k, [this](size_t j) { return grad(expert_[j]); });
+  } else {
+    replicated_buckets_->ready(k, [this](size_t j) { return grad(replicated_[j]); });
+  }
+}
+
+void DataParallelAdamW::reduce_grads() {
+  if (place_.empty()) return;
+  armed_ = false;
+  torch::NoGradGuard no_grad;
+  replicated_buckets_->finish([this](size_t j) { return grad(replicated_[j]); });
+  expert_buckets_->finish([this](size_t j) { return grad(expert_[j]); });
+  for (size_t i : expert_) grad(i).div_(static_cast<double>(groups_.dp->size()));
 }
 
 double DataParallelAdamW::grad_norm() {
@@ -212,9 +264,9 @@ void DistributedAdamW::load_state(const StateLookup& lookup, const std::string& 
 }
 
 std::unique_ptr<Optimizer> make_optimizer(std::vector<TrainableParameter> params, const TrainingConfig& training,
-                                          const ProcessGroups& groups, bool distributed) {
-  if (distributed) return std::make_unique<DistributedAdamW>(std::move(params), training, groups);
-  return std::make_unique<DataParallelAdamW>(std::move(params), training, groups);
+                                          const ProcessGroups& groups, const ParallelConfig& parallel) {
+  if (parallel.use_distributed_optimizer) return std::make_unique<DistributedAdamW>(std::move(params), training, groups);
+  return std::make_unique<DataParallelAdamW>(std::move(params), training, groups, parallel);
 }
 
 }  // namespace moeforge

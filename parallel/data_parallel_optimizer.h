@@ -5,7 +5,11 @@
 // DataParallelAdamW: every rank holds the whole fp32 state (as Megatron without
 //   --use-distributed-optimizer). Replicated gradients are averaged over DP in buckets; expert
 //   gradients (each EP rank holds other experts) are summed over the expert-data-parallel group
-//   and divided by DP, which is the same average over every token of the global batch.
+//   and divided by DP, which is the same average over every token of the global batch. With
+//   parallel.overlap_comm the buckets (in reverse model order, parallel.ddp_bucket_size elements)
+//   start reducing during the last micro-batch's backward, as their gradients become final
+//   (post-accumulate-grad hooks), on the groups' communication threads; reduce_grads() waits.
+//   Bit-identical to overlap off (the same buckets, the same reductions).
 //
 // DistributedAdamW (ZeRO-1, Megatron's distributed optimizer): the trainable parameters are laid
 //   out in flat fp32 buffers, one per (replicated | expert, decay | no decay), each padded to a
@@ -23,6 +27,7 @@
 #pragma once
 
 #include "core/optimizer.h"
+#include "parallel/grad_sync.h"
 #include "parallel/process_groups.h"
 
 #include <memory>
@@ -31,12 +36,27 @@ namespace moeforge {
 
 class DataParallelAdamW : public AdamW {
  public:
-  DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups);
+  // parallel.overlap_comm and parallel.ddp_bucket_size from `parallel`.
+  DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups,
+                    const ParallelConfig& parallel);
+  ~DataParallelAdamW() override;  // removes the gradient hooks
+  DataParallelAdamW(const DataParallelAdamW&) = delete;
+  DataParallelAdamW& operator=(const DataParallelAdamW&) = delete;
+  void begin_last_backward() override;
   void reduce_grads() override;
   double grad_norm() override;
 
  private:
+  // A post-accumulate-grad hook during the last backward: the gradient of parameter i is final.
+  void grad_final(size_t i);
+
   ProcessGroups groups_;
+  bool overlap_ = false, armed_ = false;
+  // Backward order (reverse model order) of the replicated and the expert parameters, their
+  // buckets (over DP, and over EDP), and each parameter's place: {expert?, position}.
+  std::vector<size_t> replicated_, expert_;
+  std::vector<std::pair<bool, size_t>> place_;
+  std::unique_ptr<GradBuckets> replicated_buckets_, expert_buckets_;
 };
 
 class DistributedAdamW : public Optimizer {
@@ -78,9 +98,9 @@ class DistributedAdamW : public Optimizer {
   int64_t steps_ = 0;
 };
 
-// DistributedAdamW when `distributed` (parallel.use_distributed_optimizer), else DataParallelAdamW
-// (which is plain AdamW on one process).
+// DistributedAdamW with parallel.use_distributed_optimizer, else DataParallelAdamW (which is plain
+// AdamW on one process).
 std::unique_ptr<Optimizer> make_optimizer(std::vector<TrainableParameter> params, const TrainingConfig& training,
-                                          const ProcessGroups& groups, bool distributed);
+                                          const ProcessGroups& groups, const ParallelConfig& parallel);
 
 }  // namespace moeforge

@@ -1,5 +1,7 @@
 #include "parallel/mpi_communicator.h"
 
+#include "parallel/work.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -84,7 +86,8 @@ MpiRuntime::MpiRuntime() {
   MPI_Initialized(&initialized);
   if (!initialized) {
     int provided = 0;
-    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
+    // Multiple: the communication threads (parallel/work.h) call MPI beside the compute thread.
+    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread");
     initialized_here_ = true;
   }
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
@@ -107,7 +110,7 @@ MpiRuntime::~MpiRuntime() {
   MPI_Finalize();
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned)
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned, bool async)
     : comm_(comm), name_(std::move(name)), timeout_seconds_(timeout_seconds), owned_(owned), max_chunk_(INT_MAX) {
   MPI_Comm_rank(comm_, &rank_);
   MPI_Comm_size(comm_, &size_);
@@ -115,13 +118,25 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
   world_ranks_.resize(static_cast<size_t>(size_));
   check(MPI_Allgather(&world_rank, 1, MPI_INT, world_ranks_.data(), 1, MPI_INT, comm_), "MPI_Allgather");
+  int level = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&level);
+  if (async && size_ > 1 && level >= MPI_THREAD_MULTIPLE) {
+    // The asynchronous calls' own communicator: their order on it is the submission order, which
+    // every rank shares; blocking calls on comm_ can then never interleave with them.
+    MPI_Comm dup;
+    check(MPI_Comm_dup(comm_, &dup), "MPI_Comm_dup");
+    async_peer_.reset(new MpiCommunicator(dup, name_, timeout_seconds_, true, false));
+    comm_thread_ = std::make_unique<CommThread>();
+  }
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::world(double timeout_seconds) {
-  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(MPI_COMM_WORLD, "world", timeout_seconds, false));
+  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(MPI_COMM_WORLD, "world", timeout_seconds, false, true));
 }
 
 MpiCommunicator::~MpiCommunicator() {
+  comm_thread_.reset();  // runs what was submitted, on async_peer_'s communicator
+  async_peer_.reset();
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (owned_ && !finalized) MPI_Comm_free(&comm_);
@@ -130,7 +145,7 @@ MpiCommunicator::~MpiCommunicator() {
 std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key, const std::string& name) const {
   MPI_Comm sub;
   check(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
-  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(sub, name, timeout_seconds_, true));
+  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(sub, name, timeout_seconds_, true, true));
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::group_of(const std::vector<int64_t>& members, const std::string& name) const {
@@ -153,6 +168,8 @@ void MpiCommunicator::wait(MPI_Request& request, const char* operation) const {
 }
 
 void MpiCommunicator::wait_all(std::vector<MPI_Request>& requests, const char* operation) const {
+  const CommInFlight in_flight;
+  const ExposedWait exposed;  // counted on the compute thread only
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::duration<double>(timeout_seconds_);
@@ -172,9 +189,13 @@ void MpiCommunicator::wait_all(std::vector<MPI_Request>& requests, const char* o
       MPI_Abort(MPI_COMM_WORLD, 1);
     }
     // Non-blocking collectives advance only while they are polled (each round of a multi-round
-    // algorithm waits for a test), so poll without sleeping, yielding the core to other ranks; only a
-    // wait that has lasted a second (a slow or hung peer) backs off to millisecond polls.
-    if (Clock::now() - start < std::chrono::seconds(1)) {
+    // algorithm waits for a test), so the compute thread, which has nothing else to do, polls
+    // without sleeping, yielding the core to other ranks. A communication thread shares its core
+    // with the compute it overlaps: it polls every 50 us, leaving that core to the compute thread
+    // in between. A wait that has lasted a second (a slow or hung peer) backs off to 1 ms polls.
+    if (on_comm_thread() && Clock::now() - start < std::chrono::seconds(1)) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    } else if (Clock::now() - start < std::chrono::seconds(1)) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -203,6 +224,13 @@ void MpiCommunicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
     wait(request, "all_reduce");
   }
   if (op == ReduceOp::avg) tensor.div_(size_);
+}
+
+std::shared_ptr<Work> MpiCommunicator::all_reduce_async(torch::Tensor tensor, ReduceOp op) {
+  if (!comm_thread_) return Communicator::all_reduce_async(std::move(tensor), op);
+  require_cpu_contiguous(tensor, "all_reduce_async");  // here: a misuse fails in the caller's thread
+  MpiCommunicator* peer = async_peer_.get();
+  return comm_thread_->submit([peer, tensor, op]() mutable { peer->all_reduce(tensor, op); });
 }
 
 torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& tensor) {

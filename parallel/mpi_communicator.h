@@ -1,7 +1,7 @@
 // defines: MpiRuntime, MpiCommunicator
 //
-// MPI for CPU tensors. MpiRuntime initializes MPI once per process (MPI_THREAD_FUNNELED: only the
-// main thread communicates) and finds this process's world rank, world size and node-local rank
+// MPI for CPU tensors. MpiRuntime initializes MPI once per process (MPI_THREAD_MULTIPLE: each
+// group's communication thread calls MPI beside the compute thread) and finds this process's world rank, world size and node-local rank
 // (MPI_Comm_split_type SHARED, so it works under Open MPI's mpirun, MPICH/Hydra and SLURM's srun
 // alike). MpiCommunicator implements the Communicator contract with non-blocking MPI calls that are
 // polled against the group's timeout, so a hung or dead peer ends the job with a message instead
@@ -10,6 +10,7 @@
 #pragma once
 
 #include "parallel/communicator.h"
+#include "parallel/work.h"
 
 #include <mpi.h>
 
@@ -60,9 +61,16 @@ class MpiCommunicator : public Communicator {
   const std::vector<int>& world_ranks() const override { return world_ranks_; }
   double timeout_seconds() const { return timeout_seconds_; }
   // Largest message part in elements (default INT_MAX); smaller values exercise chunking in tests.
-  void set_max_chunk_elements(int64_t n) { max_chunk_ = n; }
+  // Not while asynchronous calls are in flight (their thread reads it when it runs them).
+  void set_max_chunk_elements(int64_t n) {
+    max_chunk_ = n;
+    if (async_peer_) async_peer_->max_chunk_ = n;
+  }
 
   void all_reduce(torch::Tensor& tensor, ReduceOp op) override;
+  // On this group's communication thread (parallel/work.h) where MPI provides MPI_THREAD_MULTIPLE;
+  // blocking otherwise.
+  std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) override;
   torch::Tensor all_gather(const torch::Tensor& tensor) override;
   torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
@@ -76,7 +84,8 @@ class MpiCommunicator : public Communicator {
   void barrier() override;
 
  private:
-  MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned);
+  // `async`: with a communication thread and its duplicate communicator (not for that duplicate).
+  MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned, bool async);
   // Polls `request` until it completes; past the timeout, reports and aborts the whole job.
   void wait(MPI_Request& request, const char* operation) const;
   void wait_all(std::vector<MPI_Request>& requests, const char* operation) const;
@@ -92,6 +101,10 @@ class MpiCommunicator : public Communicator {
   int rank_ = 0, size_ = 1;
   std::vector<int> world_ranks_;
   int64_t max_chunk_;
+  // Asynchronous calls: the same group on a duplicate communicator, and the thread that runs them
+  // (declared last: destroyed first, after it has run what was submitted).
+  std::unique_ptr<MpiCommunicator> async_peer_;
+  std::unique_ptr<CommThread> comm_thread_;
 };
 
 }  // namespace moeforge

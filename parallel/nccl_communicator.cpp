@@ -99,6 +99,8 @@ void NcclCommunicator::wait(const char* operation) {
   done.record(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(state_->device)));
   const auto start = std::chrono::steady_clock::now();
   count_host_sync();
+  const CommInFlight in_flight;  // the blocking contract: the whole wait is exposed
+  const ExposedWait exposed;
   while (!done.query()) {
     ncclResult_t async = ncclSuccess;
     ncclCommGetAsyncError(state_->comm, &async);

@@ -79,7 +79,7 @@ void run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t
               const torch::TensorOptions& options, const StageCallbacks& callbacks, StepTimer& timer) {
   Pipe pipe(pp, activation_shape, options, &timer);
   std::deque<InFlight> in_flight;
-  int64_t next = 0;
+  int64_t next = 0, backwards = 0;
 
   auto forward = [&](const torch::Tensor& input) {
     timer.start(Phase::forward);
@@ -95,6 +95,8 @@ void run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t
   auto backward = [&](const torch::Tensor& grad_output) {
     InFlight f = std::move(in_flight.front());
     in_flight.pop_front();
+    if (callbacks.before_backward) callbacks.before_backward(backwards);
+    ++backwards;
     timer.start(Phase::backward);
     std::vector<torch::Tensor> roots, grads;
     if (f.output.defined()) {

@@ -35,7 +35,9 @@ struct StageCallbacks {
   // Forward of micro-batch `i` on this stage; `input` is the received activation (requires grad),
   // undefined on the first stage.
   std::function<StageOutput(int64_t i, const torch::Tensor& input)> forward;
-  // After each micro-batch's backward (gradient accumulation).
+  // Before / after each micro-batch's backward (micro-batches go backward in forward order): the
+  // last one's gradient reduction overlaps it; after each, gradient accumulation.
+  std::function<void(int64_t i)> before_backward;
   std::function<void()> after_backward;
 };
 

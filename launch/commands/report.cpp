@@ -168,7 +168,7 @@ json build_report(const ReportOptions& o) {
                           metric::kTflops, metric::kTflops6N, metric::kMfu, metric::kMfu6N, metric::kTimeData,
                           metric::kTimeForward, metric::kTimeBackward, metric::kTimePipelineWait,
                           metric::kTimeGradReduce, metric::kTimeOptimizer, metric::kExpertLoadMaxOverMean,
-                          metric::kPeakMemory}) {
+                          metric::kPeakMemory, metric::kTimeComm, metric::kTimeCommExposed}) {
     series[key] = json::array();
     for (const auto& m : metrics) series[key].push_back(m.contains(key) && !m[key].is_null() ? m[key] : json(nullptr));
   }

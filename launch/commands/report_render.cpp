@@ -215,6 +215,14 @@ std::string render_html(const json& rep) {
                                 {make("data", metric::kTimeData, 7), make("forward", metric::kTimeForward, 0),
                                  make("backward", metric::kTimeBackward, 2), make("pipeline wait", metric::kTimePipelineWait, 3),
                                  make("grad reduce", metric::kTimeGradReduce, 4), make("optimizer", metric::kTimeOptimizer, 5)}));
+  const bool has_comm = series.contains(metric::kTimeComm) &&
+                        std::any_of(series[metric::kTimeComm].begin(), series[metric::kTimeComm].end(),
+                                    [](const json& v) { return v.is_number(); });
+  if (has_comm) {  // runs from before these keys have none
+    charts.push_back(line_chart("Communication per iteration", "s",
+                                {make("collectives in flight", metric::kTimeComm, 4),
+                                 make("exposed (compute waited)", metric::kTimeCommExposed, 1)}));
+  }
   std::vector<Series> load{make("max over layers", metric::kExpertLoadMaxOverMean, 1)};
   if (series.contains(metric::kExpertLoadPerLayer) && !series[metric::kExpertLoadPerLayer].empty() &&
       !series[metric::kExpertLoadPerLayer][0].empty()) {

@@ -34,6 +34,8 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {metric::kTimeGradReduce, m.time_grad_reduce_s},
       {metric::kTimeOptimizer, m.time_optimizer_s},
       {metric::kTimePipelineWait, m.time_pipeline_wait_s},
+      {metric::kTimeComm, m.time_comm_s},
+      {metric::kTimeCommExposed, m.time_comm_exposed_s},
       {metric::kTokensPerSecond, m.tokens_per_s_per_device},
       {metric::kTflops, m.tflops_per_device},
       {metric::kTflops6N, m.tflops_6n_per_device},
@@ -59,13 +61,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
     j[metric::kPeakMemoryReserved] = m.device_memory->peak_reserved_bytes;
     j[metric::kDeviceMemoryTotal] = m.device_memory->total_bytes;
   }
-  if (!m.rank_times.empty()) {
-    for (size_t k = 0; k < kRankTimeKeys.size(); ++k) {
-      std::vector<double> per_rank;
-      for (const auto& r : m.rank_times) per_rank.push_back(r[k]);
-      j[metric::kRankTimes][kRankTimeKeys[k]] = per_rank;
-    }
-  }
+  for (const auto& [key, per_rank] : m.rank_times) j[metric::kRankTimes][key] = per_rank;
   if (m.valid_lm_loss) {
     j[metric::kValidLmLoss] = *m.valid_lm_loss;
     j[metric::kValidPpl] = std::exp(std::min(*m.valid_lm_loss, 20.0));  // Megatron caps the exponent at 20

@@ -1,4 +1,4 @@
-// defines: StepMetrics, the metric key schema (namespace metric), kTimingMetricKeys, kRankTimeKeys,
+// defines: StepMetrics, the metric key schema (namespace metric), kTimingMetricKeys,
 //          step_metrics_json, step_log_line, MetricsFile
 //
 // What one training iteration reports: the Megatron-like log line and one JSON object per
@@ -48,6 +48,8 @@ inline constexpr const char* kTimeGradReduce = "time_grad_reduce_s";
 inline constexpr const char* kTimeOptimizer = "time_optimizer_s";
 inline constexpr const char* kTimePipelineWait = "time_pipeline_wait_s";
 inline constexpr const char* kTimeAllToAll = "time_all_to_all_s";
+inline constexpr const char* kTimeComm = "time_comm_s";
+inline constexpr const char* kTimeCommExposed = "time_comm_exposed_s";
 inline constexpr const char* kTimeEval = "time_eval_s";
 inline constexpr const char* kTokensPerSecond = "tokens_per_s_per_device";
 inline constexpr const char* kTflops = "tflops_per_device";
@@ -92,31 +94,30 @@ struct StepMetrics {
   double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
   double time_optimizer_s = 0, time_all_to_all_s = 0;  // all-to-all time is part of forward and backward
   double time_pipeline_wait_s = 0;  // in pipeline sends and receives (bubble and transfers); 0 without PP
+  // Wall time with at least one collective in flight, and the part the compute thread waited for
+  // one (parallel/work.h); their difference is the communication hidden behind compute.
+  double time_comm_s = 0, time_comm_exposed_s = 0;
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
   int64_t peak_memory_bytes = 0;
   std::optional<DeviceMemory> device_memory;  // CUDA runs
-  // Several ranks only: every rank's breakdown, in world-rank order, one value per kRankTimeKeys entry.
-  std::vector<std::vector<double>> rank_times;
+  // Several ranks only: every rank's breakdown, named values (rank_times.<key>[rank], in world-rank
+  // order): compute_s (forward + backward outside all-to-alls), pipeline_wait_s, all_to_all_s,
+  // grad_reduce_s, optimizer_s, step_s, comm_s and comm_exposed_s (time_comm_s and
+  // time_comm_exposed_s), peak_memory_bytes (host resident) and peak_memory_reserved_bytes (GPU; 0
+  // on CPU). A record: new values are appended where the trainer makes it.
+  std::vector<std::pair<std::string, std::vector<double>>> rank_times;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-// rank_times.<key>[rank]: compute (forward + backward outside all-to-alls), pipeline wait,
-// all-to-all, gradient reduction, optimizer, the whole step, the rank's peak host resident memory
-// and its peak reserved GPU memory (0 on CPU). A record of named per-rank values: new ones are
-// appended here.
-inline constexpr std::array<const char*, 8> kRankTimeKeys{"compute_s",     "pipeline_wait_s", "all_to_all_s",
-                                                          "grad_reduce_s", "optimizer_s",     "step_s",
-                                                          "peak_memory_bytes", "peak_memory_reserved_bytes"};
-
-inline constexpr std::array<std::string_view, 22> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 24> kTimingMetricKeys{
     metric::kStepTime,   metric::kTimeData,     metric::kTimeForward,       metric::kTimeBackward,
     metric::kTimeOptimizer, metric::kTimeGradReduce, metric::kTimeAllToAll, metric::kTimePipelineWait,
     metric::kTokensPerSecond, metric::kTflops,  metric::kTflops6N,          metric::kMfu,
     metric::kMfu6N,      metric::kPeakTflops,   metric::kPeakSource,        metric::kPeakMemory,
     metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes,         metric::kPeakMemoryAllocated,
-    metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal};
+    metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal, metric::kTimeComm, metric::kTimeCommExposed};
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
 

@@ -16,6 +16,7 @@
 #include "moe/upcycle.h"
 #include "parallel/data_parallel_optimizer.h"
 #include "parallel/pipeline.h"
+#include "parallel/work.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -168,7 +169,7 @@ void Trainer::setup_optimizer() {
     if (const auto why = moe::router_only_noop_reason(*model_, c_.model, names)) spdlog::warn("{}", *why);
   }
   for (auto& p : trainable) p.expert_parallel = shard_->partition.at(p.name).expert_parallel;
-  optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel.use_distributed_optimizer);
+  optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel);
   schedule_ = std::make_unique<LrSchedule>(t);
 }
 
@@ -236,6 +237,7 @@ StepMetrics Trainer::train_step() {
   const auto& t = c_.training;
   const auto step_start = Clock::now();
   const int64_t syncs_before = host_syncs();
+  const CommTimes comm_before = comm_times();
   StepTimer timer(device_);
   const int64_t micro_batches = layout_.micro_batches_per_step();
   const int64_t first = shard_->first_layer, end = shard_->end_layer;
@@ -277,6 +279,9 @@ StepMetrics Trainer::train_step() {
     o.output = out.hidden_BSD;
     if (loss.total.requires_grad()) o.loss = loss.total / static_cast<double>(micro_batches);
     return o;
+  };
+  callbacks.before_backward = [&](int64_t i) {
+    if (i == micro_batches - 1) optimizer_->begin_last_backward();
   };
   callbacks.after_backward = [&] { optimizer_->accumulate_grads(); };
   run_1f1b(*groups_.pp, micro_batches, activation_shape(), activation_options(), callbacks, timer);
@@ -347,6 +352,9 @@ StepMetrics Trainer::train_step() {
   m.time_optimizer_s = of(Phase::optimizer);
   m.step_time_s = seconds_since(step_start);
   m.host_syncs = host_syncs() - syncs_before;
+  const CommTimes comm = comm_times();
+  m.time_comm_s = comm.in_flight_s - comm_before.in_flight_s;
+  m.time_comm_exposed_s = comm.exposed_s - comm_before.exposed_s;
   const auto devices = static_cast<double>(layout_.world());
   m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s / devices;
   m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12 / devices;
@@ -364,15 +372,26 @@ StepMetrics Trainer::train_step() {
 
 void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
   // Every rank's breakdown (rank 0 writes it): the slow stage or the overloaded EP rank shows.
-  const std::vector<double> values{compute_s,          m.time_pipeline_wait_s, m.time_all_to_all_s,
-                                   m.time_grad_reduce_s, m.time_optimizer_s,   m.step_time_s,
-                                   static_cast<double>(m.peak_memory_bytes),
-                                   static_cast<double>(m.device_memory ? m.device_memory->peak_reserved_bytes : 0)};
-  static_assert(kRankTimeKeys.size() == 8, "one value per key");
+  // A record of named values (docs/training.md): append new ones here.
+  const std::vector<std::pair<const char*, double>> record{
+      {"compute_s", compute_s},
+      {"pipeline_wait_s", m.time_pipeline_wait_s},
+      {"all_to_all_s", m.time_all_to_all_s},
+      {"grad_reduce_s", m.time_grad_reduce_s},
+      {"optimizer_s", m.time_optimizer_s},
+      {"step_s", m.step_time_s},
+      {"comm_s", m.time_comm_s},
+      {"comm_exposed_s", m.time_comm_exposed_s},
+      {"peak_memory_bytes", static_cast<double>(m.peak_memory_bytes)},
+      {"peak_memory_reserved_bytes", static_cast<double>(m.device_memory ? m.device_memory->peak_reserved_bytes : 0)}};
+  std::vector<double> values;
+  for (const auto& [key, value] : record) values.push_back(value);
   // host: timings
-  const auto all = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).contiguous();
-  const double* p = all.data_ptr<double>();
-  for (int64_t r = 0; r < all.size(0); ++r, p += all.size(1)) m.rank_times.emplace_back(p, p + all.size(1));
+  const auto all_KR = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).t().contiguous();
+  for (size_t k = 0; k < record.size(); ++k) {
+    const double* p = all_KR[static_cast<int64_t>(k)].data_ptr<double>();
+    m.rank_times.emplace_back(record[k].first, std::vector<double>(p, p + all_KR.size(1)));
+  }
 }
 
 std::vector<int64_t> Trainer::activation_shape() const {

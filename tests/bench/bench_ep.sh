@@ -10,16 +10,9 @@
 #   - the same with the distributed optimizer (ZeRO-1).
 #   bash tests/bench/bench_ep.sh [ITERS] [THREADS_PER_RANK]
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$root"
 iters=${1:-8}
 threads=${2:-1}
-py=.venv/bin/python
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
-
-bash launch/corpus.sh "$work/corpus" >/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
 cat > "$work/bench.yaml" <<YAML
 base: $root/tests/bench/bench_model.yaml
 training:

@@ -40,6 +40,35 @@ TEST_CASE("all_reduce: sum, avg and max in fp32, int64 and bf16, chunked and who
   CHECK(torch::equal(c, torch::arange(10, torch::kFloat32) * static_cast<float>(n) + 100.0F * n * (n - 1) / 2.0F));
 }
 
+TEST_CASE("asynchronous all_reduce: several in flight, blocking calls between them, errors rethrown by wait", "[mpi][work]") {
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  std::vector<torch::Tensor> tensors;
+  std::vector<std::shared_ptr<Work>> work;
+  w.set_max_chunk_elements(1000);  // tensors 2.. are sent in parts
+  for (int k = 0; k < 6; ++k) {
+    // Sizes from small to chunked, and bf16 (reduced in fp32 on the communication thread).
+    tensors.push_back(torch::full({1 + k * 1000}, static_cast<float>(r + k), k == 5 ? torch::kBFloat16 : torch::kFloat32));
+    work.push_back(w.all_reduce_async(tensors.back(), k % 2 ? ReduceOp::sum : ReduceOp::max));
+    // A blocking collective on the same group while those are in flight.
+    auto blocking = torch::full({2}, static_cast<float>(r));
+    w.all_reduce(blocking, ReduceOp::sum);
+    CHECK(torch::equal(blocking, torch::full({2}, n * (n - 1) / 2.0F)));
+  }
+  for (int k = 0; k < 6; ++k) {
+    work[static_cast<size_t>(k)]->wait();
+    CHECK(work[static_cast<size_t>(k)]->is_completed());
+    const float expected = k % 2 ? static_cast<float>(n * (n - 1) / 2 + n * k) : static_cast<float>(n - 1 + k);
+    INFO("tensor " << k);
+    CHECK(torch::equal(tensors[static_cast<size_t>(k)].to(torch::kFloat32), torch::full({1 + k * 1000}, expected)));
+  }
+  w.set_max_chunk_elements(INT_MAX);
+  // Every rank makes the same mistake, so no rank waits for another: each wait() rethrows it.
+  auto failing = w.all_reduce_async(torch::ones({2}, torch::kInt64), ReduceOp::avg);
+  CHECK_THROWS_WITH(failing->wait(), Catch::Matchers::Contains("avg of integers"));
+  CHECK_THROWS(w.all_reduce_async(torch::ones({4, 2}).t(), ReduceOp::sum));  // not contiguous: refused at once
+}
+
 TEST_CASE("all_gather and reduce_scatter", "[mpi]") {
   auto& w = world();
   const int n = w.size(), r = w.rank();

@@ -129,8 +129,9 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
                                  "--user-data-dir=" + (dir.path() / "chromium").string() + " --dump-dom file://" +
                                  (run / "report" / "report.html").string() + " 2>/dev/null");
     REQUIRE(dom.exit_code == 0);
-    // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time, expert load).
-    CHECK_THAT(dom.output, Contains("data-plots=\"5\""));
+    // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time,
+    // communication of the 2-rank run, expert load).
+    CHECK_THAT(dom.output, Contains("data-plots=\"6\"") && Contains("Communication per iteration"));
     CHECK_THAT(dom.output, Contains("<polyline") && Contains("PASS"));
   }
 }
