@@ -2,12 +2,19 @@
 
 #include <atomic>
 #include <chrono>
+#include <ctime>
 
 namespace moeforge {
 
 namespace {
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+double thread_cpu_s() {
+  timespec t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
 
 thread_local bool t_on_comm_thread = false;
 
@@ -111,11 +118,17 @@ void CommThread::run() {
       queue_.pop_front();
     }
     std::exception_ptr error;
+    const double cpu_start = thread_cpu_s();
     try {
       const CommInFlight in_flight;
       task->op();
     } catch (...) {
       error = std::current_exception();
+    }
+    {
+      Clock& c = clock();
+      std::lock_guard lock(c.mutex);
+      c.totals.comm_thread_cpu_s += thread_cpu_s() - cpu_start;
     }
     task->op = nullptr;  // release the tensors it holds
     {

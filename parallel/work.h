@@ -60,8 +60,9 @@ class CommThread {
 };
 
 struct CommTimes {
-  double in_flight_s = 0;  // wall time with at least one collective in flight
-  double exposed_s = 0;    // compute-thread time spent waiting for collectives
+  double in_flight_s = 0;        // wall time with at least one collective in flight
+  double exposed_s = 0;          // compute-thread time spent waiting for collectives
+  double comm_thread_cpu_s = 0;  // CPU time the communication threads used (what overlap costs a core)
 };
 // Totals since the process started.
 CommTimes comm_times();

@@ -36,6 +36,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {metric::kTimePipelineWait, m.time_pipeline_wait_s},
       {metric::kTimeComm, m.time_comm_s},
       {metric::kTimeCommExposed, m.time_comm_exposed_s},
+      {metric::kTimeCommThreadCpu, m.time_comm_thread_cpu_s},
       {metric::kTokensPerSecond, m.tokens_per_s_per_device},
       {metric::kTflops, m.tflops_per_device},
       {metric::kTflops6N, m.tflops_6n_per_device},

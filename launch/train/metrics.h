@@ -50,6 +50,7 @@ inline constexpr const char* kTimePipelineWait = "time_pipeline_wait_s";
 inline constexpr const char* kTimeAllToAll = "time_all_to_all_s";
 inline constexpr const char* kTimeComm = "time_comm_s";
 inline constexpr const char* kTimeCommExposed = "time_comm_exposed_s";
+inline constexpr const char* kTimeCommThreadCpu = "time_comm_thread_cpu_s";
 inline constexpr const char* kTimeEval = "time_eval_s";
 inline constexpr const char* kTokensPerSecond = "tokens_per_s_per_device";
 inline constexpr const char* kTflops = "tflops_per_device";
@@ -97,6 +98,7 @@ struct StepMetrics {
   // Wall time with at least one collective in flight, and the part the compute thread waited for
   // one (parallel/work.h); their difference is the communication hidden behind compute.
   double time_comm_s = 0, time_comm_exposed_s = 0;
+  double time_comm_thread_cpu_s = 0;  // CPU time of the communication threads (they share cores with compute)
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
@@ -111,13 +113,14 @@ struct StepMetrics {
   std::optional<double> valid_lm_loss;  // iterations that evaluated
 };
 
-inline constexpr std::array<std::string_view, 24> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 25> kTimingMetricKeys{
     metric::kStepTime,   metric::kTimeData,     metric::kTimeForward,       metric::kTimeBackward,
     metric::kTimeOptimizer, metric::kTimeGradReduce, metric::kTimeAllToAll, metric::kTimePipelineWait,
     metric::kTokensPerSecond, metric::kTflops,  metric::kTflops6N,          metric::kMfu,
     metric::kMfu6N,      metric::kPeakTflops,   metric::kPeakSource,        metric::kPeakMemory,
     metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes,         metric::kPeakMemoryAllocated,
-    metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal, metric::kTimeComm, metric::kTimeCommExposed};
+    metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal, metric::kTimeComm, metric::kTimeCommExposed,
+    metric::kTimeCommThreadCpu};
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
 

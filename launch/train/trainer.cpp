@@ -355,6 +355,7 @@ StepMetrics Trainer::train_step() {
   const CommTimes comm = comm_times();
   m.time_comm_s = comm.in_flight_s - comm_before.in_flight_s;
   m.time_comm_exposed_s = comm.exposed_s - comm_before.exposed_s;
+  m.time_comm_thread_cpu_s = comm.comm_thread_cpu_s - comm_before.comm_thread_cpu_s;
   const auto devices = static_cast<double>(layout_.world());
   m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s / devices;
   m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12 / devices;

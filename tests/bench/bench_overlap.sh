@@ -49,7 +49,8 @@ def steps(name, overlap):
 med = lambda runs, key: statistics.median(m[key] for m in runs)
 print(f"overlap benchmark: bench_model (h256, 4 MoE layers, 60 experts), 16 x 256 tokens per step, one thread "
       f"per rank, buckets of {bucket} elements, median of iterations {warm + 1}..{iters} over {rounds} round(s)")
-print(f"  {'layout':<8}{'overlap':>8}{'step ms':>10}{'comm ms':>10}{'exposed ms':>12}{'exposed/comm':>14}{'grad reduce ms':>16}")
+print(f"  {'layout':<8}{'overlap':>8}{'step ms':>10}{'comm ms':>10}{'exposed ms':>12}{'exposed/comm':>14}"
+      f"{'grad reduce ms':>16}{'comm thread CPU ms':>20}")
 for name in ["dp2", "ep2", "pp2dp2"]:
     res = {}
     for overlap in ["true", "false"]:
@@ -57,6 +58,7 @@ for name in ["dp2", "ep2", "pp2dp2"]:
         res[overlap] = s
         comm, exposed = med(s, "time_comm_s"), med(s, "time_comm_exposed_s")
         print(f"  {name:<8}{overlap:>8}{med(s, 'step_time_s') * 1e3:>10.1f}{comm * 1e3:>10.1f}{exposed * 1e3:>12.1f}"
-              f"{exposed / comm if comm else 0:>14.2f}{med(s, 'time_grad_reduce_s') * 1e3:>16.1f}")
+              f"{exposed / comm if comm else 0:>14.2f}{med(s, 'time_grad_reduce_s') * 1e3:>16.1f}"
+              f"{med(s, 'time_comm_thread_cpu_s') * 1e3:>20.1f}")
     print(f"  {name}: step time overlap on / off {med(res['true'], 'step_time_s') / med(res['false'], 'step_time_s'):.3f}x")
 PY
