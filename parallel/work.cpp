@@ -49,17 +49,25 @@ CommTimes comm_times() {
   return t;
 }
 
-CommInFlight::CommInFlight() {
+namespace {
+
+void in_flight_begin() {
   Clock& c = clock();
   std::lock_guard lock(c.mutex);
   if (c.in_flight++ == 0) c.since = now_s();
 }
 
-CommInFlight::~CommInFlight() {
+void in_flight_end() {
   Clock& c = clock();
   std::lock_guard lock(c.mutex);
   if (--c.in_flight == 0) c.totals.in_flight_s += now_s() - c.since;
 }
+
+}  // namespace
+
+CommInFlight::CommInFlight() { in_flight_begin(); }
+
+CommInFlight::~CommInFlight() { in_flight_end(); }
 
 ExposedWait::ExposedWait() : counted_(!t_on_comm_thread), start_(counted_ ? now_s() : 0) {}
 
@@ -97,6 +105,7 @@ struct CommThread::Task : public Work {
 std::shared_ptr<Work> CommThread::submit(std::function<void()> op) {
   auto task = std::make_shared<Task>();
   task->op = std::move(op);
+  in_flight_begin();  // in flight from submission (queued counts) to completion
   {
     std::lock_guard lock(mutex_);
     if (!thread_.joinable()) thread_ = std::thread([this] { run(); });
@@ -120,7 +129,6 @@ void CommThread::run() {
     std::exception_ptr error;
     const double cpu_start = thread_cpu_s();
     try {
-      const CommInFlight in_flight;
       task->op();
     } catch (...) {
       error = std::current_exception();
@@ -137,6 +145,7 @@ void CommThread::run() {
       task->done = true;
     }
     task->done_changed.notify_all();
+    in_flight_end();
   }
 }
 

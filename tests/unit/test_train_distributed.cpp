@@ -189,7 +189,8 @@ TEST_CASE("gradients reduced during the backward (parallel.overlap_comm) equal t
       CHECK(on[i]["lm_loss"] == off[i]["lm_loss"]);
       CHECK(on[i]["grad_norm"] == off[i]["grad_norm"]);
       CHECK(on[i]["time_comm_s"].get<double>() > 0);
-      CHECK(on[i]["time_comm_exposed_s"].get<double>() <= on[i]["time_comm_s"].get<double>() + 1e-9);
+      // The waiter and the communication thread stop their clocks microseconds apart.
+      CHECK(on[i]["time_comm_exposed_s"].get<double>() <= on[i]["time_comm_s"].get<double>() + 1e-4);
       CHECK(on[i]["rank_times"]["comm_exposed_s"].size() == static_cast<size_t>(ranks));
     }
     const SafetensorsCheckpoint a((dir.path() / fmt::format("on{}", l) / "iter_0000003").string());
