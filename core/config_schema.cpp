@@ -207,7 +207,7 @@ std::vector<ConfigField> make_fields() {
       bind("parallel", P, "decoder_last_pipeline_num_layers", &PC::decoder_last_pipeline_num_layers, "Layers on the last stage of an uneven pipeline; null = even"),
       bind("parallel", P, "use_distributed_optimizer", &PC::use_distributed_optimizer, "Shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1)"),
       bind("parallel", P, "distributed_timeout_minutes", &PC::distributed_timeout_minutes, "A collective blocked longer than this ends the run on every rank"),
-      bind("parallel", P, "overlap_comm", &PC::overlap_comm, "Reduce data-parallel gradient buckets during the backward, on a communication thread; false: after it, blocking"),
+      bind("parallel", P, "overlap_comm", &PC::overlap_comm, "Overlap communication with compute on communication threads: data-parallel gradient buckets reduced during the backward, expert all-to-alls in flight while the shared expert computes; false: blocking, after the backward and inline"),
       bind("parallel", P, "ddp_bucket_size", &PC::ddp_bucket_size, "Elements (not bytes) per data-parallel gradient bucket, as Megatron's --ddp-bucket-size; 0 = max(40M, 1M x DP)"),
       // training
       bind("training", T, "seq_length", &TC::seq_length, "Tokens per sample", kRequired),

@@ -83,7 +83,9 @@ MLPImpl::MLPImpl(int64_t hidden, int64_t ffn) {
   down_proj = register_module("down_proj", Linear(ffn, hidden, false));
 }
 
-torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down_proj(kernels::swiglu(gate_proj(x), up_proj(x))); }
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down_proj(activation(x)); }
+
+torch::Tensor MLPImpl::activation(const torch::Tensor& x) { return kernels::swiglu(gate_proj(x), up_proj(x)); }
 
 DenseFeedForward::DenseFeedForward(int64_t hidden, int64_t ffn) {
   gate_proj = register_module("gate_proj", Linear(hidden, ffn, false));

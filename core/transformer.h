@@ -88,7 +88,10 @@ TORCH_MODULE(Attention);
 class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(int64_t hidden, int64_t ffn);
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x);  // down_proj(activation(x))
+  // SwiGLU of the gate and up projections: the first half, which an MoE layer's shared expert
+  // runs during the dispatch exchange (the down projection during the combine).
+  torch::Tensor activation(const torch::Tensor& x);
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);

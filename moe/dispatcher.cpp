@@ -6,11 +6,15 @@
 
 namespace moeforge::moe {
 
-Dispatched LocalDispatcher::dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) {
-  return sort_by_expert(x_TD, experts_TK, num_experts_);
+Dispatched LocalDispatcher::dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK, const Overlapped& overlapped) {
+  Dispatched d = sort_by_expert(x_TD, experts_TK, num_experts_);
+  if (overlapped) overlapped();
+  return d;
 }
 
-torch::Tensor LocalDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK) {
+torch::Tensor LocalDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK,
+                                       const Overlapped& overlapped) {
+  if (overlapped) overlapped();
   return weighted_unsort(y_ND, d, weights_TK);
 }
 

@@ -8,6 +8,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <vector>
 
 namespace moeforge::moe {
@@ -25,14 +26,22 @@ struct Dispatched {
   torch::Tensor regroup_N, ungroup_N;
 };
 
+// Work the caller gives a dispatcher to run while its exchange is in flight, forward and backward
+// (the shared expert: Megatron's --moe-shared-expert-overlap). A dispatcher without communication
+// runs it where the exchange would be, so the autograd graph has the same shape either way.
+using Overlapped = std::function<void()>;
+
 class Dispatcher {
  public:
   virtual ~Dispatcher() = default;
   // experts_TK holds each slot's expert, or num_experts for a slot dropped by the capacity limit.
-  virtual Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) = 0;
+  // Runs `overlapped` (if set) once, during the exchange.
+  virtual Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK,
+                              const Overlapped& overlapped = {}) = 0;
   // The expert outputs back to their tokens, each token's K slots weighted by weights_TK and
-  // summed: [T, D]; dropped slots add nothing.
-  virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched, const torch::Tensor& weights_TK) = 0;
+  // summed: [T, D]; dropped slots add nothing. Runs `overlapped` (if set) once, during the exchange.
+  virtual torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched, const torch::Tensor& weights_TK,
+                                const Overlapped& overlapped = {}) = 0;
 };
 
 // The slots' rows sorted stably by expert (x_ND, one block per expert of `num_experts`, dropped
@@ -47,8 +56,9 @@ torch::Tensor weighted_unsort(const torch::Tensor& y_ND, const Dispatched& sorte
 class LocalDispatcher : public Dispatcher {
  public:
   explicit LocalDispatcher(int64_t num_experts) : num_experts_(num_experts) {}
-  Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) override;
-  torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched, const torch::Tensor& weights_TK) override;
+  Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK, const Overlapped& overlapped = {}) override;
+  torch::Tensor combine(const torch::Tensor& y_ND, const Dispatched& dispatched, const torch::Tensor& weights_TK,
+                        const Overlapped& overlapped = {}) override;
 
  private:
   int64_t num_experts_;

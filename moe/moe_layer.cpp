@@ -23,14 +23,21 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
                               ? apply_capacity(routing.experts_TK, routing.weights_TK, E, *config_.moe_expert_capacity_factor,
                                                config_.moe_token_drop_policy)
                               : routing.experts_TK;
-  const Dispatched dispatched = dispatcher_->dispatch(x_TD, experts_TK);
-  const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
-  auto y_TD = dispatcher_->combine(y_ND, dispatched, routing.weights_TK);
+  // The shared expert runs while the dispatcher's exchanges are in flight: its gate and up
+  // projections during the dispatch, the down projection and the gate during the combine.
+  torch::Tensor shared_TF, shared_TD;
+  Overlapped shared_first, shared_second;
   if (shared_expert) {
-    auto s_TD = shared_expert(x_TD);
-    if (shared_expert_gate) s_TD = torch::sigmoid(shared_expert_gate(x_TD)) * s_TD;
-    y_TD = y_TD + s_TD;
+    shared_first = [&] { shared_TF = shared_expert->activation(x_TD); };
+    shared_second = [&] {
+      shared_TD = shared_expert->down_proj(shared_TF);
+      if (shared_expert_gate) shared_TD = torch::sigmoid(shared_expert_gate(x_TD)) * shared_TD;
+    };
   }
+  const Dispatched dispatched = dispatcher_->dispatch(x_TD, experts_TK, shared_first);
+  const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
+  auto y_TD = dispatcher_->combine(y_ND, dispatched, routing.weights_TK, shared_second);
+  if (shared_expert) y_TD = y_TD + shared_TD;
   model::FeedForwardOutput out;
   out.y = y_TD.view(x_BSD.sizes());
   out.router_logits_TE = routing.logits_TE;

@@ -13,44 +13,77 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The uneven row all-to-all as an autograd function: the gradient of the rows received is sent
-// back with the counts swapped.
-class RowAllToAll : public torch::autograd::Function<RowAllToAll> {
- public:
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_ND, Communicator* group,
-                               DispatchStats* stats, const std::vector<int64_t>& send_rows,
-                               const std::vector<int64_t>& recv_rows) {
-    ctx->saved_data["group"] = reinterpret_cast<int64_t>(group);
-    ctx->saved_data["stats"] = reinterpret_cast<int64_t>(stats);
-    ctx->saved_data["send_rows"] = send_rows;
-    ctx->saved_data["recv_rows"] = recv_rows;
-    return exchange(x_ND, *group, stats, send_rows, recv_rows);
-  }
+// One uneven row all-to-all, split over two autograd nodes so that what the caller records between
+// them overlaps it, forward and backward. Forward: ExchangeStart starts it, ExchangeFinish waits
+// for it. Backward, in reverse: ExchangeFinish starts the reverse exchange of the gradient (what
+// was received goes back where it came from), ExchangeStart waits for it. The autograd engine
+// runs ready nodes latest-created first, so the nodes created between the two (the shared
+// expert's) run between them in the backward as well. Without overlap the exchange runs blocking
+// inside the starting node: the same graph, so the same floating-point results.
+struct PendingExchange : torch::CustomClassHolder {
+  Communicator* group = nullptr;
+  DispatchStats* stats = nullptr;
+  bool overlap = false;
+  std::vector<int64_t> send_rows, recv_rows;  // of the forward direction
+  torch::Tensor out;
+  std::shared_ptr<Work> work;
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto* group = reinterpret_cast<Communicator*>(ctx->saved_data["group"].toInt());
-    auto* stats = reinterpret_cast<DispatchStats*>(ctx->saved_data["stats"].toInt());
-    const auto send_rows = ctx->saved_data["send_rows"].toIntVector();
-    const auto recv_rows = ctx->saved_data["recv_rows"].toIntVector();
-    // Reverse direction: what was received is sent back to where it came from.
-    return {exchange(grads[0], *group, stats, recv_rows, send_rows), {}, {}, {}, {}};
-  }
-
- private:
-  static torch::Tensor exchange(const torch::Tensor& x, Communicator& group, DispatchStats* stats,
-                                const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows) {
+  void start(const torch::Tensor& x, bool reverse) {
     const auto t0 = Clock::now();
-    const auto device = x.device();
-    // CPU communicators need contiguous host tensors; the NCCL path keeps them on the device.
-    auto out = group.all_to_all(x.contiguous(), send_rows, recv_rows).to(device);
+    const auto& send = reverse ? recv_rows : send_rows;
+    const auto& recv = reverse ? send_rows : recv_rows;
+    if (overlap) {
+      work = group->all_to_all_async(x.contiguous(), out, send, recv);
+    } else {
+      out = group->all_to_all(x.contiguous(), send, recv);
+      work = completed_work();
+    }
     int64_t remote = 0;
-    for (size_t p = 0; p < send_rows.size(); ++p) {
-      if (static_cast<int>(p) != group.rank()) remote += send_rows[p];
+    for (size_t p = 0; p < send.size(); ++p) {
+      if (static_cast<int>(p) != group->rank()) remote += send[p];
     }
     stats->bytes_sent += remote * (x.dim() > 1 ? x.size(1) : 1) * static_cast<int64_t>(x.element_size());
     stats->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-    return out;
+  }
+
+  torch::Tensor finish() {
+    const auto t0 = Clock::now();
+    work->wait();
+    work.reset();
+    stats->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+    return std::move(out);
+  }
+};
+
+c10::intrusive_ptr<PendingExchange> pending_of(torch::autograd::AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<PendingExchange>(ctx->saved_data["pending"].toCapsule());
+}
+
+// x_ND -> an empty token that orders ExchangeFinish after it.
+class ExchangeStart : public torch::autograd::Function<ExchangeStart> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_ND,
+                               const c10::intrusive_ptr<PendingExchange>& pending) {
+    ctx->saved_data["pending"] = c10::IValue::make_capsule(pending);
+    pending->start(x_ND, /*reverse=*/false);
+    return torch::empty({0}, x_ND.options());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list) {
+    return {pending_of(ctx)->finish(), {}};
+  }
+};
+
+// token -> the rows received.
+class ExchangeFinish : public torch::autograd::Function<ExchangeFinish> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& /*token*/,
+                               const c10::intrusive_ptr<PendingExchange>& pending) {
+    ctx->saved_data["pending"] = c10::IValue::make_capsule(pending);
+    return pending->finish();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    pending_of(ctx)->start(grads[0], /*reverse=*/true);
+    return {torch::empty({0}, grads[0].options()), {}};
   }
 };
 
@@ -63,10 +96,24 @@ std::vector<int64_t> host_vector(const torch::Tensor& t) {
 
 }  // namespace
 
-AllToAllDispatcher::AllToAllDispatcher(int64_t num_experts, std::shared_ptr<Communicator> ep_group)
-    : num_experts_(num_experts), ep_(std::move(ep_group)) {}
+AllToAllDispatcher::AllToAllDispatcher(int64_t num_experts, std::shared_ptr<Communicator> ep_group, bool overlap)
+    : num_experts_(num_experts), ep_(std::move(ep_group)), overlap_(overlap) {}
 
-Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) {
+torch::Tensor AllToAllDispatcher::exchange(const torch::Tensor& x_ND, const std::vector<int64_t>& send_rows,
+                                           const std::vector<int64_t>& recv_rows, const moe::Overlapped& overlapped) {
+  auto pending = c10::make_intrusive<PendingExchange>();
+  pending->group = ep_.get();
+  pending->stats = stats_.get();
+  pending->overlap = overlap_;
+  pending->send_rows = send_rows;
+  pending->recv_rows = recv_rows;
+  const auto token = ExchangeStart::apply(x_ND, pending);
+  if (overlapped) overlapped();
+  return ExchangeFinish::apply(token, pending);
+}
+
+Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK,
+                                        const moe::Overlapped& overlapped) {
   const int64_t E = num_experts_;
   const int64_t P = ep_->size();
   const int64_t L = E / P;
@@ -85,7 +132,7 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   d.rows_per_local_expert = host_vector(recv_PL.sum(0));
 
   // 3. Rows, then regrouped from (source rank, local expert) order to (local expert, source rank).
-  const auto x_recv = RowAllToAll::apply(x_send, ep_.get(), stats_.get(), d.send_rows, d.recv_rows);
+  const auto x_recv = exchange(x_send, d.send_rows, d.recv_rows, overlapped);
   const auto local_expert_N =
       to_device(torch::repeat_interleave(torch::arange(L).repeat({P}), recv_PL.reshape({-1})), x_TD.device());
   d.regroup_N = std::get<1>(torch::sort(local_expert_N, /*stable=*/true, /*dim=*/0, /*descending=*/false));
@@ -100,10 +147,11 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   return d;
 }
 
-torch::Tensor AllToAllDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK) {
+torch::Tensor AllToAllDispatcher::combine(const torch::Tensor& y_ND, const Dispatched& d, const torch::Tensor& weights_TK,
+                                          const moe::Overlapped& overlapped) {
   // Inverse of the regrouping, back to the ranks, then the tokens, weighted.
   const auto y_recv = kernels::moe_permute(y_ND, d.ungroup_N, d.regroup_N, 1);
-  return moe::weighted_unsort(RowAllToAll::apply(y_recv, ep_.get(), stats_.get(), d.recv_rows, d.send_rows), d, weights_TK);
+  return moe::weighted_unsort(exchange(y_recv, d.recv_rows, d.send_rows, overlapped), d, weights_TK);
 }
 
 }  // namespace moeforge

@@ -13,6 +13,9 @@
 //      arrive by source rank) so each expert gets one contiguous block;
 //   4. combine: undo the regrouping, the reverse all-to-all, then the local slot order.
 // The row all-to-alls are autograd functions: backward is the all-to-all in the other direction.
+// With `overlap` (parallel.overlap_comm) each row all-to-all, forward and backward, is in flight
+// on the group's communication thread while the layer's `overlapped` work (its shared expert)
+// computes; only the count exchange, which sizes the rows, is waited for at once.
 // Shapes: T tokens, K top-k, S slots, N rows for the local experts, D hidden.
 #pragma once
 
@@ -28,22 +31,29 @@ struct DispatchStats {
   int64_t rows_received = 0;     // rows this rank's experts received (forward dispatch)
   int64_t rows_sent_remote = 0;  // rows sent to other ranks (forward dispatch)
   int64_t bytes_sent = 0;        // all row all-to-alls, forward and backward, excluding rows kept locally
-  double seconds = 0;            // wall time in the row and count all-to-alls, forward and backward
+  double seconds = 0;            // compute-thread time in (or waiting for) the row and count all-to-alls
   void reset() { *this = DispatchStats{}; }
 };
 
 class AllToAllDispatcher : public moe::Dispatcher {
  public:
   // `num_experts` must divide by the EP group's size (ParallelLayout checks it).
-  AllToAllDispatcher(int64_t num_experts, std::shared_ptr<Communicator> ep_group);
-  moe::Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK) override;
-  torch::Tensor combine(const torch::Tensor& y_ND, const moe::Dispatched& dispatched, const torch::Tensor& weights_TK) override;
+  AllToAllDispatcher(int64_t num_experts, std::shared_ptr<Communicator> ep_group, bool overlap);
+  moe::Dispatched dispatch(const torch::Tensor& x_TD, const torch::Tensor& experts_TK,
+                           const moe::Overlapped& overlapped = {}) override;
+  torch::Tensor combine(const torch::Tensor& y_ND, const moe::Dispatched& dispatched, const torch::Tensor& weights_TK,
+                        const moe::Overlapped& overlapped = {}) override;
 
   DispatchStats& stats() { return *stats_; }
 
  private:
   int64_t num_experts_;
+  // The rows' all-to-all as autograd nodes, with `overlapped` run while it is in flight.
+  torch::Tensor exchange(const torch::Tensor& x_ND, const std::vector<int64_t>& send_rows,
+                         const std::vector<int64_t>& recv_rows, const moe::Overlapped& overlapped);
+
   std::shared_ptr<Communicator> ep_;
+  bool overlap_;
   std::shared_ptr<DispatchStats> stats_ = std::make_shared<DispatchStats>();
 };
 

@@ -65,11 +65,25 @@ class Communicator {
   // result holds recv_rows[p] rows from each rank p, in rank order.
   virtual torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                                    const std::vector<int64_t>& recv_rows) = 0;
+  // all_to_all started now into `out` (allocated by the call), complete when the handle's wait()
+  // returns; until then the caller leaves `tensor` and `out` alone. This default runs it blocking.
+  virtual std::shared_ptr<Work> all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out,
+                                                 const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows) {
+    out = all_to_all(tensor, send_rows, recv_rows);
+    return completed_work();
+  }
   // In place: every rank ends with `root`'s tensor.
   virtual void broadcast(torch::Tensor& tensor, int root) = 0;
   // Point-to-point, over `transport` (Note [Transport]).
   virtual void send(const torch::Tensor& tensor, int peer, int tag, Transport transport) = 0;
   virtual void recv(torch::Tensor& tensor, int peer, int tag, Transport transport) = 0;  // into a tensor of the sent shape
+  // send() posted now and complete at the handle's wait() (the handle keeps `tensor` alive): the
+  // pipeline's sends, which need not complete before the sender goes on. Matches the peer's recv()
+  // or send_recv() like a blocking send. This default runs it blocking.
+  virtual std::shared_ptr<Work> send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
+    send(tensor, peer, tag, transport);
+    return completed_work();
+  }
   // send() to `send_peer` and recv() from `recv_peer` in one call, both in flight together: the
   // pipeline's paired exchanges (send an activation, receive a gradient), which would deadlock as
   // two blocking calls when both neighbours send first.

@@ -1,5 +1,6 @@
 #include "parallel/mpi_communicator.h"
 
+#include "parallel/watchdog.h"
 #include "parallel/work.h"
 
 #include <fmt/format.h>
@@ -170,30 +171,20 @@ void MpiCommunicator::wait(MPI_Request& request, const char* operation) const {
 void MpiCommunicator::wait_all(std::vector<MPI_Request>& requests, const char* operation) const {
   const CommInFlight in_flight;
   const ExposedWait exposed;  // counted on the compute thread only
+  const Watched watched(operation, name_, world_ranks_, timeout_seconds_);  // the watchdog ends a hung wait
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  const auto deadline = start + std::chrono::duration<double>(timeout_seconds_);
   while (true) {
     int done = 0;
     check(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE), operation);
     if (done) return;
-    if (Clock::now() > deadline) {
-      int world_rank = 0;
-      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-      std::fprintf(stderr,
-                   "error: rank %d: %s on group %s (world ranks [%s]) did not complete within %.1f s "
-                   "(parallel.distributed_timeout_minutes): a peer rank is hung or has died. Ending the job.\n",
-                   world_rank, operation, name_.c_str(), fmt::format("{}", fmt::join(world_ranks_, ", ")).c_str(),
-                   timeout_seconds_);
-      std::fflush(stderr);
-      MPI_Abort(MPI_COMM_WORLD, 1);
-    }
     // Non-blocking collectives advance only while they are polled (each round of a multi-round
     // algorithm waits for a test), so the compute thread, which has nothing else to do, polls
     // without sleeping, yielding the core to other ranks. A communication thread shares its core
     // with the compute it overlaps: it polls every 50 us, leaving that core to the compute thread
-    // in between. A wait that has lasted a second (a slow or hung peer) backs off to 1 ms polls.
-    if (on_comm_thread() && Clock::now() - start < std::chrono::seconds(1)) {
+    // in between, unless the compute thread is waiting for communication too. A wait that has
+    // lasted a second (a slow or hung peer) backs off to 1 ms polls.
+    if (on_comm_thread() && !compute_waiting() && Clock::now() - start < std::chrono::seconds(1)) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     } else if (Clock::now() - start < std::chrono::seconds(1)) {
       std::this_thread::yield();
@@ -275,12 +266,28 @@ torch::Tensor MpiCommunicator::reduce_scatter(const torch::Tensor& tensor, Reduc
   return out;
 }
 
-torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
-                                          const std::vector<int64_t>& recv_rows) {
+torch::Tensor MpiCommunicator::all_to_all_output(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                                                 const std::vector<int64_t>& recv_rows) const {
   require_cpu_contiguous(tensor, "all_to_all");
   if (send_rows.size() != static_cast<size_t>(size_) || recv_rows.size() != static_cast<size_t>(size_)) {
     throw std::invalid_argument("MpiCommunicator::all_to_all: one send and one receive count per rank");
   }
+  int64_t send_total = 0, recv_total = 0;
+  for (int p = 0; p < size_; ++p) {
+    send_total += send_rows[static_cast<size_t>(p)];
+    recv_total += recv_rows[static_cast<size_t>(p)];
+  }
+  if (send_total != tensor.size(0)) {
+    throw std::invalid_argument(fmt::format("MpiCommunicator::all_to_all: send counts sum to {}, the tensor has {} rows",
+                                            send_total, tensor.size(0)));
+  }
+  auto sizes = tensor.sizes().vec();
+  sizes[0] = recv_total;
+  return torch::empty(sizes, tensor.options());
+}
+
+void MpiCommunicator::all_to_all_into(const torch::Tensor& tensor, torch::Tensor& out, const std::vector<int64_t>& send_rows,
+                                      const std::vector<int64_t>& recv_rows) {
   std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
   int64_t send_total = 0, recv_total = 0;
   for (int p = 0; p < size_; ++p) {
@@ -291,20 +298,29 @@ torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& tensor, const std
     recv_displs.push_back(as_int(recv_total, "receive offset"));
     recv_total += recv_rows[static_cast<size_t>(p)];
   }
-  if (send_total != tensor.size(0)) {
-    throw std::invalid_argument(fmt::format("MpiCommunicator::all_to_all: send counts sum to {}, the tensor has {} rows",
-                                            send_total, tensor.size(0)));
-  }
-  auto sizes = tensor.sizes().vec();
-  sizes[0] = recv_total;
-  auto out = torch::empty(sizes, tensor.options());
   const RowType row(tensor);
   MPI_Request request;
   check(MPI_Ialltoallv(tensor.data_ptr(), send_counts.data(), send_displs.data(), row.get(), out.data_ptr(),
                        recv_counts.data(), recv_displs.data(), row.get(), comm_, &request),
         "MPI_Ialltoallv");
   wait(request, "all_to_all");
+}
+
+torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                                          const std::vector<int64_t>& recv_rows) {
+  auto out = all_to_all_output(tensor, send_rows, recv_rows);
+  all_to_all_into(tensor, out, send_rows, recv_rows);
   return out;
+}
+
+std::shared_ptr<Work> MpiCommunicator::all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out,
+                                                        const std::vector<int64_t>& send_rows,
+                                                        const std::vector<int64_t>& recv_rows) {
+  if (!comm_thread_) return Communicator::all_to_all_async(tensor, out, send_rows, recv_rows);
+  out = all_to_all_output(tensor, send_rows, recv_rows);
+  MpiCommunicator* peer = async_peer_.get();
+  return comm_thread_->submit(
+      [peer, tensor, out, send_rows, recv_rows]() mutable { peer->all_to_all_into(tensor, out, send_rows, recv_rows); });
 }
 
 template <typename Post>
@@ -333,6 +349,58 @@ void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag, Trans
     check(MPI_Isend(at, bytes, MPI_BYTE, peer, tag, comm_, &requests.back()), "MPI_Isend");
   });
   wait_all(requests, "send");
+}
+
+class MpiCommunicator::RequestWork : public Work {
+ public:
+  // Watched from posting: a send nobody takes ends the job even before anyone waits for it.
+  RequestWork(const MpiCommunicator& group, std::vector<MPI_Request> requests, torch::Tensor tensor)
+      : group_(group),
+        requests_(std::move(requests)),
+        tensor_(std::move(tensor)),
+        watched_(std::make_unique<Watched>("send", group.name_, group.world_ranks_, group.timeout_seconds_)) {}
+  // MPI may still read the buffer: a handle dropped unwaited completes first.
+  ~RequestWork() override {
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "error: an asynchronous send on group %s failed: %s\n", group_.name_.c_str(), e.what());
+    }
+  }
+  void wait() override {
+    if (requests_.empty()) return;
+    group_.wait_all(requests_, "send");
+    release();
+  }
+  bool is_completed() override {
+    if (requests_.empty()) return true;
+    int done = 0;
+    check(MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &done, MPI_STATUSES_IGNORE), "send");
+    if (done) release();
+    return done != 0;
+  }
+
+ private:
+  void release() {
+    requests_.clear();
+    tensor_ = torch::Tensor();
+    watched_.reset();
+  }
+  const MpiCommunicator& group_;
+  std::vector<MPI_Request> requests_;
+  torch::Tensor tensor_;
+  std::unique_ptr<Watched> watched_;
+};
+
+std::shared_ptr<Work> MpiCommunicator::send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  check_transport(tensor, transport, "send_async", name_);
+  require_cpu_contiguous(tensor, "send_async");
+  std::vector<MPI_Request> requests;
+  for_each_part(tensor, [&](char* at, int bytes) {
+    requests.emplace_back();
+    check(MPI_Isend(at, bytes, MPI_BYTE, peer, tag, comm_, &requests.back()), "MPI_Isend");
+  });
+  return std::make_shared<RequestWork>(*this, std::move(requests), tensor);
 }
 
 void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport transport) {

@@ -75,20 +75,33 @@ class MpiCommunicator : public Communicator {
   torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
+  std::shared_ptr<Work> all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out, const std::vector<int64_t>& send_rows,
+                                         const std::vector<int64_t>& recv_rows) override;
   void broadcast(torch::Tensor& tensor, int root) override;
   // Host transport only (device memory travels over NCCL).
   void send(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
   void recv(torch::Tensor& tensor, int peer, int tag, Transport transport) override;
+  // Posted on this thread (MPI_Isend; no communication thread: MPI progresses it inside any later
+  // MPI call of the process). Its wait() polls against the group's timeout, counted from the wait.
+  std::shared_ptr<Work> send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
   void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
                  Transport transport) override;
   void barrier() override;
 
  private:
+  class RequestWork;  // the handle of send_async: MPI requests polled by wait()
+
   // `async`: with a communication thread and its duplicate communicator (not for that duplicate).
   MpiCommunicator(MPI_Comm comm, std::string name, double timeout_seconds, bool owned, bool async);
   // Polls `request` until it completes; past the timeout, reports and aborts the whole job.
   void wait(MPI_Request& request, const char* operation) const;
   void wait_all(std::vector<MPI_Request>& requests, const char* operation) const;
+  // The all-to-all's arguments checked, and its output allocated (in the caller's thread, so a
+  // misuse of an asynchronous call fails there); then the exchange into it.
+  torch::Tensor all_to_all_output(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
+                                  const std::vector<int64_t>& recv_rows) const;
+  void all_to_all_into(const torch::Tensor& tensor, torch::Tensor& out, const std::vector<int64_t>& send_rows,
+                       const std::vector<int64_t>& recv_rows);
   // Calls post(pointer, bytes) for each consecutive part of the tensor's bytes, parts of at most
   // max_chunk_ elements and of MPI's int count (none for an empty tensor); for the byte-moving calls.
   template <typename Post>

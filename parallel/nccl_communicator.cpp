@@ -2,11 +2,13 @@
 
 #include "core/errors.h"
 #include "core/host_sync.h"
+#include "parallel/watchdog.h"
 
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <mpi.h>
 #include <nccl.h>
 
@@ -97,23 +99,22 @@ void NcclCommunicator::wait(const char* operation) {
   // An event after the enqueued kernel, polled: completion or a timeout, never an endless wait.
   c10::Event done(c10::DeviceType::CUDA);
   done.record(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(state_->device)));
-  const auto start = std::chrono::steady_clock::now();
   count_host_sync();
   const CommInFlight in_flight;  // the blocking contract: the whole wait is exposed
   const ExposedWait exposed;
+  // Past the timeout the watchdog (parallel/watchdog.h) aborts the communicator, so its kernels
+  // end, and then the job.
+  ncclComm_t comm = state_->comm;
+  const Watched watched(operation, name(), world_ranks(), timeout_seconds_, [comm] { ncclCommAbort(comm); });
   while (!done.query()) {
     ncclResult_t async = ncclSuccess;
     ncclCommGetAsyncError(state_->comm, &async);
-    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (async != ncclSuccess || waited > timeout_seconds_) {
-      std::string ranks;
-      for (int r : world_ranks()) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+    if (async != ncclSuccess) {
       std::fprintf(stderr,
-                   "error: NCCL %s on group %s (world ranks %s) %s after %.0f s. A peer is dead, hung or diverged "
-                   "(every rank must make the same calls); ending the job. Raise "
-                   "parallel.distributed_timeout_minutes if the step is legitimately that slow.\n",
-                   operation, name().c_str(), ranks.c_str(),
-                   async != ncclSuccess ? ncclGetErrorString(async) : "did not complete", waited);
+                   "error: NCCL %s on group %s (world ranks [%s]) failed: %s. A peer is dead or diverged (every rank "
+                   "must make the same calls); ending the job.\n",
+                   operation, name().c_str(), fmt::format("{}", fmt::join(world_ranks(), ", ")).c_str(),
+                   ncclGetErrorString(async));
       std::fflush(stderr);
       ncclCommAbort(state_->comm);
       state_->comm = nullptr;

@@ -71,7 +71,8 @@ NamedTensors ModelShard::parameters(model::GPTModelImpl& model) const {
   return out;
 }
 
-ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups) {
+ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups,
+                             bool overlap_comm) {
   ModelShard shard{ModelPartition(model, layout), layout.coordinates(groups.world->rank()), 0, 0, {}};
   shard.first_layer = layout.first_layer(shard.at.pp);
   shard.end_layer = shard.first_layer + layout.layers_per_stage()[static_cast<size_t>(shard.at.pp)];
@@ -93,7 +94,7 @@ ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& l
     if (!model.config().is_moe_layer(i)) continue;
     std::shared_ptr<AllToAllDispatcher> dispatcher;
     if (layout.ep() > 1 && i >= shard.first_layer && i < shard.end_layer) {
-      dispatcher = std::make_shared<AllToAllDispatcher>(*model.config().num_experts, groups.ep);
+      dispatcher = std::make_shared<AllToAllDispatcher>(*model.config().num_experts, groups.ep, overlap_comm);
       std::dynamic_pointer_cast<moe::MoELayer>(model.layer(i).mlp)->set_dispatcher(dispatcher);
     }
     shard.dispatchers.push_back(std::move(dispatcher));

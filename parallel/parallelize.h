@@ -80,7 +80,9 @@ struct ModelShard {
 // parameters become empty and frozen, each expert weight keeps this EP rank's block, and this
 // stage's MoE layers dispatch through an all-to-all over groups.ep. A parameter already
 // allocated is cut (its values kept); one on the meta device stays unallocated.
-ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups);
+// `overlap_comm` (parallel.overlap_comm): the all-to-alls overlap the shared expert.
+ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups,
+                             bool overlap_comm);
 
 // Materialises this rank's parameters with `options` (fp32, the run's device) and gives them
 // Megatron's initialisation from `seed`: the values of the same parameters (and experts) of the

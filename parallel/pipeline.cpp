@@ -3,6 +3,7 @@
 #include <cstring>
 #include <deque>
 #include <sstream>
+#include <vector>
 
 namespace moeforge {
 
@@ -29,7 +30,7 @@ class Pipe {
   }
   void send_forward(const torch::Tensor& y) {
     if (last()) return;
-    timed([&] { pp_.send(y.detach().contiguous(), pp_.rank() + 1, kTag, transport_); });
+    post(y.detach().contiguous(), pp_.rank() + 1);
   }
   torch::Tensor recv_backward() {
     if (last()) return {};
@@ -39,8 +40,10 @@ class Pipe {
   }
   void send_backward(const torch::Tensor& g) {
     if (first()) return;
-    timed([&] { pp_.send(g.contiguous(), pp_.rank() - 1, kTag, transport_); });
+    post(g.contiguous(), pp_.rank() - 1);
   }
+  // Paired exchanges (send_recv, so neighbours that both send first never wait on each other):
+  // the neighbour is in the matching pair, and this stage needs what it receives right away.
   torch::Tensor send_forward_recv_backward(const torch::Tensor& y) {
     if (last()) return {};
     auto g = empty();
@@ -53,9 +56,22 @@ class Pipe {
     timed([&] { pp_.send_recv(g.contiguous(), pp_.rank() - 1, x, pp_.rank() - 1, kTag, transport_); });
     return x.requires_grad_(true);
   }
+  // Every send complete: at the step's end (the only wait for a send).
+  void finish_sends() {
+    timed([&] {
+      for (auto& w : sends_) w->wait();
+    });
+    sends_.clear();
+  }
 
  private:
   torch::Tensor empty() const { return torch::empty(shape_, options_); }
+  // Sends are asynchronous: the stage goes on computing and the handle keeps the tensor until the
+  // peer has it. Completed ones are dropped as new ones are posted, which bounds what is held.
+  void post(const torch::Tensor& t, int peer) {
+    std::erase_if(sends_, [](const std::shared_ptr<Work>& w) { return w->is_completed(); });
+    sends_.push_back(pp_.send_async(t, peer, kTag, transport_));
+  }
   template <typename F>
   void timed(F&& f) {
     if (!timer_) return f();
@@ -67,6 +83,7 @@ class Pipe {
   torch::TensorOptions options_;
   Transport transport_;
   StepTimer* timer_;
+  std::vector<std::shared_ptr<Work>> sends_;
 };
 
 struct InFlight {
@@ -134,6 +151,7 @@ void run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t
     }
   }
   for (int64_t i = 0; i < warmup; ++i) pipe.send_backward(backward(pipe.recv_backward()));
+  pipe.finish_sends();
 }
 
 void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
@@ -141,6 +159,7 @@ void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector
                       const std::function<StageOutput(int64_t i, const torch::Tensor& input)>& forward) {
   Pipe pipe(pp, activation_shape, options, nullptr);
   for (int64_t i = 0; i < micro_batches; ++i) pipe.send_forward(forward(i, pipe.recv_forward(false)).output);
+  pipe.finish_sends();
 }
 
 void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {

@@ -13,6 +13,11 @@
 // stage is released right after the send (its autograd node stays; backward needs only the
 // gradient that comes back), as Megatron's deallocate_output_tensor. With one stage the schedule is
 // forward, backward per micro-batch: the plain gradient-accumulation loop.
+// The unpaired sends (warm-up activations, cool-down gradients) are asynchronous
+// (Communicator::send_async): the stage goes on with its next micro-batch instead of waiting for
+// its neighbour to take the message, and waits for its sends once, at the end of the step. In a
+// paired exchange the neighbour is in the matching pair and the stage needs what it receives at
+// once, so that stays one send_recv.
 #pragma once
 
 #include "core/safetensors.h"

@@ -17,6 +17,7 @@ double thread_cpu_s() {
 }
 
 thread_local bool t_on_comm_thread = false;
+std::atomic<int> g_compute_waiting{0};
 
 struct Clock {
   std::mutex mutex;
@@ -69,10 +70,15 @@ CommInFlight::CommInFlight() { in_flight_begin(); }
 
 CommInFlight::~CommInFlight() { in_flight_end(); }
 
-ExposedWait::ExposedWait() : counted_(!t_on_comm_thread), start_(counted_ ? now_s() : 0) {}
+bool compute_waiting() { return g_compute_waiting.load(std::memory_order_relaxed) > 0; }
+
+ExposedWait::ExposedWait() : counted_(!t_on_comm_thread), start_(counted_ ? now_s() : 0) {
+  if (counted_) ++g_compute_waiting;
+}
 
 ExposedWait::~ExposedWait() {
   if (!counted_) return;
+  --g_compute_waiting;
   Clock& c = clock();
   std::lock_guard lock(c.mutex);
   c.totals.exposed_s += now_s() - start_;

@@ -1,4 +1,5 @@
-// defines: Work, completed_work, CommThread, CommTimes, comm_times, CommInFlight, ExposedWait
+// defines: Work, completed_work, CommThread, CommTimes, comm_times, on_comm_thread, compute_waiting,
+//          CommInFlight, ExposedWait
 //
 // Asynchronous communication. An `*_async` call of a Communicator returns a Work handle at once;
 // the collective runs meanwhile and `wait()` returns when it is complete (and rethrows its error).
@@ -69,6 +70,9 @@ CommTimes comm_times();
 
 // Whether the calling thread is a CommThread.
 bool on_comm_thread();
+// Whether the compute thread is waiting for communication now (an ExposedWait is alive): then a
+// communication thread has the core to itself and polls without pausing.
+bool compute_waiting();
 
 // While alive: a collective is in flight (nested and concurrent ones count once in wall time).
 class CommInFlight {

@@ -128,7 +128,7 @@ void Trainer::setup_model() {
   // allocates only those: no rank ever holds the whole model.
   model_ = moe::build_model(c_.model);
   model_->set_recompute(c_.training.recompute_granularity);
-  shard_.emplace(parallelize_model(*model_, layout_, groups_));
+  shard_.emplace(parallelize_model(*model_, layout_, groups_, c_.parallel.overlap_comm));
   const auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
   if (start_.checkpoint) {
     model::materialize(*model_, fp32);

@@ -1,7 +1,12 @@
 // A rank that misbehaves, for the timeout tests (tests/unit/test_comm.cpp runs it under mpirun):
-//   comm_probe hang TIMEOUT_S   rank 1 sleeps instead of joining an all_reduce
-//   comm_probe die TIMEOUT_S    rank 1 kills itself (SIGKILL) before the all_reduce
-//   comm_probe hang_async TIMEOUT_S   as hang, the others' all_reduce asynchronous (waited on)
+//   comm_probe hang TIMEOUT_S [OPERATION]   rank 1 sleeps (a hung or SIGSTOPped rank) instead of joining
+//   comm_probe die TIMEOUT_S [OPERATION]    rank 1 kills itself (SIGKILL) instead of joining
+// OPERATION, what the other ranks are in (default all_reduce):
+//   all_reduce          blocking
+//   all_reduce_async    a gradient bucket's reduction: on the communication thread, waited on
+//   all_to_all_async    an expert all-to-all: on the communication thread, waited on
+//   pipeline            a pipeline exchange: rank 0 an asynchronous send to rank 1 (waited on at the
+//                       step's end), rank 2 a paired send_recv with rank 1; 4 MB, beyond MPI's eager sends
 // The other ranks must end, non-zero, within the timeout, with a message naming the operation.
 #include "parallel/mpi_communicator.h"
 
@@ -12,22 +17,39 @@
 #include <string>
 #include <thread>
 
+using namespace moeforge;
+
 int main(int argc, char** argv) {
   if (argc < 3) return 2;
   const std::string mode = argv[1];
-  moeforge::MpiRuntime mpi;
-  auto world = moeforge::MpiCommunicator::world(std::atof(argv[2]));
+  const std::string operation = argc > 3 ? argv[3] : "all_reduce";
+  MpiRuntime mpi;
+  auto world = MpiCommunicator::world(std::atof(argv[2]));
   world->barrier();
   if (world->rank() == 1) {
     if (mode == "die") std::raise(SIGKILL);
     std::this_thread::sleep_for(std::chrono::seconds(120));
   }
   auto t = torch::ones({4});
-  if (mode == "hang_async") {
-    world->all_reduce_async(t, moeforge::ReduceOp::sum)->wait();
+  if (operation == "all_reduce") {
+    world->all_reduce(t, ReduceOp::sum);
+  } else if (operation == "all_reduce_async") {
+    world->all_reduce_async(t, ReduceOp::sum)->wait();
+  } else if (operation == "all_to_all_async") {
+    const std::vector<int64_t> rows(static_cast<size_t>(world->size()), 2);
+    torch::Tensor out;
+    world->all_to_all_async(torch::ones({2 * world->size(), 8}), out, rows, rows)->wait();
+  } else if (operation == "pipeline") {
+    auto big = torch::ones({1 << 20});
+    if (world->rank() == 0) {
+      world->send_async(big, 1, 7, Transport::host)->wait();
+    } else {
+      auto in = torch::empty_like(big);
+      world->send_recv(big, 1, in, 1, 7, Transport::host);
+    }
   } else {
-    world->all_reduce(t, moeforge::ReduceOp::sum);
+    return 2;
   }
-  std::printf("rank %d: all_reduce completed\n", world->rank());
+  std::printf("rank %d: %s completed\n", world->rank(), operation.c_str());
   return 0;
 }

@@ -126,20 +126,37 @@ TEST_CASE("uneven all_to_all delivers each block to its rank, in rank order", "[
                          .expand({k, 4})
                          .contiguous());
   }
-  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-    const auto out = w.all_to_all(torch::cat(blocks).to(dtype), send_rows, recv_rows);
-    int64_t at = 0;
-    for (int p = 0; p < n; ++p) {
-      const int64_t k = recv_rows[static_cast<size_t>(p)];
-      const auto expected = (torch::arange(k, torch::kFloat32) + 1000.0F * static_cast<float>(p) + 10.0F * static_cast<float>(r))
-                                .view({k, 1})
-                                .expand({k, 4})
-                                .to(dtype);
-      CHECK(torch::equal(out.narrow(0, at, k), expected));
-      at += k;
+  // Blocking, and asynchronous on the communication thread with a blocking collective between
+  // start and wait.
+  for (const bool async : {false, true}) {
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      INFO((async ? "all_to_all_async " : "all_to_all ") << dtype);
+      torch::Tensor out;
+      if (async) {
+        auto work = w.all_to_all_async(torch::cat(blocks).to(dtype), out, send_rows, recv_rows);
+        auto between = torch::ones({3});
+        w.all_reduce(between, ReduceOp::sum);
+        work->wait();
+        CHECK(work->is_completed());
+      } else {
+        out = w.all_to_all(torch::cat(blocks).to(dtype), send_rows, recv_rows);
+      }
+      int64_t at = 0;
+      for (int p = 0; p < n; ++p) {
+        const int64_t k = recv_rows[static_cast<size_t>(p)];
+        const auto expected = (torch::arange(k, torch::kFloat32) + 1000.0F * static_cast<float>(p) + 10.0F * static_cast<float>(r))
+                                  .view({k, 1})
+                                  .expand({k, 4})
+                                  .to(dtype);
+        CHECK(torch::equal(out.narrow(0, at, k), expected));
+        at += k;
+      }
+      CHECK(at == out.size(0));
     }
-    CHECK(at == out.size(0));
   }
+  torch::Tensor out;
+  CHECK_THROWS_WITH(w.all_to_all_async(torch::ones({1, 4}), out, send_rows, recv_rows),  // refused at once
+                    Catch::Matchers::Contains("send counts sum to"));
 }
 
 TEST_CASE("broadcast, send/recv and barrier", "[mpi]") {
@@ -165,6 +182,32 @@ TEST_CASE("broadcast, send/recv and barrier", "[mpi]") {
     CHECK(torch::equal(theirs, torch::full({33}, static_cast<double>(prev), torch::kFloat64)));
   }
   w.set_max_chunk_elements(INT_MAX);
+  w.barrier();
+}
+
+TEST_CASE("asynchronous sends: several posted to a neighbour before it receives, in order, the buffer kept by the handle",
+          "[mpi][work]") {
+  // A ring where every rank posts all its sends before receiving anything (blocking sends would
+  // deadlock beyond MPI's eager size: 256K elements are 1 MB), then a paired send_recv on top.
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  const int next = (r + 1) % n, prev = (r + n - 1) % n;
+  std::vector<std::shared_ptr<Work>> sends;
+  for (int k = 0; k < 3; ++k) sends.push_back(w.send_async(torch::full({1 << 18}, static_cast<float>(10 * r + k)), next, 5, Transport::host));
+  auto mine = torch::full({4}, static_cast<float>(r));
+  auto theirs = torch::empty({4});
+  w.send_recv(mine, next, theirs, prev, 6, Transport::host);
+  CHECK(torch::equal(theirs, torch::full({4}, static_cast<float>(prev))));
+  for (int k = 0; k < 3; ++k) {
+    auto in = torch::empty({1 << 18});
+    w.recv(in, prev, 5, Transport::host);
+    CHECK(torch::equal(in, torch::full({1 << 18}, static_cast<float>(10 * prev + k))));
+  }
+  for (auto& s : sends) {
+    s->wait();
+    CHECK(s->is_completed());
+  }
+  CHECK_THROWS(w.send_async(torch::ones({4}), next, 5, Transport::device));  // the transport is checked at once
   w.barrier();
 }
 

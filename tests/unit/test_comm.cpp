@@ -1,12 +1,17 @@
 // Communicators seen from outside: a group of one, and a hung or dead rank ending an mpirun job on
 // every rank within the timeout, with the operation and group named (tests/mpi/comm_probe.cpp).
 #include "parallel/communicator.h"
+#include "parallel/watchdog.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <string>
+#include <utility>
+#include <vector>
 #include <chrono>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 
@@ -35,18 +40,28 @@ TEST_CASE("a group of one communicates with itself", "[comm]") {
   CHECK_THROWS(c.all_to_all(t, {3}, {3}));
 }
 
+// What the other ranks are in when rank 1 stops, and the operation their message names (in the
+// pipeline case the first of rank 0's send and rank 2's send_recv to time out).
+const std::vector<std::pair<std::string, std::string>> kOperations{{"all_reduce", "all_reduce on"},
+                                                                   {"all_reduce_async", "all_reduce on"},
+                                                                   {"all_to_all_async", "all_to_all on"},
+                                                                   {"pipeline", "send"}};
+
 TEST_CASE("a hung rank ends the job on every rank within the timeout, naming the operation", "[comm][mpi][slow]") {
-  // Blocking, and asynchronous: the communication thread waits against the same timeout and ends
+  // Blocking, and asynchronous (a gradient bucket, an expert all-to-all, a pipeline send): the
+  // communication thread, or the waiter of a posted send, waits against the same timeout and ends
   // the job, not the handle.
-  for (const char* mode : {"hang", "hang_async"}) {
-    INFO(mode);
+  for (const auto& [operation, named] : kOperations) {
+    INFO(operation);
     const auto t0 = std::chrono::steady_clock::now();
-    const auto r = test::run_command(kMpirun + " " + mode + " 3");
+    const auto r = test::run_command(kMpirun + " hang 3 " + operation);
     INFO(r.output);
     CHECK(r.exit_code != 0);
     CHECK(r.exit_code != 124);  // not the outer timeout
     CHECK(seconds(t0) < 60);
-    CHECK_THAT(r.output, Contains("all_reduce on group world (world ranks [0, 1, 2]) did not complete within 3.0 s"));
+    CHECK_THAT(r.output, Contains(": " + named));
+    CHECK_THAT(r.output, Contains(" on group world (world ranks [0, 1, 2]) did not complete within 3.0 s"));
+    CHECK_THAT(r.output, !Contains("completed"));
   }
 }
 
@@ -103,12 +118,37 @@ TEST_CASE("time with a collective in flight counts overlapping ones once; expose
   CHECK(exposed <= in_flight);
 }
 
+TEST_CASE("the watchdog reports an operation past its timeout, once, and leaves completed ones alone", "[comm][work]") {
+  std::vector<std::string> reports;
+  std::mutex mutex;
+  set_timeout_handler([&](const std::string& message) {
+    std::lock_guard lock(mutex);
+    reports.push_back(message);
+  });
+  {
+    const Watched quick("all_reduce", "dp", {0, 1}, 0.3);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  {
+    const Watched hung("all_to_all", "ep", {2, 3}, 0.2);
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  }
+  set_timeout_handler({});
+  std::lock_guard lock(mutex);
+  REQUIRE(reports.size() == 1);
+  CHECK_THAT(reports[0], Contains("all_to_all on group ep (world ranks [2, 3]) did not complete within 0.2 s"));
+  CHECK_THAT(reports[0], Contains("parallel.distributed_timeout_minutes"));
+}
+
 TEST_CASE("a killed rank ends the job on every rank", "[comm][mpi][slow]") {
-  const auto t0 = std::chrono::steady_clock::now();
-  const auto r = test::run_command(kMpirun + " die 3");
-  INFO(r.output);
-  CHECK(r.exit_code != 0);
-  CHECK(r.exit_code != 124);
-  CHECK(seconds(t0) < 60);
-  CHECK_THAT(r.output, !Contains("all_reduce completed"));
+  for (const auto& [operation, named] : kOperations) {
+    INFO(operation);
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = test::run_command(kMpirun + " die 3 " + operation);
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.exit_code != 124);
+    CHECK(seconds(t0) < 60);
+    CHECK_THAT(r.output, !Contains("completed"));
+  }
 }

@@ -182,7 +182,7 @@ TEST_CASE("gradients reduced during the backward (parallel.overlap_comm) equal t
     const auto& [ranks, extra] = layouts[l];
     INFO("layout " << ranks << " ranks" << extra);
     const auto on = run(fmt::format("on{}", l), ranks, extra + " --set parallel.overlap_comm=true");
-    const auto off = run(fmt::format("off{}", l), ranks, extra + " --set parallel.overlap_comm=false");
+    const auto off = run(fmt::format("off{}", l), ranks, extra + "");
     REQUIRE(on.size() == 3);
     REQUIRE(off.size() == 3);
     for (size_t i = 0; i < 3; ++i) {
@@ -280,8 +280,9 @@ hardware:
   const int64_t whole_bytes = 4 * count_parameters(load_config(config).config.model).total;
   REQUIRE(whole_bytes > 1'500'000'000);
   // Private writable memory per process (RLIMIT_DATA counts anonymous mappings, so every
-  // allocation): less than the whole model, more than a rank's share with LibTorch's own.
-  const int64_t budget = 1'100'000'000;
+  // allocation): less than the whole model, more than a rank's share with LibTorch's own and the
+  // communication threads' (a stack and a malloc arena each: about 0.1 GB of address space).
+  const int64_t budget = 1'200'000'000;
   const std::string limit = fmt::format("prlimit --data={}: ", budget);
   const auto one = run_command(limit + kBin + " train " + config);
   INFO(one.output);
