@@ -6,6 +6,7 @@
 
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -15,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 namespace moeforge {
@@ -56,12 +58,44 @@ void require_cuda_contiguous(const torch::Tensor& t, const char* op) {
   }
 }
 
+// The handle of an asynchronous call: wait() makes the caller's current stream wait for the
+// collective (what runs there next sees its result); the host does not wait (c10d's contract).
+// Host reads of a result go through to_host, which synchronises anyway.
+class NcclWork : public Work {
+ public:
+  NcclWork(std::shared_ptr<c10::Event> done, c10::DeviceIndex device) : done_(std::move(done)), device_(device) {}
+  void wait() override { done_->block(c10::cuda::getCurrentCUDAStream(device_)); }
+  bool is_completed() override { return done_->query(); }
+
+ private:
+  std::shared_ptr<c10::Event> done_;
+  c10::DeviceIndex device_;
+};
+
 }  // namespace
 
 struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
-  int device = 0;
-  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream(); }
+  c10::DeviceIndex device = 0;
+  // Every NCCL call of this communicator runs on its one communication stream, in issue order
+  // (as ProcessGroupNCCL): the compute stream goes on while it runs, and calls of one communicator
+  // never race each other on two streams.
+  std::optional<c10::cuda::CUDAStream> comm_stream;
+
+  // Enqueues the call on the communication stream after the compute stream's work so far (which
+  // made its inputs); `tensors` are recorded as used there, so the caching allocator does not hand
+  // their memory out again before the call is done. Returns the event after the call.
+  template <typename Enqueue>
+  std::shared_ptr<c10::Event> launch(std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue) {
+    c10::Event inputs_ready(c10::DeviceType::CUDA);
+    inputs_ready.record(c10::cuda::getCurrentCUDAStream(device));
+    inputs_ready.block(*comm_stream);
+    enqueue(comm_stream->stream());
+    for (const auto& t : tensors) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *comm_stream);
+    auto done = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
+    done->record(*comm_stream);
+    return done;
+  }
 };
 
 std::string nccl_version() {
@@ -82,6 +116,7 @@ int select_cuda_device(int local_rank) {
 NcclCommunicator::NcclCommunicator(std::shared_ptr<Communicator> mpi_group, double timeout_seconds)
     : mpi_(std::move(mpi_group)), timeout_seconds_(timeout_seconds), state_(std::make_unique<State>()) {
   state_->device = c10::cuda::current_device();
+  state_->comm_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, state_->device);
   ncclUniqueId id{};
   if (mpi_->rank() == 0) check(ncclGetUniqueId(&id), "ncclGetUniqueId", name());
   auto id_bytes = torch::empty({static_cast<int64_t>(sizeof(id))}, torch::kUInt8);
@@ -95,12 +130,10 @@ NcclCommunicator::~NcclCommunicator() {
   if (state_ && state_->comm) ncclCommDestroy(state_->comm);
 }
 
-void NcclCommunicator::wait(const char* operation) {
-  // An event after the enqueued kernel, polled: completion or a timeout, never an endless wait.
-  c10::Event done(c10::DeviceType::CUDA);
-  done.record(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(state_->device)));
+void NcclCommunicator::wait(const char* operation, const c10::Event& done) {
+  // The call's event polled on the host: the blocking contract.
   count_host_sync();
-  const CommInFlight in_flight;  // the blocking contract: the whole wait is exposed
+  const CommInFlight in_flight;  // the whole wait is exposed
   const ExposedWait exposed;
   // Past the timeout the watchdog (parallel/watchdog.h) aborts the communicator, so its kernels
   // end, and then the job.
@@ -124,13 +157,30 @@ void NcclCommunicator::wait(const char* operation) {
   }
 }
 
+std::shared_ptr<Work> NcclCommunicator::async_work(const char* operation, std::shared_ptr<c10::Event> done) {
+  ncclComm_t comm = state_->comm;
+  watch_until(operation, name(), world_ranks(), timeout_seconds_, [done] { return done->query(); },
+              [comm] { ncclCommAbort(comm); });
+  return std::make_shared<NcclWork>(std::move(done), state_->device);
+}
+
 void NcclCommunicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
   if (!tensor.is_cuda()) return mpi_->all_reduce(tensor, op);
+  wait("all_reduce", *launch_all_reduce(tensor, op));
+}
+
+std::shared_ptr<Work> NcclCommunicator::all_reduce_async(torch::Tensor tensor, ReduceOp op) {
+  if (!tensor.is_cuda()) return mpi_->all_reduce_async(std::move(tensor), op);
+  return async_work("all_reduce", launch_all_reduce(tensor, op));
+}
+
+std::shared_ptr<c10::Event> NcclCommunicator::launch_all_reduce(torch::Tensor& tensor, ReduceOp op) {
   require_cuda_contiguous(tensor, "all_reduce");
-  check(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
-                      nccl_op(op), state_->comm, state_->stream()),
-        "ncclAllReduce", name());
-  wait("all_reduce");
+  return state_->launch({tensor}, [&](cudaStream_t stream) {
+    check(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
+                        nccl_op(op), state_->comm, stream),
+          "ncclAllReduce", name());
+  });
 }
 
 torch::Tensor NcclCommunicator::all_gather(const torch::Tensor& tensor) {
@@ -140,10 +190,11 @@ torch::Tensor NcclCommunicator::all_gather(const torch::Tensor& tensor) {
   if (sizes.empty()) sizes = {1};
   sizes[0] *= size();
   auto out = torch::empty(sizes, tensor.options());
-  check(ncclAllGather(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
-                      state_->comm, state_->stream()),
-        "ncclAllGather", name());
-  wait("all_gather");
+  wait("all_gather", *state_->launch({tensor, out}, [&](cudaStream_t stream) {
+    check(ncclAllGather(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
+                        state_->comm, stream),
+          "ncclAllGather", name());
+  }));
   return out;
 }
 
@@ -156,16 +207,32 @@ torch::Tensor NcclCommunicator::reduce_scatter(const torch::Tensor& tensor, Redu
   auto sizes = tensor.sizes().vec();
   sizes[0] /= size();
   auto out = torch::empty(sizes, tensor.options());
-  check(ncclReduceScatter(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), nccl_type(tensor),
-                          nccl_op(op), state_->comm, state_->stream()),
-        "ncclReduceScatter", name());
-  wait("reduce_scatter");
+  wait("reduce_scatter", *state_->launch({tensor, out}, [&](cudaStream_t stream) {
+    check(ncclReduceScatter(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), nccl_type(tensor),
+                            nccl_op(op), state_->comm, stream),
+          "ncclReduceScatter", name());
+  }));
   return out;
 }
 
 torch::Tensor NcclCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                                            const std::vector<int64_t>& recv_rows) {
   if (!tensor.is_cuda()) return mpi_->all_to_all(tensor, send_rows, recv_rows);
+  torch::Tensor out;
+  wait("all_to_all", *launch_all_to_all(tensor, out, send_rows, recv_rows));
+  return out;
+}
+
+std::shared_ptr<Work> NcclCommunicator::all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out,
+                                                         const std::vector<int64_t>& send_rows,
+                                                         const std::vector<int64_t>& recv_rows) {
+  if (!tensor.is_cuda()) return mpi_->all_to_all_async(tensor, out, send_rows, recv_rows);
+  return async_work("all_to_all", launch_all_to_all(tensor, out, send_rows, recv_rows));
+}
+
+std::shared_ptr<c10::Event> NcclCommunicator::launch_all_to_all(const torch::Tensor& tensor, torch::Tensor& out,
+                                                                const std::vector<int64_t>& send_rows,
+                                                                const std::vector<int64_t>& recv_rows) {
   require_cuda_contiguous(tensor, "all_to_all");
   if (send_rows.size() != static_cast<size_t>(size()) || recv_rows.size() != static_cast<size_t>(size())) {
     throw std::invalid_argument("NcclCommunicator::all_to_all: one send and one receive count per rank");
@@ -176,59 +243,72 @@ torch::Tensor NcclCommunicator::all_to_all(const torch::Tensor& tensor, const st
   int64_t total = 0;
   for (int64_t r : recv_rows) total += r;
   sizes[0] = total;
-  auto out = torch::empty(sizes, tensor.options());
+  out = torch::empty(sizes, tensor.options());
   const auto type = nccl_type(tensor);
   const auto bytes_per_row = row * static_cast<int64_t>(tensor.element_size());
-  // Uneven all-to-all as grouped point-to-point calls (NCCL has no alltoallv).
-  check(ncclGroupStart(), "ncclGroupStart", name());
-  int64_t send_at = 0, recv_at = 0;
-  for (int p = 0; p < size(); ++p) {
-    const auto s = static_cast<size_t>(p);
-    if (send_rows[s] > 0) {
-      check(ncclSend(static_cast<const char*>(tensor.data_ptr()) + send_at * bytes_per_row,
-                     static_cast<size_t>(send_rows[s] * row), type, p, state_->comm, state_->stream()),
-            "ncclSend", name());
+  return state_->launch({tensor, out}, [&](cudaStream_t stream) {
+    // Uneven all-to-all as grouped point-to-point calls (NCCL has no alltoallv).
+    check(ncclGroupStart(), "ncclGroupStart", name());
+    int64_t send_at = 0, recv_at = 0;
+    for (int p = 0; p < size(); ++p) {
+      const auto s = static_cast<size_t>(p);
+      if (send_rows[s] > 0) {
+        check(ncclSend(static_cast<const char*>(tensor.data_ptr()) + send_at * bytes_per_row,
+                       static_cast<size_t>(send_rows[s] * row), type, p, state_->comm, stream),
+              "ncclSend", name());
+      }
+      if (recv_rows[s] > 0) {
+        check(ncclRecv(static_cast<char*>(out.data_ptr()) + recv_at * bytes_per_row, static_cast<size_t>(recv_rows[s] * row),
+                       type, p, state_->comm, stream),
+              "ncclRecv", name());
+      }
+      send_at += send_rows[s];
+      recv_at += recv_rows[s];
     }
-    if (recv_rows[s] > 0) {
-      check(ncclRecv(static_cast<char*>(out.data_ptr()) + recv_at * bytes_per_row, static_cast<size_t>(recv_rows[s] * row),
-                     type, p, state_->comm, state_->stream()),
-            "ncclRecv", name());
-    }
-    send_at += send_rows[s];
-    recv_at += recv_rows[s];
-  }
-  check(ncclGroupEnd(), "ncclGroupEnd", name());
-  wait("all_to_all");
-  return out;
+    check(ncclGroupEnd(), "ncclGroupEnd", name());
+  });
 }
 
 void NcclCommunicator::broadcast(torch::Tensor& tensor, int root) {
   if (!tensor.is_cuda()) return mpi_->broadcast(tensor, root);
   require_cuda_contiguous(tensor, "broadcast");
-  check(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), root,
-                      state_->comm, state_->stream()),
-        "ncclBroadcast", name());
-  wait("broadcast");
+  wait("broadcast", *state_->launch({tensor}, [&](cudaStream_t stream) {
+    check(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), root,
+                        state_->comm, stream),
+          "ncclBroadcast", name());
+  }));
 }
 
 void NcclCommunicator::send(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
   check_transport(tensor, transport, "send", name());
   if (transport == Transport::host) return mpi_->send(tensor, peer, tag, transport);
+  wait("send", *launch_send(tensor, peer));
+}
+
+std::shared_ptr<Work> NcclCommunicator::send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  check_transport(tensor, transport, "send_async", name());
+  if (transport == Transport::host) return mpi_->send_async(tensor, peer, tag, transport);
+  // On the one communication stream, in issue order with this group's other calls: the order the
+  // blocking sends had, which pairs with the peer's receives as before.
+  return async_work("send", launch_send(tensor, peer));
+}
+
+std::shared_ptr<c10::Event> NcclCommunicator::launch_send(const torch::Tensor& tensor, int peer) {
   require_cuda_contiguous(tensor, "send");
-  check(ncclSend(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm,
-                 state_->stream()),
-        "ncclSend", name());
-  wait("send");
+  return state_->launch({tensor}, [&](cudaStream_t stream) {
+    check(ncclSend(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm, stream),
+          "ncclSend", name());
+  });
 }
 
 void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport transport) {
   check_transport(tensor, transport, "recv", name());
   if (transport == Transport::host) return mpi_->recv(tensor, peer, tag, transport);
   require_cuda_contiguous(tensor, "recv");
-  check(ncclRecv(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm,
-                 state_->stream()),
-        "ncclRecv", name());
-  wait("recv");
+  wait("recv", *state_->launch({tensor}, [&](cudaStream_t stream) {
+    check(ncclRecv(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm, stream),
+          "ncclRecv", name());
+  }));
 }
 
 void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
@@ -238,13 +318,14 @@ void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch
   if (transport == Transport::host) return mpi_->send_recv(send, send_peer, recv, recv_peer, tag, transport);
   require_cuda_contiguous(send, "send_recv");
   require_cuda_contiguous(recv, "send_recv");
-  check(ncclGroupStart(), "ncclGroupStart", name());
-  check(ncclSend(send.data_ptr(), static_cast<size_t>(send.numel()), nccl_type(send), send_peer, state_->comm, state_->stream()),
-        "ncclSend", name());
-  check(ncclRecv(recv.data_ptr(), static_cast<size_t>(recv.numel()), nccl_type(recv), recv_peer, state_->comm, state_->stream()),
-        "ncclRecv", name());
-  check(ncclGroupEnd(), "ncclGroupEnd", name());
-  wait("send_recv");
+  wait("send_recv", *state_->launch({send, recv}, [&](cudaStream_t stream) {
+    check(ncclGroupStart(), "ncclGroupStart", name());
+    check(ncclSend(send.data_ptr(), static_cast<size_t>(send.numel()), nccl_type(send), send_peer, state_->comm, stream),
+          "ncclSend", name());
+    check(ncclRecv(recv.data_ptr(), static_cast<size_t>(recv.numel()), nccl_type(recv), recv_peer, state_->comm, stream),
+          "ncclRecv", name());
+    check(ncclGroupEnd(), "ncclGroupEnd", name());
+  }));
 }
 
 }  // namespace moeforge

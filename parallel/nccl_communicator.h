@@ -7,10 +7,13 @@
 // broadcasts it, every rank joins on its current CUDA device, which select_cuda_device() must
 // have set from the local rank before (NCCL binds a communicator to the device current at init).
 //
-// Stream contract: each call enqueues its NCCL kernel on the caller's current CUDA stream (so it is
-// ordered after the kernels that produced its input) and then waits, polling an event, until it
-// has completed: the same blocking contract and the same timeout as the CPU backends (a hung peer
-// aborts the communicator and ends the job with the call, the group and its ranks named).
+// Stream contract: every call of a communicator runs on its one communication stream, after the
+// work the caller's current stream had enqueued (so after the kernels that produced its input), and
+// its tensors are recorded as used there. A blocking call then waits on the host, polling an event:
+// the same contract as the CPU backends. An `*_async` call returns at once; its handle's wait()
+// makes the caller's current stream wait for the call (the host does not wait) and is_completed()
+// asks the event. The process's watchdog (parallel/watchdog.h) enforces the timeout on both: a hung
+// peer aborts the communicator and ends the job with the call, the group and its ranks named.
 // Collectives on CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the
 // MPI group. Point-to-point calls go where their Transport says (Note [Transport]): device over
 // NCCL, host over the MPI group, each end's tensors checked against it. send/recv ignore the tag
@@ -21,6 +24,10 @@
 #include "parallel/process_groups.h"
 
 #include <memory>
+
+namespace c10 {
+struct Event;
+}
 
 namespace moeforge {
 
@@ -37,20 +44,32 @@ class NcclCommunicator : public Communicator {
   const std::vector<int>& world_ranks() const override { return mpi_->world_ranks(); }
 
   void all_reduce(torch::Tensor& tensor, ReduceOp op) override;
+  std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) override;
   torch::Tensor all_gather(const torch::Tensor& tensor) override;
   torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
+  std::shared_ptr<Work> all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out, const std::vector<int64_t>& send_rows,
+                                         const std::vector<int64_t>& recv_rows) override;
   void broadcast(torch::Tensor& tensor, int root) override;
   void send(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
   void recv(torch::Tensor& tensor, int peer, int tag, Transport transport) override;
+  std::shared_ptr<Work> send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
   void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
                  Transport transport) override;
   void barrier() override { mpi_->barrier(); }
 
  private:
   struct State;  // NCCL and CUDA types stay out of this header
-  void wait(const char* operation);
+  // The calls enqueued on the communication stream; the event after them.
+  std::shared_ptr<c10::Event> launch_all_reduce(torch::Tensor& tensor, ReduceOp op);
+  std::shared_ptr<c10::Event> launch_all_to_all(const torch::Tensor& tensor, torch::Tensor& out,
+                                                const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows);
+  std::shared_ptr<c10::Event> launch_send(const torch::Tensor& tensor, int peer);
+  // Blocking: polls `done` on the host.
+  void wait(const char* operation, const c10::Event& done);
+  // Asynchronous: the handle, and the watchdog polling `done`.
+  std::shared_ptr<Work> async_work(const char* operation, std::shared_ptr<c10::Event> done);
   std::shared_ptr<Communicator> mpi_;
   double timeout_seconds_;
   std::unique_ptr<State> state_;

@@ -24,7 +24,12 @@ struct Entry {
   double timeout_s;
   Clock::time_point deadline;
   std::function<void()> on_timeout;
+  std::function<bool()> completed;  // polled (watch_until); else removed by its Watched
 };
+
+Clock::time_point deadline_of(double timeout_s) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+}
 
 // A precision of a tenth of a second is enough for timeouts of seconds (tests) to minutes (jobs).
 constexpr auto kPeriod = std::chrono::milliseconds(100);
@@ -68,6 +73,10 @@ class Watchdog {
       changed_.wait_for(lock, kPeriod);
       const auto now = Clock::now();
       for (auto it = entries_.begin(); it != entries_.end();) {
+        if (it->second.completed && it->second.completed()) {
+          it = entries_.erase(it);
+          continue;
+        }
         if (now <= it->second.deadline) {
           ++it;
           continue;
@@ -114,11 +123,14 @@ class Watchdog {
 
 Watched::Watched(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
                  std::function<void()> on_timeout)
-    : id_(Watchdog::get().add({operation, group, world_ranks, timeout_s,
-                               Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s)),
-                               std::move(on_timeout)})) {}
+    : id_(Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), {}})) {}
 
 Watched::~Watched() { Watchdog::get().remove(id_); }
+
+void watch_until(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
+                 std::function<bool()> completed, std::function<void()> on_timeout) {
+  Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), std::move(completed)});
+}
 
 void set_timeout_handler(std::function<void(const std::string& message)> handler) { Watchdog::get().set_handler(std::move(handler)); }
 

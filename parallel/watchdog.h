@@ -1,4 +1,4 @@
-// defines: Watched, set_timeout_handler
+// defines: Watched, watch_until, set_timeout_handler
 //
 // One watchdog thread per process enforces parallel.distributed_timeout_minutes on every
 // communication in flight, on any thread (the model of c10d's NCCL watchdog): blocking calls while
@@ -29,6 +29,12 @@ class Watched {
  private:
   uint64_t id_;
 };
+
+// For work whose end no thread waits for (NCCL collectives on a communication stream): `operation`
+// is in flight until `completed()`, which the watchdog polls, returns true; past `timeout_s` as
+// Watched.
+void watch_until(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
+                 std::function<bool()> completed, std::function<void()> on_timeout = {});
 
 // What the watchdog does with an expired operation's message instead of printing it and ending the
 // job (unit tests of the watchdog itself); an empty handler restores the default.

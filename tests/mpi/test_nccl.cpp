@@ -63,6 +63,49 @@ TEST_CASE("NCCL uneven all-to-all (grouped send/recv) and the CPU fallback", "[n
   CHECK(cpu[0].item<double>() == static_cast<double>(n));
 }
 
+TEST_CASE("NCCL asynchronous calls run on the communication stream, after the compute stream's inputs, before its readers",
+          "[nccl][work]") {
+  auto& c = *g_nccl;
+  const int r = c.rank(), n = c.size();
+  // Inputs written on the compute stream just before the call: the communication stream must wait
+  // for them; the result read on the compute stream after wait(): it must wait for the call.
+  auto x = on_gpu(torch::full({1 << 20}, static_cast<float>(r + 1)));
+  x.mul_(2);
+  auto reduced = c.all_reduce_async(x, ReduceOp::sum);
+  std::vector<int64_t> send, recv;
+  std::vector<torch::Tensor> rows;
+  for (int p = 0; p < n; ++p) {
+    send.push_back(p + 1);
+    recv.push_back(r + 1);
+    rows.push_back(torch::full({p + 1, 2}, static_cast<float>(100 * r + p)));
+  }
+  auto rows_TD = on_gpu(torch::cat(rows));
+  rows_TD.add_(1);
+  torch::Tensor out;
+  auto exchanged = c.all_to_all_async(rows_TD, out, send, recv);
+  reduced->wait();
+  exchanged->wait();
+  const auto y = (x + 0).cpu();  // read on the compute stream
+  CHECK(torch::equal(y, torch::full({1 << 20}, static_cast<float>(n * (n + 1)))));
+  const auto o = out.cpu();
+  for (int p = 0; p < n; ++p) CHECK(o[p * (r + 1)][1].item<float>() == static_cast<float>(100 * p + r + 1));
+  torch::cuda::synchronize();
+  CHECK(reduced->is_completed());
+  CHECK(exchanged->is_completed());
+  if (n > 1) {
+    // Sends around the ring, posted asynchronously. Calls run in issue order on the communication
+    // stream, as blocking calls would, so odd ranks send first and even ones receive first.
+    const auto mine = on_gpu(torch::full({1 << 18}, static_cast<float>(r)));
+    auto in = on_gpu(torch::empty({1 << 18}));
+    std::shared_ptr<Work> sent;
+    if (r % 2 == 1) sent = c.send_async(mine, (r + 1) % n, 0, Transport::device);
+    c.recv(in, (r + n - 1) % n, 0, Transport::device);
+    if (r % 2 == 0) sent = c.send_async(mine, (r + 1) % n, 0, Transport::device);
+    sent->wait();
+    CHECK(in.cpu()[0].item<float>() == static_cast<float>((r + n - 1) % n));
+  }
+}
+
 int main(int argc, char** argv) {
   MpiRuntime mpi;
   const int gpus = torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;

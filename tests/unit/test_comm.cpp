@@ -133,11 +133,19 @@ TEST_CASE("the watchdog reports an operation past its timeout, once, and leaves 
     const Watched hung("all_to_all", "ep", {2, 3}, 0.2);
     std::this_thread::sleep_for(std::chrono::milliseconds(600));
   }
+  // Work no thread waits for (NCCL on its stream): polled until it completes, or reported.
+  std::atomic<bool> done{false};
+  watch_until("reduce_scatter", "dp", {0, 1}, 0.4, [&] { return done.load(); });
+  watch_until("send", "pp", {4, 5}, 0.2, [] { return false; });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  done = true;
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
   set_timeout_handler({});
   std::lock_guard lock(mutex);
-  REQUIRE(reports.size() == 1);
+  REQUIRE(reports.size() == 2);
   CHECK_THAT(reports[0], Contains("all_to_all on group ep (world ranks [2, 3]) did not complete within 0.2 s"));
   CHECK_THAT(reports[0], Contains("parallel.distributed_timeout_minutes"));
+  CHECK_THAT(reports[1], Contains("send on group pp (world ranks [4, 5]) did not complete within 0.2 s"));
 }
 
 TEST_CASE("a killed rank ends the job on every rank", "[comm][mpi][slow]") {
