@@ -61,6 +61,17 @@ class Communicator {
   virtual torch::Tensor all_gather(const torch::Tensor& tensor) = 0;
   // op over all ranks' tensors, of which rank r keeps the r-th of `size()` equal chunks along dim 0.
   virtual torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) = 0;
+  // all_gather / reduce_scatter started now into `out` (allocated by the call), complete when the
+  // handle's wait() returns; until then the caller leaves `tensor` and `out` alone. These defaults
+  // run them blocking.
+  virtual std::shared_ptr<Work> all_gather_async(const torch::Tensor& tensor, torch::Tensor& out) {
+    out = all_gather(tensor);
+    return completed_work();
+  }
+  virtual std::shared_ptr<Work> reduce_scatter_async(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) {
+    out = reduce_scatter(tensor, op);
+    return completed_work();
+  }
   // Uneven all-to-all along dim 0: rows [sum(send_rows[:p]), +send_rows[p]) go to rank p; the
   // result holds recv_rows[p] rows from each rank p, in rank order.
   virtual torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,

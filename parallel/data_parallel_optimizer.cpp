@@ -51,10 +51,12 @@ DataParallelAdamW::DataParallelAdamW(std::vector<TrainableParameter> params, con
     (p.expert_parallel ? expert_numels : replicated_numels).push_back(p.param.numel());
   }
   const int64_t elements = parallel.ddp_bucket_size > 0 ? parallel.ddp_bucket_size : default_bucket_elements(groups_.dp->size());
-  replicated_buckets_ = std::make_unique<GradBuckets>(replicated_numels, groups_.dp, ReduceOp::avg, elements, overlap_);
+  replicated_buckets_ = std::make_unique<GradBuckets>(replicated_numels, groups_.dp, ReduceOp::avg, elements, overlap_,
+                                                      [this](size_t j) { return grad(replicated_[j]); });
   // Each expert's gradient already holds the tokens that every EP rank sent it; summing over the
   // ranks holding the same experts covers the global batch once, which the mean divides by DP.
-  expert_buckets_ = std::make_unique<GradBuckets>(expert_numels, groups_.edp, ReduceOp::sum, elements, overlap_);
+  expert_buckets_ = std::make_unique<GradBuckets>(expert_numels, groups_.edp, ReduceOp::sum, elements, overlap_,
+                                                  [this](size_t j) { return grad(expert_[j]); });
   if (!overlap_) return;
   for (size_t i = 0; i < this->params().size(); ++i) {
     torch::autograd::impl::set_post_acc_grad_hooks(this->params()[i].param,
@@ -73,19 +75,15 @@ void DataParallelAdamW::grad_final(size_t i) {
   if (!armed_) return;
   accumulate_grad(i);  // into fp32 main_grad first (bf16), as after the other micro-batches
   const auto [expert, k] = place_[i];
-  if (expert) {
-    expert_buckets_->ready(k, [this](size_t j) { return grad(expert_[j]); });
-  } else {
-    replicated_buckets_->ready(k, [this](size_t j) { return grad(replicated_[j]); });
-  }
+  (expert ? expert_buckets_ : replicated_buckets_)->ready(k);
 }
 
 void DataParallelAdamW::reduce_grads() {
   if (place_.empty()) return;
   armed_ = false;
   torch::NoGradGuard no_grad;
-  replicated_buckets_->finish([this](size_t j) { return grad(replicated_[j]); });
-  expert_buckets_->finish([this](size_t j) { return grad(expert_[j]); });
+  replicated_buckets_->finish();
+  expert_buckets_->finish();
   for (size_t i : expert_) grad(i).div_(static_cast<double>(groups_.dp->size()));
 }
 
@@ -98,36 +96,94 @@ double DataParallelAdamW::grad_norm() {
 }
 
 DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
-                                   const ProcessGroups& groups)
-    : params_(std::move(params)), groups_(groups), hyper_(training) {
+                                   const ProcessGroups& groups, const ParallelConfig& parallel)
+    : params_(std::move(params)), groups_(groups), hyper_(training), overlap_(parallel.overlap_comm) {
   torch::NoGradGuard no_grad;
+  const int64_t elements = parallel.ddp_bucket_size > 0 ? parallel.ddp_bucket_size : default_bucket_elements(groups_.dp->size());
+  place_.resize(params_.size());
+  std::vector<std::pair<size_t, size_t>> replicated_ranges, expert_ranges;
   for (const bool expert : {false, true}) {
-    for (const bool decay : {true, false}) {
-      Bucket b;
-      b.group = expert ? groups_.edp : groups_.dp;
-      b.decay = decay;
+    if (expert) expert_begin_ = buckets_.size();
+    // Backward order: reverse model order.
+    std::vector<size_t> order;
+    std::vector<int64_t> numels;
+    for (size_t n = params_.size(); n-- > 0;) {
+      if (params_[n].expert_parallel != expert) continue;
+      place_[n].order = order.size();
+      order.push_back(n);
+      numels.push_back(params_[n].param.numel());
+    }
+    auto ranges = bucket_ranges(numels, elements);
+    for (const auto& [first, end] : ranges) {
+      Bucket bucket;
+      bucket.group = expert ? groups_.edp : groups_.dp;
       int64_t numel = 0;
-      for (size_t i = 0; i < params_.size(); ++i) {
-        if (params_[i].expert_parallel != expert || params_[i].weight_decay != decay) continue;
-        b.members.push_back(i);
-        b.offsets.push_back(numel);
+      for (size_t k = first; k < end; ++k) {
+        const size_t i = order[k];
+        place_[i].bucket = buckets_.size();
+        place_[i].member = bucket.members.size();
+        bucket.members.push_back(i);
+        bucket.offsets.push_back(numel);
         numel += params_[i].param.numel();
         mixed_ = mixed_ || params_[i].param.scalar_type() != torch::kFloat32;
       }
-      if (b.members.empty()) continue;
-      const int64_t g = b.group->size();
-      b.padded = (numel + g - 1) / g * g;
-      b.shard = b.padded / g;
-      const auto fp32_options = params_[b.members[0]].param.options().dtype(torch::kFloat32);
-      b.main_grad = torch::zeros({b.padded}, fp32_options);
-      b.master = flatten_params(b).narrow(0, b.group->rank() * b.shard, b.shard).clone();
-      b.exp_avg = torch::zeros({b.shard}, fp32_options);
-      b.exp_avg_sq = torch::zeros({b.shard}, fp32_options);
-      const auto dtype = params_[b.members[0]].param.scalar_type();
-      if (dtype == torch::kBFloat16) b.model_shard = b.master.to(dtype);
-      buckets_.push_back(std::move(b));
+      const int64_t g = bucket.group->size();
+      bucket.padded = (numel + g - 1) / g * g;
+      bucket.shard = bucket.padded / g;
+      // This rank's shard cut into runs of equal weight decay (the padding decays nothing).
+      const int64_t begin = bucket.group->rank() * bucket.shard, end_at = begin + bucket.shard;
+      auto add_run = [&](int64_t from, int64_t to, bool decay) {
+        if (to <= from) return;
+        auto& runs = bucket.runs;
+        if (!runs.empty() && std::get<2>(runs.back()) == decay) {
+          std::get<1>(runs.back()) += to - from;
+        } else {
+          runs.emplace_back(from - begin, to - from, decay);
+        }
+      };
+      for (size_t j = 0; j < bucket.members.size(); ++j) {
+        const int64_t from = bucket.offsets[j], to = from + params_[bucket.members[j]].param.numel();
+        add_run(std::max(from, begin), std::min(to, end_at), params_[bucket.members[j]].weight_decay);
+      }
+      add_run(std::max(numel, begin), end_at, false);
+      const auto fp32_options = params_[bucket.members[0]].param.options().dtype(torch::kFloat32);
+      bucket.main_grad = torch::zeros({bucket.padded}, fp32_options);
+      bucket.master = flatten_params(bucket).narrow(0, begin, bucket.shard).clone();
+      bucket.exp_avg = torch::zeros({bucket.shard}, fp32_options);
+      bucket.exp_avg_sq = torch::zeros({bucket.shard}, fp32_options);
+      const auto dtype = params_[bucket.members[0]].param.scalar_type();
+      if (dtype == torch::kBFloat16) bucket.model_shard = bucket.master.to(dtype);
+      buckets_.push_back(std::move(bucket));
     }
+    // The schedules number their buckets from 0 within each kind.
+    (expert ? expert_ranges : replicated_ranges) = std::move(ranges);
   }
+  replicated_schedule_ = std::make_unique<BucketSchedule>(replicated_ranges, [this](size_t b) { return start_reduce(buckets_[b]); });
+  expert_schedule_ = std::make_unique<BucketSchedule>(
+      expert_ranges, [this](size_t b) { return start_reduce(buckets_[expert_begin_ + b]); });
+  if (!overlap_) return;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    torch::autograd::impl::set_post_acc_grad_hooks(params_[i].param, std::make_unique<GradFinalHook>([this, i] { grad_final(i); }));
+  }
+}
+
+DistributedAdamW::~DistributedAdamW() {
+  if (!overlap_) return;
+  for (const auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p.param, nullptr);
+}
+
+void DistributedAdamW::begin_last_backward() { armed_ = overlap_; }
+
+void DistributedAdamW::grad_final(size_t i) {
+  if (!armed_) return;
+  accumulate_grad(i);
+  (params_[i].expert_parallel ? expert_schedule_ : replicated_schedule_)->ready(place_[i].order);
+}
+
+std::shared_ptr<Work> DistributedAdamW::start_reduce(Bucket& b) {
+  if (overlap_) return b.group->reduce_scatter_async(b.main_grad, b.grad_shard, ReduceOp::sum);
+  b.grad_shard = b.group->reduce_scatter(b.main_grad, ReduceOp::sum);
+  return completed_work();
 }
 
 torch::Tensor DistributedAdamW::flatten_params(const Bucket& b) const {
@@ -139,23 +195,27 @@ torch::Tensor DistributedAdamW::flatten_params(const Bucket& b) const {
   return flat;
 }
 
-void DistributedAdamW::accumulate_grads() {
+void DistributedAdamW::accumulate_grad(size_t i) {
   torch::NoGradGuard no_grad;
-  for (auto& b : buckets_) {
-    for (size_t j = 0; j < b.members.size(); ++j) {
-      auto& g = params_[b.members[j]].param.mutable_grad();
-      if (!g.defined()) continue;
-      b.main_grad.narrow(0, b.offsets[j], g.numel()).add_(g.reshape({-1}));  // cast as read: no fp32 temporary
-      g = torch::Tensor();
-    }
-  }
+  auto& g = params_[i].param.mutable_grad();
+  if (!g.defined()) return;
+  Bucket& bucket = buckets_[place_[i].bucket];
+  bucket.main_grad.narrow(0, bucket.offsets[place_[i].member], g.numel()).add_(g.reshape({-1}));  // cast as read: no fp32 temporary
+  g = torch::Tensor();
+}
+
+void DistributedAdamW::accumulate_grads() {
+  for (size_t i = 0; i < params_.size(); ++i) accumulate_grad(i);
 }
 
 void DistributedAdamW::reduce_grads() {
   torch::NoGradGuard no_grad;
+  armed_ = false;
+  replicated_schedule_->finish();
+  expert_schedule_->finish();
   // Replicated: sum over DP / DP = the mean. Experts: sum over EDP / DP (see DataParallelAdamW).
   const double dp = static_cast<double>(groups_.dp->size());
-  for (auto& b : buckets_) b.grad_shard = b.group->reduce_scatter(b.main_grad, ReduceOp::sum).div_(dp);
+  for (auto& b : buckets_) b.grad_shard.div_(dp);
 }
 
 double DistributedAdamW::grad_norm() {
@@ -179,22 +239,43 @@ void DistributedAdamW::scale_grads(double factor) {
   for (auto& b : buckets_) b.grad_shard.mul_(factor);
 }
 
-void DistributedAdamW::gather_into_params(Bucket& b) {
+std::shared_ptr<Work> DistributedAdamW::start_gather(Bucket& b) {
   // In bf16 the shard the update rounded to the model's dtype: half the bytes of the fp32 master.
-  const auto full = b.group->all_gather(b.model_shard.defined() ? b.model_shard : b.master);
+  const auto& shard = b.model_shard.defined() ? b.model_shard : b.master;
+  if (overlap_) return b.group->all_gather_async(shard, b.gathered);
+  b.gathered = b.group->all_gather(shard);
+  return completed_work();
+}
+
+void DistributedAdamW::copy_gathered(Bucket& b) {
   for (size_t j = 0; j < b.members.size(); ++j) {
     auto& p = params_[b.members[j]].param;
-    p.detach().copy_(full.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
+    p.detach().copy_(b.gathered.narrow(0, b.offsets[j], p.numel()).view(p.sizes()));
   }
+  b.gathered = torch::Tensor();
 }
 
 void DistributedAdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++steps_;
-  std::vector<kernels::AdamWTensors> shards;
-  for (auto& b : buckets_) shards.push_back({b.master, b.grad_shard, b.exp_avg, b.exp_avg_sq, b.model_shard, b.decay});
-  kernels::adamw_step(shards, kernels::AdamWHyper::of(hyper_, lr, steps_));
-  for (auto& b : buckets_) gather_into_params(b);
+  const auto hyper = kernels::AdamWHyper::of(hyper_, lr, steps_);
+  // Bucket by bucket, each one's all-gather in flight while the next ones update.
+  std::vector<std::shared_ptr<Work>> gathers;
+  for (auto& b : buckets_) {
+    std::vector<kernels::AdamWTensors> runs;
+    for (const auto& [at, length, decay] : b.runs) {
+      auto part = [&, at = at, length = length](const torch::Tensor& t) {
+        return t.defined() ? t.narrow(0, at, length) : torch::Tensor();
+      };
+      runs.push_back({part(b.master), part(b.grad_shard), part(b.exp_avg), part(b.exp_avg_sq), part(b.model_shard), decay});
+    }
+    kernels::adamw_step(runs, hyper);
+    gathers.push_back(start_gather(b));
+  }
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    gathers[k]->wait();
+    copy_gathered(buckets_[k]);
+  }
   zero_grads();
 }
 
@@ -258,14 +339,15 @@ void DistributedAdamW::load_state(const StateLookup& lookup, const std::string& 
   for (auto& b : buckets_) {
     if (!mixed_) continue;
     if (b.model_shard.defined()) b.model_shard.copy_(b.master);
-    gather_into_params(b);
+    start_gather(b)->wait();
+    copy_gathered(b);
   }
   steps_ = steps;
 }
 
 std::unique_ptr<Optimizer> make_optimizer(std::vector<TrainableParameter> params, const TrainingConfig& training,
                                           const ProcessGroups& groups, const ParallelConfig& parallel) {
-  if (parallel.use_distributed_optimizer) return std::make_unique<DistributedAdamW>(std::move(params), training, groups);
+  if (parallel.use_distributed_optimizer) return std::make_unique<DistributedAdamW>(std::move(params), training, groups, parallel);
   return std::make_unique<DataParallelAdamW>(std::move(params), training, groups, parallel);
 }
 

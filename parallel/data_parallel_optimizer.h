@@ -12,12 +12,16 @@
 //   Bit-identical to overlap off (the same buckets, the same reductions).
 //
 // DistributedAdamW (ZeRO-1, Megatron's distributed optimizer): the trainable parameters are laid
-//   out in flat fp32 buffers, one per (replicated | expert, decay | no decay), each padded to a
-//   multiple of its group's size (DP for replicated, EDP for expert parameters). Micro-batch
-//   gradients accumulate into the flat buffer; reduce_grads() reduce-scatters it, so each rank
-//   keeps the summed gradient of its 1/G shard only; the fp32 master weights and Adam moments exist
-//   only for that shard; after the update the shards are all-gathered into the model's weights.
-//   Optimizer memory per rank drops from 12 to 12/G bytes per parameter (plus the 4-byte buffer).
+//   out in flat fp32 buckets, replicated ones over DP and expert ones over EDP, each in reverse
+//   model order in buckets of at most parallel.ddp_bucket_size elements, padded to a multiple of
+//   its group's size. Micro-batch gradients accumulate into the buckets; each bucket is
+//   reduce-scattered, so each rank keeps the summed gradient of its 1/G shard only; the fp32 master
+//   weights and Adam moments exist only for that shard; after the update the shards are
+//   all-gathered into the model's weights. Optimizer memory per rank drops from 12 to 12/G bytes
+//   per parameter (plus the 4-byte buffer). With parallel.overlap_comm a bucket's reduce-scatter
+//   starts during the last micro-batch's backward as soon as its gradients are final (as above),
+//   and each bucket's parameter all-gather starts as soon as its update is done, overlapping the
+//   next buckets' updates. Bit-identical to overlap off.
 //
 // Both count every parameter of the model once in the gradient norm and do the same elementwise
 // AdamW math (kernels::adamw_step, whose elements do not depend on where a tensor is cut), so
@@ -31,6 +35,7 @@
 #include "parallel/process_groups.h"
 
 #include <memory>
+#include <tuple>
 
 namespace moeforge {
 
@@ -61,8 +66,13 @@ class DataParallelAdamW : public AdamW {
 
 class DistributedAdamW : public Optimizer {
  public:
-  DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups);
+  DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups,
+                   const ParallelConfig& parallel);
+  ~DistributedAdamW() override;  // removes the gradient hooks
+  DistributedAdamW(const DistributedAdamW&) = delete;
+  DistributedAdamW& operator=(const DistributedAdamW&) = delete;
 
+  void begin_last_backward() override;
   void accumulate_grads() override;
   void reduce_grads() override;
   double grad_norm() override;
@@ -78,22 +88,39 @@ class DistributedAdamW : public Optimizer {
   // One flat buffer and this rank's shard of it.
   struct Bucket {
     std::shared_ptr<Communicator> group;  // dp (replicated parameters) or edp (experts)
-    bool decay = true;
-    std::vector<size_t> members;  // indices into params_
-    std::vector<int64_t> offsets;  // of each member in the flat buffer
-    int64_t padded = 0, shard = 0;  // flat size (a multiple of the group size), shard size
-    torch::Tensor main_grad;        // [padded] fp32: micro-batch gradients accumulate here
+    std::vector<size_t> members;          // indices into params_, in backward order
+    std::vector<int64_t> offsets;         // of each member in the flat buffer
+    int64_t padded = 0, shard = 0;        // flat size (a multiple of the group size), shard size
+    // The shard's runs of members with and without weight decay: {begin, length, decay}.
+    std::vector<std::tuple<int64_t, int64_t, bool>> runs;
+    torch::Tensor main_grad;  // [padded] fp32: micro-batch gradients accumulate here
     torch::Tensor grad_shard, master, exp_avg, exp_avg_sq;  // [shard] fp32
     torch::Tensor model_shard;  // [shard] bf16 for a bf16 model (the all-gather's input), else undefined
+    torch::Tensor gathered;     // [padded] while the all-gather of the update is in flight
   };
   // The parameters' values (or zeros) laid out flat, [padded] fp32.
   torch::Tensor flatten_params(const Bucket& b) const;
-  void gather_into_params(Bucket& b);
+  // Parameter i's gradient into its bucket's main_grad (then dropped).
+  void accumulate_grad(size_t i);
+  // A post-accumulate-grad hook during the last backward: the gradient of parameter i is final.
+  void grad_final(size_t i);
+  std::shared_ptr<Work> start_reduce(Bucket& b);
+  std::shared_ptr<Work> start_gather(Bucket& b);
+  void copy_gathered(Bucket& b);
+  // Replicated buckets first, then expert buckets: each kind in backward order.
+  std::vector<Bucket> buckets_;
+  size_t expert_begin_ = 0;  // the first expert bucket
+  // Where each parameter is: its bucket, its position in its kind's backward order, its member index.
+  struct Place {
+    size_t bucket = 0, order = 0, member = 0;
+  };
+  std::vector<Place> place_;
+  std::unique_ptr<BucketSchedule> replicated_schedule_, expert_schedule_;
 
   std::vector<TrainableParameter> params_;
-  std::vector<Bucket> buckets_;
   ProcessGroups groups_;
   TrainingConfig hyper_;
+  bool overlap_ = false, armed_ = false;
   bool mixed_ = false;  // bf16 parameters: master weights are part of the saved state
   int64_t steps_ = 0;
 };

@@ -240,11 +240,38 @@ torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& tensor) {
   return out;
 }
 
-torch::Tensor MpiCommunicator::reduce_scatter(const torch::Tensor& tensor, ReduceOp op) {
+std::shared_ptr<Work> MpiCommunicator::all_gather_async(const torch::Tensor& tensor, torch::Tensor& out) {
+  if (!comm_thread_) return Communicator::all_gather_async(tensor, out);
+  require_cpu_contiguous(tensor, "all_gather_async");
+  auto sizes = tensor.sizes().vec();
+  if (sizes.empty()) sizes = {1};
+  sizes[0] *= size_;
+  out = torch::empty(sizes, tensor.options());
+  MpiCommunicator* peer = async_peer_.get();
+  // The communication thread's result copied into `out`: a copy of what the caller receives, cheap
+  // beside the transfer, and the same code as the blocking call.
+  return comm_thread_->submit([peer, tensor, out]() mutable { out.copy_(peer->all_gather(tensor)); });
+}
+
+std::shared_ptr<Work> MpiCommunicator::reduce_scatter_async(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) {
+  if (!comm_thread_) return Communicator::reduce_scatter_async(tensor, out, op);
+  check_reduce_scatter(tensor);
+  auto sizes = tensor.sizes().vec();
+  sizes[0] /= size_;
+  out = torch::empty(sizes, tensor.options());
+  MpiCommunicator* peer = async_peer_.get();
+  return comm_thread_->submit([peer, tensor, out, op]() mutable { out.copy_(peer->reduce_scatter(tensor, op)); });
+}
+
+void MpiCommunicator::check_reduce_scatter(const torch::Tensor& tensor) const {
   require_cpu_contiguous(tensor, "reduce_scatter");
   if (tensor.dim() == 0 || tensor.size(0) % size_ != 0) {
     throw std::invalid_argument(fmt::format("MpiCommunicator::reduce_scatter: dim 0 must divide by the group size {}", size_));
   }
+}
+
+torch::Tensor MpiCommunicator::reduce_scatter(const torch::Tensor& tensor, ReduceOp op) {
+  check_reduce_scatter(tensor);
   if (is_half(tensor)) return reduce_scatter(tensor.to(torch::kFloat32), op).to(tensor.scalar_type());
   if (op == ReduceOp::avg && !tensor.is_floating_point()) throw std::invalid_argument("MpiCommunicator: avg of integers");
   const int64_t count = tensor.numel() / size_;

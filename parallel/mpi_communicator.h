@@ -73,6 +73,8 @@ class MpiCommunicator : public Communicator {
   std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) override;
   torch::Tensor all_gather(const torch::Tensor& tensor) override;
   torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
+  std::shared_ptr<Work> all_gather_async(const torch::Tensor& tensor, torch::Tensor& out) override;
+  std::shared_ptr<Work> reduce_scatter_async(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) override;
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
   std::shared_ptr<Work> all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out, const std::vector<int64_t>& send_rows,
@@ -96,6 +98,7 @@ class MpiCommunicator : public Communicator {
   // Polls `request` until it completes; past the timeout, reports and aborts the whole job.
   void wait(MPI_Request& request, const char* operation) const;
   void wait_all(std::vector<MPI_Request>& requests, const char* operation) const;
+  void check_reduce_scatter(const torch::Tensor& tensor) const;
   // The all-to-all's arguments checked, and its output allocated (in the caller's thread, so a
   // misuse of an asynchronous call fails there); then the exchange into it.
   torch::Tensor all_to_all_output(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,

@@ -185,34 +185,54 @@ std::shared_ptr<c10::Event> NcclCommunicator::launch_all_reduce(torch::Tensor& t
 
 torch::Tensor NcclCommunicator::all_gather(const torch::Tensor& tensor) {
   if (!tensor.is_cuda()) return mpi_->all_gather(tensor);
+  torch::Tensor out;
+  wait("all_gather", *launch_all_gather(tensor, out));
+  return out;
+}
+
+std::shared_ptr<Work> NcclCommunicator::all_gather_async(const torch::Tensor& tensor, torch::Tensor& out) {
+  if (!tensor.is_cuda()) return mpi_->all_gather_async(tensor, out);
+  return async_work("all_gather", launch_all_gather(tensor, out));
+}
+
+std::shared_ptr<c10::Event> NcclCommunicator::launch_all_gather(const torch::Tensor& tensor, torch::Tensor& out) {
   require_cuda_contiguous(tensor, "all_gather");
   auto sizes = tensor.sizes().vec();
   if (sizes.empty()) sizes = {1};
   sizes[0] *= size();
-  auto out = torch::empty(sizes, tensor.options());
-  wait("all_gather", *state_->launch({tensor, out}, [&](cudaStream_t stream) {
+  out = torch::empty(sizes, tensor.options());
+  return state_->launch({tensor, out}, [&](cudaStream_t stream) {
     check(ncclAllGather(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
                         state_->comm, stream),
           "ncclAllGather", name());
-  }));
-  return out;
+  });
 }
 
 torch::Tensor NcclCommunicator::reduce_scatter(const torch::Tensor& tensor, ReduceOp op) {
   if (!tensor.is_cuda()) return mpi_->reduce_scatter(tensor, op);
+  torch::Tensor out;
+  wait("reduce_scatter", *launch_reduce_scatter(tensor, out, op));
+  return out;
+}
+
+std::shared_ptr<Work> NcclCommunicator::reduce_scatter_async(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) {
+  if (!tensor.is_cuda()) return mpi_->reduce_scatter_async(tensor, out, op);
+  return async_work("reduce_scatter", launch_reduce_scatter(tensor, out, op));
+}
+
+std::shared_ptr<c10::Event> NcclCommunicator::launch_reduce_scatter(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) {
   require_cuda_contiguous(tensor, "reduce_scatter");
   if (tensor.dim() == 0 || tensor.size(0) % size() != 0) {
     throw std::invalid_argument(fmt::format("NcclCommunicator::reduce_scatter: dim 0 must divide by the group size {}", size()));
   }
   auto sizes = tensor.sizes().vec();
   sizes[0] /= size();
-  auto out = torch::empty(sizes, tensor.options());
-  wait("reduce_scatter", *state_->launch({tensor, out}, [&](cudaStream_t stream) {
+  out = torch::empty(sizes, tensor.options());
+  return state_->launch({tensor, out}, [&](cudaStream_t stream) {
     check(ncclReduceScatter(tensor.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), nccl_type(tensor),
                             nccl_op(op), state_->comm, stream),
           "ncclReduceScatter", name());
-  }));
-  return out;
+  });
 }
 
 torch::Tensor NcclCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,

@@ -47,6 +47,8 @@ class NcclCommunicator : public Communicator {
   std::shared_ptr<Work> all_reduce_async(torch::Tensor tensor, ReduceOp op) override;
   torch::Tensor all_gather(const torch::Tensor& tensor) override;
   torch::Tensor reduce_scatter(const torch::Tensor& tensor, ReduceOp op) override;
+  std::shared_ptr<Work> all_gather_async(const torch::Tensor& tensor, torch::Tensor& out) override;
+  std::shared_ptr<Work> reduce_scatter_async(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) override;
   torch::Tensor all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override;
   std::shared_ptr<Work> all_to_all_async(const torch::Tensor& tensor, torch::Tensor& out, const std::vector<int64_t>& send_rows,
@@ -66,6 +68,8 @@ class NcclCommunicator : public Communicator {
   std::shared_ptr<c10::Event> launch_all_to_all(const torch::Tensor& tensor, torch::Tensor& out,
                                                 const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows);
   std::shared_ptr<c10::Event> launch_send(const torch::Tensor& tensor, int peer);
+  std::shared_ptr<c10::Event> launch_all_gather(const torch::Tensor& tensor, torch::Tensor& out);
+  std::shared_ptr<c10::Event> launch_reduce_scatter(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op);
   // Blocking: polls `done` on the host.
   void wait(const char* operation, const c10::Event& done);
   // Asynchronous: the handle, and the watchdog polling `done`.

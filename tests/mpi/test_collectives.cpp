@@ -69,7 +69,7 @@ TEST_CASE("asynchronous all_reduce: several in flight, blocking calls between th
   CHECK_THROWS(w.all_reduce_async(torch::ones({4, 2}).t(), ReduceOp::sum));  // not contiguous: refused at once
 }
 
-TEST_CASE("all_gather and reduce_scatter", "[mpi]") {
+TEST_CASE("all_gather and reduce_scatter, blocking and asynchronous", "[mpi]") {
   auto& w = world();
   const int n = w.size(), r = w.rank();
   const auto g = w.all_gather(torch::full({2, 3}, static_cast<float>(r)));
@@ -89,6 +89,19 @@ TEST_CASE("all_gather and reduce_scatter", "[mpi]") {
   CHECK(torch::equal(w.reduce_scatter(torch::arange(2 * n, torch::kFloat32).view({2 * n, 1}) + static_cast<float>(r), ReduceOp::sum),
                      expected));
   w.set_max_chunk_elements(INT_MAX);
+  // Asynchronous, both in flight with a blocking call between start and wait (ZeRO-1's buckets).
+  torch::Tensor scattered, gathered;
+  auto rs = w.reduce_scatter_async(torch::arange(2 * n, torch::kFloat32).view({2 * n, 1}) + static_cast<float>(r), scattered,
+                                   ReduceOp::sum);
+  auto ag = w.all_gather_async(torch::full({2, 3}, static_cast<float>(r)), gathered);
+  auto between = torch::ones({1});
+  w.all_reduce(between, ReduceOp::sum);
+  rs->wait();
+  ag->wait();
+  CHECK(torch::equal(scattered, expected));
+  REQUIRE(gathered.sizes() == c10::IntArrayRef({2 * n, 3}));
+  for (int p = 0; p < n; ++p) CHECK(torch::equal(gathered.narrow(0, 2 * p, 2), torch::full({2, 3}, static_cast<float>(p))));
+  CHECK_THROWS(w.reduce_scatter_async(torch::ones({2 * n + 1}), scattered, ReduceOp::sum));  // refused at once
 }
 
 TEST_CASE("all_to_all from a rank that sends no rows at all to ranks that do", "[mpi]") {

@@ -158,11 +158,12 @@ TEST_CASE("pipeline with expert and data parallel, and with ZeRO-1, equals the s
   check_equals_single_process({{4, 2, false, 2}, {4, 1, true, 2}}, kPipelineModel, 4);
 }
 
-TEST_CASE("gradients reduced during the backward (parallel.overlap_comm) equal the blocking reduction bit for bit",
+TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals the blocking path bit for bit",
           "[train][distributed][mpi][overlap]") {
   // Buckets of 5,000 elements: the backward starts many (the fixture has ~200K parameters). DP 2,
-  // DP 2 with EP 2 (experts over EDP), PP 2 x DP 2 with full recomputation; 4, 4 and 2 micro-batches
-  // per rank, so the hooks act only on the last.
+  // DP 2 with EP 2 (experts over EDP; the all-to-all beside the shared expert), PP 2 x DP 2 with
+  // full recomputation (asynchronous pipeline sends), ZeRO-1 on DP 2 and on PP 2 x DP 2 x EP 2;
+  // 4, 4, 2, 4 and 2 micro-batches per rank, so the hooks act only on the last.
   TempDir dir;
   const auto config = write_config(dir);
   const std::string common = " --set training.train_iters=3 --set training.eval_iters=0 --set parallel.ddp_bucket_size=5000";
@@ -177,7 +178,11 @@ TEST_CASE("gradients reduced during the backward (parallel.overlap_comm) equal t
   const std::vector<std::pair<int, std::string>> layouts{
       {2, ""},
       {2, " --set parallel.expert_model_parallel_size=2"},
-      {4, kPipelineModel + " --set parallel.pipeline_model_parallel_size=2 --set training.recompute_granularity=full"}};
+      {4, kPipelineModel + " --set parallel.pipeline_model_parallel_size=2 --set training.recompute_granularity=full"},
+      // ZeRO-1: reduce-scatters during the backward, all-gathers during the update.
+      {2, " --set parallel.use_distributed_optimizer=true"},
+      {4, kPipelineModel + " --set parallel.pipeline_model_parallel_size=2 --set parallel.expert_model_parallel_size=2"
+              " --set parallel.use_distributed_optimizer=true"}};
   for (size_t l = 0; l < layouts.size(); ++l) {
     const auto& [ranks, extra] = layouts[l];
     INFO("layout " << ranks << " ranks" << extra);
