@@ -367,14 +367,20 @@ void MpiCommunicator::broadcast(torch::Tensor& tensor, int root) {
   });
 }
 
-void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
-  check_transport(tensor, transport, "send", name_);
-  require_cpu_contiguous(tensor, "send");
+std::vector<MPI_Request> MpiCommunicator::post_send(const torch::Tensor& tensor, int peer, int tag, Transport transport,
+                                                   const char* operation) {
+  check_transport(tensor, transport, operation, name_);
+  require_cpu_contiguous(tensor, operation);
   std::vector<MPI_Request> requests;
   for_each_part(tensor, [&](char* at, int bytes) {
     requests.emplace_back();
     check(MPI_Isend(at, bytes, MPI_BYTE, peer, tag, comm_, &requests.back()), "MPI_Isend");
   });
+  return requests;
+}
+
+void MpiCommunicator::send(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
+  auto requests = post_send(tensor, peer, tag, transport, "send");
   wait_all(requests, "send");
 }
 
@@ -420,14 +426,7 @@ class MpiCommunicator::RequestWork : public Work {
 };
 
 std::shared_ptr<Work> MpiCommunicator::send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) {
-  check_transport(tensor, transport, "send_async", name_);
-  require_cpu_contiguous(tensor, "send_async");
-  std::vector<MPI_Request> requests;
-  for_each_part(tensor, [&](char* at, int bytes) {
-    requests.emplace_back();
-    check(MPI_Isend(at, bytes, MPI_BYTE, peer, tag, comm_, &requests.back()), "MPI_Isend");
-  });
-  return std::make_shared<RequestWork>(*this, std::move(requests), tensor);
+  return std::make_shared<RequestWork>(*this, post_send(tensor, peer, tag, transport, "send_async"), tensor);
 }
 
 void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport transport) {

@@ -99,6 +99,8 @@ class MpiCommunicator : public Communicator {
   void wait(MPI_Request& request, const char* operation) const;
   void wait_all(std::vector<MPI_Request>& requests, const char* operation) const;
   void check_reduce_scatter(const torch::Tensor& tensor) const;
+  // The tensor's parts posted with MPI_Isend (after the checks of `operation`).
+  std::vector<MPI_Request> post_send(const torch::Tensor& tensor, int peer, int tag, Transport transport, const char* operation);
   // The all-to-all's arguments checked, and its output allocated (in the caller's thread, so a
   // misuse of an asynchronous call fails there); then the exchange into it.
   torch::Tensor all_to_all_output(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,

@@ -15,6 +15,23 @@ using namespace moeforge;
 namespace {
 std::shared_ptr<NcclCommunicator> g_nccl;
 torch::Tensor on_gpu(const torch::Tensor& t) { return t.to(torch::Device(torch::kCUDA, c10::cuda::current_device())); }
+
+// Rank r sends p + 1 rows of value 100 r + p to rank p; so it receives r + 1 rows from each p.
+struct UnevenRows {
+  std::vector<int64_t> send, recv;
+  torch::Tensor rows;  // on the host
+};
+UnevenRows uneven_rows(int r, int n) {
+  UnevenRows u;
+  std::vector<torch::Tensor> rows;
+  for (int p = 0; p < n; ++p) {
+    u.send.push_back(p + 1);
+    u.recv.push_back(r + 1);
+    rows.push_back(torch::full({p + 1, 2}, static_cast<float>(100 * r + p)));
+  }
+  u.rows = torch::cat(rows);
+  return u;
+}
 }  // namespace
 
 TEST_CASE("NCCL all-reduce, all-gather, reduce-scatter, broadcast", "[nccl]") {
@@ -46,15 +63,8 @@ TEST_CASE("NCCL all-reduce, all-gather, reduce-scatter, broadcast", "[nccl]") {
 TEST_CASE("NCCL uneven all-to-all (grouped send/recv) and the CPU fallback", "[nccl]") {
   auto& c = *g_nccl;
   const int r = c.rank(), n = c.size();
-  // Rank r sends p + 1 rows of value 100 r + p to rank p; so it receives r + 1 rows from each p.
-  std::vector<int64_t> send, recv;
-  std::vector<torch::Tensor> rows;
-  for (int p = 0; p < n; ++p) {
-    send.push_back(p + 1);
-    recv.push_back(r + 1);
-    rows.push_back(torch::full({p + 1, 2}, static_cast<float>(100 * r + p)));
-  }
-  const auto out = c.all_to_all(on_gpu(torch::cat(rows)), send, recv).cpu();
+  const auto u = uneven_rows(r, n);
+  const auto out = c.all_to_all(on_gpu(u.rows), u.send, u.recv).cpu();
   REQUIRE(out.size(0) == n * (r + 1));
   for (int p = 0; p < n; ++p) CHECK(out[p * (r + 1)][1].item<float>() == static_cast<float>(100 * p + r));
 
@@ -72,17 +82,11 @@ TEST_CASE("NCCL asynchronous calls run on the communication stream, after the co
   auto x = on_gpu(torch::full({1 << 20}, static_cast<float>(r + 1)));
   x.mul_(2);
   auto reduced = c.all_reduce_async(x, ReduceOp::sum);
-  std::vector<int64_t> send, recv;
-  std::vector<torch::Tensor> rows;
-  for (int p = 0; p < n; ++p) {
-    send.push_back(p + 1);
-    recv.push_back(r + 1);
-    rows.push_back(torch::full({p + 1, 2}, static_cast<float>(100 * r + p)));
-  }
-  auto rows_TD = on_gpu(torch::cat(rows));
+  const auto u = uneven_rows(r, n);
+  auto rows_TD = on_gpu(u.rows);
   rows_TD.add_(1);
   torch::Tensor out;
-  auto exchanged = c.all_to_all_async(rows_TD, out, send, recv);
+  auto exchanged = c.all_to_all_async(rows_TD, out, u.send, u.recv);
   reduced->wait();
   exchanged->wait();
   const auto y = (x + 0).cpu();  // read on the compute stream
