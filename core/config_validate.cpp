@@ -4,7 +4,10 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace moeforge {
@@ -40,11 +43,29 @@ class Problems {
   }
   template <typename T>
   void positive(const char* name, T value) {
-    if (!(value > 0)) add("{} must be positive, got {}", name, value);
+    if (!(value > 0)) return add("{} must be positive, got {}", name, value);
+    fp32_representable(name, value);
   }
   template <typename T>
   void non_negative(const char* name, T value) {
-    if (!(value >= 0)) add("{} must be >= 0, got {}", name, value);
+    if (!(value >= 0)) return add("{} must be >= 0, got {}", name, value);
+    fp32_representable(name, value);
+  }
+  // Floating settings reach the model and the optimizer in fp32: an infinite value, one beyond
+  // fp32's range, or a nonzero one that rounds to 0 there (adam_eps: 1e-46) would train on
+  // non-finite or meaningless numbers.
+  template <typename T>
+  void fp32_representable(const char* name, T value) {
+    if constexpr (std::is_floating_point_v<T>) {
+      const auto f = static_cast<float>(value);
+      if (!std::isfinite(f)) {
+        add("{} is {}, beyond fp32's range (the precision it is used in): use a finite value below {:g}", name, value,
+            static_cast<double>(std::numeric_limits<float>::max()));
+      } else if (value != 0 && f == 0.0f) {
+        add("{} is {}, which is 0 in fp32 (the precision it is used in): use 0 or at least {:g}", name, value,
+            static_cast<double>(std::numeric_limits<float>::min()));
+      }
+    }
   }
   void throw_if_any() const {
     if (list_.empty()) return;

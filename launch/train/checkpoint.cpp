@@ -3,6 +3,7 @@
 #include "core/config_loader.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/host_sync.h"
 #include "core/safetensors.h"
 #include "moe/hf_checkpoint.h"
 
@@ -256,6 +257,26 @@ SavedTrainState read_train_state(const std::string& dir) {
     fail_user("{}: {}", (p / files::kTrainerState).string(), e.what());
   }
   return out;
+}
+
+std::vector<std::string> nonfinite_tensors(const CheckpointContents& contents) {
+  std::vector<const std::pair<std::string, torch::Tensor>*> floating;
+  for (const auto* set : {&contents.model, &contents.optimizer}) {
+    for (const auto& entry : *set) {
+      if (entry.second.is_floating_point() && entry.second.numel() > 0) floating.push_back(&entry);
+    }
+  }
+  torch::Tensor all_finite;
+  for (const auto* entry : floating) {
+    const auto ok = torch::isfinite(entry->second).all();
+    all_finite = all_finite.defined() ? all_finite.logical_and(ok) : ok;
+  }
+  std::vector<std::string> bad;
+  if (!all_finite.defined() || to_host(all_finite).item<bool>()) return bad;
+  for (const auto* entry : floating) {
+    if (!to_host(torch::isfinite(entry->second).all()).item<bool>()) bad.push_back(entry->first);
+  }
+  return bad;
 }
 
 }  // namespace moeforge

@@ -53,6 +53,11 @@ struct CheckpointContents {
   torch::Tensor rng;  // the CPU generator's state to store; undefined = this process's, now
 };
 
+// The names of the floating tensors of `contents` (this rank's part) holding a NaN or an infinity:
+// such a state is never saved. One device read when all are finite (the usual case), one per
+// tensor otherwise.
+std::vector<std::string> nonfinite_tensors(const CheckpointContents& contents);
+
 // Writes <save_dir>/iter_<iteration> atomically, points the tracker at it, then removes all but
 // the newest `keep_latest_k` checkpoints (0 = keep all). Returns the checkpoint's directory.
 std::string save_checkpoint(const std::string& save_dir, const TrainState& state, const CheckpointContents& contents,

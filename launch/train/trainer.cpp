@@ -459,6 +459,7 @@ void Trainer::save() {
   contents.optimizer = optimizer_->state();  // collective: a sharded optimizer gathers over DP
   contents.optimizer_steps = optimizer_->steps();
   for (auto& [name, p] : shard_->parameters(*model_)) contents.model.emplace_back(name, p.detach());
+  refuse_nonfinite(contents);
   std::string dir;
   if (k.format == CheckpointFormat::sharded) {
     // Rank 0 prepares the directory and names it; the first expert-DP replica of every (stage, EP
@@ -485,6 +486,26 @@ void Trainer::save() {
   }
   if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
   groups_.world->barrier();
+}
+
+void Trainer::refuse_nonfinite(const CheckpointContents& contents) {
+  // A checkpoint holds finite numbers only: weights or optimizer state an update made non-finite
+  // (an overflowing learning rate) are never written or tracked, so the newest checkpoint stays
+  // one a resume can use. Each rank checks its own part; the verdict is the world's, so every rank
+  // stops together.
+  const auto bad = nonfinite_tensors(contents);
+  auto any = torch::full({1}, bad.empty() ? int64_t{0} : int64_t{1}, torch::kInt64);  // host: a verdict
+  groups_.world->all_reduce(any, ReduceOp::max);
+  if (any.item<int64_t>() == 0) return;
+  const auto tracker = (fs::path(c_.checkpoint.save) / files::kTracker).string();
+  const std::string where =
+      bad.empty() ? "on another rank"
+                  : fmt::format("{} tensor(s) on this rank: {}{}", bad.size(), fmt::join(bad.begin(), bad.begin() + std::min<size_t>(bad.size(), 3), ", "),
+                                bad.size() > 3 ? ", ..." : "");
+  fail_user("iteration {}: the weights or optimizer state hold NaN or infinity ({}), so no checkpoint was written and "
+            "{} still names the last good one. An update overflowed: lower training.lr (or raise training.adam_eps) "
+            "and resume from that checkpoint.",
+            state_.iteration, where, tracker);
 }
 
 int Trainer::train() {

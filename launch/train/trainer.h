@@ -66,6 +66,8 @@ class Trainer {
   torch::TensorOptions activation_options() const;
   double evaluate();
   void save();
+  // Ends the run (every rank) if any rank's part of `contents` is not finite; collective.
+  void refuse_nonfinite(const CheckpointContents& contents);
 
   bool is_rank0() const { return groups_.world->rank() == 0; }
 

@@ -180,4 +180,14 @@ TEST_CASE("invalid values and relations are reported together", "[config][errors
              Contains("max_position_embeddings (32) is shorter than training.seq_length (64)"));
   CHECK_THAT(test::user_error([&] { load_config(path, {"training.lr_warmup_iters=20"}); }),
              Contains("lr_warmup_iters (20) exceeds training.lr_decay_iters (10)"));
+  // Floating settings must be finite and representable in fp32, where they are used.
+  const auto fp32 = test::user_error([&] {
+    load_config(path, {"training.lr=.inf", "training.min_lr=0", "training.adam_eps=1e-46", "training.weight_decay=1e39",
+                       "model.moe_aux_loss_coeff=.nan"});
+  });
+  CHECK_THAT(fp32, Contains("4 problems") && Contains("training.lr is inf, beyond fp32's range") &&
+                       Contains("training.adam_eps is 1e-46, which is 0 in fp32") &&
+                       Contains("training.weight_decay is 1e+39, beyond fp32's range") &&
+                       Contains("model.moe_aux_loss_coeff must be >= 0, got nan"));
+  CHECK_NOTHROW(load_config(path, {"training.adam_eps=1e-30", "training.weight_decay=0"}));
 }

@@ -11,6 +11,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <thread>
 
 using namespace moeforge;
@@ -233,6 +234,35 @@ TEST_CASE("train: non-finite losses stop the run or are skipped and counted", "[
   CHECK(m[3]["skipped_iterations"] == 3);
   CHECK(m[3]["skipped"] == true);
   CHECK(m[3]["lm_loss"].is_null());
+}
+
+TEST_CASE("train: weights that are not finite are never saved, and the tracker keeps the last good checkpoint",
+          "[train][errors][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = (dir.path() / "ckpt").string();
+  const std::string common =
+      " --set checkpoint.save=" + save + " --set checkpoint.save_interval=1 --set training.lr_warmup_iters=0";
+  train(config, " --set training.train_iters=1" + common);
+  // One weight of the saved model made NaN (as an overflowing update leaves it), then resumed with
+  // non-finite steps skipped: the weights stay NaN until the next save.
+  const auto model_file = save + "/iter_0000001/model.safetensors";
+  NamedTensors tensors;
+  {
+    const SafetensorsFile f(model_file);
+    for (const auto& name : f.names()) tensors.emplace_back(name, f.tensor(name));
+    tensors.front().second.view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+    save_safetensors(model_file, tensors, f.metadata());
+  }
+  const auto r = run_command(kBin + " train " + config + " --set training.train_iters=2 --set training.on_nonfinite=skip" +
+                             common + " --load " + save + "/iter_0000001");
+  INFO(r.output);
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("iteration 2: the weights or optimizer state hold NaN or infinity") &&
+                           Contains(tensors.front().first) && Contains("no checkpoint was written") &&
+                           Contains("lower training.lr"));
+  CHECK(slurp(save + "/latest_checkpointed_iteration.txt") == "1\n");
+  CHECK_FALSE(fs::exists(fs::path(save) / "iter_0000002"));
 }
 
 TEST_CASE("train: bad input gets a clear error", "[train][errors]") {
