@@ -32,7 +32,7 @@ constexpr const char* kOldSuffix = ".old-";  // iter_N.old-<pid>: the previous i
 std::optional<int64_t> iteration_of(const fs::path& dir) {
   static const std::regex re(R"(iter_(\d{7,}))");
   std::smatch m;
-  const std::string name = dir.filename().string();
+  const std::string name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
   if (!std::regex_match(name, m, re)) return std::nullopt;
   return std::stoll(m[1].str());
 }
@@ -234,6 +234,45 @@ ModelConfig checkpoint_model_config(const std::string& dir) {
   return moe::read_hf_config(dir);
 }
 
+namespace {
+
+// A damaged or edited trainer_state.json would resume at a wrong place and could overwrite other
+// checkpoints (iteration -4 saves iter_-000002 and then over iter_0000004): every field is
+// range-checked, and the iteration must be the one the directory is named for (the tracker names
+// the directory, so it is checked too).
+void check_train_state(const SavedTrainState& saved, const fs::path& dir) {
+  const TrainState& s = saved.state;
+  std::vector<std::string> problems;
+  auto at_least = [&](const char* key, int64_t value, int64_t low) {
+    if (value < low) problems.push_back(fmt::format("\"{}\" is {}, below {}", key, value, low));
+  };
+  at_least("iteration", s.iteration, 0);
+  at_least("consumed_train_samples", s.consumed_train_samples, s.iteration);  // a sample per iteration at least
+  at_least("consumed_valid_samples", s.consumed_valid_samples, 0);
+  at_least("lr_num_steps", s.lr_num_steps, 0);
+  at_least("skipped_iterations", s.skipped_iterations, 0);
+  at_least("optimizer_steps", saved.optimizer_steps, 0);
+  if (s.skipped_iterations > s.iteration) {
+    problems.push_back(fmt::format("\"skipped_iterations\" ({}) exceeds \"iteration\" ({})", s.skipped_iterations, s.iteration));
+  }
+  if (saved.optimizer_steps > s.iteration) {
+    problems.push_back(fmt::format("\"optimizer_steps\" ({}) exceeds \"iteration\" ({})", saved.optimizer_steps, s.iteration));
+  }
+  static const std::regex kIterDir(R"(iter_(\d{7}))");
+  std::smatch m;
+  const std::string name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
+  if (std::regex_match(name, m, kIterDir) && std::stoll(m[1].str()) != s.iteration) {
+    problems.push_back(fmt::format("\"iteration\" is {}, but the directory is {} (iteration {})", s.iteration, name,
+                                   std::stoll(m[1].str())));
+  }
+  if (problems.empty()) return;
+  fail_user("{}: the checkpoint's state is damaged: {}. Point --load at another checkpoint (or restore this file from a "
+            "backup).",
+            (dir / files::kTrainerState).string(), fmt::join(problems, "; "));
+}
+
+}  // namespace
+
 SavedTrainState read_train_state(const std::string& dir) {
   const fs::path p(dir);
   std::ifstream in(p / files::kTrainerState);
@@ -256,6 +295,7 @@ SavedTrainState read_train_state(const std::string& dir) {
   } catch (const json::exception& e) {
     fail_user("{}: {}", (p / files::kTrainerState).string(), e.what());
   }
+  check_train_state(out, p);
   return out;
 }
 

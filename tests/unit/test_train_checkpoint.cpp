@@ -265,6 +265,40 @@ TEST_CASE("train: weights that are not finite are never saved, and the tracker k
   CHECK_FALSE(fs::exists(fs::path(save) / "iter_0000002"));
 }
 
+TEST_CASE("train: a damaged trainer_state.json is refused, naming the field, and nothing is overwritten",
+          "[train][errors][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = (dir.path() / "ckpt").string();
+  const std::string common = " --set checkpoint.save=" + save + " --set checkpoint.save_interval=2";
+  train(config, " --set training.train_iters=4" + common);
+  const auto state_file = fs::path(save) / "iter_0000004" / "trainer_state.json";
+  const auto good = slurp(state_file.string());
+  const std::vector<std::pair<json, std::string>> edits{
+      {{{"iteration", -4}}, "\"iteration\" is -4, below 0"},
+      {{{"iteration", 2}}, "\"iteration\" is 2, but the directory is iter_0000004 (iteration 4)"},
+      {{{"skipped_iterations", 9}}, "\"skipped_iterations\" (9) exceeds \"iteration\" (4)"},
+      {{{"consumed_train_samples", -1}}, "\"consumed_train_samples\" is -1, below 4"},
+      {{{"optimizer_steps", 5}}, "\"optimizer_steps\" (5) exceeds \"iteration\" (4)"}};
+  for (const auto& [edit, expected] : edits) {
+    INFO(edit.dump());
+    auto j = json::parse(good);
+    j.update(edit);
+    std::ofstream(state_file) << j.dump(2);
+    // Through the tracker and through the directory itself.
+    for (const std::string& load : {save, (fs::path(save) / "iter_0000004").string()}) {
+      const auto r = run_command(kBin + " train " + config + " --set training.train_iters=6" + common + " --load " + load);
+      CHECK(r.exit_code == 1);
+      CHECK_THAT(r.output, Contains("trainer_state.json: the checkpoint's state is damaged") && Contains(expected));
+    }
+  }
+  CHECK(slurp(save + "/latest_checkpointed_iteration.txt") == "4\n");
+  for (const auto& entry : fs::directory_iterator(save)) {
+    const auto name = entry.path().filename().string();
+    CHECK((name == "iter_0000002" || name == "iter_0000004" || name == "latest_checkpointed_iteration.txt"));
+  }
+}
+
 TEST_CASE("train: bad input gets a clear error", "[train][errors]") {
   TempDir dir;
   const auto config = write_config(dir);
