@@ -317,7 +317,23 @@ torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
 }
 
 torch::Tensor SafetensorsFile::tensor(const std::string& name, torch::ScalarType as) const {
+  const Info& i = info(name);
+  if (c10::isFloatingType(i.scalar_type) != c10::isFloatingType(as)) {
+    fail_user("{}: tensor {} is stored as {}, where {} is expected: the file is damaged or holds something else. Point at "
+              "another checkpoint.",
+              path_, name, i.dtype, c10::isFloatingType(as) ? "a floating-point type" : "an integer type");
+  }
   return tensor(name).to(as);
+}
+
+torch::Tensor SafetensorsFile::tensor_exactly(const std::string& name, torch::ScalarType dtype) const {
+  const Info& i = info(name);
+  if (i.scalar_type != dtype) {
+    fail_user("{}: tensor {} is stored as {}, but this checkpoint records {}: the file is damaged. Point at another "
+              "checkpoint.",
+              path_, name, i.dtype, c10::toString(dtype));
+  }
+  return tensor(name);
 }
 
 // ---- SafetensorsCheckpoint -----------------------------------------------------------------------

@@ -44,7 +44,11 @@ class SafetensorsFile {
   const Info& info(const std::string& name) const;  // UserError (with a "did you mean") when absent
   const std::map<std::string, std::string>& metadata() const { return metadata_; }  // "__metadata__"
   torch::Tensor tensor(const std::string& name) const;  // a copy, in the file's dtype
+  // Converted to `as`, between floating types only: a float stored as an integer (or the reverse)
+  // is refused naming the file and the tensor (a damaged header would load as garbage weights).
   torch::Tensor tensor(const std::string& name, torch::ScalarType as) const;
+  // Stored as exactly `dtype` (a training checkpoint's recorded precision), else refused.
+  torch::Tensor tensor_exactly(const std::string& name, torch::ScalarType dtype) const;
 
  private:
   struct Unmap {

@@ -40,9 +40,9 @@ CheckpointContents read_whole(const std::string& dir, const ModelConfig& config,
   const SafetensorsFile opt((fs::path(dir) / files::kOptimizer).string());
   for (const auto& name : opt.names()) {
     if (name == files::kRngTensor) {
-      out.rng = opt.tensor(name);
+      out.rng = opt.tensor_exactly(name, torch::kUInt8);
     } else {
-      out.optimizer.emplace_back(name, opt.tensor(name));
+      out.optimizer.emplace_back(name, opt.tensor_exactly(name, torch::kFloat32));
     }
   }
   return out;

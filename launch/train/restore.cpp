@@ -32,7 +32,7 @@ TrainState load_training_state(const std::string& dir, Optimizer& optimizer, boo
     optimizer.load_state(
         [&](const std::string& name) -> std::optional<torch::Tensor> {
           if (!opt.contains(name)) return std::nullopt;
-          auto t = opt.tensor(name, torch::kFloat32);
+          auto t = opt.tensor_exactly(name, torch::kFloat32);
           // An expert tensor of the wrong expert count is left whole, to be reported as mis-shaped.
           if (shard.partition.at(name).expert_parallel && t.dim() > 0 && t.size(0) == experts) {
             t = shard.partition.local_part(name, t, shard.at.ep);
@@ -40,7 +40,7 @@ TrainState load_training_state(const std::string& dir, Optimizer& optimizer, boo
           return t;
         },
         opt.path(), saved.optimizer_steps);
-    if (opt.contains(files::kRngTensor)) rng = opt.tensor(files::kRngTensor);
+    if (opt.contains(files::kRngTensor)) rng = opt.tensor_exactly(files::kRngTensor, torch::kUInt8);
   }
   if (rng.defined()) {
     auto generator = at::detail::getDefaultCPUGenerator();

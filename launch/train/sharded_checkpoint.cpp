@@ -18,6 +18,14 @@ namespace moeforge {
 
 namespace {
 
+// A weight or optimizer tensor in its stored dtype, which must be a floating type (an integer
+// header on a weight is damage, refused by SafetensorsFile::tensor).
+torch::Tensor floating_as_stored(const SafetensorsFile& file, const std::string& name) {
+  const auto stored = file.info(name).scalar_type;
+  return file.tensor(name, c10::isFloatingType(stored) ? stored : torch::kFloat32);
+}
+
+
 std::vector<int64_t> shape_of(const torch::Tensor& t) { return {t.sizes().begin(), t.sizes().end()}; }
 
 // The tensors of `all` that shard (stage, ep_rank) holds: with `cut`, `all` is whole and each
@@ -122,18 +130,18 @@ ShardReader::ShardReader(const std::string& dir, const ModelShard& shard) : part
 std::optional<torch::Tensor> ShardReader::model(const std::string& name) const {
   const auto& file = partition_.at(name).expert_parallel ? model_.back() : model_.front();
   if (!file.contains(name)) return std::nullopt;
-  return file.tensor(name);
+  return floating_as_stored(file, name);
 }
 
 std::optional<torch::Tensor> ShardReader::optimizer(const std::string& name) const {
   const auto& file = partition_.at(name).expert_parallel ? optimizer_.back() : optimizer_.front();
   if (!file.contains(name)) return std::nullopt;
-  return file.tensor(name, torch::kFloat32);
+  return file.tensor_exactly(name, torch::kFloat32);
 }
 
 std::optional<torch::Tensor> ShardReader::rng() const {
   if (!optimizer_.back().contains(files::kRngTensor)) return std::nullopt;
-  return optimizer_.back().tensor(files::kRngTensor);
+  return optimizer_.back().tensor_exactly(files::kRngTensor, torch::kUInt8);
 }
 
 std::string ShardReader::describe() const {
@@ -207,7 +215,7 @@ CheckpointContents read_all_shards(const std::string& dir, const ModelPartition&
           problems.push_back(fmt::format("{} missing from {}", name, f.path()));
           continue;
         }
-        parts.push_back(f.tensor(name));
+        parts.push_back(floating_as_stored(f, name));
         used.emplace(f.path(), name);
       }
       if (parts.size() != static_cast<size_t>(holders)) continue;
@@ -228,7 +236,7 @@ CheckpointContents read_all_shards(const std::string& dir, const ModelPartition&
       }
     }
     if (std::string(file_name) == files::kOptimizer && shard_files.at({0, 0}).contains(files::kRngTensor)) {
-      out.rng = shard_files.at({0, 0}).tensor(files::kRngTensor);
+      out.rng = shard_files.at({0, 0}).tensor_exactly(files::kRngTensor, torch::kUInt8);
     }
   };
   assemble(expected_model, files::kSafetensors, out.model);

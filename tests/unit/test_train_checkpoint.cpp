@@ -299,6 +299,30 @@ TEST_CASE("train: a damaged trainer_state.json is refused, naming the field, and
   }
 }
 
+TEST_CASE("train: a checkpoint tensor whose header says integer where a float was saved is refused",
+          "[train][errors][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = (dir.path() / "ckpt").string();
+  const std::string common = " --set checkpoint.save=" + save + " --set checkpoint.save_interval=2";
+  train(config, " --set training.train_iters=4" + common);
+  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+    INFO(file);
+    const auto path = fs::path(save) / "iter_0000004" / file;
+    const auto original = slurp(path.string());
+    auto damaged = original;
+    const auto at = damaged.find("\"F32\"");  // the first tensor's dtype, in the header
+    REQUIRE(at != std::string::npos);
+    damaged.replace(at, 5, "\"I32\"");
+    std::ofstream(path, std::ios::binary) << damaged;
+    const auto r = run_command(kBin + " train " + config + " --set training.train_iters=6" + common);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, Contains(path.string()) && Contains("is stored as I32"));
+    std::ofstream(path, std::ios::binary) << original;
+  }
+  CHECK(slurp(save + "/latest_checkpointed_iteration.txt") == "4\n");
+}
+
 TEST_CASE("train: bad input gets a clear error", "[train][errors]") {
   TempDir dir;
   const auto config = write_config(dir);
