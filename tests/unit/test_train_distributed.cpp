@@ -194,8 +194,10 @@ TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals 
       CHECK(on[i]["lm_loss"] == off[i]["lm_loss"]);
       CHECK(on[i]["grad_norm"] == off[i]["grad_norm"]);
       CHECK(on[i]["time_comm_s"].get<double>() > 0);
-      // The waiter and the communication thread stop their clocks microseconds apart.
-      CHECK(on[i]["time_comm_exposed_s"].get<double>() <= on[i]["time_comm_s"].get<double>() + 1e-4);
+      // A waiter stops its clock when it wakes, after the communication thread has stopped the
+      // in-flight clock: on an oversubscribed machine (4 ranks and their communication threads on 2
+      // cores) each wake-up can take a scheduling slice, counted as exposed but not in flight.
+      CHECK(on[i]["time_comm_exposed_s"].get<double>() <= on[i]["time_comm_s"].get<double>() * 1.05 + 0.01);
       CHECK(on[i]["rank_times"]["comm_exposed_s"].size() == static_cast<size_t>(ranks));
     }
     const SafetensorsCheckpoint a((dir.path() / fmt::format("on{}", l) / "iter_0000003").string());
