@@ -5,6 +5,7 @@
 #include "data/numpy_random.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -13,6 +14,9 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <optional>
+#include <span>
+#include <tuple>
 
 namespace moeforge::data {
 
@@ -179,6 +183,66 @@ std::vector<T> from_npy(const NpyArray& a, const std::string& what) {
   return v;
 }
 
+// Everything read_text relies on, checked once when a cache is loaded: a damaged or edited
+// cache file must be rebuilt, never followed out of bounds.
+std::optional<IndexCache::Problem> check_cached_indices(const IndexCache::Arrays& arrays, std::span<const int32_t> lengths,
+                                                        std::pair<int64_t, int64_t> range, int64_t seq_length) {
+  using P = IndexCache::Problem;
+  auto shape_problem = [&](const char* name, const char* descr, size_t dims) -> std::optional<P> {
+    const auto it = arrays.find(name);
+    if (it == arrays.end()) return P{name, "missing"};
+    const auto& a = it->second;
+    if (a.descr != descr) return P{name, fmt::format("dtype {}, expected {}", a.descr, descr)};
+    if (a.shape.size() != dims || (dims == 2 && a.shape[1] != 2)) {
+      return P{name, fmt::format("shape [{}], expected {}", fmt::join(a.shape, ", "), dims == 2 ? "[n, 2]" : "one dimension")};
+    }
+    return std::nullopt;
+  };
+  for (const auto& [name, descr, dims] : {std::tuple{"document_index", "<i4", 1}, std::tuple{"sample_index", "<i8", 2},
+                                           std::tuple{"shuffle_index", "<i8", 1}, std::tuple{"epochs", "<i8", 1}}) {
+    if (auto p = shape_problem(name, descr, static_cast<size_t>(dims))) return p;
+  }
+  const auto docs = from_npy<int32_t>(arrays.at("document_index"), "document_index");
+  const auto samples = from_npy<int64_t>(arrays.at("sample_index"), "sample_index");
+  const auto shuffle = from_npy<int64_t>(arrays.at("shuffle_index"), "shuffle_index");
+  const auto epochs = from_npy<int64_t>(arrays.at("epochs"), "epochs");
+  if (epochs.size() != 2 || epochs[0] < 1 || (epochs[1] != 0 && epochs[1] != 1)) {
+    return P{"epochs", fmt::format("[{}], expected [epochs >= 1, 0 or 1]", fmt::join(epochs, ", "))};
+  }
+  for (size_t i = 0; i < docs.size(); ++i) {
+    if (docs[i] < range.first || docs[i] >= range.second) {
+      return P{"document_index", fmt::format("entry {} is document {}, outside the split's documents [{}, {})", i, docs[i],
+                                             range.first, range.second)};
+    }
+  }
+  const int64_t rows = static_cast<int64_t>(samples.size() / 2);
+  if (rows < 2) return P{"sample_index", fmt::format("{} rows, expected at least 2", rows)};
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t d = samples[2 * j], o = samples[2 * j + 1];
+    if (d < 0 || d >= static_cast<int64_t>(docs.size()) || o < 0 || (o > 0 && o >= lengths[static_cast<size_t>(docs[d])])) {
+      return P{"sample_index", fmt::format("row {} is ({}, {}), outside the document index", j, d, o)};
+    }
+    if (j == 0) continue;
+    // Each sample is seq_length + 1 tokens from the previous row's position to this one's.
+    const int64_t d0 = samples[2 * j - 2], o0 = samples[2 * j - 1];
+    if (d < d0) return P{"sample_index", fmt::format("row {} goes back to document position {}", j, d)};
+    int64_t tokens = o + 1 - o0;
+    for (int64_t pos = d0; pos < d; ++pos) tokens += lengths[static_cast<size_t>(docs[pos])];
+    if (tokens != seq_length + 1) {
+      return P{"sample_index", fmt::format("sample {} spans {} tokens, expected {}", j - 1, tokens, seq_length + 1)};
+    }
+  }
+  if (shuffle.size() > static_cast<size_t>(rows - 1)) {
+    return P{"shuffle_index", fmt::format("{} entries for {} samples", shuffle.size(), rows - 1)};
+  }
+  for (size_t i = 0; i < shuffle.size(); ++i) {
+    if (shuffle[i] < 0 || shuffle[i] >= rows - 1) {
+      return P{"shuffle_index", fmt::format("entry {} is sample {}, outside [0, {})", i, shuffle[i], rows - 1)};
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, Split split, std::pair<int64_t, int64_t> range,
@@ -204,6 +268,9 @@ GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, Split spli
             {"shuffle_index", view(indices_.shuffle_index, "<i8", {static_cast<int64_t>(indices_.shuffle_index.size())})},
             {"epochs", view(epochs, "<i8", {2})},
         };
+      },
+      [&](const IndexCache::Arrays& a) {
+        return check_cached_indices(a, dataset_->sequence_lengths(), range, options.seq_length);
       },
       &built_);
   if (!built_) {

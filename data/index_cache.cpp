@@ -1,5 +1,6 @@
 #include "data/index_cache.h"
 
+#include "core/dir_lock.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
 
@@ -8,7 +9,6 @@
 
 #include <cerrno>
 #include <chrono>
-#include <csignal>
 #include <cstring>
 #include <fcntl.h>
 #include <fstream>
@@ -37,12 +37,6 @@ std::string read_text(const fs::path& path) {
   std::stringstream s;
   s << f.rdbuf();
   return s.str();
-}
-
-std::string host_name() {
-  char buf[256] = {};
-  ::gethostname(buf, sizeof(buf) - 1);
-  return buf;
 }
 
 }  // namespace
@@ -74,12 +68,31 @@ IndexCache::Arrays IndexCache::load() const {
   return arrays;
 }
 
+std::optional<IndexCache::Arrays> IndexCache::load_valid(const Check& check) const {
+  if (!complete()) return std::nullopt;
+  std::optional<Problem> problem;
+  Arrays arrays;
+  try {
+    arrays = load();
+    problem = check(arrays);
+  } catch (const UserError& e) {  // an unreadable .npy names itself
+    problem = Problem{"", e.what()};
+  }
+  if (!problem) return arrays;
+  spdlog::warn("the dataset index cache {} is damaged: {}{}. Rebuilding it.",
+               problem->array.empty() ? description_path().string() : path_of(problem->array).string(), problem->why,
+               problem->array.empty() ? "" : fmt::format(" ({})", problem->array));
+  std::error_code ec;
+  fs::remove(description_path(), ec);  // incomplete now: whoever takes the lock rebuilds it
+  return std::nullopt;
+}
+
 void IndexCache::save(const Views& arrays) const {
   for (const auto& [array, a] : arrays) write_npy(path_of(array).string(), a.descr, a.shape, a.data, a.bytes);
   write_file_durably(description_path(), description_);  // last: marks the entry complete
 }
 
-IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build, bool* built) {
+IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build, const Check& check, bool* built) {
   if (built) *built = false;
   std::error_code ec;
   fs::create_directories(dir_, ec);
@@ -87,7 +100,7 @@ IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build,
     fail_user("cannot create the index cache directory {}: {}. Set data.data_cache_path to a writable directory.",
               dir_.string(), ec.message());
   }
-  if (complete()) return load();
+  if (auto arrays = load_valid(check)) return *arrays;
 
   const fs::path lock = dir_ / (stem_ + ".lock");
   const auto start = std::chrono::steady_clock::now();
@@ -95,14 +108,14 @@ IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build,
   while (true) {
     const int fd = ::open(lock.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
     if (fd >= 0) {
-      const std::string owner = fmt::format("{} {}", host_name(), ::getpid());
+      const std::string owner = fmt::format("{} {}", this_host(), ::getpid());
       [[maybe_unused]] const auto n = ::write(fd, owner.data(), owner.size());
       ::close(fd);
       struct Unlock {
         fs::path p;
         ~Unlock() { std::error_code e; fs::remove(p, e); }
       } unlock{lock};
-      if (complete()) return load();  // finished by another process between our checks
+      if (auto arrays = load_valid(check)) return *arrays;  // finished by another process between our checks
       save(build());
       if (built) *built = true;
       return {};
@@ -111,12 +124,12 @@ IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build,
       fail_user("cannot create lock {}: {}. Set data.data_cache_path to a writable directory.", lock.string(),
                 std::strerror(errno));
     }
-    if (complete()) return load();
+    if (auto arrays = load_valid(check)) return *arrays;
     // A lock from a process on this host that no longer exists is stale: take it over.
     std::istringstream owner(read_text(lock));
     std::string host;
     long pid = 0;
-    if (owner >> host >> pid && host == host_name() && pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+    if (owner >> host >> pid && ProcessOwner{host, pid, "", ""}.gone()) {
       spdlog::warn("removing stale index-cache lock {} (process {} is gone)", lock.string(), pid);
       fs::remove(lock, ec);
       continue;

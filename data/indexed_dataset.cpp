@@ -1,6 +1,7 @@
 #include "data/indexed_dataset.h"
 
 #include "core/errors.h"
+#include "data/sigbus_guard.h"
 
 #include <fmt/format.h>
 
@@ -64,13 +65,16 @@ Mapping map_file(const std::string& path, const char* what) {
       fail_user("cannot memory-map {}: {}", path, std::strerror(err));
     }
     m.data = static_cast<const std::byte*>(p);
+    guard_mapping(m.data, m.size, path);
   }
   ::close(fd);
   return m;
 }
 
 void unmap(const std::byte* data, size_t size) {
-  if (data) ::munmap(const_cast<std::byte*>(data), size);
+  if (!data) return;
+  unguard_mapping(data);
+  ::munmap(const_cast<std::byte*>(data), size);
 }
 
 template <typename T>

@@ -6,13 +6,16 @@
 #include "data/datasets.h"
 #include "data/index_cache.h"
 #include "data/loader.h"
+#include "data/npy.h"
 #include "data/numpy_random.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cstring>
 #include <fstream>
+#include <functional>
 #include <unistd.h>
 
 using namespace moeforge;
@@ -184,6 +187,85 @@ TEST_CASE("indices are cached and reused, and rebuilt when the description chang
   CHECK(reseeded.built_indices());
 }
 
+TEST_CASE("a damaged index cache is rebuilt, never followed out of bounds", "[data][gpt][cache][errors]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 30, 40);
+  auto data = std::make_shared<const IndexedDataset>(a);
+  GPTDatasetOptions o;
+  o.seq_length = 16;
+  o.cache_dir = (dir.path() / "cache").string();
+  const GPTDataset first(data, Split::train, {0, 30}, 50, o);
+  REQUIRE(first.built_indices());
+  auto file_of = [&](const std::string& array) {
+    for (const auto& e : std::filesystem::directory_iterator(o.cache_dir)) {
+      const auto name = e.path().filename().string();
+      if (name.find("-" + array + ".npy") != std::string::npos) return e.path();
+    }
+    FAIL("no cached " << array);
+    return std::filesystem::path();
+  };
+  // Each damage as the issue found it (out-of-range shuffle entries crashed, a bad document index
+  // or a deleted sample index was an internal error), plus a wrong dtype and a torn file.
+  auto rewrite = [&](const std::string& array, const std::string& descr, std::vector<int64_t> shape, auto values) {
+    write_npy(file_of(array).string(), descr, shape, values.data(), values.size() * sizeof(values[0]));
+  };
+  const auto& ix = first.indices();
+  const std::vector<std::function<void()>> damages = {
+      [&] { auto v = ix.shuffle_index; v[3] = 1 << 30; rewrite("shuffle_index", "<i8", {static_cast<int64_t>(v.size())}, v); },
+      [&] { auto v = ix.document_index; v[1] = -5; rewrite("document_index", "<i4", {static_cast<int64_t>(v.size())}, v); },
+      [&] { std::filesystem::remove(file_of("sample_index")); },
+      [&] { auto v = ix.sample_index; v[5] += 1; rewrite("sample_index", "<i8", {static_cast<int64_t>(v.size() / 2), 2}, v); },
+      [&] {
+        std::vector<int32_t> v(ix.shuffle_index.begin(), ix.shuffle_index.end());
+        rewrite("shuffle_index", "<i4", {static_cast<int64_t>(v.size())}, v);
+      },
+      [&] { std::filesystem::resize_file(file_of("document_index"), 100); },
+  };
+  for (size_t k = 0; k < damages.size(); ++k) {
+    INFO("damage " << k);
+    damages[k]();
+    const GPTDataset again(data, Split::train, {0, 30}, 50, o);
+    CHECK(again.built_indices());
+    CHECK(again.indices().shuffle_index == ix.shuffle_index);
+    CHECK(again.indices().sample_index == ix.sample_index);
+    CHECK(again.indices().document_index == ix.document_index);
+    const GPTDataset cached(data, Split::train, {0, 30}, 50, o);  // the rebuilt cache is used again
+    CHECK_FALSE(cached.built_indices());
+  }
+}
+
+TEST_CASE("a damaged index cache is named in the warning of the command that rebuilds it", "[data][cache][errors]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string();
+  write_dataset(a, TokenDType::uint16, 1, 200, 400);
+  const auto cache = dir.path() / "cache";
+  const auto config = dir.file("c.yaml", std::string(test::kMinimalModel) + "data:\n  data_path: [" + a +
+                                             "]\n  split: \"90,10,0\"\n  data_cache_path: " + cache.string() + "\n");
+  const std::string cmd = std::string(MOEFORGE_BINARY) + " data samples " + config + " --first 2";
+  const auto clean = test::run_command(cmd);
+  REQUIRE(clean.exit_code == 0);
+  std::filesystem::path shuffle;
+  for (const auto& e : std::filesystem::directory_iterator(cache)) {
+    if (e.path().filename().string().find("train-shuffle_index.npy") != std::string::npos) shuffle = e.path();
+  }
+  REQUIRE_FALSE(shuffle.empty());
+  auto bad = read_npy(shuffle.string());
+  std::memset(bad.data.data(), 0x7f, 8);  // entry 0: far outside the samples
+  write_npy(shuffle.string(), bad.descr, bad.shape, bad.data.data(), bad.data.size());
+  const auto damaged = test::run_command(cmd);
+  INFO(damaged.output);
+  CHECK(damaged.exit_code == 0);
+  CHECK_THAT(damaged.output, Contains("damaged") && Contains(shuffle.filename().string()) && Contains("entry 0") &&
+                                 Contains("Rebuilding"));
+  // The same samples as before the damage (the log lines differ: built vs loaded).
+  auto samples_of = [](const std::string& out) {
+    const auto at = out.find("sample 0:");
+    return at == std::string::npos ? std::string("(no samples)") : out.substr(at);
+  };
+  CHECK(samples_of(damaged.output) == samples_of(clean.output));
+}
+
 TEST_CASE("token ids beyond the vocabulary name the dataset, sample and id", "[data][gpt][errors]") {
   test::TempDir dir;
   const auto a = (dir.path() / "a").string();
@@ -283,12 +365,13 @@ TEST_CASE("a held lock times out with its owner named; a dead owner's lock is ta
   std::ofstream(lock) << host << " " << ::getpid();  // held by this (live) process
   std::vector<int64_t> data = {1, 2, 3};
   auto build = [&] { return IndexCache::Views{{"x", NpyView{"<i8", {3}, data.data(), 24}}}; };
-  CHECK_THROWS_WITH(probe.get_or_build(build), Contains("timed out") && Contains(".lock") && Contains(host));
+  const auto ok = [](const IndexCache::Arrays&) { return std::optional<IndexCache::Problem>{}; };
+  CHECK_THROWS_WITH(probe.get_or_build(build, ok), Contains("timed out") && Contains(".lock") && Contains(host));
   std::ofstream(lock) << host << " " << 999999999;  // a process that does not exist
   bool built = false;
-  probe.get_or_build(build, &built);
+  probe.get_or_build(build, ok, &built);
   CHECK(built);
-  const auto loaded = probe.get_or_build(build, &built);
+  const auto loaded = probe.get_or_build(build, ok, &built);
   CHECK_FALSE(built);
   CHECK(loaded.at("x").shape == std::vector<int64_t>{3});
 }
