@@ -163,6 +163,9 @@ struct CheckpointConfig {
   std::optional<int64_t> save_interval;  // null = only at the end
   int64_t keep_latest_k = 0;             // checkpoints kept in `save`; 0 = all
   CheckpointFormat format = CheckpointFormat::whole;
+  // A save directory holding iter_* directories but no tracker (deleted or never written) would
+  // start a fresh run that saves over them: refused unless this is set.
+  bool overwrite = false;
 };
 
 struct LoggingConfig {

@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 
@@ -57,6 +58,31 @@ const ConfigField& field_or_fail(const std::string& section, const std::string& 
   fail_user("{}: unknown key `{}.{}`.{}", origin, section, key, suggestion_for_key(section, key));
 }
 
+// YAML forbids a key twice in one mapping, but yaml-cpp keeps both and `node[key]` reads the
+// first: a config would silently ignore the line a user edited last.
+void refuse_duplicate_keys(const YAML::Node& node, const fs::path& file, const std::string& prefix) {
+  if (node.IsSequence()) {
+    for (const auto& item : node) refuse_duplicate_keys(item, file, prefix);
+    return;
+  }
+  if (!node.IsMap()) return;
+  std::map<std::string, int> first_line;
+  for (const auto& kv : node) {
+    const int line = kv.first.Mark().line + 1;
+    if (!kv.first.IsScalar()) {  // `? [a, b]: 1` is valid YAML, but no config key
+      fail_user("{}:{}: a key must be a plain name, not a {}.", file.string(), line,
+                kv.first.IsSequence() ? "list" : kv.first.IsMap() ? "mapping" : "null");
+    }
+    const std::string key = kv.first.Scalar();
+    const std::string name = prefix.empty() ? key : prefix + "." + key;
+    if (const auto [at, fresh] = first_line.emplace(key, line); !fresh) {
+      fail_user("{}:{}: `{}` appears twice (first at line {}). Remove one of the two lines.", file.string(), line, name,
+                at->second);
+    }
+    refuse_duplicate_keys(kv.second, file, name);
+  }
+}
+
 void collect_file(const fs::path& file, RawValues& out, std::vector<fs::path>& chain) {
   const fs::path canonical = fs::weakly_canonical(file);
   if (std::find(chain.begin(), chain.end(), canonical) != chain.end()) {
@@ -68,6 +94,9 @@ void collect_file(const fs::path& file, RawValues& out, std::vector<fs::path>& c
     if (chain.empty()) fail_user("config file not found: {}. Check the path (configs/ holds the shipped configs).", file.string());
     fail_user("config file not found: {} (the `base:` of {}). Paths in `base:` are relative to the file that names them.",
               file.string(), chain.back().string());
+  }
+  if (fs::is_directory(file)) {
+    fail_user("{} is a directory, not a config file. Name a YAML file (configs/ holds the shipped configs).", file.string());
   }
   YAML::Node root;
   try {
@@ -81,6 +110,7 @@ void collect_file(const fs::path& file, RawValues& out, std::vector<fs::path>& c
   if (!root.IsMap()) fail_user("{}: a config must be a mapping of sections (model:, training:, ...), not {}.", file.string(),
                                root.IsSequence() ? "a list" : "a single value");
 
+  refuse_duplicate_keys(root, file, "");
   chain.push_back(canonical);
   if (const YAML::Node base = root["base"]) {
     if (!base.IsScalar()) fail_user("{}: `base` must be a file name, got {}.", where(file, base), base.IsSequence() ? "a list" : "a mapping");
@@ -124,9 +154,11 @@ void collect_override(const std::string& assignment, RawValues& out) {
   const std::string section = assignment.substr(0, dot);
   const std::string key = assignment.substr(dot + 1, eq - dot - 1);
   field_or_fail(section, key, origin);
-  YAML::Node value;
+  // `--set checkpoint.save=` means the empty string (as `key: ""` would), not YAML's null.
+  const std::string text = assignment.substr(eq + 1);
+  YAML::Node value(std::string{});
   try {
-    value = YAML::Load(assignment.substr(eq + 1));
+    if (!text.empty()) value = YAML::Load(text);
   } catch (const YAML::ParserException& e) {
     fail_user("{}: the value is not valid YAML: {}", origin, e.msg);
   }

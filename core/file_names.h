@@ -32,6 +32,9 @@ inline constexpr const char* kMetrics = "metrics.jsonl";
 inline constexpr const char* kEnvironment = "environment.json";
 inline constexpr const char* kPlan = "plan.json";
 
+// In every directory a run writes into while it runs (core/dir_lock.h).
+inline constexpr const char* kDirectoryLock = "moeforge.lock";
+
 // An upcycled checkpoint's record of how it was made.
 inline constexpr const char* kUpcycleManifest = "upcycle.json";
 

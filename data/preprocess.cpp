@@ -47,7 +47,7 @@ Encoded encode_line(const Line& line, const PreprocessOptions& o, const Tokenize
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(line.text);
-  } catch (const nlohmann::json::parse_error& err) {
+  } catch (const nlohmann::json::exception& err) {
     e.bad = true;
     e.reason = fmt::format("invalid JSON ({})", err.what());
     return e;
@@ -77,6 +77,10 @@ std::string document_prefix(const std::string& output_prefix, const std::string&
 
 PreprocessReport preprocess_jsonl(const PreprocessOptions& o) {
   const auto start = std::chrono::steady_clock::now();
+  if (std::filesystem::is_directory(o.input)) {
+    fail_user("--input {} is a directory; name one JSON-lines file (run once per file, then `moeforge data merge`).",
+              o.input);
+  }
   std::ifstream in(o.input, std::ios::binary);
   if (!in) fail_user("cannot open --input {}: {}", o.input, std::strerror(errno));
   const auto total_bytes = static_cast<double>(std::filesystem::file_size(o.input));

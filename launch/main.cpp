@@ -13,10 +13,25 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <csignal>
 #include <iostream>
 #include <map>
 
 namespace {
+
+// CLI11's PositiveNumber says "not in range 0 to 1.79e308"; this says what is wanted.
+const CLI::Validator kPositiveWhole(
+    [](std::string& text) -> std::string {
+      size_t used = 0;
+      long long v = 0;
+      try {
+        v = std::stoll(text, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      return used == text.size() && v >= 1 ? "" : "must be a whole number of at least 1, got " + text;
+    },
+    "POSITIVE");
 
 int run(int argc, char** argv) {
   CLI::App app{"moeforge: Megatron-style distributed pretraining for Mixture-of-Experts models"};
@@ -30,7 +45,7 @@ int run(int argc, char** argv) {
   auto* plan_cmd = app.add_subcommand("plan", "Parameters, FLOPs, batch arithmetic, bubble and memory per rank for a config");
   plan_cmd->add_option("config", plan.config_path, "Experiment YAML")->required();
   plan_cmd->add_option("--world-size", plan.world_size, "Ranks to plan for (default: parallel.world_size, the launcher's, or PP x EP)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositiveWhole);
   plan_cmd->add_option("--set", plan.overrides, "Override a key: section.key=value (repeatable)");
   plan_cmd->add_flag("--json", plan.json, "Print one JSON object (keys in docs/plan.md)");
   plan_cmd->add_flag("--save", plan.save, "Also write config.yaml and plan.json into the run directory (logging.run_dir)");
@@ -66,7 +81,7 @@ int run(int argc, char** argv) {
                       "allocate and write nothing");
   train_cmd->add_option("--world-size", train.world_size,
                         "With --dry-run: ranks to plan for (default: parallel.world_size, the launcher's, or PP x EP)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositiveWhole);
 
   moeforge::ConvertOptions convert;
   auto* convert_cmd = app.add_subcommand(
@@ -92,7 +107,7 @@ int run(int argc, char** argv) {
   up_cmd->add_option("--seed", up.upcycle.seed, "Seed of every random choice (partition, shuffles, random rows, router)");
   up_cmd->add_option("--split-order", up_split, "split: contiguous blocks or a random partition of the neurons")
       ->check(CLI::IsMember({"contiguous", "random"}));
-  up_cmd->add_option("--granularity", up.upcycle.granularity, "granular: shards per copy (G)")->check(CLI::PositiveNumber);
+  up_cmd->add_option("--granularity", up.upcycle.granularity, "granular: shards per copy (G)")->check(kPositiveWhole);
   auto* scale_opt = up_cmd->add_option("--scale", up_scale, "Expert output scale (multiplies down_proj); default 1, granular G");
   up_cmd->add_option("--reinit-fraction", up.upcycle.reinit_fraction, "fine_grained: share of each expert's neurons drawn anew");
   up_cmd->add_option("--shared-init", up_shared, "Shared expert from the dense FFN's first neurons, or random")
@@ -147,7 +162,8 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version exit 0; every bad command line is a user error: exit 1, as documented.
+    return app.exit(e) == 0 ? 0 : 1;
   }
   moeforge::LogLevel level = moeforge::LogLevel::info;
   for (const auto& [value, name] : moeforge::enum_names<moeforge::LogLevel>()) {
@@ -193,6 +209,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) then fails the write with EFBIG, which is reported as a user
+  // error naming the file, instead of killing the process without a word.
+  std::signal(SIGXFSZ, SIG_IGN);
   try {
     return run(argc, argv);
   } catch (const moeforge::UserError& e) {

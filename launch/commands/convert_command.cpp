@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 
@@ -100,11 +101,20 @@ int run_convert(const ConvertOptions& o) {
               o.source, o.source);
   }
   const std::string src = found->dir;
-  std::error_code ec;
-  if (fs::exists(o.target) && fs::equivalent(fs::path(src).parent_path(), o.target, ec)) {
-    fail_user("{} is the save directory {} belongs to: write the converted checkpoint into another directory, so the "
-              "original stays as it is.",
-              o.target, src);
+  // The source is never written: not its save directory, not the checkpoint or anything inside
+  // it, and no iter_* directory beside it (which the save directory's tracker and pruning would own).
+  auto norm = [](const fs::path& p) {
+    fs::path n = fs::weakly_canonical(p).lexically_normal();
+    return n.has_filename() ? n : n.parent_path();  // "dir/" names dir
+  };
+  const fs::path checkpoint = norm(src), save = checkpoint.parent_path(), into = norm(o.target);
+  const bool inside_checkpoint =
+      std::mismatch(checkpoint.begin(), checkpoint.end(), into.begin(), into.end()).first == checkpoint.end();
+  const bool beside = into.parent_path() == save && into.filename().string().rfind("iter_", 0) == 0;
+  if (into == save || inside_checkpoint || beside) {
+    fail_user("{} is {} {}: write the converted checkpoint into another directory, so the original stays as it is.",
+              o.target, into == save ? "the save directory of" : inside_checkpoint ? "inside the checkpoint" : "beside",
+              src);
   }
   // The checkpoint's own resolved config; --set changes the target layout (or anything else).
   const std::string config_file = (fs::path(src) / files::kResolvedConfig).string();

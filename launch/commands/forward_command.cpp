@@ -24,10 +24,16 @@ int run_forward(const ForwardOptions& o) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     fail_user("{}: invalid JSON: {}", o.tokens_path, e.what());
   }
   if (j.is_array() && !j.empty() && j[0].is_number_integer()) j = nlohmann::json::array({j});  // one sequence
+  // nlohmann converts 1.5 to 1 silently: every id must be a JSON integer.
+  for (const auto& row : j.is_array() ? j : nlohmann::json::array()) {
+    for (const auto& t : row.is_array() ? row : nlohmann::json::array()) {
+      if (!t.is_number_integer()) fail_user("{}: token id {} is not an integer", o.tokens_path, t.dump());
+    }
+  }
   std::vector<std::vector<int64_t>> rows;
   try {
     rows = j.get<std::vector<std::vector<int64_t>>>();

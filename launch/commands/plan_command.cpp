@@ -1,6 +1,7 @@
 #include "launch/commands/commands.h"
 
 #include "core/config_loader.h"
+#include "core/dir_lock.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
 #include "core/file_names.h"
@@ -46,6 +47,8 @@ int run_plan(const PlanOptions& options) {
   const ParallelLayout layout = ParallelLayout::create(c, world);
   const Plan plan = make_plan(c, options.config_path, layout);
   if (options.save) {
+    // Not into the directory of a run in progress (its config.yaml is that run's record).
+    const auto lock = DirectoryLock::acquire(c.logging.run_dir, "logging.run_dir");
     const auto config_file = write_resolved_config(c, c.logging.run_dir);
     const auto plan_file = std::filesystem::path(c.logging.run_dir) / files::kPlan;
     write_file_durably(plan_file, plan_to_json(plan, c).dump(2) + "\n");

@@ -1,6 +1,7 @@
 #include "launch/train/checkpoint.h"
 
 #include "core/config_loader.h"
+#include "core/dir_lock.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
 #include "core/host_sync.h"
@@ -79,10 +80,11 @@ std::string checkpoint_tmp_dir(const std::string& save_dir, int64_t iteration, i
 std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteration, int64_t tag) {
   const fs::path save(save_dir);
   fs::create_directories(save);
-  // Leftovers of saves that were killed: never referenced by the tracker, safe to remove.
+  // Leftovers of saves that were killed: never referenced by the tracker, safe to remove. Only
+  // this process's and dead processes' (a live writer's temporary is never touched).
   recover_replaced(save);
   for (const auto& entry : fs::directory_iterator(save)) {
-    if (entry.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(entry.path());
+    if (is_abandoned_temporary(entry.path().filename().string())) fs::remove_all(entry.path());
   }
   const std::string tmp = checkpoint_tmp_dir(save_dir, iteration, tag);
   fs::create_directories(tmp);
@@ -169,8 +171,7 @@ std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
   if (fs::exists(p / files::kHfConfig)) return CheckpointToLoad{path, false};
   bool empty = true;
   for (const auto& entry : fs::directory_iterator(p)) {
-    (void)entry;
-    empty = false;
+    if (entry.path().filename() != files::kDirectoryLock) empty = false;
   }
   if (empty) return std::nullopt;
   fail_user("{} holds no checkpoint: expected {} (a save directory), {} (one training checkpoint) or config.json (a "

@@ -3,10 +3,16 @@
 #include "core/durable_file.h"
 #include "core/errors.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <fstream>
 
 namespace moeforge {
 
@@ -93,22 +99,46 @@ MetricsFile::MetricsFile(const std::filesystem::path& path, int64_t resumed_iter
   if (resumed_iteration > 0 && std::filesystem::exists(path)) {
     std::ifstream in(path);
     std::string line, kept;
+    int64_t torn = 0, later = 0;
     while (std::getline(in, line)) {
       const auto j = nlohmann::json::parse(line, nullptr, false);
-      if (!j.is_discarded() && j.contains(metric::kIteration) && j[metric::kIteration].is_number_integer() &&
-          j[metric::kIteration].get<int64_t>() <= resumed_iteration) {
-        kept += line + "\n";
-      }
+      const bool readable = !j.is_discarded() && j.contains(metric::kIteration) && j[metric::kIteration].is_number_integer();
+      if (!readable) ++torn;
+      else if (j[metric::kIteration].get<int64_t>() > resumed_iteration) ++later;
+      else kept += line + "\n";
     }
+    // A line cut short (a full disk, a killed run) is dropped, and said so; iterations logged past
+    // the checkpoint are dropped because this run logs them again.
+    if (torn > 0) {
+      spdlog::warn("{}: dropped {} unreadable line{} (a write cut short by a full disk or a killed run)", path.string(),
+                   torn, torn > 1 ? "s" : "");
+    }
+    if (later > 0) spdlog::info("{}: dropped {} line(s) past iteration {}, which this run logs again", path.string(), later, resumed_iteration);
     write_file_durably(path, kept);
   }
-  out_.open(path, resumed_iteration > 0 ? std::ios::app : std::ios::trunc);
-  if (!out_) fail_user("cannot write {}: check logging.run_dir", path.string());
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (resumed_iteration > 0 ? O_APPEND : O_TRUNC), 0644);
+  if (fd_ < 0) fail_user("cannot write {}: {}. Check logging.run_dir.", path.string(), std::strerror(errno));
+}
+
+MetricsFile::~MetricsFile() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void MetricsFile::append(const nlohmann::json& line) {
-  out_ << line.dump() << "\n";
-  out_.flush();
+  // One write(2) per line, checked: what the kernel accepted survives a crash of this process, and
+  // a full disk or a file-size limit ends the run instead of silently losing every later line.
+  const std::string text = line.dump() + "\n";
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd_, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      fail_user("cannot write {}: {} (after {} of the line's {} bytes). Free space on its filesystem or set "
+                "logging.run_dir elsewhere; a resumed run repairs the cut line.",
+                path_.string(), n < 0 ? std::strerror(errno) : "no bytes written", done, text.size());
+    }
+    done += static_cast<size_t>(n);
+  }
 }
 
 }  // namespace moeforge

@@ -127,18 +127,22 @@ nlohmann::json step_metrics_json(const StepMetrics& m);
 // "iteration   10/  40 | consumed samples: 160 | elapsed time per iteration (ms): 812.3 | ..."
 std::string step_log_line(const StepMetrics& m);
 
-// <run_dir>/metrics.jsonl, one line per iteration, flushed line by line. A fresh run starts the
-// file anew; a resumed run keeps the lines up to its checkpoint's iteration (a run killed after it
-// had logged further would otherwise leave those iterations twice) and appends.
+// <run_dir>/metrics.jsonl, one line per iteration, each written by one checked write(2). A fresh
+// run starts the file anew; a resumed run keeps the lines up to its checkpoint's iteration (a run
+// killed after it had logged further would otherwise leave those iterations twice), drops a line
+// cut short (with a warning) and appends.
 class MetricsFile {
  public:
   MetricsFile(const std::filesystem::path& path, int64_t resumed_iteration);
-  void append(const nlohmann::json& line);
+  ~MetricsFile();
+  MetricsFile(const MetricsFile&) = delete;
+  MetricsFile& operator=(const MetricsFile&) = delete;
+  void append(const nlohmann::json& line);  // UserError naming the file when the write fails
   const std::filesystem::path& path() const { return path_; }
 
  private:
   std::filesystem::path path_;
-  std::ofstream out_;
+  int fd_ = -1;
 };
 
 }  // namespace moeforge

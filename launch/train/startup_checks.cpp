@@ -2,24 +2,55 @@
 
 #include "core/errors.h"
 #include "core/optimizer.h"
+#include "core/safetensors.h"
 #include "data/blend.h"
 #include "data/gpt_dataset.h"
 #include "data/indexed_dataset.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "moe/moe_layer.h"
+#include "parallel/plan.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 namespace fs = std::filesystem;
 
 namespace moeforge {
+
+namespace {
+
+// Without the tracker a run starts fresh and would save over the iter_* checkpoints it finds.
+void refuse_untracked_checkpoints(const CheckpointConfig& k) {
+  std::error_code ec;
+  const fs::path save(k.save);
+  if (k.save.empty() || k.overwrite || fs::exists(save / files::kTracker, ec) || !fs::is_directory(save, ec)) return;
+  std::vector<std::string> found;
+  for (const auto& entry : fs::directory_iterator(save, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_directory(ec) && name.size() == files::iteration_dir(0).size() && name.rfind("iter_", 0) == 0 &&
+        std::all_of(name.begin() + 5, name.end(), [](unsigned char c) { return std::isdigit(c); })) {
+      found.push_back(name);
+    }
+  }
+  if (found.empty()) return;
+  std::sort(found.begin(), found.end());
+  fail_user("checkpoint.save {} holds {} checkpoint director{} ({} .. {}) but no {}: this run would start from "
+            "scratch and save over them. Resume one with --load {}/{}, restore the tracker (echo N > {}/{}), or set "
+            "checkpoint.overwrite: true to start fresh anyway.",
+            k.save, found.size(), found.size() > 1 ? "ies" : "y", found.front(), found.back(), files::kTracker, k.save,
+            found.back(), k.save, files::kTracker);
+}
+
+}  // namespace
 
 StartPoint start_point(const CheckpointConfig& k) {
   StartPoint start;
@@ -27,6 +58,7 @@ StartPoint start_point(const CheckpointConfig& k) {
     start.checkpoint = find_checkpoint(k.load);
     if (!start.checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", k.load);
   }
+  refuse_untracked_checkpoints(k);
   start.from_save = !k.save.empty() && fs::exists(fs::path(k.save) / files::kTracker) &&
                     !(start.checkpoint && start.checkpoint->resume);
   if (start.from_save) {
@@ -72,6 +104,43 @@ void check_output_dir(const char* key, const std::string& dir, bool create) {
   if (!why.empty()) fail_user("{} {} cannot be created or written ({}). Choose a writable directory.", key, dir, why);
 }
 
+namespace {
+
+// Physical memory, or the cgroup (v2) limit when one is set and lower: what a container may use.
+int64_t host_memory_bytes() {
+  int64_t bytes = static_cast<int64_t>(::sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
+  std::ifstream limit("/sys/fs/cgroup/memory.max");
+  int64_t cgroup = 0;
+  if (limit >> cgroup && cgroup > 0) bytes = std::min(bytes, cgroup);
+  return bytes;
+}
+
+std::string gib(int64_t bytes) { return fmt::format("{:.1f} GiB", static_cast<double>(bytes) / (1024.0 * 1024 * 1024)); }
+
+}  // namespace
+
+void check_memory_fits(const ExperimentConfig& c, const ParallelLayout& layout, std::optional<int64_t> device_total,
+                       int64_t ranks_on_host) {
+  const Plan plan = make_plan(c, "", layout);
+  const auto worst = std::max_element(plan.stages.begin(), plan.stages.end(),
+                                      [](const StagePlan& a, const StagePlan& b) { return a.peak_bytes < b.peak_bytes; });
+  if (worst == plan.stages.end()) return;
+  const int64_t need = worst->peak_bytes;
+  const int64_t have = device_total ? *device_total : host_memory_bytes() / std::max<int64_t>(ranks_on_host, 1);
+  if (need <= have) return;
+  fail_user("the memory plan needs {} per rank (stage {}: weights {}, gradients {}, optimizer {}, the rest activations; "
+            "`moeforge plan` itemises it), but {} {}. Use more pipeline stages or expert parallelism, "
+            "parallel.use_distributed_optimizer, training.recompute_granularity: full or a smaller "
+            "training.micro_batch_size, or check the model sizes for a typo.",
+            gib(need), worst->stage, gib(worst->weight_bytes), gib(worst->gradient_bytes),
+            gib(c.parallel.use_distributed_optimizer ? worst->optimizer_bytes_distributed : worst->optimizer_bytes),
+            device_total ? "the GPU has" : "this host has",
+            device_total ? gib(*device_total)
+                         : fmt::format("{}{}", gib(host_memory_bytes()),
+                                       ranks_on_host > 1 ? fmt::format(" for its {} ranks ({} each)", ranks_on_host, gib(have))
+                                                         : std::string()));
+}
+
 void check_model_matches(const std::string& dir, const ModelConfig& config) {
   const auto diffs = model_config_differences(checkpoint_model_config(dir), config);
   if (!diffs.empty()) {
@@ -87,6 +156,27 @@ void check_precision_matches(const std::string& dir, bool bf16) {
     fail_user("{} was trained with training.bf16 = {}, this config says {}: a resumed run keeps its precision. Set "
               "training.bf16: {}.",
               dir, saved.bf16, bf16, saved.bf16);
+  }
+  // The weights must be stored in that precision, as they were saved: a header edited to another
+  // floating type would otherwise be converted silently on load.
+  const char* expected = bf16 ? "BF16" : "F32";
+  std::vector<fs::path> files_of_model;
+  if (is_sharded_checkpoint(dir)) {
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      if (fs::exists(entry.path() / files::kSafetensors)) files_of_model.push_back(entry.path() / files::kSafetensors);
+    }
+  } else {
+    files_of_model.emplace_back(dir);
+  }
+  for (const auto& path : files_of_model) {
+    const SafetensorsCheckpoint model(path.string());
+    for (const auto& name : model.names()) {
+      if (model.info(name).dtype != expected) {
+        fail_user("{}: tensor \"{}\" is stored as {}, but this checkpoint was trained and saved in {} "
+                  "(trainer_state.json bf16: {}). The file was altered; restore it or resume from another checkpoint.",
+                  model.file(name).path(), name, model.info(name).dtype, expected, saved.bf16);
+      }
+    }
   }
 }
 

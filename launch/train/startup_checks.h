@@ -1,5 +1,6 @@
 // defines: StartPoint, start_point, check_data, check_output_dir, check_checkpoint_fits,
-//          check_model_matches, check_precision_matches, check_trainable, check_gpu_build
+//          check_model_matches, check_precision_matches, check_trainable, check_memory_fits,
+//          check_gpu_build
 //
 // The checks a training run makes before it allocates anything, in one place: the trainer calls
 // them (and stops at the first failure), `moeforge train --dry-run` calls the same functions and
@@ -42,6 +43,14 @@ void check_precision_matches(const std::string& checkpoint_dir, bool bf16);
 // training.trainable / training.frozen against the whole model's parameter names (built on the
 // meta device: no memory); the same check select_trainable() makes.
 void check_trainable(const ExperimentConfig& config);
+
+// The memory plan (parallel/plan.h) of the layout's largest stage must fit what it will run in:
+// `device_total` bytes per rank on a GPU, otherwise the host's memory (the cgroup's limit when
+// lower) shared by `ranks_on_host` ranks. Refused before anything is allocated, with the
+// planner's number; the plan omits allocator and runtime overhead, so passing is necessary, not
+// sufficient.
+void check_memory_fits(const ExperimentConfig& config, const ParallelLayout& layout, std::optional<int64_t> device_total,
+                       int64_t ranks_on_host);
 
 // GPU training across ranks needs a CUDA build (NCCL).
 void check_gpu_build(const ExperimentConfig& config, int64_t world_size);

@@ -27,6 +27,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 namespace fs = std::filesystem;
@@ -36,6 +37,7 @@ namespace moeforge {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr int64_t kMaxLockRecord = 1024;  // bytes of a lock record (core/dir_lock.h) sent to the other ranks
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 int64_t peak_rss_bytes() {
@@ -68,6 +70,7 @@ void apply_determinism(bool on) {
 Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command)
     : loaded_(std::move(loaded)), c_(loaded_.config), mpi_(std::move(mpi)) {
   setup_parallel();
+  claim_directories();
   setup_data();
   setup_model();
   setup_optimizer();
@@ -81,6 +84,9 @@ void Trainer::setup_parallel() {
   check_gpu_build(c_, world);
   if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
   apply_determinism(c_.training.deterministic);
+  // LibTorch seeds its default generators nondeterministically; seeded from training.seed (as
+  // Megatron's _set_random_seed does), two identical runs save identical RNG state (rng.cpu).
+  torch::manual_seed(static_cast<uint64_t>(c_.training.seed));
   const bool gpu = c_.hardware.device == Device::cuda;
   if (gpu && !torch::cuda::is_available()) {
     fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
@@ -101,6 +107,37 @@ void Trainer::setup_parallel() {
     groups_ = ProcessGroups::single();
     if (gpu) device_ = torch::Device(torch::kCUDA, 0);
   }
+  // Before anything is allocated: a plan larger than the memory it runs in is refused now, not
+  // found out as an allocation failure (or a host swapping) minutes later.
+  std::optional<int64_t> device_total;
+  if (const auto memory = device_memory(device_)) device_total = memory->total_bytes;
+  check_memory_fits(c_, layout_, device_total, mpi_ ? mpi_->local_size() : 1);
+}
+
+void Trainer::claim_directories() {
+  // Where results go must be writable before any work is done, not found out at the first save;
+  // and only this job writes there (a second run of the same config is refused, naming this one).
+  const auto& run_dir = c_.logging.run_dir;
+  const auto& save = c_.checkpoint.save;
+  check_output_dir("logging.run_dir", run_dir, /*create=*/true);
+  std::vector<std::pair<const char*, std::string>> dirs{{"logging.run_dir", run_dir}};
+  if (!save.empty()) {
+    check_output_dir("checkpoint.save", save, /*create=*/true);
+    std::error_code ec;
+    if (!fs::equivalent(save, run_dir, ec)) dirs.emplace_back("checkpoint.save", save);
+  }
+  for (const auto& [key, dir] : dirs) {
+    // Rank 0 takes the lock for the job; every other rank that sees the file checks it names rank 0.
+    auto record = torch::zeros({kMaxLockRecord}, torch::kUInt8);  // host: MPI
+    if (is_rank0()) {
+      locks_.push_back(DirectoryLock::acquire(dir, key));
+      const auto& text = locks_.back()->record();
+      std::memcpy(record.data_ptr(), text.data(), std::min<size_t>(text.size(), kMaxLockRecord - 1));
+    }
+    if (groups_.world->size() == 1) continue;
+    groups_.world->broadcast(record, 0);
+    if (!is_rank0()) check_directory_lock(dir, reinterpret_cast<const char*>(record.data_ptr<uint8_t>()), key);
+  }
 }
 
 void Trainer::setup_data() {
@@ -115,9 +152,6 @@ void Trainer::setup_data() {
     spdlog::warn("data.split '{}' gives the valid split no documents: no evaluation (training.eval_iters {} ignored)",
                  c_.data.split, c_.training.eval_iters);
   }
-  // Where results go must be writable before any work is done, not found out at the first save.
-  check_output_dir("logging.run_dir", c_.logging.run_dir, /*create=*/true);
-  if (!c_.checkpoint.save.empty()) check_output_dir("checkpoint.save", c_.checkpoint.save, /*create=*/true);
 }
 
 void Trainer::setup_model() {
@@ -508,6 +542,29 @@ void Trainer::refuse_nonfinite(const CheckpointContents& contents) {
             state_.iteration, where, tracker);
 }
 
+bool Trainer::any_rank(bool flag) const {
+  if (groups_.world->size() == 1) return flag;
+  auto t = torch::full({1}, static_cast<int64_t>(flag), torch::kInt64);  // host: MPI
+  groups_.world->all_reduce(t, ReduceOp::max);
+  return t.item<int64_t>() != 0;
+}
+
+void Trainer::stop_on_lost_metrics(const std::string& error) {
+  // A run whose metrics cannot be written is not a benchmark anyone can read: it ends now, with
+  // its progress saved when it saves checkpoints (that save may fail on the same full disk; the
+  // previous checkpoint then stays the latest).
+  if (!c_.checkpoint.save.empty()) {
+    try {
+      save();
+    } catch (const UserError& e) {
+      spdlog::error("the final checkpoint could not be saved either: {}", e.what());
+    }
+  }
+  if (is_rank0()) throw UserError(error);
+  throw UserError(fmt::format("rank 0 could not write {} (its message names the error)",
+                              (fs::path(c_.logging.run_dir) / files::kMetrics).string()));
+}
+
 int Trainer::train() {
   const auto& t = c_.training;
   const auto start = Clock::now();
@@ -535,13 +592,19 @@ int Trainer::train() {
       spdlog::info("validation at iteration {} | lm loss: {:.6E} | lm loss PPL: {:.6E}", m.iteration, *m.valid_lm_loss,
                    std::exp(std::min(*m.valid_lm_loss, 20.0)));
     }
+    std::string metrics_error;  // rank 0's
     if (metrics_) {
       auto j = step_metrics_json(m);
       if (!extra.is_null()) j.update(extra);
-      metrics_->append(j);
+      try {
+        metrics_->append(j);
+      } catch (const UserError& e) {
+        metrics_error = e.what();
+      }
     }
     const bool save_now = !c_.checkpoint.save.empty() &&
                           (last || (c_.checkpoint.save_interval && state_.iteration % *c_.checkpoint.save_interval == 0));
+    if (any_rank(!metrics_error.empty())) stop_on_lost_metrics(metrics_error);
     if (save_now) save();
   }
   const double total = seconds_since(start);

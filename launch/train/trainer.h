@@ -16,6 +16,7 @@
 #pragma once
 
 #include "core/config_loader.h"
+#include "core/dir_lock.h"
 #include "core/gpt_model.h"
 #include "core/lr_schedule.h"
 #include "core/mfu.h"
@@ -52,7 +53,8 @@ class Trainer {
   };
   // Start-up, in this order.
   void setup_parallel();   // the layout (every rule), the device, the process groups
-  void setup_data();       // the datasets, the output directories
+  void claim_directories();  // run_dir and checkpoint.save: writable, and this job's alone (core/dir_lock.h)
+  void setup_data();         // the datasets
   void setup_model();      // built on the meta device, parallelized, then this rank's part materialised
   void setup_optimizer();  // trainable parameters, the optimizer and the LR schedule
   void restore();          // a training checkpoint's optimizer, schedule, counters and RNG; the loader
@@ -66,6 +68,9 @@ class Trainer {
   torch::TensorOptions activation_options() const;
   double evaluate();
   void save();
+  bool any_rank(bool flag) const;  // collective over the world
+  // Rank 0 could not append to metrics.jsonl: a last checkpoint when the run saves, then a UserError.
+  [[noreturn]] void stop_on_lost_metrics(const std::string& error);
   // Ends the run (every rank) if any rank's part of `contents` is not finite; collective.
   void refuse_nonfinite(const CheckpointContents& contents);
 
@@ -74,6 +79,7 @@ class Trainer {
   LoadedConfig loaded_;
   const ExperimentConfig& c_;
   std::unique_ptr<MpiRuntime> mpi_;  // outlives groups_ (declared first, destroyed last)
+  std::vector<std::unique_ptr<DirectoryLock>> locks_;  // rank 0's; released after every write
   ParallelLayout layout_;
   ProcessGroups groups_;
   torch::Device device_{torch::kCPU};

@@ -1,0 +1,393 @@
+// Nothing lost, nothing trusted (issue 19): a run's directories are its own while it runs, a full
+// disk under metrics.jsonl ends the run with a clear error, a resume repairs a cut line, and a
+// save directory without its tracker is not silently overwritten.
+#include "core/dir_lock.h"
+#include "core/errors.h"
+#include "core/file_names.h"
+#include "data/indexed_dataset.h"
+#include "train_fixture.h"
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+
+using namespace moeforge;
+using namespace moeforge::test;
+using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A background shell command (its output redirected: run_command reads until every writer of its
+// pipe is gone); its pid, read from the file it writes.
+long start_background(const std::string& command, const fs::path& pid_file) {
+  run_command("(" + command + " & echo $! > " + pid_file.string() + ")");
+  return std::stol(slurp(pid_file.string()));
+}
+
+void wait_gone(long pid) { run_command(fmt::format("while kill -0 {} 2>/dev/null; do sleep 0.05; done", pid)); }
+
+bool wait_for(const fs::path& path, double seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (!fs::exists(path)) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+std::string record_of(const std::string& host, long pid) {
+  return nlohmann::json{{"host", host}, {"pid", pid}, {"job", "j1"}, {"started", "2026-12-01T00:00:00Z"}}.dump() + "\n";
+}
+
+}  // namespace
+
+TEST_CASE("a directory lock is exclusive, names its owner and is released", "[reliability][lock]") {
+  TempDir dir;
+  const fs::path path = dir.path() / files::kDirectoryLock;
+  auto lock = DirectoryLock::acquire(dir.path(), "logging.run_dir");
+  const auto record = nlohmann::json::parse(slurp(path.string()));
+  CHECK(record["pid"] == static_cast<int64_t>(::getpid()));
+  CHECK(record["host"] == this_host());
+  CHECK(record.contains("job"));
+  CHECK(record.contains("started"));
+  // A second owner, even in this process (flock is per open file), is refused with the owner named.
+  const auto message = user_error([&] { DirectoryLock::acquire(dir.path(), "logging.run_dir"); });
+  CHECK_THAT(message, Contains("logging.run_dir") && Contains("in use by another run") &&
+                          Contains(fmt::format("pid {}", ::getpid())) && Contains(path.string()));
+  CHECK(slurp(path.string()) == lock->record());  // the refused attempt changed nothing
+  lock.reset();
+  CHECK_FALSE(fs::exists(path));
+  CHECK(DirectoryLock::acquire(dir.path(), "logging.run_dir") != nullptr);
+}
+
+TEST_CASE("a lock held by a live process is refused; once it died the lock is taken over", "[reliability][lock]") {
+  TempDir dir;
+  const fs::path path = dir.path() / files::kDirectoryLock;
+  // A live process on this host holding the flock (util-linux flock), with its own record.
+  const long holder = start_background("flock -x " + path.string() + " sleep 30 > /dev/null 2>&1", dir.path() / "pid");
+  REQUIRE(wait_for(path, 5));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // flock has taken it
+  std::ofstream(path) << record_of(this_host(), holder);
+  const auto message = user_error([&] { DirectoryLock::acquire(dir.path(), "checkpoint.save"); });
+  CHECK_THAT(message, Contains("checkpoint.save") && Contains(fmt::format("pid {} on host {}", holder, this_host())) &&
+                          Contains("job j1"));
+  // kill -9 of the owner: the kernel drops its flock, the record stays behind, stale.
+  run_command(fmt::format("pkill -9 -P {}; kill -9 {}", holder, holder));
+  wait_gone(holder);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto lock = DirectoryLock::acquire(dir.path(), "checkpoint.save");
+  CHECK(slurp(path.string()) == lock->record());
+}
+
+TEST_CASE("a lock recorded by another host is reported, not stolen", "[reliability][lock]") {
+  TempDir dir;
+  const fs::path path = dir.path() / files::kDirectoryLock;
+  std::ofstream(path) << record_of("node-elsewhere-17", 4242);
+  const auto message = user_error([&] { DirectoryLock::acquire(dir.path(), "logging.run_dir"); });
+  CHECK_THAT(message, Contains("pid 4242 on host node-elsewhere-17") && Contains("another host") &&
+                          Contains("delete " + path.string()));
+  CHECK(slurp(path.string()) == record_of("node-elsewhere-17", 4242));
+  // The other ranks of a job compare what they see with rank 0's record.
+  CHECK_THAT(user_error([&] { check_directory_lock(dir.path(), record_of(this_host(), 1), "logging.run_dir"); }),
+             Contains("this job's rank 0 holds it"));
+  CHECK_NOTHROW(check_directory_lock(dir.path(), record_of("node-elsewhere-17", 4242), "logging.run_dir"));
+  CHECK_NOTHROW(check_directory_lock(dir.path() / "unshared", "anything", "logging.run_dir"));
+}
+
+TEST_CASE("only this process's and dead processes' temporaries are abandoned", "[reliability][lock]") {
+  CHECK(is_abandoned_temporary(fmt::format("iter_0000004.tmp-{}", ::getpid())));
+  CHECK_FALSE(is_abandoned_temporary("iter_0000004.tmp-1"));  // init: alive
+  CHECK(is_abandoned_temporary("latest_checkpointed_iteration.txt.tmp-999999999"));
+  CHECK_FALSE(is_abandoned_temporary("iter_0000004"));
+  // A killed writer that nobody has reaped yet (a zombie) holds nothing either.
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(is_abandoned_temporary(fmt::format("iter_0000004.tmp-{}", child)));
+  ::waitpid(child, nullptr, 0);
+}
+
+TEST_CASE("train: a second run into the same directories is refused at start-up, the first runs on intact",
+          "[reliability][train]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt", run = dir.path() / "run";
+  const std::string args = fmt::format(
+      " --set checkpoint.save={} --set logging.run_dir={} --set checkpoint.save_interval=1 --set training.train_iters=30",
+      save.string(), run.string());
+  // Another writer's live temporary in the save directory, and a dead one's.
+  const long writer = start_background("sleep 60 > /dev/null 2>&1", dir.path() / "writer");
+  fs::create_directories(save / fmt::format("iter_0000099.tmp-{}", writer));
+  fs::create_directories(save / "iter_0000098.tmp-999999999");
+  const auto log = dir.path() / "first.log";
+  const long first = start_background(kBin + " train " + config + args + " > " + log.string() + " 2>&1", dir.path() / "pid");
+  REQUIRE(wait_for(save / files::kDirectoryLock, 60));
+  const auto second = run_command(kBin + " train " + config + args);
+  INFO(second.output);
+  CHECK(second.exit_code == 1);
+  CHECK_THAT(second.output, Contains("in use by another run") && Contains(fmt::format("pid {}", first)) &&
+                                Contains(run.string()));
+  wait_gone(first);
+  INFO(slurp(log.string()));
+  const auto metrics = read_metrics(run / files::kMetrics);  // every line parses
+  REQUIRE(metrics.size() == 30);
+  for (size_t i = 0; i < metrics.size(); ++i) CHECK(metrics[i]["iteration"] == static_cast<int64_t>(i + 1));
+  CHECK(slurp((save / files::kTracker).string()) == "30\n");
+  CHECK(fs::exists(save / fmt::format("iter_0000099.tmp-{}", writer)));  // a live writer's: untouched
+  CHECK_FALSE(fs::exists(save / "iter_0000098.tmp-999999999"));
+  CHECK_FALSE(fs::exists(save / files::kDirectoryLock));  // released at the end
+  CHECK_FALSE(fs::exists(run / files::kDirectoryLock));
+  ::kill(static_cast<pid_t>(writer), SIGKILL);
+}
+
+TEST_CASE("train: a metrics.jsonl that cannot be written ends the run with its name; a resume repairs a cut line",
+          "[reliability][train]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto run = dir.path() / "run";
+  train(config, "--set logging.run_dir=" + (dir.path() / "warm").string());  // the index cache, written unlimited
+  // A file-size limit of a few KiB: the start-up files fit, metrics.jsonl outgrows it after a few lines.
+  const auto limited = run_command("ulimit -f 8; " + kBin + " train " + config + " --set logging.run_dir=" + run.string());
+  INFO(limited.output);
+  CHECK(limited.exit_code == 1);
+  CHECK_THAT(limited.output, Contains("cannot write " + (run / files::kMetrics).string()) &&
+                                 Contains("File too large"));
+  CHECK(fs::file_size(run / files::kMetrics) <= 8192);
+  CHECK(fs::file_size(run / files::kMetrics) >= 2048);  // dash counts ulimit -f in 512-byte blocks, bash in KiB
+  CHECK_THAT(limited.output, !Contains("trained iterations"));
+
+  // A line cut short (as the full disk left it) is dropped on resume, with a warning.
+  const auto save = dir.path() / "ckpt", run2 = dir.path() / "run2";
+  const std::string args = fmt::format(" --set checkpoint.save={} --set logging.run_dir={} --set checkpoint.save_interval=2",
+                                       save.string(), run2.string());
+  train(config, args + " --set training.train_iters=3");
+  std::ofstream(run2 / files::kMetrics, std::ios::app) << "{\"iteration\": 4, \"lm_lo";
+  const auto resumed = train(config, args + " --set training.train_iters=4");
+  CHECK_THAT(resumed, Contains("dropped 1 unreadable line") && Contains(files::kMetrics));
+  const auto metrics = read_metrics(run2 / files::kMetrics);
+  REQUIRE(metrics.size() == 4);
+  for (size_t i = 0; i < metrics.size(); ++i) CHECK(metrics[i]["iteration"] == static_cast<int64_t>(i + 1));
+}
+
+TEST_CASE("train: a save directory whose tracker is gone is not saved over unless checkpoint.overwrite",
+          "[reliability][train][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt";
+  const std::string args = fmt::format(" --set checkpoint.save={} --set logging.run_dir={} --set training.train_iters=2 --set training.lr_warmup_iters=1",
+                                       save.string(), (dir.path() / "run").string());
+  train(config, args);
+  fs::remove(save / files::kTracker);
+  const auto before = slurp((save / "iter_0000002" / files::kTrainerState).string());
+  const auto refused = run_command(kBin + " train " + config + args);
+  INFO(refused.output);
+  CHECK(refused.exit_code == 1);
+  CHECK_THAT(refused.output, Contains("iter_0000002") && Contains(files::kTracker) && Contains("checkpoint.overwrite"));
+  CHECK(slurp((save / "iter_0000002" / files::kTrainerState).string()) == before);
+  const auto dry = run_command(kBin + " train " + config + args + " --dry-run");
+  CHECK(dry.exit_code == 1);
+  CHECK_THAT(dry.output, Contains("checkpoint.overwrite"));
+  train(config, args + " --set checkpoint.overwrite=true");
+  CHECK(slurp((save / files::kTracker).string()) == "2\n");
+}
+
+TEST_CASE("a dataset file truncated under a running job is named when its pages are gone (SIGBUS)",
+          "[reliability][data]") {
+  TempDir dir;
+  const auto prefix = (dir.path() / "d").string();
+  {
+    data::IndexedDatasetBuilder b(prefix, data::TokenDType::int32);
+    for (int d = 0; d < 8; ++d) b.add_document(std::vector<int64_t>(4096, d + 1));  // 128 KiB: many pages
+    b.finalize();
+  }
+  const data::IndexedDataset dataset(prefix);
+  std::vector<int64_t> out(4096);
+  dataset.read(7, 0, 4096, out.data());  // mapped and readable
+  REQUIRE(::truncate((prefix + ".bin").c_str(), 0) == 0);
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  const pid_t child = ::fork();
+  if (child == 0) {  // only the read and the handler run here: nothing that allocates
+    ::dup2(pipe_fds[1], STDERR_FILENO);
+    dataset.read(7, 0, 4096, out.data());
+    ::_exit(0);  // not reached: the page is gone
+  }
+  ::close(pipe_fds[1]);
+  std::string message;
+  char buf[512];
+  for (ssize_t n; (n = ::read(pipe_fds[0], buf, sizeof(buf))) > 0;) message.append(buf, static_cast<size_t>(n));
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  INFO(message);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 1);
+  CHECK_THAT(message, Contains(prefix + ".bin") && Contains("SIGBUS") && Contains("truncated"));
+}
+
+TEST_CASE("train: two identical runs save identical checkpoints, RNG state included", "[reliability][train][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  for (const char* run : {"a", "b"}) {
+    train(config, fmt::format("--set training.train_iters=2 --set training.lr_warmup_iters=1 --set checkpoint.save={} --set logging.run_dir={}",
+                              (dir.path() / run / "ckpt").string(), (dir.path() / run / "run").string()));
+  }
+  for (const char* file : {files::kSafetensors, files::kOptimizer}) {
+    INFO(file);
+    const auto a = slurp((dir.path() / "a/ckpt/iter_0000002" / file).string());
+    const auto b = slurp((dir.path() / "b/ckpt/iter_0000002" / file).string());
+    REQUIRE_FALSE(a.empty());
+    CHECK(a == b);
+  }
+}
+
+TEST_CASE("train: a bf16 checkpoint's weights stored as another floating type are refused on resume",
+          "[reliability][train][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt";
+  const std::string common = " --set training.bf16=true --set training.lr_warmup_iters=1 --set checkpoint.save=" + save.string() +
+                             " --set logging.run_dir=" + (dir.path() / "run").string();
+  train(config, common + " --set training.train_iters=2");
+  const auto path = save / "iter_0000002" / files::kSafetensors;
+  auto bytes = slurp(path.string());
+  const auto at = bytes.find("\"BF16\"");  // F16 has the same size: only the recorded precision tells them apart
+  REQUIRE(at != std::string::npos);
+  bytes.replace(at, 6, "\"F16\" ");
+  std::ofstream(path, std::ios::binary) << bytes;
+  const auto r = run_command(kBin + " train " + config + common + " --set training.train_iters=4");
+  INFO(r.output);
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains(path.string()) && Contains("is stored as F16") && Contains("saved in BF16"));
+}
+
+TEST_CASE("train: kill -9 of every rank at random moments of sharded EP 2 saves; every resume continues bit for bit",
+          "[reliability][train][checkpoint][mpi][slow]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  // A larger vocabulary makes each save long enough (~30 MB per checkpoint) to be caught inside.
+  const std::string layout = " --set model.vocab_size=16384 --set parallel.expert_model_parallel_size=2 "
+                             "--set checkpoint.format=sharded --set checkpoint.save_interval=1 --set training.train_iters=10 "
+                             "--set training.lr_decay_iters=10";
+  auto args_for = [&](const std::string& name) {
+    return layout + " --set checkpoint.save=" + (dir.path() / name / "ckpt").string() +
+           " --set logging.run_dir=" + (dir.path() / name / "run").string();
+  };
+  const std::string mpi2 = kMpirun + " -np 2 " + kBin + " train " + config;
+  const auto reference_run = run_command(mpi2 + args_for("reference"));
+  INFO(reference_run.output);
+  REQUIRE(reference_run.exit_code == 0);
+  const auto reference = read_metrics(dir.path() / "reference/run" / files::kMetrics);
+  REQUIRE(reference.size() == 10);
+
+  std::mt19937 rng(20261201);
+  int caught_in_save = 0;
+  for (int attempt = 0; attempt < 6; ++attempt) {
+    const std::string name = fmt::format("attempt{}", attempt);
+    const auto save = dir.path() / name / "ckpt";
+    const long launcher = start_background(mpi2 + args_for(name) + " > " + (dir.path() / (name + ".log")).string() + " 2>&1",
+                                           dir.path() / (name + ".pid"));
+    // Even attempts: the moment a save is in flight, plus 0-5 ms; odd ones: any moment of the run.
+    bool in_save = false;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    const auto moment = std::chrono::steady_clock::now() + std::chrono::milliseconds(1500 + rng() % 6000);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (attempt % 2 == 1 && std::chrono::steady_clock::now() > moment) break;
+      if (attempt % 2 == 0 && fs::exists(save)) {
+        for (const auto& e : fs::directory_iterator(save)) in_save |= e.path().filename().string().find(".tmp-") != std::string::npos;
+        if (in_save) {
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 5000));
+          break;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(300));
+    }
+    const std::string marker = (dir.path() / name).string();
+    run_command("pkill -9 -f " + marker + "; kill -9 " + std::to_string(launcher) + " 2>/dev/null; while pgrep -f " +
+                marker + " > /dev/null; do sleep 0.05; done");
+    caught_in_save += in_save;
+
+    INFO(name << " killed " << (in_save ? "during a save" : "at a random moment") << "\n" << slurp((dir.path() / (name + ".log")).string()));
+    const bool tracked = fs::exists(save / files::kTracker);
+    const int64_t latest = tracked ? std::stol(slurp((save / files::kTracker).string())) : 0;
+    const auto resumed = run_command(mpi2 + args_for(name));
+    INFO(resumed.output);
+    REQUIRE(resumed.exit_code == 0);
+    if (tracked && latest < 10) CHECK_THAT(resumed.output, Contains(fmt::format("at iteration {}", latest)));
+    const auto metrics = read_metrics(dir.path() / name / "run" / files::kMetrics);
+    REQUIRE(metrics.size() == 10);
+    for (size_t i = 0; i < 10; ++i) CHECK(without_timing(metrics[i]).dump() == without_timing(reference[i]).dump());
+    for (const auto& e : fs::directory_iterator(save)) CHECK_THAT(e.path().filename().string(), !Contains(".tmp-"));
+  }
+  CHECK(caught_in_save >= 2);
+}
+
+TEST_CASE("user errors are user errors: directories as files, sizes beyond memory or 64 bits, bad command lines",
+          "[reliability][errors]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  auto refused = [&](const std::string& args, const std::vector<std::string>& words) {
+    const auto r = run_command(kBin + " " + args);
+    INFO(args << "\n" << r.output);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, !Contains("internal error"));
+    for (const auto& w : words) CHECK_THAT(r.output, Contains(w));
+  };
+  refused("train " + dir.path().string(), {"is a directory, not a config file"});
+  refused("data preprocess --input " + dir.path().string() + " --tokenizer byte --output-prefix " +
+              (dir.path() / "out").string(),
+          {"--input " + dir.path().string() + " is a directory"});
+  refused("train " + config + " --dry-run --world-size 0", {"--world-size", "at least 1, got 0"});
+  const auto duplicated = dir.file("dup.yaml", "base: " + config + "\ntraining:\n  lr: 1.0e-3\n  lr: 2.0e-3\n");
+  refused("plan " + duplicated, {"dup.yaml:4", "`training.lr` appears twice (first at line 3)"});
+  // Sizes the machine cannot hold are refused with the planner's number before anything is allocated.
+  for (const char* size : {"model.hidden_size=1048576", "model.vocab_size=2000000000", "model.num_layers=100000000"}) {
+    refused("train " + config + " --set " + size, {"the memory plan needs", "GiB per rank", "this host has"});
+  }
+  for (const char* size : {"training.global_batch_size=4611686018427387904", "training.seq_length=100000000"}) {
+    refused("train " + config + " --set " + size, {"beyond 64-bit integers"});
+  }
+  // An overflowing learning rate (finite in fp32, 1e38) stops the run as a user error, naming the setting.
+  refused("train " + config + " --set training.lr=1e38 --set training.train_iters=3", {"is nan", "Lower training.lr"});
+  // Token ids must be integers (1.5 used to be read as 1).
+  const auto tokens = dir.file("tokens.json", "[[1.5, 2]]");
+  refused("forward --checkpoint " + dir.path().string() + " --tokens " + tokens, {"token id 1.5 is not an integer"});
+  // `--set key=` is the empty string, as `key: ""` is.
+  const auto empty = run_command(kBin + " config " + config + " --set checkpoint.save= --yaml");
+  INFO(empty.output);
+  CHECK(empty.exit_code == 0);
+}
+
+TEST_CASE("convert never writes into or beside its source checkpoint", "[reliability][errors][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt";
+  train(config, "--set training.train_iters=2 --set training.lr_warmup_iters=1 --set checkpoint.save=" + save.string() +
+                    " --set logging.run_dir=" + (dir.path() / "run").string());
+  const auto before = slurp((save / "iter_0000002" / files::kSafetensors).string());
+  for (const auto& [target, why] : std::vector<std::pair<fs::path, std::string>>{
+           {save, "the save directory of"},
+           {save / "iter_0000002", "inside the checkpoint"},
+           {save / "iter_0000002/", "inside the checkpoint"},
+           {save / "iter_0000002" / "sub", "inside the checkpoint"},
+           {save / "iter_0000009", "beside"}}) {
+    const auto r = run_command(kBin + " convert " + save.string() + " " + target.string());
+    INFO(target << "\n" << r.output);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, Contains(why) && Contains("another directory"));
+  }
+  CHECK(slurp((save / "iter_0000002" / files::kSafetensors).string()) == before);
+  CHECK_FALSE(fs::exists(save / "iter_0000009"));
+  const auto r = run_command(kBin + " convert " + save.string() + " " + (dir.path() / "converted").string());
+  INFO(r.output);
+  CHECK(r.exit_code == 0);
+}
