@@ -2,6 +2,7 @@
 
 #include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/safetensors_header.h"
 #include "core/text_distance.h"
 
 #include <fmt/format.h>
@@ -36,69 +37,20 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct DType {
-  std::string_view name;
-  torch::ScalarType type;
+// LibTorch's type of each kSafetensorsDTypes entry, in the same order.
+constexpr std::array<torch::ScalarType, kSafetensorsDTypes.size()> kScalarTypes = {
+    torch::ScalarType::Bool,          torch::ScalarType::Byte,           torch::ScalarType::Char,
+    torch::ScalarType::Float8_e5m2,   torch::ScalarType::Float8_e4m3fn,  torch::ScalarType::Float8_e8m0fnu,
+    torch::ScalarType::Float8_e4m3fnuz, torch::ScalarType::Float8_e5m2fnuz, torch::ScalarType::Short,
+    torch::ScalarType::UInt16,        torch::ScalarType::Half,           torch::ScalarType::BFloat16,
+    torch::ScalarType::Int,           torch::ScalarType::UInt32,         torch::ScalarType::Float,
+    torch::ScalarType::ComplexFloat,  torch::ScalarType::Double,         torch::ScalarType::Long,
+    torch::ScalarType::UInt64,
 };
 
-// In the order of the safetensors crate's `Dtype` enum: its writer lays tensors out by this order,
-// last first, then by name, and following it makes our files byte-identical to Python's. (That
-// order puts wider types first, so every tensor's data is aligned to its element size.)
-constexpr std::array<DType, 19> kDTypes = {{
-    {"BOOL", torch::ScalarType::Bool},
-    {"U8", torch::ScalarType::Byte},
-    {"I8", torch::ScalarType::Char},
-    {"F8_E5M2", torch::ScalarType::Float8_e5m2},
-    {"F8_E4M3", torch::ScalarType::Float8_e4m3fn},
-    {"F8_E8M0", torch::ScalarType::Float8_e8m0fnu},
-    {"F8_E4M3FNUZ", torch::ScalarType::Float8_e4m3fnuz},
-    {"F8_E5M2FNUZ", torch::ScalarType::Float8_e5m2fnuz},
-    {"I16", torch::ScalarType::Short},
-    {"U16", torch::ScalarType::UInt16},
-    {"F16", torch::ScalarType::Half},
-    {"BF16", torch::ScalarType::BFloat16},
-    {"I32", torch::ScalarType::Int},
-    {"U32", torch::ScalarType::UInt32},
-    {"F32", torch::ScalarType::Float},
-    {"C64", torch::ScalarType::ComplexFloat},
-    {"F64", torch::ScalarType::Double},
-    {"I64", torch::ScalarType::Long},
-    {"U64", torch::ScalarType::UInt64},
-}};
-// Valid safetensors dtypes with sub-byte elements, which LibTorch has no unpacked type for.
-constexpr std::array<std::string_view, 3> kSubByteDTypes = {"F4", "F6_E2M3", "F6_E3M2"};
+size_t dtype_rank(torch::ScalarType type) { return static_cast<size_t>(std::ranges::find(kScalarTypes, type) - kScalarTypes.begin()); }
 
-// The safetensors crate refuses larger headers; a larger length field means a file of another kind.
-constexpr uint64_t kMaxHeaderBytes = 100'000'000;
-
-constexpr const char* kCorruptFix = "The file is corrupt or was written by a broken tool; re-save or re-download it.";
-
-std::string dtype_list() {
-  std::string out;
-  for (const auto& d : kDTypes) out += (out.empty() ? "" : ", ") + std::string(d.name);
-  return out;
-}
-
-const DType* find_dtype(std::string_view name) {
-  const auto it = std::ranges::find(kDTypes, name, &DType::name);
-  return it == kDTypes.end() ? nullptr : &*it;
-}
-
-size_t dtype_rank(torch::ScalarType type) {
-  return static_cast<size_t>(std::ranges::find(kDTypes, type, &DType::type) - kDTypes.begin());
-}
-
-// A JSON value for an error message, cut short.
-std::string show(const json& v) {
-  std::string s = v.dump();
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
-}
-
-// A JSON integer >= 0 (nlohmann parses every non-negative integer as unsigned).
-std::optional<uint64_t> as_size(const json& v) {
-  if (v.is_number_unsigned()) return v.get<uint64_t>();
-  return std::nullopt;
-}
+std::string show(const json& v) { return shorten_for_message(v.dump()); }
 
 std::string did_you_mean(const std::string& name, const std::vector<std::string>& names) {
   const auto m = closest_match(name, names);
@@ -132,9 +84,9 @@ void check_tensors(const std::string& path, const NamedTensors& tensors) {
       fail_user("cannot write {}: tensor \"{}\" is not dense (layout {}); call .to_dense() first.", path, name,
                 c10::str(t.layout()));
     }
-    if (dtype_rank(t.scalar_type()) == kDTypes.size()) {
+    if (dtype_rank(t.scalar_type()) == kScalarTypes.size()) {
       fail_user("cannot write {}: tensor \"{}\" has dtype {}, which safetensors cannot store; convert it to one of {}.",
-                path, name, c10::toString(t.scalar_type()), dtype_list());
+                path, name, c10::toString(t.scalar_type()), safetensors_dtype_names());
     }
   }
 }
@@ -168,133 +120,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   if (p == MAP_FAILED) fail_user("cannot memory-map {}: {}.", path, std::strerror(map_errno));
   map_ = {static_cast<const std::byte*>(p), Unmap{size}};
 
-  uint64_t header_len = 0;
-  std::memcpy(&header_len, map_.get(), 8);
-  if (header_len > size - 8) {
-    fail_user("{}: the header length (first 8 bytes, little-endian) is {}, but only {} bytes follow it. The file is "
-              "truncated, or not a safetensors file (a PyTorch .bin/.pt checkpoint is a zip archive).",
-              path, header_len, size - 8);
-  }
-  if (header_len > kMaxHeaderBytes) {
-    fail_user("{}: the header length is {} bytes, above the format's limit of {}. This is not a safetensors file.",
-              path, header_len, kMaxHeaderBytes);
-  }
-  const auto* text = reinterpret_cast<const char*>(map_.get()) + 8;
-  data_ = map_.get() + 8 + header_len;
-  const uint64_t data_size = size - 8 - header_len;
-
-  // nlohmann keeps the last of duplicate keys silently; a duplicated tensor name is an error.
-  std::set<std::string> keys;
-  const json::parser_callback_t no_duplicates = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::key && depth == 1 && !keys.insert(parsed.get<std::string>()).second) {
-      fail_user("{}: the header names \"{}\" twice. {}", path, parsed.get<std::string>(), kCorruptFix);
-    }
-    return true;
-  };
-  json header;
-  try {
-    header = json::parse(text, text + header_len, no_duplicates);
-  } catch (const json::parse_error& e) {
-    fail_user("{}: the header (bytes 8 to {}) is not valid UTF-8 JSON: {}. {}", path, 8 + header_len, e.what(),
-              kCorruptFix);
-  }
-  if (!header.is_object()) {
-    fail_user("{}: the header is a JSON {}, but must be an object mapping tensor names to {{\"dtype\", \"shape\", "
-              "\"data_offsets\"}}. {}",
-              path, header.type_name(), kCorruptFix);
-  }
-
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      if (!entry.is_object()) fail_user("{}: \"__metadata__\" is {}, but must be an object of strings. {}", path, show(entry), kCorruptFix);
-      for (const auto& [key, value] : entry.items()) {
-        if (!value.is_string()) {
-          fail_user("{}: \"__metadata__\" entry \"{}\" is {}, but metadata values must be strings. {}", path, key,
-                    show(value), kCorruptFix);
-        }
-        metadata_[key] = value.get<std::string>();
-      }
-      continue;
-    }
-    const auto bad = [&](const std::string& what) {
-      return UserError(fmt::format("{}: tensor \"{}\": {}. {}", path, name, what, kCorruptFix));
-    };
-    if (!entry.is_object()) throw bad(fmt::format("expected an object {{\"dtype\", \"shape\", \"data_offsets\"}}, got {}", show(entry)));
-    for (const char* field : {"dtype", "shape", "data_offsets"}) {
-      if (!entry.contains(field)) throw bad(fmt::format("\"{}\" is missing; every tensor needs dtype, shape and data_offsets", field));
-    }
-    Info info;
-    const json& dtype = entry.at("dtype");
-    if (!dtype.is_string()) throw bad(fmt::format("\"dtype\" is {}, expected a string such as \"BF16\"", show(dtype)));
-    info.dtype = dtype.get<std::string>();
-    const DType* dt = find_dtype(info.dtype);
-    if (!dt && std::ranges::find(kSubByteDTypes, info.dtype) != kSubByteDTypes.end()) {
-      fail_user("{}: tensor \"{}\" has the sub-byte dtype {}, which moeforge cannot load (LibTorch has no unpacked "
-                "type for it). Convert the checkpoint to BF16 or F32.",
-                path, name, info.dtype);
-    }
-    if (!dt) throw bad(fmt::format("unknown dtype \"{}\"; expected one of {}", info.dtype, dtype_list()));
-    info.scalar_type = dt->type;
-
-    const json& shape = entry.at("shape");
-    if (!shape.is_array()) throw bad(fmt::format("\"shape\" is {}, expected a list of non-negative integers", show(shape)));
-    uint64_t numel = 1;
-    bool overflow = false;
-    for (const json& dim : shape) {
-      const auto d = as_size(dim);
-      if (!d || *d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        throw bad(fmt::format("shape {} has the dimension {}; dimensions must be non-negative integers", show(shape), show(dim)));
-      }
-      info.shape.push_back(static_cast<int64_t>(*d));
-      overflow |= __builtin_mul_overflow(numel, *d, &numel);
-    }
-
-    const json& offsets = entry.at("data_offsets");
-    const auto begin = offsets.is_array() && offsets.size() == 2 ? as_size(offsets[0]) : std::nullopt;
-    const auto end = offsets.is_array() && offsets.size() == 2 ? as_size(offsets[1]) : std::nullopt;
-    if (!begin || !end) throw bad(fmt::format("\"data_offsets\" is {}, expected [begin, end] of non-negative integers", show(offsets)));
-    if (*end < *begin) throw bad(fmt::format("data_offsets [{}, {}] end before they begin", *begin, *end));
-    if (*end > data_size) {
-      throw bad(fmt::format("data_offsets [{}, {}] run past the data section, which has {} bytes (the file is {} bytes)",
-                      *begin, *end, data_size, size));
-    }
-    uint64_t expected = 0;
-    overflow |= __builtin_mul_overflow(numel, c10::elementSize(info.scalar_type), &expected);
-    if (overflow || expected != *end - *begin) {
-      throw bad(fmt::format("shape {} of {} needs {} bytes, but data_offsets [{}, {}] span {}", show(shape), info.dtype,
-                      overflow ? std::string("more than 2^64") : std::to_string(expected), *begin, *end, *end - *begin));
-    }
-    info.begin = *begin;
-    info.end = *end;
-    names_.push_back(name);
-    infos_.emplace(name, std::move(info));
-  }
-
-  // The format requires the tensors to tile the data section exactly: no overlaps, no holes.
-  std::ranges::sort(names_, [&](const std::string& a, const std::string& b) {
-    const Info &x = infos_.at(a), &y = infos_.at(b);
-    return std::tie(x.begin, x.end, a) < std::tie(y.begin, y.end, b);
-  });
-  size_t covered = 0;
-  const std::string* previous = nullptr;
-  for (const auto& name : names_) {
-    const Info& i = infos_.at(name);
-    if (i.begin < covered) {
-      fail_user("{}: tensor \"{}\" (bytes [{}, {})) overlaps tensor \"{}\" (bytes [{}, {})); each tensor needs its own "
-                "bytes. {}",
-                path, name, i.begin, i.end, *previous, infos_.at(*previous).begin, covered, kCorruptFix);
-    }
-    if (i.begin > covered) {
-      fail_user("{}: bytes [{}, {}) of the data section belong to no tensor (a hole before tensor \"{}\"); the format "
-                "requires the data to be packed. {}",
-                path, covered, i.begin, name, kCorruptFix);
-    }
-    covered = i.end;
-    previous = &name;
-  }
-  if (covered != data_size) {
-    fail_user("{}: the tensors cover {} bytes, but the data section has {}; the last {} bytes belong to no tensor. {}",
-              path, covered, data_size, data_size - covered, kCorruptFix);
+  auto header = parse_safetensors_header(map_.get(), size, path);
+  data_ = map_.get() + header.data_offset;
+  names_ = std::move(header.names);
+  metadata_ = std::move(header.metadata);
+  for (auto& [name, e] : header.entries) {
+    infos_.emplace(name, Info{std::move(e.dtype), kScalarTypes[e.dtype_index], std::move(e.shape), e.begin, e.end});
   }
 }
 
@@ -375,7 +206,7 @@ void SafetensorsCheckpoint::load_index(const std::string& index_path) {
   json index;
   try {
     index = json::parse(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     fail_user("{} is not valid JSON: {}. Re-save or re-download the checkpoint.", index_path, e.what());
   }
   if (!index.is_object() || !index.contains("weight_map") || !index.at("weight_map").is_object()) {
@@ -452,7 +283,7 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
     const auto& [name, t] = tensors[i];
     if (header.size() > 1) header += ',';
     header += fmt::format("{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
-                          json_string(name, path, "tensor name"), kDTypes[dtype_rank(t.scalar_type())].name,
+                          json_string(name, path, "tensor name"), kSafetensorsDTypes[dtype_rank(t.scalar_type())].name,
                           fmt::join(t.sizes().begin(), t.sizes().end(), ","), offset, offset + nbytes(t));
     offset += nbytes(t);
   }

@@ -43,7 +43,7 @@ class Reader {
     json root;
     try {
       root = json::parse(in);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       fail_user("{} is not valid JSON ({}); give an intact Hugging Face tokenizer.json", path_, e.what());
     }
     if (!root.is_object()) fail_user("{} is not a tokenizer.json (no JSON object at the top)", path_);

@@ -203,7 +203,7 @@ ModelConfig read_hf_config(const std::string& dir) {
   if (!in) fail_user("{}: not found; a Hugging Face checkpoint directory holds config.json and *.safetensors", config_path.string());
   try {
     return model_config_from_hf(json::parse(in), config_path.string());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     fail_user("{}: invalid JSON: {}", config_path.string(), e.what());
   }
 }

@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer target for the .idx parser with clang (ASan + UBSan) and runs it for a
-# bounded time, starting from a few valid indexes. Exits non-zero on any crash or sanitizer report.
-#   bash tests/fuzz/run_fuzz.sh [SECONDS] [WORK_DIR]
+# Builds one libFuzzer target with clang (ASan + UBSan) and runs it for a bounded time from its
+# seed corpus. Exits non-zero on any crash or sanitizer report.
+#   bash tests/fuzz/run_fuzz.sh TARGET [SECONDS] [WORK_DIR]
+# TARGET: idx (the .idx parser), safetensors_header, yaml_config (the config loader).
+# Seeds: tests/fuzz/corpus/TARGET/ (idx: written below, as our writer lays indexes out); what the
+# fuzzer finds goes to WORK_DIR/TARGET/, never into the source tree.
 set -euo pipefail
-seconds=${1:-30}
+target=${1:?usage: run_fuzz.sh TARGET [SECONDS] [WORK_DIR]}
+seconds=${2:-30}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-work=${2:-$root/build/fuzz}
+work=${3:-$root/build/fuzz}/$target
 mkdir -p "$work/corpus"
 clangxx=$(command -v clang++ || command -v clang++-14)
+core=(core/config.cpp core/config_schema.cpp core/config_loader.cpp core/config_validate.cpp core/durable_file.cpp
+      core/text_distance.cpp core/model_size.cpp core/logging.cpp)
+case "$target" in
+  idx) sources=(data/indexed_dataset.cpp data/sigbus_guard.cpp core/durable_file.cpp); libs=(-lfmt) ;;
+  safetensors_header) sources=(core/safetensors_header.cpp); libs=(-lfmt) ;;
+  yaml_config) sources=("${core[@]}"); libs=(-lyaml-cpp -lspdlog -lfmt) ;;
+  *) echo "run_fuzz.sh: unknown target '$target' (idx, safetensors_header, yaml_config)" >&2; exit 1 ;;
+esac
 "$clangxx" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -I"$root" "$root/tests/fuzz/fuzz_idx.cpp" "$root/data/indexed_dataset.cpp" "$root/core/durable_file.cpp" -lfmt \
-  -o "$work/fuzz_idx"
-# Seeds: valid indexes as our writer produces them (2 size bytes, then the .idx).
-python3 - "$work/corpus" <<'PY'
+  -DSPDLOG_COMPILED_LIB -DSPDLOG_FMT_EXTERNAL -I"$root" "$root/tests/fuzz/fuzz_$target.cpp" \
+  "${sources[@]/#/$root/}" "${libs[@]}" -o "$work/fuzz_$target"
+if [[ -d "$root/tests/fuzz/corpus/$target" ]]; then cp "$root/tests/fuzz/corpus/$target/"* "$work/corpus/"; fi
+if [[ "$target" == idx ]]; then
+  # Valid indexes as our writer produces them (2 size bytes, then the .idx).
+  python3 - "$work/corpus" <<'PY'
 import struct, sys, os
 out = sys.argv[1]
 for n, (code, size) in enumerate([(8, 2), (4, 4), (1, 1)]):
@@ -24,9 +38,10 @@ for n, (code, size) in enumerate([(8, 2), (4, 4), (1, 1)]):
     idx += struct.pack("<3i", *lengths) + struct.pack("<3q", *pointers) + struct.pack("<3q", 0, 1, 3)
     open(os.path.join(out, f"seed{n}"), "wb").write(struct.pack("<H", at) + idx)
 PY
+fi
 # Crash reproducers go to the work directory, not the current one.
 log="$work/fuzz.log"
-if ASAN_OPTIONS=detect_leaks=1 "$work/fuzz_idx" -max_total_time="$seconds" -print_final_stats=1 \
+if ASAN_OPTIONS=detect_leaks=1 "$work/fuzz_$target" -max_total_time="$seconds" -print_final_stats=1 \
     -artifact_prefix="$work/" "$work/corpus" >"$log" 2>&1; then
   tail -5 "$log"
 else
