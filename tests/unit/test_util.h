@@ -3,6 +3,9 @@
 
 #include "core/errors.h"
 
+// c10's logging defines a CHECK macro too (abort on failure, no report): included first, so that
+// Catch's definition, below, is the one every test uses whatever it includes afterwards.
+#include <c10/util/Logging.h>
 #include <catch2/catch.hpp>
 
 #include <array>
