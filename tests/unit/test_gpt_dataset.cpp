@@ -42,6 +42,20 @@ void write_dataset(const std::string& prefix, TokenDType dtype, uint32_t seed, i
 
 std::vector<int64_t> ints(const json& j) { return j.get<std::vector<int64_t>>(); }
 
+// 30 documents, sequences of 16, indices cached in a fresh directory.
+struct SmallCachedDataset {
+  test::TempDir dir;
+  std::shared_ptr<const IndexedDataset> data;
+  GPTDatasetOptions options;
+  SmallCachedDataset() {
+    const auto prefix = (dir.path() / "a").string();
+    write_dataset(prefix, TokenDType::uint16, 1, 30, 40);
+    data = std::make_shared<const IndexedDataset>(prefix);
+    options.seq_length = 16;
+    options.cache_dir = (dir.path() / "cache").string();
+  }
+};
+
 void compare_split(const json& expected, const SampleSource& ours, const std::string& what) {
   INFO(what);
   REQUIRE(ours.size() == expected["length"].get<int64_t>());
@@ -170,13 +184,9 @@ TEST_CASE("numpy's RandomState shuffle, bit for bit", "[data][gpt]") {
 }
 
 TEST_CASE("indices are cached and reused, and rebuilt when the description changes", "[data][gpt]") {
-  test::TempDir dir;
-  const auto a = (dir.path() / "a").string();
-  write_dataset(a, TokenDType::uint16, 1, 30, 40);
-  auto data = std::make_shared<const IndexedDataset>(a);
-  GPTDatasetOptions o;
-  o.seq_length = 16;
-  o.cache_dir = (dir.path() / "cache").string();
+  const SmallCachedDataset small;
+  const auto& data = small.data;
+  auto o = small.options;
   const GPTDataset first(data, Split::train, {0, 30}, 50, o);
   CHECK(first.built_indices());
   const GPTDataset again(data, Split::train, {0, 30}, 50, o);
@@ -188,13 +198,9 @@ TEST_CASE("indices are cached and reused, and rebuilt when the description chang
 }
 
 TEST_CASE("a damaged index cache is rebuilt, never followed out of bounds", "[data][gpt][cache][errors]") {
-  test::TempDir dir;
-  const auto a = (dir.path() / "a").string();
-  write_dataset(a, TokenDType::uint16, 1, 30, 40);
-  auto data = std::make_shared<const IndexedDataset>(a);
-  GPTDatasetOptions o;
-  o.seq_length = 16;
-  o.cache_dir = (dir.path() / "cache").string();
+  const SmallCachedDataset small;
+  const auto& data = small.data;
+  auto o = small.options;
   const GPTDataset first(data, Split::train, {0, 30}, 50, o);
   REQUIRE(first.built_indices());
   auto file_of = [&](const std::string& array) {
