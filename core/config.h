@@ -78,6 +78,9 @@ struct ModelConfig {
   bool moe_router_pre_softmax = false;     // softmax over all experts, then top-k (Qwen, Mixtral)
   bool moe_router_norm_topk_prob = false;  // with pre-softmax: renormalize the k weights (Mixtral)
   LoadBalancingType moe_router_load_balancing_type = LoadBalancingType::aux_loss;
+  // Benchmarks (Megatron's --moe-router-force-load-balancing): the router runs, but every expert
+  // gets T*K/E slots (+-1); the loss is then not a training result.
+  bool moe_router_force_load_balancing = false;
   double moe_aux_loss_coeff = 0.0;
   double moe_z_loss_coeff = 0.0;
   std::optional<double> moe_expert_capacity_factor;  // null = dropless
@@ -184,6 +187,9 @@ struct HardwareConfig {
   std::string chip;                    // e.g. "H100"; empty = detect
   std::optional<double> peak_tflops;   // null = table of known chips, or CPU calibration
   int64_t num_threads = 0;             // intra-op threads per rank; 0 = LibTorch's default
+  // A benchmark case's own parameter count for its 6N MFU (FlagPerf's literal N, e.g. 2.3e9),
+  // reported beside ours so a row compares with the case's published table; null = none.
+  std::optional<double> reference_compute_n;
 };
 
 // What a config is loaded for: a training run (every required key, every check), or only its

@@ -189,6 +189,7 @@ std::vector<ConfigField> make_fields() {
       bind("model", M, "moe_router_topk", &MC::moe_router_topk, "Experts chosen per token"),
       bind("model", M, "moe_router_pre_softmax", &MC::moe_router_pre_softmax, "Softmax over all experts, then top-k (Qwen, Mixtral); false = top-k on logits, then softmax over the k (Megatron's default)"),
       bind("model", M, "moe_router_norm_topk_prob", &MC::moe_router_norm_topk_prob, "With pre-softmax: renormalize the k weights to sum to 1 (Mixtral); Qwen1.5-MoE: false"),
+      bind("model", M, "moe_router_force_load_balancing", &MC::moe_router_force_load_balancing, "Benchmarks only: the router runs but slot k of token t goes to expert (t*K + k) mod E, so every expert gets T*K/E slots (+-1) and each token K distinct experts; the run is marked, its loss is not a training result"),
       bind("model", M, "moe_router_load_balancing_type", &MC::moe_router_load_balancing_type, "Load-balancing loss: Megatron's per-layer aux_loss or seq_aux_loss, Hugging Face's loss pooled over layers, or none"),
       bind("model", M, "moe_aux_loss_coeff", &MC::moe_aux_loss_coeff, "Weight of the load-balancing loss"),
       bind("model", M, "moe_z_loss_coeff", &MC::moe_z_loss_coeff, "Weight of the router z-loss; 0 = off"),
@@ -261,6 +262,7 @@ std::vector<ConfigField> make_fields() {
       bind("hardware", H, "chip", &HC::chip, "Accelerator name for MFU peaks and reports (e.g. H100); empty = detect"),
       bind("hardware", H, "peak_tflops", &HC::peak_tflops, "Peak dense TFLOP/s per device for MFU; null = known-chip table or CPU calibration"),
       bind("hardware", H, "num_threads", &HC::num_threads, "Compute threads per rank; 0 = LibTorch's default"),
+      bind("hardware", H, "reference_compute_n", &HC::reference_compute_n, "A benchmark case's own N for 6N MFU (FlagPerf's qwen1.5-MoE case: 2.3e9), reported beside ours by `moeforge report`; null = none"),
   };
 }
 

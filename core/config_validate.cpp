@@ -204,6 +204,7 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
     }
   }
   if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);
+  if (c.hardware.reference_compute_n) p.positive("hardware.reference_compute_n", *c.hardware.reference_compute_n);
   p.non_negative("hardware.num_threads", c.hardware.num_threads);
   p.throw_if_any();
 }

@@ -3,11 +3,15 @@
 #include "core/transformer.h"
 
 #include <cmath>
+#include <tuple>
 
 namespace moeforge::moe {
 
 RouterImpl::RouterImpl(const ModelConfig& c)
-    : topk_(c.moe_router_topk), pre_softmax_(c.moe_router_pre_softmax), norm_topk_(c.moe_router_norm_topk_prob) {
+    : topk_(c.moe_router_topk),
+      pre_softmax_(c.moe_router_pre_softmax),
+      norm_topk_(c.moe_router_norm_topk_prob),
+      force_balance_(c.moe_router_force_load_balancing) {
   weight = model::deferred_parameter(*this, "weight", {*c.num_experts, c.hidden_size});
 }
 
@@ -15,17 +19,32 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   Routing r;
   r.logits_TE = torch::nn::functional::linear(x_TD, weight);
   r.probs_TE = torch::softmax(r.logits_TE, -1, torch::kFloat32);
+  if (force_balance_) {
+    r.experts_TK = forced_experts(x_TD.size(0), topk_, weight.size(0), x_TD.options().dtype(torch::kInt64));
+  }
   if (pre_softmax_) {
-    auto [top_TK, idx_TK] = torch::topk(r.probs_TE, topk_, -1);
+    auto top_TK = torch::Tensor();
+    if (force_balance_) {
+      top_TK = r.probs_TE.gather(1, r.experts_TK);
+    } else {
+      std::tie(top_TK, r.experts_TK) = torch::topk(r.probs_TE, topk_, -1);
+    }
     if (norm_topk_) top_TK = top_TK / top_TK.sum(-1, /*keepdim=*/true);
     r.weights_TK = top_TK.to(r.logits_TE.scalar_type());
-    r.experts_TK = idx_TK;
   } else {
-    auto [top_TK, idx_TK] = torch::topk(r.logits_TE, topk_, -1);
+    auto top_TK = torch::Tensor();
+    if (force_balance_) {
+      top_TK = r.logits_TE.gather(1, r.experts_TK);
+    } else {
+      std::tie(top_TK, r.experts_TK) = torch::topk(r.logits_TE, topk_, -1);
+    }
     r.weights_TK = torch::softmax(top_TK, -1, torch::kFloat32).to(r.logits_TE.scalar_type());
-    r.experts_TK = idx_TK;
   }
   return r;
+}
+
+torch::Tensor forced_experts(int64_t T, int64_t K, int64_t E, const torch::TensorOptions& options) {
+  return torch::arange(T * K, options.dtype(torch::kInt64)).remainder(E).view({T, K});
 }
 
 torch::Tensor slots_per_expert(const torch::Tensor& experts_TK, int64_t bins) {

@@ -21,7 +21,9 @@ struct Routing {
 
 // Variants (ModelConfig): moe_router_pre_softmax with or without moe_router_norm_topk_prob
 // (Qwen: softmax over all, top-k, no renormalization; Mixtral: renormalized), or top-k on the
-// logits then softmax over the k (Megatron's default).
+// logits then softmax over the k (Megatron's default). With moe_router_force_load_balancing the
+// scores are computed as usual but slot k of token t goes to expert (t*K + k) mod E (see
+// forced_experts); the combine weights are the variant's weights of those experts.
 class RouterImpl : public torch::nn::Module {
  public:
   explicit RouterImpl(const ModelConfig& config);
@@ -30,9 +32,15 @@ class RouterImpl : public torch::nn::Module {
 
  private:
   int64_t topk_;
-  bool pre_softmax_, norm_topk_;
+  bool pre_softmax_, norm_topk_, force_balance_;
 };
 TORCH_MODULE(Router);
+
+// The forced assignment of T tokens to K of E experts: slot (t, k) -> (t*K + k) mod E. Round robin
+// over the T*K slots, so every expert gets floor or ceil of T*K/E, and K <= E consecutive ids are
+// distinct. A function of the position only: the same in every layer, micro-batch, recomputation
+// and layout, with no random numbers (a benchmark compares chips, not seeds).
+torch::Tensor forced_experts(int64_t T, int64_t K, int64_t E, const torch::TensorOptions& options);
 
 // Slots per expert id in [0, bins) (int64, on experts_TK's device). A scatter-add of ones, not
 // bincount: CUDA's bincount reads its input's maximum on the host, a device sync per call.

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -208,7 +209,15 @@ json build_report(const ReportOptions& o) {
   } else if (env.contains("chips") && !env["chips"].empty()) {
     memory_total = env["chips"][0].value("memory_total_bytes", int64_t{0});
   }
-  auto median = [&](const char* key) { return steady_state[key].value("median", NAN); };
+  // A double default: value() returns its default's type, and NAN is a float (7450.7 read 7450.7002).
+  auto median = [&](const char* key) { return steady_state[key].value("median", std::numeric_limits<double>::quiet_NaN()); };
+  // The case's own 6N MFU (FlagPerf's literal N): tokens/s/chip x 6 x N / peak, as its script
+  // computes it, so the row compares with its published table digit for digit.
+  const double peak_tflops = last.value(metric::kPeakTflops, 0.0);
+  const json reference_mfu = c.hardware.reference_compute_n && peak_tflops > 0
+                                 ? json(median(metric::kTokensPerSecond) * 6.0 * *c.hardware.reference_compute_n /
+                                        (peak_tflops * 1e12))
+                                 : json(nullptr);
   const json result = {
       {"config", fmt::format("{} {}x{}", chip, nodes, per_node)},
       {"chip", chip},
@@ -227,7 +236,9 @@ json build_report(const ReportOptions& o) {
       {"peak_memory_kind", gpu_memory ? "peak reserved GPU memory of rank 0 (CUDA caching allocator) / device total"
                                       : "peak resident host memory of rank 0 / host total"},
       {"tflops_per_chip", {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}}},
-      {"mfu", {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}}},
+      {"mfu", {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}, {"reference", reference_mfu}}},
+      {"reference_compute_n", c.hardware.reference_compute_n ? json(*c.hardware.reference_compute_n) : json(nullptr)},
+      {"moe_router_force_load_balancing", c.model.moe_router_force_load_balancing},
       {"peak_tflops", last.value(metric::kPeakTflops, 0.0)},
       {"peak_source", last.value(metric::kPeakSource, std::string())},
       {"step_time_s", median(metric::kStepTime)},

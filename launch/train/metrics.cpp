@@ -57,6 +57,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
   for (const char* key : {metric::kLmLoss, "aux_loss", "z_loss", "loss", "grad_norm"}) {
     if (!std::isfinite(j[key].get<double>())) j[key] = nullptr;
   }
+  if (m.forced_load_balance) j[metric::kForcedLoadBalance] = true;
   if (!m.ep_tokens_received.empty()) {
     j[metric::kEpTokensReceived] = m.ep_tokens_received;
     j[metric::kEpTokensReceivedMaxOverMean] = m.ep_tokens_received_max_over_mean;
@@ -92,6 +93,7 @@ std::string step_log_line(const StepMetrics& m) {
                         m.time_all_to_all_s * 1e3);
   }
   if (m.skipped) line += " | SKIPPED (non-finite loss or gradient)";
+  if (m.forced_load_balance) line += " | FORCED LOAD BALANCE (benchmark: the loss is not a training result)";
   return line;
 }
 

@@ -71,6 +71,9 @@ inline constexpr const char* kAllToAllBytesSent = "all_to_all_bytes_sent";
 inline constexpr const char* kRankTimes = "rank_times";
 inline constexpr const char* kValidLmLoss = "valid_lm_loss";
 inline constexpr const char* kValidPpl = "valid_ppl";
+// Present (true) only in runs with model.moe_router_force_load_balancing: their loss is not a
+// training result.
+inline constexpr const char* kForcedLoadBalance = "moe_router_force_load_balancing";
 }  // namespace metric
 
 struct StepMetrics {
@@ -78,6 +81,7 @@ struct StepMetrics {
   double lm_loss = 0, aux_loss = 0, z_loss = 0, loss = 0;  // loss = lm + coefficients * aux, z
   double lr = 0, grad_norm = 0;
   bool skipped = false;
+  bool forced_load_balance = false;  // model.moe_router_force_load_balancing
   int64_t skipped_iterations = 0;
   std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
   double expert_load_max_over_mean = 0;       // the largest of those

@@ -67,6 +67,8 @@ std::vector<std::string> gather_hostnames(Communicator& world) {
 json run_environment(const ExperimentConfig& c, const std::vector<std::string>& hostnames, const std::string& command) {
   json j;
   j["moeforge_version"] = MOEFORGE_VERSION;
+  // A benchmark with forced routing measures the machine under perfect balance, not training.
+  j["moe_router_force_load_balancing"] = c.model.moe_router_force_load_balancing;
   const std::string commit = capture(fmt::format("git -C '{}' describe --always --dirty --abbrev=12", MOEFORGE_SOURCE_DIR));
   j["moeforge_commit"] = commit.empty() ? "unknown (not run from a git checkout)" : commit;
   j["compiler"] = fmt::format("gcc {}", __VERSION__);

@@ -239,6 +239,10 @@ void Trainer::announce(const std::string& command) {
                c_.parallel.use_distributed_optimizer ? "distributed optimizer (Adam state sharded over DP)"
                                                      : "Adam state replicated");
   spdlog::info("kernels: {}", kernels::describe_kernels());
+  if (c_.model.moe_router_force_load_balancing) {
+    spdlog::warn("model.moe_router_force_load_balancing: every expert gets T*K/E slots whatever the router says "
+                 "(a benchmark of the machine, not of the model): the losses of this run are not training results");
+  }
   spdlog::info("data: train {} samples, valid {}", train_data_->size(),
                valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
   spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
@@ -373,6 +377,7 @@ StepMetrics Trainer::train_step() {
     }
   }
   m.iteration = state_.iteration;
+  m.forced_load_balance = c_.model.moe_router_force_load_balancing;
   m.train_iters = t.train_iters;
   m.consumed_samples = state_.consumed_train_samples;
   m.skipped_iterations = state_.skipped_iterations;

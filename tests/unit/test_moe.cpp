@@ -8,6 +8,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <tuple>
+#include <vector>
 
 using namespace moeforge;
 
@@ -62,6 +64,37 @@ TEST_CASE("router variants: Qwen, Mixtral and Megatron's default", "[moe]") {
   const auto g = megatron(x_TD);
   CHECK(torch::equal(g.experts_TK, idx_TK));  // softmax is monotone: the same experts
   CHECK(torch::allclose(g.weights_TK, m.weights_TK, 1e-5, 1e-6));  // and mathematically Mixtral's weights
+}
+
+TEST_CASE("forced load balance: every expert gets T*K/E slots (+-1), each token K distinct experts", "[moe][balance]") {
+  for (const auto& [T, K, E] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {64, 4, 8}, {50, 4, 60}, {7, 2, 3}, {1, 4, 60}, {333, 4, 60}, {128, 1, 16}, {10, 8, 8}}) {
+    INFO("T " << T << " K " << K << " E " << E);
+    const auto experts_TK = moe::forced_experts(T, K, E, torch::TensorOptions());
+    const auto counts = torch::bincount(experts_TK.reshape({-1}), {}, E);
+    CHECK(counts.sum().item<int64_t>() == T * K);
+    CHECK(counts.max().item<int64_t>() - counts.min().item<int64_t>() <= 1);
+    CHECK(counts.max().item<int64_t>() == (T * K + E - 1) / E);
+    for (int64_t t = 0; t < T; ++t) CHECK(std::get<0>(torch::_unique(experts_TK[t])).numel() == K);
+  }
+  // The router still runs: its weights are the variant's weights of the forced experts.
+  torch::manual_seed(0);
+  auto c = moe_config();
+  c.moe_router_force_load_balancing = true;
+  const auto x_TD = torch::randn({50, 64});
+  for (const bool pre_softmax : {true, false}) {
+    c.moe_router_pre_softmax = pre_softmax;
+    moe::Router router(c);
+    model::materialize(*router, torch::kFloat32);
+    torch::nn::init::normal_(router->weight, 0.0, 0.5);
+    const auto r = router(x_TD);
+    const auto logits_TE = torch::matmul(x_TD, router->weight.t());
+    CHECK(torch::equal(r.experts_TK, moe::forced_experts(50, 2, 8, torch::TensorOptions())));
+    const auto expected = pre_softmax ? torch::softmax(logits_TE, -1).gather(1, r.experts_TK)
+                                      : torch::softmax(logits_TE.gather(1, r.experts_TK), -1);
+    CHECK(torch::allclose(r.weights_TK, expected, 1e-6, 1e-6));
+    CHECK(torch::allclose(r.probs_TE, torch::softmax(logits_TE, -1), 1e-6, 1e-7));  // what the aux loss sees
+  }
 }
 
 TEST_CASE("load-balancing and z losses take their closed-form values under uniform routing", "[moe]") {
