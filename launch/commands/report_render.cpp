@@ -1,6 +1,7 @@
 // report.md and report.html from report.json. The HTML is one file: inline CSS and SVG plots drawn
 // here, no scripts or resources from elsewhere (a one-line script only counts the plots).
 #include "launch/commands/report.h"
+#include "launch/commands/report_plots.h"
 
 #include <fmt/format.h>
 
@@ -14,19 +15,7 @@ namespace moeforge {
 
 namespace {
 
-std::string esc(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '&': out += "&amp;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
-    }
-  }
-  return out;
-}
+std::string esc(const std::string& s) { return html_escape(s); }
 
 std::string num(const json& v, const char* fmt_spec = "{:.4g}") {
   if (!v.is_number()) return "-";
@@ -37,11 +26,6 @@ std::string gib(const json& v) {
   return v.is_number() && v.get<double>() > 0 ? fmt::format("{:.1f} GiB", v.get<double>() / (1LL << 30)) : "-";
 }
 
-struct Series {
-  std::string name, color;
-  std::vector<double> x, y;  // NaN = gap
-};
-
 std::vector<double> column(const json& series, const char* key) {
   std::vector<double> v;
   if (!series.contains(key)) return v;
@@ -49,83 +33,14 @@ std::vector<double> column(const json& series, const char* key) {
   return v;
 }
 
-constexpr double W = 680, H = 260, L = 64, R = 130, T = 28, B = 40;  // the legend sits right of the plot
-
-std::string frame(const std::string& title, const std::string& ylabel, double x0, double x1, double y0, double y1) {
-  std::string s = fmt::format(R"(<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" viewBox="0 0 {} {}" role="img">)"
-                              R"(<title>{}</title><text x="{}" y="18" class="t">{}</text>)",
-                              W, H, W, H, esc(title), L, esc(title));
-  for (int i = 0; i <= 4; ++i) {
-    const double f = i / 4.0, y = H - B - f * (H - T - B), x = L + f * (W - L - R);
-    s += fmt::format(R"(<line x1="{}" x2="{}" y1="{:.1f}" y2="{:.1f}" class="grid"/><text x="{}" y="{:.1f}" class="yl">{:.4g}</text>)",
-                     L, W - R, y, y, L - 4, y + 4, y0 + f * (y1 - y0));
-    s += fmt::format(R"(<text x="{:.1f}" y="{}" class="xl">{:.4g}</text>)", x, H - B + 16, x0 + f * (x1 - x0));
-  }
-  s += fmt::format(R"(<rect x="{}" y="{}" width="{}" height="{}" class="plot"/>)", L, T, W - L - R, H - T - B);
-  s += fmt::format(R"svg(<text x="{}" y="{}" class="xl">iteration</text><text x="12" y="{}" class="yl" transform="rotate(-90 12 {})">{}</text>)svg",
-                   L + (W - L - R) / 2, H - 4, H / 2, H / 2, esc(ylabel));
-  return s;
-}
-
-std::string line_chart(const std::string& title, const std::string& ylabel, const std::vector<Series>& series) {
-  double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
-  for (const auto& s : series) {
-    for (size_t i = 0; i < s.x.size(); ++i) {
-      if (!std::isfinite(s.y[i])) continue;
-      x0 = std::min(x0, s.x[i]), x1 = std::max(x1, s.x[i]), y0 = std::min(y0, s.y[i]), y1 = std::max(y1, s.y[i]);
-    }
-  }
-  if (!std::isfinite(x0)) return "";
-  if (x1 == x0) x1 = x0 + 1;
-  const double pad = y1 > y0 ? 0.05 * (y1 - y0) : std::max(std::abs(y0) * 0.05, 1e-9);
-  y0 -= pad, y1 += pad;
-  std::string s = frame(title, ylabel, x0, x1, y0, y1);
-  int legend = 0;
-  for (const auto& se : series) {
-    std::string points;
-    for (size_t i = 0; i < se.x.size(); ++i) {
-      if (!std::isfinite(se.y[i])) continue;
-      points += fmt::format("{:.1f},{:.1f} ", L + (se.x[i] - x0) / (x1 - x0) * (W - L - R),
-                            H - B - (se.y[i] - y0) / (y1 - y0) * (H - T - B));
-    }
-    s += fmt::format(R"(<polyline points="{}" fill="none" stroke="{}" stroke-width="1.6"/>)", points, se.color);
-    s += fmt::format(R"(<text x="{}" y="{}" fill="{}" class="lg">{}</text>)", W - R + 8, T + 14 + 14 * legend++, se.color, esc(se.name));
-  }
-  return s + "</svg>";
-}
-
-std::string stacked_bars(const std::string& title, const std::vector<double>& x, const std::vector<Series>& parts) {
-  if (x.empty()) return "";
-  double top = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    double sum = 0;
-    for (const auto& p : parts) sum += std::isfinite(p.y[i]) ? p.y[i] : 0;
-    top = std::max(top, sum);
-  }
-  if (top <= 0) top = 1;
-  std::string s = frame(title, "seconds", x.front(), x.back(), 0, top);
-  const double slot = (W - L - R) / static_cast<double>(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    double base = 0;
-    for (const auto& p : parts) {
-      const double v = std::isfinite(p.y[i]) ? p.y[i] : 0;
-      const double h = v / top * (H - T - B), y = H - B - (base + v) / top * (H - T - B);
-      s += fmt::format(R"(<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" fill="{}"/>)", L + slot * static_cast<double>(i),
-                       y, std::max(slot * 0.8, 0.5), h, p.color);
-      base += v;
-    }
-  }
-  int legend = 0;
-  for (const auto& p : parts) {
-    s += fmt::format(R"(<text x="{}" y="{}" fill="{}" class="lg">{}</text>)", W - R + 8, T + 14 + 14 * legend++, p.color, esc(p.name));
-  }
-  return s + "</svg>";
-}
-
 const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"};
 
+constexpr const char* kForcedBalanceNote =
+    "FORCED LOAD BALANCE (model.moe_router_force_load_balancing): every expert got T*K/E slots whatever the router "
+    "chose. This measures the machine under perfect balance; the loss is not a training result.";
+
 std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
-  return {{"config (chip nodes x devices)", r["config"].get<std::string>()},
+  std::vector<std::pair<std::string, std::string>> rows = {{"config (chip nodes x devices)", r["config"].get<std::string>()},
           {"precision", r["precision"].get<std::string>()},
           {"parallel (TPxPPxDPxEP)", r["parallel"].get<std::string>()},
           {"global batch x sequence", fmt::format("{} x {}", r["global_batch_size"].get<int64_t>(), r["seq_length"].get<int64_t>())},
@@ -137,6 +52,15 @@ std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
           {"TFLOP/s/chip (Megatron / 6N)", num(r["tflops_per_chip"]["megatron"]) + " / " + num(r["tflops_per_chip"]["six_n"])},
           {"peak used for MFU", num(r["peak_tflops"]) + " TFLOP/s (" + r["peak_source"].get<std::string>() + ")"},
           {"step time (median)", num(r["step_time_s"], "{:.4g}") + " s"}};
+  if (r.contains("reference_compute_n") && r["reference_compute_n"].is_number()) {
+    rows.insert(rows.begin() + 9, {fmt::format("MFU (6N with the case's N = {:.4g})", r["reference_compute_n"].get<double>()),
+                                   // three decimals: FlagPerf's table shows two, and rounding must not hide a digit
+                                   r["mfu"]["reference"].is_number()
+                                       ? fmt::format("{:.3f} %", 100 * r["mfu"]["reference"].get<double>())
+                                       : std::string("-")});
+  }
+  if (r.value("moe_router_force_load_balancing", false)) rows.insert(rows.begin(), {"routing", kForcedBalanceNote});
+  return rows;
 }
 
 std::vector<std::pair<std::string, std::string>> environment_rows(const json& e) {
@@ -159,7 +83,9 @@ std::string render_markdown(const json& rep) {
   std::ostringstream o;
   const auto& r = rep["result"];
   o << "# moeforge benchmark report\n\nRun: `" << rep["run_dir"].get<std::string>() << "`, generated "
-    << rep["generated_at"].get<std::string>() << ". Plots: `report.html`. Numbers: `report.json`.\n\n## Result (FlagPerf's row)\n\n";
+    << rep["generated_at"].get<std::string>() << ". Plots: `report.html`. Numbers: `report.json`.\n\n";
+  if (r.value("moe_router_force_load_balancing", false)) o << "> **" << kForcedBalanceNote << "**\n\n";
+  o << "## Result (FlagPerf's row)\n\n";
   o << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | loss | memory used/total | MFU |\n|---|---|---|---|---|---|---|\n";
   o << fmt::format("| {} | {} | {} | {} | {} | {} / {} | {} |\n\n", r["config"].get<std::string>(), r["precision"].get<std::string>(),
                    r["parallel"].get<std::string>(), num(r["tokens_per_s_per_chip"], "{:.1f}"), num(r["lm_loss_last"], "{:.4f}"),
@@ -203,37 +129,45 @@ std::string render_html(const json& rep) {
   auto make = [&](const std::string& name, const char* key, int color) {
     return Series{name, kColors[color], x, column(series, key)};
   };
+  // Iterations before the steady state (left out of the statistics) are shaded.
+  ChartOptions opts;
+  opts.warmup_before = rep["steady_state"]["warmup_iterations"].get<int64_t>() > 0
+                        ? rep["steady_state"]["first_iteration"].get<double>()
+                        : 0.0;
   std::vector<std::string> charts;
   std::vector<Series> loss{make("LM loss", metric::kLmLoss, 0)};
   if (series.contains("reference_lm_loss")) loss.push_back(make("reference", "reference_lm_loss", 1));
-  charts.push_back(line_chart("LM loss" + std::string(loss.size() > 1 ? " against the reference" : ""), "loss", loss));
+  charts.push_back(line_chart("LM loss" + std::string(loss.size() > 1 ? " against the reference" : ""), "loss (nats per token)",
+                              loss, opts));
   auto mfu = column(series, metric::kMfu), mfu6 = column(series, metric::kMfu6N);
   for (auto* v : {&mfu, &mfu6}) for (auto& y : *v) y *= 100;
-  charts.push_back(line_chart("MFU per iteration", "%", {{"Megatron formula", kColors[0], x, mfu}, {"6N", kColors[2], x, mfu6}}));
-  charts.push_back(line_chart("Throughput", "tokens/s/chip", {make("tokens/s/chip", metric::kTokensPerSecond, 0)}));
-  charts.push_back(stacked_bars("Time per iteration", x,
+  charts.push_back(line_chart("MFU per iteration", "MFU (%)", {{"Megatron formula", kColors[0], x, mfu}, {"6N", kColors[2], x, mfu6}}, opts));
+  charts.push_back(line_chart("Throughput", "tokens/s per chip", {make("tokens/s/chip", metric::kTokensPerSecond, 0)}, opts));
+  charts.push_back(stacked_bars("Time per iteration", "time (s)", x,
                                 {make("data", metric::kTimeData, 7), make("forward", metric::kTimeForward, 0),
                                  make("backward", metric::kTimeBackward, 2), make("pipeline wait", metric::kTimePipelineWait, 3),
-                                 make("grad reduce", metric::kTimeGradReduce, 4), make("optimizer", metric::kTimeOptimizer, 5)}));
+                                 make("grad reduce", metric::kTimeGradReduce, 4), make("optimizer", metric::kTimeOptimizer, 5)},
+                                opts));
   const bool has_comm = series.contains(metric::kTimeComm) &&
                         std::any_of(series[metric::kTimeComm].begin(), series[metric::kTimeComm].end(),
                                     [](const json& v) { return v.is_number(); });
   if (has_comm) {  // runs from before these keys have none
-    charts.push_back(line_chart("Communication per iteration", "s",
+    charts.push_back(line_chart("Communication per iteration", "time (s)",
                                 {make("collectives in flight", metric::kTimeComm, 4),
-                                 make("exposed (compute waited)", metric::kTimeCommExposed, 1)}));
+                                 make("exposed (compute waited)", metric::kTimeCommExposed, 1)},
+                                opts));
   }
-  std::vector<Series> load{make("max over layers", metric::kExpertLoadMaxOverMean, 1)};
+  charts.push_back(line_chart("Expert load (busiest expert / mean)", "busiest / mean",
+                              {make("max over layers", metric::kExpertLoadMaxOverMean, 1)}, opts));
+  // Every layer's load, iteration by iteration: which layers collapse, and when.
   if (series.contains(metric::kExpertLoadPerLayer) && !series[metric::kExpertLoadPerLayer].empty() &&
       !series[metric::kExpertLoadPerLayer][0].empty()) {
-    const size_t layers = series[metric::kExpertLoadPerLayer][0].size();
-    for (size_t l = 0; l < std::min<size_t>(layers, 6); ++l) {
-      Series s{fmt::format("layer {}", l), kColors[(l + 2) % 8], x, {}};
-      for (const auto& per : series[metric::kExpertLoadPerLayer]) s.y.push_back(per.size() > l ? per[l].get<double>() : NAN);
-      load.push_back(s);
+    std::vector<std::vector<double>> rows(series[metric::kExpertLoadPerLayer][0].size());
+    for (const auto& per : series[metric::kExpertLoadPerLayer]) {
+      for (size_t l = 0; l < rows.size(); ++l) rows[l].push_back(per.size() > l ? per[l].get<double>() : NAN);
     }
+    charts.push_back(heatmap("Expert load per MoE layer (busiest expert / mean)", "MoE layer", x, rows, 1.0, opts));
   }
-  charts.push_back(line_chart("Expert load (busiest expert / mean)", "max/mean", load));
   std::erase(charts, std::string());
 
   std::ostringstream o;
@@ -244,9 +178,12 @@ std::string render_html(const json& rep) {
        ".pass{background:#e6f4ea;border:1px solid #34a853;padding:8px}.fail{background:#fce8e6;border:1px solid #d93025;padding:8px}"
        ".plots{display:flex;flex-wrap:wrap;gap:12px}svg .t{font-size:14px;font-weight:600}svg .plot{fill:none;stroke:#999}"
        "svg .grid{stroke:#eee}svg .yl{font-size:11px;text-anchor:end}svg .xl{font-size:11px;text-anchor:middle}svg .lg{font-size:12px}"
+       "svg .warm{fill:#f3f3f3}svg .wl{font-size:10px;fill:#888}"
        "code{font-size:12px}</style></head><body>\n";
   o << "<h1>moeforge benchmark report</h1><p>Run <code>" << esc(rep["run_dir"].get<std::string>()) << "</code>, generated "
-    << esc(rep["generated_at"].get<std::string>()) << ".</p>\n<h2>Result</h2><table>";
+    << esc(rep["generated_at"].get<std::string>()) << ".</p>\n";
+  if (r.value("moe_router_force_load_balancing", false)) o << "<div class=\"fail\">" << esc(kForcedBalanceNote) << "</div>\n";
+  o << "<h2>Result</h2><table>";
   for (const auto& [k, v] : result_rows(r)) o << "<tr><th>" << esc(k) << "</th><td>" << esc(v) << "</td></tr>";
   o << "</table>\n<h2>Accuracy</h2>";
   if (rep["accuracy"].is_null()) {

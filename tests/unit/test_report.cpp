@@ -1,7 +1,7 @@
 // `moeforge report`: numbers recomputed from the metrics by a numpy oracle, the accuracy verdict at
 // FlagPerf's threshold, Megatron-LM log lines as the reference, and report.html opened in a real
 // headless browser (chromium).
-#include "test_util.h"
+#include "launch/commands/report_plots.h"
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>
@@ -130,8 +130,9 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
                                  (run / "report" / "report.html").string() + " 2>/dev/null");
     REQUIRE(dom.exit_code == 0);
     // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time,
-    // communication of the 2-rank run, expert load).
-    CHECK_THAT(dom.output, Contains("data-plots=\"6\"") && Contains("Communication per iteration"));
+    // communication of the 2-rank run, expert load, the per-layer load heatmap).
+    CHECK_THAT(dom.output, Contains("data-plots=\"7\"") && Contains("Communication per iteration") &&
+                               Contains("Expert load per MoE layer"));
     CHECK_THAT(dom.output, Contains("<polyline") && Contains("PASS"));
   }
 }
@@ -183,4 +184,70 @@ TEST_CASE("report verdict at FlagPerf's threshold, against a Megatron-LM log", "
   const auto missing = run_command(kBin + " report " + (dir.path() / "nowhere").string());
   CHECK(missing.exit_code == 1);
   CHECK_THAT(missing.output, Contains("metrics.jsonl: not found"));
+}
+
+TEST_CASE("report plots: ticks at 1, 2 or 5 times a power of ten, whole iterations, none below zero", "[report][plots]") {
+  // The ranges that gave ticks at 10.75 and 20.5 and a tick at -88 before.
+  CHECK(nice_axis(10.75, 20.5, 6, true, true).ticks == std::vector<double>{10, 12, 14, 16, 18, 20, 22});
+  CHECK(nice_axis(1, 3, 6, true, true).ticks == std::vector<double>{1, 2, 3});
+  CHECK(nice_axis(12.3, 19.8, 5, false, true).ticks == std::vector<double>{12, 14, 16, 18, 20});
+  CHECK(nice_axis(7, 7, 5, true, true).ticks == std::vector<double>{6, 7, 8});
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const double scale = std::pow(10.0, static_cast<int>(rng() % 16) - 8);
+    double lo = scale * (rng() % 1000) / 10.0, hi = lo + scale * (rng() % 1000) / 10.0;
+    const bool integer = trial % 3 == 0;
+    if (integer) lo = std::floor(lo * 1e6), hi = std::ceil(hi * 1e6);  // iterations
+    INFO("[" << lo << ", " << hi << "] integer " << integer);
+    const auto a = nice_axis(lo, hi, 5, integer, true);
+    REQUIRE(a.ticks.size() >= 2);
+    CHECK(a.ticks.size() <= 12);
+    CHECK(a.lo <= lo);
+    CHECK(a.hi >= hi);
+    CHECK(a.lo >= 0);
+    const double step = a.ticks[1] - a.ticks[0];
+    const double mantissa = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
+    CHECK((std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 || std::abs(mantissa - 5) < 1e-6));
+    for (size_t i = 0; i < a.ticks.size(); ++i) {
+      CHECK(std::abs(a.ticks[i] - (a.ticks[0] + static_cast<double>(i) * step)) <= 1e-9 * std::max(1.0, std::abs(a.hi)));
+      if (integer) CHECK(a.ticks[i] == std::round(a.ticks[i]));
+    }
+  }
+}
+
+TEST_CASE("report.html: whole iterations on every x axis, no negative tick, warm-up shaded, a heatmap per layer",
+          "[report][plots]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto run = dir.path() / "run";
+  train(config, "--set training.train_iters=12 --set training.eval_iters=0 --set logging.run_dir=" + run.string());
+  const auto r = run_command(kBin + " report " + run.string());
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const auto html = slurp((run / "report" / "report.html").string());
+  auto labels = [&](const std::string& cls) {
+    std::vector<std::string> out;
+    const std::string open = "class=\"" + cls + "\">";
+    for (auto at = html.find(open); at != std::string::npos; at = html.find(open, at + 1)) {
+      const auto begin = at + open.size();
+      out.push_back(html.substr(begin, html.find('<', begin) - begin));
+    }
+    return out;
+  };
+  int numeric = 0;
+  for (const auto& x : labels("xl")) {
+    if (x.empty() || !(std::isdigit(static_cast<unsigned char>(x[0])) || x[0] == '-')) continue;  // the axis title
+    ++numeric;
+    CHECK(x.find('.') == std::string::npos);  // whole iterations
+    CHECK(x[0] != '-');
+  }
+  CHECK(numeric > 20);
+  for (const auto& y : labels("yl")) CHECK((y.empty() || y[0] != '-'));  // every plotted quantity is non-negative
+  CHECK_THAT(html, Contains("class=\"warm\"") && Contains("warm-up"));
+  size_t cells = 0;
+  for (auto at = html.find("class=\"heat\""); at != std::string::npos; at = html.find("class=\"heat\"", at + 1)) ++cells;
+  CHECK(cells == 2 * 12);  // 2 MoE layers x 12 iterations
+  for (const char* unit : {"loss (nats per token)", "MFU (%)", "tokens/s per chip", "time (s)", "busiest / mean"}) {
+    CHECK_THAT(html, Contains(unit));
+  }
 }
