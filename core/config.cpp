@@ -12,9 +12,10 @@ constexpr Names<ModelType, 4> kModelType{{{ModelType::qwen2_moe, "qwen2_moe"},
                                           {ModelType::mixtral, "mixtral"},
                                           {ModelType::qwen2, "qwen2"},
                                           {ModelType::llama, "llama"}}};
-constexpr Names<LoadBalancingType, 4> kLoadBalancing{
+constexpr Names<LoadBalancingType, 5> kLoadBalancing{
     {{LoadBalancingType::aux_loss, "aux_loss"},
      {LoadBalancingType::seq_aux_loss, "seq_aux_loss"},
+     {LoadBalancingType::global_aux_loss, "global_aux_loss"},
      {LoadBalancingType::hf_pooled_aux_loss, "hf_pooled_aux_loss"},
      {LoadBalancingType::none, "none"}}};
 constexpr Names<TokenDropPolicy, 2> kDropPolicy{

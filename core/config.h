@@ -21,8 +21,10 @@ namespace moeforge {
 enum class ModelType { qwen2_moe, mixtral, qwen2, llama };
 
 // How the load-balancing loss is computed. aux_loss and seq_aux_loss are Megatron's per-layer
-// losses; hf_pooled_aux_loss is Hugging Face's loss over the router logits of all layers pooled.
-enum class LoadBalancingType { aux_loss, seq_aux_loss, hf_pooled_aux_loss, none };
+// losses; global_aux_loss is Megatron's per-layer loss with the expert loads of the global batch
+// (summed over the data-parallel ranks, averaged over the step's micro-batches so far);
+// hf_pooled_aux_loss is Hugging Face's loss over the router logits of all layers pooled.
+enum class LoadBalancingType { aux_loss, seq_aux_loss, global_aux_loss, hf_pooled_aux_loss, none };
 
 // Which slots a full expert drops when a capacity factor is set (Megatron's names).
 enum class TokenDropPolicy { probs, position };
@@ -81,6 +83,11 @@ struct ModelConfig {
   // Benchmarks (Megatron's --moe-router-force-load-balancing): the router runs, but every expert
   // gets T*K/E slots (+-1); the loss is then not a training result.
   bool moe_router_force_load_balancing = false;
+  // Aux-loss-free balancing (DeepSeek-V3, Megatron's --moe-router-enable-expert-bias): a per-expert
+  // bias added to the router's scores for the top-k selection only, moved by
+  // moe_router_bias_update_rate * sign(mean load - load) after every optimizer step.
+  bool moe_router_enable_expert_bias = false;
+  double moe_router_bias_update_rate = 1e-3;
   double moe_aux_loss_coeff = 0.0;
   double moe_z_loss_coeff = 0.0;
   std::optional<double> moe_expert_capacity_factor;  // null = dropless

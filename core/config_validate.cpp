@@ -106,6 +106,10 @@ void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) 
   }
 
   if (!m.num_experts) {
+    if (m.moe_router_enable_expert_bias) {
+      p.add("model.moe_router_enable_expert_bias is true but model.num_experts is null: a dense model has no router; "
+            "set num_experts or turn the bias off");
+    }
     if (m.moe_shared_expert_intermediate_size) {
       p.add("model.moe_shared_expert_intermediate_size is set but model.num_experts is null: a shared expert only exists "
             "in MoE layers; set num_experts or remove the shared expert");
@@ -128,6 +132,13 @@ void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) 
     p.add("model.moe_aux_loss_coeff is {} but model.moe_router_load_balancing_type is none: pick a loss type or set the "
           "coefficient to 0",
           m.moe_aux_loss_coeff);
+  }
+  if (m.moe_router_enable_expert_bias) {
+    p.positive("model.moe_router_bias_update_rate", m.moe_router_bias_update_rate);
+    if (m.moe_router_force_load_balancing) {
+      p.add("model.moe_router_enable_expert_bias and model.moe_router_force_load_balancing are both true: the forced "
+            "assignment ignores the scores, so the bias would only drift; turn one off");
+    }
   }
   if (m.moe_expert_capacity_factor) p.positive("model.moe_expert_capacity_factor", *m.moe_expert_capacity_factor);
   if (m.moe_shared_expert_intermediate_size) {

@@ -2,6 +2,7 @@
 
 #include "core/kernels/cross_entropy.h"
 #include "core/recompute.h"
+#include "core/rule_updated.h"
 
 #include <algorithm>
 #include <cmath>
@@ -111,7 +112,7 @@ void init_megatron_parameter(const ModelConfig& c, const std::string& name, torc
     t.fill_(1.0);
     return;
   }
-  if (name.ends_with(".bias")) {
+  if (name.ends_with(".bias") || is_rule_updated(name)) {
     t.zero_();
     return;
   }

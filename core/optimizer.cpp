@@ -3,6 +3,7 @@
 #include "core/errors.h"
 #include "core/host_sync.h"
 #include "core/kernels/adamw.h"
+#include "core/rule_updated.h"
 
 #include <fmt/format.h>
 
@@ -61,6 +62,10 @@ std::vector<TrainableParameter> select_trainable(const std::vector<std::pair<std
   check_used(t.frozen, "frozen");
   std::vector<TrainableParameter> out;
   for (const auto& [name, param] : named) {
+    if (is_rule_updated(name)) {  // updated by its rule, never by the optimizer
+      param.set_requires_grad(false);
+      continue;
+    }
     const bool trains = (t.trainable.empty() || matches_any(t.trainable, name)) && !matches_any(t.frozen, name);
     param.set_requires_grad(trains);
     if (!trains) continue;

@@ -4,6 +4,7 @@
 #include "core/kernels/rope.h"
 #include "core/kernels/swiglu.h"
 #include "core/recompute.h"
+#include "core/rule_updated.h"
 
 namespace moeforge::model {
 
@@ -14,14 +15,16 @@ torch::Tensor deferred_parameter(torch::nn::Module& module, const std::string& n
 
 void materialize(torch::nn::Module& module, const torch::TensorOptions& options) {
   torch::NoGradGuard no_grad;
-  for (auto& p : module.parameters()) {
+  for (auto& item : module.named_parameters()) {
+    auto& p = item.value();
     if (!p.is_meta()) continue;
+    const auto param_options = is_rule_updated(item.key()) ? options.dtype(torch::kFloat32) : options;
     // The parameter object must stay the one its module and its member field hold. set_data()
     // refuses a meta -> real swap (no "compatible shallow-copy type"); after that check it does
     // exactly this: take over the new tensor's storage, sizes, device and dispatch keys, keeping
     // requires_grad and the version counter. Nothing has run on the meta tensor, so no autograd
     // state refers to its old device.
-    p.unsafeGetTensorImpl()->shallow_copy_from(torch::empty(p.sizes(), options).getIntrusivePtr());
+    p.unsafeGetTensorImpl()->shallow_copy_from(torch::empty(p.sizes(), param_options).getIntrusivePtr());
   }
 }
 

@@ -22,7 +22,8 @@ namespace moeforge::model {
 // A parameter of `shape` on the meta device, registered on `module` as `name`.
 torch::Tensor deferred_parameter(torch::nn::Module& module, const std::string& name, torch::IntArrayRef shape);
 
-// Allocates every parameter of `module` still on the meta device with `options` (uninitialised).
+// Allocates every parameter of `module` still on the meta device with `options` (uninitialised);
+// rule-updated parameters in fp32 whatever `options` say.
 void materialize(torch::nn::Module& module, const torch::TensorOptions& options);
 
 // y = x W^T (+ b), W [out, in]: torch::nn::Linear's math without its eager initialisation.

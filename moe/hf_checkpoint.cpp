@@ -2,6 +2,7 @@
 
 #include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/rule_updated.h"
 #include "core/safetensors.h"
 #include "moe/moe_layer.h"
 
@@ -19,6 +20,11 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
+
+// Our key in config.json for the router's expert bias (tensor `mlp.gate.expert_bias` of each MoE
+// layer). transformers' Qwen2-MoE and Mixtral have no such bias: they load such a checkpoint with
+// the tensor reported unexpected and route without it.
+constexpr const char* kExpertBiasKey = "moe_router_enable_expert_bias";
 
 template <typename T>
 T get(const json& j, const char* key, const std::string& path) {
@@ -136,6 +142,7 @@ ModelConfig model_config_from_hf(const json& j, const std::string& path) {
   if (c.is_moe()) {
     c.moe_router_load_balancing_type = LoadBalancingType::hf_pooled_aux_loss;
     c.moe_aux_loss_coeff = j.value("router_aux_loss_coef", 0.0);
+    c.moe_router_enable_expert_bias = j.value(kExpertBiasKey, false);
   }
   return c;
 }
@@ -173,6 +180,7 @@ json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
       }
       j["mlp_only_layers"] = dense;
       j["router_aux_loss_coef"] = c.moe_aux_loss_coeff;
+      if (c.moe_router_enable_expert_bias) j[kExpertBiasKey] = true;
       break;
     }
     case ModelType::mixtral:
@@ -182,6 +190,7 @@ json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
       j["intermediate_size"] = *c.moe_ffn_hidden_size;
       j["num_experts_per_tok"] = c.moe_router_topk;
       j["router_aux_loss_coef"] = c.moe_aux_loss_coeff;
+      if (c.moe_router_enable_expert_bias) j[kExpertBiasKey] = true;
       break;
     case ModelType::qwen2:
       j["model_type"] = "qwen2";
@@ -303,7 +312,7 @@ void save_hf_checkpoint(const ModelConfig& c, const NamedTensors& params, const 
   torch::ScalarType dtype = torch::kFloat32;
   for (const auto& [name, value] : params) {
     const auto p = value.detach();
-    dtype = p.scalar_type();
+    if (!is_rule_updated(name)) dtype = p.scalar_type();  // the weights' precision (a bias stays fp32)
     int64_t layer = 0;
     bool gate_up = false;
     if (is_experts(name, &layer, &gate_up)) {

@@ -1,5 +1,7 @@
 #include "moe/moe_layer.h"
 
+#include "core/host_sync.h"
+
 namespace moeforge::moe {
 
 MoELayer::MoELayer(const ModelConfig& c) : config_(c), dispatcher_(std::make_shared<LocalDispatcher>(*c.num_experts)) {
@@ -45,6 +47,7 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   switch (config_.moe_router_load_balancing_type) {
     case LoadBalancingType::aux_loss: out.aux_loss = aux_loss(routing.probs_TE, experts_TK, E); break;
     case LoadBalancingType::seq_aux_loss: out.aux_loss = seq_aux_loss(routing.probs_TE, experts_TK, E, x_BSD.size(1)); break;
+    case LoadBalancingType::global_aux_loss:     // computed in model_loss from the global loads
     case LoadBalancingType::hf_pooled_aux_loss:  // computed over all layers in model_loss
     case LoadBalancingType::none: break;
   }
@@ -59,8 +62,25 @@ model::GPTModel build_model(const ModelConfig& config) {
   });
 }
 
+void update_expert_biases(model::GPTModelImpl& model, int64_t first_layer, int64_t end_layer, const torch::Tensor& load_LE) {
+  const ModelConfig& c = model.config();
+  if (!c.moe_router_enable_expert_bias) return;
+  torch::Tensor on_device_LE;  // the loads are read to the host with the losses: one copy back, not a sync
+  for (int64_t l = 0, n = 0; l < end_layer; ++l) {
+    if (!c.is_moe_layer(l)) continue;
+    if (l >= first_layer) {
+      auto& bias_E = std::dynamic_pointer_cast<MoELayer>(model.layer(l).mlp)->gate->expert_bias;
+      if (!on_device_LE.defined()) {
+        on_device_LE = load_LE.device() == bias_E.device() ? load_LE : to_device(load_LE.contiguous(), bias_E.device());
+      }
+      update_expert_bias(bias_E, on_device_LE[n], c.moe_router_bias_update_rate);
+    }
+    ++n;
+  }
+}
+
 LossBreakdown model_loss(const ModelConfig& c, const model::ModelOutput& out, const torch::Tensor& labels_BS,
-                         const torch::Tensor& loss_mask_BS) {
+                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global) {
   LossBreakdown l;
   // A pipeline stage without the head contributes only its layers' auxiliary losses.
   l.lm = out.hidden_BSD.defined() ? torch::zeros({}, out.hidden_BSD.options().dtype(torch::kFloat32))
@@ -72,6 +92,17 @@ LossBreakdown model_loss(const ModelConfig& c, const model::ModelOutput& out, co
     if (layer.aux_loss) l.aux = l.aux + *layer.aux_loss;
     if (layer.z_loss) l.z = l.z + *layer.z_loss;
     if (layer.router_logits_TE) logits.push_back(*layer.router_logits_TE);
+  }
+  if (c.moe_router_load_balancing_type == LoadBalancingType::global_aux_loss) {
+    int64_t n = 0;
+    for (const auto& layer : out.layers) {
+      if (!layer.router_logits_TE) continue;
+      const auto probs_TE = torch::softmax(*layer.router_logits_TE, -1, torch::kFloat32);
+      l.aux = l.aux + (global ? global_aux_loss(probs_TE, global->load_LE[n], global->tokens, c.moe_router_topk)
+                              : global_aux_loss(probs_TE, *layer.tokens_per_expert_E, static_cast<double>(probs_TE.size(0)),
+                                                c.moe_router_topk));
+      ++n;
+    }
   }
   if (c.moe_router_load_balancing_type == LoadBalancingType::hf_pooled_aux_loss && !logits.empty()) {
     l.aux = hf_pooled_aux_loss(logits, *c.num_experts, c.moe_router_topk);

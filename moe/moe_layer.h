@@ -36,6 +36,11 @@ class MoELayer : public model::FeedForward {
 // The model of a config: MoE layers where model.moe_layer_freq says so, dense FFNs elsewhere.
 model::GPTModel build_model(const ModelConfig& config);
 
+// Aux-loss-free balancing, once per optimizer step: update_expert_bias (moe/router.h) of every MoE
+// layer in [first_layer, end_layer) from its row of load_LE, the slots per expert of the model's
+// MoE layers in order, counted over the whole global batch. No-op without the expert bias.
+void update_expert_biases(model::GPTModelImpl& model, int64_t first_layer, int64_t end_layer, const torch::Tensor& load_LE);
+
 struct LossBreakdown {
   torch::Tensor total;  // what backward runs on
   torch::Tensor lm;     // mean cross-entropy
@@ -43,8 +48,18 @@ struct LossBreakdown {
   torch::Tensor z;      // z-loss, unscaled, summed over layers
 };
 
+// For global_aux_loss: the global batch's expert loads, one row per MoE layer of the output in
+// order (slots per expert summed over the data-parallel ranks, averaged over the step's
+// micro-batches so far, Megatron's running average), and the micro-batch's tokens over those ranks.
+struct GlobalExpertLoad {
+  torch::Tensor load_LE;
+  double tokens = 0;
+};
+
 // lm + moe_aux_loss_coeff * aux + moe_z_loss_coeff * z, with the load-balancing type of the config.
+// global_aux_loss without `global` (evaluation, one process outside training) uses the
+// micro-batch's own loads: the per-micro-batch aux_loss.
 LossBreakdown model_loss(const ModelConfig& config, const model::ModelOutput& out, const torch::Tensor& labels_BS,
-                         const torch::Tensor& loss_mask_BS);
+                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global = nullptr);
 
 }  // namespace moeforge::moe

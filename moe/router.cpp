@@ -13,34 +13,52 @@ RouterImpl::RouterImpl(const ModelConfig& c)
       norm_topk_(c.moe_router_norm_topk_prob),
       force_balance_(c.moe_router_force_load_balancing) {
   weight = model::deferred_parameter(*this, "weight", {*c.num_experts, c.hidden_size});
+  if (c.moe_router_enable_expert_bias) {
+    expert_bias = model::deferred_parameter(*this, "expert_bias", {*c.num_experts});
+    expert_bias.set_requires_grad(false);
+  }
+}
+
+void RouterImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::NoGradGuard no_grad;
+  weight.set_data(weight.to(dtype, non_blocking));
+}
+
+void RouterImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::NoGradGuard no_grad;
+  weight.set_data(weight.to(device, dtype, non_blocking));
+  if (expert_bias.defined()) expert_bias.set_data(expert_bias.to(device, torch::kFloat32, non_blocking));
 }
 
 Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   Routing r;
   r.logits_TE = torch::nn::functional::linear(x_TD, weight);
   r.probs_TE = torch::softmax(r.logits_TE, -1, torch::kFloat32);
-  if (force_balance_) {
-    r.experts_TK = forced_experts(x_TD.size(0), topk_, weight.size(0), x_TD.options().dtype(torch::kInt64));
+  // What the variant's top-k runs on, and takes its weights from.
+  const torch::Tensor& scores_TE = pre_softmax_ ? r.probs_TE : r.logits_TE;
+  torch::Tensor top_TK;
+  if (force_balance_ || expert_bias.defined()) {
+    r.experts_TK = force_balance_ ? forced_experts(x_TD.size(0), topk_, weight.size(0), x_TD.options())
+                                  : std::get<1>(torch::topk(scores_TE.to(torch::kFloat32) + expert_bias, topk_, -1));
+    top_TK = scores_TE.gather(1, r.experts_TK);  // unbiased
+  } else {
+    std::tie(top_TK, r.experts_TK) = torch::topk(scores_TE, topk_, -1);
   }
   if (pre_softmax_) {
-    auto top_TK = torch::Tensor();
-    if (force_balance_) {
-      top_TK = r.probs_TE.gather(1, r.experts_TK);
-    } else {
-      std::tie(top_TK, r.experts_TK) = torch::topk(r.probs_TE, topk_, -1);
-    }
     if (norm_topk_) top_TK = top_TK / top_TK.sum(-1, /*keepdim=*/true);
     r.weights_TK = top_TK.to(r.logits_TE.scalar_type());
   } else {
-    auto top_TK = torch::Tensor();
-    if (force_balance_) {
-      top_TK = r.logits_TE.gather(1, r.experts_TK);
-    } else {
-      std::tie(top_TK, r.experts_TK) = torch::topk(r.logits_TE, topk_, -1);
-    }
     r.weights_TK = torch::softmax(top_TK, -1, torch::kFloat32).to(r.logits_TE.scalar_type());
   }
   return r;
+}
+
+void update_expert_bias(torch::Tensor& bias_E, const torch::Tensor& load_E, double rate) {
+  torch::NoGradGuard no_grad;
+  // Loads are whole counts: exact in fp64, so every rank computes the same signs.
+  const auto load = load_E.to(bias_E.device(), torch::kFloat64);
+  const auto step_E = torch::sign(load.mean() - load).to(torch::kFloat32) * static_cast<float>(rate);
+  bias_E.add_(step_E);
 }
 
 torch::Tensor forced_experts(int64_t T, int64_t K, int64_t E, const torch::TensorOptions& options) {
@@ -87,6 +105,12 @@ torch::Tensor aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& exper
   const double T = static_cast<double>(probs_TE.size(0));
   const double K = static_cast<double>(experts_TK.size(1));
   return (probs_TE.sum(0) * counts_E(experts_TK, num_experts)).sum() * (static_cast<double>(num_experts) / (K * T * T));
+}
+
+torch::Tensor global_aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& load_E, double global_tokens,
+                              int64_t topk) {
+  const double T = static_cast<double>(probs_TE.size(0)), E = static_cast<double>(probs_TE.size(1));
+  return (probs_TE.sum(0) * load_E.to(probs_TE.scalar_type())).sum() * (E / (static_cast<double>(topk) * T * global_tokens));
 }
 
 torch::Tensor seq_aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts,

@@ -3,6 +3,7 @@
 #include "core/config_loader.h"
 #include "core/durable_file.h"
 #include "core/errors.h"
+#include "core/rule_updated.h"
 #include "core/safetensors.h"
 #include "launch/train/checkpoint.h"
 #include "moe/hf_checkpoint.h"
@@ -130,6 +131,7 @@ int run_upcycle(const UpcycleCommandOptions& o) {
       built[p + "shared_expert.down_proj.weight"] = u.shared->down_DI;
     }
     if (u.shared_gate_1D.defined()) built[p + "shared_expert_gate.weight"] = u.shared_gate_1D;
+    if (mc.moe_router_enable_expert_bias) built[p + "gate.expert_bias"] = torch::zeros({*mc.num_experts});
   }
   // Every MoE tensor from the construction above or, unchanged, from the dense model; every dense
   // tensor used. Anything else is a mismatch to report, not to skip.
@@ -154,7 +156,7 @@ int run_upcycle(const UpcycleCommandOptions& o) {
         continue;
       }
       item.value().copy_(t);
-      out.emplace_back(name, item.value().detach().to(stored_dtype));
+      out.emplace_back(name, item.value().detach().to(is_rule_updated(name) ? torch::kFloat32 : stored_dtype));
     }
   }
   for (const auto& [name, t] : source) {

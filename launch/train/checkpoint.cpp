@@ -222,6 +222,7 @@ std::vector<std::string> model_config_differences(const ModelConfig& a, const Mo
   if (a.is_moe() && b.is_moe()) {
     cmp("moe_router_topk", a.moe_router_topk, b.moe_router_topk);
     cmp("moe_router_norm_topk_prob", a.moe_router_norm_topk_prob, b.moe_router_norm_topk_prob);
+    cmp("moe_router_enable_expert_bias", a.moe_router_enable_expert_bias, b.moe_router_enable_expert_bias);
   }
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());

@@ -296,6 +296,10 @@ StepMetrics Trainer::train_step() {
   for (auto& d : shard_->dispatchers) {
     if (d) d->stats().reset();
   }
+  // global_aux_loss: this stage's expert loads of the step's micro-batches so far, summed over DP.
+  const bool global_aux = c_.model.moe_router_load_balancing_type == LoadBalancingType::global_aux_loss;
+  torch::Tensor global_load_LE;
+  int64_t global_seen = 0;
 
   // Forward and backward of every micro-batch, in the 1F1B schedule (one stage: plain gradient
   // accumulation). Backward runs on (LM + aux + z) / micro-batches; a stage without the head adds
@@ -307,7 +311,9 @@ StepMetrics Trainer::train_step() {
     timer.stop(Phase::data);
     const auto out =
         model_->forward_layers(first == 0 ? b.tokens : input, b.position_ids, first, end, model::HeadOutput::head_input);
-    const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask);
+    std::optional<moe::GlobalExpertLoad> global;
+    if (global_aux) global = add_global_load(out, global_load_LE, global_seen);
+    const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask, global ? &*global : nullptr);
     losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
     for (size_t j = 0; j < out.layers.size(); ++j) {
       const auto& layer = out.layers[j];
@@ -361,6 +367,9 @@ StepMetrics Trainer::train_step() {
     optimizer_->step(m.lr);
     schedule_->step();  // as Megatron: only a successful update advances the schedule
   }
+  // Aux-loss-free balancing (as Megatron, also after a skipped update): every rank moves the biases
+  // of its routers by the same global loads, so the biases stay identical everywhere.
+  if (num_moe_layers > 0) moe::update_expert_biases(*model_, first, end, sums.narrow(0, 4, sums.numel() - 4).view({-1, E}));
   timer.stop(Phase::optimizer);
   ++state_.iteration;
   state_.consumed_train_samples += t.global_batch_size;
@@ -408,6 +417,23 @@ StepMetrics Trainer::train_step() {
   m.device_memory = device_memory(device_);
   if (layout_.world() > 1) record_rank_times(m, m.time_forward_s + m.time_backward_s - m.time_all_to_all_s);
   return m;
+}
+
+std::optional<moe::GlobalExpertLoad> Trainer::add_global_load(const model::ModelOutput& out, torch::Tensor& sum_LE,
+                                                               int64_t& seen) const {
+  // One all-reduce per micro-batch for all of the stage's MoE layers (Megatron: one per layer). The
+  // DP replicas of a stage run the same schedule, so their forwards meet in the same order.
+  std::vector<torch::Tensor> rows;
+  for (const auto& layer : out.layers) {
+    if (layer.tokens_per_expert_E) rows.push_back(*layer.tokens_per_expert_E);
+  }
+  if (rows.empty()) return std::nullopt;
+  auto counts_LE = torch::stack(rows);
+  if (layout_.dp() > 1) groups_.dp->all_reduce(counts_LE, ReduceOp::sum);
+  sum_LE = sum_LE.defined() ? sum_LE + counts_LE : counts_LE;
+  ++seen;
+  const double tokens = static_cast<double>(c_.training.micro_batch_size * c_.training.seq_length * layout_.dp());
+  return moe::GlobalExpertLoad{sum_LE.to(torch::kFloat64) / static_cast<double>(seen), tokens};
 }
 
 void Trainer::record_rank_times(StepMetrics& m, double compute_s) {

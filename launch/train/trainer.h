@@ -27,6 +27,7 @@
 #include "launch/train/profiler.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
+#include "moe/moe_layer.h"
 #include "parallel/layout.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/parallelize.h"
@@ -63,6 +64,9 @@ class Trainer {
   Batch to_tensors(const data::MicroBatch& mb) const;
   StepMetrics train_step();
   void record_dispatch(StepMetrics& m);
+  // global_aux_loss: adds a micro-batch's expert loads (summed over DP) to the step's `sum_LE`.
+  std::optional<moe::GlobalExpertLoad> add_global_load(const model::ModelOutput& out, torch::Tensor& sum_LE,
+                                                       int64_t& seen) const;
   void record_rank_times(StepMetrics& m, double compute_s);
   std::vector<int64_t> activation_shape() const;  // what stages send each other
   torch::TensorOptions activation_options() const;

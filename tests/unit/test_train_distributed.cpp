@@ -38,14 +38,17 @@ struct Layout {
   }
 };
 
-void check_equals_single_process(const std::vector<Layout>& layouts, const std::string& extra = "", int layers = 2) {
+// `single_extra`: arguments of the single-process run only (its micro-batch size, where the loss
+// depends on what one micro-batch holds across DP ranks).
+void check_equals_single_process(const std::vector<Layout>& layouts, const std::string& extra = "", int layers = 2,
+                                 const std::string& single_extra = "") {
   TempDir dir;
   const auto config = write_config(dir);
   const std::string args =
       " --set training.train_iters=3 --set training.eval_interval=2 --set training.eval_iters=1" + extra;
   auto run = [&](const Layout& l) {
     const std::string cmd = (l.ranks == 1 ? kBin : kMpirun + " -np " + std::to_string(l.ranks) + " " + kBin) + " train " +
-                            config + args + l.args() + " --set checkpoint.save=" + (dir.path() / l.name() / "ckpt").string() +
+                            config + args + (l.ranks == 1 ? single_extra : "") + l.args() + " --set checkpoint.save=" + (dir.path() / l.name() / "ckpt").string() +
                             " --set logging.run_dir=" + (dir.path() / l.name()).string();
     const auto r = run_command(cmd);
     INFO(r.output);
@@ -156,6 +159,17 @@ TEST_CASE("pipeline-parallel (1F1B) training equals the single-process run", "[t
 TEST_CASE("pipeline with expert and data parallel, and with ZeRO-1, equals the single-process run",
           "[train][distributed][mpi]") {
   check_equals_single_process({{4, 2, false, 2}, {4, 1, true, 2}}, kPipelineModel, 4);
+}
+
+TEST_CASE("global_aux_loss on DP, EP and PP ranks equals one process holding their micro-batches together",
+          "[train][distributed][mpi][balance]") {
+  // The loads are the global batch's, summed over the DP ranks: each rank's micro-batch of 2
+  // samples is half of one process's micro-batch of 4. A coefficient large enough that a gradient
+  // scaled by 1/DP (Megatron-LM #3672) moves the gradient norm far beyond the tolerance.
+  const std::string global = " --set model.moe_router_load_balancing_type=global_aux_loss --set model.moe_aux_loss_coeff=0.5";
+  check_equals_single_process({{2, 1, false}, {2, 2, false}}, global, 2, " --set training.micro_batch_size=4");
+  check_equals_single_process({{4, 2, false, 2}}, global + " --set model.num_layers=4", 4,
+                              " --set training.micro_batch_size=4");
 }
 
 TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals the blocking path bit for bit",
