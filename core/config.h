@@ -182,6 +182,8 @@ struct LoggingConfig {
   int64_t log_interval = 1;
   LogLevel log_level = LogLevel::info;
   std::string run_dir;  // derived: runs/<config file stem>
+  // TensorBoard event files of the step line's scalars (Megatron's --tensorboard-dir); empty = none.
+  std::string tensorboard_dir;
   // Megatron's --profile: rank 0's iterations [profile_step_start, profile_step_end) recorded by
   // LibTorch's profiler into <run_dir>/profile/.
   bool profile = false;

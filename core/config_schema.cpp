@@ -254,6 +254,7 @@ std::vector<ConfigField> make_fields() {
       bind("logging", L, "log_interval", &LC::log_interval, "Print a step line every this many iterations"),
       bind("logging", L, "log_level", &LC::log_level, "Log verbosity (--log-level overrides)"),
       bind("logging", L, "run_dir", &LC::run_dir, "Where the resolved config and metrics go; empty = runs/<config name>"),
+      bind("logging", L, "tensorboard_dir", &LC::tensorboard_dir, "Write TensorBoard event files of every logged step's scalars here (rank 0); empty = none"),
       bind("logging", L, "profile", &LC::profile,
            "Profile rank 0's iterations [profile_step_start, profile_step_end) with LibTorch's profiler: "
            "<run_dir>/profile/trace.json (Chrome trace) and top_ops.txt"),

@@ -107,4 +107,18 @@ void rename_durably(const fs::path& from, const fs::path& to) {
   sync_path(directory_of(to));
 }
 
+size_t write_fully(int fd, std::string_view data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = 0;
+      return done;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return done;
+}
+
 }  // namespace moeforge

@@ -1,4 +1,5 @@
-// defines: DurableFile, write_file_durably, sync_path, rename_durably, kTempInfix, temp_path_for
+// defines: DurableFile, write_file_durably, sync_path, rename_durably, kTempInfix, temp_path_for,
+//          write_fully
 //
 // The one way moeforge writes a file that must be complete or absent: the bytes go to a temporary
 // `<path>.tmp-<pid>` in the same directory, which is fsynced, closed and renamed over `path`;
@@ -50,5 +51,10 @@ void sync_path(const std::filesystem::path& path);
 
 // rename(from, to) followed by an fsync of the target's directory.
 void rename_durably(const std::filesystem::path& from, const std::filesystem::path& to);
+
+// Appends `data` to the open file `fd` by as many write(2) calls as it takes (EINTR retried), for
+// files that grow record by record (metrics.jsonl, TensorBoard events). Returns data.size(), or the
+// bytes written before a failure with errno set (0 when the kernel accepted no bytes).
+size_t write_fully(int fd, std::string_view data);
 
 }  // namespace moeforge

@@ -27,6 +27,7 @@ apt_packages=(
   libopenmpi-dev openmpi-bin
   libyaml-cpp-dev libspdlog-dev libfmt-dev catch2 libcli11-dev nlohmann-json3-dev libpcre2-dev
   libutf8proc-dev
+  libprotobuf-dev protobuf-compiler libboost-dev
 )
 # Only the tests need these: libFuzzer, and a real headless browser for report.html.
 ((runtime_only)) || apt_packages+=(clang libclang-rt-14-dev chromium)
@@ -49,7 +50,9 @@ fi
 # ---- Python venv with the pinned torch wheel (LibTorch) and test oracles -----------------------
 python=${MOEFORGE_PYTHON:-python3}
 pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-key=$(cat launch/requirements-torch.txt launch/requirements-test.txt <(echo "python$pyver") | sha256sum | cut -c1-16)
+# Keyed by the torch requirements only: a new test oracle is installed into the same venv (below)
+# instead of downloading the torch wheel again.
+key=$(cat launch/requirements-torch.txt <(echo "python$pyver") | sha256sum | cut -c1-16)
 cache=${MOEFORGE_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moeforge}
 venv="$cache/venv-$key"
 
@@ -67,10 +70,12 @@ else
   touch "$venv/.complete"
   say "venv: installed $(grep -v '^#' launch/requirements-torch.txt | xargs)"
 fi
-# The test oracles go into the same venv the first time the tests need them (marker written last).
-if ((!runtime_only)) && [[ ! -f "$venv/.complete-test" ]]; then
+# The test oracles go into the same venv the first time the tests need them, and again whenever
+# their list changes (marker keyed by the list, written last).
+test_key=$(sha256sum < launch/requirements-test.txt | cut -c1-16)
+if ((!runtime_only)) && [[ ! -f "$venv/.complete-test-$test_key" ]]; then
   "$venv/bin/pip" install -q -r launch/requirements-test.txt
-  touch "$venv/.complete-test"
+  touch "$venv/.complete-test-$test_key"
   say "venv: installed the test oracles $(grep -v '^#' launch/requirements-test.txt | xargs)"
 fi
 ln -sfn "$venv" .venv

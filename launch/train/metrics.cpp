@@ -130,16 +130,11 @@ void MetricsFile::append(const nlohmann::json& line) {
   // One write(2) per line, checked: what the kernel accepted survives a crash of this process, and
   // a full disk or a file-size limit ends the run instead of silently losing every later line.
   const std::string text = line.dump() + "\n";
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(fd_, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      fail_user("cannot write {}: {} (after {} of the line's {} bytes). Free space on its filesystem or set "
-                "logging.run_dir elsewhere; a resumed run repairs the cut line.",
-                path_.string(), n < 0 ? std::strerror(errno) : "no bytes written", done, text.size());
-    }
-    done += static_cast<size_t>(n);
+  const size_t done = write_fully(fd_, text);
+  if (done < text.size()) {
+    fail_user("cannot write {}: {} (after {} of the line's {} bytes). Free space on its filesystem or set "
+              "logging.run_dir elsewhere; a resumed run repairs the cut line.",
+              path_.string(), errno != 0 ? std::strerror(errno) : "no bytes written", done, text.size());
   }
 }
 

@@ -126,6 +126,10 @@ void Trainer::claim_directories() {
     std::error_code ec;
     if (!fs::equivalent(save, run_dir, ec)) dirs.emplace_back("checkpoint.save", save);
   }
+  if (const auto& tb = c_.logging.tensorboard_dir; !tb.empty()) {
+    check_tensorboard_build(tb);
+    check_output_dir("logging.tensorboard_dir", tb, /*create=*/true);
+  }
   for (const auto& [key, dir] : dirs) {
     // Rank 0 takes the lock for the job; every other rank that sees the file checks it names rank 0.
     auto record = torch::zeros({kMaxLockRecord}, torch::kUInt8);  // host: MPI
@@ -254,6 +258,10 @@ void Trainer::announce(const std::string& command) {
     write_file_durably(fs::path(c_.logging.run_dir) / files::kEnvironment,
                        run_environment(c_, hostnames, command).dump(2) + "\n");
     metrics_.emplace(fs::path(c_.logging.run_dir) / files::kMetrics, state_.iteration);
+    if (!c_.logging.tensorboard_dir.empty()) {
+      tensorboard_.emplace(c_.logging.tensorboard_dir, state_.iteration + 1);
+      spdlog::info("TensorBoard: {}", tensorboard_->path());
+    }
   }
   profiler_.emplace(c_.logging, is_rank0(), device_.is_cuda());
 }
@@ -618,7 +626,8 @@ int Trainer::train() {
       m.valid_lm_loss = evaluate();
       extra[metric::kTimeEval] = seconds_since(t0);
     }
-    if (state_.iteration % c_.logging.log_interval == 0 || last) spdlog::info("{}", step_log_line(m));
+    const bool log_now = state_.iteration % c_.logging.log_interval == 0 || last;
+    if (log_now) spdlog::info("{}", step_log_line(m));
     if (m.valid_lm_loss) {
       spdlog::info("validation at iteration {} | lm loss: {:.6E} | lm loss PPL: {:.6E}", m.iteration, *m.valid_lm_loss,
                    std::exp(std::min(*m.valid_lm_loss, 20.0)));
@@ -632,6 +641,7 @@ int Trainer::train() {
       } catch (const UserError& e) {
         metrics_error = e.what();
       }
+      if (tensorboard_ && (log_now || eval_now)) tensorboard_->add_scalars(m.iteration, tensorboard_scalars(j));
     }
     const bool save_now = !c_.checkpoint.save.empty() &&
                           (last || (c_.checkpoint.save_interval && state_.iteration % *c_.checkpoint.save_interval == 0));

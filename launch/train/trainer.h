@@ -27,6 +27,7 @@
 #include "launch/train/profiler.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
+#include "launch/train/tensorboard.h"
 #include "moe/moe_layer.h"
 #include "parallel/layout.h"
 #include "parallel/mpi_communicator.h"
@@ -99,6 +100,7 @@ class Trainer {
   PeakFlops peak_;
   double flops_per_step_ = 0, flops_6n_per_step_ = 0;
   std::optional<MetricsFile> metrics_;  // rank 0
+  std::optional<TensorBoardWriter> tensorboard_;  // rank 0, with logging.tensorboard_dir
   std::optional<StepProfiler> profiler_;
 };
 
