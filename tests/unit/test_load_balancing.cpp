@@ -205,12 +205,27 @@ TEST_CASE("train: the expert biases are the same on every layout and under recom
   const std::string common = kPipelineModel + " --set model.moe_router_enable_expert_bias=true --set "
                              "model.moe_router_bias_update_rate=1e-2 --set training.train_iters=3 "
                              "--set training.eval_iters=0 --set training.lr_warmup_iters=1";
+  std::vector<nlohmann::json> reference_metrics;
   auto biases = [&](const std::string& name, const std::string& launcher, const std::string& args) {
     const auto save = dir.path() / name;
     const auto r = run_command(launcher + kBin + " train " + config + common + args + " --set checkpoint.save=" + save.string() +
                                " --set logging.run_dir=" + (dir.path() / (name + "_run")).string());
     INFO(r.output);
     REQUIRE(r.exit_code == 0);
+    // Only the saving ranks' biases are in the checkpoint; every other rank's show in the losses:
+    // a rank routing with other biases than the single process would change them.
+    const auto m = read_metrics(dir.path() / (name + "_run") / "metrics.jsonl");
+    if (name == "single") {
+      reference_metrics = m;
+    } else {
+      for (size_t i = 0; i < m.size(); ++i) {
+        for (const char* key : {"lm_loss", "aux_loss", "grad_norm"}) {
+          INFO(name << " iteration " << i + 1 << " " << key);
+          CHECK(relative(m[i][key].get<double>(), reference_metrics[i][key].get<double>()) < 1e-5);
+        }
+        CHECK(m[i]["expert_load_per_layer"] == reference_metrics[i]["expert_load_per_layer"]);
+      }
+    }
     return saved_biases(save, 3, 4);
   };
   const auto single = biases("single", "", "");
