@@ -66,6 +66,7 @@ ModelOutput GPTModelImpl::forward_layers(const torch::Tensor& input, const torch
   } else {
     out.head_input_BSD = x_BSD;
     out.head_weight_VD = lm_head ? lm_head->weight : embed_tokens->weight;
+    out.head_weight_tied = lm_head.is_empty();
   }
   return out;
 }
@@ -83,7 +84,9 @@ torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, co
     return kernels::masked_cross_entropy(out.logits_BSV.reshape({-1, out.logits_BSV.size(-1)}), labels_T, mask_T);
   }
   const auto& h = out.head_input_BSD;
-  return kernels::lm_head_cross_entropy(h.reshape({-1, h.size(-1)}), out.head_weight_VD, labels_T, mask_T);
+  // An untied head's weight has no other use: its gradient may go straight into main_grad.
+  return kernels::lm_head_cross_entropy(h.reshape({-1, h.size(-1)}), out.head_weight_VD, labels_T, mask_T,
+                                        !out.head_weight_tied);
 }
 
 namespace {

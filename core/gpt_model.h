@@ -38,6 +38,7 @@ enum class HeadOutput { logits, head_input };
 struct ModelOutput {
   torch::Tensor logits_BSV;                    // the head ran, HeadOutput::logits
   torch::Tensor head_input_BSD, head_weight_VD;  // the head's input and weight, HeadOutput::head_input
+  bool head_weight_tied = false;                  // head_weight_VD is the embedding's (used twice)
   torch::Tensor hidden_BSD;                    // the run stopped before the head: the last layer's output
   std::vector<FeedForwardOutput> layers;       // per layer run, for the load-balancing losses
 };

@@ -3,6 +3,7 @@
 #include "core/errors.h"
 #include "core/host_sync.h"
 #include "core/kernels/adamw.h"
+#include "core/kernels/wgrad_accumulation.h"
 #include "core/rule_updated.h"
 
 #include <fmt/format.h>
@@ -103,6 +104,13 @@ AdamW::AdamW(std::vector<TrainableParameter> params, const TrainingConfig& t) : 
     exp_avg_.push_back(torch::zeros(p.param.sizes(), fp32_options));
     exp_avg_sq_.push_back(torch::zeros(p.param.sizes(), fp32_options));
   }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (main_grad_[i].defined()) kernels::attach_main_grad(params_[i].param, main_grad_[i], [this, i] { grad_added(i); }, this);
+  }
+}
+
+AdamW::~AdamW() {
+  for (const auto& p : params_) kernels::detach_main_grad(p.param, this);
 }
 
 torch::Tensor& AdamW::grad(size_t i) {

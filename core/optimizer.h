@@ -4,9 +4,12 @@
 // The optimizer side of training, independent of the model's structure: which parameters train
 // (freezing by name glob), and AdamW with decoupled weight decay over fp32 master weights
 // (the update itself: kernels::adamw_step, shared with the sharded optimizer).
-// When the model runs in bf16, each micro-batch's bf16 gradients are accumulated into an fp32
-// main-grad buffer (as Megatron's DDP does) and the fp32 master copy is what Adam updates; the
-// model's bf16 weights are then copied from it. In fp32 the parameter is its own master.
+// When the model runs in bf16, each micro-batch's gradients are accumulated into an fp32 main-grad
+// buffer (as Megatron's DDP does) and the fp32 master copy is what Adam updates; the model's bf16
+// weights are then copied from it. The buffers are attached to the fused weight-gradient ops
+// (kernels/wgrad_accumulation.h), whose GEMMs accumulate into them in fp32; the other gradients
+// arrive in bf16 .grad and are added after each micro-batch. In fp32 the parameter is its own
+// master.
 #pragma once
 
 #include "core/config.h"
@@ -87,6 +90,9 @@ class Optimizer {
 class AdamW : public Optimizer {
  public:
   AdamW(std::vector<TrainableParameter> params, const TrainingConfig& training);
+  ~AdamW() override;  // detaches the fp32 main_grad buffers from the fused weight gradients
+  AdamW(const AdamW&) = delete;
+  AdamW& operator=(const AdamW&) = delete;
 
   void accumulate_grads() override;
   void reduce_grads() override {}
@@ -102,6 +108,9 @@ class AdamW : public Optimizer {
  protected:
   torch::Tensor& grad(size_t i);  // the fp32 gradient of parameter i (zeros where it got none)
   void accumulate_grad(size_t i);  // accumulate_grads() for parameter i
+  // A fused weight gradient (kernels/wgrad_accumulation.h) was just added into parameter i's
+  // main_grad, during a backward.
+  virtual void grad_added(size_t /*i*/) {}
   // Squared L2 norms of this rank's gradients: {replicated parameters, expert-parallel ones}.
   std::pair<double, double> grad_sq_norms();
 

@@ -3,6 +3,7 @@
 #include "core/kernels/rmsnorm.h"
 #include "core/kernels/rope.h"
 #include "core/kernels/swiglu.h"
+#include "core/kernels/wgrad_accumulation.h"
 #include "core/recompute.h"
 #include "core/rule_updated.h"
 
@@ -33,7 +34,8 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias) {
   if (with_bias) bias = deferred_parameter(*this, "bias", {out});
 }
 
-torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return torch::linear(x, weight, bias); }
+// Used once per forward: its weight gradient may go straight into the optimizer's fp32 main_grad.
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return kernels::linear(x, weight, bias); }
 
 EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim) { weight = deferred_parameter(*this, "weight", {num, dim}); }
 

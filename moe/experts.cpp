@@ -2,6 +2,7 @@
 
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/swiglu.h"
+#include "core/kernels/wgrad_accumulation.h"
 #include "core/transformer.h"
 
 namespace moeforge::moe {
@@ -15,8 +16,8 @@ torch::Tensor ExpertsImpl::forward(const torch::Tensor& x_ND, const std::vector<
   // One grouped GEMM per projection where LibTorch runs it (kernels/grouped_gemm.h).
   if (x_ND.size(0) > 0 && kernels::grouped_mm_usable(x_ND, {gate_up_proj.size(1), gate_up_proj.size(2), down_proj.size(1)})) {
     const auto offs_E = kernels::group_offsets(rows_per_expert, x_ND.device());
-    const auto gate_up_N2F = kernels::grouped_mm(x_ND, gate_up_proj.transpose(1, 2), offs_E);
-    return kernels::grouped_mm(kernels::swiglu(gate_up_N2F), down_proj.transpose(1, 2), offs_E);
+    const auto gate_up_N2F = kernels::grouped_linear(x_ND, gate_up_proj, offs_E, rows_per_expert);
+    return kernels::grouped_linear(kernels::swiglu(gate_up_N2F), down_proj, offs_E, rows_per_expert);
   }
   std::vector<torch::Tensor> outputs;
   // One unbind per weight: its backward stacks the per-expert gradients once, where indexing

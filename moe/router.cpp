@@ -1,5 +1,6 @@
 #include "moe/router.h"
 
+#include "core/kernels/wgrad_accumulation.h"
 #include "core/transformer.h"
 
 #include <cmath>
@@ -32,7 +33,7 @@ void RouterImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking)
 
 Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   Routing r;
-  r.logits_TE = torch::nn::functional::linear(x_TD, weight);
+  r.logits_TE = kernels::linear(x_TD, weight);
   r.probs_TE = torch::softmax(r.logits_TE, -1, torch::kFloat32);
   // What the variant's top-k runs on, and takes its weights from.
   const torch::Tensor& scores_TE = pre_softmax_ ? r.probs_TE : r.logits_TE;

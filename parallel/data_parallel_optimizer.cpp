@@ -2,6 +2,7 @@
 
 #include "core/host_sync.h"
 #include "core/kernels/adamw.h"
+#include "core/kernels/wgrad_accumulation.h"
 #include "parallel/grad_sync.h"
 
 #include <torch/csrc/autograd/function_hook.h>
@@ -10,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <utility>
 
 namespace moeforge {
 
@@ -69,10 +71,13 @@ DataParallelAdamW::~DataParallelAdamW() {
   for (const auto& p : params()) torch::autograd::impl::set_post_acc_grad_hooks(p.param, nullptr);
 }
 
-void DataParallelAdamW::begin_last_backward() { armed_ = overlap_ && !place_.empty(); }
+void DataParallelAdamW::begin_last_backward() {
+  armed_ = overlap_ && !place_.empty();
+  final_.assign(params().size(), 0);
+}
 
 void DataParallelAdamW::grad_final(size_t i) {
-  if (!armed_) return;
+  if (!armed_ || std::exchange(final_[i], 1)) return;
   accumulate_grad(i);  // into fp32 main_grad first (bf16), as after the other micro-batches
   const auto [expert, k] = place_[i];
   (expert ? expert_buckets_ : replicated_buckets_)->ready(k);
@@ -161,6 +166,14 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
   replicated_schedule_ = std::make_unique<BucketSchedule>(replicated_ranges, [this](size_t b) { return start_reduce(buckets_[b]); });
   expert_schedule_ = std::make_unique<BucketSchedule>(
       expert_ranges, [this](size_t b) { return start_reduce(buckets_[expert_begin_ + b]); });
+  // The fused weight gradients of bf16 parameters accumulate in their places in the flat buffers.
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& p = params_[i].param;
+    if (p.scalar_type() != torch::kBFloat16) continue;
+    const auto& b = buckets_[place_[i].bucket];
+    kernels::attach_main_grad(p, b.main_grad.narrow(0, b.offsets[place_[i].member], p.numel()).view(p.sizes()),
+                              [this, i] { grad_final(i); }, this);
+  }
   if (!overlap_) return;
   for (size_t i = 0; i < params_.size(); ++i) {
     torch::autograd::impl::set_post_acc_grad_hooks(params_[i].param, std::make_unique<GradFinalHook>([this, i] { grad_final(i); }));
@@ -168,14 +181,18 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
 }
 
 DistributedAdamW::~DistributedAdamW() {
+  for (const auto& p : params_) kernels::detach_main_grad(p.param, this);
   if (!overlap_) return;
   for (const auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p.param, nullptr);
 }
 
-void DistributedAdamW::begin_last_backward() { armed_ = overlap_; }
+void DistributedAdamW::begin_last_backward() {
+  armed_ = overlap_;
+  final_.assign(params_.size(), 0);
+}
 
 void DistributedAdamW::grad_final(size_t i) {
-  if (!armed_) return;
+  if (!armed_ || std::exchange(final_[i], 1)) return;
   accumulate_grad(i);
   (params_[i].expert_parallel ? expert_schedule_ : replicated_schedule_)->ready(place_[i].order);
 }

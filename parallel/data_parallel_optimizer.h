@@ -36,6 +36,7 @@
 
 #include <memory>
 #include <tuple>
+#include <vector>
 
 namespace moeforge {
 
@@ -52,11 +53,18 @@ class DataParallelAdamW : public AdamW {
   double grad_norm() override;
 
  private:
-  // A post-accumulate-grad hook during the last backward: the gradient of parameter i is final.
+  // A post-accumulate-grad hook or a fused weight gradient during the last backward: the gradient
+  // of parameter i is final (once; see final_).
   void grad_final(size_t i);
+  void grad_added(size_t i) override { grad_final(i); }
 
   ProcessGroups groups_;
   bool overlap_ = false, armed_ = false;
+  // Whether parameter i's gradient is final in this last backward: a fused weight gradient says so
+  // after adding into main_grad, and LibTorch 2.15 runs the weight's post-accumulate-grad hook as
+  // well (AccumulateGrad calls it even for the undefined gradient the fused op returns); the first
+  // of the two counts.
+  std::vector<char> final_;
   // Backward order (reverse model order) of the replicated and the expert parameters, their
   // buckets (over DP, and over EDP), and each parameter's place: {expert?, position}.
   std::vector<size_t> replicated_, expert_;
@@ -68,7 +76,7 @@ class DistributedAdamW : public Optimizer {
  public:
   DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training, const ProcessGroups& groups,
                    const ParallelConfig& parallel);
-  ~DistributedAdamW() override;  // removes the gradient hooks
+  ~DistributedAdamW() override;  // removes the gradient hooks and the main_grad attachments
   DistributedAdamW(const DistributedAdamW&) = delete;
   DistributedAdamW& operator=(const DistributedAdamW&) = delete;
 
@@ -102,7 +110,8 @@ class DistributedAdamW : public Optimizer {
   torch::Tensor flatten_params(const Bucket& b) const;
   // Parameter i's gradient into its bucket's main_grad (then dropped).
   void accumulate_grad(size_t i);
-  // A post-accumulate-grad hook during the last backward: the gradient of parameter i is final.
+  // A post-accumulate-grad hook or a fused weight gradient (kernels/wgrad_accumulation.h) during
+  // the last backward: the gradient of parameter i is final.
   void grad_final(size_t i);
   std::shared_ptr<Work> start_reduce(Bucket& b);
   std::shared_ptr<Work> start_gather(Bucket& b);
@@ -121,6 +130,11 @@ class DistributedAdamW : public Optimizer {
   ProcessGroups groups_;
   TrainingConfig hyper_;
   bool overlap_ = false, armed_ = false;
+  // Whether parameter i's gradient is final in this last backward: a fused weight gradient says so
+  // after adding into main_grad, and LibTorch 2.15 runs the weight's post-accumulate-grad hook as
+  // well (AccumulateGrad calls it even for the undefined gradient the fused op returns); the first
+  // of the two counts.
+  std::vector<char> final_;
   bool mixed_ = false;  // bf16 parameters: master weights are part of the saved state
   int64_t steps_ = 0;
 };

@@ -3,9 +3,9 @@
 #include "core/kernels/cpu/cpu_kernels.h"
 #include "core/kernels/kernel_util.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/wgrad_accumulation.h"
 
 #include <ATen/Parallel.h>
-#include <torch/version.h>
 
 namespace moeforge::kernels {
 
@@ -33,26 +33,21 @@ void cross_entropy_rows(torch::Tensor& logits_CV, const torch::Tensor& labels_C,
   });
 }
 
-// dw_acc (fp32) += a^T b. cuBLAS accumulates bf16 products straight into fp32 (addmm's out_dtype,
-// LibTorch 2.9 on); elsewhere a bf16 product is made, then added.
+// dw_acc (fp32) += a^T b: in fp32 on CUDA and for fp32 inputs (accumulate_wgrad); a bf16 product
+// then added on the CPU, where widening a chunk of logits to fp32 would cost more than the GEMM.
 void add_product(torch::Tensor& dw_acc, const torch::Tensor& a, const torch::Tensor& b) {
-  if (a.scalar_type() == torch::kFloat32) {
-    dw_acc.addmm_(a.t(), b);
+  if (a.is_cuda() || a.scalar_type() == torch::kFloat32) {
+    accumulate_wgrad(dw_acc, a, b);
     return;
   }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-  if (a.is_cuda()) {
-    at::addmm_out(dw_acc, dw_acc, a.t(), b, torch::kFloat32);
-    return;
-  }
-#endif
   dw_acc.add_(torch::mm(a.t(), b));
 }
 
 class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h_TD, const torch::Tensor& w_VD,
-                               const torch::Tensor& labels_T, const torch::Tensor& mask_T, int64_t chunk_rows, bool grad) {
+                               const torch::Tensor& labels_T, const torch::Tensor& mask_T, int64_t chunk_rows, bool grad,
+                               int64_t wgrad_key) {
     const int64_t T = h_TD.size(0), V = w_VD.size(0);
     const auto h = h_TD.contiguous();
     const auto mask = mask_T.to(torch::kFloat32).contiguous();
@@ -78,13 +73,18 @@ class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> 
     }
     if (grad) {
       ctx->saved_data["dh"] = dh_TD;
-      ctx->saved_data["dw"] = dw_acc.to(w_VD.scalar_type());
+      // Fused into main_grad (wgrad_accumulation.h): kept in fp32 until the backward scales it.
+      ctx->saved_data["dw"] = wgrad_key ? dw_acc : dw_acc.to(w_VD.scalar_type());
+      ctx->saved_data["key"] = wgrad_key;
     }
     return (loss_T * mask).sum() / count;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list g) {
     const auto dh = ctx->saved_data["dh"].toTensor(), dw = ctx->saved_data["dw"].toTensor();
-    return {dh * g[0].to(dh.scalar_type()), dw * g[0].to(dw.scalar_type()), {}, {}, {}, {}};
+    const bool added = add_to_main_grad(ctx->saved_data["key"].toInt(),
+                                        [&](torch::Tensor& main_grad) { main_grad.addcmul_(dw, g[0].to(torch::kFloat32)); });
+    const auto gw = added ? torch::Tensor() : (dw * g[0].to(dw.scalar_type())).to(dh.scalar_type());
+    return {dh * g[0].to(dh.scalar_type()), gw, {}, {}, {}, {}, {}};
   }
 };
 
@@ -104,7 +104,7 @@ torch::Tensor lm_head_cross_entropy_reference(const torch::Tensor& h_TD, const t
 }
 
 torch::Tensor lm_head_cross_entropy_fused(const torch::Tensor& h_TD, const torch::Tensor& w_VD, const torch::Tensor& labels_T,
-                                          const torch::Tensor& loss_mask_T, int64_t chunk_rows) {
+                                          const torch::Tensor& loss_mask_T, int64_t chunk_rows, bool weight_used_once) {
   check_dtype(h_TD, "lm_head_cross_entropy");
   if (w_VD.scalar_type() != h_TD.scalar_type() || labels_T.scalar_type() != torch::kInt64 || h_TD.dim() != 2 ||
       w_VD.dim() != 2 || labels_T.dim() != 1 || labels_T.size(0) != h_TD.size(0) || loss_mask_T.numel() != h_TD.size(0)) {
@@ -114,13 +114,14 @@ torch::Tensor lm_head_cross_entropy_fused(const torch::Tensor& h_TD, const torch
   if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, kChunkBytes / (V * static_cast<int64_t>(h_TD.element_size())));
   // The gradients are made in the forward; only when autograd will ask for them.
   const bool grad = torch::GradMode::is_enabled() && (h_TD.requires_grad() || w_VD.requires_grad());
-  return LinearCrossEntropy::apply(h_TD, w_VD, labels_T.contiguous(), loss_mask_T.reshape({-1}), chunk_rows, grad);
+  const int64_t key = grad && weight_used_once ? fused_wgrad_key(w_VD) : 0;
+  return LinearCrossEntropy::apply(h_TD, w_VD, labels_T.contiguous(), loss_mask_T.reshape({-1}), chunk_rows, grad, key);
 }
 
 torch::Tensor lm_head_cross_entropy(const torch::Tensor& h_TD, const torch::Tensor& w_VD, const torch::Tensor& labels_T,
-                                    const torch::Tensor& loss_mask_T) {
+                                    const torch::Tensor& loss_mask_T, bool weight_used_once) {
   if (supported_dtype(h_TD) && w_VD.scalar_type() == h_TD.scalar_type() && fused(Kernel::cross_entropy, h_TD.device().type())) {
-    return lm_head_cross_entropy_fused(h_TD, w_VD, labels_T, loss_mask_T);
+    return lm_head_cross_entropy_fused(h_TD, w_VD, labels_T, loss_mask_T, 0, weight_used_once);
   }
   return lm_head_cross_entropy_reference(h_TD, w_VD, labels_T, loss_mask_T);
 }

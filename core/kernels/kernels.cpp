@@ -13,7 +13,7 @@ namespace moeforge::kernels {
 namespace {
 
 constexpr std::array<const char*, kNumKernels> kNames{"rmsnorm", "rope",   "swiglu",      "permute",
-                                                      "cross_entropy", "adamw", "grouped_gemm"};
+                                                      "cross_entropy", "adamw", "grouped_gemm", "wgrad_accumulation"};
 
 // Which kernels have an implementation for the CPU and for CUDA (a CUDA build).
 struct Implemented {
@@ -27,6 +27,7 @@ constexpr Implemented kImplemented[kNumKernels] = {
     /*cross_entropy*/ {true, MOEFORGE_KERNELS_CUDA},
     /*adamw*/ {true, MOEFORGE_KERNELS_CUDA},
     /*grouped_gemm*/ {true, MOEFORGE_KERNELS_CUDA},
+    /*wgrad_accumulation*/ {true, MOEFORGE_KERNELS_CUDA},
 };
 
 // The CPU kernels are compiled for AVX2 and FMA: a CPU without them runs the references.

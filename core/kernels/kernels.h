@@ -20,8 +20,8 @@
 
 namespace moeforge::kernels {
 
-enum class Kernel { rmsnorm, rope, swiglu, permute, cross_entropy, adamw, grouped_gemm };
-inline constexpr int kNumKernels = 7;
+enum class Kernel { rmsnorm, rope, swiglu, permute, cross_entropy, adamw, grouped_gemm, wgrad_accumulation };
+inline constexpr int kNumKernels = 8;
 const char* kernel_name(Kernel kernel);
 
 // model.kernels, applied once at start-up (the default is fused).

@@ -7,6 +7,7 @@
 #include "core/kernels/rmsnorm.h"
 #include "core/kernels/rope.h"
 #include "core/kernels/swiglu.h"
+#include "core/kernels/wgrad_accumulation.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -139,6 +140,56 @@ KernelCheck check_adamw(const torch::Device& device) {
   return c;
 }
 
+// The fused weight gradient: two micro-batches through linear and grouped_linear (an expert with
+// no rows) with bf16 weights attached to fp32 accumulators, against the fp64 sums of the unrounded
+// products; the input gradients against the fp32 composition.
+KernelCheck check_wgrad(const torch::Device& device) {
+  const auto bf16 = torch::TensorOptions(torch::kBFloat16).device(device);
+  const auto fp32 = bf16.dtype(torch::kFloat32);
+  const int64_t M = 24, K = 32, E = 4, F = 16;
+  const auto w = randn({M, K}, 40).to(bf16).requires_grad_(true);
+  const auto w_EFK = randn({E, F, K}, 41).to(bf16).requires_grad_(true);
+  const auto main_grad = torch::zeros({M, K}, fp32), main_grad_E = torch::zeros({E, F, K}, fp32);
+  int added = 0;
+  const char owner = 0;
+  struct Detach {
+    const torch::Tensor &a, &b;
+    const void* owner;
+    ~Detach() {
+      detach_main_grad(a, owner);
+      detach_main_grad(b, owner);
+    }
+  } detach{w, w_EFK, &owner};
+  attach_main_grad(w, main_grad, [&] { ++added; }, &owner);
+  attach_main_grad(w_EFK, main_grad_E, [&] { ++added; }, &owner);
+  const std::vector<int64_t> rows{7, 0, 9, 8};
+  const auto offs = group_offsets(rows, device);
+  auto reference = torch::zeros({M, K}, torch::kFloat64), reference_E = torch::zeros({E, F, K}, torch::kFloat64);
+  double dgrad_error = 0;
+  const bool grouped = grouped_mm_usable(torch::empty({0}, bf16), {F, K});
+  torch::AutoGradMode grad_mode(true);
+  for (uint64_t mb = 0; mb < 2; ++mb) {
+    const auto x = randn({3, 8, K}, 50 + mb).to(bf16).requires_grad_(true), g = randn({3, 8, M}, 60 + mb).to(bf16);
+    kernels::linear(x, w).backward(g);
+    reference += g.reshape({-1, M}).cpu().to(torch::kFloat64).t().mm(x.reshape({-1, K}).detach().cpu().to(torch::kFloat64));
+    dgrad_error = std::max(dgrad_error, norm_error(x.grad(), g.to(torch::kFloat32).matmul(w.detach().to(torch::kFloat32))));
+    const auto x_NK = randn({24, K}, 70 + mb).to(bf16), g_NF = randn({24, F}, 80 + mb).to(bf16);
+    if (!grouped) continue;  // the experts run their loop here, with ordinary gradients
+    kernels::grouped_linear(x_NK, w_EFK, offs, rows).backward(g_NF);
+    for (int64_t e = 0, at = 0; e < E; at += rows[static_cast<size_t>(e)], ++e) {
+      const auto n = rows[static_cast<size_t>(e)];
+      reference_E[e] += g_NF.narrow(0, at, n).cpu().to(torch::kFloat64).t().mm(x_NK.narrow(0, at, n).cpu().to(torch::kFloat64));
+    }
+  }
+  KernelCheck c{Kernel::wgrad_accumulation, true, 0, "bf16 [24, 32] and [4, 16, 32] into fp32, 2 micro-batches"};
+  c.error = std::max(norm_error(main_grad, reference), norm_error(main_grad_E, reference_E));
+  c.ok = c.error <= tolerance(torch::kFloat32) && dgrad_error <= tolerance(torch::kBFloat16) && added == (grouped ? 4 : 2) &&
+         !w.grad().defined() && !w_EFK.grad().defined();
+  if (!grouped) c.detail = "bf16 [24, 32] into fp32, 2 micro-batches";
+  if (!c.ok) c.detail += fmt::format(" (input gradient error {:.3g}, {} additions reported)", dgrad_error, added);
+  return c;
+}
+
 std::string shapes_of(const std::vector<torch::Tensor>& inputs) {
   std::vector<std::string> s;
   for (const auto& x : inputs) s.push_back(fmt::format("[{}]", fmt::join(x.sizes(), ", ")));
@@ -173,6 +224,9 @@ std::vector<KernelCheck> check_kernels(const torch::Device& device) {
     }
   }
   if (fused(Kernel::adamw, device.type())) guarded(Kernel::adamw, "fp32", [&] { return check_adamw(device); });
+  if (fused(Kernel::wgrad_accumulation, device.type())) {
+    guarded(Kernel::wgrad_accumulation, "bf16", [&] { return check_wgrad(device); });
+  }
   return out;
 }
 

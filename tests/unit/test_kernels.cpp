@@ -313,7 +313,8 @@ TEST_CASE("self-check: every fused CPU kernel agrees with its reference; a failu
     CHECK(c.ok);
     checked.insert(kernels::kernel_name(c.kernel));
   }
-  CHECK(checked == std::set<std::string>{"rmsnorm", "rope", "swiglu", "permute", "cross_entropy", "adamw", "grouped_gemm"});
+  CHECK(checked == std::set<std::string>{"rmsnorm", "rope", "swiglu", "permute", "cross_entropy", "adamw", "grouped_gemm",
+                                         "wgrad_accumulation"});
   // A made-up failure, on the CUDA device type so that this process's CPU kernels stay on: the
   // kernel is disabled there and reported.
   std::vector<kernels::KernelCheck> verdict{{kernels::Kernel::rope, true, 0, ""}, {kernels::Kernel::rope, false, 0.5, "bf16 [2]"}};
