@@ -11,6 +11,7 @@
 #include "core/kernels/rmsnorm.h"
 #include "core/kernels/rope.h"
 #include "core/kernels/swiglu.h"
+#include "core/kernels/wgrad_accumulation.h"
 
 #include <fmt/format.h>
 #include <torch/cuda.h>
@@ -177,6 +178,15 @@ int main(int argc, char** argv) {
           return torch::cat(out);
         }, in, 2, reps),
         0, reps);
+  }
+  if (bf16) {  // A weight gradient into fp32 main_grad: in the GEMM, against a bf16 GEMM then an add.
+    // One micro-batch of the expert width's products (2,048 tokens x 2,048 hidden -> 1,408).
+    const int64_t Tw = 2048, Kw = 2048, Mw = 1408;
+    const auto g = randn({Tw, Mw}, dt, 15), x = randn({Tw, Kw}, dt, 16);
+    auto main_grad = torch::zeros({Mw, Kw}, torch::TensorOptions().device(g_device));
+    const auto fused = median_seconds(reps, [&] { kernels::accumulate_wgrad(main_grad, g, x); });
+    const auto reference = median_seconds(reps, [&] { main_grad.add_(g.t().mm(x)); });
+    row(fmt::format("wgrad_accumulation [{}, {}]x[{}, {}]", Tw, Mw, Tw, Kw), fused, reference, 0, reps);
   }
   {  // AdamW over 16M parameters in 64 tensors, with the bf16 copy: reads w, g, m, v; writes w, m, v, copy.
     const int64_t P = 64, n = 262144;

@@ -177,8 +177,9 @@ TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals 
   // Buckets of 5,000 elements: the backward starts many (the fixture has ~200K parameters). DP 2,
   // DP 2 with EP 2 (experts over EDP; the all-to-all beside the shared expert), PP 2 x DP 2 with
   // full recomputation (asynchronous pipeline sends), ZeRO-1 on DP 2 and on PP 2 x DP 2 x EP 2;
-  // 4, 4, 2, 4 and 2 micro-batches per rank, so the hooks act only on the last; then DP 2 x EP 2
-  // and ZeRO-1 on DP 2 in bf16.
+  // 4, 4, 2, 4 and 2 micro-batches per rank, so the hooks act only on the last; then DP 2 x EP 2,
+  // ZeRO-1 on DP 2 and PP 2 x DP 2 with full recomputation (fused additions inside the
+  // recomputation's own backward) in bf16.
   TempDir dir;
   const auto config = write_config(dir);
   const std::string common = " --set training.train_iters=3 --set training.eval_iters=0 --set parallel.ddp_bucket_size=5000";
@@ -201,7 +202,9 @@ TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals 
       // bf16: the fused weight gradients (kernels/wgrad_accumulation.h) add into main_grad and mark
       // their buckets ready themselves, the other parameters through the hooks.
       {2, " --set training.bf16=true --set parallel.expert_model_parallel_size=2"},
-      {2, " --set training.bf16=true --set parallel.use_distributed_optimizer=true"}};
+      {2, " --set training.bf16=true --set parallel.use_distributed_optimizer=true"},
+      {4, kPipelineModel + " --set parallel.pipeline_model_parallel_size=2 --set training.recompute_granularity=full"
+              " --set training.bf16=true"}};
   for (size_t l = 0; l < layouts.size(); ++l) {
     const auto& [ranks, extra] = layouts[l];
     INFO("layout " << ranks << " ranks" << extra);
