@@ -6,7 +6,9 @@
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/wgrad_accumulation.h"
+#include "core/gpt_model.h"
 #include "core/optimizer.h"
+#include "moe/moe_layer.h"
 #include "parallel/data_parallel_optimizer.h"
 
 #include <torch/torch.h>
@@ -238,4 +240,57 @@ TEST_CASE("the LM head with the loss: an untied head's fp32 gradient goes into m
   kernels::lm_head_cross_entropy_fused(h, tied, labels, mask, 9).backward();
   CHECK(b.added == 0);
   CHECK(tied.grad().defined());
+}
+
+TEST_CASE("a bf16 MoE model under AdamW: every GEMM weight's gradient is fused, the rest arrive in .grad",
+          "[kernels][wgrad][model]") {
+  kernels::set_choice(KernelChoice::fused);
+  ModelConfig c;
+  c.num_layers = 2;
+  c.moe_layer_freq.pattern = {1, 0};  // an MoE layer and a dense one
+  c.hidden_size = 64;
+  c.num_attention_heads = 4;
+  c.num_query_groups = 2;
+  c.kv_channels = 16;
+  c.ffn_hidden_size = 128;
+  c.vocab_size = 256;
+  c.max_position_embeddings = 32;
+  c.num_experts = 8;
+  c.moe_ffn_hidden_size = 32;
+  c.moe_router_topk = 2;
+  c.moe_router_pre_softmax = true;
+  c.moe_shared_expert_intermediate_size = 64;
+  c.moe_shared_expert_gate = true;
+  c.add_qkv_bias = true;
+  c.untie_embeddings_and_output_weights = true;
+  auto model = moe::build_model(c);
+  model::init_megatron(*model, 3);
+  model->to(torch::kBFloat16);
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (const auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
+  TrainingConfig training;
+  AdamW opt(select_trainable(named, training), training);
+  const auto tokens = torch::randint(0, 256, {2, 16}, torch::kInt64);
+  const auto positions = torch::arange(16, torch::kInt64).unsqueeze(0).expand({2, 16});
+  const auto out = model->forward_layers(tokens, positions, 0, c.num_layers, model::HeadOutput::head_input);
+  moe::model_loss(c, out, tokens, torch::ones({2, 16})).total.backward();
+  // The weights of GEMMs: attention, the dense MLP, the shared expert and its gate, the router, the
+  // grouped experts and the untied head. Not: norms, biases, the embedding (a lookup).
+  auto fused = [](const std::string& name) {
+    for (const char* part : {"_proj.weight", "mlp.gate.weight", "shared_expert_gate.weight", "experts.gate_up_proj",
+                             "experts.down_proj", "lm_head.weight"}) {
+      if (name.find(part) != std::string::npos) return true;
+    }
+    return false;
+  };
+  size_t n_fused = 0;
+  for (const auto& [name, p] : named) {
+    INFO(name);
+    CHECK(p.grad().defined() != fused(name));
+    n_fused += fused(name) ? 1 : 0;
+  }
+  CHECK(n_fused == 19);  // 2 x 4 attention, 3 + 1 + 1 + 2 in the MoE layer, 3 dense, the head
+  opt.accumulate_grads();
+  CHECK(std::isfinite(opt.grad_norm()));
+  CHECK(opt.grad_norm() > 0);
 }
