@@ -1,5 +1,6 @@
 // MoE pieces against closed forms: router variants, load-balancing and z losses under uniform
 // routing, capacity dropping, the dispatch round trip, Megatron's initialization, bf16.
+#include "../unit/model_fixture.h"
 #include "core/gpt_model.h"
 #include "moe/dispatcher.h"
 #include "moe/moe_layer.h"
@@ -13,31 +14,9 @@
 
 using namespace moeforge;
 
-namespace {
-ModelConfig moe_config() {
-  ModelConfig m;
-  m.num_layers = 2;
-  m.hidden_size = 64;
-  m.num_attention_heads = 4;
-  m.num_query_groups = 4;
-  m.kv_channels = 16;
-  m.ffn_hidden_size = 128;
-  m.vocab_size = 256;
-  m.max_position_embeddings = 32;
-  m.num_experts = 8;
-  m.moe_ffn_hidden_size = 32;
-  m.moe_router_topk = 2;
-  m.moe_router_pre_softmax = true;
-  m.moe_shared_expert_intermediate_size = 64;
-  m.moe_shared_expert_gate = true;
-  m.untie_embeddings_and_output_weights = true;
-  return m;
-}
-}  // namespace
-
 TEST_CASE("router variants: Qwen, Mixtral and Megatron's default", "[moe]") {
   torch::manual_seed(0);
-  auto c = moe_config();
+  auto c = test::small_moe_config();
   const auto x_TD = torch::randn({50, 64});
   moe::Router qwen(c);
   model::materialize(*qwen, torch::kFloat32);  // modules are built on the meta device
@@ -79,7 +58,7 @@ TEST_CASE("forced load balance: every expert gets T*K/E slots (+-1), each token 
   }
   // The router still runs: its weights are the variant's weights of the forced experts.
   torch::manual_seed(0);
-  auto c = moe_config();
+  auto c = test::small_moe_config();
   c.moe_router_force_load_balancing = true;
   const auto x_TD = torch::randn({50, 64});
   for (const bool pre_softmax : {true, false}) {
@@ -152,7 +131,7 @@ TEST_CASE("dispatch then combine returns every slot to its token, weighted", "[m
 }
 
 TEST_CASE("Megatron initialization and bf16 execution", "[moe]") {
-  auto c = moe_config();
+  auto c = test::small_moe_config();
   c.hidden_size = 256;
   c.num_attention_heads = 4;
   c.kv_channels = 64;
@@ -178,7 +157,7 @@ TEST_CASE("Megatron initialization and bf16 execution", "[moe]") {
 
 TEST_CASE("each parameter's initialization is its own stream: a part materialised alone equals the whole's",
           "[moe][init]") {
-  const auto c = moe_config();
+  const auto c = test::small_moe_config();
   auto whole = moe::build_model(c);
   CHECK(whole->named_parameters()["layers.0.mlp.experts.gate_up_proj"].is_meta());  // built without memory
   model::init_megatron(*whole, 5);
@@ -199,7 +178,7 @@ TEST_CASE("each parameter's initialization is its own stream: a part materialise
 
 TEST_CASE("full and selective recomputation give the same losses and gradients", "[moe][recompute]") {
   for (const auto balancing : {LoadBalancingType::aux_loss, LoadBalancingType::hf_pooled_aux_loss}) {
-    auto c = moe_config();
+    auto c = test::small_moe_config();
     c.moe_router_load_balancing_type = balancing;
     c.moe_aux_loss_coeff = 0.1;
     c.moe_z_loss_coeff = 0.01;

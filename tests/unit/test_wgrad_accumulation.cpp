@@ -1,6 +1,7 @@
 // Gradient-accumulation fusion (core/kernels/wgrad_accumulation.h): bf16 weight gradients added
 // into fp32 main_grad by the GEMM itself, against the fp64 sum of the exact products of the bf16
 // operands, and against the bf16 path it replaces (each micro-batch's gradient rounded to bf16).
+#include "../unit/model_fixture.h"
 #include "../unit/test_util.h"
 #include "core/kernels/cross_entropy.h"
 #include "core/kernels/grouped_gemm.h"
@@ -245,24 +246,10 @@ TEST_CASE("the LM head with the loss: an untied head's fp32 gradient goes into m
 TEST_CASE("a bf16 MoE model under AdamW: every GEMM weight's gradient is fused, the rest arrive in .grad",
           "[kernels][wgrad][model]") {
   kernels::set_choice(KernelChoice::fused);
-  ModelConfig c;
-  c.num_layers = 2;
+  auto c = test::small_moe_config();
   c.moe_layer_freq.pattern = {1, 0};  // an MoE layer and a dense one
-  c.hidden_size = 64;
-  c.num_attention_heads = 4;
   c.num_query_groups = 2;
-  c.kv_channels = 16;
-  c.ffn_hidden_size = 128;
-  c.vocab_size = 256;
-  c.max_position_embeddings = 32;
-  c.num_experts = 8;
-  c.moe_ffn_hidden_size = 32;
-  c.moe_router_topk = 2;
-  c.moe_router_pre_softmax = true;
-  c.moe_shared_expert_intermediate_size = 64;
-  c.moe_shared_expert_gate = true;
   c.add_qkv_bias = true;
-  c.untie_embeddings_and_output_weights = true;
   auto model = moe::build_model(c);
   model::init_megatron(*model, 3);
   model->to(torch::kBFloat16);
