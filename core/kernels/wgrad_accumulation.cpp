@@ -75,22 +75,22 @@ class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunc
     const auto g_NM = grads[0].contiguous();  // _grouped_mm refuses an expanded gradient
     const auto gx = at::_grouped_mm(g_NM, weight_EMK, offs_E);
     const auto rows = ctx->saved_data["rows"].toIntVector();
-    const auto a = find(ctx->saved_data["key"].toInt());
-    torch::Tensor gw = a ? a->main_grad : torch::zeros(weight_EMK.sizes(), weight_EMK.options().dtype(torch::kFloat32));
     // The CPU widens to fp32 once for all experts; CUDA reads bf16 (cuBLAS accumulates in fp32).
     const bool widen = !x_NK.is_cuda();
     const auto g = widen ? g_NM.to(torch::kFloat32) : g_NM;
     const auto x = widen ? x_NK.to(torch::kFloat32) : x_NK;
-    int64_t at = 0;
-    for (size_t e = 0; e < rows.size(); at += rows[e], ++e) {
-      if (rows[e] == 0) continue;
-      auto w_MK = gw[static_cast<int64_t>(e)];
-      accumulate_wgrad(w_MK, g.narrow(0, at, rows[e]), x.narrow(0, at, rows[e]));
-    }
-    if (a) {
-      a->added();
-      gw = torch::Tensor();
-    } else {
+    auto add = [&](torch::Tensor& w_EMK) {
+      int64_t at = 0;
+      for (size_t e = 0; e < rows.size(); at += rows[e], ++e) {
+        if (rows[e] == 0) continue;
+        auto w_MK = w_EMK[static_cast<int64_t>(e)];
+        accumulate_wgrad(w_MK, g.narrow(0, at, rows[e]), x.narrow(0, at, rows[e]));
+      }
+    };
+    torch::Tensor gw;
+    if (!add_to_main_grad(ctx->saved_data["key"].toInt(), add)) {  // detached since the forward
+      gw = torch::zeros(weight_EMK.sizes(), weight_EMK.options().dtype(torch::kFloat32));
+      add(gw);
       gw = gw.to(weight_EMK.scalar_type());
     }
     return {gx, gw, torch::Tensor(), torch::Tensor(), torch::Tensor()};

@@ -168,6 +168,22 @@ TEST_CASE("the plain path where nothing is fused: not attached, fp32, frozen, no
     y.backward(g);
     CHECK(norm_error(w.grad(), plain_grad(v)) < 1e-2);
   }
+  SECTION("grouped experts detached between forward and backward: an ordinary gradient") {
+    kernels::set_choice(KernelChoice::fused);
+    const std::vector<int64_t> rows{5, 0, 11};
+    const auto offs = kernels::group_offsets(rows, torch::kCPU);
+    const auto x_NK = randn_bf16({16, 16}, 13), g_NF = randn_bf16({16, 32}, 14);
+    const auto w_E = randn_bf16({3, 32, 16}, 15).requires_grad_(true), v_E = w_E.detach().clone().requires_grad_(true);
+    torch::Tensor y;
+    {
+      Attached a(w_E);
+      y = kernels::grouped_linear(x_NK, w_E, offs, rows);
+    }
+    y.backward(g_NF);
+    kernels::grouped_mm(x_NK, v_E.transpose(1, 2), offs).backward(g_NF);
+    REQUIRE(w_E.grad().defined());
+    CHECK(norm_error(w_E.grad(), v_E.grad()) < 1e-2);
+  }
 }
 
 TEST_CASE("the optimizer attaches its fp32 main_grad: its norm is the fp64 norm of the exact gradient sum",
