@@ -49,7 +49,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const auto &x = saved[0], &weight = saved[1];
     const auto g_NM = grads[0].reshape({-1, weight.size(0)});
     const auto x_NK = x.reshape({-1, weight.size(1)});
-    const auto gx = grads[0].matmul(weight);
+    // The input's gradient only where autograd asks (a frozen embedding's output needs none).
+    const auto gx = ctx->needs_input_grad(0) ? grads[0].matmul(weight) : torch::Tensor();
     const auto gb = ctx->saved_data["bias"].toBool() ? g_NM.sum(0) : torch::Tensor();
     torch::Tensor gw;
     const bool added = add_to_main_grad(ctx->saved_data["key"].toInt(),
@@ -73,7 +74,7 @@ class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunc
     const auto saved = ctx->get_saved_variables();
     const auto &x_NK = saved[0], &weight_EMK = saved[1], &offs_E = saved[2];
     const auto g_NM = grads[0].contiguous();  // _grouped_mm refuses an expanded gradient
-    const auto gx = at::_grouped_mm(g_NM, weight_EMK, offs_E);
+    const auto gx = ctx->needs_input_grad(0) ? at::_grouped_mm(g_NM, weight_EMK, offs_E) : torch::Tensor();
     const auto rows = ctx->saved_data["rows"].toIntVector();
     // The CPU widens to fp32 once for all experts; CUDA reads bf16 (cuBLAS accumulates in fp32).
     const bool widen = !x_NK.is_cuda();
