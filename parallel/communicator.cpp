@@ -2,6 +2,8 @@
 
 #include "core/errors.h"
 
+#include <algorithm>
+
 namespace moeforge {
 
 torch::Tensor LocalCommunicator::all_to_all(const torch::Tensor& tensor, const std::vector<int64_t>& send_rows,
@@ -14,6 +16,36 @@ torch::Tensor LocalCommunicator::all_to_all(const torch::Tensor& tensor, const s
 
 void LocalCommunicator::broadcast(torch::Tensor&, int root) {
   if (root != 0) throw std::invalid_argument("LocalCommunicator::broadcast: root must be 0");
+}
+
+namespace {
+
+// The sends of an exchange: complete when each of them is.
+class WorkList : public Work {
+ public:
+  explicit WorkList(std::vector<std::shared_ptr<Work>> all) : all_(std::move(all)) {}
+  void wait() override {
+    for (auto& w : all_) w->wait();
+  }
+  bool is_completed() override {
+    return std::all_of(all_.begin(), all_.end(), [](const auto& w) { return w->is_completed(); });
+  }
+
+ private:
+  std::vector<std::shared_ptr<Work>> all_;
+};
+
+}  // namespace
+
+std::shared_ptr<Work> Communicator::exchange(std::vector<PeerMessage>& messages, Transport transport) {
+  std::vector<std::shared_ptr<Work>> sends;
+  for (const auto& m : messages) {
+    if (m.send) sends.push_back(send_async(m.tensor, m.peer, m.tag, transport));
+  }
+  for (auto& m : messages) {
+    if (!m.send) recv(m.tensor, m.peer, m.tag, transport);
+  }
+  return std::make_shared<WorkList>(std::move(sends));
 }
 
 Transport transport_for(const torch::Device& device) { return device.is_cpu() ? Transport::host : Transport::device; }

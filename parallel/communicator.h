@@ -39,6 +39,14 @@ Transport transport_for(const torch::Device& device);
 // `transport` moves it.
 void check_transport(const torch::Tensor& tensor, Transport transport, const char* operation, const std::string& group);
 
+// One message of Communicator::exchange.
+struct PeerMessage {
+  torch::Tensor tensor;  // what is sent, or where it is received (of the sent shape)
+  int peer = 0;
+  int tag = 0;
+  bool send = true;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -100,6 +108,12 @@ class Communicator {
   // two blocking calls when both neighbours send first.
   virtual void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
                          Transport transport) = 0;
+  // Every message of `messages` in flight at once (Megatron's batch_isend_irecv: the pipeline's
+  // exchanges); returns when the receives have arrived, with a handle that completes with the
+  // sends (and keeps their tensors until then). NCCL pairs the messages between two ranks by their
+  // order, so both must list them in the same order; MPI pairs them by tag. This default posts
+  // the sends with send_async, then receives one message after the other.
+  virtual std::shared_ptr<Work> exchange(std::vector<PeerMessage>& messages, Transport transport);
   virtual void barrier() = 0;
 };
 

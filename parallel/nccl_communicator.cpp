@@ -348,4 +348,34 @@ void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch
   }));
 }
 
+std::shared_ptr<Work> NcclCommunicator::exchange(std::vector<PeerMessage>& messages, Transport transport) {
+  if (transport == Transport::host) return mpi_->exchange(messages, transport);
+  for (const auto& m : messages) {
+    check_transport(m.tensor, transport, "exchange", name());
+    require_cuda_contiguous(m.tensor, "exchange");
+  }
+  // The compute stream waits for the group (what runs next reads the receives); the host does not,
+  // and the watchdog polls the group as for any asynchronous call.
+  c10::Event inputs_ready(c10::DeviceType::CUDA);
+  inputs_ready.record(c10::cuda::getCurrentCUDAStream(state_->device));
+  inputs_ready.block(*state_->comm_stream);
+  const cudaStream_t stream = state_->comm_stream->stream();
+  check(ncclGroupStart(), "ncclGroupStart", name());
+  for (const auto& m : messages) {
+    const auto count = static_cast<size_t>(m.tensor.numel());
+    if (m.send) {
+      check(ncclSend(m.tensor.data_ptr(), count, nccl_type(m.tensor), m.peer, state_->comm, stream), "ncclSend", name());
+    } else {
+      check(ncclRecv(m.tensor.data_ptr(), count, nccl_type(m.tensor), m.peer, state_->comm, stream), "ncclRecv", name());
+    }
+  }
+  check(ncclGroupEnd(), "ncclGroupEnd", name());
+  for (const auto& m : messages) c10::cuda::CUDACachingAllocator::recordStream(m.tensor.storage().data_ptr(), *state_->comm_stream);
+  auto done = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
+  done->record(*state_->comm_stream);
+  auto work = async_work("exchange", std::move(done));
+  work->wait();
+  return work;
+}
+
 }  // namespace moeforge

@@ -59,6 +59,8 @@ class NcclCommunicator : public Communicator {
   std::shared_ptr<Work> send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
   void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
                  Transport transport) override;
+  // One NCCL group, the messages in list order.
+  std::shared_ptr<Work> exchange(std::vector<PeerMessage>& messages, Transport transport) override;
   void barrier() override { mpi_->barrier(); }
 
  private:
