@@ -114,6 +114,10 @@ struct ParallelConfig {
   // launch with a different number of ranks is refused.
   std::optional<int64_t> world_size;
   int64_t pipeline_model_parallel_size = 1;
+  // Model chunks per pipeline rank (Megatron's virtual pipeline stages): the layers are cut into
+  // PP x V chunks and rank r runs chunks r, r + PP, ...; the interleaved 1F1B schedule divides
+  // the bubble by V for V times the pipeline messages. 1 = the plain 1F1B.
+  int64_t virtual_pipeline_model_parallel_size = 1;
   int64_t expert_model_parallel_size = 1;
   // Uneven pipelines (Megatron's names): layers on the first / last stage; the rest are split
   // evenly over the middle stages.

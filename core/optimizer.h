@@ -55,9 +55,10 @@ class Optimizer {
   virtual ~Optimizer() = default;
   // After a micro-batch's backward: moves the parameters' gradients into fp32 accumulators.
   virtual void accumulate_grads() = 0;
-  // Before the last micro-batch's backward: where gradients are reduced while that backward runs
-  // (parallel.overlap_comm), their hooks start doing so.
-  virtual void begin_last_backward() {}
+  // Before the last micro-batch's backward through parameters `params` (indices into params();
+  // with interleaved pipeline stages each model chunk has its own last backward): where gradients
+  // are reduced while that backward runs (parallel.overlap_comm), their hooks start doing so.
+  virtual void begin_last_backward(const std::vector<size_t>& params) { (void)params; }
   // After the last micro-batch: the data-parallel reduction (nothing on one process), or what is
   // left of it and the wait for it.
   virtual void reduce_grads() = 0;

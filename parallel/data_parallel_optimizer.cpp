@@ -41,7 +41,7 @@ class GradFinalHook : public torch::autograd::PostAccumulateGradHook {
 
 DataParallelAdamW::DataParallelAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
                                      const ProcessGroups& groups, const ParallelConfig& parallel)
-    : AdamW(std::move(params), training), groups_(groups), overlap_(parallel.overlap_comm) {
+    : AdamW(std::move(params), training), groups_(groups), overlap_(parallel.overlap_comm), last_(this->params().size()) {
   if (groups_.dp->size() == 1) return;
   place_.resize(this->params().size());
   std::vector<int64_t> replicated_numels, expert_numels;
@@ -71,13 +71,12 @@ DataParallelAdamW::~DataParallelAdamW() {
   for (const auto& p : params()) torch::autograd::impl::set_post_acc_grad_hooks(p.param, nullptr);
 }
 
-void DataParallelAdamW::begin_last_backward() {
-  armed_ = overlap_ && !place_.empty();
-  final_.assign(params().size(), 0);
+void DataParallelAdamW::begin_last_backward(const std::vector<size_t>& params) {
+  if (overlap_ && !place_.empty()) last_.arm(params);
 }
 
 void DataParallelAdamW::grad_final(size_t i) {
-  if (!armed_ || std::exchange(final_[i], 1)) return;
+  if (!last_.take(i)) return;
   accumulate_grad(i);  // into fp32 main_grad first (bf16), as after the other micro-batches
   const auto [expert, k] = place_[i];
   (expert ? expert_buckets_ : replicated_buckets_)->ready(k);
@@ -85,7 +84,7 @@ void DataParallelAdamW::grad_final(size_t i) {
 
 void DataParallelAdamW::reduce_grads() {
   if (place_.empty()) return;
-  armed_ = false;
+  last_.reset();
   torch::NoGradGuard no_grad;
   replicated_buckets_->finish();
   expert_buckets_->finish();
@@ -102,7 +101,7 @@ double DataParallelAdamW::grad_norm() {
 
 DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
                                    const ProcessGroups& groups, const ParallelConfig& parallel)
-    : params_(std::move(params)), groups_(groups), hyper_(training), overlap_(parallel.overlap_comm) {
+    : params_(std::move(params)), groups_(groups), hyper_(training), overlap_(parallel.overlap_comm), last_(params_.size()) {
   torch::NoGradGuard no_grad;
   const int64_t elements = parallel.ddp_bucket_size > 0 ? parallel.ddp_bucket_size : default_bucket_elements(groups_.dp->size());
   place_.resize(params_.size());
@@ -186,13 +185,12 @@ DistributedAdamW::~DistributedAdamW() {
   for (const auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p.param, nullptr);
 }
 
-void DistributedAdamW::begin_last_backward() {
-  armed_ = overlap_;
-  final_.assign(params_.size(), 0);
+void DistributedAdamW::begin_last_backward(const std::vector<size_t>& params) {
+  if (overlap_) last_.arm(params);
 }
 
 void DistributedAdamW::grad_final(size_t i) {
-  if (!armed_ || std::exchange(final_[i], 1)) return;
+  if (!last_.take(i)) return;
   accumulate_grad(i);
   (params_[i].expert_parallel ? expert_schedule_ : replicated_schedule_)->ready(place_[i].order);
 }
@@ -227,7 +225,7 @@ void DistributedAdamW::accumulate_grads() {
 
 void DistributedAdamW::reduce_grads() {
   torch::NoGradGuard no_grad;
-  armed_ = false;
+  last_.reset();
   replicated_schedule_->finish();
   expert_schedule_->finish();
   // Replicated: sum over DP / DP = the mean. Experts: sum over EDP / DP (see DataParallelAdamW).

@@ -48,23 +48,19 @@ class DataParallelAdamW : public AdamW {
   ~DataParallelAdamW() override;  // removes the gradient hooks
   DataParallelAdamW(const DataParallelAdamW&) = delete;
   DataParallelAdamW& operator=(const DataParallelAdamW&) = delete;
-  void begin_last_backward() override;
+  void begin_last_backward(const std::vector<size_t>& params) override;
   void reduce_grads() override;
   double grad_norm() override;
 
  private:
   // A post-accumulate-grad hook or a fused weight gradient during the last backward: the gradient
-  // of parameter i is final (once; see final_).
+  // of parameter i is final (once; see LastBackward).
   void grad_final(size_t i);
   void grad_added(size_t i) override { grad_final(i); }
 
   ProcessGroups groups_;
-  bool overlap_ = false, armed_ = false;
-  // Whether parameter i's gradient is final in this last backward: a fused weight gradient says so
-  // after adding into main_grad, and LibTorch 2.15 runs the weight's post-accumulate-grad hook as
-  // well (AccumulateGrad calls it even for the undefined gradient the fused op returns); the first
-  // of the two counts.
-  std::vector<char> final_;
+  bool overlap_ = false;
+  LastBackward last_;  // which gradients are final in their last backward
   // Backward order (reverse model order) of the replicated and the expert parameters, their
   // buckets (over DP, and over EDP), and each parameter's place: {expert?, position}.
   std::vector<size_t> replicated_, expert_;
@@ -80,7 +76,7 @@ class DistributedAdamW : public Optimizer {
   DistributedAdamW(const DistributedAdamW&) = delete;
   DistributedAdamW& operator=(const DistributedAdamW&) = delete;
 
-  void begin_last_backward() override;
+  void begin_last_backward(const std::vector<size_t>& params) override;
   void accumulate_grads() override;
   void reduce_grads() override;
   double grad_norm() override;
@@ -129,12 +125,8 @@ class DistributedAdamW : public Optimizer {
   std::vector<TrainableParameter> params_;
   ProcessGroups groups_;
   TrainingConfig hyper_;
-  bool overlap_ = false, armed_ = false;
-  // Whether parameter i's gradient is final in this last backward: a fused weight gradient says so
-  // after adding into main_grad, and LibTorch 2.15 runs the weight's post-accumulate-grad hook as
-  // well (AccumulateGrad calls it even for the undefined gradient the fused op returns); the first
-  // of the two counts.
-  std::vector<char> final_;
+  bool overlap_ = false;
+  LastBackward last_;  // which gradients are final in their last backward
   bool mixed_ = false;  // bf16 parameters: master weights are part of the saved state
   int64_t steps_ = 0;
 };

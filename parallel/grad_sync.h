@@ -1,4 +1,4 @@
-// defines: default_bucket_elements, bucket_ranges, BucketSchedule, GradBuckets
+// defines: default_bucket_elements, bucket_ranges, BucketSchedule, GradBuckets, LastBackward
 //
 // Data-parallel gradient reduction in flat buckets (fewer, larger messages, as Megatron's DDP).
 // Buckets are laid out once, over the gradients in the order the backward finishes them (the
@@ -18,6 +18,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -82,6 +83,31 @@ class GradBuckets {
   std::vector<std::pair<size_t, size_t>> ranges_;
   std::vector<torch::Tensor> flat_;  // per bucket, while started
   BucketSchedule schedule_;
+};
+
+// Which parameters are in their last backward of the step, and which of those have their final
+// gradient already. With interleaved pipeline stages each model chunk's last backward comes at its
+// own time, so parameters are armed chunk by chunk. A fused weight gradient reports its gradient
+// after adding into main_grad, and LibTorch 2.15 runs the weight's post-accumulate-grad hook as
+// well (AccumulateGrad calls it even for the undefined gradient the fused op returns): the first
+// of the two counts.
+class LastBackward {
+ public:
+  explicit LastBackward(size_t params = 0) : state_(params, kIdle) {}
+  void arm(const std::vector<size_t>& params) {
+    for (size_t i : params) state_.at(i) = kArmed;
+  }
+  // Parameter i's gradient is final: true the first time in its armed backward.
+  bool take(size_t i) {
+    if (state_[i] != kArmed) return false;
+    state_[i] = kFinal;
+    return true;
+  }
+  void reset() { std::fill(state_.begin(), state_.end(), kIdle); }
+
+ private:
+  enum : char { kIdle, kArmed, kFinal };
+  std::vector<char> state_;
 };
 
 }  // namespace moeforge

@@ -4,11 +4,45 @@
 
 #include <fmt/format.h>
 
-#include <numeric>
 
 namespace moeforge {
 
 namespace {
+
+// The virtual stage holding `layer` (the last one for a layer past the end).
+int64_t virtual_stage_of(const std::vector<int64_t>& layers, int64_t layer) {
+  int64_t end = 0;
+  for (size_t v = 0; v < layers.size(); ++v) {
+    end += layers[v];
+    if (layer < end) return static_cast<int64_t>(v);
+  }
+  return static_cast<int64_t>(layers.size()) - 1;
+}
+
+// Layers per virtual stage (interleaved: PP x V of them, evenly).
+std::vector<int64_t> split_virtual(const ExperimentConfig& c, int64_t pp, int64_t vpp, std::vector<std::string>& problems) {
+  const int64_t L = c.model.num_layers;
+  if (pp == 1) {
+    problems.push_back(fmt::format("parallel.virtual_pipeline_model_parallel_size {} interleaves model chunks over pipeline "
+                                   "stages and needs parallel.pipeline_model_parallel_size > 1: set it to 1, or use PP > 1",
+                                   vpp));
+    return {};
+  }
+  if (c.parallel.decoder_first_pipeline_num_layers || c.parallel.decoder_last_pipeline_num_layers) {
+    problems.push_back(
+        "parallel.decoder_first/last_pipeline_num_layers (an uneven pipeline) cannot be combined with "
+        "parallel.virtual_pipeline_model_parallel_size > 1 yet: remove them or set the virtual size to 1");
+    return {};
+  }
+  if (L % (pp * vpp) != 0) {
+    problems.push_back(fmt::format(
+        "model.num_layers ({}) is not divisible by parallel.pipeline_model_parallel_size x "
+        "virtual_pipeline_model_parallel_size ({} x {} = {} model chunks): choose degrees whose product divides {}",
+        L, pp, vpp, pp * vpp, L));
+    return {};
+  }
+  return std::vector<int64_t>(static_cast<size_t>(pp * vpp), L / (pp * vpp));
+}
 
 // Megatron's uneven pipeline: first/last stage sizes given, the rest split evenly.
 std::vector<int64_t> split_layers(const ExperimentConfig& c, int64_t pp, std::vector<std::string>& problems) {
@@ -70,6 +104,7 @@ std::vector<int64_t> split_layers(const ExperimentConfig& c, int64_t pp, std::ve
 
 ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_size) {
   const int64_t pp = c.parallel.pipeline_model_parallel_size;
+  const int64_t vpp = c.parallel.virtual_pipeline_model_parallel_size;
   const int64_t ep = c.parallel.expert_model_parallel_size;
   const int64_t mbs = c.training.micro_batch_size;
   const int64_t gbs = c.training.global_batch_size;
@@ -120,7 +155,7 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
         "(per layer, as Megatron)",
         pp));
   }
-  std::vector<int64_t> layers = split_layers(c, pp, problems);
+  std::vector<int64_t> layers = vpp > 1 ? split_virtual(c, pp, vpp, problems) : split_layers(c, pp, problems);
   int64_t micro_batches = 0;
   if (dp > 0) {
     if (gbs % (mbs * dp) != 0) {
@@ -132,35 +167,60 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
       micro_batches = gbs / (mbs * dp);
     }
   }
+  // The interleaved schedule runs the micro-batches in groups of PP through each chunk (Megatron's
+  // requirement with the default group size).
+  if (vpp > 1 && micro_batches > 0 && micro_batches % pp != 0) {
+    problems.push_back(fmt::format(
+        "the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size {}) needs the micro-batches per step, "
+        "training.global_batch_size / (micro_batch_size x DP) = {} / ({} x {}) = {}, to be a multiple of "
+        "parallel.pipeline_model_parallel_size {}: choose a global batch that is a multiple of {}",
+        vpp, gbs, mbs, dp, micro_batches, pp, mbs * dp * pp));
+  }
   if (!problems.empty()) {
     std::string num_experts = c.model.num_experts ? fmt::to_string(*c.model.num_experts) : "dense";
-    fail_user("impossible parallel layout:\n  - {}\nfactors: world={}, PP={}, DP={}, EP={}, num_layers={}, num_experts={}, "
-              "global_batch_size={}, micro_batch_size={}",
-              fmt::join(problems, "\n  - "), world_size, pp, dp > 0 ? fmt::to_string(dp) : "n/a", ep,
+    fail_user("impossible parallel layout:\n  - {}\nfactors: world={}, PP={}, VPP={}, DP={}, EP={}, num_layers={}, "
+              "num_experts={}, global_batch_size={}, micro_batch_size={}",
+              fmt::join(problems, "\n  - "), world_size, pp, vpp, dp > 0 ? fmt::to_string(dp) : "n/a", ep,
               c.model.num_layers, num_experts, gbs, mbs);
   }
   ParallelLayout layout;
   layout.world_ = world_size;
   layout.pp_ = pp;
+  layout.vpp_ = vpp;
   layout.dp_ = dp;
   layout.ep_ = ep;
   layout.micro_batches_ = micro_batches;
-  layout.layers_per_stage_ = std::move(layers);
+  layout.layers_per_virtual_stage_ = std::move(layers);
+  layout.layers_per_stage_.assign(static_cast<size_t>(pp), 0);
+  for (size_t v = 0; v < layout.layers_per_virtual_stage_.size(); ++v) {
+    layout.layers_per_stage_[v % static_cast<size_t>(pp)] += layout.layers_per_virtual_stage_[v];
+  }
   layout.num_experts_ = c.model.num_experts.value_or(0);
   return layout;
 }
 
-int64_t ParallelLayout::stage_of_layer(int64_t layer) const {
-  for (int64_t s = 0, first = 0; s < pp_; ++s) {
-    first += layers_per_stage_[static_cast<size_t>(s)];
-    if (layer < first) return s;
+std::string format_layer_ranges(const std::vector<LayerRange>& ranges) {
+  std::vector<std::string> parts;
+  for (const auto& r : ranges) {
+    parts.push_back(r.end - r.begin == 1 ? fmt::format("{}", r.begin) : fmt::format("{}-{}", r.begin, r.end - 1));
   }
-  return pp_ - 1;
+  return fmt::format("{}", fmt::join(parts, ","));
 }
 
-int64_t ParallelLayout::first_layer(int64_t stage) const {
-  return std::accumulate(layers_per_stage_.begin(), layers_per_stage_.begin() + stage, int64_t{0});
+std::vector<LayerRange> ParallelLayout::chunks(int64_t stage) const {
+  std::vector<LayerRange> out;
+  int64_t begin = 0;
+  for (size_t v = 0; v < layers_per_virtual_stage_.size(); ++v) {
+    const int64_t end = begin + layers_per_virtual_stage_[v];
+    if (static_cast<int64_t>(v) % pp_ == stage) out.push_back({begin, end});
+    begin = end;
+  }
+  return out;
 }
+
+int64_t ParallelLayout::stage_of_layer(int64_t layer) const { return virtual_stage_of(layers_per_virtual_stage_, layer) % pp_; }
+
+int64_t ParallelLayout::chunk_of_layer(int64_t layer) const { return virtual_stage_of(layers_per_virtual_stage_, layer) / pp_; }
 
 RankCoordinates ParallelLayout::coordinates(int64_t rank) const {
   RankCoordinates r;
@@ -199,8 +259,10 @@ std::vector<int64_t> ParallelLayout::expert_data_parallel_group(int64_t rank) co
 }
 
 std::string ParallelLayout::describe() const {
-  return fmt::format("world {} = PP {} x DP {} (EP {} x expert-DP {}), layers per stage [{}], {} micro-batches per step",
-                     world_, pp_, dp_, ep_, edp(), fmt::join(layers_per_stage_, ", "), micro_batches_);
+  const std::string interleaved =
+      vpp_ > 1 ? fmt::format(" in {} interleaved chunks of {}", vpp_, layers_per_virtual_stage_.front()) : std::string();
+  return fmt::format("world {} = PP {} x DP {} (EP {} x expert-DP {}), layers per stage [{}]{}, {} micro-batches per step",
+                     world_, pp_, dp_, ep_, edp(), fmt::join(layers_per_stage_, ", "), interleaved, micro_batches_);
 }
 
 }  // namespace moeforge

@@ -1,4 +1,4 @@
-// defines: ParallelLayout, RankCoordinates
+// defines: ParallelLayout, RankCoordinates, LayerRange, format_layer_ranges
 //
 // The one object that owns the parallel degree arithmetic (torchtitan's ParallelDims) and every
 // rule a layout must satisfy (degrees, EP within DP, experts divisible by EP, layers per stage,
@@ -10,6 +10,8 @@
 //
 //   world = PP * DP,   EP divides DP,   expert-data-parallel EDP = DP / EP
 //   rank  = pp_rank * DP + dp_rank,     dp_rank = edp_rank * EP + ep_rank
+// With V virtual stages per pipeline rank (interleaved 1F1B) the layers are cut into PP x V
+// chunks; virtual stage v = chunk * PP + pp_rank, so rank r runs chunks r, r + PP, ... of the model.
 #pragma once
 
 #include "core/config.h"
@@ -19,6 +21,13 @@
 #include <vector>
 
 namespace moeforge {
+
+struct LayerRange {
+  int64_t begin = 0, end = 0;  // decoder layers [begin, end)
+};
+
+// "0-3", or "0-1,8-9" for a stage with two chunks ("3" for one layer).
+std::string format_layer_ranges(const std::vector<LayerRange>& ranges);
 
 struct RankCoordinates {
   int64_t pp = 0;   // pipeline stage
@@ -38,12 +47,16 @@ class ParallelLayout {
   int64_t dp() const { return dp_; }
   int64_t ep() const { return ep_; }
   int64_t edp() const { return dp_ / ep_; }
+  int64_t vpp() const { return vpp_; }  // model chunks per pipeline rank
   int64_t micro_batches_per_step() const { return micro_batches_; }
 
-  // Layers of stage `stage`: [first_layer(stage), first_layer(stage) + layers_on(stage)).
+  // Layers held by each pipeline rank (all of its chunks).
   const std::vector<int64_t>& layers_per_stage() const { return layers_per_stage_; }
-  int64_t first_layer(int64_t stage) const;
+  // The layers pipeline rank `stage` runs, one range per model chunk, in chunk order.
+  std::vector<LayerRange> chunks(int64_t stage) const;
+  // The pipeline rank and the model chunk (index in chunks(stage)) that hold decoder layer `layer`.
   int64_t stage_of_layer(int64_t layer) const;
+  int64_t chunk_of_layer(int64_t layer) const;
   // Routed experts per EP rank (0 for a dense model); EP rank r holds [r * n, (r + 1) * n).
   int64_t experts_per_rank() const { return num_experts_ / ep_; }
 
@@ -54,12 +67,13 @@ class ParallelLayout {
   std::vector<int64_t> expert_parallel_group(int64_t rank) const;
   std::vector<int64_t> expert_data_parallel_group(int64_t rank) const;
 
-  // "world 8 = PP 2 x DP 4 (EP 4 x EDP 1), 24 layers as [12, 12], 128 micro-batches per step"
+  // "world 8 = PP 2 x DP 4 (EP 4 x expert-DP 1), layers per stage [12, 12], 128 micro-batches per step"
   std::string describe() const;
 
  private:
-  int64_t world_ = 1, pp_ = 1, dp_ = 1, ep_ = 1, micro_batches_ = 1, num_experts_ = 0;
+  int64_t world_ = 1, pp_ = 1, vpp_ = 1, dp_ = 1, ep_ = 1, micro_batches_ = 1, num_experts_ = 0;
   std::vector<int64_t> layers_per_stage_;
+  std::vector<int64_t> layers_per_virtual_stage_;  // PP x V entries, virtual stage order
 };
 
 }  // namespace moeforge

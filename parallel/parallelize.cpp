@@ -14,22 +14,26 @@ namespace {
 
 using Impl = const c10::TensorImpl*;
 
-// Every parameter's stage and whether it is a stacked expert weight, keyed by tensor identity:
-// read off the modules that hold them.
-std::unordered_map<Impl, std::pair<int64_t, bool>> placement_by_tensor(model::GPTModelImpl& model,
-                                                                         const ParallelLayout& layout) {
-  std::unordered_map<Impl, std::pair<int64_t, bool>> out;
-  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, false};
+struct Where {
+  int64_t stage = 0, chunk = 0;
+  bool expert_parallel = false;
+};
+
+// Every parameter's stage and chunk, and whether it is a stacked expert weight, keyed by tensor
+// identity: read off the modules that hold them.
+std::unordered_map<Impl, Where> placement_by_tensor(model::GPTModelImpl& model, const ParallelLayout& layout) {
+  std::unordered_map<Impl, Where> out;
+  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, 0, false};
   for (int64_t i = 0; i < model.config().num_layers; ++i) {
     auto& layer = model.layer(i);
-    const int64_t stage = layout.stage_of_layer(i);
-    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, false};
-    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, true};
+    const int64_t stage = layout.stage_of_layer(i), chunk = layout.chunk_of_layer(i);
+    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, chunk, false};
+    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, chunk, true};
   }
-  const int64_t last = layout.pp() - 1;
-  for (const auto& p : model.norm->parameters()) out[p.unsafeGetTensorImpl()] = {last, false};
+  const Where last{layout.pp() - 1, layout.vpp() - 1, false};
+  for (const auto& p : model.norm->parameters()) out[p.unsafeGetTensorImpl()] = last;
   if (model.lm_head) {
-    for (const auto& p : model.lm_head->parameters()) out[p.unsafeGetTensorImpl()] = {last, false};
+    for (const auto& p : model.lm_head->parameters()) out[p.unsafeGetTensorImpl()] = last;
   }
   return out;
 }
@@ -44,7 +48,8 @@ ModelPartition::ModelPartition(model::GPTModelImpl& model, const ParallelLayout&
       throw std::logic_error(fmt::format("ModelPartition: parameter {} belongs to no module it knows", item.key()));
     }
     index_.emplace(item.key(), parameters_.size());
-    parameters_.push_back({item.key(), item.value().sizes().vec(), it->second.first, it->second.second});
+    const Where& w = it->second;
+    parameters_.push_back({item.key(), item.value().sizes().vec(), w.stage, w.chunk, w.expert_parallel});
   }
 }
 
@@ -73,9 +78,8 @@ NamedTensors ModelShard::parameters(model::GPTModelImpl& model) const {
 
 ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups,
                              bool overlap_comm) {
-  ModelShard shard{ModelPartition(model, layout), layout.coordinates(groups.world->rank()), 0, 0, {}};
-  shard.first_layer = layout.first_layer(shard.at.pp);
-  shard.end_layer = shard.first_layer + layout.layers_per_stage()[static_cast<size_t>(shard.at.pp)];
+  ModelShard shard{ModelPartition(model, layout), layout.coordinates(groups.world->rank()), {}, {}};
+  shard.chunks = layout.chunks(shard.at.pp);
   torch::NoGradGuard no_grad;
   for (auto& item : model.named_parameters()) {
     auto& p = item.value();
@@ -93,7 +97,7 @@ ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& l
   for (int64_t i = 0; i < model.config().num_layers; ++i) {
     if (!model.config().is_moe_layer(i)) continue;
     std::shared_ptr<AllToAllDispatcher> dispatcher;
-    if (layout.ep() > 1 && i >= shard.first_layer && i < shard.end_layer) {
+    if (layout.ep() > 1 && layout.stage_of_layer(i) == shard.at.pp) {
       dispatcher = std::make_shared<AllToAllDispatcher>(*model.config().num_experts, groups.ep, overlap_comm);
       std::dynamic_pointer_cast<moe::MoELayer>(model.layer(i).mlp)->set_dispatcher(dispatcher);
     }

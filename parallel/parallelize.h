@@ -2,8 +2,9 @@
 //          gather_expert_parallel
 //
 // Parallelism is applied to a built model in one place (torchtitan's parallelize_fn), by the
-// model's structure, never by parsing names: the embedding lives on the first pipeline stage,
-// decoder layer i on the stage the layout gives it, the final norm and the head on the last; the
+// model's structure, never by parsing names: the embedding lives on the first pipeline stage (in
+// its first model chunk), decoder layer i on the stage and chunk the layout gives it, the final
+// norm and the head on the last stage (in its last chunk); the
 // stacked routed-expert weights of each MoE layer (FeedForward::stacked_expert_weights) are split
 // over the expert-parallel ranks in contiguous blocks of layout.experts_per_rank() experts
 // (Megatron-Core's placement), and those layers dispatch through the all-to-all.
@@ -37,6 +38,7 @@ struct ParameterPlacement {
   std::string name;
   std::vector<int64_t> shape;    // whole: every expert
   int64_t stage = 0;             // the pipeline stage holding it
+  int64_t chunk = 0;             // its model chunk on that stage (0 unless interleaved)
   bool expert_parallel = false;  // dim 0 = experts, split over the EP ranks
 };
 
@@ -66,7 +68,7 @@ class ModelPartition {
 struct ModelShard {
   ModelPartition partition;
   RankCoordinates at;
-  int64_t first_layer = 0, end_layer = 0;  // this stage's decoder layers [first, end)
+  std::vector<LayerRange> chunks;  // this stage's decoder layers, one range per model chunk
   // One per MoE layer of the model, in layer order: the all-to-all of this stage's layers under
   // expert parallelism, null otherwise (other stages' layers, or EP 1).
   std::vector<std::shared_ptr<AllToAllDispatcher>> dispatchers;

@@ -1,165 +1,178 @@
 #include "parallel/pipeline.h"
 
+#include <fmt/format.h>
+
+#include <algorithm>
 #include <cstring>
-#include <deque>
 #include <sstream>
+#include <stdexcept>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace moeforge {
 
 namespace {
 
-// Activations go from stage s to s + 1 and gradients back, so the direction of a message tells
-// them apart: one tag serves both.
-constexpr int kTag = 7;
+// Activations and gradients have a tag each (MPI pairs messages by tag; NCCL by order, which the
+// schedule keeps the same on both sides). gather_to_first_stage uses its own.
+constexpr int kActivationTag = 7, kGradientTag = 8, kGatherTag = 9;
 
-class Pipe {
+struct SlotHash {
+  size_t operator()(const PipelineSlot& s) const { return std::hash<int64_t>()(s.chunk * 1000003 + s.micro_batch); }
+};
+
+// One rank's step: runs the schedule's actions in order.
+class Executor {
  public:
-  // Activations and gradients travel where the run trains (both stages have the same device kind).
-  // `timer`: where waits are timed (null: untimed, as in evaluation).
-  Pipe(Communicator& pp, const std::vector<int64_t>& shape, const torch::TensorOptions& options, StepTimer* timer)
-      : pp_(pp), shape_(shape), options_(options), transport_(transport_for(options.device())), timer_(timer) {}
-  bool first() const { return pp_.rank() == 0; }
-  bool last() const { return pp_.rank() == pp_.size() - 1; }
+  Executor(Communicator& pp, int64_t chunks, bool training, const std::vector<int64_t>& shape,
+           const torch::TensorOptions& options, const StageCallbacks& callbacks, StepTimer* timer)
+      : pp_(pp),
+        chunks_(chunks),
+        training_(training),
+        shape_(shape),
+        options_(options),
+        transport_(transport_for(options.device())),
+        callbacks_(callbacks),
+        timer_(timer) {}
 
-  torch::Tensor recv_forward(bool grad) {
-    if (first()) return {};
-    auto x = empty();
-    timed([&] { pp_.recv(x, pp_.rank() - 1, kTag, transport_); });
-    return grad ? x.requires_grad_(true) : x;
-  }
-  void send_forward(const torch::Tensor& y) {
-    if (last()) return;
-    post(y.detach().contiguous(), pp_.rank() + 1);
-  }
-  torch::Tensor recv_backward() {
-    if (last()) return {};
-    auto g = empty();
-    timed([&] { pp_.recv(g, pp_.rank() + 1, kTag, transport_); });
-    return g;
-  }
-  void send_backward(const torch::Tensor& g) {
-    if (first()) return;
-    post(g.contiguous(), pp_.rank() - 1);
-  }
-  // Paired exchanges (send_recv, so neighbours that both send first never wait on each other):
-  // the neighbour is in the matching pair, and this stage needs what it receives right away.
-  torch::Tensor send_forward_recv_backward(const torch::Tensor& y) {
-    if (last()) return {};
-    auto g = empty();
-    timed([&] { pp_.send_recv(y.detach().contiguous(), pp_.rank() + 1, g, pp_.rank() + 1, kTag, transport_); });
-    return g;
-  }
-  torch::Tensor send_backward_recv_forward(const torch::Tensor& g) {
-    if (first()) return {};
-    auto x = empty();
-    timed([&] { pp_.send_recv(g.contiguous(), pp_.rank() - 1, x, pp_.rank() - 1, kTag, transport_); });
-    return x.requires_grad_(true);
-  }
-  // Every send complete: at the step's end (the only wait for a send).
-  void finish_sends() {
-    timed([&] {
+  void run(const std::vector<PipelineAction>& actions) {
+    for (const auto& a : actions) {
+      switch (a.kind) {
+        case PipelineAction::Kind::forward: forward(a.slot); break;
+        case PipelineAction::Kind::backward: backward(a.slot); break;
+        case PipelineAction::Kind::exchange: exchange(a.messages); break;
+      }
+    }
+    timed(Phase::pipeline_wait, [&] {
       for (auto& w : sends_) w->wait();
     });
     sends_.clear();
+    if (!in_flight_.empty() || !received_.empty() || !grads_.empty() || !to_send_.empty() || !to_send_grad_.empty()) {
+      throw std::logic_error("run_pipeline: the schedule left micro-batches unfinished");
+    }
   }
 
  private:
-  torch::Tensor empty() const { return torch::empty(shape_, options_); }
-  // Sends are asynchronous: the stage goes on computing and the handle keeps the tensor until the
-  // peer has it. Completed ones are dropped as new ones are posted, which bounds what is held.
-  void post(const torch::Tensor& t, int peer) {
-    std::erase_if(sends_, [](const std::shared_ptr<Work>& w) { return w->is_completed(); });
-    sends_.push_back(pp_.send_async(t, peer, kTag, transport_));
+  struct InFlight {
+    torch::Tensor input, output, loss;
+  };
+  bool first_chunk(const PipelineSlot& s) const { return pp_.rank() == 0 && s.chunk == 0; }
+  bool last_chunk(const PipelineSlot& s) const { return pp_.rank() == pp_.size() - 1 && s.chunk == chunks_ - 1; }
+  template <typename Map>
+  static typename Map::mapped_type take(Map& map, const PipelineSlot& s, const char* what) {
+    const auto it = map.find(s);
+    if (it == map.end()) {
+      throw std::logic_error(fmt::format("run_pipeline: no {} for chunk {} micro-batch {}", what, s.chunk, s.micro_batch));
+    }
+    auto value = std::move(it->second);
+    map.erase(it);
+    return value;
   }
+
+  void forward(const PipelineSlot& s) {
+    const torch::Tensor input = first_chunk(s) ? torch::Tensor() : take(received_, s, "received activation");
+    StageOutput out = timed(Phase::forward, [&] { return callbacks_.forward(s, input); });
+    if (!last_chunk(s)) to_send_[s] = out.output;
+    if (training_) in_flight_[s] = {input, out.output, out.loss};
+  }
+
+  void backward(const PipelineSlot& s) {
+    InFlight f = take(in_flight_, s, "forward");
+    if (callbacks_.before_backward) callbacks_.before_backward(s);
+    timed(Phase::backward, [&] {
+      std::vector<torch::Tensor> roots, grads;
+      if (!last_chunk(s)) {
+        roots.push_back(f.output);
+        grads.push_back(take(grads_, s, "received gradient"));
+      }
+      if (f.loss.defined() && f.loss.requires_grad()) {
+        roots.push_back(f.loss);
+        grads.push_back(torch::ones_like(f.loss));
+      }
+      if (!roots.empty()) torch::autograd::backward(roots, grads);
+    });
+    if (callbacks_.after_backward) callbacks_.after_backward(s);
+    if (first_chunk(s)) return;  // the model's first chunk sends nothing back
+    to_send_grad_[s] = f.input.grad().defined() ? f.input.grad() : torch::zeros(shape_, options_);
+  }
+
+  void exchange(const std::vector<PipelineMessage>& messages) {
+    const int next = (pp_.rank() + 1) % pp_.size(), prev = (pp_.rank() + pp_.size() - 1) % pp_.size();
+    std::vector<PeerMessage> batch;
+    std::vector<torch::Tensor> sent_activations;
+    for (const auto& m : messages) {
+      const bool activation = m.kind == PipelineMessage::Kind::activation;
+      PeerMessage p;
+      p.send = m.send;
+      p.tag = activation ? kActivationTag : kGradientTag;
+      p.peer = activation == m.send ? next : prev;
+      if (m.send && activation) {
+        sent_activations.push_back(take(to_send_, m.slot, "activation to send"));
+        p.tensor = sent_activations.back().detach().contiguous();
+      } else if (m.send) {
+        p.tensor = take(to_send_grad_, m.slot, "gradient to send").contiguous();
+      } else {
+        p.tensor = torch::empty(shape_, options_);
+      }
+      batch.push_back(std::move(p));
+    }
+    // An exchange that receives waits for its sends too: the neighbour is in the matching exchange
+    // and MPI moves a large message only while its sender is inside an MPI call (rendezvous), so
+    // a send left in flight would hold the neighbour up for this rank's whole next computation.
+    // Send-only exchanges (warm-up, cool-down) stay in flight: their receiver may still be busy.
+    const bool receives = std::any_of(messages.begin(), messages.end(), [](const auto& m) { return !m.send; });
+    timed(Phase::pipeline_wait, [&] {
+      auto sends = pp_.exchange(batch, transport_);
+      if (receives) return sends->wait();
+      // Completed sends are dropped as new ones are posted, which bounds what is held.
+      std::erase_if(sends_, [](const std::shared_ptr<Work>& w) { return w->is_completed(); });
+      sends_.push_back(std::move(sends));
+    });
+    // A sent activation's storage is not needed any more (the message holds its own reference
+    // until sent): keep only its autograd node.
+    for (auto& y : sent_activations) {
+      if (training_ && y.defined()) y.set_data(torch::empty({1}, y.options()));
+    }
+    for (size_t j = 0; j < messages.size(); ++j) {
+      const auto& m = messages[j];
+      if (m.send) continue;
+      if (m.kind == PipelineMessage::Kind::activation) {
+        received_[m.slot] = training_ ? batch[j].tensor.requires_grad_(true) : batch[j].tensor;
+      } else {
+        grads_[m.slot] = batch[j].tensor;
+      }
+    }
+  }
+
   template <typename F>
-  void timed(F&& f) {
+  std::invoke_result_t<F> timed(Phase phase, F&& f) {
     if (!timer_) return f();
-    const auto scope = timer_->scope(Phase::pipeline_wait);
-    f();
+    const auto scope = timer_->scope(phase);
+    return f();
   }
+
   Communicator& pp_;
+  int64_t chunks_;
+  bool training_;
   std::vector<int64_t> shape_;
   torch::TensorOptions options_;
   Transport transport_;
+  const StageCallbacks& callbacks_;
   StepTimer* timer_;
+  std::unordered_map<PipelineSlot, InFlight, SlotHash> in_flight_;
+  // Received activations and gradients, and what waits to be sent, by the slot on this rank.
+  std::unordered_map<PipelineSlot, torch::Tensor, SlotHash> received_, grads_, to_send_, to_send_grad_;
   std::vector<std::shared_ptr<Work>> sends_;
-};
-
-struct InFlight {
-  torch::Tensor input, output, loss;
 };
 
 }  // namespace
 
-void run_1f1b(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
-              const torch::TensorOptions& options, const StageCallbacks& callbacks, StepTimer& timer) {
-  Pipe pipe(pp, activation_shape, options, &timer);
-  std::deque<InFlight> in_flight;
-  int64_t next = 0, backwards = 0;
-
-  auto forward = [&](const torch::Tensor& input) {
-    timer.start(Phase::forward);
-    StageOutput out = callbacks.forward(next++, input);
-    timer.stop(Phase::forward);
-    in_flight.push_back({input, out.output, out.loss});
-    return out.output;
-  };
-  // The activation's storage is not needed once sent: keep only its autograd node.
-  auto release = [](const torch::Tensor& y) {
-    if (y.defined()) y.set_data(torch::empty({1}, y.options()));
-  };
-  auto backward = [&](const torch::Tensor& grad_output) {
-    InFlight f = std::move(in_flight.front());
-    in_flight.pop_front();
-    if (callbacks.before_backward) callbacks.before_backward(backwards);
-    ++backwards;
-    timer.start(Phase::backward);
-    std::vector<torch::Tensor> roots, grads;
-    if (f.output.defined()) {
-      roots.push_back(f.output);
-      grads.push_back(grad_output);
-    }
-    if (f.loss.defined() && f.loss.requires_grad()) {
-      roots.push_back(f.loss);
-      grads.push_back(torch::ones_like(f.loss));
-    }
-    if (!roots.empty()) torch::autograd::backward(roots, grads);
-    timer.stop(Phase::backward);
-    if (callbacks.after_backward) callbacks.after_backward();
-    if (!f.input.defined()) return torch::Tensor();  // the first stage sends nothing back
-    return f.input.grad().defined() ? f.input.grad() : torch::zeros(activation_shape, options);
-  };
-
-  const int64_t warmup = std::min<int64_t>(pp.size() - pp.rank() - 1, micro_batches);
-  const int64_t steady = micro_batches - warmup;
-  for (int64_t i = 0; i < warmup; ++i) {
-    const auto y = forward(pipe.recv_forward(true));
-    pipe.send_forward(y);
-    release(y);
-  }
-  torch::Tensor input = steady > 0 ? pipe.recv_forward(true) : torch::Tensor();
-  for (int64_t i = 0; i < steady; ++i) {
-    const auto y = forward(input);
-    const auto grad_output = pipe.send_forward_recv_backward(y);
-    release(y);
-    const auto grad_input = backward(grad_output);
-    if (i == steady - 1) {
-      pipe.send_backward(grad_input);
-    } else {
-      input = pipe.send_backward_recv_forward(grad_input);
-    }
-  }
-  for (int64_t i = 0; i < warmup; ++i) pipe.send_backward(backward(pipe.recv_backward()));
-  pipe.finish_sends();
-}
-
-void run_forward_only(Communicator& pp, int64_t micro_batches, const std::vector<int64_t>& activation_shape,
-                      const torch::TensorOptions& options,
-                      const std::function<StageOutput(int64_t i, const torch::Tensor& input)>& forward) {
-  Pipe pipe(pp, activation_shape, options, nullptr);
-  for (int64_t i = 0; i < micro_batches; ++i) pipe.send_forward(forward(i, pipe.recv_forward(false)).output);
-  pipe.finish_sends();
+void run_pipeline(Communicator& pp, int64_t chunks, int64_t micro_batches, bool forward_only,
+                  const std::vector<int64_t>& activation_shape, const torch::TensorOptions& options,
+                  const StageCallbacks& callbacks, StepTimer* timer) {
+  const auto actions = pipeline_schedule(pp.size(), pp.rank(), chunks, micro_batches, forward_only);
+  Executor(pp, chunks, !forward_only, activation_shape, options, callbacks, timer).run(actions);
 }
 
 void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
@@ -169,11 +182,11 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
   constexpr Transport kHost = Transport::host;
   // host: all of this function (a checkpoint gather between steps).
   auto send_i64 = [&](std::vector<int64_t> v, int to) {
-    pp.send(torch::tensor(v, torch::kInt64), to, kTag, kHost);  // host: header
+    pp.send(torch::tensor(v, torch::kInt64), to, kGatherTag, kHost);  // host: header
   };
   auto recv_i64 = [&](int64_t n, int from) {
     auto t = torch::empty({n}, torch::kInt64);  // host: header
-    pp.recv(t, from, kTag, kHost);
+    pp.recv(t, from, kGatherTag, kHost);
     return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
   };
   for (int stage = 1; stage < pp.size(); ++stage) {
@@ -190,14 +203,14 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
       send_i64({static_cast<int64_t>(names.size()), static_cast<int64_t>(meta.size())}, 0);
       auto bytes = torch::empty({static_cast<int64_t>(names.size())}, torch::kUInt8);  // host: header
       std::memcpy(bytes.data_ptr(), names.data(), names.size());
-      pp.send(bytes, 0, kTag, kHost);
+      pp.send(bytes, 0, kGatherTag, kHost);
       send_i64(meta, 0);
       // host: the checkpoint's tensors, read between steps.
-      for (const auto& [name, t] : tensors) pp.send(t.to(torch::kCPU).contiguous(), 0, kTag, kHost);
+      for (const auto& [name, t] : tensors) pp.send(t.to(torch::kCPU).contiguous(), 0, kGatherTag, kHost);
     } else if (pp.rank() == 0) {
       const auto sizes = recv_i64(2, stage);
       auto bytes = torch::empty({sizes[0]}, torch::kUInt8);  // host: header
-      pp.recv(bytes, stage, kTag, kHost);
+      pp.recv(bytes, stage, kGatherTag, kHost);
       const auto meta = recv_i64(sizes[1], stage);
       std::istringstream names(std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(sizes[0])));
       std::string name;
@@ -209,7 +222,7 @@ void gather_to_first_stage(NamedTensors& tensors, Communicator& pp) {
                                    meta.begin() + static_cast<std::ptrdiff_t>(at + 2 + static_cast<size_t>(rank)));
         at += 2 + static_cast<size_t>(rank);
         auto t = torch::empty(shape, torch::TensorOptions().dtype(dtype));  // host: written from here
-        pp.recv(t, stage, kTag, kHost);
+        pp.recv(t, stage, kGatherTag, kHost);
         tensors.emplace_back(name, t);
       }
     }

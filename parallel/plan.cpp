@@ -1,5 +1,7 @@
 #include "parallel/plan.h"
 
+#include "parallel/pipeline_schedule.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -69,8 +71,9 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   plan.flops_per_token_megatron_legacy = per_token(plan.flops_per_step.megatron_legacy);
   plan.flops_per_token_six_n = per_token(plan.flops_per_step.six_n);
 
-  const int64_t PP = layout.pp(), M = layout.micro_batches_per_step();
-  plan.bubble_fraction = static_cast<double>(PP - 1) / static_cast<double>(M + PP - 1);
+  const int64_t PP = layout.pp(), M = layout.micro_batches_per_step(), VP = layout.vpp();
+  // Interleaving divides the bubble's share of the step by V (Megatron's (PP - 1) / (V M)).
+  plan.bubble_fraction = static_cast<double>(PP - 1) / static_cast<double>(VP * M + PP - 1);
   if (M < PP) {
     plan.warnings.push_back(fmt::format("{} micro-batches per step for {} pipeline stages: the pipeline never fills; "
                                         "raise training.global_batch_size or lower PP",
@@ -89,10 +92,12 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   for (int64_t s = 0; s < PP; ++s) {
     StagePlan st;
     st.stage = s;
-    st.first_layer = layout.first_layer(s);
+    st.chunks = layout.chunks(s);
+    st.first_layer = st.chunks.front().begin;
     st.num_layers = layout.layers_per_stage()[static_cast<size_t>(s)];
     int64_t dense = 0, experts = 0, act_full_layers = 0, act_checkpoints = 0, act_max_layer = 0;
-    for (int64_t i = st.first_layer; i < st.first_layer + st.num_layers; ++i) {
+    for (int64_t i = 0; i < m.num_layers; ++i) {
+      if (layout.stage_of_layer(i) != s) continue;
       const LayerParameters p = layer_parameters(m, i);
       dense += p.total() - p.routed_experts();
       if (m.is_moe_layer(i)) experts += p.expert * layout.experts_per_rank();
@@ -117,12 +122,13 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
     st.optimizer_bytes_distributed = dense * optim_bytes / layout.dp() + experts * optim_bytes / layout.edp();
     st.activation_bytes_per_micro_batch = act_full_layers + logits;
     st.activation_bytes_per_micro_batch_full_recompute = act_checkpoints + act_max_layer + logits;
-    st.micro_batches_in_flight = std::min(PP - s, M);
+    st.micro_batches_in_flight = peak_in_flight(pipeline_schedule(PP, s, VP, M, false));
     const int64_t optimizer =
         c.parallel.use_distributed_optimizer ? st.optimizer_bytes_distributed : st.optimizer_bytes;
+    // A chunk-micro-batch in flight holds 1/V of the stage's layers' activations.
     const int64_t activations = c.training.recompute_granularity == RecomputeGranularity::full
-                                    ? st.micro_batches_in_flight * act_checkpoints + act_max_layer + logits
-                                    : st.micro_batches_in_flight * act_full_layers + logits;
+                                    ? st.micro_batches_in_flight * act_checkpoints / VP + act_max_layer + logits
+                                    : st.micro_batches_in_flight * act_full_layers / VP + logits;
     st.peak_bytes = st.weight_bytes + st.gradient_bytes + optimizer + activations;
     plan.stages.push_back(st);
   }
@@ -136,6 +142,7 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
   for (const auto& s : plan.stages) {
     stages.push_back({{"stage", s.stage},
                       {"first_layer", s.first_layer},
+                      {"layers", format_layer_ranges(s.chunks)},
                       {"num_layers", s.num_layers},
                       {"parameters", s.parameters},
                       {"expert_parameters", s.expert_parameters},
@@ -182,7 +189,10 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
         {"seq_length", c.training.seq_length},
         {"micro_batches_per_step", L.micro_batches_per_step()},
         {"tokens_per_step", plan.tokens_per_step}}},
-      {"pipeline", {{"schedule", "1f1b"}, {"bubble_fraction", plan.bubble_fraction}}},
+      {"pipeline",
+       {{"schedule", L.vpp() > 1 ? "interleaved_1f1b" : "1f1b"},
+        {"virtual_pipeline_model_parallel_size", L.vpp()},
+        {"bubble_fraction", plan.bubble_fraction}}},
       {"memory",
        {{"precision", c.training.bf16 ? "bf16" : "fp32"},
         {"use_distributed_optimizer", c.parallel.use_distributed_optimizer},
@@ -217,7 +227,12 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
                    c.training.seq_length, with_commas(plan.tokens_per_step));
   o << fmt::format("  micro-batch {} -> {} micro-batches per step per data-parallel rank\n",
                    c.training.micro_batch_size, plan.layout.micro_batches_per_step());
-  o << fmt::format("  1F1B bubble (PP-1)/(M+PP-1) = {:.2f} %\n", 100.0 * plan.bubble_fraction);
+  if (plan.layout.vpp() > 1) {
+    o << fmt::format("  interleaved 1F1B bubble (PP-1)/(V*M+PP-1), V = {}: {:.2f} %\n", plan.layout.vpp(),
+                     100.0 * plan.bubble_fraction);
+  } else {
+    o << fmt::format("  1F1B bubble (PP-1)/(M+PP-1) = {:.2f} %\n", 100.0 * plan.bubble_fraction);
+  }
   o << fmt::format("\nmemory per rank ({}, {} optimizer, recompute {})\n", c.training.bf16 ? "bf16" : "fp32",
                    c.parallel.use_distributed_optimizer ? "distributed" : "replicated",
                    to_string(c.training.recompute_granularity));
@@ -227,7 +242,7 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
   row("stage", "layers", "params/rank", "weights", "grads", "optimizer", "optim (dist)", "act/mb", "act/mb (full)",
       "in flight", "peak");
   for (const auto& s : plan.stages) {
-    row(s.stage, fmt::format("{}-{}", s.first_layer, s.first_layer + s.num_layers - 1), with_commas(s.parameters),
+    row(s.stage, format_layer_ranges(s.chunks), with_commas(s.parameters),
         gib(s.weight_bytes), gib(s.gradient_bytes), gib(s.optimizer_bytes), gib(s.optimizer_bytes_distributed),
         gib(s.activation_bytes_per_micro_batch), gib(s.activation_bytes_per_micro_batch_full_recompute),
         s.micro_batches_in_flight, gib(s.peak_bytes));

@@ -1,7 +1,7 @@
 // defines: StagePlan, Plan, make_plan, plan_to_json, format_plan
 //
 // What `moeforge plan` reports for a resolved config and layout: parameter counts, model FLOPs,
-// batch arithmetic, the 1F1B bubble and a per-stage memory estimate. Formulas: docs/plan.md.
+// batch arithmetic, the pipeline bubble and a per-stage memory estimate. Formulas: docs/plan.md.
 #pragma once
 
 #include "core/config.h"
@@ -18,6 +18,7 @@ namespace moeforge {
 // Memory of one rank of a pipeline stage (every rank of a stage holds the same amounts).
 struct StagePlan {
   int64_t stage = 0;
+  std::vector<LayerRange> chunks;  // its layers, one range per model chunk
   int64_t first_layer = 0;
   int64_t num_layers = 0;
   int64_t parameters = 0;               // held by one rank: dense + its share of the experts
@@ -28,7 +29,9 @@ struct StagePlan {
   int64_t optimizer_bytes_distributed = 0;  // the same sharded over DP (experts over expert-DP)
   int64_t activation_bytes_per_micro_batch = 0;
   int64_t activation_bytes_per_micro_batch_full_recompute = 0;
-  int64_t micro_batches_in_flight = 0;  // 1F1B: min(PP - stage, M)
+  // Forwards whose backward is still to come, at most: 1F1B min(PP - stage, M) micro-batches;
+  // interleaved, chunk-micro-batches of 1/V of the stage's layers each.
+  int64_t micro_batches_in_flight = 0;
   int64_t peak_bytes = 0;               // with the configured optimizer and recomputation
 };
 

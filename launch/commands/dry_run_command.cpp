@@ -44,7 +44,7 @@ std::string rank_table(const Plan& plan, const ParallelLayout& layout, const Exp
     } else if (c.checkpoint.format == CheckpointFormat::whole && r == 0) {
       shard = "the whole checkpoint (gathered)";
     }
-    row(r, x.pp, x.dp, x.ep, x.edp, fmt::format("{}-{}", s.first_layer, s.first_layer + s.num_layers - 1), held,
+    row(r, x.pp, x.dp, x.ep, x.edp, format_layer_ranges(s.chunks), held,
         fmt::format("{}", s.parameters), gib(s.peak_bytes), shard);
   }
   return o.str();

@@ -57,10 +57,13 @@ json read_manifest(const std::string& dir) {
 
 }  // namespace
 
-ShardLayout ShardLayout::of(const ParallelLayout& layout) { return {layout.pp(), layout.ep(), layout.layers_per_stage()}; }
+ShardLayout ShardLayout::of(const ParallelLayout& layout) {
+  return {layout.pp(), layout.ep(), layout.vpp(), layout.layers_per_stage()};
+}
 
 std::string ShardLayout::describe() const {
-  return fmt::format("PP {} x EP {}, layers per stage [{}]", pp, ep, fmt::join(layers_per_stage, ", "));
+  const std::string chunks = vpp > 1 ? fmt::format(" in {} interleaved chunks", vpp) : std::string();
+  return fmt::format("PP {} x EP {}, layers per stage [{}]{}", pp, ep, fmt::join(layers_per_stage, ", "), chunks);
 }
 
 void check_shard_layout(const std::string& dir, const ShardLayout& run) {
@@ -68,9 +71,10 @@ void check_shard_layout(const std::string& dir, const ShardLayout& run) {
   if (saved == run) return;
   fail_user("{} is a sharded checkpoint of {}, but this run is {}. Shards are per pipeline stage and expert-parallel "
             "rank: convert it first, e.g.\n  moeforge convert {} CONVERTED_DIR --format sharded --set "
-            "parallel.pipeline_model_parallel_size={} --set parallel.expert_model_parallel_size={}\nthen --load "
-            "CONVERTED_DIR (or --format whole, which resumes on any layout).",
-            dir, saved.describe(), run.describe(), dir, run.pp, run.ep);
+            "parallel.pipeline_model_parallel_size={} --set parallel.virtual_pipeline_model_parallel_size={} --set "
+            "parallel.expert_model_parallel_size={}\nthen --load CONVERTED_DIR (or --format whole, which resumes on any "
+            "layout).",
+            dir, saved.describe(), run.describe(), dir, run.pp, run.vpp, run.ep);
 }
 
 ShardLayout read_shard_layout(const std::string& dir) {
@@ -80,8 +84,9 @@ ShardLayout read_shard_layout(const std::string& dir) {
     ShardLayout l;
     l.pp = j.at("pipeline_model_parallel_size").get<int64_t>();
     l.ep = j.at("expert_model_parallel_size").get<int64_t>();
+    l.vpp = j.value("virtual_pipeline_model_parallel_size", int64_t{1});
     l.layers_per_stage = j.at("layers_per_stage").get<std::vector<int64_t>>();
-    if (l.pp < 1 || l.ep < 1 || static_cast<int64_t>(l.layers_per_stage.size()) != l.pp) {
+    if (l.pp < 1 || l.ep < 1 || l.vpp < 1 || static_cast<int64_t>(l.layers_per_stage.size()) != l.pp) {
       damaged(path, fmt::format("inconsistent layout ({})", l.describe()));
     }
     return l;
@@ -108,6 +113,7 @@ void write_shard_manifest(const std::string& dir, const ModelPartition& partitio
   const json j = {{"format", "moeforge-sharded"},
                   {"pipeline_model_parallel_size", layout.pp},
                   {"expert_model_parallel_size", layout.ep},
+                  {"virtual_pipeline_model_parallel_size", layout.vpp},
                   {"layers_per_stage", layout.layers_per_stage},
                   {"model", model},
                   {"optimizer", optimizer}};

@@ -32,6 +32,7 @@ namespace moeforge {
 // The part of a parallel layout a sharded checkpoint depends on (DP is free).
 struct ShardLayout {
   int64_t pp = 1, ep = 1;
+  int64_t vpp = 1;  // model chunks per stage (interleaved pipeline); 1 in manifests that lack it
   std::vector<int64_t> layers_per_stage;
 
   static ShardLayout of(const ParallelLayout& layout);

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 namespace fs = std::filesystem;
 
@@ -208,6 +209,12 @@ void Trainer::setup_optimizer() {
   }
   for (auto& p : trainable) p.expert_parallel = shard_->partition.at(p.name).expert_parallel;
   optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel);
+  // Each chunk's parameters, armed for gradient reduction before that chunk's last backward.
+  chunk_params_.assign(shard_->chunks.size(), {});
+  for (size_t i = 0; i < optimizer_->params().size(); ++i) {
+    const auto chunk = shard_->partition.at(optimizer_->params()[i].name).chunk;
+    chunk_params_[static_cast<size_t>(chunk)].push_back(i);
+  }
   schedule_ = std::make_unique<LrSchedule>(t);
 }
 
@@ -286,7 +293,7 @@ StepMetrics Trainer::train_step() {
   const CommTimes comm_before = comm_times();
   StepTimer timer(device_);
   const int64_t micro_batches = layout_.micro_batches_per_step();
-  const int64_t first = shard_->first_layer, end = shard_->end_layer;
+  const auto& chunks = shard_->chunks;
   const int64_t num_moe_layers = c_.model.num_moe_layers();
   StepMetrics m;
   m.num_micro_batches = micro_batches;
@@ -296,47 +303,64 @@ StepMetrics Trainer::train_step() {
   // Routed slots per expert of every MoE layer of the model (zeros for other stages' layers).
   auto load_LE = torch::zeros({std::max<int64_t>(num_moe_layers, 1), c_.model.num_experts.value_or(1)},
                               torch::TensorOptions().dtype(torch::kInt64).device(device_));
-  std::vector<int64_t> moe_index;  // this stage's layers: index among the model's MoE layers, or -1
-  for (int64_t l = 0, n = 0; l < end; ++l) {
+  // This rank's layers, per chunk: the index among the model's MoE layers, or -1.
+  std::vector<std::vector<int64_t>> moe_index(chunks.size());
+  for (int64_t l = 0, n = 0; l < c_.model.num_layers; ++l) {
     const int64_t index = c_.model.is_moe_layer(l) ? n++ : -1;
-    if (l >= first) moe_index.push_back(index);
+    for (size_t k = 0; k < chunks.size(); ++k) {
+      if (l >= chunks[k].begin && l < chunks[k].end) moe_index[k].push_back(index);
+    }
   }
   for (auto& d : shard_->dispatchers) {
     if (d) d->stats().reset();
   }
-  // global_aux_loss: this stage's expert loads of the step's micro-batches so far, summed over DP.
+  // global_aux_loss: each chunk's expert loads of the step's micro-batches so far, summed over DP.
   const bool global_aux = c_.model.moe_router_load_balancing_type == LoadBalancingType::global_aux_loss;
-  torch::Tensor global_load_LE;
-  int64_t global_seen = 0;
-
-  // Forward and backward of every micro-batch, in the 1F1B schedule (one stage: plain gradient
-  // accumulation). Backward runs on (LM + aux + z) / micro-batches; a stage without the head adds
-  // its layers' auxiliary losses to the gradient coming from the next stage.
-  StageCallbacks callbacks;
-  callbacks.forward = [&](int64_t, const torch::Tensor& input) {
+  std::vector<torch::Tensor> global_load_LE(chunks.size());
+  std::vector<int64_t> global_seen(chunks.size(), 0);
+  // A micro-batch is read when its first chunk here runs and kept until its last one has
+  // (interleaved: every chunk of this rank runs it; each chunk takes the micro-batches in order).
+  std::map<int64_t, Batch> batches;
+  auto batch = [&](const PipelineSlot& s) -> const Batch& {
+    auto it = batches.find(s.micro_batch);
+    if (it != batches.end()) return it->second;
     timer.start(Phase::data);
-    const Batch b = to_tensors(train_loader_->next());
+    it = batches.emplace(s.micro_batch, to_tensors(train_loader_->next())).first;
     timer.stop(Phase::data);
-    const auto out =
-        model_->forward_layers(first == 0 ? b.tokens : input, b.position_ids, first, end, model::HeadOutput::head_input);
+    return it->second;
+  };
+
+  // Forward and backward of every micro-batch through every chunk of this rank, in the pipeline
+  // schedule (one stage: plain gradient accumulation). Backward runs on (LM + aux + z) /
+  // micro-batches; a chunk without the head adds its layers' auxiliary losses to the gradient
+  // coming from the next one.
+  StageCallbacks callbacks;
+  callbacks.forward = [&](const PipelineSlot& slot, const torch::Tensor& input) {
+    const auto k = static_cast<size_t>(slot.chunk);
+    const LayerRange range = chunks[k];
+    const Batch& b = batch(slot);
+    const auto out = model_->forward_layers(range.begin == 0 ? b.tokens : input, b.position_ids, range.begin, range.end,
+                                            model::HeadOutput::head_input);
     std::optional<moe::GlobalExpertLoad> global;
-    if (global_aux) global = add_global_load(out, global_load_LE, global_seen);
+    if (global_aux) global = add_global_load(out, global_load_LE[k], global_seen[k]);
     const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask, global ? &*global : nullptr);
     losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
     for (size_t j = 0; j < out.layers.size(); ++j) {
       const auto& layer = out.layers[j];
-      if (layer.tokens_per_expert_E && moe_index[j] >= 0) load_LE[moe_index[j]] += *layer.tokens_per_expert_E;
+      if (layer.tokens_per_expert_E && moe_index[k][j] >= 0) load_LE[moe_index[k][j]] += *layer.tokens_per_expert_E;
     }
+    if (k + 1 == chunks.size()) batches.erase(slot.micro_batch);
     StageOutput o;
     o.output = out.hidden_BSD;
     if (loss.total.requires_grad()) o.loss = loss.total / static_cast<double>(micro_batches);
     return o;
   };
-  callbacks.before_backward = [&](int64_t i) {
-    if (i == micro_batches - 1) optimizer_->begin_last_backward();
+  callbacks.before_backward = [&](const PipelineSlot& slot) {
+    if (slot.micro_batch == micro_batches - 1) optimizer_->begin_last_backward(chunk_params_[static_cast<size_t>(slot.chunk)]);
   };
-  callbacks.after_backward = [&] { optimizer_->accumulate_grads(); };
-  run_1f1b(*groups_.pp, micro_batches, activation_shape(), activation_options(), callbacks, timer);
+  callbacks.after_backward = [&](const PipelineSlot&) { optimizer_->accumulate_grads(); };
+  run_pipeline(*groups_.pp, static_cast<int64_t>(chunks.size()), micro_batches, false, activation_shape(),
+               activation_options(), callbacks, &timer);
 
   // Gradients over the data-parallel ranks. The step's losses and expert loads read in one go
   // (exact in fp64: counts stay far below 2^53), then summed over the stages (the LM loss lives on
@@ -377,7 +401,10 @@ StepMetrics Trainer::train_step() {
   }
   // Aux-loss-free balancing (as Megatron, also after a skipped update): every rank moves the biases
   // of its routers by the same global loads, so the biases stay identical everywhere.
-  if (num_moe_layers > 0) moe::update_expert_biases(*model_, first, end, sums.narrow(0, 4, sums.numel() - 4).view({-1, E}));
+  if (num_moe_layers > 0) {
+    const auto load = sums.narrow(0, 4, sums.numel() - 4).view({-1, E});
+    for (const auto& range : chunks) moe::update_expert_biases(*model_, range.begin, range.end, load);
+  }
   timer.stop(Phase::optimizer);
   ++state_.iteration;
   state_.consumed_train_samples += t.global_batch_size;
@@ -507,16 +534,23 @@ double Trainer::evaluate() {
   data::DataLoader loader(valid_data_, t.micro_batch_size, shard_->at.dp, layout_.dp(), state_.consumed_valid_samples, 2);
   // The LM loss (on the last stage), summed on the device and read once.
   auto total = torch::zeros({}, activation_options().dtype(torch::kFloat64));
+  const auto& chunks = shard_->chunks;
+  StageCallbacks callbacks;
+  std::map<int64_t, Batch> batches;  // as in train_step: read by the first chunk, dropped after the last
+  callbacks.forward = [&](const PipelineSlot& slot, const torch::Tensor& input) {
+    const auto k = static_cast<size_t>(slot.chunk);
+    auto it = batches.find(slot.micro_batch);
+    if (it == batches.end()) it = batches.emplace(slot.micro_batch, to_tensors(loader.next())).first;
+    const Batch& b = it->second;
+    const auto out = model_->forward_layers(chunks[k].begin == 0 ? b.tokens : input, b.position_ids, chunks[k].begin,
+                                            chunks[k].end, model::HeadOutput::head_input);
+    if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask).to(torch::kFloat64);
+    if (k + 1 == chunks.size()) batches.erase(it);
+    return StageOutput{out.hidden_BSD, {}};
+  };
   for (int64_t it = 0; it < t.eval_iters; ++it) {
-    run_forward_only(*groups_.pp, micro_batches, activation_shape(), activation_options(),
-                     [&](int64_t, const torch::Tensor& input) {
-                       const Batch b = to_tensors(loader.next());
-                       const auto out =
-                           model_->forward_layers(shard_->first_layer == 0 ? b.tokens : input, b.position_ids,
-                                                  shard_->first_layer, shard_->end_layer, model::HeadOutput::head_input);
-                       if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask).to(torch::kFloat64);
-                       return StageOutput{out.hidden_BSD, {}};
-                     });
+    run_pipeline(*groups_.pp, static_cast<int64_t>(chunks.size()), micro_batches, true, activation_shape(),
+                 activation_options(), callbacks, nullptr);
     state_.consumed_valid_samples += t.global_batch_size;
   }
   auto mean = to_host(total / static_cast<double>(t.eval_iters * micro_batches)).reshape({1});

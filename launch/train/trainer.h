@@ -92,6 +92,7 @@ class Trainer {
   StartPoint start_;
   model::GPTModel model_{nullptr};
   std::optional<ModelShard> shard_;  // this rank's stage and experts
+  std::vector<std::vector<size_t>> chunk_params_;  // per model chunk: its parameters' indices in the optimizer
   TensorShapes full_optimizer_shapes_;  // every optimizer tensor whole (a sharded checkpoint's shards.json)
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<LrSchedule> schedule_;

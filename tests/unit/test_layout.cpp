@@ -48,7 +48,47 @@ TEST_CASE("uneven pipelines split the middle evenly", "[layout]") {
                               "training.global_batch_size=8"});
   const auto L = ParallelLayout::create(c, 4);
   CHECK(L.layers_per_stage() == std::vector<int64_t>{1, 3, 3, 3});
-  CHECK(L.first_layer(2) == 4);
+  CHECK(L.chunks(2).size() == 1);
+  CHECK(L.chunks(2).front().begin == 4);
+  CHECK(L.chunks(2).front().end == 7);
+}
+
+TEST_CASE("interleaved stages hold every PP-th chunk of the layers", "[layout][pipeline]") {
+  // 8 layers in PP 2 x V 2 = 4 chunks of 2: rank 0 runs layers 0-1 and 4-5, rank 1 2-3 and 6-7.
+  const auto c = config_with({"model.num_layers=8", "parallel.pipeline_model_parallel_size=2",
+                              "parallel.virtual_pipeline_model_parallel_size=2", "training.global_batch_size=4"});
+  const auto L = ParallelLayout::create(c, 2);
+  CHECK(L.vpp() == 2);
+  CHECK(L.layers_per_stage() == std::vector<int64_t>{4, 4});
+  REQUIRE(L.chunks(0).size() == 2);
+  CHECK(format_layer_ranges(L.chunks(0)) == "0-1,4-5");
+  CHECK(format_layer_ranges(L.chunks(1)) == "2-3,6-7");
+  for (int64_t l = 0; l < 8; ++l) {
+    CHECK(L.stage_of_layer(l) == (l / 2) % 2);
+    CHECK(L.chunk_of_layer(l) == l / 4);
+  }
+  CHECK_THAT(L.describe(), Contains("layers per stage [4, 4] in 2 interleaved chunks of 2"));
+}
+
+TEST_CASE("impossible interleaved layouts say which rule and how to fix it", "[layout][pipeline][errors]") {
+  CHECK_THAT(layout_error(config_with({"parallel.virtual_pipeline_model_parallel_size=2"}), 1),
+             Contains("needs parallel.pipeline_model_parallel_size > 1") && Contains("VPP=2"));
+  CHECK_THAT(layout_error(config_with({"parallel.pipeline_model_parallel_size=2",
+                                       "parallel.virtual_pipeline_model_parallel_size=4"}),
+                          2),
+             Contains("model.num_layers (4) is not divisible by parallel.pipeline_model_parallel_size x "
+                      "virtual_pipeline_model_parallel_size (2 x 4 = 8 model chunks)"));
+  CHECK_THAT(layout_error(config_with({"parallel.pipeline_model_parallel_size=2",
+                                       "parallel.virtual_pipeline_model_parallel_size=2",
+                                       "parallel.decoder_first_pipeline_num_layers=1"}),
+                          2),
+             Contains("cannot be combined with parallel.virtual_pipeline_model_parallel_size > 1"));
+  // 3 micro-batches per step do not make whole groups of PP 2.
+  CHECK_THAT(layout_error(config_with({"parallel.pipeline_model_parallel_size=2",
+                                       "parallel.virtual_pipeline_model_parallel_size=2", "training.global_batch_size=3"}),
+                          2),
+             Contains("= 3, to be a multiple of parallel.pipeline_model_parallel_size 2: choose a global batch that is "
+                      "a multiple of 2"));
 }
 
 TEST_CASE("impossible layouts list the problem and every factor", "[layout][errors]") {

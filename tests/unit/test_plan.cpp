@@ -77,6 +77,39 @@ TEST_CASE("batch, bubble and memory arithmetic of the mission plan", "[plan]") {
         8192LL * 151'936 * 6);
 }
 
+TEST_CASE("interleaved stages: the bubble shrinks by V, each chunk-micro-batch holds 1/V of the activations",
+          "[plan][pipeline]") {
+  // Without recomputation and ZeRO-1, so that a stage's peak is weights, gradients, state and activations.
+  auto mission = [](const std::string& vpp) {
+    return load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml"),
+                       {"parallel.virtual_pipeline_model_parallel_size=" + vpp, "training.recompute_granularity=none",
+                        "parallel.use_distributed_optimizer=false"})
+        .config;
+  };
+  const auto c = mission("2");
+  const Plan one = make_plan(mission("1"), "q.yaml", ParallelLayout::create(mission("1"), 8));
+  const Plan plan = make_plan(c, "q.yaml", ParallelLayout::create(c, 8));
+  // M = 128 micro-batches, PP 2, V 2: (PP - 1) / (V M + PP - 1).
+  CHECK(plan.bubble_fraction == Approx(1.0 / 257.0));
+  // Rank 0: layers 0-5 and 12-17; rank 1: 6-11 and 18-23. The same parameters per stage as without
+  // interleaving (12 layers each, embedding first, head last).
+  CHECK(format_layer_ranges(plan.stages[0].chunks) == "0-5,12-17");
+  CHECK(format_layer_ranges(plan.stages[1].chunks) == "6-11,18-23");
+  CHECK(plan.stages[0].parameters == one.stages[0].parameters);
+  CHECK(plan.stages[1].parameters == one.stages[1].parameters);
+  // Warm-up (PP - s - 1) x 2 + (V - 1) x PP forwards, plus the one before the first backward.
+  CHECK(plan.stages[0].micro_batches_in_flight == 5);
+  CHECK(plan.stages[1].micro_batches_in_flight == 3);
+  // Activations: 5 (3) chunk-micro-batches of half the stage's layers, against 2 (1) whole micro-batches.
+  const auto layer_activations = [](const Plan& p, size_t s) {
+    return p.stages[s].peak_bytes - p.stages[s].weight_bytes - p.stages[s].gradient_bytes - p.stages[s].optimizer_bytes;
+  };
+  CHECK(layer_activations(plan, 0) * 4 == layer_activations(one, 0) * 5);
+  const auto json = plan_to_json(plan, c);
+  CHECK(json["pipeline"]["schedule"] == "interleaved_1f1b");
+  CHECK(json["pipeline"]["virtual_pipeline_model_parallel_size"] == 2);
+}
+
 TEST_CASE("dense models and GQA count as Megatron does", "[plan]") {
   test::TempDir dir;
   const auto c = load_config(dir.file("d.yaml", test::kMinimalModel),

@@ -27,14 +27,15 @@ struct Layout {
   int ranks = 1, ep = 1;
   bool distributed_optimizer = false;
   int pp = 1;
+  int vpp = 1;  // model chunks per stage (interleaved 1F1B)
   int dp() const { return ranks / pp; }
   std::string name() const {
-    return fmt::format("pp{}_dp{}_ep{}{}", pp, dp(), ep, distributed_optimizer ? "_zero1" : "");
+    return fmt::format("pp{}_vpp{}_dp{}_ep{}{}", pp, vpp, dp(), ep, distributed_optimizer ? "_zero1" : "");
   }
   std::string args() const {
     return fmt::format(" --set parallel.expert_model_parallel_size={} --set parallel.use_distributed_optimizer={} --set "
-                       "parallel.pipeline_model_parallel_size={}",
-                       ep, distributed_optimizer, pp);
+                       "parallel.pipeline_model_parallel_size={} --set parallel.virtual_pipeline_model_parallel_size={}",
+                       ep, distributed_optimizer, pp, vpp);
   }
 };
 
@@ -161,6 +162,13 @@ TEST_CASE("pipeline with expert and data parallel, and with ZeRO-1, equals the s
   check_equals_single_process({{4, 2, false, 2}, {4, 1, true, 2}}, kPipelineModel, 4);
 }
 
+TEST_CASE("interleaved pipeline stages (virtual pipeline 2) equal the single-process run", "[train][distributed][mpi]") {
+  // 4 layers in PP 2 x V 2 chunks of one layer. PP 2 x DP 1: 4 micro-batches per step (warm-up,
+  // steady state, cool-down); PP 2 x DP 2 x EP 2 and with ZeRO-1: 2 micro-batches (= PP: all
+  // forwards first).
+  check_equals_single_process({{2, 1, false, 2, 2}, {4, 2, false, 2, 2}, {4, 1, true, 2, 2}}, kPipelineModel, 4);
+}
+
 TEST_CASE("global_aux_loss on DP, EP and PP ranks equals one process holding their micro-batches together",
           "[train][distributed][mpi][balance]") {
   // The loads are the global batch's, summed over the DP ranks: each rank's micro-batch of 2
@@ -168,7 +176,7 @@ TEST_CASE("global_aux_loss on DP, EP and PP ranks equals one process holding the
   // scaled by 1/DP (Megatron-LM #3672) moves the gradient norm far beyond the tolerance.
   const std::string global = " --set model.moe_router_load_balancing_type=global_aux_loss --set model.moe_aux_loss_coeff=0.5";
   check_equals_single_process({{2, 1, false}, {2, 2, false}}, global, 2, " --set training.micro_batch_size=4");
-  check_equals_single_process({{4, 2, false, 2}}, global + " --set model.num_layers=4", 4,
+  check_equals_single_process({{4, 2, false, 2}, {4, 2, false, 2, 2}}, global + " --set model.num_layers=4", 4,
                               " --set training.micro_batch_size=4");
 }
 
@@ -179,7 +187,7 @@ TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals 
   // full recomputation (asynchronous pipeline sends), ZeRO-1 on DP 2 and on PP 2 x DP 2 x EP 2;
   // 4, 4, 2, 4 and 2 micro-batches per rank, so the hooks act only on the last; then DP 2 x EP 2,
   // ZeRO-1 on DP 2 and PP 2 x DP 2 with full recomputation (fused additions inside the
-  // recomputation's own backward) in bf16.
+  // recomputation's own backward) in bf16; then interleaved PP 2 x V 2 x DP 2 with ZeRO-1.
   TempDir dir;
   const auto config = write_config(dir);
   const std::string common = " --set training.train_iters=3 --set training.eval_iters=0 --set parallel.ddp_bucket_size=5000";
@@ -204,7 +212,11 @@ TEST_CASE("communication overlapped with compute (parallel.overlap_comm) equals 
       {2, " --set training.bf16=true --set parallel.expert_model_parallel_size=2"},
       {2, " --set training.bf16=true --set parallel.use_distributed_optimizer=true"},
       {4, kPipelineModel + " --set parallel.pipeline_model_parallel_size=2 --set training.recompute_granularity=full"
-              " --set training.bf16=true"}};
+              " --set training.bf16=true"},
+      // Interleaved stages: each chunk's parameters become final in that chunk's last backward
+      // (4 micro-batches per rank: the chunks' last backwards are apart).
+      {4, kPipelineModel + " --set parallel.pipeline_model_parallel_size=2 --set parallel.virtual_pipeline_model_parallel_size=2"
+              " --set training.micro_batch_size=1 --set parallel.use_distributed_optimizer=true"}};
   for (size_t l = 0; l < layouts.size(); ++l) {
     const auto& [ranks, extra] = layouts[l];
     INFO("layout " << ranks << " ranks" << extra);
