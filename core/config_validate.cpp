@@ -197,6 +197,7 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   const ParallelConfig& par = c.parallel;
   if (par.world_size) p.positive("parallel.world_size", *par.world_size);
   p.positive("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size);
+  p.positive("parallel.tensor_model_parallel_size", par.tensor_model_parallel_size);
   p.positive("parallel.virtual_pipeline_model_parallel_size", par.virtual_pipeline_model_parallel_size);
   p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
   p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);

@@ -133,24 +133,27 @@ void AdamW::accumulate_grad(size_t i) {
   g = torch::Tensor();
 }
 
-std::pair<double, double> AdamW::grad_sq_norms() {
+GradSquares AdamW::grad_sq_norms() {
   torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> replicated, expert;
+  std::vector<torch::Tensor> norms[3];  // whole, split, expert (GradSquares' order)
   for (size_t i = 0; i < params_.size(); ++i) {
-    (params_[i].expert_parallel ? expert : replicated).push_back(grad(i).norm(2).to(torch::kFloat64));
+    const auto& p = params_[i];
+    norms[p.expert_parallel ? 2 : p.tensor_parallel ? 1 : 0].push_back(grad(i).norm(2).to(torch::kFloat64));
   }
-  if (replicated.empty() && expert.empty()) return {0.0, 0.0};
-  auto sq = [](const std::vector<torch::Tensor>& norms, const torch::Tensor& like) {
-    return norms.empty() ? torch::zeros({}, like.options()) : torch::stack(norms).square().sum();
-  };
-  const auto& like = replicated.empty() ? expert.front() : replicated.front();
-  const auto both = to_host(torch::stack({sq(replicated, like), sq(expert, like)}));  // one read for both
-  return {both[0].item<double>(), both[1].item<double>()};
+  const torch::Tensor* like = nullptr;
+  for (const auto& kind : norms) {
+    if (!kind.empty()) like = &kind.front();
+  }
+  if (!like) return {};
+  std::vector<torch::Tensor> sums;
+  for (const auto& kind : norms) sums.push_back(kind.empty() ? torch::zeros({}, like->options()) : torch::stack(kind).square().sum());
+  const auto all = to_host(torch::stack(sums));  // one read for the three
+  return {all[0].item<double>(), all[1].item<double>(), all[2].item<double>()};
 }
 
 double AdamW::grad_norm() {
-  const auto [replicated, expert] = grad_sq_norms();
-  return std::sqrt(replicated + expert);
+  const GradSquares sq = grad_sq_norms();
+  return std::sqrt(sq.whole + sq.split + sq.expert);
 }
 
 void Optimizer::clip_grads(double norm, double clip) {

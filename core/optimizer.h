@@ -29,6 +29,16 @@ struct TrainableParameter {
   torch::Tensor param;
   bool weight_decay = true;      // false for biases and 1-D tensors (norms), as Megatron
   bool expert_parallel = false;  // split over expert-parallel ranks (routed experts): reduced over EDP
+  // Split over tensor-parallel ranks (heads, FFN and expert widths): each rank's squares add to
+  // the norm; a parameter whole on every TP rank counts once.
+  bool tensor_parallel = false;
+};
+
+// Squared L2 norms of one rank's gradients, by how they add up over ranks.
+struct GradSquares {
+  double whole = 0;   // dense parameters whole on every tensor-parallel rank
+  double split = 0;   // dense parameters split over the tensor-parallel ranks
+  double expert = 0;  // expert-parallel parameters (split over TP too when TP > 1)
 };
 
 // The parameters of `named` that train under training.trainable / training.frozen (globs with `*`
@@ -112,8 +122,8 @@ class AdamW : public Optimizer {
   // A fused weight gradient (kernels/wgrad_accumulation.h) was just added into parameter i's
   // main_grad, during a backward.
   virtual void grad_added(size_t /*i*/) {}
-  // Squared L2 norms of this rank's gradients: {replicated parameters, expert-parallel ones}.
-  std::pair<double, double> grad_sq_norms();
+  // Squared L2 norms of this rank's gradients.
+  GradSquares grad_sq_norms();
 
  private:
   std::vector<TrainableParameter> params_;

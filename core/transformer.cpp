@@ -70,16 +70,19 @@ AttentionImpl::AttentionImpl(const AttentionConfig& c) : c_(c) {
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh,
                                      const torch::Tensor& sin_BSDh) {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
+  // The heads this module holds (all of them, or a tensor-parallel rank's share).
+  const int64_t H = q_proj->weight.size(0) / c_.head_dim, G = k_proj->weight.size(0) / c_.head_dim;
+  const auto x_in = region.in(x_BSD);
   // RoPE on the projections' own layout [B, S, heads, Dh] (contiguous), then the heads move forward.
-  const auto q_BHSDh = kernels::rope(q_proj(x_BSD).view({B, S, c_.heads, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
-  const auto k_BGSDh = kernels::rope(k_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
-  const auto v_BGSDh = v_proj(x_BSD).view({B, S, c_.kv_heads, c_.head_dim}).transpose(1, 2);
-  // GQA: SDPA's enable_gqa shares each key/value head with heads / kv_heads query heads.
-  const bool gqa = c_.kv_heads != c_.heads;
+  const auto q_BHSDh = kernels::rope(q_proj(x_in).view({B, S, H, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
+  const auto k_BGSDh = kernels::rope(k_proj(x_in).view({B, S, G, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
+  const auto v_BGSDh = v_proj(x_in).view({B, S, G, c_.head_dim}).transpose(1, 2);
+  // GQA: SDPA's enable_gqa shares each key/value head with H / G query heads.
+  const bool gqa = G != H;
   const auto out_BHSDh = recompute_core && torch::GradMode::is_enabled()
                              ? checkpointed_attention(q_BHSDh, k_BGSDh, v_BGSDh, gqa)
                              : causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, gqa);
-  return o_proj(out_BHSDh.transpose(1, 2).reshape({B, S, c_.heads * c_.head_dim}));
+  return region.out(o_proj(out_BHSDh.transpose(1, 2).reshape({B, S, H * c_.head_dim})));
 }
 
 MLPImpl::MLPImpl(int64_t hidden, int64_t ffn) {
@@ -100,7 +103,8 @@ DenseFeedForward::DenseFeedForward(int64_t hidden, int64_t ffn) {
 
 FeedForwardOutput DenseFeedForward::forward(const torch::Tensor& x_BSD) {
   FeedForwardOutput out;
-  out.y = down_proj(kernels::swiglu(gate_proj(x_BSD), up_proj(x_BSD)));
+  const auto x_in = region.in(x_BSD);
+  out.y = region.out(down_proj(kernels::swiglu(gate_proj(x_in), up_proj(x_in))));
   return out;
 }
 

@@ -1,4 +1,4 @@
-// defines: Linear, Embedding, RMSNorm, RotaryEmbedding, Attention, MLP, FeedForward,
+// defines: Linear, Embedding, RMSNorm, RotaryEmbedding, SplitRegion, Attention, MLP, FeedForward,
 //          FeedForwardOutput, DenseFeedForward, deferred_parameter, materialize
 //
 // The dense transformer building blocks, numerically as Hugging Face's Qwen2/Llama reference:
@@ -14,6 +14,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -68,6 +69,18 @@ class RotaryEmbedding {
   mutable torch::Tensor inv_freq_;
 };
 
+// The two boundaries of a block whose weights a runtime may split over ranks (Megatron's
+// column- then row-parallel pair): the block's sizes come from its weights' shapes, so it runs
+// whatever part it holds. `enter` takes a whole tensor that meets the split weights (forward: as
+// it is; the runtime sums its gradient over the ranks); `leave` takes the block's partial output
+// (the runtime sums it over the ranks; backward: as it is). Unset, both are the identity: the
+// whole block on one rank.
+struct SplitRegion {
+  std::function<torch::Tensor(const torch::Tensor&)> enter, leave;
+  torch::Tensor in(const torch::Tensor& x) const { return enter ? enter(x) : x; }
+  torch::Tensor out(const torch::Tensor& y) const { return leave ? leave(y) : y; }
+};
+
 struct AttentionConfig {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0;
   bool qkv_bias = false;
@@ -78,6 +91,7 @@ class AttentionImpl : public torch::nn::Module {
   explicit AttentionImpl(const AttentionConfig& c);
   torch::Tensor forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh, const torch::Tensor& sin_BSDh);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  SplitRegion region;  // q/k/v split by heads, o_proj by its input columns
   bool recompute_core = false;  // selective recomputation: recompute softmax(QK^T)V in backward
 
  private:
@@ -122,6 +136,7 @@ class DenseFeedForward : public FeedForward {
   DenseFeedForward(int64_t hidden, int64_t ffn);
   FeedForwardOutput forward(const torch::Tensor& x_BSD) override;
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  SplitRegion region;  // gate/up split by rows, down_proj by its input columns
 };
 
 }  // namespace moeforge::model

@@ -227,7 +227,8 @@ HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
   return out;
 }
 
-void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert) {
+void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert,
+                     const TensorPart& part) {
   const ModelConfig& c = model.config();
   const SafetensorsCheckpoint ckpt(dir);
   const ModelType type = c.model_type;
@@ -288,14 +289,23 @@ void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const F
     int64_t layer = 0;
     bool gate_up = false;
     if (!is_experts(item.key(), &layer, &gate_up)) {
-      p.copy_(read(hub_name(item.key(), type)));
+      const auto stored = read(hub_name(item.key(), type));
+      p.copy_(part ? part(item.key(), stored) : stored);
       continue;
     }
     const int64_t first = first_expert ? first_expert(item.key()) : 0;
-    for (int64_t e = 0; e < p.size(0); ++e) {
+    auto expert = [&](int64_t e) {
       const auto names = expert_names(layer, first + e, type);
-      p[e].copy_(gate_up ? torch::cat({read(names[0]), read(names[1])}, 0) : read(names[2]));
+      return gate_up ? torch::cat({read(names[0]), read(names[1])}, 0) : read(names[2]);
+    };
+    if (part) {
+      // This rank's experts whole, then its part of them.
+      std::vector<torch::Tensor> experts;
+      for (int64_t e = 0; e < p.size(0); ++e) experts.push_back(expert(e));
+      p.copy_(part(item.key(), torch::stack(experts)));
+      continue;
     }
+    for (int64_t e = 0; e < p.size(0); ++e) p[e].copy_(expert(e));
   }
 }
 

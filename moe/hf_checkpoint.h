@@ -43,13 +43,18 @@ HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype = tor
 // the global index of its first expert. Called only for stacked expert weights.
 using FirstExpert = std::function<int64_t(const std::string& name)>;
 
+// For a parameter that holds a part of each tensor (a tensor-parallel rank's): that part of
+// `whole`, the parameter's tensor as one process holds it (this rank's experts of an expert weight).
+using TensorPart = std::function<torch::Tensor(const std::string& name, const torch::Tensor& whole)>;
+
 // Copies the weights of DIR into the materialised parameters of `model`, whose config must be the
 // checkpoint's model (the caller compares them): parameters without elements (another pipeline
 // stage's) are skipped, stacked expert weights get their experts from `first_expert` on (all from 0
-// when it is empty). Every tensor of the checkpoint is checked against the whole model first, by
+// when it is empty), and with `part` each parameter gets its part of the tensor. Every tensor of the checkpoint is checked against the whole model first, by
 // name and shape from the file headers: anything missing, unexpected or mis-shaped is a UserError
 // listing all of them. Only the tensors copied are read.
-void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert = {});
+void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert = {},
+                     const TensorPart& part = {});
 
 // Writes DIR/config.json and the safetensors files in the hub layout `transformers` loads.
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir);

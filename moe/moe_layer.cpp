@@ -19,6 +19,9 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   const int64_t D = x_BSD.size(-1);
   const auto x_TD = x_BSD.reshape({-1, D});
   const Routing routing = gate(x_TD);
+  // What meets the expert weights, which a tensor-parallel runtime splits by width (the router
+  // is whole on every rank and takes x_TD itself).
+  const auto xs_TD = region.in(x_TD);
   const int64_t E = *config_.num_experts;
   // With a capacity factor, over-full experts drop slots (their expert id becomes E).
   const auto experts_TK = config_.moe_expert_capacity_factor
@@ -30,18 +33,20 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
   torch::Tensor shared_TF, shared_TD;
   Overlapped shared_first, shared_second;
   if (shared_expert) {
-    shared_first = [&] { shared_TF = shared_expert->activation(x_TD); };
+    shared_first = [&] { shared_TF = shared_expert->activation(xs_TD); };
     shared_second = [&] {
       shared_TD = shared_expert->down_proj(shared_TF);
-      if (shared_expert_gate) shared_TD = torch::sigmoid(shared_expert_gate(x_TD)) * shared_TD;
+      // A whole factor times a partial output: it enters the region, so its gradient is summed.
+      if (shared_expert_gate) shared_TD = region.in(torch::sigmoid(shared_expert_gate(x_TD))) * shared_TD;
     };
   }
-  const Dispatched dispatched = dispatcher_->dispatch(x_TD, experts_TK, shared_first);
+  const Dispatched dispatched = dispatcher_->dispatch(xs_TD, experts_TK, shared_first);
   const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
-  auto y_TD = dispatcher_->combine(y_ND, dispatched, routing.weights_TK, shared_second);
+  // The routing weights scale partial outputs too: they enter the region.
+  auto y_TD = dispatcher_->combine(y_ND, dispatched, region.in(routing.weights_TK), shared_second);
   if (shared_expert) y_TD = y_TD + shared_TD;
   model::FeedForwardOutput out;
-  out.y = y_TD.view(x_BSD.sizes());
+  out.y = region.out(y_TD).view(x_BSD.sizes());
   out.router_logits_TE = routing.logits_TE;
   out.tokens_per_expert_E = slots_per_expert(experts_TK, E + 1).narrow(0, 0, E);
   switch (config_.moe_router_load_balancing_type) {

@@ -26,6 +26,9 @@ class MoELayer : public model::FeedForward {
   Experts experts{nullptr};
   model::MLP shared_expert{nullptr};              // null without a shared expert
   model::Linear shared_expert_gate{nullptr};  // null without its gate
+  // The routed and shared experts' widths split (gate/up rows, down columns), their summed output
+  // leaving once; the router and the shared expert's gate stay whole.
+  model::SplitRegion region;
   std::vector<torch::Tensor> stacked_expert_weights() const override { return {experts->gate_up_proj, experts->down_proj}; }
 
  private:

@@ -92,11 +92,14 @@ void DataParallelAdamW::reduce_grads() {
 }
 
 double DataParallelAdamW::grad_norm() {
-  // Replicated gradients are equal on every rank after the reduction; expert parameters are split
-  // over the EP group, whose ranks each add theirs once.
+  // Replicated gradients are equal on every DP rank after the reduction; expert parameters are
+  // split over the EP group, whose ranks each add theirs once. Tensor-parallel ranks add their
+  // parts of split parameters; a parameter whole on each of them counts on TP rank 0 only.
   // Pipeline stages hold different parameters: their squares add up.
-  const auto [replicated, expert] = grad_sq_norms();
-  return std::sqrt(all_reduce_sum(replicated + all_reduce_sum(expert, *groups_.ep), *groups_.pp));
+  const GradSquares sq = grad_sq_norms();
+  const double whole = groups_.tp->rank() == 0 ? sq.whole : 0.0;
+  const double tensor_parallel = all_reduce_sum(whole + sq.split + all_reduce_sum(sq.expert, *groups_.ep), *groups_.tp);
+  return std::sqrt(all_reduce_sum(tensor_parallel, *groups_.pp));
 }
 
 DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const TrainingConfig& training,
@@ -150,6 +153,18 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
         add_run(std::max(from, begin), std::min(to, end_at), params_[bucket.members[j]].weight_decay);
       }
       add_run(std::max(numel, begin), end_at, false);
+      // The shard's elements this rank adds to the norm: all on TP rank 0, only parameters split
+      // over the tensor-parallel ranks on the others.
+      if (groups_.tp->rank() == 0) {
+        bucket.norm_runs.emplace_back(0, bucket.shard);
+      } else {
+        for (size_t j = 0; j < bucket.members.size(); ++j) {
+          if (!params_[bucket.members[j]].tensor_parallel) continue;
+          const int64_t from = std::max(bucket.offsets[j], begin);
+          const int64_t to = std::min(bucket.offsets[j] + params_[bucket.members[j]].param.numel(), end_at);
+          if (to > from) bucket.norm_runs.emplace_back(from - begin, to - from);
+        }
+      }
       const auto fp32_options = params_[bucket.members[0]].param.options().dtype(torch::kFloat32);
       bucket.main_grad = torch::zeros({bucket.padded}, fp32_options);
       bucket.master = flatten_params(bucket).narrow(0, begin, bucket.shard).clone();
@@ -241,13 +256,16 @@ double DistributedAdamW::grad_norm() {
   constexpr int64_t kChunk = int64_t{1} << 24;
   torch::Tensor sq_t;
   for (const auto& b : buckets_) {
-    for (int64_t at = 0; at < b.grad_shard.numel(); at += kChunk) {
-      const auto part = b.grad_shard.narrow(0, at, std::min(kChunk, b.grad_shard.numel() - at)).to(torch::kFloat64).square().sum();
-      sq_t = sq_t.defined() ? sq_t + part : part;
+    for (const auto& [first, length] : b.norm_runs) {
+      for (int64_t at = 0; at < length; at += kChunk) {
+        const auto part = b.grad_shard.narrow(0, first + at, std::min(kChunk, length - at)).to(torch::kFloat64).square().sum();
+        sq_t = sq_t.defined() ? sq_t + part : part;
+      }
     }
   }
   const double sq = sq_t.defined() ? to_host(sq_t).item<double>() : 0.0;
-  return std::sqrt(all_reduce_sum(all_reduce_sum(sq, *groups_.dp), *groups_.pp));
+  // Then over the tensor-parallel ranks (their parts of split parameters) and the stages.
+  return std::sqrt(all_reduce_sum(all_reduce_sum(all_reduce_sum(sq, *groups_.dp), *groups_.tp), *groups_.pp));
 }
 
 void DistributedAdamW::scale_grads(double factor) {

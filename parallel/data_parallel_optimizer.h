@@ -97,6 +97,8 @@ class DistributedAdamW : public Optimizer {
     int64_t padded = 0, shard = 0;        // flat size (a multiple of the group size), shard size
     // The shard's runs of members with and without weight decay: {begin, length, decay}.
     std::vector<std::tuple<int64_t, int64_t, bool>> runs;
+    // The shard's runs that this rank adds to the gradient norm: {begin, length} (see grad_norm).
+    std::vector<std::pair<int64_t, int64_t>> norm_runs;
     torch::Tensor main_grad;  // [padded] fp32: micro-batch gradients accumulate here
     torch::Tensor grad_shard, master, exp_avg, exp_avg_sq;  // [shard] fp32
     torch::Tensor model_shard;  // [shard] bf16 for a bf16 model (the all-gather's input), else undefined

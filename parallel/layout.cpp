@@ -100,30 +100,62 @@ std::vector<int64_t> split_layers(const ExperimentConfig& c, int64_t pp, std::ve
   return layers;
 }
 
+// Tensor parallelism splits heads and widths into TP equal parts, and keeps the whole model on
+// every checkpoint's terms only in the whole format.
+void check_tensor_parallel(const ExperimentConfig& c, int64_t tp, std::vector<std::string>& problems) {
+  const ModelConfig& m = c.model;
+  auto divisible = [&](const char* key, int64_t value, const char* what) {
+    if (value % tp == 0) return;
+    problems.push_back(fmt::format("model.{} {} is not divisible by parallel.tensor_model_parallel_size {}: every "
+                                   "tensor-parallel rank holds the same share of the {}; choose a TP that divides {}",
+                                   key, value, tp, what, value));
+  };
+  divisible("num_attention_heads", m.num_attention_heads, "attention heads");
+  divisible("num_query_groups", m.num_query_groups.value_or(m.num_attention_heads), "key/value heads");
+  bool any_dense = false;
+  for (int64_t l = 0; l < m.num_layers; ++l) any_dense = any_dense || !m.is_moe_layer(l);
+  if (any_dense && m.ffn_hidden_size) divisible("ffn_hidden_size", *m.ffn_hidden_size, "dense FFN width");
+  if (m.moe_ffn_hidden_size) divisible("moe_ffn_hidden_size", *m.moe_ffn_hidden_size, "routed experts' width");
+  if (m.moe_shared_expert_intermediate_size) {
+    divisible("moe_shared_expert_intermediate_size", *m.moe_shared_expert_intermediate_size, "shared expert's width");
+  }
+  if (c.checkpoint.format == CheckpointFormat::sharded) {
+    problems.push_back(fmt::format("checkpoint.format sharded does not split tensors over tensor-parallel ranks yet "
+                                   "(parallel.tensor_model_parallel_size {}): use checkpoint.format whole",
+                                   tp));
+  }
+}
+
 }  // namespace
 
 ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_size) {
   const int64_t pp = c.parallel.pipeline_model_parallel_size;
   const int64_t vpp = c.parallel.virtual_pipeline_model_parallel_size;
   const int64_t ep = c.parallel.expert_model_parallel_size;
+  const int64_t tp = c.parallel.tensor_model_parallel_size;
   const int64_t mbs = c.training.micro_batch_size;
   const int64_t gbs = c.training.global_batch_size;
   std::vector<std::string> problems;
   if (world_size < 1) fail_user("world size must be at least 1, got {}", world_size);
 
   int64_t dp = 0;
-  if (world_size % pp != 0) {
-    problems.push_back(fmt::format(
-        "world size {} is not divisible by parallel.pipeline_model_parallel_size {}: launch a multiple of {} ranks",
-        world_size, pp, pp));
+  if (world_size % (pp * tp) != 0) {
+    problems.push_back(
+        tp == 1 ? fmt::format("world size {} is not divisible by parallel.pipeline_model_parallel_size {}: launch a "
+                              "multiple of {} ranks",
+                              world_size, pp, pp)
+                : fmt::format("world size {} is not divisible by parallel.pipeline_model_parallel_size x "
+                              "tensor_model_parallel_size ({} x {}): launch a multiple of {} ranks",
+                              world_size, pp, tp, pp * tp));
   } else {
-    dp = world_size / pp;
+    dp = world_size / (pp * tp);
   }
+  if (tp > 1) check_tensor_parallel(c, tp, problems);
   if (dp > 0 && dp % ep != 0) {
     problems.push_back(fmt::format(
-        "parallel.expert_model_parallel_size {} does not divide the data-parallel size {} (= world {} / PP {}): expert "
-        "parallelism is folded into data parallelism, so EP must divide DP",
-        ep, dp, world_size, pp));
+        "parallel.expert_model_parallel_size {} does not divide the data-parallel size {} (= world {} / PP {}{}): "
+        "expert parallelism is folded into data parallelism, so EP must divide DP",
+        ep, dp, world_size, pp, tp > 1 ? fmt::format(" / TP {}", tp) : std::string()));
   }
   if (c.model.num_experts) {
     if (*c.model.num_experts % ep != 0) {
@@ -178,14 +210,15 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
   }
   if (!problems.empty()) {
     std::string num_experts = c.model.num_experts ? fmt::to_string(*c.model.num_experts) : "dense";
-    fail_user("impossible parallel layout:\n  - {}\nfactors: world={}, PP={}, VPP={}, DP={}, EP={}, num_layers={}, "
+    fail_user("impossible parallel layout:\n  - {}\nfactors: world={}, PP={}, VPP={}, TP={}, DP={}, EP={}, num_layers={}, "
               "num_experts={}, global_batch_size={}, micro_batch_size={}",
-              fmt::join(problems, "\n  - "), world_size, pp, vpp, dp > 0 ? fmt::to_string(dp) : "n/a", ep,
+              fmt::join(problems, "\n  - "), world_size, pp, vpp, tp, dp > 0 ? fmt::to_string(dp) : "n/a", ep,
               c.model.num_layers, num_experts, gbs, mbs);
   }
   ParallelLayout layout;
   layout.world_ = world_size;
   layout.pp_ = pp;
+  layout.tp_ = tp;
   layout.vpp_ = vpp;
   layout.dp_ = dp;
   layout.ep_ = ep;
@@ -224,8 +257,9 @@ int64_t ParallelLayout::chunk_of_layer(int64_t layer) const { return virtual_sta
 
 RankCoordinates ParallelLayout::coordinates(int64_t rank) const {
   RankCoordinates r;
-  r.pp = rank / dp_;
-  r.dp = rank % dp_;
+  r.tp = rank % tp_;
+  r.pp = rank / tp_ / dp_;
+  r.dp = rank / tp_ % dp_;
   r.ep = r.dp % ep_;
   r.edp = r.dp / ep_;
   return r;
@@ -233,36 +267,45 @@ RankCoordinates ParallelLayout::coordinates(int64_t rank) const {
 
 std::vector<int64_t> ParallelLayout::pipeline_group(int64_t rank) const {
   std::vector<int64_t> ranks;
-  for (int64_t s = 0; s < pp_; ++s) ranks.push_back(s * dp_ + coordinates(rank).dp);
+  const RankCoordinates r = coordinates(rank);
+  for (int64_t s = 0; s < pp_; ++s) ranks.push_back((s * dp_ + r.dp) * tp_ + r.tp);
   return ranks;
 }
 
 std::vector<int64_t> ParallelLayout::data_parallel_group(int64_t rank) const {
   std::vector<int64_t> ranks;
-  const int64_t stage_base = coordinates(rank).pp * dp_;
-  for (int64_t d = 0; d < dp_; ++d) ranks.push_back(stage_base + d);
+  const RankCoordinates r = coordinates(rank);
+  for (int64_t d = 0; d < dp_; ++d) ranks.push_back((r.pp * dp_ + d) * tp_ + r.tp);
   return ranks;
 }
 
 std::vector<int64_t> ParallelLayout::expert_parallel_group(int64_t rank) const {
   const RankCoordinates r = coordinates(rank);
   std::vector<int64_t> ranks;
-  for (int64_t e = 0; e < ep_; ++e) ranks.push_back(r.pp * dp_ + r.edp * ep_ + e);
+  for (int64_t e = 0; e < ep_; ++e) ranks.push_back((r.pp * dp_ + r.edp * ep_ + e) * tp_ + r.tp);
   return ranks;
 }
 
 std::vector<int64_t> ParallelLayout::expert_data_parallel_group(int64_t rank) const {
   const RankCoordinates r = coordinates(rank);
   std::vector<int64_t> ranks;
-  for (int64_t j = 0; j < edp(); ++j) ranks.push_back(r.pp * dp_ + j * ep_ + r.ep);
+  for (int64_t j = 0; j < edp(); ++j) ranks.push_back((r.pp * dp_ + j * ep_ + r.ep) * tp_ + r.tp);
+  return ranks;
+}
+
+std::vector<int64_t> ParallelLayout::tensor_parallel_group(int64_t rank) const {
+  const RankCoordinates r = coordinates(rank);
+  std::vector<int64_t> ranks;
+  for (int64_t t = 0; t < tp_; ++t) ranks.push_back((r.pp * dp_ + r.dp) * tp_ + t);
   return ranks;
 }
 
 std::string ParallelLayout::describe() const {
   const std::string interleaved =
       vpp_ > 1 ? fmt::format(" in {} interleaved chunks of {}", vpp_, layers_per_virtual_stage_.front()) : std::string();
-  return fmt::format("world {} = PP {} x DP {} (EP {} x expert-DP {}), layers per stage [{}]{}, {} micro-batches per step",
-                     world_, pp_, dp_, ep_, edp(), fmt::join(layers_per_stage_, ", "), interleaved, micro_batches_);
+  const std::string tensor = tp_ > 1 ? fmt::format(" x TP {}", tp_) : std::string();
+  return fmt::format("world {} = PP {} x DP {} (EP {} x expert-DP {}){}, layers per stage [{}]{}, {} micro-batches per step",
+                     world_, pp_, dp_, ep_, edp(), tensor, fmt::join(layers_per_stage_, ", "), interleaved, micro_batches_);
 }
 
 }  // namespace moeforge

@@ -17,20 +17,58 @@ using Impl = const c10::TensorImpl*;
 struct Where {
   int64_t stage = 0, chunk = 0;
   bool expert_parallel = false;
+  TensorParallelCut tp;
 };
+
+// The tensor-parallel cuts of one decoder layer's weights, by module: column-parallel projections
+// by their output rows, the row-parallel ones after them by their input columns.
+void record_tensor_parallel_cuts(model::DecoderLayerImpl& layer, std::unordered_map<Impl, Where>& out) {
+  auto cut = [&](const torch::Tensor& t, int64_t dim, bool halves = false) {
+    if (t.defined()) out[t.unsafeGetTensorImpl()].tp = {dim, halves};
+  };
+  auto& attn = *layer.self_attn;
+  for (const auto& proj : {attn.q_proj, attn.k_proj, attn.v_proj}) {
+    cut(proj->weight, 0);
+    cut(proj->bias, 0);
+  }
+  cut(attn.o_proj->weight, 1);
+  if (auto* dense = dynamic_cast<model::DenseFeedForward*>(layer.mlp.get())) {
+    cut(dense->gate_proj->weight, 0);
+    cut(dense->up_proj->weight, 0);
+    cut(dense->down_proj->weight, 1);
+  } else if (auto* moe_layer = dynamic_cast<moe::MoELayer*>(layer.mlp.get())) {
+    cut(moe_layer->experts->gate_up_proj, 1, true);  // [E, 2F, D]: gate rows, then up rows
+    cut(moe_layer->experts->down_proj, 2);           // [E, D, F]
+    if (moe_layer->shared_expert) {
+      cut(moe_layer->shared_expert->gate_proj->weight, 0);
+      cut(moe_layer->shared_expert->up_proj->weight, 0);
+      cut(moe_layer->shared_expert->down_proj->weight, 1);
+    }
+  }
+}
+
+// This stage's blocks sum their partial outputs over the TP group.
+void install_tensor_parallel_regions(model::DecoderLayerImpl& layer, const std::shared_ptr<Communicator>& tp) {
+  const model::SplitRegion region{[tp](const torch::Tensor& x) { return enter_tensor_parallel(x, tp); },
+                                  [tp](const torch::Tensor& y) { return leave_tensor_parallel(y, tp); }};
+  layer.self_attn->region = region;
+  if (auto* dense = dynamic_cast<model::DenseFeedForward*>(layer.mlp.get())) dense->region = region;
+  if (auto* moe_layer = dynamic_cast<moe::MoELayer*>(layer.mlp.get())) moe_layer->region = region;
+}
 
 // Every parameter's stage and chunk, and whether it is a stacked expert weight, keyed by tensor
 // identity: read off the modules that hold them.
 std::unordered_map<Impl, Where> placement_by_tensor(model::GPTModelImpl& model, const ParallelLayout& layout) {
   std::unordered_map<Impl, Where> out;
-  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, 0, false};
+  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, 0, false, {}};
   for (int64_t i = 0; i < model.config().num_layers; ++i) {
     auto& layer = model.layer(i);
     const int64_t stage = layout.stage_of_layer(i), chunk = layout.chunk_of_layer(i);
-    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, chunk, false};
-    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, chunk, true};
+    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, chunk, false, {}};
+    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, chunk, true, {}};
+    if (layout.tp() > 1) record_tensor_parallel_cuts(layer, out);
   }
-  const Where last{layout.pp() - 1, layout.vpp() - 1, false};
+  const Where last{layout.pp() - 1, layout.vpp() - 1, false, {}};
   for (const auto& p : model.norm->parameters()) out[p.unsafeGetTensorImpl()] = last;
   if (model.lm_head) {
     for (const auto& p : model.lm_head->parameters()) out[p.unsafeGetTensorImpl()] = last;
@@ -49,7 +87,7 @@ ModelPartition::ModelPartition(model::GPTModelImpl& model, const ParallelLayout&
     }
     index_.emplace(item.key(), parameters_.size());
     const Where& w = it->second;
-    parameters_.push_back({item.key(), item.value().sizes().vec(), w.stage, w.chunk, w.expert_parallel});
+    parameters_.push_back({item.key(), item.value().sizes().vec(), w.stage, w.chunk, w.expert_parallel, w.tp});
   }
 }
 
@@ -63,9 +101,13 @@ const ParameterPlacement& ModelPartition::at(std::string_view name) const {
   return parameters_[it->second];
 }
 
-torch::Tensor ModelPartition::local_part(std::string_view name, const torch::Tensor& whole, int64_t ep_rank) const {
-  if (!at(name).expert_parallel || layout_.ep() == 1) return whole;
-  return whole.narrow(0, first_expert(ep_rank), layout_.experts_per_rank());
+torch::Tensor ModelPartition::local_part(std::string_view name, const torch::Tensor& whole, int64_t ep_rank,
+                                         int64_t tp_rank) const {
+  const ParameterPlacement& where = at(name);
+  const auto experts = where.expert_parallel && layout_.ep() > 1
+                           ? whole.narrow(0, first_expert(ep_rank), layout_.experts_per_rank())
+                           : whole;
+  return tensor_parallel_part(experts, where.tp, tp_rank, layout_.tp());
 }
 
 NamedTensors ModelShard::parameters(model::GPTModelImpl& model) const {
@@ -88,9 +130,14 @@ ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& l
       // set_data keeps the parameter object (registered in its module); nothing is held for it.
       p.set_data(torch::empty({0}, p.options()));
       p.set_requires_grad(false);
-    } else if (where.expert_parallel && layout.ep() > 1) {
-      const auto mine = shard.partition.local_part(item.key(), p, shard.at.ep);
+    } else if ((where.expert_parallel && layout.ep() > 1) || where.tp.splits()) {
+      const auto mine = shard.partition.local_part(item.key(), p, shard.at.ep, shard.at.tp);
       p.set_data(p.is_meta() ? torch::empty(mine.sizes(), p.options()) : mine.clone());
+    }
+  }
+  if (layout.tp() > 1) {
+    for (const auto& chunk : shard.chunks) {
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) install_tensor_parallel_regions(model.layer(i), groups.tp);
     }
   }
   // This stage's MoE layers exchange their tokens with the other EP ranks.
@@ -111,7 +158,28 @@ void init_shard(model::GPTModelImpl& model, const ModelShard& shard, const torch
   for (auto& [name, p] : shard.parameters(model)) {
     const auto& where = shard.partition.at(name);
     const auto first = where.expert_parallel ? std::optional<int64_t>(shard.partition.first_expert(shard.at.ep)) : std::nullopt;
-    model::init_megatron_parameter(model.config(), name, p, seed, first);
+    if (!where.tp.splits()) {
+      model::init_megatron_parameter(model.config(), name, p, seed, first);
+      continue;
+    }
+    // The whole tensor (this EP rank's experts of an expert weight) drawn as one process draws
+    // it, then this TP rank's part kept: one parameter at a time.
+    auto shape = where.shape;
+    if (where.expert_parallel) shape[0] = shard.partition.layout().experts_per_rank();
+    auto whole = torch::empty(shape, torch::kFloat32);  // host: drawn by the CPU generator
+    model::init_megatron_parameter(model.config(), name, whole, seed, first);
+    torch::NoGradGuard no_grad;
+    p.copy_(tensor_parallel_part(whole, where.tp, shard.at.tp, shard.partition.layout().tp()));
+  }
+}
+
+void gather_tensor_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& tp_group) {
+  if (tp_group.size() == 1) return;
+  for (auto& [name, t] : tensors) {
+    const auto& cut = partition.at(name).tp;
+    if (!cut.splits()) continue;
+    const auto parts = tp_group.all_gather(t.contiguous().unsqueeze(0)).unbind(0);
+    t = tensor_parallel_join(std::vector<torch::Tensor>(parts.begin(), parts.end()), cut);
   }
 }
 

@@ -1,5 +1,5 @@
 // defines: ParameterPlacement, ModelPartition, ModelShard, parallelize_model, init_shard,
-//          gather_expert_parallel
+//          gather_expert_parallel, gather_tensor_parallel
 //
 // Parallelism is applied to a built model in one place (torchtitan's parallelize_fn), by the
 // model's structure, never by parsing names: the embedding lives on the first pipeline stage (in
@@ -7,7 +7,9 @@
 // norm and the head on the last stage (in its last chunk); the
 // stacked routed-expert weights of each MoE layer (FeedForward::stacked_expert_weights) are split
 // over the expert-parallel ranks in contiguous blocks of layout.experts_per_rank() experts
-// (Megatron-Core's placement), and those layers dispatch through the all-to-all.
+// (Megatron-Core's placement), and those layers dispatch through the all-to-all. Under tensor
+// parallelism each attention's heads, each FFN's width and each expert's width are split over the
+// TP ranks (parallel/tensor_parallel.h), and the blocks' SplitRegions sum over the TP group.
 //
 // ModelPartition is the one name -> (stage, expert-parallel) map: sharded checkpoints, convert
 // and the optimizer's reduction groups read it. It is derived from a model whose parameters still
@@ -25,6 +27,7 @@
 #include "parallel/alltoall_dispatcher.h"
 #include "parallel/layout.h"
 #include "parallel/process_groups.h"
+#include "parallel/tensor_parallel.h"
 
 #include <memory>
 #include <string>
@@ -40,6 +43,7 @@ struct ParameterPlacement {
   int64_t stage = 0;             // the pipeline stage holding it
   int64_t chunk = 0;             // its model chunk on that stage (0 unless interleaved)
   bool expert_parallel = false;  // dim 0 = experts, split over the EP ranks
+  TensorParallelCut tp;          // how it is split over the TP ranks (not at all with TP 1)
 };
 
 class ModelPartition {
@@ -52,9 +56,9 @@ class ModelPartition {
   // The placement of a parameter, or of the parameter an optimizer-state tensor belongs to
   // (exp_avg.<name>, exp_avg_sq.<name>, master.<name>). UserError for a name the model lacks.
   const ParameterPlacement& at(std::string_view name) const;
-  // EP rank `ep_rank`'s part of tensor `name` given whole: its experts for an expert weight, the
-  // whole tensor otherwise.
-  torch::Tensor local_part(std::string_view name, const torch::Tensor& whole, int64_t ep_rank) const;
+  // The part of tensor `name` given whole that EP rank `ep_rank` and TP rank `tp_rank` hold: its
+  // experts of an expert weight, cut by its tensor-parallel cut (a view where it can be).
+  torch::Tensor local_part(std::string_view name, const torch::Tensor& whole, int64_t ep_rank, int64_t tp_rank = 0) const;
   // The global index of EP rank `ep_rank`'s first expert.
   int64_t first_expert(int64_t ep_rank) const { return ep_rank * layout_.experts_per_rank(); }
 
@@ -79,8 +83,9 @@ struct ModelShard {
 };
 
 // Applies `layout` to `model` (built whole, normally still on the meta device): other stages'
-// parameters become empty and frozen, each expert weight keeps this EP rank's block, and this
-// stage's MoE layers dispatch through an all-to-all over groups.ep. A parameter already
+// parameters become empty and frozen, each expert weight keeps this EP rank's block, each
+// tensor-parallel weight this TP rank's part, this stage's MoE layers dispatch through an
+// all-to-all over groups.ep and its blocks sum their partial outputs over groups.tp. A parameter already
 // allocated is cut (its values kept); one on the meta device stays unallocated.
 // `overlap_comm` (parallel.overlap_comm): the all-to-alls overlap the shared expert.
 ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups,
@@ -95,5 +100,10 @@ void init_shard(model::GPTModelImpl& model, const ModelShard& shard, const torch
 // experts) gathered over the EP group into all experts, in global expert order; other tensors
 // pass through. Collective over `ep_group`.
 void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group);
+
+// Every tensor-parallel tensor of `tensors` (parameters or their optimizer state, this rank's
+// parts) joined over the TP group into its whole; other tensors pass through. Collective over
+// `tp_group`.
+void gather_tensor_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& tp_group);
 
 }  // namespace moeforge

@@ -13,22 +13,24 @@ namespace {
 
 // Activation bytes kept for backward per token of one layer, as our implementation stores them
 // (docs/plan.md derives each term). `e` is the bytes of one activation element.
-int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e) {
+// Per token of one TP rank: what tensor parallelism splits (heads, widths) divided by `tp`, the
+// layer's inputs, norms and dispatched rows whole on every rank (no sequence parallelism).
+int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e, int64_t tp) {
   const int64_t h = m.hidden_size;
-  const int64_t q = m.query_projection_size();
-  const int64_t kv = m.kv_projection_size();
+  const int64_t q = m.query_projection_size() / tp;
+  const int64_t kv = m.kv_projection_size() / tp;
   // attention: norm input and output, q/k/v after RoPE, attention output; flash attention keeps
   // one fp32 log-sum-exp per head instead of the s x s scores.
-  int64_t bytes = e * (2 * h + q + 2 * kv + q) + 4 * m.num_attention_heads;
+  int64_t bytes = e * (2 * h + q + 2 * kv + q) + 4 * m.num_attention_heads / tp;
   if (m.is_moe_layer(layer)) {
     const int64_t k = m.moe_router_topk;
-    const int64_t f = *m.moe_ffn_hidden_size;
-    const int64_t fs = m.moe_shared_expert_intermediate_size.value_or(0);
+    const int64_t f = *m.moe_ffn_hidden_size / tp;
+    const int64_t fs = m.moe_shared_expert_intermediate_size.value_or(0) / tp;
     // norm input and output, k dispatched rows, k expert outputs, gate/up/product per slot,
     // shared expert gate/up/product and output, fp32 router logits and probabilities.
     bytes += e * (2 * h + 2 * k * h + 3 * k * f + (fs > 0 ? 3 * fs + h : 0)) + 8 * *m.num_experts;
   } else {
-    bytes += e * (2 * h + 3 * *m.ffn_hidden_size);
+    bytes += e * (2 * h + 3 * *m.ffn_hidden_size / tp);
   }
   return bytes;
 }
@@ -71,7 +73,7 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   plan.flops_per_token_megatron_legacy = per_token(plan.flops_per_step.megatron_legacy);
   plan.flops_per_token_six_n = per_token(plan.flops_per_step.six_n);
 
-  const int64_t PP = layout.pp(), M = layout.micro_batches_per_step(), VP = layout.vpp();
+  const int64_t PP = layout.pp(), M = layout.micro_batches_per_step(), VP = layout.vpp(), TP = layout.tp();
   // Interleaving divides the bubble's share of the step by V (Megatron's (PP - 1) / (V M)).
   plan.bubble_fraction = static_cast<double>(PP - 1) / static_cast<double>(VP * M + PP - 1);
   if (M < PP) {
@@ -99,9 +101,12 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
     for (int64_t i = 0; i < m.num_layers; ++i) {
       if (layout.stage_of_layer(i) != s) continue;
       const LayerParameters p = layer_parameters(m, i);
-      dense += p.total() - p.routed_experts();
-      if (m.is_moe_layer(i)) experts += p.expert * layout.experts_per_rank();
-      const int64_t a = layer_activation_bytes_per_token(m, i, weight_bytes) * tokens_per_mb;
+      // Tensor parallelism splits the projections and widths; norms, router and the shared
+      // expert's gate (h x 1) stay whole.
+      const int64_t shared_gate = p.shared_expert > 0 && m.moe_shared_expert_gate ? h : 0;
+      dense += (p.attention + p.dense_ffn + p.shared_expert - shared_gate) / TP + p.norms + p.router + shared_gate;
+      if (m.is_moe_layer(i)) experts += p.expert / TP * layout.experts_per_rank();
+      const int64_t a = layer_activation_bytes_per_token(m, i, weight_bytes, TP) * tokens_per_mb;
       act_full_layers += a;
       act_max_layer = std::max(act_max_layer, a);
       act_checkpoints += weight_bytes * h * tokens_per_mb;  // full recompute keeps each layer's input
@@ -160,7 +165,7 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
       {"config", plan.config_path},
       {"layout",
        {{"world_size", L.world()},
-        {"tensor_model_parallel_size", 1},
+        {"tensor_model_parallel_size", L.tp()},
         {"pipeline_model_parallel_size", L.pp()},
         {"data_parallel_size", L.dp()},
         {"expert_model_parallel_size", L.ep()},

@@ -21,9 +21,10 @@ ProcessGroups ProcessGroups::create(const ParallelLayout& layout, const std::sha
   g.dp = world->group_of(layout.data_parallel_group(me), "dp");
   g.ep = world->group_of(layout.expert_parallel_group(me), "ep");
   g.edp = world->group_of(layout.expert_data_parallel_group(me), "edp");
+  g.tp = world->group_of(layout.tensor_parallel_group(me), "tp");
   if (nccl) {
 #ifdef MOEFORGE_WITH_NCCL
-    for (auto* group : {&g.pp, &g.dp, &g.ep, &g.edp}) {
+    for (auto* group : {&g.pp, &g.dp, &g.ep, &g.edp, &g.tp}) {
       *group = std::make_shared<NcclCommunicator>(*group, world->timeout_seconds());
     }
 #else
@@ -49,6 +50,7 @@ ProcessGroups ProcessGroups::single() {
   g.dp = std::make_shared<LocalCommunicator>("dp");
   g.ep = std::make_shared<LocalCommunicator>("ep");
   g.edp = std::make_shared<LocalCommunicator>("edp");
+  g.tp = std::make_shared<LocalCommunicator>("tp");
   return g;
 }
 

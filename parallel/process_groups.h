@@ -2,8 +2,9 @@
 //
 // The communicators of this rank for a parallel layout, made once at start-up from the
 // ParallelLayout's group membership (Megatron's rank order): world, pipeline (PP), data-parallel
-// (DP), expert-parallel (EP, inside DP) and expert-data-parallel (EDP: the ranks holding the same
-// experts, over which expert gradients are reduced).
+// (DP), expert-parallel (EP, inside DP), expert-data-parallel (EDP: the ranks holding the same
+// experts, over which expert gradients are reduced) and tensor-parallel (TP: the ranks sharing
+// each layer's heads and widths).
 #pragma once
 
 #include "parallel/communicator.h"
@@ -16,10 +17,10 @@
 namespace moeforge {
 
 struct ProcessGroups {
-  std::shared_ptr<Communicator> world, pp, dp, ep, edp;
+  std::shared_ptr<Communicator> world, pp, dp, ep, edp, tp;
 
   // Splits `world` (collective over it). Throws UserError when the launch's world size is not the
-  // layout's. With `nccl` (GPU training) pp/dp/ep/edp are NcclCommunicators over those MPI groups
+  // layout's. With `nccl` (GPU training) pp/dp/ep/edp/tp are NcclCommunicators over those MPI groups
   // (CUDA tensors over NCCL, CPU tensors over MPI); select_cuda_device() must have run. Throws
   // UserError for `nccl` in a build without CUDA.
   static ProcessGroups create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world,

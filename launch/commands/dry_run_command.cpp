@@ -29,10 +29,10 @@ std::string gib(int64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<do
 std::string rank_table(const Plan& plan, const ParallelLayout& layout, const ExperimentConfig& c) {
   std::ostringstream o;
   const auto row = [&](const auto&... cells) {
-    o << fmt::format("  {:>5}  {:>5}  {:>3}  {:>3}  {:>3}  {:>8}  {:>11}  {:>14}  {:>10}  {}\n", cells...);
+    o << fmt::format("  {:>5}  {:>5}  {:>3}  {:>3}  {:>3}  {:>3}  {:>8}  {:>11}  {:>14}  {:>10}  {}\n", cells...);
   };
   o << fmt::format("\nranks ({})\n", layout.describe());
-  row("rank", "stage", "dp", "ep", "edp", "layers", "experts", "params", "peak", "checkpoint shard it writes");
+  row("rank", "stage", "tp", "dp", "ep", "edp", "layers", "experts", "params", "peak", "checkpoint shard it writes");
   const int64_t experts = c.model.num_experts.value_or(0), per_rank = plan.experts_per_ep_rank;
   for (int64_t r = 0; r < layout.world(); ++r) {
     const RankCoordinates x = layout.coordinates(r);
@@ -44,7 +44,7 @@ std::string rank_table(const Plan& plan, const ParallelLayout& layout, const Exp
     } else if (c.checkpoint.format == CheckpointFormat::whole && r == 0) {
       shard = "the whole checkpoint (gathered)";
     }
-    row(r, x.pp, x.dp, x.ep, x.edp, format_layer_ranges(s.chunks), held,
+    row(r, x.pp, x.tp, x.dp, x.ep, x.edp, format_layer_ranges(s.chunks), held,
         fmt::format("{}", s.parameters), gib(s.peak_bytes), shard);
   }
   return o.str();

@@ -225,7 +225,7 @@ json build_report(const ReportOptions& o) {
       {"devices_per_node", per_node},
       {"devices", world},
       {"precision", c.training.bf16 ? "bf16" : "fp32"},
-      {"parallel", fmt::format("TP1xPP{}xDP{}xEP{}", layout.pp(), layout.dp(), layout.ep())},
+      {"parallel", fmt::format("TP{}xPP{}xDP{}xEP{}", layout.tp(), layout.pp(), layout.dp(), layout.ep())},
       {"global_batch_size", c.training.global_batch_size},
       {"seq_length", c.training.seq_length},
       {"tokens_per_s_per_chip", median(metric::kTokensPerSecond)},

@@ -14,7 +14,13 @@ namespace moeforge {
 
 void load_model_weights(const std::string& dir, model::GPTModelImpl& model, const ModelShard& shard) {
   if (is_sharded_checkpoint(dir)) return load_shard_weights(dir, model, shard);
-  moe::load_hf_weights(dir, model, [&](const std::string&) { return shard.partition.first_expert(shard.at.ep); });
+  moe::TensorPart part;
+  if (shard.partition.layout().tp() > 1) {
+    part = [&](const std::string& name, const torch::Tensor& whole) {
+      return tensor_parallel_part(whole, shard.partition.at(name).tp, shard.at.tp, shard.partition.layout().tp());
+    };
+  }
+  moe::load_hf_weights(dir, model, [&](const std::string&) { return shard.partition.first_expert(shard.at.ep); }, part);
 }
 
 TrainState load_training_state(const std::string& dir, Optimizer& optimizer, bool bf16, const ModelShard& shard) {
@@ -28,14 +34,14 @@ TrainState load_training_state(const std::string& dir, Optimizer& optimizer, boo
     if (auto r = reader.rng()) rng = *r;
   } else {
     const SafetensorsFile opt((fs::path(dir) / files::kOptimizer).string());
-    const int64_t experts = shard.partition.layout().experts_per_rank() * shard.partition.layout().ep();
     optimizer.load_state(
         [&](const std::string& name) -> std::optional<torch::Tensor> {
           if (!opt.contains(name)) return std::nullopt;
           auto t = opt.tensor_exactly(name, torch::kFloat32);
-          // An expert tensor of the wrong expert count is left whole, to be reported as mis-shaped.
-          if (shard.partition.at(name).expert_parallel && t.dim() > 0 && t.size(0) == experts) {
-            t = shard.partition.local_part(name, t, shard.at.ep);
+          // A tensor of the whole model's shape gives this rank its part (its experts, its
+          // tensor-parallel part); any other is left as it is, to be reported as mis-shaped.
+          if (t.sizes() == torch::IntArrayRef(shard.partition.at(name).shape)) {
+            t = shard.partition.local_part(name, t, shard.at.ep, shard.at.tp);
           }
           return t;
         },

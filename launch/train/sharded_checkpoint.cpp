@@ -58,6 +58,11 @@ json read_manifest(const std::string& dir) {
 }  // namespace
 
 ShardLayout ShardLayout::of(const ParallelLayout& layout) {
+  if (layout.tp() > 1) {
+    fail_user("sharded checkpoints do not split tensors over tensor-parallel ranks yet (parallel."
+              "tensor_model_parallel_size {}): use checkpoint.format whole, or convert with TP 1",
+              layout.tp());
+  }
   return {layout.pp(), layout.ep(), layout.vpp(), layout.layers_per_stage()};
 }
 
@@ -256,6 +261,7 @@ CheckpointContents read_all_shards(const std::string& dir, const ModelPartition&
 }
 
 void write_all_shards(const std::string& dir, const ModelPartition& target, const CheckpointContents& contents) {
+  const ShardLayout layout = ShardLayout::of(target.layout());  // refuses what it cannot shard, before anything is read
   TensorShapes optimizer;
   std::vector<std::string> problems;
   const int64_t experts = target.layout().experts_per_rank() * target.layout().ep();
@@ -277,10 +283,9 @@ void write_all_shards(const std::string& dir, const ModelPartition& target, cons
     }
   }
   if (!problems.empty()) {
-    fail_user("cannot shard the checkpoint as {}:\n  - {}\nNothing was written.", ShardLayout::of(target.layout()).describe(),
+    fail_user("cannot shard the checkpoint as {}:\n  - {}\nNothing was written.", layout.describe(),
               fmt::join(problems, "\n  - "));
   }
-  const ShardLayout layout = ShardLayout::of(target.layout());
   for (int64_t s = 0; s < layout.pp; ++s) {
     for (int64_t e = 0; e < layout.ep; ++e) {
       write_shard(dir, target, s, e, shard_part(contents.model, target, s, e, true),

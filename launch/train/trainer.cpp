@@ -207,7 +207,11 @@ void Trainer::setup_optimizer() {
     for (const auto& p : trainable) names.push_back(p.name);
     if (const auto why = moe::router_only_noop_reason(*model_, c_.model, names)) spdlog::warn("{}", *why);
   }
-  for (auto& p : trainable) p.expert_parallel = shard_->partition.at(p.name).expert_parallel;
+  for (auto& p : trainable) {
+    const auto& where = shard_->partition.at(p.name);
+    p.expert_parallel = where.expert_parallel;
+    p.tensor_parallel = where.tp.splits();
+  }
   optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel);
   // Each chunk's parameters, armed for gradient reduction before that chunk's last backward.
   chunk_params_.assign(shard_->chunks.size(), {});
@@ -584,7 +588,10 @@ void Trainer::save() {
                               {{"format", "sharded"}});
     }
   } else {
-    // Whole: experts gathered over EP, stages to the first; rank 0 writes.
+    // Whole: tensor-parallel parts joined over TP, experts gathered over EP, stages to the first;
+    // rank 0 writes.
+    gather_tensor_parallel(contents.model, shard_->partition, *groups_.tp);
+    gather_tensor_parallel(contents.optimizer, shard_->partition, *groups_.tp);
     gather_expert_parallel(contents.model, shard_->partition, *groups_.ep);
     gather_expert_parallel(contents.optimizer, shard_->partition, *groups_.ep);
     gather_to_first_stage(contents.model, *groups_.pp);

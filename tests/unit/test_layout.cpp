@@ -42,6 +42,46 @@ TEST_CASE("rank order is tp-cp-ep-dp-pp: stages contiguous, EP ranks consecutive
   }
 }
 
+TEST_CASE("tensor-parallel ranks are innermost: TP groups consecutive, every other group TP apart", "[layout][tp]") {
+  // world 16 = PP 2 x DP 4 x TP 2, EP 2 -> expert-DP 2. rank = (pp * DP + dp) * TP + tp.
+  const auto c = config_with({"parallel.pipeline_model_parallel_size=2", "parallel.expert_model_parallel_size=2",
+                              "parallel.tensor_model_parallel_size=2", "training.global_batch_size=16"});
+  const auto L = ParallelLayout::create(c, 16);
+  CHECK(L.tp() == 2);
+  CHECK(L.dp() == 4);
+  CHECK(L.edp() == 2);
+  CHECK(L.micro_batches_per_step() == 4);  // 16 / (1 * DP 4): TP ranks share their micro-batches
+  // rank 11: tp 1, dp 1 (ep 1, edp 0), pp 1.
+  const auto x = L.coordinates(11);
+  CHECK(x.tp == 1);
+  CHECK(x.dp == 1);
+  CHECK(x.ep == 1);
+  CHECK(x.edp == 0);
+  CHECK(x.pp == 1);
+  CHECK(L.tensor_parallel_group(11) == std::vector<int64_t>{10, 11});
+  CHECK(L.pipeline_group(11) == std::vector<int64_t>{3, 11});
+  CHECK(L.data_parallel_group(11) == std::vector<int64_t>{9, 11, 13, 15});
+  CHECK(L.expert_parallel_group(11) == std::vector<int64_t>{9, 11});
+  CHECK(L.expert_data_parallel_group(11) == std::vector<int64_t>{11, 15});
+  for (int64_t r = 0; r < 16; ++r) {
+    const auto xy = L.coordinates(r);
+    CHECK((xy.pp * L.dp() + xy.edp * L.ep() + xy.ep) * L.tp() + xy.tp == r);
+  }
+  CHECK_THAT(L.describe(), Contains("world 16 = PP 2 x DP 4 (EP 2 x expert-DP 2) x TP 2"));
+}
+
+TEST_CASE("tensor parallelism needs heads and widths it divides, and the whole checkpoint format", "[layout][tp]") {
+  CHECK_THAT(layout_error(config_with({"parallel.tensor_model_parallel_size=3"}), 3),
+             Contains("model.num_attention_heads 4 is not divisible by parallel.tensor_model_parallel_size 3") &&
+                 Contains("model.moe_ffn_hidden_size 32 is not divisible") && Contains("TP=3"));
+  CHECK_THAT(layout_error(config_with({"parallel.tensor_model_parallel_size=2"}), 3),
+             Contains("world size 3 is not divisible by parallel.pipeline_model_parallel_size x "
+                      "tensor_model_parallel_size (1 x 2)"));
+  CHECK_THAT(layout_error(config_with({"parallel.tensor_model_parallel_size=2", "checkpoint.format=sharded"}), 2),
+             Contains("checkpoint.format sharded does not split tensors over tensor-parallel ranks yet"));
+  CHECK_NOTHROW(ParallelLayout::create(config_with({"parallel.tensor_model_parallel_size=4"}), 4));
+}
+
 TEST_CASE("uneven pipelines split the middle evenly", "[layout]") {
   const auto c = config_with({"model.num_layers=10", "parallel.pipeline_model_parallel_size=4",
                               "parallel.decoder_first_pipeline_num_layers=1", "parallel.decoder_last_pipeline_num_layers=3",
