@@ -113,10 +113,14 @@ struct ParallelConfig {
   // The world size the experiment is meant for; null = whatever the launcher starts. When set, a
   // launch with a different number of ranks is refused.
   std::optional<int64_t> world_size;
-  // Megatron's tensor parallelism (no sequence parallelism yet): attention heads, the FFN widths
-  // and each routed expert's width are split over TP ranks (the experts' tensor-parallel size is
-  // TP, Megatron-Core's default); the embedding, the head, norms and routers are replicated.
+  // Megatron's tensor parallelism: attention heads, the FFN widths and each routed expert's width
+  // are split over TP ranks (the experts' tensor-parallel size is TP, Megatron-Core's default); the
+  // embedding, the head, norms and routers are replicated.
   int64_t tensor_model_parallel_size = 1;
+  // Megatron's --sequence-parallel (needs TP > 1): outside the split blocks each TP rank keeps
+  // 1/TP of the sequence, so norms, the embedding output, the head and the loss run on a chunk,
+  // and the blocks' all-reduces become an all-gather before and a reduce-scatter after.
+  bool sequence_parallel = false;
   int64_t pipeline_model_parallel_size = 1;
   // Model chunks per pipeline rank (Megatron's virtual pipeline stages): the layers are cut into
   // PP x V chunks and rank r runs chunks r, r + PP, ...; the interleaved 1F1B schedule divides

@@ -205,7 +205,8 @@ std::vector<ConfigField> make_fields() {
       // parallel
       bind("parallel", P, "world_size", &PC::world_size, "Ranks (devices) the experiment is meant for; null = as launched"),
       bind("parallel", P, "pipeline_model_parallel_size", &PC::pipeline_model_parallel_size, "Pipeline stages (PP)"),
-      bind("parallel", P, "tensor_model_parallel_size", &PC::tensor_model_parallel_size, "Tensor-parallel ranks: attention heads, FFN and expert widths split over them (Megatron's --tensor-model-parallel-size; no sequence parallelism)"),
+      bind("parallel", P, "tensor_model_parallel_size", &PC::tensor_model_parallel_size, "Tensor-parallel ranks: attention heads, FFN and expert widths split over them (Megatron's --tensor-model-parallel-size)"),
+      bind("parallel", P, "sequence_parallel", &PC::sequence_parallel, "With TP > 1, each TP rank keeps 1/TP of the sequence outside the split blocks (norms, embedding output, head, loss, pipeline messages): all-gather before a block and reduce-scatter after it instead of the all-reduces (Megatron's --sequence-parallel); ignored with TP 1"),
       bind("parallel", P, "virtual_pipeline_model_parallel_size", &PC::virtual_pipeline_model_parallel_size, "Model chunks per pipeline rank (interleaved 1F1B, Megatron's virtual pipeline stages); 1 = plain 1F1B"),
       bind("parallel", P, "expert_model_parallel_size", &PC::expert_model_parallel_size, "Expert-parallel ranks (EP); divides the data-parallel size"),
       bind("parallel", P, "decoder_first_pipeline_num_layers", &PC::decoder_first_pipeline_num_layers, "Layers on the first stage of an uneven pipeline; null = even"),

@@ -78,15 +78,17 @@ void GPTModelImpl::set_recompute(RecomputeGranularity granularity) {
   }
 }
 
-torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS) {
+torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS,
+                      const torch::Tensor& loss_tokens) {
   const auto labels_T = labels_BS.reshape({-1}), mask_T = loss_mask_BS.reshape({-1});
   if (out.logits_BSV.defined()) {
-    return kernels::masked_cross_entropy(out.logits_BSV.reshape({-1, out.logits_BSV.size(-1)}), labels_T, mask_T);
+    return kernels::masked_cross_entropy(out.logits_BSV.reshape({-1, out.logits_BSV.size(-1)}), labels_T, mask_T,
+                                         loss_tokens);
   }
   const auto& h = out.head_input_BSD;
   // An untied head's weight has no other use: its gradient may go straight into main_grad.
   return kernels::lm_head_cross_entropy(h.reshape({-1, h.size(-1)}), out.head_weight_VD, labels_T, mask_T,
-                                        !out.head_weight_tied);
+                                        !out.head_weight_tied, loss_tokens);
 }
 
 namespace {

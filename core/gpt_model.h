@@ -72,7 +72,10 @@ TORCH_MODULE(GPTModel);
 
 // Mean cross-entropy in fp32 over the positions where loss_mask is 1 (labels already shifted), from
 // the logits or from the head's input and weight (fused with the head, model.kernels).
-torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS);
+// `loss_tokens` (a device scalar): the mean's denominator when labels_BS is a part of the tokens it
+// is over (a sequence-parallel chunk of the micro-batch); undefined: the mask's count.
+torch::Tensor lm_loss(const ModelOutput& out, const torch::Tensor& labels_BS, const torch::Tensor& loss_mask_BS,
+                      const torch::Tensor& loss_tokens = {});
 
 // Megatron's initialization: normal(0, std) for weights, std / sqrt(2 * num_layers) for the output
 // projections of each block (o_proj, down projections), ones for norms, zeros for biases. Each

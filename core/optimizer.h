@@ -32,6 +32,9 @@ struct TrainableParameter {
   // Split over tensor-parallel ranks (heads, FFN and expert widths): each rank's squares add to
   // the norm; a parameter whole on every TP rank counts once.
   bool tensor_parallel = false;
+  // Whole on every TP rank but fed only this rank's chunk of the sequence (sequence parallelism):
+  // its gradient is summed over the TP ranks after the data-parallel reduction.
+  bool sequence_parallel = false;
 };
 
 // Squared L2 norms of one rank's gradients, by how they add up over ranks.

@@ -69,10 +69,11 @@ AttentionImpl::AttentionImpl(const AttentionConfig& c) : c_(c) {
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const torch::Tensor& cos_BSDh,
                                      const torch::Tensor& sin_BSDh) {
-  const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
-  // The heads this module holds (all of them, or a tensor-parallel rank's share).
+  // The heads this module holds (all of them, or a tensor-parallel rank's share), over the whole
+  // sequence (x_BSD may be a sequence-parallel chunk of it).
   const int64_t H = q_proj->weight.size(0) / c_.head_dim, G = k_proj->weight.size(0) / c_.head_dim;
   const auto x_in = region.in(x_BSD);
+  const int64_t B = x_in.size(0), S = x_in.size(1);
   // RoPE on the projections' own layout [B, S, heads, Dh] (contiguous), then the heads move forward.
   const auto q_BHSDh = kernels::rope(q_proj(x_in).view({B, S, H, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);
   const auto k_BGSDh = kernels::rope(k_proj(x_in).view({B, S, G, c_.head_dim}), cos_BSDh, sin_BSDh).transpose(1, 2);

@@ -69,16 +69,23 @@ class RotaryEmbedding {
   mutable torch::Tensor inv_freq_;
 };
 
-// The two boundaries of a block whose weights a runtime may split over ranks (Megatron's
-// column- then row-parallel pair): the block's sizes come from its weights' shapes, so it runs
-// whatever part it holds. `enter` takes a whole tensor that meets the split weights (forward: as
-// it is; the runtime sums its gradient over the ranks); `leave` takes the block's partial output
-// (the runtime sums it over the ranks; backward: as it is). Unset, both are the identity: the
-// whole block on one rank.
+// The boundaries of a block whose weights a runtime may split over ranks (Megatron's column-
+// then row-parallel pair): the block's sizes come from its weights' and its inputs' shapes, so it
+// runs whatever part it holds. `in` takes the block's input to what meets the split weights (as
+// it is, or the whole sequence gathered from the ranks' chunks; the runtime sums its gradient
+// over the ranks); `out` takes the block's partial output (summed over the ranks, or each rank's
+// chunk of the sum; backward as it is, or gathered). `whole_input` is the input as the block's
+// whole (unsplit) weights see it, `scale` marks a whole tensor computed from it that multiplies
+// partial outputs (forward as it is, gradient summed). Unset, all are the identity: the whole
+// block on one rank.
 struct SplitRegion {
-  std::function<torch::Tensor(const torch::Tensor&)> enter, leave;
+  std::function<torch::Tensor(const torch::Tensor&)> enter, leave, factor;
+  std::function<torch::Tensor(const torch::Tensor& x, const torch::Tensor& x_in)> whole;
   torch::Tensor in(const torch::Tensor& x) const { return enter ? enter(x) : x; }
   torch::Tensor out(const torch::Tensor& y) const { return leave ? leave(y) : y; }
+  // x_in = in(x), whose gathered values it reuses.
+  torch::Tensor whole_input(const torch::Tensor& x, const torch::Tensor& x_in) const { return whole ? whole(x, x_in) : x; }
+  torch::Tensor scale(const torch::Tensor& t) const { return factor ? factor(t) : t; }
 };
 
 struct AttentionConfig {

@@ -16,12 +16,14 @@ MoELayer::MoELayer(const ModelConfig& c) : config_(c), dispatcher_(std::make_sha
 }
 
 model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
+  // What meets the expert weights, which a tensor-parallel runtime splits by width, and what the
+  // router and the shared gate (whole on every rank) see: the same tokens, the whole sequence
+  // even where x_BSD is a sequence-parallel chunk of it.
+  const auto xs_BSD = region.in(x_BSD);
+  const auto xw_BSD = region.whole_input(x_BSD, xs_BSD);
   const int64_t D = x_BSD.size(-1);
-  const auto x_TD = x_BSD.reshape({-1, D});
+  const auto x_TD = xw_BSD.reshape({-1, D}), xs_TD = xs_BSD.reshape({-1, D});
   const Routing routing = gate(x_TD);
-  // What meets the expert weights, which a tensor-parallel runtime splits by width (the router
-  // is whole on every rank and takes x_TD itself).
-  const auto xs_TD = region.in(x_TD);
   const int64_t E = *config_.num_experts;
   // With a capacity factor, over-full experts drop slots (their expert id becomes E).
   const auto experts_TK = config_.moe_expert_capacity_factor
@@ -37,21 +39,21 @@ model::FeedForwardOutput MoELayer::forward(const torch::Tensor& x_BSD) {
     shared_second = [&] {
       shared_TD = shared_expert->down_proj(shared_TF);
       // A whole factor times a partial output: it enters the region, so its gradient is summed.
-      if (shared_expert_gate) shared_TD = region.in(torch::sigmoid(shared_expert_gate(x_TD))) * shared_TD;
+      if (shared_expert_gate) shared_TD = region.scale(torch::sigmoid(shared_expert_gate(x_TD))) * shared_TD;
     };
   }
   const Dispatched dispatched = dispatcher_->dispatch(xs_TD, experts_TK, shared_first);
   const auto y_ND = experts(dispatched.x_ND, dispatched.rows_per_local_expert);
   // The routing weights scale partial outputs too: they enter the region.
-  auto y_TD = dispatcher_->combine(y_ND, dispatched, region.in(routing.weights_TK), shared_second);
+  auto y_TD = dispatcher_->combine(y_ND, dispatched, region.scale(routing.weights_TK), shared_second);
   if (shared_expert) y_TD = y_TD + shared_TD;
   model::FeedForwardOutput out;
-  out.y = region.out(y_TD).view(x_BSD.sizes());
+  out.y = region.out(y_TD.view(xs_BSD.sizes()));
   out.router_logits_TE = routing.logits_TE;
   out.tokens_per_expert_E = slots_per_expert(experts_TK, E + 1).narrow(0, 0, E);
   switch (config_.moe_router_load_balancing_type) {
     case LoadBalancingType::aux_loss: out.aux_loss = aux_loss(routing.probs_TE, experts_TK, E); break;
-    case LoadBalancingType::seq_aux_loss: out.aux_loss = seq_aux_loss(routing.probs_TE, experts_TK, E, x_BSD.size(1)); break;
+    case LoadBalancingType::seq_aux_loss: out.aux_loss = seq_aux_loss(routing.probs_TE, experts_TK, E, xw_BSD.size(1)); break;
     case LoadBalancingType::global_aux_loss:     // computed in model_loss from the global loads
     case LoadBalancingType::hf_pooled_aux_loss:  // computed over all layers in model_loss
     case LoadBalancingType::none: break;
@@ -85,11 +87,12 @@ void update_expert_biases(model::GPTModelImpl& model, int64_t first_layer, int64
 }
 
 LossBreakdown model_loss(const ModelConfig& c, const model::ModelOutput& out, const torch::Tensor& labels_BS,
-                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global) {
+                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global,
+                         const torch::Tensor& loss_tokens) {
   LossBreakdown l;
   // A pipeline stage without the head contributes only its layers' auxiliary losses.
   l.lm = out.hidden_BSD.defined() ? torch::zeros({}, out.hidden_BSD.options().dtype(torch::kFloat32))
-                                  : model::lm_loss(out, labels_BS, loss_mask_BS);
+                                  : model::lm_loss(out, labels_BS, loss_mask_BS, loss_tokens);
   l.aux = torch::zeros({}, l.lm.options());
   l.z = torch::zeros({}, l.lm.options());
   std::vector<torch::Tensor> logits;

@@ -61,8 +61,9 @@ struct GlobalExpertLoad {
 
 // lm + moe_aux_loss_coeff * aux + moe_z_loss_coeff * z, with the load-balancing type of the config.
 // global_aux_loss without `global` (evaluation, one process outside training) uses the
-// micro-batch's own loads: the per-micro-batch aux_loss.
+// micro-batch's own loads: the per-micro-batch aux_loss. `loss_tokens`: as model::lm_loss's.
 LossBreakdown model_loss(const ModelConfig& config, const model::ModelOutput& out, const torch::Tensor& labels_BS,
-                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global = nullptr);
+                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global = nullptr,
+                         const torch::Tensor& loss_tokens = {});
 
 }  // namespace moeforge::moe

@@ -83,12 +83,19 @@ void DataParallelAdamW::grad_final(size_t i) {
 }
 
 void DataParallelAdamW::reduce_grads() {
-  if (place_.empty()) return;
-  last_.reset();
   torch::NoGradGuard no_grad;
-  replicated_buckets_->finish();
-  expert_buckets_->finish();
-  for (size_t i : expert_) grad(i).div_(static_cast<double>(groups_.dp->size()));
+  if (!place_.empty()) {
+    last_.reset();
+    replicated_buckets_->finish();
+    expert_buckets_->finish();
+    for (size_t i : expert_) grad(i).div_(static_cast<double>(groups_.dp->size()));
+  }
+  // Sequence parallelism: each TP rank holds the gradient of its chunk of the sequence.
+  std::vector<torch::Tensor> partial;
+  for (size_t i = 0; i < params().size(); ++i) {
+    if (params()[i].sequence_parallel) partial.push_back(grad(i));
+  }
+  all_reduce_packed(partial, *groups_.tp);
 }
 
 double DataParallelAdamW::grad_norm() {
@@ -164,6 +171,12 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
           const int64_t to = std::min(bucket.offsets[j] + params_[bucket.members[j]].param.numel(), end_at);
           if (to > from) bucket.norm_runs.emplace_back(from - begin, to - from);
         }
+      }
+      for (size_t j = 0; j < bucket.members.size(); ++j) {
+        if (!params_[bucket.members[j]].sequence_parallel) continue;
+        const int64_t from = std::max(bucket.offsets[j], begin);
+        const int64_t to = std::min(bucket.offsets[j] + params_[bucket.members[j]].param.numel(), end_at);
+        if (to > from) bucket.sequence_parallel_runs.emplace_back(from - begin, to - from);
       }
       const auto fp32_options = params_[bucket.members[0]].param.options().dtype(torch::kFloat32);
       bucket.main_grad = torch::zeros({bucket.padded}, fp32_options);
@@ -246,6 +259,13 @@ void DistributedAdamW::reduce_grads() {
   // Replicated: sum over DP / DP = the mean. Experts: sum over EDP / DP (see DataParallelAdamW).
   const double dp = static_cast<double>(groups_.dp->size());
   for (auto& b : buckets_) b.grad_shard.div_(dp);
+  // Sequence parallelism: each TP rank holds the gradient of its chunk of the sequence. TP peers
+  // lay their buckets out alike (the same parameters, the same shapes), so their shards match.
+  std::vector<torch::Tensor> partial;
+  for (auto& b : buckets_) {
+    for (const auto& [first, length] : b.sequence_parallel_runs) partial.push_back(b.grad_shard.narrow(0, first, length));
+  }
+  all_reduce_packed(partial, *groups_.tp);
 }
 
 double DistributedAdamW::grad_norm() {

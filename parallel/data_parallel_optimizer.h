@@ -23,6 +23,9 @@
 //   and each bucket's parameter all-gather starts as soon as its update is done, overlapping the
 //   next buckets' updates. Bit-identical to overlap off.
 //
+// Under sequence parallelism both then sum the gradients of the parameters fed one chunk of the
+// sequence per TP rank (TrainableParameter::sequence_parallel) over the TP group.
+//
 // Both count every parameter of the model once in the gradient norm and do the same elementwise
 // AdamW math (kernels::adamw_step, whose elements do not depend on where a tensor is cut), so
 // their updates are identical. In bf16 the update also writes the shard's bf16 copy, and that is
@@ -99,6 +102,8 @@ class DistributedAdamW : public Optimizer {
     std::vector<std::tuple<int64_t, int64_t, bool>> runs;
     // The shard's runs that this rank adds to the gradient norm: {begin, length} (see grad_norm).
     std::vector<std::pair<int64_t, int64_t>> norm_runs;
+    // The shard's runs of sequence-parallel members, summed over TP after the reduction.
+    std::vector<std::pair<int64_t, int64_t>> sequence_parallel_runs;
     torch::Tensor main_grad;  // [padded] fp32: micro-batch gradients accumulate here
     torch::Tensor grad_shard, master, exp_avg, exp_avg_sq;  // [shard] fp32
     torch::Tensor model_shard;  // [shard] bf16 for a bf16 model (the all-gather's input), else undefined

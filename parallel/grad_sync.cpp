@@ -90,4 +90,18 @@ void GradBuckets::finish() {
   }
 }
 
+void all_reduce_packed(const std::vector<torch::Tensor>& tensors, Communicator& group) {
+  if (group.size() == 1 || tensors.empty()) return;
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> parts;
+  for (const auto& t : tensors) parts.push_back(t.reshape({-1}));
+  auto flat = torch::cat(parts);
+  group.all_reduce(flat, ReduceOp::sum);
+  int64_t at = 0;
+  for (const auto& t : tensors) {
+    t.copy_(flat.narrow(0, at, t.numel()).view(t.sizes()));
+    at += t.numel();
+  }
+}
+
 }  // namespace moeforge

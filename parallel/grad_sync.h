@@ -1,4 +1,5 @@
-// defines: default_bucket_elements, bucket_ranges, BucketSchedule, GradBuckets, LastBackward
+// defines: default_bucket_elements, bucket_ranges, BucketSchedule, GradBuckets, LastBackward,
+//          all_reduce_packed
 //
 // Data-parallel gradient reduction in flat buckets (fewer, larger messages, as Megatron's DDP).
 // Buckets are laid out once, over the gradients in the order the backward finishes them (the
@@ -91,6 +92,10 @@ class GradBuckets {
 // after adding into main_grad, and LibTorch 2.15 runs the weight's post-accumulate-grad hook as
 // well (AccumulateGrad calls it even for the undefined gradient the fused op returns): the first
 // of the two counts.
+// Sums `tensors` (views of one dtype, any shapes) over `group` in one message: packed into a flat
+// buffer, all-reduced, copied back. Blocking; nothing to do on a group of one.
+void all_reduce_packed(const std::vector<torch::Tensor>& tensors, Communicator& group);
+
 class LastBackward {
  public:
   explicit LastBackward(size_t params = 0) : state_(params, kIdle) {}

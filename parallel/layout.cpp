@@ -119,6 +119,13 @@ void check_tensor_parallel(const ExperimentConfig& c, int64_t tp, std::vector<st
   if (m.moe_shared_expert_intermediate_size) {
     divisible("moe_shared_expert_intermediate_size", *m.moe_shared_expert_intermediate_size, "shared expert's width");
   }
+  if (c.parallel.sequence_parallel && c.training.seq_length % tp != 0) {
+    problems.push_back(fmt::format("training.seq_length {} is not divisible by parallel.tensor_model_parallel_size {}: "
+                                   "parallel.sequence_parallel gives every tensor-parallel rank the same share of the "
+                                   "sequence; choose a sequence length that is a multiple of {}, or set "
+                                   "parallel.sequence_parallel: false",
+                                   c.training.seq_length, tp, tp));
+  }
   if (c.checkpoint.format == CheckpointFormat::sharded) {
     problems.push_back(fmt::format("checkpoint.format sharded does not split tensors over tensor-parallel ranks yet "
                                    "(parallel.tensor_model_parallel_size {}): use checkpoint.format whole",
@@ -219,6 +226,7 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
   layout.world_ = world_size;
   layout.pp_ = pp;
   layout.tp_ = tp;
+  layout.sp_ = c.parallel.sequence_parallel && tp > 1;
   layout.vpp_ = vpp;
   layout.dp_ = dp;
   layout.ep_ = ep;
@@ -303,7 +311,8 @@ std::vector<int64_t> ParallelLayout::tensor_parallel_group(int64_t rank) const {
 std::string ParallelLayout::describe() const {
   const std::string interleaved =
       vpp_ > 1 ? fmt::format(" in {} interleaved chunks of {}", vpp_, layers_per_virtual_stage_.front()) : std::string();
-  const std::string tensor = tp_ > 1 ? fmt::format(" x TP {}", tp_) : std::string();
+  const std::string tensor =
+      tp_ > 1 ? fmt::format(" x TP {}{}", tp_, sp_ ? " (sequence-parallel)" : "") : std::string();
   return fmt::format("world {} = PP {} x DP {} (EP {} x expert-DP {}){}, layers per stage [{}]{}, {} micro-batches per step",
                      world_, pp_, dp_, ep_, edp(), tensor, fmt::join(layers_per_stage_, ", "), interleaved, micro_batches_);
 }

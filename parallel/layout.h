@@ -49,6 +49,8 @@ class ParallelLayout {
   int64_t world() const { return world_; }
   int64_t pp() const { return pp_; }
   int64_t tp() const { return tp_; }
+  // parallel.sequence_parallel with TP > 1 (with TP 1 there is nothing to split, as in Megatron).
+  bool sequence_parallel() const { return sp_; }
   int64_t dp() const { return dp_; }
   int64_t ep() const { return ep_; }
   int64_t edp() const { return dp_ / ep_; }
@@ -74,11 +76,12 @@ class ParallelLayout {
   std::vector<int64_t> tensor_parallel_group(int64_t rank) const;
 
   // "world 8 = PP 2 x DP 4 (EP 4 x expert-DP 1), layers per stage [12, 12], 128 micro-batches per step"
-  // (with " x TP 2" after the DP factor when TP > 1)
+  // (with " x TP 2" after the DP factor when TP > 1, " x TP 2 (sequence-parallel)" with SP)
   std::string describe() const;
 
  private:
   int64_t world_ = 1, pp_ = 1, tp_ = 1, vpp_ = 1, dp_ = 1, ep_ = 1, micro_batches_ = 1, num_experts_ = 0;
+  bool sp_ = false;
   std::vector<int64_t> layers_per_stage_;
   std::vector<int64_t> layers_per_virtual_stage_;  // PP x V entries, virtual stage order
 };

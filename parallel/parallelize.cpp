@@ -18,6 +18,7 @@ struct Where {
   int64_t stage = 0, chunk = 0;
   bool expert_parallel = false;
   TensorParallelCut tp;
+  bool sequence_parallel = false;
 };
 
 // The tensor-parallel cuts of one decoder layer's weights, by module: column-parallel projections
@@ -47,10 +48,22 @@ void record_tensor_parallel_cuts(model::DecoderLayerImpl& layer, std::unordered_
   }
 }
 
-// This stage's blocks sum their partial outputs over the TP group.
-void install_tensor_parallel_regions(model::DecoderLayerImpl& layer, const std::shared_ptr<Communicator>& tp) {
-  const model::SplitRegion region{[tp](const torch::Tensor& x) { return enter_tensor_parallel(x, tp); },
-                                  [tp](const torch::Tensor& y) { return leave_tensor_parallel(y, tp); }};
+// This stage's blocks sum their partial outputs over the TP group; with sequence parallelism
+// they take and give this rank's chunk of the sequence.
+void install_tensor_parallel_regions(model::DecoderLayerImpl& layer, const std::shared_ptr<Communicator>& tp,
+                                     bool sequence_parallel) {
+  model::SplitRegion region;
+  region.factor = [tp](const torch::Tensor& t) { return enter_tensor_parallel(t, tp); };
+  if (sequence_parallel) {
+    region.enter = [tp](const torch::Tensor& x) { return gather_sequence_parallel(x, tp); };
+    region.leave = [tp](const torch::Tensor& y) { return scatter_sequence_parallel(y, tp); };
+    region.whole = [tp](const torch::Tensor& x, const torch::Tensor& x_in) {
+      return sequence_parallel_whole(x, x_in, tp->rank(), tp->size());
+    };
+  } else {
+    region.enter = region.factor;
+    region.leave = [tp](const torch::Tensor& y) { return leave_tensor_parallel(y, tp); };
+  }
   layer.self_attn->region = region;
   if (auto* dense = dynamic_cast<model::DenseFeedForward*>(layer.mlp.get())) dense->region = region;
   if (auto* moe_layer = dynamic_cast<moe::MoELayer*>(layer.mlp.get())) moe_layer->region = region;
@@ -60,15 +73,19 @@ void install_tensor_parallel_regions(model::DecoderLayerImpl& layer, const std::
 // identity: read off the modules that hold them.
 std::unordered_map<Impl, Where> placement_by_tensor(model::GPTModelImpl& model, const ParallelLayout& layout) {
   std::unordered_map<Impl, Where> out;
-  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, 0, false, {}};
+  const bool sp = layout.sequence_parallel();
+  for (const auto& p : model.embed_tokens->parameters()) out[p.unsafeGetTensorImpl()] = {0, 0, false, {}, sp};
   for (int64_t i = 0; i < model.config().num_layers; ++i) {
     auto& layer = model.layer(i);
     const int64_t stage = layout.stage_of_layer(i), chunk = layout.chunk_of_layer(i);
-    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, chunk, false, {}};
-    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, chunk, true, {}};
+    for (const auto& p : layer.parameters()) out[p.unsafeGetTensorImpl()] = {stage, chunk, false, {}, false};
+    for (const auto& w : layer.mlp->stacked_expert_weights()) out[w.unsafeGetTensorImpl()] = {stage, chunk, true, {}, false};
+    for (const auto& norm : {layer.input_layernorm, layer.post_attention_layernorm}) {
+      for (const auto& p : norm->parameters()) out[p.unsafeGetTensorImpl()].sequence_parallel = sp;
+    }
     if (layout.tp() > 1) record_tensor_parallel_cuts(layer, out);
   }
-  const Where last{layout.pp() - 1, layout.vpp() - 1, false, {}};
+  const Where last{layout.pp() - 1, layout.vpp() - 1, false, {}, sp};
   for (const auto& p : model.norm->parameters()) out[p.unsafeGetTensorImpl()] = last;
   if (model.lm_head) {
     for (const auto& p : model.lm_head->parameters()) out[p.unsafeGetTensorImpl()] = last;
@@ -87,7 +104,8 @@ ModelPartition::ModelPartition(model::GPTModelImpl& model, const ParallelLayout&
     }
     index_.emplace(item.key(), parameters_.size());
     const Where& w = it->second;
-    parameters_.push_back({item.key(), item.value().sizes().vec(), w.stage, w.chunk, w.expert_parallel, w.tp});
+    parameters_.push_back(
+        {item.key(), item.value().sizes().vec(), w.stage, w.chunk, w.expert_parallel, w.tp, w.sequence_parallel});
   }
 }
 
@@ -137,7 +155,7 @@ ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& l
   }
   if (layout.tp() > 1) {
     for (const auto& chunk : shard.chunks) {
-      for (int64_t i = chunk.begin; i < chunk.end; ++i) install_tensor_parallel_regions(model.layer(i), groups.tp);
+      for (int64_t i = chunk.begin; i < chunk.end; ++i) install_tensor_parallel_regions(model.layer(i), groups.tp, layout.sequence_parallel());
     }
   }
   // This stage's MoE layers exchange their tokens with the other EP ranks.

@@ -9,7 +9,8 @@
 // over the expert-parallel ranks in contiguous blocks of layout.experts_per_rank() experts
 // (Megatron-Core's placement), and those layers dispatch through the all-to-all. Under tensor
 // parallelism each attention's heads, each FFN's width and each expert's width are split over the
-// TP ranks (parallel/tensor_parallel.h), and the blocks' SplitRegions sum over the TP group.
+// TP ranks (parallel/tensor_parallel.h), and the blocks' SplitRegions sum over the TP group;
+// with sequence parallelism they all-gather the sequence on entry and reduce-scatter it on exit.
 //
 // ModelPartition is the one name -> (stage, expert-parallel) map: sharded checkpoints, convert
 // and the optimizer's reduction groups read it. It is derived from a model whose parameters still
@@ -44,6 +45,10 @@ struct ParameterPlacement {
   int64_t chunk = 0;             // its model chunk on that stage (0 unless interleaved)
   bool expert_parallel = false;  // dim 0 = experts, split over the EP ranks
   TensorParallelCut tp;          // how it is split over the TP ranks (not at all with TP 1)
+  // Sequence parallelism: whole on every TP rank and used outside the split regions, on this
+  // rank's chunk of the sequence (norms, the embedding, the head), so its gradient is partial:
+  // summed over the TP ranks before the update (Megatron's sequence_parallel attribute).
+  bool sequence_parallel = false;
 };
 
 class ModelPartition {

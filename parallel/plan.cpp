@@ -14,23 +14,27 @@ namespace {
 // Activation bytes kept for backward per token of one layer, as our implementation stores them
 // (docs/plan.md derives each term). `e` is the bytes of one activation element.
 // Per token of one TP rank: what tensor parallelism splits (heads, widths) divided by `tp`, the
-// layer's inputs, norms and dispatched rows whole on every rank (no sequence parallelism).
-int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e, int64_t tp) {
+// layer's inputs, norms and dispatched rows whole on every rank. With sequence parallelism (`sp`)
+// the norms' inputs and outputs hold 1/tp of the tokens, and each block keeps the gathered
+// sequence its split weights read (an MoE layer a second copy: the router's view of it).
+int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e, int64_t tp, bool sp) {
   const int64_t h = m.hidden_size;
+  // A block's norm input and output, and the gathered input under sequence parallelism.
+  const int64_t norms = sp ? 2 * h / tp + h : 2 * h;
   const int64_t q = m.query_projection_size() / tp;
   const int64_t kv = m.kv_projection_size() / tp;
   // attention: norm input and output, q/k/v after RoPE, attention output; flash attention keeps
   // one fp32 log-sum-exp per head instead of the s x s scores.
-  int64_t bytes = e * (2 * h + q + 2 * kv + q) + 4 * m.num_attention_heads / tp;
+  int64_t bytes = e * (norms + q + 2 * kv + q) + 4 * m.num_attention_heads / tp;
   if (m.is_moe_layer(layer)) {
     const int64_t k = m.moe_router_topk;
     const int64_t f = *m.moe_ffn_hidden_size / tp;
     const int64_t fs = m.moe_shared_expert_intermediate_size.value_or(0) / tp;
     // norm input and output, k dispatched rows, k expert outputs, gate/up/product per slot,
     // shared expert gate/up/product and output, fp32 router logits and probabilities.
-    bytes += e * (2 * h + 2 * k * h + 3 * k * f + (fs > 0 ? 3 * fs + h : 0)) + 8 * *m.num_experts;
+    bytes += e * (norms + (sp ? h : 0) + 2 * k * h + 3 * k * f + (fs > 0 ? 3 * fs + h : 0)) + 8 * *m.num_experts;
   } else {
-    bytes += e * (2 * h + 3 * *m.ffn_hidden_size / tp);
+    bytes += e * (norms + 3 * *m.ffn_hidden_size / tp);
   }
   return bytes;
 }
@@ -74,6 +78,7 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   plan.flops_per_token_six_n = per_token(plan.flops_per_step.six_n);
 
   const int64_t PP = layout.pp(), M = layout.micro_batches_per_step(), VP = layout.vpp(), TP = layout.tp();
+  const bool SP = layout.sequence_parallel();
   // Interleaving divides the bubble's share of the step by V (Megatron's (PP - 1) / (V M)).
   plan.bubble_fraction = static_cast<double>(PP - 1) / static_cast<double>(VP * M + PP - 1);
   if (M < PP) {
@@ -106,10 +111,10 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
       const int64_t shared_gate = p.shared_expert > 0 && m.moe_shared_expert_gate ? h : 0;
       dense += (p.attention + p.dense_ffn + p.shared_expert - shared_gate) / TP + p.norms + p.router + shared_gate;
       if (m.is_moe_layer(i)) experts += p.expert / TP * layout.experts_per_rank();
-      const int64_t a = layer_activation_bytes_per_token(m, i, weight_bytes, TP) * tokens_per_mb;
+      const int64_t a = layer_activation_bytes_per_token(m, i, weight_bytes, TP, SP) * tokens_per_mb;
       act_full_layers += a;
       act_max_layer = std::max(act_max_layer, a);
-      act_checkpoints += weight_bytes * h * tokens_per_mb;  // full recompute keeps each layer's input
+      act_checkpoints += weight_bytes * h * tokens_per_mb / (SP ? TP : 1);  // full recompute keeps each layer's input
     }
     const bool first = s == 0, last = s == PP - 1;
     if (first) dense += plan.parameters.embedding;
@@ -118,7 +123,8 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
       // A tied head is the embedding itself (ParallelLayout refuses tying under PP).
       dense += m.untie_embeddings_and_output_weights ? V * h : 0;
     }
-    const int64_t logits = last ? tokens_per_mb * V * (weight_bytes + 4) : 0;  // logits + fp32 loss copy
+    // logits + fp32 loss copy; sequence parallelism runs the head on this rank's chunk
+    const int64_t logits = last ? tokens_per_mb / (SP ? TP : 1) * V * (weight_bytes + 4) : 0;
     st.parameters = dense + experts;
     st.expert_parameters = experts;
     st.weight_bytes = st.parameters * weight_bytes;
@@ -166,6 +172,7 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
       {"layout",
        {{"world_size", L.world()},
         {"tensor_model_parallel_size", L.tp()},
+        {"sequence_parallel", L.sequence_parallel()},
         {"pipeline_model_parallel_size", L.pp()},
         {"data_parallel_size", L.dp()},
         {"expert_model_parallel_size", L.ep()},

@@ -37,6 +37,36 @@ struct Leave : torch::autograd::Function<Leave> {
   }
 };
 
+// Along the sequence (dim 1): the communicators gather and scatter along dim 0.
+torch::Tensor gathered_sequence(const torch::Tensor& x_BsD, Communicator& tp) {
+  return tp.all_gather(x_BsD.transpose(0, 1).contiguous()).transpose(0, 1).contiguous();
+}
+torch::Tensor scattered_sequence(const torch::Tensor& y_BSD, Communicator& tp) {
+  return tp.reduce_scatter(y_BSD.transpose(0, 1).contiguous(), ReduceOp::sum).transpose(0, 1).contiguous();
+}
+
+// Forward: the chunks all-gathered into the sequence; backward: the gradient reduce-scattered.
+struct Gather : torch::autograd::Function<Gather> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, int64_t tp) {
+    ctx->saved_data["tp"] = tp;
+    return gathered_sequence(x, group(tp));
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list grads) {
+    return {scattered_sequence(grads[0], group(ctx->saved_data["tp"].toInt())), torch::Tensor()};
+  }
+};
+
+// Forward: the partial outputs reduce-scattered; backward: the gradient chunks all-gathered.
+struct Scatter : torch::autograd::Function<Scatter> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y, int64_t tp) {
+    ctx->saved_data["tp"] = tp;
+    return scattered_sequence(y, group(tp));
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list grads) {
+    return {gathered_sequence(grads[0], group(ctx->saved_data["tp"].toInt())), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor tensor_parallel_part(const torch::Tensor& whole, const TensorParallelCut& cut, int64_t rank, int64_t size) {
@@ -64,6 +94,21 @@ torch::Tensor enter_tensor_parallel(const torch::Tensor& x, const std::shared_pt
 
 torch::Tensor leave_tensor_parallel(const torch::Tensor& y, const std::shared_ptr<Communicator>& tp) {
   return Leave::apply(y, handle(tp));
+}
+
+torch::Tensor gather_sequence_parallel(const torch::Tensor& x_BsD, const std::shared_ptr<Communicator>& tp) {
+  return Gather::apply(x_BsD, handle(tp));
+}
+
+torch::Tensor scatter_sequence_parallel(const torch::Tensor& y_BSD, const std::shared_ptr<Communicator>& tp) {
+  return Scatter::apply(y_BSD, handle(tp));
+}
+
+torch::Tensor sequence_parallel_whole(const torch::Tensor& x_BsD, const torch::Tensor& gathered_BSD, int64_t rank,
+                                      int64_t size) {
+  auto chunks = gathered_BSD.detach().chunk(size, 1);
+  chunks[static_cast<size_t>(rank)] = x_BsD;
+  return torch::cat(chunks, 1);
 }
 
 }  // namespace moeforge

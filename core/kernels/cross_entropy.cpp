@@ -46,12 +46,11 @@ void add_product(torch::Tensor& dw_acc, const torch::Tensor& a, const torch::Ten
 class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h_TD, const torch::Tensor& w_VD,
-                               const torch::Tensor& labels_T, const torch::Tensor& mask_T, int64_t chunk_rows, bool grad,
-                               int64_t wgrad_key) {
+                               const torch::Tensor& labels_T, const torch::Tensor& mask_T, const torch::Tensor& count,
+                               int64_t chunk_rows, bool grad, int64_t wgrad_key) {
     const int64_t T = h_TD.size(0), V = w_VD.size(0);
     const auto h = h_TD.contiguous();
     const auto mask = mask_T.to(torch::kFloat32).contiguous();
-    const auto count = mask.sum();
     // Each token's share of the mean, on the device (no host sync).
     const auto scale_T = (mask / count).contiguous();
     auto loss_T = torch::empty({T}, mask.options());
@@ -84,27 +83,34 @@ class LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> 
     const bool added = add_to_main_grad(ctx->saved_data["key"].toInt(),
                                         [&](torch::Tensor& main_grad) { main_grad.addcmul_(dw, g[0].to(torch::kFloat32)); });
     const auto gw = added ? torch::Tensor() : (dw * g[0].to(dw.scalar_type())).to(dh.scalar_type());
-    return {dh * g[0].to(dh.scalar_type()), gw, {}, {}, {}, {}, {}};
+    return {dh * g[0].to(dh.scalar_type()), gw, {}, {}, {}, {}, {}, {}};
   }
 };
+
+// The mean's denominator: `tokens` where given, else the mask's count.
+torch::Tensor denominator(const torch::Tensor& mask, const torch::Tensor& tokens) {
+  return tokens.defined() ? tokens.to(mask.options()) : mask.sum();
+}
 
 }  // namespace
 
 torch::Tensor masked_cross_entropy(const torch::Tensor& logits_TV, const torch::Tensor& labels_T,
-                                   const torch::Tensor& loss_mask_T) {
+                                   const torch::Tensor& loss_mask_T, const torch::Tensor& tokens) {
   const auto per_token = torch::nn::functional::cross_entropy(
       logits_TV.to(torch::kFloat32), labels_T, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
   const auto mask = loss_mask_T.to(torch::kFloat32);
-  return (per_token * mask).sum() / mask.sum();
+  return (per_token * mask).sum() / denominator(mask, tokens);
 }
 
 torch::Tensor lm_head_cross_entropy_reference(const torch::Tensor& h_TD, const torch::Tensor& w_VD,
-                                              const torch::Tensor& labels_T, const torch::Tensor& loss_mask_T) {
-  return masked_cross_entropy(torch::matmul(h_TD, w_VD.t()), labels_T, loss_mask_T);
+                                              const torch::Tensor& labels_T, const torch::Tensor& loss_mask_T,
+                                              const torch::Tensor& tokens) {
+  return masked_cross_entropy(torch::matmul(h_TD, w_VD.t()), labels_T, loss_mask_T, tokens);
 }
 
 torch::Tensor lm_head_cross_entropy_fused(const torch::Tensor& h_TD, const torch::Tensor& w_VD, const torch::Tensor& labels_T,
-                                          const torch::Tensor& loss_mask_T, int64_t chunk_rows, bool weight_used_once) {
+                                          const torch::Tensor& loss_mask_T, int64_t chunk_rows, bool weight_used_once,
+                                          const torch::Tensor& tokens) {
   check_dtype(h_TD, "lm_head_cross_entropy");
   if (w_VD.scalar_type() != h_TD.scalar_type() || labels_T.scalar_type() != torch::kInt64 || h_TD.dim() != 2 ||
       w_VD.dim() != 2 || labels_T.dim() != 1 || labels_T.size(0) != h_TD.size(0) || loss_mask_T.numel() != h_TD.size(0)) {
@@ -115,15 +121,17 @@ torch::Tensor lm_head_cross_entropy_fused(const torch::Tensor& h_TD, const torch
   // The gradients are made in the forward; only when autograd will ask for them.
   const bool grad = torch::GradMode::is_enabled() && (h_TD.requires_grad() || w_VD.requires_grad());
   const int64_t key = grad && weight_used_once ? fused_wgrad_key(w_VD) : 0;
-  return LinearCrossEntropy::apply(h_TD, w_VD, labels_T.contiguous(), loss_mask_T.reshape({-1}), chunk_rows, grad, key);
+  const auto mask_T = loss_mask_T.reshape({-1});
+  const auto count = denominator(mask_T.to(torch::kFloat32), tokens);
+  return LinearCrossEntropy::apply(h_TD, w_VD, labels_T.contiguous(), mask_T, count, chunk_rows, grad, key);
 }
 
 torch::Tensor lm_head_cross_entropy(const torch::Tensor& h_TD, const torch::Tensor& w_VD, const torch::Tensor& labels_T,
-                                    const torch::Tensor& loss_mask_T, bool weight_used_once) {
+                                    const torch::Tensor& loss_mask_T, bool weight_used_once, const torch::Tensor& tokens) {
   if (supported_dtype(h_TD) && w_VD.scalar_type() == h_TD.scalar_type() && fused(Kernel::cross_entropy, h_TD.device().type())) {
-    return lm_head_cross_entropy_fused(h_TD, w_VD, labels_T, loss_mask_T, 0, weight_used_once);
+    return lm_head_cross_entropy_fused(h_TD, w_VD, labels_T, loss_mask_T, 0, weight_used_once, tokens);
   }
-  return lm_head_cross_entropy_reference(h_TD, w_VD, labels_T, loss_mask_T);
+  return lm_head_cross_entropy_reference(h_TD, w_VD, labels_T, loss_mask_T, tokens);
 }
 
 }  // namespace moeforge::kernels

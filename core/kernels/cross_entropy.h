@@ -25,18 +25,23 @@ inline constexpr int64_t kChunkBytes = int64_t{256} << 20;
 // dtype (1 = counted). Returns an fp32 scalar. weight_used_once (an untied head): the fused path
 // may add w's gradient straight into its fp32 main_grad (wgrad_accumulation.h); a tied embedding
 // gets another gradient from its lookup and keeps the ordinary one.
+// `tokens` (a scalar tensor on the device): the mean's denominator, when the rows are a part of
+// the tokens it is over (sequence parallelism: a rank's chunk of the micro-batch); undefined: the
+// mask's count.
 torch::Tensor lm_head_cross_entropy(const torch::Tensor& h_TD, const torch::Tensor& w_VD, const torch::Tensor& labels_T,
-                                    const torch::Tensor& loss_mask_T, bool weight_used_once = false);
+                                    const torch::Tensor& loss_mask_T, bool weight_used_once = false,
+                                    const torch::Tensor& tokens = {});
 torch::Tensor lm_head_cross_entropy_reference(const torch::Tensor& h_TD, const torch::Tensor& w_VD,
-                                              const torch::Tensor& labels_T, const torch::Tensor& loss_mask_T);
+                                              const torch::Tensor& labels_T, const torch::Tensor& loss_mask_T,
+                                              const torch::Tensor& tokens = {});
 // chunk_rows 0: as many tokens as kChunkBytes of logits hold.
 torch::Tensor lm_head_cross_entropy_fused(const torch::Tensor& h_TD, const torch::Tensor& w_VD, const torch::Tensor& labels_T,
                                           const torch::Tensor& loss_mask_T, int64_t chunk_rows = 0,
-                                          bool weight_used_once = false);
+                                          bool weight_used_once = false, const torch::Tensor& tokens = {});
 
 // The mean of cross_entropy(logits_TV in fp32, labels) over the masked tokens: the reference's
 // loss once it has the logits (model::lm_loss).
 torch::Tensor masked_cross_entropy(const torch::Tensor& logits_TV, const torch::Tensor& labels_T,
-                                   const torch::Tensor& loss_mask_T);
+                                   const torch::Tensor& loss_mask_T, const torch::Tensor& tokens = {});
 
 }  // namespace moeforge::kernels

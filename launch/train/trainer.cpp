@@ -30,6 +30,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <numeric>
 
 namespace fs = std::filesystem;
 
@@ -211,6 +212,7 @@ void Trainer::setup_optimizer() {
     const auto& where = shard_->partition.at(p.name);
     p.expert_parallel = where.expert_parallel;
     p.tensor_parallel = where.tp.splits();
+    p.sequence_parallel = where.sequence_parallel;
   }
   optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel);
   // Each chunk's parameters, armed for gradient reduction before that chunk's last backward.
@@ -280,14 +282,23 @@ void Trainer::announce(const std::string& command) {
 Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   const std::vector<int64_t> shape{mb.batch, mb.seq};
+  const bool sp = layout_.sequence_parallel();
+  const int64_t chunk = sp ? mb.seq / layout_.tp() : mb.seq;
   // The loader's thread has read ahead on the host; the copy to a GPU goes through pinned memory
   // and does not block (it is ordered on the compute stream before the forward that reads it).
-  auto from = [&](const auto& v, torch::TensorOptions o) {
-    const auto view = torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o);
+  auto from = [&](const auto& v, torch::TensorOptions o, bool whole = false) {
+    auto view = torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o);
+    if (!whole && chunk != mb.seq) view = view.narrow(1, shard_->at.tp * chunk, chunk).contiguous();
     return device_.is_cpu() ? view.clone() : to_device(view, device_);
   };
-  return {from(mb.tokens, i64), from(mb.labels, i64), from(mb.loss_mask, torch::TensorOptions().dtype(torch::kFloat32)),
-          from(mb.position_ids, i64)};
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  Batch b{from(mb.tokens, i64), from(mb.labels, i64), from(mb.loss_mask, f32), from(mb.position_ids, i64, true), {}};
+  if (sp) {
+    // Counted on the host, where the mask already is: no device read.
+    const double tokens = std::accumulate(mb.loss_mask.begin(), mb.loss_mask.end(), 0.0);
+    b.loss_tokens = torch::full({}, tokens, f32.device(device_));
+  }
+  return b;
 }
 
 StepMetrics Trainer::train_step() {
@@ -347,7 +358,7 @@ StepMetrics Trainer::train_step() {
                                             model::HeadOutput::head_input);
     std::optional<moe::GlobalExpertLoad> global;
     if (global_aux) global = add_global_load(out, global_load_LE[k], global_seen[k]);
-    const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask, global ? &*global : nullptr);
+    const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask, global ? &*global : nullptr, b.loss_tokens);
     losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
     for (size_t j = 0; j < out.layers.size(); ++j) {
       const auto& layer = out.layers[j];
@@ -373,6 +384,14 @@ StepMetrics Trainer::train_step() {
   optimizer_->reduce_grads();
   const int64_t E = load_LE.size(1);
   auto sums = to_host(torch::cat({losses, load_LE.reshape({-1}).to(torch::kFloat64)}));
+  if (layout_.sequence_parallel()) {
+    // Each TP rank's LM loss covers its chunk of the sequence (over the whole micro-batch's
+    // tokens): they add up. The auxiliary losses are whole on every TP rank.
+    auto lm = sums.narrow(0, 0, 1).clone();
+    groups_.tp->all_reduce(lm, ReduceOp::sum);
+    sums[3] += lm[0] - sums[0];
+    sums[0] = lm[0];
+  }
   if (layout_.world() > 1) {
     groups_.pp->all_reduce(sums, ReduceOp::sum);
     groups_.dp->all_reduce(sums, ReduceOp::sum);
@@ -500,7 +519,9 @@ void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
 }
 
 std::vector<int64_t> Trainer::activation_shape() const {
-  return {c_.training.micro_batch_size, c_.training.seq_length, c_.model.hidden_size};
+  // Between stages only this TP rank's chunk of the sequence travels under sequence parallelism.
+  const int64_t seq = c_.training.seq_length / (layout_.sequence_parallel() ? layout_.tp() : 1);
+  return {c_.training.micro_batch_size, seq, c_.model.hidden_size};
 }
 
 torch::TensorOptions Trainer::activation_options() const {
@@ -548,7 +569,7 @@ double Trainer::evaluate() {
     const Batch& b = it->second;
     const auto out = model_->forward_layers(chunks[k].begin == 0 ? b.tokens : input, b.position_ids, chunks[k].begin,
                                             chunks[k].end, model::HeadOutput::head_input);
-    if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask).to(torch::kFloat64);
+    if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask, b.loss_tokens).to(torch::kFloat64);
     if (k + 1 == chunks.size()) batches.erase(it);
     return StageOutput{out.hidden_BSD, {}};
   };
@@ -558,6 +579,7 @@ double Trainer::evaluate() {
     state_.consumed_valid_samples += t.global_batch_size;
   }
   auto mean = to_host(total / static_cast<double>(t.eval_iters * micro_batches)).reshape({1});
+  if (layout_.sequence_parallel()) groups_.tp->all_reduce(mean, ReduceOp::sum);  // each TP rank's chunk
   groups_.pp->all_reduce(mean, ReduceOp::sum);
   groups_.dp->all_reduce(mean, ReduceOp::avg);
   return mean.item<double>();

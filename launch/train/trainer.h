@@ -50,8 +50,11 @@ class Trainer {
   int train();
 
  private:
+  // One micro-batch on the device. Under sequence parallelism tokens, labels and loss_mask are this
+  // TP rank's chunk of the sequence (position_ids stay whole: attention sees the whole sequence)
+  // and loss_tokens is the micro-batch's count of loss tokens, the LM loss's denominator.
   struct Batch {
-    torch::Tensor tokens, labels, loss_mask, position_ids;
+    torch::Tensor tokens, labels, loss_mask, position_ids, loss_tokens;
   };
   // Start-up, in this order.
   void setup_parallel();   // the layout (every rule), the device, the process groups

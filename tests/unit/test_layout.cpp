@@ -82,6 +82,18 @@ TEST_CASE("tensor parallelism needs heads and widths it divides, and the whole c
   CHECK_NOTHROW(ParallelLayout::create(config_with({"parallel.tensor_model_parallel_size=4"}), 4));
 }
 
+TEST_CASE("sequence parallelism needs a sequence its TP divides, and is off with TP 1", "[layout][tp][sp]") {
+  CHECK_THAT(layout_error(config_with({"parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true",
+                                       "training.seq_length=30"}),
+                          4),
+             Contains("training.seq_length 30 is not divisible by parallel.tensor_model_parallel_size 4") &&
+                 Contains("parallel.sequence_parallel: false"));
+  const auto sp = ParallelLayout::create(config_with({"parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"}), 2);
+  CHECK(sp.sequence_parallel());
+  CHECK_THAT(sp.describe(), Contains("x TP 2 (sequence-parallel)"));
+  CHECK_FALSE(ParallelLayout::create(config_with({"parallel.sequence_parallel=true"}), 1).sequence_parallel());
+}
+
 TEST_CASE("uneven pipelines split the middle evenly", "[layout]") {
   const auto c = config_with({"model.num_layers=10", "parallel.pipeline_model_parallel_size=4",
                               "parallel.decoder_first_pipeline_num_layers=1", "parallel.decoder_last_pipeline_num_layers=3",

@@ -9,6 +9,7 @@
 #include "test_util.h"
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 
 using namespace moeforge;
 
@@ -63,4 +64,38 @@ TEST_CASE("the partition cuts projections by heads and widths and keeps routers,
   const auto gate_up = torch::randn({8, 64, 64});
   const auto mine = partition.local_part("layers.0.mlp.experts.gate_up_proj", gate_up, 1, 1);
   CHECK(torch::equal(mine, torch::cat({gate_up.narrow(0, 4, 4).narrow(1, 16, 16), gate_up.narrow(0, 4, 4).narrow(1, 48, 16)}, 1)));
+}
+
+TEST_CASE("sequence parallelism marks the parameters fed a chunk of the sequence: norms, embedding and head",
+          "[tp][sp][parallel]") {
+  test::TempDir dir;
+  const auto path = dir.file("c.yaml", test::kMinimalModel);
+  auto partition_of = [&](bool sp) {
+    const auto c = load_config(path, {"parallel.tensor_model_parallel_size=2", fmt::format("parallel.sequence_parallel={}", sp),
+                                      "model.untie_embeddings_and_output_weights=true"})
+                       .config;
+    auto model = moe::build_model(c.model);
+    return ModelPartition(*model, ParallelLayout::create(c, 2));
+  };
+  const auto sp = partition_of(true), plain = partition_of(false);
+  for (const auto& p : sp.parameters()) {
+    INFO(p.name);
+    const bool chunk_fed = p.name.find("layernorm") != std::string::npos || p.name == "norm.weight" ||
+                           p.name == "embed_tokens.weight" || p.name == "lm_head.weight";
+    CHECK(p.sequence_parallel == chunk_fed);
+    CHECK_FALSE(plain.at(p.name).sequence_parallel);
+    // The router sees the gathered sequence on every rank: its gradient is whole, not partial.
+    if (p.name.find("mlp.gate.") != std::string::npos) CHECK_FALSE(p.sequence_parallel);
+  }
+}
+
+TEST_CASE("the router's view of a gathered sequence sends its gradient to this rank's chunk only", "[tp][sp]") {
+  // Rank 1 of 2 holds positions 3-5 of a [2, 6, 4] sequence; the gathered values are reused.
+  const auto gathered = torch::randn({2, 6, 4});
+  const auto mine = gathered.narrow(1, 3, 3).clone().requires_grad_(true);
+  const auto whole = sequence_parallel_whole(mine, gathered, 1, 2);
+  CHECK(torch::equal(whole, gathered));
+  const auto weight = torch::randn({2, 6, 4});
+  (whole * weight).sum().backward();
+  CHECK(torch::equal(mine.grad(), weight.narrow(1, 3, 3)));
 }

@@ -29,15 +29,17 @@ struct Layout {
   int pp = 1;
   int vpp = 1;  // model chunks per stage (interleaved 1F1B)
   int tp = 1;
+  bool sp = false;  // sequence parallelism
   int dp() const { return ranks / pp / tp; }
   std::string name() const {
-    return fmt::format("pp{}_vpp{}_tp{}_dp{}_ep{}{}", pp, vpp, tp, dp(), ep, distributed_optimizer ? "_zero1" : "");
+    return fmt::format("pp{}_vpp{}_tp{}{}_dp{}_ep{}{}", pp, vpp, tp, sp ? "sp" : "", dp(), ep,
+                       distributed_optimizer ? "_zero1" : "");
   }
   std::string args() const {
     return fmt::format(" --set parallel.expert_model_parallel_size={} --set parallel.use_distributed_optimizer={} --set "
                        "parallel.pipeline_model_parallel_size={} --set parallel.virtual_pipeline_model_parallel_size={} "
-                       "--set parallel.tensor_model_parallel_size={}",
-                       ep, distributed_optimizer, pp, vpp, tp);
+                       "--set parallel.tensor_model_parallel_size={} --set parallel.sequence_parallel={}",
+                       ep, distributed_optimizer, pp, vpp, tp, sp);
   }
 };
 
@@ -66,6 +68,7 @@ void check_equals_single_process(const std::vector<Layout>& layouts, const std::
     INFO(layout.name());
     const auto out = run(layout);
     CHECK_THAT(out, Contains(fmt::format("world {} = PP {} x DP {} (EP {}", layout.ranks, layout.pp, layout.dp(), layout.ep)));
+    if (layout.sp) CHECK_THAT(out, Contains(fmt::format("x TP {} (sequence-parallel)", layout.tp)));
     const auto m = read_metrics(dir.path() / layout.name() / "metrics.jsonl");  // written once, by rank 0
     REQUIRE(m.size() == 3);
     for (size_t i = 0; i < 3; ++i) {
@@ -184,6 +187,21 @@ TEST_CASE("tensor parallel with dense layers, and with pipeline stages, equals t
   check_equals_single_process({{2, 1, false, 1, 1, 2}},
                               " --set model.moe_layer_freq=2 --set model.moe_router_load_balancing_type=aux_loss", 1);
   check_equals_single_process({{4, 1, false, 2, 1, 2}, {4, 1, false, 2, 2, 2}}, kPipelineModel, 4);
+}
+
+TEST_CASE("sequence parallelism (TP 2) equals the single-process run", "[train][distributed][mpi][tp][sp]") {
+  // Each TP rank keeps 16 of the 32 positions of both samples of a micro-batch outside the split
+  // blocks: alone, with DP 2 x EP 2, with ZeRO-1; then with a capacity factor (which slots drop
+  // depends on every token's place in the gathered sequence).
+  check_equals_single_process({{2, 1, false, 1, 1, 2, true}, {4, 2, false, 1, 1, 2, true}, {4, 1, true, 1, 1, 2, true}});
+  check_equals_single_process({{2, 1, false, 1, 1, 2, true}}, " --set model.moe_expert_capacity_factor=0.8");
+}
+
+TEST_CASE("sequence parallelism with dense layers, a per-sequence aux loss and pipeline stages equals the single-process run",
+          "[train][distributed][mpi][tp][sp]") {
+  check_equals_single_process({{2, 1, false, 1, 1, 2, true}},
+                              " --set model.moe_layer_freq=2 --set model.moe_router_load_balancing_type=seq_aux_loss", 1);
+  check_equals_single_process({{4, 1, false, 2, 1, 2, true}, {4, 1, false, 2, 2, 2, true}}, kPipelineModel, 4);
 }
 
 TEST_CASE("global_aux_loss on DP, EP and PP ranks equals one process holding their micro-batches together",
