@@ -83,8 +83,20 @@ void refuse_duplicate_keys(const YAML::Node& node, const fs::path& file, const s
   }
 }
 
+// Where `file` names (a base chain compares these), or a UserError for a path the system cannot
+// resolve (a name over the file system's length limit, say).
+fs::path resolved(const fs::path& file, const std::vector<fs::path>& chain) {
+  std::error_code ec;
+  fs::path canonical = fs::weakly_canonical(file, ec);
+  if (ec) {
+    const std::string named_by = chain.empty() ? "" : fmt::format(" (the `base:` of {})", chain.back().string());
+    fail_user("cannot resolve config path {}{}: {}. Check the path.", file.string(), named_by, ec.message());
+  }
+  return canonical;
+}
+
 void collect_file(const fs::path& file, RawValues& out, std::vector<fs::path>& chain) {
-  const fs::path canonical = fs::weakly_canonical(file);
+  const fs::path canonical = resolved(file, chain);
   if (std::find(chain.begin(), chain.end(), canonical) != chain.end()) {
     std::string cycle;
     for (const auto& p : chain) cycle += p.string() + " -> ";

@@ -16,7 +16,7 @@ namespace {
 // Per token of one TP rank: what tensor parallelism splits (heads, widths) divided by `tp`, the
 // layer's inputs, norms and dispatched rows whole on every rank. With sequence parallelism (`sp`)
 // the norms' inputs and outputs hold 1/tp of the tokens, and each block keeps the gathered
-// sequence its split weights read (an MoE layer a second copy: the router's view of it).
+// sequence its split weights read (the MoE router reads a view of the same values).
 int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e, int64_t tp, bool sp) {
   const int64_t h = m.hidden_size;
   // A block's norm input and output, and the gathered input under sequence parallelism.
@@ -32,7 +32,7 @@ int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, in
     const int64_t fs = m.moe_shared_expert_intermediate_size.value_or(0) / tp;
     // norm input and output, k dispatched rows, k expert outputs, gate/up/product per slot,
     // shared expert gate/up/product and output, fp32 router logits and probabilities.
-    bytes += e * (norms + (sp ? h : 0) + 2 * k * h + 3 * k * f + (fs > 0 ? 3 * fs + h : 0)) + 8 * *m.num_experts;
+    bytes += e * (norms + 2 * k * h + 3 * k * f + (fs > 0 ? 3 * fs + h : 0)) + 8 * *m.num_experts;
   } else {
     bytes += e * (norms + 3 * *m.ffn_hidden_size / tp);
   }

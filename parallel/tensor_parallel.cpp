@@ -67,6 +67,22 @@ struct Scatter : torch::autograd::Function<Scatter> {
   }
 };
 
+// Forward: the gathered sequence itself (a view of it, no copy); backward: this rank's chunk of
+// the gradient.
+struct WholeView : torch::autograd::Function<WholeView> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& /*x*/,
+                               const torch::Tensor& gathered, int64_t rank, int64_t size) {
+    ctx->saved_data["rank"] = rank;
+    ctx->saved_data["size"] = size;
+    return gathered;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list grads) {
+    const int64_t size = ctx->saved_data["size"].toInt(), chunk = grads[0].size(1) / size;
+    return {grads[0].narrow(1, ctx->saved_data["rank"].toInt() * chunk, chunk), torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor tensor_parallel_part(const torch::Tensor& whole, const TensorParallelCut& cut, int64_t rank, int64_t size) {
@@ -106,9 +122,7 @@ torch::Tensor scatter_sequence_parallel(const torch::Tensor& y_BSD, const std::s
 
 torch::Tensor sequence_parallel_whole(const torch::Tensor& x_BsD, const torch::Tensor& gathered_BSD, int64_t rank,
                                       int64_t size) {
-  auto chunks = gathered_BSD.detach().chunk(size, 1);
-  chunks[static_cast<size_t>(rank)] = x_BsD;
-  return torch::cat(chunks, 1);
+  return WholeView::apply(x_BsD, gathered_BSD.detach(), rank, size);
 }
 
 }  // namespace moeforge

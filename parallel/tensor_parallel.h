@@ -52,7 +52,7 @@ torch::Tensor leave_tensor_parallel(const torch::Tensor& y, const std::shared_pt
 torch::Tensor gather_sequence_parallel(const torch::Tensor& x_BsD, const std::shared_ptr<Communicator>& tp);
 torch::Tensor scatter_sequence_parallel(const torch::Tensor& y_BSD, const std::shared_ptr<Communicator>& tp);
 // gathered_BSD = gather_sequence_parallel(x_BsD) as a tensor whose gradient reaches x_BsD's own
-// chunk only (no communication: the gathered values are reused).
+// chunk only (no communication, no copy: a view of the gathered values).
 torch::Tensor sequence_parallel_whole(const torch::Tensor& x_BsD, const torch::Tensor& gathered_BSD, int64_t rank,
                                       int64_t size);
 

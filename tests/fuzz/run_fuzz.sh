@@ -3,7 +3,7 @@
 # seed corpus. Exits non-zero on any crash or sanitizer report.
 #   bash tests/fuzz/run_fuzz.sh TARGET [SECONDS] [WORK_DIR]
 # TARGET: idx (the .idx parser), safetensors_header, yaml_config (the config loader).
-# Seeds: tests/fuzz/corpus/TARGET/ (idx: written below, as our writer lays indexes out); what the
+# Seeds: tests/fuzz/corpus/TARGET/ (named as TARGET; idx: written below, as our writer lays indexes out); what the
 # fuzzer finds goes to WORK_DIR/TARGET/, never into the source tree.
 set -euo pipefail
 target=${1:?usage: run_fuzz.sh TARGET [SECONDS] [WORK_DIR]}

@@ -155,6 +155,9 @@ TEST_CASE("file-level errors: missing file, bad YAML, cyclic base, wrong shapes"
   CHECK_THAT(test::user_error([&] { load_config(dir.file("y.yaml", "base: x.yaml\n")); }), Contains("cyclic"));
   CHECK_THAT(test::user_error([&] { load_config(dir.file("z.yaml", "base: missing.yaml\n")); }),
              Contains("missing.yaml") && Contains("the `base:` of"));
+  // A name longer than the file system allows (found by fuzz_yaml_config): an error, not a crash.
+  CHECK_THAT(test::user_error([&] { load_config(dir.file("long.yaml", "base: " + std::string(300, 'b') + "/c.yaml\n")); }),
+             Contains("cannot resolve config path") && Contains("the `base:` of") && Contains("long.yaml"));
   CHECK_THAT(test::user_error([&] { load_config(dir.file("l.yaml", "- 1\n- 2\n")); }), Contains("must be a mapping of sections"));
   CHECK_THAT(test::user_error([&] { load_config(dir.file("empty.yaml", "")); }), Contains("the config is empty"));
   CHECK_THAT(test::user_error([&] { load_config(dir.file("sec.yaml", "model: 3\n")); }), Contains("section `model` must be a mapping"));

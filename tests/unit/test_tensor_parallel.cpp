@@ -95,6 +95,7 @@ TEST_CASE("the router's view of a gathered sequence sends its gradient to this r
   const auto mine = gathered.narrow(1, 3, 3).clone().requires_grad_(true);
   const auto whole = sequence_parallel_whole(mine, gathered, 1, 2);
   CHECK(torch::equal(whole, gathered));
+  CHECK(whole.data_ptr() == gathered.data_ptr());  // a view: the router keeps no second copy
   const auto weight = torch::randn({2, 6, 4});
   (whole * weight).sum().backward();
   CHECK(torch::equal(mine.grad(), weight.narrow(1, 3, 3)));
