@@ -45,27 +45,23 @@ torch::Tensor scattered_sequence(const torch::Tensor& y_BSD, Communicator& tp) {
   return tp.reduce_scatter(y_BSD.transpose(0, 1).contiguous(), ReduceOp::sum).transpose(0, 1).contiguous();
 }
 
-// Forward: the chunks all-gathered into the sequence; backward: the gradient reduce-scattered.
-struct Gather : torch::autograd::Function<Gather> {
+using SequenceOp = torch::Tensor (*)(const torch::Tensor&, Communicator&);
+
+// Forward one exchange along the sequence, backward its adjoint: Gather (the chunks all-gathered
+// into the sequence; the gradient reduce-scattered) and Scatter (the partial outputs
+// reduce-scattered; the gradient chunks all-gathered).
+template <SequenceOp Forward, SequenceOp Backward>
+struct SequenceExchange : torch::autograd::Function<SequenceExchange<Forward, Backward>> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, int64_t tp) {
     ctx->saved_data["tp"] = tp;
-    return gathered_sequence(x, group(tp));
+    return Forward(x, group(tp));
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list grads) {
-    return {scattered_sequence(grads[0], group(ctx->saved_data["tp"].toInt())), torch::Tensor()};
+    return {Backward(grads[0], group(ctx->saved_data["tp"].toInt())), torch::Tensor()};
   }
 };
-
-// Forward: the partial outputs reduce-scattered; backward: the gradient chunks all-gathered.
-struct Scatter : torch::autograd::Function<Scatter> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y, int64_t tp) {
-    ctx->saved_data["tp"] = tp;
-    return scattered_sequence(y, group(tp));
-  }
-  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::tensor_list grads) {
-    return {gathered_sequence(grads[0], group(ctx->saved_data["tp"].toInt())), torch::Tensor()};
-  }
-};
+using Gather = SequenceExchange<gathered_sequence, scattered_sequence>;
+using Scatter = SequenceExchange<scattered_sequence, gathered_sequence>;
 
 // Forward: the gathered sequence itself (a view of it, no copy); backward: this rank's chunk of
 // the gradient.
