@@ -160,24 +160,21 @@ DistributedAdamW::DistributedAdamW(std::vector<TrainableParameter> params, const
         add_run(std::max(from, begin), std::min(to, end_at), params_[bucket.members[j]].weight_decay);
       }
       add_run(std::max(numel, begin), end_at, false);
+      // The shard's runs of the members with `flag` set: {begin in the shard, length}.
+      auto runs_of = [&](bool TrainableParameter::*flag) {
+        std::vector<std::pair<int64_t, int64_t>> out;
+        for (size_t j = 0; j < bucket.members.size(); ++j) {
+          const auto& p = params_[bucket.members[j]];
+          const int64_t from = std::max(bucket.offsets[j], begin), to = std::min(bucket.offsets[j] + p.param.numel(), end_at);
+          if (p.*flag && to > from) out.emplace_back(from - begin, to - from);
+        }
+        return out;
+      };
       // The shard's elements this rank adds to the norm: all on TP rank 0, only parameters split
       // over the tensor-parallel ranks on the others.
-      if (groups_.tp->rank() == 0) {
-        bucket.norm_runs.emplace_back(0, bucket.shard);
-      } else {
-        for (size_t j = 0; j < bucket.members.size(); ++j) {
-          if (!params_[bucket.members[j]].tensor_parallel) continue;
-          const int64_t from = std::max(bucket.offsets[j], begin);
-          const int64_t to = std::min(bucket.offsets[j] + params_[bucket.members[j]].param.numel(), end_at);
-          if (to > from) bucket.norm_runs.emplace_back(from - begin, to - from);
-        }
-      }
-      for (size_t j = 0; j < bucket.members.size(); ++j) {
-        if (!params_[bucket.members[j]].sequence_parallel) continue;
-        const int64_t from = std::max(bucket.offsets[j], begin);
-        const int64_t to = std::min(bucket.offsets[j] + params_[bucket.members[j]].param.numel(), end_at);
-        if (to > from) bucket.sequence_parallel_runs.emplace_back(from - begin, to - from);
-      }
+      bucket.norm_runs = groups_.tp->rank() == 0 ? std::vector<std::pair<int64_t, int64_t>>{{0, bucket.shard}}
+                                                 : runs_of(&TrainableParameter::tensor_parallel);
+      bucket.sequence_parallel_runs = runs_of(&TrainableParameter::sequence_parallel);
       const auto fp32_options = params_[bucket.members[0]].param.options().dtype(torch::kFloat32);
       bucket.main_grad = torch::zeros({bucket.padded}, fp32_options);
       bucket.master = flatten_params(bucket).narrow(0, begin, bucket.shard).clone();
