@@ -339,11 +339,16 @@ void DistributedAdamW::zero_grads() {
 }
 
 NamedTensors DistributedAdamW::state() {
+  // Through the host, one shard at a time: each is read back and all-gathered in host memory
+  // (the group's MPI path), so a save adds nothing to the device's memory. Gathered on the device,
+  // every bucket's whole state stayed there until the save ended: more than a GPU holds for the
+  // mission model.
   NamedTensors out;
+  auto gathered = [](Bucket& b, const torch::Tensor& shard) { return b.group->all_gather(to_host(shard)); };
   for (auto& b : buckets_) {
-    const auto exp_avg = b.group->all_gather(b.exp_avg);
-    const auto exp_avg_sq = b.group->all_gather(b.exp_avg_sq);
-    const auto master = mixed_ ? b.group->all_gather(b.master) : torch::Tensor();
+    const auto exp_avg = gathered(b, b.exp_avg);
+    const auto exp_avg_sq = gathered(b, b.exp_avg_sq);
+    const auto master = mixed_ ? gathered(b, b.master) : torch::Tensor();
     for (size_t j = 0; j < b.members.size(); ++j) {
       const auto& p = params_[b.members[j]];
       auto part = [&](const torch::Tensor& flat) { return flat.narrow(0, b.offsets[j], p.param.numel()).view(p.param.sizes()); };

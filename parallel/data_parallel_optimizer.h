@@ -30,7 +30,8 @@
 // AdamW math (kernels::adamw_step, whose elements do not depend on where a tensor is cut), so
 // their updates are identical. In bf16 the update also writes the shard's bf16 copy, and that is
 // what the all-gather sends. Checkpoints hold per-parameter state
-// (state() gathers the shards), so a checkpoint does not depend on the layout it was saved from.
+// (state() gathers the shards, in host memory), so a checkpoint does not depend on the layout it
+// was saved from.
 #pragma once
 
 #include "core/optimizer.h"

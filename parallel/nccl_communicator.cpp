@@ -6,6 +6,7 @@
 
 #include <c10/core/Event.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <fmt/format.h>
@@ -105,10 +106,8 @@ std::string nccl_version() {
   return fmt::format("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100);
 }
 
-int select_cuda_device(int local_rank) {
-  const int count = c10::cuda::device_count();
-  if (count == 0) fail_user("hardware.device is cuda but no GPU is visible to local rank {}", local_rank);
-  const int device = local_rank % count;
+int select_cuda_device(int local_rank, int local_size) {
+  const int device = device_for_local_rank(local_rank, local_size, c10::cuda::device_count(), "cuda");
   c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
   return device;
 }
@@ -159,7 +158,14 @@ void NcclCommunicator::wait(const char* operation, const c10::Event& done) {
 
 std::shared_ptr<Work> NcclCommunicator::async_work(const char* operation, std::shared_ptr<c10::Event> done) {
   ncclComm_t comm = state_->comm;
-  watch_until(operation, name(), world_ranks(), timeout_seconds_, [done] { return done->query(); },
+  // The watchdog's thread has no current device: a query there would make a CUDA context on GPU 0
+  // (hundreds of MB on another rank's GPU, on a node of several). Each query sets this rank's.
+  const c10::DeviceIndex device = state_->device;
+  watch_until(operation, name(), world_ranks(), timeout_seconds_,
+              [done, device] {
+                const c10::cuda::CUDAGuard on_device(device);
+                return done->query();
+              },
               [comm] { ncclCommAbort(comm); });
   return std::make_shared<NcclWork>(std::move(done), state_->device);
 }

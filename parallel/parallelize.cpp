@@ -191,21 +191,25 @@ void init_shard(model::GPTModelImpl& model, const ModelShard& shard, const torch
   }
 }
 
-void gather_tensor_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& tp_group) {
+void gather_tensor_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& tp_group, bool keep) {
   if (tp_group.size() == 1) return;
   for (auto& [name, t] : tensors) {
     const auto& cut = partition.at(name).tp;
     if (!cut.splits()) continue;
     const auto parts = tp_group.all_gather(t.contiguous().unsqueeze(0)).unbind(0);
-    t = tensor_parallel_join(std::vector<torch::Tensor>(parts.begin(), parts.end()), cut);
+    t = keep ? tensor_parallel_join(std::vector<torch::Tensor>(parts.begin(), parts.end()), cut) : torch::Tensor();
   }
+  if (!keep) tensors.clear();
 }
 
-void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group) {
+void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group, bool keep) {
   if (ep_group.size() == 1) return;
   for (auto& [name, t] : tensors) {
-    if (partition.at(name).expert_parallel) t = ep_group.all_gather(t.contiguous());
+    if (!partition.at(name).expert_parallel) continue;
+    const auto all = ep_group.all_gather(t.contiguous());
+    t = keep ? all : torch::Tensor();
   }
+  if (!keep) tensors.clear();
 }
 
 }  // namespace moeforge

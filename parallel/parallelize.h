@@ -103,12 +103,16 @@ void init_shard(model::GPTModelImpl& model, const ModelShard& shard, const torch
 
 // Every expert-parallel tensor of `tensors` (parameters or their optimizer state, this rank's
 // experts) gathered over the EP group into all experts, in global expert order; other tensors
-// pass through. Collective over `ep_group`.
-void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group);
+// pass through. Collective over `ep_group`. With `keep` false the caller needs no result (it is
+// not the rank that writes): each tensor is dropped as soon as its gather is done, and `tensors`
+// ends empty, so the rank never holds more than one gathered tensor.
+void gather_expert_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& ep_group,
+                            bool keep = true);
 
 // Every tensor-parallel tensor of `tensors` (parameters or their optimizer state, this rank's
 // parts) joined over the TP group into its whole; other tensors pass through. Collective over
-// `tp_group`.
-void gather_tensor_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& tp_group);
+// `tp_group`; `keep` as above.
+void gather_tensor_parallel(NamedTensors& tensors, const ModelPartition& partition, Communicator& tp_group,
+                            bool keep = true);
 
 }  // namespace moeforge

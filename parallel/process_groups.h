@@ -29,9 +29,15 @@ struct ProcessGroups {
   static ProcessGroups single();
 };
 
-// GPU training under a launcher: makes device `local_rank % visible GPUs` current (before any NCCL
-// communicator is made) and returns it. Throws UserError without a GPU or in a build without CUDA.
-int select_cuda_device(int local_rank);
+// The device of local rank `local_rank` of the `local_size` ranks on this node, given `devices`
+// visible devices of type `device_type` ("cuda"): the local rank itself, each rank a device of its
+// own. Throws UserError naming the counts when the node runs more ranks than it has devices (NCCL
+// refuses two ranks on one device, with an error that does not say why) or has none.
+int device_for_local_rank(int local_rank, int local_size, int devices, const std::string& device_type);
+
+// GPU training under a launcher: makes device_for_local_rank()'s GPU current (before any NCCL
+// communicator is made) and returns it. Throws UserError without enough GPUs or in a build without CUDA.
+int select_cuda_device(int local_rank, int local_size);
 
 // "2.21.5" from the NCCL this build links, or "not built (no CUDA)" (for run fingerprints).
 std::string nccl_version();

@@ -44,11 +44,14 @@ void check_precision_matches(const std::string& checkpoint_dir, bool bf16);
 // meta device: no memory); the same check select_trainable() makes.
 void check_trainable(const ExperimentConfig& config);
 
+// What of a device's `total` bytes check_memory_fits lets the plan use: all but 5 % and 1.5 GiB.
+int64_t usable_device_bytes(int64_t total);
+
 // The memory plan (parallel/plan.h) of the layout's largest stage must fit what it will run in:
-// `device_total` bytes per rank on a GPU, otherwise the host's memory (the cgroup's limit when
-// lower) shared by `ranks_on_host` ranks. Refused before anything is allocated, with the
-// planner's number; the plan omits allocator and runtime overhead, so passing is necessary, not
-// sufficient.
+// usable_device_bytes(`device_total`) per rank on a device, otherwise the host's memory (the
+// cgroup's limit when lower) shared by `ranks_on_host` ranks. Refused before anything is
+// allocated, with the planner's number; the plan omits allocator and runtime overhead (the
+// device's headroom stands for it), so passing is necessary, not sufficient.
 void check_memory_fits(const ExperimentConfig& config, const ParallelLayout& layout, std::optional<int64_t> device_total,
                        int64_t ranks_on_host);
 

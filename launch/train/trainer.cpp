@@ -101,7 +101,7 @@ void Trainer::setup_parallel() {
   }
   if (world > 1) {
     // NCCL binds each communicator to the device current when it is made: choose it first.
-    if (gpu) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(select_cuda_device(mpi_->local_rank())));
+    if (gpu) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(select_cuda_device(mpi_->local_rank(), mpi_->local_size())));
     groups_ = ProcessGroups::create(
         layout_, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)),
         /*nccl=*/gpu);
@@ -609,13 +609,20 @@ void Trainer::save() {
       dir = commit_checkpoint(k.save, tmp, state_, contents.optimizer_steps, c_, k.keep_latest_k,
                               {{"format", "sharded"}});
     }
-  } else {
+  } else if (shard_->at.edp == 0) {
     // Whole: tensor-parallel parts joined over TP, experts gathered over EP, stages to the first;
-    // rank 0 writes.
-    gather_tensor_parallel(contents.model, shard_->partition, *groups_.tp);
-    gather_tensor_parallel(contents.optimizer, shard_->partition, *groups_.tp);
-    gather_expert_parallel(contents.model, shard_->partition, *groups_.ep);
-    gather_expert_parallel(contents.optimizer, shard_->partition, *groups_.ep);
+    // rank 0 writes. Only the first expert-data-parallel replica carries data (the others hold
+    // copies; each of their TP, EP and PP groups lies wholly outside it, so they skip together).
+    // Everything travels through host memory, one tensor at a time: the device never holds a
+    // gathered tensor, and a rank whose result no one needs drops each one at once.
+    for (auto* set : {&contents.model, &contents.optimizer}) {
+      for (auto& [name, t] : *set) t = to_host(t);
+    }
+    const bool tp_first = shard_->at.tp == 0, ep_first = tp_first && shard_->at.ep == 0;
+    gather_tensor_parallel(contents.model, shard_->partition, *groups_.tp, tp_first);
+    gather_tensor_parallel(contents.optimizer, shard_->partition, *groups_.tp, tp_first);
+    gather_expert_parallel(contents.model, shard_->partition, *groups_.ep, ep_first);
+    gather_expert_parallel(contents.optimizer, shard_->partition, *groups_.ep, ep_first);
     gather_to_first_stage(contents.model, *groups_.pp);
     gather_to_first_stage(contents.optimizer, *groups_.pp);
     if (is_rank0()) dir = save_checkpoint(k.save, state_, contents, c_, k.keep_latest_k);

@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
     }
     return 77;
   }
-  select_cuda_device(mpi.local_rank());
+  select_cuda_device(mpi.local_rank(), mpi.local_size());
   auto world = std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(120.0));
   g_nccl = std::make_shared<NcclCommunicator>(world, 120.0);
   const int failed = Catch::Session().run(argc, argv);

@@ -1,6 +1,7 @@
 // Communicators seen from outside: a group of one, and a hung or dead rank ending an mpirun job on
 // every rank within the timeout, with the operation and group named (tests/mpi/comm_probe.cpp).
 #include "parallel/communicator.h"
+#include "parallel/process_groups.h"
 #include "parallel/watchdog.h"
 #include "test_util.h"
 
@@ -63,6 +64,19 @@ TEST_CASE("a hung rank ends the job on every rank within the timeout, naming the
     CHECK_THAT(r.output, Contains(" on group world (world ranks [0, 1, 2]) did not complete within 3.0 s"));
     CHECK_THAT(r.output, !Contains("completed"));
   }
+}
+
+TEST_CASE("each rank of a node gets a device of its own; more ranks than devices is refused naming the counts",
+          "[comm][device]") {
+  CHECK(device_for_local_rank(0, 4, 4, "cuda") == 0);
+  CHECK(device_for_local_rank(3, 4, 8, "cuda") == 3);
+  // Four ranks on two GPUs: ranks 2 and 3 would share GPUs 0 and 1 (NCCL refuses that, saying
+  // only "invalid usage"): every rank of the node refuses, before any communicator exists.
+  for (int r = 0; r < 4; ++r) {
+    const auto why = test::user_error([&] { device_for_local_rank(r, 4, 2, "cuda"); });
+    CHECK_THAT(why, Contains("runs 4 ranks but only 2 cuda device(s)") && Contains("--map-by ppr:2:node"));
+  }
+  CHECK_THAT(test::user_error([] { device_for_local_rank(0, 1, 0, "cuda"); }), Contains("no cuda device is visible"));
 }
 
 TEST_CASE("work handles: completion in submission order, errors rethrown by wait, pending work run at destruction",

@@ -1,5 +1,9 @@
 // `moeforge train --dry-run` refuses every config the trainer refuses at start-up, with the same
 // message (both call launch/train/startup_checks.h and ParallelLayout::create).
+#include "core/config_loader.h"
+#include "launch/train/startup_checks.h"
+#include "parallel/layout.h"
+#include "parallel/plan.h"
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>
@@ -104,4 +108,21 @@ TEST_CASE("the dry run notes a missing GPU instead of refusing (a login node has
   const auto trainer = run_command(kBin + " train " + config + " --set hardware.device=cuda");
   CHECK(trainer.exit_code == 1);
   CHECK_THAT(trainer.output, Contains("no GPU is visible"));
+}
+
+TEST_CASE("a device's memory check leaves headroom for the runtime: a plan filling the device is refused",
+          "[train][errors][device]") {
+  TempDir dir;
+  const auto loaded = load_config(write_config(dir));
+  const auto layout = ParallelLayout::create(loaded.config, 1);
+  const Plan plan = make_plan(loaded.config, "", layout);
+  const int64_t need = plan.stages.front().peak_bytes;
+  // A device exactly as large as the plan: nothing left for the CUDA context, the library
+  // workspaces or the allocator's fragmentation.
+  const auto why = user_error([&] { check_memory_fits(loaded.config, layout, need, 1); });
+  CHECK_THAT(why, Contains("the memory plan needs") && Contains("for tensors") && Contains("CUDA context"));
+  const int64_t gib = int64_t{1} << 30;
+  CHECK(usable_device_bytes(80 * gib) == 80 * gib - 4 * gib - 3 * gib / 2);  // 5 % and 1.5 GiB
+  CHECK(usable_device_bytes(gib) == 0);
+  check_memory_fits(loaded.config, layout, need + 4 * gib, 1);  // fits with room to spare
 }
