@@ -7,6 +7,7 @@
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,16 @@ namespace {
 // layer). transformers' Qwen2-MoE and Mixtral have no such bias: they load such a checkpoint with
 // the tensor reported unexpected and route without it.
 constexpr const char* kExpertBiasKey = "moe_router_enable_expert_bias";
+// moeforge's own keys beside the hub's, for what the hub's config cannot say: the router as
+// trained (pre-softmax or not, renormalised or not, which the hub's one norm_topk_prob flag folds
+// together), a capacity factor, a shared expert without a gate, a Mixtral with a shared expert.
+// Read back, they make a checkpoint describe the model that was trained, so a resume or a convert
+// compares it exactly; readers that do not know them ignore them.
+constexpr const char* kPreSoftmaxKey = "moe_router_pre_softmax";
+constexpr const char* kNormTopkKey = "moe_router_norm_topk_prob";
+constexpr const char* kCapacityKey = "moe_expert_capacity_factor";
+constexpr const char* kSharedSizeKey = "moe_shared_expert_intermediate_size";
+constexpr const char* kSharedGateKey = "moe_shared_expert_gate";
 
 template <typename T>
 T get(const json& j, const char* key, const std::string& path) {
@@ -81,6 +92,35 @@ bool is_experts(const std::string& ours, int64_t* layer, bool* gate_up) {
 std::string shape_str(c10::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 }  // namespace
+
+bool router_renormalizes(const ModelConfig& c) { return !c.moe_router_pre_softmax || c.moe_router_norm_topk_prob; }
+
+std::vector<std::string> hf_export_differences(const ModelConfig& c) {
+  std::vector<std::string> out;
+  if (!c.is_moe()) return out;
+  const std::string family = c.model_type == ModelType::mixtral ? "Mixtral" : "Qwen2-MoE";
+  if (c.model_type == ModelType::mixtral && !router_renormalizes(c)) {
+    out.push_back("model.moe_router_pre_softmax: true with moe_router_norm_topk_prob: false (the top-k weights are not "
+                  "renormalised); transformers' Mixtral always renormalises them");
+  }
+  if (c.moe_router_enable_expert_bias) {
+    out.push_back(fmt::format("model.moe_router_enable_expert_bias: transformers' {} has no expert bias; it chooses the "
+                              "top-k experts without it (the mlp.gate.expert_bias tensors are left unused)",
+                              family));
+  }
+  if (c.moe_expert_capacity_factor) {
+    out.push_back(fmt::format("model.moe_expert_capacity_factor: {}: transformers' {} drops no tokens; it runs every "
+                              "token through its experts", *c.moe_expert_capacity_factor, family));
+  }
+  if (c.moe_shared_expert_intermediate_size && c.model_type == ModelType::mixtral) {
+    out.push_back("model.moe_shared_expert_intermediate_size: transformers' Mixtral has no shared expert; it ignores the "
+                  "shared_expert tensors");
+  } else if (c.moe_shared_expert_intermediate_size && !c.moe_shared_expert_gate) {
+    out.push_back("model.moe_shared_expert_gate: false: transformers' Qwen2-MoE always gates its shared expert with "
+                  "sigmoid(shared_expert_gate), a weight this checkpoint lacks (it is initialised at random)");
+  }
+  return out;
+}
 
 ModelConfig model_config_from_hf(const json& j, const std::string& path) {
   ModelConfig c;
@@ -143,6 +183,15 @@ ModelConfig model_config_from_hf(const json& j, const std::string& path) {
     c.moe_router_load_balancing_type = LoadBalancingType::hf_pooled_aux_loss;
     c.moe_aux_loss_coeff = j.value("router_aux_loss_coef", 0.0);
     c.moe_router_enable_expert_bias = j.value(kExpertBiasKey, false);
+    // A checkpoint moeforge wrote says how it routed; the hub's keys above are what a reader
+    // without these computes.
+    c.moe_router_pre_softmax = j.value(kPreSoftmaxKey, c.moe_router_pre_softmax);
+    c.moe_router_norm_topk_prob = j.value(kNormTopkKey, c.moe_router_norm_topk_prob);
+    if (j.contains(kCapacityKey) && !j[kCapacityKey].is_null()) c.moe_expert_capacity_factor = get<double>(j, kCapacityKey, path);
+    if (c.model_type == ModelType::mixtral && j.value(kSharedSizeKey, int64_t{0}) > 0) {
+      c.moe_shared_expert_intermediate_size = get<int64_t>(j, kSharedSizeKey, path);
+    }
+    if (c.moe_shared_expert_intermediate_size) c.moe_shared_expert_gate = j.value(kSharedGateKey, c.model_type == ModelType::qwen2_moe);
   }
   return c;
 }
@@ -157,12 +206,22 @@ json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
             {"vocab_size", c.padded_vocab_size()},
             {"max_position_embeddings", *c.max_position_embeddings},
             {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", c.rotary_base}}},
+            {"rope_theta", c.rotary_base},  // where readers before rope_parameters look
             {"rms_norm_eps", c.norm_epsilon},
             {"tie_word_embeddings", !c.untie_embeddings_and_output_weights},
             {"initializer_range", c.init_method_std},
             {"intermediate_size", *c.ffn_hidden_size},
             {"dtype", dtype == torch::kBFloat16 ? "bfloat16" : "float32"},
             {"attention_dropout", 0.0}};
+  if (c.is_moe()) {
+    j[kPreSoftmaxKey] = c.moe_router_pre_softmax;
+    j[kNormTopkKey] = c.moe_router_norm_topk_prob;
+    if (c.moe_expert_capacity_factor) j[kCapacityKey] = *c.moe_expert_capacity_factor;
+    if (c.moe_shared_expert_intermediate_size) {
+      j[kSharedSizeKey] = *c.moe_shared_expert_intermediate_size;
+      j[kSharedGateKey] = c.moe_shared_expert_gate;
+    }
+  }
   switch (c.model_type) {
     case ModelType::qwen2_moe: {
       j["model_type"] = "qwen2_moe";
@@ -171,7 +230,10 @@ json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
       j["num_experts"] = *c.num_experts;
       j["moe_intermediate_size"] = *c.moe_ffn_hidden_size;
       j["num_experts_per_tok"] = c.moe_router_topk;
-      j["norm_topk_prob"] = c.moe_router_norm_topk_prob;
+      // The hub's router takes the softmax over all experts, then the top k, renormalised when
+      // norm_topk_prob: Megatron's default (top k of the logits, softmax over those k) is that
+      // with renormalisation.
+      j["norm_topk_prob"] = router_renormalizes(c);
       j["shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size.value_or(0);
       j["decoder_sparse_step"] = 1;
       std::vector<int64_t> dense;
@@ -311,6 +373,25 @@ void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const F
 
 std::string hub_tensor_name(const std::string& ours, ModelType type) { return hub_name(ours, type); }
 
+void copy_tokenizer(const std::string& tokenizer_json, const std::string& dir) {
+  if (tokenizer_json.empty() || tokenizer_json == "byte") return;
+  const fs::path from(tokenizer_json);
+  if (!fs::is_regular_file(from)) {
+    // The checkpoint is whole without it (a convert on another machine may not see the file).
+    spdlog::warn("{}: data.tokenizer_model {} is not a file here, so the checkpoint holds no tokenizer.json", dir, tokenizer_json);
+    return;
+  }
+  auto copy = [&](const fs::path& source, const char* name) {
+    std::ifstream in(source, std::ios::binary);
+    if (!in) fail_user("cannot copy the tokenizer {} into {}: it cannot be read (data.tokenizer_model names it)", source.string(), dir);
+    write_file_durably(fs::path(dir) / name, std::string(std::istreambuf_iterator<char>(in), {}));
+  };
+  copy(from, "tokenizer.json");
+  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+    if (fs::exists(from.parent_path() / name)) copy(from.parent_path() / name, name);
+  }
+}
+
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir) {
   NamedTensors params;
   for (const auto& item : model.named_parameters()) params.emplace_back(item.key(), item.value().detach());
@@ -339,6 +420,14 @@ void save_hf_checkpoint(const ModelConfig& c, const NamedTensors& params, const 
       continue;
     }
     tensors.emplace_back(hub_name(name, c.model_type), p.contiguous());
+  }
+  // Once per process and setting: a training run saves many checkpoints of one model.
+  static std::set<std::string> warned;
+  for (const auto& d : hf_export_differences(c)) {
+    if (warned.insert(d).second) {
+      spdlog::warn("{}: the Hugging Face config.json cannot express {}. moeforge's own keys in it keep the setting (moeforge "
+                   "reads the checkpoint as trained), but a Hugging Face reader computes another model.", dir, d);
+    }
   }
   fs::create_directories(dir);
   save_safetensors_checkpoint(dir, tensors);

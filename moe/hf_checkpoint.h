@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include <functional>
+#include <vector>
 #include <string>
 
 namespace moeforge::moe {
@@ -23,6 +24,13 @@ namespace moeforge::moe {
 // config.json -> the model section; throws UserError for an unsupported family or option.
 ModelConfig model_config_from_hf(const nlohmann::json& config_json, const std::string& path);
 nlohmann::json hf_config_from_model(const ModelConfig& config, torch::ScalarType dtype);
+
+// Whether the router's k weights sum to 1: Megatron's default (top k of the logits, softmax over
+// those k) and pre-softmax routing with renormalisation route alike; the hub's norm_topk_prob.
+bool router_renormalizes(const ModelConfig& config);
+// What a Hugging Face reader of an exported `config` computes differently from moeforge, one
+// line per setting (empty: the same model); save_hf_checkpoint warns once for each.
+std::vector<std::string> hf_export_differences(const ModelConfig& config);
 
 struct HFModel {
   ModelConfig config;
@@ -55,6 +63,11 @@ using TensorPart = std::function<torch::Tensor(const std::string& name, const to
 // listing all of them. Only the tensors copied are read.
 void load_hf_weights(const std::string& dir, model::GPTModelImpl& model, const FirstExpert& first_expert = {},
                      const TensorPart& part = {});
+
+// The tokenizer beside a checkpoint, as the hub lays it out: `tokenizer_json` copied as
+// DIR/tokenizer.json, with the tokenizer_config.json and special_tokens_map.json beside it when
+// present. Nothing for "" or "byte" (moeforge's byte-level tokenizer has no file).
+void copy_tokenizer(const std::string& tokenizer_json, const std::string& dir);
 
 // Writes DIR/config.json and the safetensors files in the hub layout `transformers` loads.
 void save_hf_checkpoint(const model::GPTModelImpl& model, const std::string& dir);

@@ -32,6 +32,10 @@ namespace {
 CheckpointContents read_whole(const std::string& dir, const ModelConfig& config, bool bf16) {
   CheckpointContents out;
   auto hf = moe::load_hf_checkpoint(dir, bf16 ? torch::kBFloat16 : torch::kFloat32);
+  // The routing is no tensor: config.yaml states it (the config.json of checkpoints written before
+  // moeforge's routing keys misstated Megatron's default), and the new config.json is written from it.
+  hf.config.moe_router_pre_softmax = config.moe_router_pre_softmax;
+  hf.config.moe_router_norm_topk_prob = config.moe_router_norm_topk_prob;
   const auto diffs = model_config_differences(hf.config, config);
   if (!diffs.empty()) {
     fail_user("{}: config.json and config.yaml describe different models:\n  - {}\nThe checkpoint is inconsistent.", dir,

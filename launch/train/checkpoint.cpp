@@ -93,6 +93,7 @@ std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteratio
 
 void write_whole_checkpoint(const std::string& dir, const CheckpointContents& contents, const ExperimentConfig& config) {
   moe::save_hf_checkpoint(config.model, contents.model, dir);
+  moe::copy_tokenizer(config.data.tokenizer_model, dir);  // the checkpoint is a hub model a reader can tokenize for
   NamedTensors opt = contents.optimizer;
   opt.emplace_back(files::kRngTensor, contents.rng.defined() ? contents.rng : at::detail::getDefaultCPUGenerator().get_state());
   save_safetensors((fs::path(dir) / files::kOptimizer).string(), opt, {{"format", "moeforge"}});
@@ -221,7 +222,15 @@ std::vector<std::string> model_config_differences(const ModelConfig& a, const Mo
   }
   if (a.is_moe() && b.is_moe()) {
     cmp("moe_router_topk", a.moe_router_topk, b.moe_router_topk);
-    cmp("moe_router_norm_topk_prob", a.moe_router_norm_topk_prob, b.moe_router_norm_topk_prob);
+    // The routing as computed: Megatron's default (pre_softmax false) is pre-softmax routing with
+    // renormalisation, which is what a Hugging Face config.json says of it. Only the expert bias,
+    // which shifts the scores the top k is taken of, tells the two apart.
+    auto routing = [](const ModelConfig& m) {
+      const char* weights = moe::router_renormalizes(m) ? "top-k weights renormalised" : "top-k of the softmax over all experts";
+      if (!m.moe_router_enable_expert_bias) return std::string(weights);
+      return fmt::format("{}, bias added to the {}", weights, m.moe_router_pre_softmax ? "probabilities" : "logits");
+    };
+    cmp("router (moe_router_pre_softmax, moe_router_norm_topk_prob)", routing(a), routing(b));
     cmp("moe_router_enable_expert_bias", a.moe_router_enable_expert_bias, b.moe_router_enable_expert_bias);
   }
   std::sort(out.begin(), out.end());
@@ -232,7 +241,13 @@ std::vector<std::string> model_config_differences(const ModelConfig& a, const Mo
 bool is_sharded_checkpoint(const std::string& dir) { return fs::exists(fs::path(dir) / files::kShardManifest); }
 
 ModelConfig checkpoint_model_config(const std::string& dir) {
-  if (is_sharded_checkpoint(dir)) return load_config((fs::path(dir) / files::kResolvedConfig).string()).config.model;
+  // A training checkpoint's resolved config states the model exactly, whatever its config.json
+  // says (before moeforge wrote its routing keys there, config.json misstated Megatron's default
+  // routing); a Hugging Face checkpoint has only config.json.
+  const fs::path resolved = fs::path(dir) / files::kResolvedConfig;
+  if (is_sharded_checkpoint(dir) || (fs::exists(resolved) && fs::exists(fs::path(dir) / files::kTrainerState))) {
+    return load_config(resolved.string()).config.model;
+  }
   return moe::read_hf_config(dir);
 }
 
