@@ -16,6 +16,22 @@
 
 namespace moeforge {
 
+const char* megatron_balancing_name(LoadBalancingType type) {
+  switch (type) {
+    case LoadBalancingType::aux_loss: return metric::kLoadBalancingLoss;
+    case LoadBalancingType::seq_aux_loss: return metric::kSeqLoadBalancingLoss;
+    case LoadBalancingType::global_aux_loss: return metric::kGlobalLoadBalancingLoss;
+    case LoadBalancingType::hf_pooled_aux_loss:
+    case LoadBalancingType::none: return nullptr;
+  }
+  return nullptr;
+}
+
+namespace {
+// Megatron's per-MoE-layer mean of a sum over MoE layers.
+double per_moe_layer(double sum, int64_t moe_layers) { return moe_layers > 0 ? sum / static_cast<double>(moe_layers) : 0.0; }
+}  // namespace
+
 nlohmann::json step_metrics_json(const StepMetrics& m) {
   nlohmann::json j = {
       {metric::kIteration, m.iteration},
@@ -24,7 +40,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {metric::kNumMicroBatches, m.num_micro_batches},
       {metric::kLmLoss, m.lm_loss},
       {metric::kAuxLoss, m.aux_loss},
-      {metric::kZLoss, m.z_loss},
+      {metric::kZLoss, per_moe_layer(m.z_loss, m.moe_layers)},
       {metric::kLoss, m.loss},
       {metric::kLr, m.lr},
       {metric::kGradNorm, m.grad_norm},
@@ -53,9 +69,11 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {metric::kPeakMemory, m.peak_memory_bytes},
       {metric::kTimestamp, std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count()},
   };
+  if (m.balancing_name) j[m.balancing_name] = per_moe_layer(m.aux_loss, m.moe_layers);
   // JSON has no NaN or infinity: a non-finite value is written as null (the iteration is skipped).
-  for (const char* key : {metric::kLmLoss, "aux_loss", "z_loss", "loss", "grad_norm"}) {
-    if (!std::isfinite(j[key].get<double>())) j[key] = nullptr;
+  for (const char* key : {metric::kLmLoss, metric::kAuxLoss, metric::kZLoss, metric::kLoss, metric::kGradNorm,
+                          m.balancing_name}) {
+    if (key && !std::isfinite(j[key].get<double>())) j[key] = nullptr;
   }
   if (m.forced_load_balance) j[metric::kForcedLoadBalance] = true;
   if (!m.ep_tokens_received.empty()) {
@@ -82,10 +100,17 @@ std::string step_log_line(const StepMetrics& m) {
   std::string line = fmt::format(
       "iteration {:>{}}/{} | consumed samples: {} | elapsed time per iteration (ms): {:.1f} | tokens/s/device: {:.0f} | "
       "TFLOP/s/device: {:.3f} | MFU: {:.2f}% | MFU(6N): {:.2f}% (peak {:.3g} TFLOP/s, {}) | learning rate: {:.6E} | "
-      "lm loss: {:.6E} | aux loss: {:.6E} | ",
+      "lm loss: {:.6E} | ",
       m.iteration, width, m.train_iters, m.consumed_samples, m.step_time_s * 1e3, m.tokens_per_s_per_device,
-      m.tflops_per_device, 100 * m.mfu, 100 * m.mfu_6n, m.peak_tflops, m.peak_kind, m.lr, m.lm_loss, m.aux_loss);
-  if (m.z_loss != 0) line += fmt::format("z loss: {:.6E} | ", m.z_loss);
+      m.tflops_per_device, 100 * m.mfu, 100 * m.mfu_6n, m.peak_tflops, m.peak_kind, m.lr, m.lm_loss);
+  // The MoE losses as Megatron's log line names them (means over MoE layers); the pooled
+  // Hugging Face loss, which has no per-layer value, as transformers names it.
+  if (m.balancing_name) {
+    line += fmt::format("{}: {:.6E} | ", m.balancing_name, per_moe_layer(m.aux_loss, m.moe_layers));
+  } else if (m.moe_layers > 0 && m.aux_loss != 0) {
+    line += fmt::format("aux_loss: {:.6E} | ", m.aux_loss);
+  }
+  if (m.z_loss_on) line += fmt::format("z_loss: {:.6E} | ", per_moe_layer(m.z_loss, m.moe_layers));
   line += fmt::format("grad norm: {:.4f} | skipped iterations: {}", m.grad_norm, m.skipped_iterations);
   if (!m.expert_load_per_layer.empty()) line += fmt::format(" | expert load max/mean: {:.2f}", m.expert_load_max_over_mean);
   if (!m.ep_tokens_received.empty()) {

@@ -9,6 +9,7 @@
 // uninterrupted run.
 #pragma once
 
+#include "core/config.h"
 #include "core/device_memory.h"
 
 #include <nlohmann/json.hpp>
@@ -30,8 +31,18 @@ inline constexpr const char* kTrainIters = "train_iters";
 inline constexpr const char* kConsumedSamples = "consumed_samples";
 inline constexpr const char* kNumMicroBatches = "num_micro_batches";
 inline constexpr const char* kLmLoss = "lm_loss";
+// moeforge's: the load-balancing loss without its coefficient, summed over MoE layers (for
+// hf_pooled_aux_loss: transformers' aux_loss, pooled over the layers), averaged over
+// micro-batches and DP ranks: what `loss` adds moe_aux_loss_coeff times.
 inline constexpr const char* kAuxLoss = "aux_loss";
-inline constexpr const char* kZLoss = "z_loss";
+// Megatron-Core's names and meanings (track_moe_metrics): the loss without its coefficient,
+// averaged over micro-batches, DP ranks and MoE layers (the sum over layers / MoE layers), logged
+// only when its coefficient is positive; which name depends on the balancing type
+// (megatron_balancing_name). Under hf_pooled_aux_loss no per-layer value exists: only aux_loss.
+inline constexpr const char* kLoadBalancingLoss = "load_balancing_loss";
+inline constexpr const char* kSeqLoadBalancingLoss = "seq_load_balancing_loss";
+inline constexpr const char* kGlobalLoadBalancingLoss = "global_load_balancing_loss";
+inline constexpr const char* kZLoss = "z_loss";  // Megatron's too: mean over MoE layers, without its coefficient
 inline constexpr const char* kLoss = "loss";
 inline constexpr const char* kLr = "lr";
 inline constexpr const char* kGradNorm = "grad_norm";
@@ -78,7 +89,14 @@ inline constexpr const char* kForcedLoadBalance = "moe_router_force_load_balanci
 
 struct StepMetrics {
   int64_t iteration = 0, train_iters = 0, consumed_samples = 0, num_micro_batches = 0;
-  double lm_loss = 0, aux_loss = 0, z_loss = 0, loss = 0;  // loss = lm + coefficients * aux, z
+  // loss = lm + coefficients * (aux, z), aux and z summed over the MoE layers here.
+  double lm_loss = 0, aux_loss = 0, z_loss = 0, loss = 0;
+  // For Megatron's keys: the balancing loss's Megatron name (nullptr: none is logged: the type is
+  // hf_pooled_aux_loss or none, or its coefficient is 0), whether the z-loss runs, and the number
+  // of MoE layers the sums divide by.
+  const char* balancing_name = nullptr;
+  bool z_loss_on = false;
+  int64_t moe_layers = 0;
   double lr = 0, grad_norm = 0;
   bool skipped = false;
   bool forced_load_balance = false;  // model.moe_router_force_load_balancing
@@ -125,6 +143,9 @@ inline constexpr std::array<std::string_view, 25> kTimingMetricKeys{
     metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes,         metric::kPeakMemoryAllocated,
     metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal, metric::kTimeComm, metric::kTimeCommExposed,
     metric::kTimeCommThreadCpu};
+
+// Megatron-Core's log name of a balancing type's loss; nullptr for types Megatron does not have.
+const char* megatron_balancing_name(LoadBalancingType type);
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
 

@@ -24,8 +24,12 @@ namespace moeforge {
 
 const std::vector<TensorBoardTag> kTensorBoardTags = {
     {"lm loss", metric::kLmLoss},
-    {"load_balancing_loss", metric::kAuxLoss},
+    // Megatron's MoE tags, each present when the run logs it (metrics.h says when).
+    {metric::kLoadBalancingLoss, metric::kLoadBalancingLoss},
+    {metric::kSeqLoadBalancingLoss, metric::kSeqLoadBalancingLoss},
+    {metric::kGlobalLoadBalancingLoss, metric::kGlobalLoadBalancingLoss},
     {"z_loss", metric::kZLoss},
+    {"aux_loss", metric::kAuxLoss},  // moeforge's: the sum over MoE layers (metrics.h)
     {"total loss", metric::kLoss},
     {"learning-rate", metric::kLr},
     {"grad-norm", metric::kGradNorm},

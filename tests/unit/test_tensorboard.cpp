@@ -27,8 +27,9 @@ json read_events(const fs::path& dir) {
 // Megatron's tags (and ours where Megatron has none) -> the metrics.jsonl key of the same value.
 const std::map<std::string, std::string> kExpected = {
     {"lm loss", "lm_loss"},
-    {"load_balancing_loss", "aux_loss"},
+    {"load_balancing_loss", "load_balancing_loss"},
     {"z_loss", "z_loss"},
+    {"aux_loss", "aux_loss"},
     {"total loss", "loss"},
     {"learning-rate", "lr"},
     {"grad-norm", "grad_norm"},
@@ -68,12 +69,22 @@ TEST_CASE("train: TensorBoard sees every logged step with metrics.jsonl's values
   const auto save = dir.path() / "save";
   const std::string args = fmt::format(
       "--set logging.tensorboard_dir={} --set logging.run_dir={} --set checkpoint.save={} --set logging.log_interval=2 "
-      "--set training.eval_interval=3 --set training.lr_warmup_iters=1 --set checkpoint.save_interval=2",
+      "--set training.eval_interval=3 --set training.lr_warmup_iters=1 --set checkpoint.save_interval=2 "
+      "--set model.moe_router_load_balancing_type=aux_loss --set model.moe_z_loss_coeff=0.001",
       tb.string(), run.string(), save.string());
   const auto out = train(config, args + " --set training.train_iters=6");
   CHECK_THAT(out, Contains("TensorBoard: " + tb.string() + "/events.out.tfevents."));
+  CHECK_THAT(out, Contains("| load_balancing_loss: ") && Contains("| z_loss: "));  // Megatron's log line names
   const auto metrics = read_metrics(run / "metrics.jsonl");
   REQUIRE(metrics.size() == 6);
+  for (const auto& line : metrics) {
+    // Megatron-Core's track_moe_metrics: each MoE loss without its coefficient, summed over the
+    // MoE layers and divided by their number (2 here); the total adds the coefficients times the sums.
+    CHECK(line["load_balancing_loss"].get<double>() == Approx(line["aux_loss"].get<double>() / 2).epsilon(1e-12));
+    CHECK(line["loss"].get<double>() == Approx(line["lm_loss"].get<double>() + 0.01 * line["aux_loss"].get<double>() +
+                                               0.001 * 2 * line["z_loss"].get<double>()).epsilon(1e-6));  // fp32 per micro-batch
+    CHECK_FALSE(line.contains("seq_load_balancing_loss"));
+  }
 
   auto check_against_metrics = [&](const json& events, const std::vector<json>& lines) {
     const auto& scalars = events["scalars"];
