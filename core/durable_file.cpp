@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -73,6 +75,7 @@ void DurableFile::commit() {
   const int fd = std::exchange(fd_, -1);
   if (::close(fd) != 0) fail("close");
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail("rename");
+  fault_after_rename(path_);
   committed_ = true;
   sync_path(directory_of(path_));
 }
@@ -100,10 +103,17 @@ void sync_path(const fs::path& path) {
   }
 }
 
+void fault_after_rename(const fs::path& to) {
+  // Read each time: tests set it per process, and a rename is rare enough.
+  const char* name = std::getenv(kFaultAfterRenameEnv);
+  if (name && *name && to.filename() == name) ::raise(SIGKILL);
+}
+
 void rename_durably(const fs::path& from, const fs::path& to) {
   if (::rename(from.c_str(), to.c_str()) != 0) {
     fail_user("cannot rename {} to {}: {}", from.string(), to.string(), std::strerror(errno));
   }
+  fault_after_rename(to);
   sync_path(directory_of(to));
 }
 

@@ -1,4 +1,4 @@
-// defines: DurableFile, write_file_durably, sync_path, rename_durably, kTempInfix, temp_path_for,
+// defines: DurableFile, write_file_durably, sync_path, rename_durably, fault_after_rename, kTempInfix, temp_path_for,
 //          write_fully
 //
 // The one way moeforge writes a file that must be complete or absent: the bytes go to a temporary
@@ -51,6 +51,12 @@ void sync_path(const std::filesystem::path& path);
 
 // rename(from, to) followed by an fsync of the target's directory.
 void rename_durably(const std::filesystem::path& from, const std::filesystem::path& to);
+
+// Fault injection for the kill tests (docs/reliability.md): with MOEFORGE_FAULT_KILL_AFTER_RENAME
+// set to a file name, the process kills itself with SIGKILL right after a durable rename whose
+// target has that name (DurableFile::commit, rename_durably), as `kill -9` at that instant would.
+inline constexpr const char* kFaultAfterRenameEnv = "MOEFORGE_FAULT_KILL_AFTER_RENAME";
+void fault_after_rename(const std::filesystem::path& to);
 
 // Appends `data` to the open file `fd` by as many write(2) calls as it takes (EINTR retried), for
 // files that grow record by record (metrics.jsonl, TensorBoard events). Returns data.size(), or the

@@ -93,6 +93,8 @@ int run(int argc, char** argv) {
   convert_cmd->add_option("--set", convert.overrides,
                           "Override a key of the checkpoint's config, e.g. parallel.pipeline_model_parallel_size=2 "
                           "(repeatable)");
+  convert_cmd->add_flag("--overwrite", convert.overwrite,
+                        "Replace an iter_* the target already holds, or move its tracker back to this iteration");
 
   moeforge::UpcycleCommandOptions up;
   std::string up_method = "copy", up_split = "contiguous", up_shared = "dense";

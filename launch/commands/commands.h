@@ -44,6 +44,7 @@ struct ConvertOptions {
   std::string target;  // the save directory to write the converted checkpoint into
   std::string format = "whole";        // whole | sharded
   std::vector<std::string> overrides;  // applied to the checkpoint's config.yaml: the target layout
+  bool overwrite = false;  // replace the target's iter_N, or move its tracker back
 };
 int run_convert(const ConvertOptions& options);
 

@@ -5,6 +5,7 @@
 #include "launch/commands/commands.h"
 
 #include "core/config_loader.h"
+#include "core/dir_lock.h"
 #include "core/errors.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/checkpoint.h"
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 namespace fs = std::filesystem;
@@ -91,6 +93,24 @@ int64_t elements(const NamedTensors& tensors) {
   return n;
 }
 
+// A converted checkpoint must not replace one the target already holds, nor move its tracker back
+// (a run resuming the target would lose its newer iterations).
+void refuse_to_replace(const fs::path& target, int64_t iteration) {
+  const fs::path existing = target / files::iteration_dir(iteration);
+  if (fs::exists(existing)) {
+    fail_user("{} already holds {}: convert would replace it. Write into another directory, or pass --overwrite to "
+              "replace it.", target.string(), existing.string());
+  }
+  const fs::path tracker = target / files::kTracker;
+  std::ifstream in(tracker);
+  int64_t latest = -1;
+  if (in >> latest && latest > iteration) {
+    fail_user("{} names iteration {}, newer than the converted checkpoint's {}: convert would move it back, and a run "
+              "resuming {} would go back to iteration {}. Write into another directory, or pass --overwrite.",
+              tracker.string(), latest, iteration, target.string(), iteration);
+  }
+}
+
 }  // namespace
 
 int run_convert(const ConvertOptions& o) {
@@ -134,6 +154,11 @@ int run_convert(const ConvertOptions& o) {
   contents.optimizer_steps = saved.optimizer_steps;
   check_optimizer_names(contents, src);
 
+  // The target is a save directory: a training run writing there (or another convert) holds its
+  // lock, and what it already holds is not replaced or rewound without --overwrite.
+  fs::create_directories(o.target);
+  const auto lock = DirectoryLock::acquire(o.target, "convert target");
+  if (!o.overwrite) refuse_to_replace(o.target, saved.state.iteration);
   const int64_t tag = ::getpid();
   const std::string tmp = prepare_checkpoint_dir(o.target, saved.state.iteration, tag);
   std::string to;

@@ -134,7 +134,7 @@ std::string commit_checkpoint(const std::string& save_dir, const std::string& tm
       fs::remove_all(tmp);  // now the old copy
     }
   } else {
-    fs::rename(tmp, final_dir);
+    rename_durably(tmp, final_dir);  // a kill from here to the tracker's write: find_checkpoint resumes iter_N
   }
   sync_path(save);
   write_file_durably(save / files::kTracker, std::to_string(state.iteration) + "\n");
@@ -148,6 +148,22 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
   write_whole_checkpoint(tmp, contents, config);
   return commit_checkpoint(save_dir, tmp, state, contents.optimizer_steps, config, keep_latest_k,
                            {{"format", "whole"}});
+}
+
+std::optional<fs::path> newest_untracked_checkpoint(const fs::path& save) {
+  static const std::regex kIterDir(R"(iter_\d{7,})");
+  std::optional<fs::path> newest;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(save, ec)) {
+    const auto name = entry.path().filename().string();
+    if (!entry.is_directory(ec) || !std::regex_match(name, kIterDir)) continue;
+    if (!fs::exists(entry.path() / files::kTrainerState) || !fs::exists(entry.path() / files::kResolvedConfig)) continue;
+    if (!newest || name.size() > newest->filename().string().size() ||
+        (name.size() == newest->filename().string().size() && name > newest->filename().string())) {
+      newest = entry.path();
+    }
+  }
+  return newest;
 }
 
 std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
@@ -170,6 +186,14 @@ std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
     return CheckpointToLoad{dir.string(), true};
   }
   if (fs::exists(p / files::kHfConfig)) return CheckpointToLoad{path, false};
+  // A save directory whose tracker was never written (a kill between the first save's rename and
+  // its tracker) or was lost: each iter_N in it is complete (renamed into place only when whole),
+  // so the newest one is the checkpoint.
+  if (const auto newest = newest_untracked_checkpoint(p)) {
+    spdlog::warn("{} has no {}: resuming its newest complete checkpoint, {} (the next save writes the tracker)", path,
+                 files::kTracker, newest->string());
+    return CheckpointToLoad{newest->string(), true};
+  }
   bool empty = true;
   for (const auto& entry : fs::directory_iterator(p)) {
     if (entry.path().filename() != files::kDirectoryLock) empty = false;

@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -80,10 +81,15 @@ struct CheckpointToLoad {
   bool resume = false;  // a training checkpoint (state and optimizer too); false = model weights only
 };
 
-// What a --load path names: a save directory (its latest checkpoint, from the tracker), one
-// training checkpoint directory, or a Hugging Face checkpoint (weights only). nullopt for a save
-// directory holding no checkpoint yet. Throws UserError for anything else.
+// What a --load path names: a save directory (its latest checkpoint, from the tracker; without a
+// tracker, its newest complete iter_N), one training checkpoint directory, or a Hugging Face
+// checkpoint (weights only). nullopt for a save directory holding no checkpoint yet. Throws
+// UserError for anything else.
 std::optional<CheckpointToLoad> find_checkpoint(const std::string& path);
+
+// The newest complete iter_N directory of `save` (trainer_state.json and config.yaml present),
+// whether or not the tracker names it.
+std::optional<std::filesystem::path> newest_untracked_checkpoint(const std::filesystem::path& save);
 
 // trainer_state.json of a training checkpoint.
 struct SavedTrainState {

@@ -29,11 +29,12 @@ namespace moeforge {
 
 namespace {
 
-// Without the tracker a run starts fresh and would save over the iter_* checkpoints it finds.
-void refuse_untracked_checkpoints(const CheckpointConfig& k) {
+// Without the tracker a run starts fresh and would save over the iter_* checkpoints it finds. A
+// run resuming a training checkpoint it was told to load (--load) is not starting fresh.
+void refuse_untracked_checkpoints(const CheckpointConfig& k, bool resuming) {
   std::error_code ec;
   const fs::path save(k.save);
-  if (k.save.empty() || k.overwrite || fs::exists(save / files::kTracker, ec) || !fs::is_directory(save, ec)) return;
+  if (k.save.empty() || k.overwrite || resuming || fs::exists(save / files::kTracker, ec) || !fs::is_directory(save, ec)) return;
   std::vector<std::string> found;
   for (const auto& entry : fs::directory_iterator(save, ec)) {
     const std::string name = entry.path().filename().string();
@@ -44,11 +45,12 @@ void refuse_untracked_checkpoints(const CheckpointConfig& k) {
   }
   if (found.empty()) return;
   std::sort(found.begin(), found.end());
-  fail_user("checkpoint.save {} holds {} checkpoint director{} ({} .. {}) but no {}: this run would start from "
-            "scratch and save over them. Resume one with --load {}/{}, restore the tracker (echo N > {}/{}), or set "
-            "checkpoint.overwrite: true to start fresh anyway.",
+  fail_user("checkpoint.save {} holds {} checkpoint director{} ({} .. {}) but no {} (a save killed before its "
+            "tracker was written leaves this): this run would start from scratch and save over them. Resume the newest "
+            "complete one with --load {}, or one of them with --load {}/{}, or set checkpoint.overwrite: true to start "
+            "fresh anyway.",
             k.save, found.size(), found.size() > 1 ? "ies" : "y", found.front(), found.back(), files::kTracker, k.save,
-            found.back(), k.save, files::kTracker);
+            k.save, found.back());
 }
 
 }  // namespace
@@ -59,7 +61,7 @@ StartPoint start_point(const CheckpointConfig& k) {
     start.checkpoint = find_checkpoint(k.load);
     if (!start.checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", k.load);
   }
-  refuse_untracked_checkpoints(k);
+  refuse_untracked_checkpoints(k, start.checkpoint && start.checkpoint->resume);
   start.from_save = !k.save.empty() && fs::exists(fs::path(k.save) / files::kTracker) &&
                     !(start.checkpoint && start.checkpoint->resume);
   if (start.from_save) {

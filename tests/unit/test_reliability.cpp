@@ -26,6 +26,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
+constexpr const char* kFaultEnv = "MOEFORGE_FAULT_KILL_AFTER_RENAME";
+
 // A background shell command (its output redirected: run_command reads until every writer of its
 // pipe is gone); its pid, read from the file it writes.
 long start_background(const std::string& command, const fs::path& pid_file) {
@@ -198,6 +200,43 @@ TEST_CASE("train: a save directory whose tracker is gone is not saved over unles
   CHECK_THAT(dry.output, Contains("checkpoint.overwrite"));
   train(config, args + " --set checkpoint.overwrite=true");
   CHECK(slurp((save / files::kTracker).string()) == "2\n");
+}
+
+TEST_CASE("train: a kill between the first save's rename and its tracker leaves a run that the advice resumes",
+          "[reliability][train][checkpoint]") {
+  // kill -9 at the exact instant, through the durable-write code's fault hook (core/durable_file.h).
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt";
+  const std::string args = fmt::format(" --set checkpoint.save={} --set logging.run_dir={} --set training.train_iters=4 "
+                                       "--set training.lr_warmup_iters=1 --set checkpoint.save_interval=3",
+                                       save.string(), (dir.path() / "run").string());
+  const auto killed = run_command(std::string(kFaultEnv) + "=iter_0000003 " + kBin + " train " + config + args);
+  INFO(killed.output);
+  CHECK(killed.exit_code != 0);
+  REQUIRE(fs::exists(save / "iter_0000003" / files::kTrainerState));
+  REQUIRE_FALSE(fs::exists(save / files::kTracker));
+  fs::copy(save, dir.path() / "ckpt2", fs::copy_options::recursive);
+
+  // A plain rerun is still refused (it would start from scratch), and says what resumes it.
+  const auto refused = run_command(kBin + " train " + config + args);
+  INFO(refused.output);
+  CHECK(refused.exit_code == 1);
+  CHECK_THAT(refused.output, Contains("--load " + save.string() + ",") && Contains("--load " + save.string() + "/iter_0000003"));
+  // Both pieces of advice work: the save directory (its newest complete checkpoint) ...
+  const auto resumed = train(config, args + " --load " + save.string());
+  CHECK_THAT(resumed, Contains("resuming its newest complete checkpoint"));
+  CHECK_THAT(resumed, Contains("iteration 4/4") || Contains("iteration 4/"));
+  CHECK(slurp((save / files::kTracker).string()) == "4\n");
+  // ... and the checkpoint itself.
+  const auto save2 = dir.path() / "ckpt2";
+  const std::string args2 = fmt::format(" --set checkpoint.save={} --set logging.run_dir={} --set training.train_iters=4 "
+                                        "--set training.lr_warmup_iters=1 --set checkpoint.save_interval=3",
+                                        save2.string(), (dir.path() / "run2").string());
+  train(config, args2 + " --load " + (save2 / "iter_0000003").string());
+  CHECK(slurp((save2 / files::kTracker).string()) == "4\n");
+  CHECK(read_metrics(dir.path() / "run2" / files::kMetrics).back()["lm_loss"] ==
+        read_metrics(dir.path() / "run" / files::kMetrics).back()["lm_loss"]);
 }
 
 TEST_CASE("a dataset file truncated under a running job is named when its pages are gone (SIGBUS)",
@@ -390,4 +429,44 @@ TEST_CASE("convert never writes into or beside its source checkpoint", "[reliabi
   const auto r = run_command(kBin + " convert " + save.string() + " " + (dir.path() / "converted").string());
   INFO(r.output);
   CHECK(r.exit_code == 0);
+}
+
+TEST_CASE("convert takes its target's lock and neither replaces a checkpoint nor rewinds a tracker without --overwrite",
+          "[reliability][errors][checkpoint]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto save = dir.path() / "ckpt", target = dir.path() / "target";
+  train(config, "--set training.train_iters=2 --set training.lr_warmup_iters=1 --set checkpoint.save=" + save.string() +
+                    " --set logging.run_dir=" + (dir.path() / "run").string());
+  auto convert = [&](const std::string& extra) {
+    return run_command(kBin + " convert " + save.string() + " " + target.string() + extra);
+  };
+  {
+    // A live run (here: this process) holds the target: refused, naming the holder; nothing written.
+    const auto held = DirectoryLock::acquire(target, "checkpoint.save");
+    const auto r = convert("");
+    INFO(r.output);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.output, Contains("in use by another run") && Contains(std::to_string(::getpid())));
+    CHECK_FALSE(fs::exists(target / "iter_0000002"));
+  }
+  REQUIRE(convert("").exit_code == 0);
+  const auto first = slurp((target / "iter_0000002" / files::kTrainerState).string());
+  // The same iteration again: refused; with --overwrite, replaced.
+  const auto again = convert("");
+  INFO(again.output);
+  CHECK(again.exit_code == 1);
+  CHECK_THAT(again.output, Contains("iter_0000002") && Contains("--overwrite"));
+  CHECK(slurp((target / "iter_0000002" / files::kTrainerState).string()) == first);
+  CHECK(convert(" --overwrite").exit_code == 0);
+  // A target whose tracker is further along (a run that went on there): not moved back.
+  { std::ofstream(target / files::kTracker) << "150\n"; }
+  fs::remove_all(target / "iter_0000002");
+  const auto back = convert("");
+  INFO(back.output);
+  CHECK(back.exit_code == 1);
+  CHECK_THAT(back.output, Contains("names iteration 150") && Contains("move it back"));
+  CHECK(slurp((target / files::kTracker).string()) == "150\n");
+  CHECK(convert(" --overwrite").exit_code == 0);
+  CHECK(slurp((target / files::kTracker).string()) == "2\n");
 }
