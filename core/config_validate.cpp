@@ -35,6 +35,8 @@ void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
 
 namespace {
 
+constexpr double kMaxTimeoutMinutes = 7 * 24 * 60;
+
 class Problems {
  public:
   template <typename... Args>
@@ -201,6 +203,14 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   p.positive("parallel.virtual_pipeline_model_parallel_size", par.virtual_pipeline_model_parallel_size);
   p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
   p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
+  // Deadlines are steady-clock nanoseconds in 64 bits (about 292 years): a larger timeout
+  // overflowed into the past and every collective "timed out" at once. A week is far beyond any
+  // collective that can still complete.
+  if (par.distributed_timeout_minutes > kMaxTimeoutMinutes) {
+    p.add("parallel.distributed_timeout_minutes is {}, above the largest supported, {} (a week): a collective blocked "
+          "that long will not complete; use at most {}",
+          par.distributed_timeout_minutes, kMaxTimeoutMinutes, kMaxTimeoutMinutes);
+  }
   p.non_negative("parallel.ddp_bucket_size", par.ddp_bucket_size);
   if ((c.data.reset_position_ids || c.data.eod_mask_loss) && c.data.tokenizer_model.empty()) {
     p.add("data.reset_position_ids / data.eod_mask_loss need the EOD token id: set data.tokenizer_model");
