@@ -66,7 +66,7 @@ TEST_CASE("a hung rank ends the job on every rank within the timeout, naming the
   }
 }
 
-TEST_CASE("each rank of a node gets a device of its own; more ranks than devices is refused naming the counts",
+TEST_CASE("each rank of a node gets a device of its own, and more ranks than devices is refused naming the counts",
           "[comm][device]") {
   CHECK(device_for_local_rank(0, 4, 4, "cuda") == 0);
   CHECK(device_for_local_rank(3, 4, 8, "cuda") == 3);
