@@ -110,7 +110,7 @@ TEST_CASE("work handles: completion in submission order, errors rethrown by wait
   CHECK(completed_work()->is_completed());
 }
 
-TEST_CASE("time with a collective in flight counts overlapping ones once; exposed time is the compute thread's wait",
+TEST_CASE("time with a collective in flight counts overlapping ones once, and exposed time is the compute thread's wait",
           "[comm][work]") {
   const CommTimes before = comm_times();
   {

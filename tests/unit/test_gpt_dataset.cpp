@@ -360,7 +360,7 @@ TEST_CASE("two processes sharing a cache: one builds, the other waits and loads"
   CHECK(s1 == s2);
 }
 
-TEST_CASE("a held lock times out with its owner named; a dead owner's lock is taken over", "[data][cache][errors]") {
+TEST_CASE("a held lock times out with its owner named, and a dead owner's lock is taken over", "[data][cache][errors]") {
   test::TempDir dir;
   const std::string description = "{\"test\": 1}";
   IndexCache probe(dir.path(), "T", description, 0.3);

@@ -304,7 +304,7 @@ TEST_CASE("adamw_step: an element's update does not depend on where its tensor i
   CHECK(torch::equal(cat(&kernels::AdamWTensors::copy), one[0].copy));
 }
 
-TEST_CASE("self-check: every fused CPU kernel agrees with its reference; a failure disables the kernel", "[kernels][self_check]") {
+TEST_CASE("self-check: every fused CPU kernel agrees with its reference, and a failure disables the kernel", "[kernels][self_check]") {
   kernels::set_choice(KernelChoice::fused);
   const auto checks = kernels::check_kernels(torch::kCPU);
   std::set<std::string> checked;

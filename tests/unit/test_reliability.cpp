@@ -71,7 +71,7 @@ TEST_CASE("a directory lock is exclusive, names its owner and is released", "[re
   CHECK(DirectoryLock::acquire(dir.path(), "logging.run_dir") != nullptr);
 }
 
-TEST_CASE("a lock held by a live process is refused; once it died the lock is taken over", "[reliability][lock]") {
+TEST_CASE("a lock held by a live process is refused, and once it died the lock is taken over", "[reliability][lock]") {
   TempDir dir;
   const fs::path path = dir.path() / files::kDirectoryLock;
   // A live process on this host holding the flock (util-linux flock), with its own record.
@@ -151,7 +151,7 @@ TEST_CASE("train: a second run into the same directories is refused at start-up,
   ::kill(static_cast<pid_t>(writer), SIGKILL);
 }
 
-TEST_CASE("train: a metrics.jsonl that cannot be written ends the run with its name; a resume repairs a cut line",
+TEST_CASE("train: a metrics.jsonl that cannot be written ends the run with its name, and a resume repairs a cut line",
           "[reliability][train]") {
   TempDir dir;
   const auto config = write_config(dir);
@@ -309,7 +309,7 @@ TEST_CASE("train: a bf16 checkpoint's weights stored as another floating type ar
   CHECK_THAT(r.output, Contains(path.string()) && Contains("is stored as F16") && Contains("saved in BF16"));
 }
 
-TEST_CASE("train: kill -9 of every rank at random moments of sharded EP 2 saves; every resume continues bit for bit",
+TEST_CASE("train: kill -9 of every rank at random moments of sharded EP 2 saves, and every resume continues bit for bit",
           "[reliability][train][checkpoint][mpi][slow]") {
   TempDir dir;
   const auto config = write_config(dir);
