@@ -151,19 +151,15 @@ std::string save_checkpoint(const std::string& save_dir, const TrainState& state
 }
 
 std::optional<fs::path> newest_untracked_checkpoint(const fs::path& save) {
-  static const std::regex kIterDir(R"(iter_\d{7,})");
-  std::optional<fs::path> newest;
+  std::optional<std::pair<int64_t, fs::path>> newest;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(save, ec)) {
-    const auto name = entry.path().filename().string();
-    if (!entry.is_directory(ec) || !std::regex_match(name, kIterDir)) continue;
-    if (!fs::exists(entry.path() / files::kTrainerState) || !fs::exists(entry.path() / files::kResolvedConfig)) continue;
-    if (!newest || name.size() > newest->filename().string().size() ||
-        (name.size() == newest->filename().string().size() && name > newest->filename().string())) {
-      newest = entry.path();
-    }
+    const auto it = entry.is_directory(ec) ? iteration_of(entry.path()) : std::nullopt;
+    if (!it || !fs::exists(entry.path() / files::kTrainerState) || !fs::exists(entry.path() / files::kResolvedConfig)) continue;
+    if (!newest || *it > newest->first) newest.emplace(*it, entry.path());
   }
-  return newest;
+  if (!newest) return std::nullopt;
+  return newest->second;
 }
 
 std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {

@@ -404,7 +404,7 @@ StepMetrics Trainer::train_step() {
   m.aux_loss = mean_losses[1].item<double>();
   m.z_loss = mean_losses[2].item<double>();
   const auto& mc = c_.model;
-  for (int64_t l = 0; mc.is_moe() && l < mc.num_layers; ++l) m.moe_layers += mc.is_moe_layer(l) ? 1 : 0;
+  m.moe_layers = mc.is_moe() ? mc.num_moe_layers() : 0;
   if (mc.moe_aux_loss_coeff > 0) m.balancing_name = megatron_balancing_name(mc.moe_router_load_balancing_type);
   m.z_loss_on = mc.moe_z_loss_coeff > 0;
   m.loss = mean_losses[3].item<double>();
