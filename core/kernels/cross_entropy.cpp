@@ -33,10 +33,11 @@ void cross_entropy_rows(torch::Tensor& logits_CV, const torch::Tensor& labels_C,
   });
 }
 
-// dw_acc (fp32) += a^T b: in fp32 on CUDA and for fp32 inputs (accumulate_wgrad); a bf16 product
-// then added on the CPU, where widening a chunk of logits to fp32 would cost more than the GEMM.
+// dw_acc (fp32) += a^T b: in fp32 on an accelerator (the way probe_mixed_accumulate chose) and for
+// fp32 inputs (accumulate_wgrad); a bf16 product then added on the CPU, where widening a chunk of
+// logits to fp32 would cost more than the GEMM.
 void add_product(torch::Tensor& dw_acc, const torch::Tensor& a, const torch::Tensor& b) {
-  if (a.is_cuda() || a.scalar_type() == torch::kFloat32) {
+  if (!a.is_cpu() || a.scalar_type() == torch::kFloat32) {
     accumulate_wgrad(dw_acc, a, b);
     return;
   }

@@ -3,8 +3,9 @@
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/kernels.h"
 
-#include <torch/version.h>
+#include <fmt/format.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -147,20 +148,74 @@ torch::Tensor grouped_linear(const torch::Tensor& x_NK, const torch::Tensor& wei
              : grouped_mm(x_NK, weight_EMK.transpose(1, 2), offs_E);
 }
 
+namespace {
+std::atomic<MixedAccumulate> g_mixed_mode{MixedAccumulate::addmm_dtype};
+}  // namespace
+
+const char* mixed_accumulate_name(MixedAccumulate mode) {
+  switch (mode) {
+    case MixedAccumulate::addmm_dtype: return "addmm with an fp32 out_dtype";
+    case MixedAccumulate::mm_dtype_add: return "mm with an fp32 out_dtype, then add";
+    case MixedAccumulate::widen: return "inputs widened to fp32";
+  }
+  return "?";
+}
+
+MixedAccumulate mixed_accumulate_mode() { return g_mixed_mode.load(); }
+
+void accumulate_mixed(MixedAccumulate mode, torch::Tensor& main_grad_MK, const torch::Tensor& g_NM,
+                      const torch::Tensor& x_NK) {
+  switch (mode) {
+    case MixedAccumulate::addmm_dtype:
+      // bf16 in, fp32 accumulated in place: cuBLAS's epilogue adds into main_grad (beta 1).
+      at::addmm_out(main_grad_MK, main_grad_MK, g_NM.t(), x_NK, torch::kFloat32, 1, 1);
+      return;
+    case MixedAccumulate::mm_dtype_add:
+      main_grad_MK.add_(at::mm(g_NM.t(), x_NK, torch::kFloat32));
+      return;
+    case MixedAccumulate::widen:
+      main_grad_MK.addmm_(g_NM.t().to(torch::kFloat32), x_NK.to(torch::kFloat32));
+      return;
+  }
+}
+
+std::string probe_mixed_accumulate(const torch::Device& device) {
+  // Small integers: every product and sum is exact in fp32, so any correct kernel matches exactly.
+  const auto host_options = torch::TensorOptions().dtype(torch::kFloat32);  // the reference's, on the host
+  const auto g_NM = torch::arange(12, host_options).remainder(5).sub(2).reshape({4, 3});
+  const auto x_NK = torch::arange(20, host_options).remainder(7).sub(3).reshape({4, 5});
+  const auto start_MK = torch::full({3, 5}, 0.5, host_options);
+  const auto want_MK = start_MK + g_NM.t().mm(x_NK);
+  std::string refused;
+  for (const auto mode : {MixedAccumulate::addmm_dtype, MixedAccumulate::mm_dtype_add}) {
+    try {
+      auto main_grad_MK = start_MK.to(device);
+      accumulate_mixed(mode, main_grad_MK, g_NM.to(device, torch::kBFloat16), x_NK.to(device, torch::kBFloat16));
+      // host: a start-up read, compared with the host's product
+      if (main_grad_MK.to(torch::kCPU).equal(want_MK)) {
+        g_mixed_mode = mode;
+        return refused;
+      }
+      refused += fmt::format("{} gave a wrong sum on {}; ", mixed_accumulate_name(mode), device.str());
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      refused += fmt::format("{} is refused on {} ({}); ", mixed_accumulate_name(mode), device.str(),
+                             what.substr(0, what.find('\n')));
+    }
+  }
+  g_mixed_mode = MixedAccumulate::widen;
+  return refused + "bf16 weight gradients are accumulated from fp32 copies of both GEMM inputs instead "
+                   "(transient memory: each input's size again, twice)";
+}
+
 void accumulate_wgrad(torch::Tensor& main_grad_MK, const torch::Tensor& g_NM, const torch::Tensor& x_NK) {
   if (g_NM.size(0) == 0) return;
   if (g_NM.scalar_type() == torch::kFloat32) {
     main_grad_MK.addmm_(g_NM.t(), x_NK);
     return;
   }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
-  if (g_NM.is_cuda()) {
-    // bf16 in, fp32 accumulated in place: cuBLAS's epilogue adds into main_grad (beta 1).
-    at::addmm_out(main_grad_MK, main_grad_MK, g_NM.t(), x_NK, torch::kFloat32, 1, 1);
-    return;
-  }
-#endif
-  main_grad_MK.addmm_(g_NM.t().to(torch::kFloat32), x_NK.to(torch::kFloat32));
+  // The CPU has no mixed-dtype GEMM: widening is exact and costs about twice the bf16 GEMM there.
+  accumulate_mixed(g_NM.is_cpu() ? MixedAccumulate::widen : g_mixed_mode.load(), main_grad_MK, g_NM, x_NK);
 }
 
 }  // namespace moeforge::kernels

@@ -1,5 +1,5 @@
 // defines: attach_main_grad, detach_main_grad, linear, grouped_linear, accumulate_wgrad,
-//          fused_wgrad_key, add_to_main_grad
+//          fused_wgrad_key, add_to_main_grad, MixedAccumulate, probe_mixed_accumulate
 //
 // Gradient-accumulation fusion (Megatron's --gradient-accumulation-fusion): a bf16 weight's
 // gradient GEMM writes straight into the fp32 main_grad its optimizer keeps, accumulating in fp32,
@@ -7,7 +7,7 @@
 // Each micro-batch's weight gradient is thus never rounded to bf16 (Megatron's precision), and the
 // bf16 .grad of those weights (2 bytes a parameter, written, read and freed per micro-batch) never
 // exists. On CUDA the GEMM is cuBLAS with bf16 inputs and an fp32 output accumulated in place
-// (at::addmm with out_dtype); on the CPU, where LibTorch has no such GEMM, the inputs are widened to
+// (at::addmm with out_dtype, where this LibTorch accepts it: probe_mixed_accumulate); on the CPU, where LibTorch has no such GEMM, the inputs are widened to
 // fp32 first (exact, about twice the time of the bf16 weight GEMM there).
 //
 // The optimizer attaches each bf16 weight's accumulator (attach_main_grad) and is told after each
@@ -21,6 +21,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace moeforge::kernels {
@@ -43,6 +44,21 @@ torch::Tensor grouped_linear(const torch::Tensor& x_NK, const torch::Tensor& wei
 
 // main_grad_MK += g_NM^T x_NK in fp32 (g, x of one dtype), the fused weight gradient itself.
 void accumulate_wgrad(torch::Tensor& main_grad_MK, const torch::Tensor& g_NM, const torch::Tensor& x_NK);
+
+// How an accelerator adds a bf16 product into an fp32 main_grad. The one fused call (addmm with an
+// fp32 out_dtype) is not accepted by every LibTorch's kernel (2.8 and 2.9's CUDA refused it at run
+// time); the fallbacks cost memory: an fp32 product the size of the weight (mm_dtype_add), or fp32
+// copies of both inputs (widen, always available, the CPU's way).
+enum class MixedAccumulate { addmm_dtype, mm_dtype_add, widen };
+const char* mixed_accumulate_name(MixedAccumulate mode);
+// main_grad_MK += g_NM^T x_NK the given way (bf16 g and x, fp32 main_grad).
+void accumulate_mixed(MixedAccumulate mode, torch::Tensor& main_grad_MK, const torch::Tensor& g_NM,
+                      const torch::Tensor& x_NK);
+// Tries each way on `device`, best first, on small exact operands, and keeps the first that runs and
+// agrees with the host's product for accumulate_wgrad off the CPU (process-wide, until the next
+// probe). Returns what was refused and what it costs, empty when the fused call works.
+std::string probe_mixed_accumulate(const torch::Device& device);
+MixedAccumulate mixed_accumulate_mode();
 
 // For ops that make a weight's gradient themselves (the LM head with the loss): at the forward, the
 // key of `weight` when its gradient is fused now (0: it is not); at the backward, `add` applied to

@@ -6,6 +6,7 @@
 #include "core/host_sync.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/self_check.h"
+#include "core/kernels/wgrad_accumulation.h"
 #include "core/logging.h"
 #include "core/model_size.h"
 #include "core/step_timer.h"
@@ -177,8 +178,13 @@ void Trainer::setup_model() {
     init_shard(*model_, *shard_, fp32, static_cast<uint64_t>(c_.training.seed));
   }
   if (c_.training.bf16) model_->to(torch::kBFloat16);
-  // Before the first step: each fused kernel against its reference on this device, the verdict
+  // Before the first step: the way this LibTorch adds a bf16 weight gradient into fp32 on this
+  // device, then each fused kernel against its reference on it, the verdict
   // agreed over every rank (one failure anywhere: the reference everywhere).
+  if (!device_.is_cpu()) {
+    const auto refused = kernels::probe_mixed_accumulate(device_);
+    if (!refused.empty()) spdlog::warn("fused weight gradient: {}", refused);
+  }
   kernels::self_check(device_, [this](const std::vector<int64_t>& failed) {
     auto t = torch::tensor(failed, torch::kInt64);  // host: MPI verdicts
     groups_.world->all_reduce(t, ReduceOp::max);

@@ -3,6 +3,7 @@
 #define CATCH_CONFIG_RUNNER
 #include "../unit/train_fixture.h"
 #include "core/kernels/self_check.h"
+#include "core/kernels/wgrad_accumulation.h"
 
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
@@ -47,6 +48,22 @@ TEST_CASE("every fused CUDA kernel equals its reference composition (the start-u
     checked.insert(kernels::kernel_name(c.kernel));
   }
   CHECK(checked.size() == static_cast<size_t>(kernels::kNumKernels));
+}
+
+TEST_CASE("the mixed-dtype probe on CUDA: the way it keeps adds a bf16 weight gradient into fp32 as the host does",
+          "[gpu][kernels]") {
+  const torch::Device cuda(torch::kCUDA, 0);
+  const auto refused = kernels::probe_mixed_accumulate(cuda);
+  std::printf("mixed-dtype accumulation on CUDA: %s%s%s\n", kernels::mixed_accumulate_name(kernels::mixed_accumulate_mode()),
+              refused.empty() ? "" : "; ", refused.c_str());
+  const auto g_NM = torch::randn({257, 96}).to(torch::kBFloat16);
+  const auto x_NK = torch::randn({257, 80}).to(torch::kBFloat16);
+  const auto start_MK = torch::randn({96, 80});
+  const auto want = start_MK.to(torch::kFloat64) + g_NM.to(torch::kFloat64).t().mm(x_NK.to(torch::kFloat64));
+  auto main_grad_MK = start_MK.to(cuda);
+  kernels::accumulate_wgrad(main_grad_MK, g_NM.to(cuda), x_NK.to(cuda));
+  const auto got = main_grad_MK.to(torch::kCPU, torch::kFloat64);
+  CHECK((got - want).norm().item<double>() / want.norm().item<double>() < 1e-5);
 }
 
 TEST_CASE("training steps on CUDA equal the same steps on the CPU", "[gpu][train]") {

@@ -27,7 +27,8 @@ const std::vector<std::string> kTrainingPath = {
     "core/gpt_model.cpp",       "core/transformer.cpp",    "core/recompute.cpp",
     "core/optimizer.cpp",       "core/kernels/adamw.cpp",  "core/kernels/cross_entropy.cpp",
     "core/kernels/grouped_gemm.cpp", "core/kernels/moe_permute.cpp", "core/kernels/rmsnorm.cpp",
-    "core/kernels/rope.cpp",    "core/kernels/swiglu.cpp", "moe/dispatcher.cpp",
+    "core/kernels/rope.cpp",    "core/kernels/swiglu.cpp", "core/kernels/wgrad_accumulation.cpp",
+    "moe/dispatcher.cpp",
     "moe/experts.cpp",          "moe/moe_layer.cpp",       "moe/router.cpp",
     "parallel/alltoall_dispatcher.cpp", "parallel/data_parallel_optimizer.cpp", "parallel/grad_sync.cpp",
     "parallel/pipeline.cpp",    "launch/train/trainer.cpp"};

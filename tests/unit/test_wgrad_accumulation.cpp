@@ -297,3 +297,23 @@ TEST_CASE("a bf16 MoE model under AdamW: every GEMM weight's gradient is fused, 
   CHECK(std::isfinite(opt.grad_norm()));
   CHECK(opt.grad_norm() > 0);
 }
+
+TEST_CASE("the mixed-dtype probe keeps the first way this LibTorch runs right: on the CPU both fused calls are "
+          "refused and the widened inputs, the last fallback, accumulate exactly",
+          "[wgrad][kernels]") {
+  // The CPU has neither addmm.dtype_out nor mm.dtype: the probe meets two real refusals there, the
+  // path a LibTorch whose accelerator kernel refuses the dtype mix takes.
+  const auto refused = kernels::probe_mixed_accumulate(torch::Device(torch::kCPU));
+  INFO(refused);
+  CHECK(kernels::mixed_accumulate_mode() == kernels::MixedAccumulate::widen);
+  CHECK(refused.find("addmm with an fp32 out_dtype is refused on cpu") != std::string::npos);
+  CHECK(refused.find("mm with an fp32 out_dtype, then add is refused on cpu") != std::string::npos);
+  CHECK(refused.find("fp32 copies of both GEMM inputs") != std::string::npos);
+
+  const auto g_NM = randn_bf16({37, 24}, 1);
+  const auto x_NK = randn_bf16({37, 16}, 2);
+  auto main_grad_MK = torch::randn({24, 16}, torch::kFloat32);
+  const auto want = main_grad_MK.to(torch::kFloat64) + exact_product(g_NM, x_NK);
+  kernels::accumulate_mixed(kernels::mixed_accumulate_mode(), main_grad_MK, g_NM, x_NK);
+  CHECK(norm_error(main_grad_MK, want) < 1e-6);
+}
