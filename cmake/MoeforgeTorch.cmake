@@ -148,7 +148,7 @@ endif()
 # ---- One precompiled LibTorch header, shared by every target that includes torch.
 add_library(moeforge_pch OBJECT "${CMAKE_SOURCE_DIR}/cmake/pch.cpp")
 target_link_libraries(moeforge_pch PRIVATE moeforge_torch moeforge_warnings)
-target_precompile_headers(moeforge_pch PRIVATE "${CMAKE_SOURCE_DIR}/core/torch_pch.h")
+target_precompile_headers(moeforge_pch PRIVATE "${CMAKE_SOURCE_DIR}/cmake/torch_pch.h")
 # A syntax check of another LibTorch (launch/check_torch_floor.sh): every C++ source of the targets
 # made after this point is parsed, nothing is compiled or linked; the precompiled header above is
 # still built for real, so each source parses in seconds.

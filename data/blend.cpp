@@ -1,6 +1,6 @@
 #include "data/blend.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 
 #include <fmt/format.h>
 

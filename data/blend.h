@@ -4,7 +4,7 @@
 // parse_and_normalize_split, get_blend_from_list), so that the same strings mean the same thing.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 
 #include <array>
 #include <optional>

@@ -1,6 +1,6 @@
 #include "data/bpe_model.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/unicode_text.h"
 
 #include <algorithm>

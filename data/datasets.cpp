@@ -1,6 +1,6 @@
 #include "data/datasets.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/blend.h"
 #include "data/numpy_random.h"
 #include "data/tokenizer.h"

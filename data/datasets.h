@@ -6,7 +6,7 @@
 // greedy blending, so a blend feeds the same samples in the same order as Megatron.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 #include "data/gpt_dataset.h"
 
 #include <array>

@@ -1,6 +1,6 @@
 #include "data/gpt_dataset.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/index_cache.h"
 #include "data/numpy_random.h"
 

@@ -6,7 +6,7 @@
 // the same seed, split, sequence length and sample counts feed the same tokens in the same order.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 #include "data/indexed_dataset.h"
 
 #include <array>

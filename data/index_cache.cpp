@@ -1,8 +1,8 @@
 #include "data/index_cache.h"
 
-#include "core/dir_lock.h"
-#include "core/durable_file.h"
-#include "core/errors.h"
+#include "core/files/dir_lock.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>

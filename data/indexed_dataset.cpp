@@ -1,6 +1,6 @@
 #include "data/indexed_dataset.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/sigbus_guard.h"
 
 #include <fmt/format.h>

@@ -8,7 +8,7 @@
 // write byte-identical ones (docs/data.md).
 #pragma once
 
-#include "core/durable_file.h"
+#include "core/files/durable_file.h"
 
 #include <cstddef>
 #include <cstdint>
@@ -76,7 +76,7 @@ class IndexedDataset {
 };
 
 // Writes a dataset the way Megatron's IndexedDatasetBuilder does. Both files are durable writes
-// (core/durable_file.h) that finalize() commits, the .bin first, so an interrupted build never
+// (core/files/durable_file.h) that finalize() commits, the .bin first, so an interrupted build never
 // leaves a dataset under the final name.
 class IndexedDatasetBuilder {
  public:

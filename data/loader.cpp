@@ -1,6 +1,6 @@
 #include "data/loader.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 
 #include <fmt/format.h>
 

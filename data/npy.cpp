@@ -1,7 +1,7 @@
 #include "data/npy.h"
 
-#include "core/durable_file.h"
-#include "core/errors.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
 
 #include <fmt/format.h>
 

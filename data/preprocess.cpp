@@ -1,6 +1,6 @@
 #include "data/preprocess.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/indexed_dataset.h"
 #include "data/tokenizer.h"
 #include "data/unicode_text.h"

@@ -1,7 +1,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "data/regex_split.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 
 #include <pcre2.h>
 

@@ -1,6 +1,6 @@
 #include "data/tokenizer_json.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 
 #include <nlohmann/json.hpp>
 

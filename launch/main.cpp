@@ -1,9 +1,9 @@
 // The `moeforge` executable: one binary, one subcommand per job (launch/commands/); this file only
 // wires the command line to them. main() owns error reporting: user errors print their message
 // and exit 1 with no stack dump; anything else is a bug and exits 3.
-#include "core/config.h"
-#include "core/errors.h"
-#include "core/logging.h"
+#include "core/config/config.h"
+#include "core/base/errors.h"
+#include "core/config/logging.h"
 #include "launch/commands/commands.h"
 #include "launch/commands/data_commands.h"
 #include "launch/commands/report.h"

@@ -1,6 +1,6 @@
 #include "moe/dispatcher.h"
 
-#include "core/host_sync.h"
+#include "core/device/host_sync.h"
 #include "core/kernels/moe_permute.h"
 #include "moe/router.h"
 

@@ -3,7 +3,7 @@
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/swiglu.h"
 #include "core/kernels/wgrad_accumulation.h"
-#include "core/transformer.h"
+#include "core/model/transformer.h"
 
 namespace moeforge::moe {
 

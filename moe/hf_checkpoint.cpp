@@ -1,9 +1,9 @@
 #include "moe/hf_checkpoint.h"
 
-#include "core/durable_file.h"
-#include "core/errors.h"
-#include "core/rule_updated.h"
-#include "core/safetensors.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
+#include "core/model/rule_updated.h"
+#include "core/files/safetensors.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>

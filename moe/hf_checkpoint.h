@@ -9,9 +9,9 @@
 // unexpected or mis-shaped: nothing is skipped silently.
 #pragma once
 
-#include "core/config.h"
-#include "core/gpt_model.h"
-#include "core/safetensors.h"
+#include "core/config/config.h"
+#include "core/model/gpt_model.h"
+#include "core/files/safetensors.h"
 
 #include <nlohmann/json.hpp>
 

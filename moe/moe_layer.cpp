@@ -1,6 +1,6 @@
 #include "moe/moe_layer.h"
 
-#include "core/host_sync.h"
+#include "core/device/host_sync.h"
 
 namespace moeforge::moe {
 

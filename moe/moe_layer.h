@@ -5,8 +5,8 @@
 // sigmoid gate. Shapes: B batch, S sequence, T = B * S tokens, K top-k, D hidden.
 #pragma once
 
-#include "core/config.h"
-#include "core/gpt_model.h"
+#include "core/config/config.h"
+#include "core/model/gpt_model.h"
 #include "moe/dispatcher.h"
 #include "moe/experts.h"
 #include "moe/router.h"

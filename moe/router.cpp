@@ -1,7 +1,7 @@
 #include "moe/router.h"
 
 #include "core/kernels/wgrad_accumulation.h"
-#include "core/transformer.h"
+#include "core/model/transformer.h"
 
 #include <cmath>
 #include <tuple>

@@ -4,7 +4,7 @@
 // Shapes: T tokens, E experts, K top-k.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 
 #include <torch/torch.h>
 
@@ -30,7 +30,7 @@ struct Routing {
 // experts. The scores are what the variant's top-k runs on: the softmax probabilities with
 // pre-softmax routing (Qwen, Mixtral), the logits otherwise (Megatron allows the bias only with
 // sigmoid scores, whose probabilities are its scores). The bias is model state, saved with the
-// weights, kept in fp32 (core/rule_updated.h) and moved by update_expert_bias, never by a gradient.
+// weights, kept in fp32 (core/model/rule_updated.h) and moved by update_expert_bias, never by a gradient.
 class RouterImpl : public torch::nn::Module {
  public:
   explicit RouterImpl(const ModelConfig& config);

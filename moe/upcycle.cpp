@@ -1,6 +1,6 @@
 #include "moe/upcycle.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>

@@ -17,8 +17,8 @@
 //                 expert's neurons re-initialized; the shared expert from the dense FFN or random
 #pragma once
 
-#include "core/config.h"
-#include "core/gpt_model.h"
+#include "core/config/config.h"
+#include "core/model/gpt_model.h"
 
 #include <torch/torch.h>
 

@@ -20,7 +20,7 @@
 #pragma once
 
 #include "moe/dispatcher.h"
-#include "parallel/communicator.h"
+#include "parallel/comm/communicator.h"
 
 #include <memory>
 

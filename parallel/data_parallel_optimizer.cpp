@@ -1,6 +1,6 @@
 #include "parallel/data_parallel_optimizer.h"
 
-#include "core/host_sync.h"
+#include "core/device/host_sync.h"
 #include "core/kernels/adamw.h"
 #include "core/kernels/wgrad_accumulation.h"
 #include "parallel/grad_sync.h"

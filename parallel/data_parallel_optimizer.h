@@ -34,9 +34,9 @@
 // was saved from.
 #pragma once
 
-#include "core/optimizer.h"
+#include "core/optim/optimizer.h"
 #include "parallel/grad_sync.h"
-#include "parallel/process_groups.h"
+#include "parallel/comm/process_groups.h"
 
 #include <memory>
 #include <tuple>

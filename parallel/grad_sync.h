@@ -15,7 +15,7 @@
 // copies of the gradients (DataParallelAdamW); DistributedAdamW reduce-scatters its flat buffers.
 #pragma once
 
-#include "parallel/communicator.h"
+#include "parallel/comm/communicator.h"
 
 #include <torch/torch.h>
 

@@ -1,7 +1,7 @@
 #include "parallel/parallelize.h"
 
-#include "core/errors.h"
-#include "core/optimizer.h"
+#include "core/base/errors.h"
+#include "core/optim/optimizer.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>

@@ -23,11 +23,11 @@
 // single-process run's (each parameter's, and each expert's, random stream comes from its name).
 #pragma once
 
-#include "core/gpt_model.h"
-#include "core/safetensors.h"
+#include "core/model/gpt_model.h"
+#include "core/files/safetensors.h"
 #include "parallel/alltoall_dispatcher.h"
-#include "parallel/layout.h"
-#include "parallel/process_groups.h"
+#include "parallel/layout/layout.h"
+#include "parallel/comm/process_groups.h"
 #include "parallel/tensor_parallel.h"
 
 #include <memory>

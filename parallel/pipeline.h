@@ -1,6 +1,6 @@
 // defines: StageOutput, StageCallbacks, run_pipeline, gather_to_first_stage
 //
-// Runs one rank's part of a pipeline step (parallel/pipeline_schedule.h: 1F1B, or interleaved 1F1B
+// Runs one rank's part of a pipeline step (parallel/layout/pipeline_schedule.h: 1F1B, or interleaved 1F1B
 // with several model chunks per rank) over the pipeline group, independent of the model: the
 // caller's forward callback runs one micro-batch through one of this rank's chunks. Activations
 // [micro_batch, seq, hidden] go to the next rank and their gradients come back, point to point,
@@ -13,10 +13,10 @@
 // micro-batch: the plain gradient-accumulation loop.
 #pragma once
 
-#include "core/safetensors.h"
-#include "core/step_timer.h"
-#include "parallel/communicator.h"
-#include "parallel/pipeline_schedule.h"
+#include "core/files/safetensors.h"
+#include "core/device/step_timer.h"
+#include "parallel/comm/communicator.h"
+#include "parallel/layout/pipeline_schedule.h"
 
 #include <torch/torch.h>
 

@@ -22,7 +22,7 @@
 // only, because every rank computes the same whole gradient there.
 #pragma once
 
-#include "parallel/communicator.h"
+#include "parallel/comm/communicator.h"
 
 #include <torch/torch.h>
 

@@ -12,7 +12,7 @@
 // where a tensor is cut: ZeRO's shards update exactly as the whole tensor.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 
 #include <torch/torch.h>
 

@@ -1,6 +1,6 @@
 #include "core/kernels/grouped_gemm.h"
 
-#include "core/host_sync.h"
+#include "core/device/host_sync.h"
 #include "core/kernels/kernels.h"
 
 #include <fmt/format.h>

@@ -12,7 +12,7 @@
 // (kernels/self_check.h), on every rank alike.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 
 #include <c10/core/DeviceType.h>
 

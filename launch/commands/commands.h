@@ -4,7 +4,7 @@
 // Each returns the process exit code; user errors propagate as UserError to main.
 #pragma once
 
-#include "core/config_loader.h"
+#include "core/config/config_loader.h"
 
 #include <cstdint>
 #include <optional>

@@ -4,15 +4,15 @@
 // read and checked before anything is written, and the write is as atomic as a training save.
 #include "launch/commands/commands.h"
 
-#include "core/config_loader.h"
-#include "core/dir_lock.h"
-#include "core/errors.h"
+#include "core/config/config_loader.h"
+#include "core/files/dir_lock.h"
+#include "core/base/errors.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/checkpoint.h"
 #include "moe/hf_checkpoint.h"
 #include "moe/moe_layer.h"
 #include "parallel/parallelize.h"
-#include "parallel/layout.h"
+#include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>

@@ -1,8 +1,8 @@
 #include "launch/commands/data_commands.h"
 
-#include "core/config_loader.h"
-#include "core/errors.h"
-#include "core/logging.h"
+#include "core/config/config_loader.h"
+#include "core/base/errors.h"
+#include "core/config/logging.h"
 #include "data/datasets.h"
 #include "data/indexed_dataset.h"
 

@@ -2,11 +2,11 @@
 // layout mistake shows up on a login node instead of after a queue wait.
 #include "launch/commands/commands.h"
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
-#include "parallel/layout.h"
-#include "parallel/plan.h"
+#include "parallel/layout/layout.h"
+#include "parallel/layout/plan.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>

@@ -3,8 +3,8 @@
 // check a checkpoint against another implementation.
 #include "launch/commands/commands.h"
 
-#include "core/errors.h"
-#include "core/safetensors.h"
+#include "core/base/errors.h"
+#include "core/files/safetensors.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "moe/hf_checkpoint.h"
 #include "moe/moe_layer.h"

@@ -1,14 +1,14 @@
 #include "launch/commands/commands.h"
 
-#include "core/config_loader.h"
-#include "core/dir_lock.h"
-#include "core/durable_file.h"
-#include "core/errors.h"
-#include "core/file_names.h"
-#include "core/logging.h"
+#include "core/config/config_loader.h"
+#include "core/files/dir_lock.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
+#include "core/files/file_names.h"
+#include "core/config/logging.h"
 #include "data/blend.h"
-#include "parallel/plan.h"
-#include "parallel/layout.h"
+#include "parallel/layout/plan.h"
+#include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>

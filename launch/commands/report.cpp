@@ -1,11 +1,11 @@
 #include "launch/commands/report.h"
 
-#include "core/config_loader.h"
-#include "core/durable_file.h"
-#include "core/errors.h"
-#include "core/file_names.h"
+#include "core/config/config_loader.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
+#include "core/files/file_names.h"
 #include "launch/train/metrics.h"
-#include "parallel/layout.h"
+#include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>

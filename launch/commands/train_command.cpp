@@ -1,11 +1,11 @@
 // `[mpirun -np N] moeforge train CONFIG [--set k=v ...] [--load DIR] [--dry-run [--world-size N]]`.
 #include "launch/commands/commands.h"
 
-#include "core/config_loader.h"
-#include "core/errors.h"
-#include "core/logging.h"
+#include "core/config/config_loader.h"
+#include "core/base/errors.h"
+#include "core/config/logging.h"
 #include "launch/train/trainer.h"
-#include "parallel/mpi_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
 
 #include <fmt/format.h>
 

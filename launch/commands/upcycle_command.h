@@ -7,8 +7,8 @@
 // `--verify` checks the method's invariants on sample tokens (docs/upcycling.md).
 #pragma once
 
-#include "core/config.h"
-#include "core/gpt_model.h"
+#include "core/config/config.h"
+#include "core/model/gpt_model.h"
 #include "moe/upcycle.h"
 
 #include <optional>

@@ -1,11 +1,11 @@
 #include "launch/train/checkpoint.h"
 
-#include "core/config_loader.h"
-#include "core/dir_lock.h"
-#include "core/durable_file.h"
-#include "core/errors.h"
-#include "core/host_sync.h"
-#include "core/safetensors.h"
+#include "core/config/config_loader.h"
+#include "core/files/dir_lock.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
+#include "core/device/host_sync.h"
+#include "core/files/safetensors.h"
 #include "moe/hf_checkpoint.h"
 
 #include <fcntl.h>

@@ -3,7 +3,7 @@
 //          read_train_state, is_sharded_checkpoint, checkpoint_model_config, model_config_differences,
 //          backbone_config_differences
 //
-// File names: core/file_names.h.
+// File names: core/files/file_names.h.
 // Training checkpoints, Megatron's directory layout with a Hugging Face model inside:
 //
 //   <save>/latest_checkpointed_iteration.txt    the newest complete checkpoint's iteration
@@ -22,10 +22,10 @@
 // ranks holding them between prepare_checkpoint_dir() and commit_checkpoint().
 #pragma once
 
-#include "core/config.h"
-#include "core/file_names.h"
-#include "core/gpt_model.h"
-#include "core/optimizer.h"
+#include "core/config/config.h"
+#include "core/files/file_names.h"
+#include "core/model/gpt_model.h"
+#include "core/optim/optimizer.h"
 
 #include <nlohmann/json.hpp>
 

@@ -9,8 +9,8 @@
 // uninterrupted run.
 #pragma once
 
-#include "core/config.h"
-#include "core/device_memory.h"
+#include "core/config/config.h"
+#include "core/device/device_memory.h"
 
 #include <nlohmann/json.hpp>
 
@@ -109,16 +109,16 @@ struct StepMetrics {
   std::vector<std::vector<int64_t>> ep_tokens_received;
   double ep_tokens_received_max_over_mean = 0;
   int64_t all_to_all_bytes_sent = 0;
-  // Times this rank's host waited for its device in the step (core/host_sync.h: on CPU, where a
+  // Times this rank's host waited for its device in the step (core/device/host_sync.h: on CPU, where a
   // GPU would have waited).
   int64_t host_syncs = 0;
   // Timing and machine-dependent values. On GPUs the phases are CUDA-event times on the compute
-  // stream (core/step_timer.h); the step time is the host's, to the end of the device's work.
+  // stream (core/device/step_timer.h); the step time is the host's, to the end of the device's work.
   double step_time_s = 0, time_data_s = 0, time_forward_s = 0, time_backward_s = 0, time_grad_reduce_s = 0;
   double time_optimizer_s = 0, time_all_to_all_s = 0;  // all-to-all time is part of forward and backward
   double time_pipeline_wait_s = 0;  // in pipeline sends and receives (bubble and transfers); 0 without PP
   // Wall time with at least one collective in flight, and the part the compute thread waited for
-  // one (parallel/work.h); their difference is the communication hidden behind compute.
+  // one (parallel/comm/work.h); their difference is the communication hidden behind compute.
   double time_comm_s = 0, time_comm_exposed_s = 0;
   double time_comm_thread_cpu_s = 0;  // CPU time of the communication threads (they share cores with compute)
   double tokens_per_s_per_device = 0, tflops_per_device = 0, tflops_6n_per_device = 0;

@@ -9,7 +9,7 @@
 // Off by default (logging.profile: false); costs nothing when off.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 
 #include <cstdint>
 #include <filesystem>

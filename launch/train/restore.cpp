@@ -1,7 +1,7 @@
 #include "launch/train/restore.h"
 
-#include "core/file_names.h"
-#include "core/safetensors.h"
+#include "core/files/file_names.h"
+#include "core/files/safetensors.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
 #include "moe/hf_checkpoint.h"

@@ -6,8 +6,8 @@
 // (check_checkpoint_fits, launch/train/startup_checks.h).
 #pragma once
 
-#include "core/gpt_model.h"
-#include "core/optimizer.h"
+#include "core/model/gpt_model.h"
+#include "core/optim/optimizer.h"
 #include "launch/train/checkpoint.h"
 #include "parallel/parallelize.h"
 

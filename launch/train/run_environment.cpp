@@ -1,6 +1,6 @@
 #include "launch/train/run_environment.h"
 
-#include "parallel/process_groups.h"
+#include "parallel/comm/process_groups.h"
 
 #include <fmt/format.h>
 #include <mpi.h>

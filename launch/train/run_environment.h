@@ -6,8 +6,8 @@
 // start-up; `moeforge report` reads it (keys in docs/report.md).
 #pragma once
 
-#include "core/config.h"
-#include "parallel/communicator.h"
+#include "core/config/config.h"
+#include "parallel/comm/communicator.h"
 
 #include <nlohmann/json.hpp>
 

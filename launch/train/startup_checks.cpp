@@ -1,15 +1,15 @@
 #include "launch/train/startup_checks.h"
 
-#include "core/errors.h"
-#include "core/optimizer.h"
-#include "core/rule_updated.h"
-#include "core/safetensors.h"
+#include "core/base/errors.h"
+#include "core/optim/optimizer.h"
+#include "core/model/rule_updated.h"
+#include "core/files/safetensors.h"
 #include "data/blend.h"
 #include "data/gpt_dataset.h"
 #include "data/indexed_dataset.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "moe/moe_layer.h"
-#include "parallel/plan.h"
+#include "parallel/layout/plan.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>

@@ -5,12 +5,12 @@
 // The checks a training run makes before it allocates anything, in one place: the trainer calls
 // them (and stops at the first failure), `moeforge train --dry-run` calls the same functions and
 // lists every failure, so both refuse a config with the same message. Each throws a UserError.
-// The parallel layout's rules are ParallelLayout::create's (parallel/layout.h), checked first by both.
+// The parallel layout's rules are ParallelLayout::create's (parallel/layout/layout.h), checked first by both.
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 #include "launch/train/checkpoint.h"
-#include "parallel/layout.h"
+#include "parallel/layout/layout.h"
 
 #include <optional>
 #include <string>
@@ -47,7 +47,7 @@ void check_trainable(const ExperimentConfig& config);
 // What of a device's `total` bytes check_memory_fits lets the plan use: all but 5 % and 1.5 GiB.
 int64_t usable_device_bytes(int64_t total);
 
-// The memory plan (parallel/plan.h) of the layout's largest stage must fit what it will run in:
+// The memory plan (parallel/layout/plan.h) of the layout's largest stage must fit what it will run in:
 // usable_device_bytes(`device_total`) per rank on a device, otherwise the host's memory (the
 // cgroup's limit when lower) shared by `ranks_on_host` ranks. Refused before anything is
 // allocated, with the planner's number; the plan omits allocator and runtime overhead (the

@@ -1,7 +1,7 @@
 #include "launch/train/tensorboard.h"
 
-#include "core/durable_file.h"
-#include "core/errors.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
 #include "launch/train/metrics.h"
 
 #include <fmt/format.h>

@@ -1,15 +1,15 @@
 #include "launch/train/trainer.h"
 
-#include "core/device_memory.h"
-#include "core/durable_file.h"
-#include "core/errors.h"
-#include "core/host_sync.h"
+#include "core/device/device_memory.h"
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
+#include "core/device/host_sync.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/self_check.h"
 #include "core/kernels/wgrad_accumulation.h"
-#include "core/logging.h"
-#include "core/model_size.h"
-#include "core/step_timer.h"
+#include "core/config/logging.h"
+#include "core/flops/model_size.h"
+#include "core/device/step_timer.h"
 #include "data/datasets.h"
 #include "launch/train/restore.h"
 #include "launch/train/run_environment.h"
@@ -17,7 +17,7 @@
 #include "moe/upcycle.h"
 #include "parallel/data_parallel_optimizer.h"
 #include "parallel/pipeline.h"
-#include "parallel/work.h"
+#include "parallel/comm/work.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -40,7 +40,7 @@ namespace moeforge {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr int64_t kMaxLockRecord = 1024;  // bytes of a lock record (core/dir_lock.h) sent to the other ranks
+constexpr int64_t kMaxLockRecord = 1024;  // bytes of a lock record (core/files/dir_lock.h) sent to the other ranks
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 int64_t peak_rss_bytes() {

@@ -15,12 +15,12 @@
 // setup_optimizer, restore, announce); train_step() is one iteration, read top to bottom.
 #pragma once
 
-#include "core/config_loader.h"
-#include "core/dir_lock.h"
-#include "core/gpt_model.h"
-#include "core/lr_schedule.h"
-#include "core/mfu.h"
-#include "core/optimizer.h"
+#include "core/config/config_loader.h"
+#include "core/files/dir_lock.h"
+#include "core/model/gpt_model.h"
+#include "core/optim/lr_schedule.h"
+#include "core/flops/mfu.h"
+#include "core/optim/optimizer.h"
 #include "data/loader.h"
 #include "launch/train/checkpoint.h"
 #include "launch/train/metrics.h"
@@ -29,10 +29,10 @@
 #include "launch/train/startup_checks.h"
 #include "launch/train/tensorboard.h"
 #include "moe/moe_layer.h"
-#include "parallel/layout.h"
-#include "parallel/mpi_communicator.h"
+#include "parallel/layout/layout.h"
+#include "parallel/comm/mpi_communicator.h"
 #include "parallel/parallelize.h"
-#include "parallel/process_groups.h"
+#include "parallel/comm/process_groups.h"
 
 #include <memory>
 #include <optional>
@@ -58,7 +58,7 @@ class Trainer {
   };
   // Start-up, in this order.
   void setup_parallel();   // the layout (every rule), the device, the process groups
-  void claim_directories();  // run_dir and checkpoint.save: writable, and this job's alone (core/dir_lock.h)
+  void claim_directories();  // run_dir and checkpoint.save: writable, and this job's alone (core/files/dir_lock.h)
   void setup_data();         // the datasets
   void setup_model();      // built on the meta device, parallelized, then this rank's part materialised
   void setup_optimizer();  // trainable parameters, the optimizer and the LR schedule

@@ -4,7 +4,7 @@
 // reduce-scatter and all-to-all, 1 for broadcast), next to a baseline measured in the same run: a
 // local memcpy of the same bytes (what the memory system gives one rank).
 //   mpirun --oversubscribe -np 4 build/tests/bench/bench_comm [MAX_MB]
-#include "parallel/mpi_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
 
 #include <fmt/format.h>
 

@@ -2,7 +2,7 @@
 // Qwen2-MoE against `transformers`' on the same CPU, same thread count, same shapes, measured in
 // one run; then where our time goes (each part timed alone, forward + backward).
 //   build/tests/bench/bench_model [THREADS]
-#include "core/gpt_model.h"
+#include "core/model/gpt_model.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>

@@ -1,7 +1,7 @@
 // libFuzzer target for the .idx parser (data/indexed_dataset.cpp). Input: 2 bytes giving the
 // .bin size, then the .idx bytes. Opening must either succeed, after which every sequence is
 // readable, or throw UserError; anything else (a crash, a sanitizer report) is a bug.
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/indexed_dataset.h"
 
 #include <cstdio>

@@ -1,8 +1,8 @@
-// libFuzzer target for the safetensors header parser (core/safetensors_header.cpp). Input: a whole
+// libFuzzer target for the safetensors header parser (core/files/safetensors_header.cpp). Input: a whole
 // file's bytes. Parsing must either return a header whose tensors tile the data section, or throw
 // UserError; anything else (a crash, a sanitizer report, another exception type) is a bug.
-#include "core/errors.h"
-#include "core/safetensors_header.h"
+#include "core/base/errors.h"
+#include "core/files/safetensors_header.h"
 
 #include <cstdlib>
 #include <string>

@@ -1,10 +1,10 @@
-// libFuzzer target for the YAML config loader (core/config_loader.cpp: parsing, duplicate keys,
+// libFuzzer target for the YAML config loader (core/config/config_loader.cpp: parsing, duplicate keys,
 // `base` chains, --set overrides, schema types and validation). Input: the config file's bytes;
 // an input whose first line is `#set section.key=value` also applies that override. Loading must
 // either return a config or throw UserError; anything else (a crash, a sanitizer report, another
 // exception type) is a bug.
-#include "core/config_loader.h"
-#include "core/errors.h"
+#include "core/config/config_loader.h"
+#include "core/base/errors.h"
 
 #include <cstdio>
 #include <string>

@@ -12,11 +12,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 work=${3:-$root/build/fuzz}/$target
 mkdir -p "$work/corpus"
 clangxx=$(command -v clang++ || command -v clang++-14)
-core=(core/config.cpp core/config_schema.cpp core/config_loader.cpp core/config_validate.cpp core/durable_file.cpp
-      core/text_distance.cpp core/model_size.cpp core/logging.cpp)
+core=(core/config/config.cpp core/config/config_schema.cpp core/config/config_loader.cpp core/config/config_validate.cpp core/files/durable_file.cpp
+      core/base/text_distance.cpp core/flops/model_size.cpp core/config/logging.cpp)
 case "$target" in
-  idx) sources=(data/indexed_dataset.cpp data/sigbus_guard.cpp core/durable_file.cpp); libs=(-lfmt) ;;
-  safetensors_header) sources=(core/safetensors_header.cpp); libs=(-lfmt) ;;
+  idx) sources=(data/indexed_dataset.cpp data/sigbus_guard.cpp core/files/durable_file.cpp); libs=(-lfmt) ;;
+  safetensors_header) sources=(core/files/safetensors_header.cpp); libs=(-lfmt) ;;
   yaml_config) sources=("${core[@]}"); libs=(-lyaml-cpp -lspdlog -lfmt) ;;
   *) echo "run_fuzz.sh: unknown target '$target' (idx, safetensors_header, yaml_config)" >&2; exit 1 ;;
 esac

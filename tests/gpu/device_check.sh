@@ -142,7 +142,7 @@ rehearse() {
   configure "$build" "$root/.venv" OFF "$prefix" > "$prefix/configure.log" 2>&1 ||
     { tail -30 "$prefix/configure.log" >&2; die "configure failed (log: $prefix/configure.log)"; }
   if [[ ${1:-} == --configure-only ]]; then
-    ninja -C "$build" moeforge_core > /dev/null  # one library: the compiler and the headers work
+    ninja -C "$build" moeforge_base > /dev/null  # one library: the compiler and the headers work
     check_from_prefix "$build" "$prefix" --cache-only
     say "configure-only rehearsal passed"
     return

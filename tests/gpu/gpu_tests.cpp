@@ -81,7 +81,7 @@ TEST_CASE("training steps on CUDA equal the same steps on the CPU", "[gpu][train
                         << cpu.grad_norm[i] << " cuda " << cuda.grad_norm[i]);
       CHECK(relative(cuda.lm_loss[i], cpu.lm_loss[i]) < loss_tol);
       CHECK(relative(cuda.grad_norm[i], cpu.grad_norm[i]) < norm_tol);
-      // The CPU counts where a GPU waits (core/host_sync.h); on CUDA LibTorch reports every sync,
+      // The CPU counts where a GPU waits (core/device/host_sync.h); on CUDA LibTorch reports every sync,
       // its hidden ones included: a difference names an op that synchronizes.
       const auto& m = cuda.metrics[i];
       CHECK(m["host_syncs"] == cpu.metrics[i]["host_syncs"]);

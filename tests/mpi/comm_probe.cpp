@@ -8,7 +8,7 @@
 //   pipeline            a pipeline exchange: rank 0 an asynchronous send to rank 1 (waited on at the
 //                       step's end), rank 2 a paired send_recv with rank 1; 4 MB, beyond MPI's eager sends
 // The other ranks must end, non-zero, within the timeout, with a message naming the operation.
-#include "parallel/mpi_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
 
 #include <chrono>
 #include <csignal>

@@ -1,7 +1,7 @@
 // Catch2 under MPI: every rank runs every test in the same order (the collectives need all of them);
 // MPI is initialized before and finalized after.
 #define CATCH_CONFIG_RUNNER
-#include "parallel/mpi_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
 
 #include <catch2/catch.hpp>
 

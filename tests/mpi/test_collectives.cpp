@@ -1,7 +1,7 @@
 // Every collective of MpiCommunicator against closed forms (rank r of n contributes values made
 // from r, so each result is a formula of n), fp32, int64 and bf16, chunked and not, uneven
 // all-to-all and sub-groups. Run by ctest under `mpirun --oversubscribe -np 4` (and -np 3).
-#include "parallel/mpi_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
 
 #include <catch2/catch.hpp>
 

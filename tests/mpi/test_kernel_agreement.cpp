@@ -1,7 +1,7 @@
 // The kernel self-check's verdict under mpirun: a kernel that fails on one rank only is disabled on
 // every rank (so a distributed run keeps running one math), through the trainer's MAX all-reduce.
 #include "core/kernels/self_check.h"
-#include "parallel/mpi_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
 
 #include <catch2/catch.hpp>
 

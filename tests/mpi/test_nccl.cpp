@@ -1,8 +1,8 @@
 // The NCCL backend against closed forms, under mpirun with one GPU per rank. Without enough GPUs
 // every rank prints why and exits 77, which ctest reports as skipped (SKIP_RETURN_CODE).
 #define CATCH_CONFIG_RUNNER
-#include "parallel/mpi_communicator.h"
-#include "parallel/nccl_communicator.h"
+#include "parallel/comm/mpi_communicator.h"
+#include "parallel/comm/nccl_communicator.h"
 
 #include <c10/cuda/CUDAFunctions.h>
 #include <catch2/catch.hpp>

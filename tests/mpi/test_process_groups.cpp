@@ -1,7 +1,7 @@
 // The process groups of a layout under mpirun: each group's members are the layout's, and a
 // reduction inside each group sums exactly its members (closed form).
-#include "core/config_loader.h"
-#include "parallel/process_groups.h"
+#include "core/config/config_loader.h"
+#include "parallel/comm/process_groups.h"
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>

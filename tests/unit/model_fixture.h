@@ -1,7 +1,7 @@
 // defines: small_moe_config (the model configuration of the in-process MoE tests)
 #pragma once
 
-#include "core/config.h"
+#include "core/config/config.h"
 
 namespace moeforge::test {
 

@@ -1,5 +1,5 @@
 // Megatron's --split and --data-path readings (megatron/core/datasets/utils.py semantics).
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/blend.h"
 
 #include <catch2/catch.hpp>

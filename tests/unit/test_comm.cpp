@@ -1,8 +1,8 @@
 // Communicators seen from outside: a group of one, and a hung or dead rank ending an mpirun job on
 // every rank within the timeout, with the operation and group named (tests/mpi/comm_probe.cpp).
-#include "parallel/communicator.h"
-#include "parallel/process_groups.h"
-#include "parallel/watchdog.h"
+#include "parallel/comm/communicator.h"
+#include "parallel/comm/process_groups.h"
+#include "parallel/comm/watchdog.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

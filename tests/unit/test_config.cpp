@@ -1,7 +1,7 @@
 // Config loading: shipped configs, base files, overrides, round trip, and every error path.
-#include "core/config_loader.h"
-#include "core/config_schema.h"
-#include "core/errors.h"
+#include "core/config/config_loader.h"
+#include "core/config/config_schema.h"
+#include "core/base/errors.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

@@ -1,6 +1,6 @@
 // Device hygiene of the training path as a test (docs/gpu.md): every tensor the model and the
 // training runtime create is made on the device of the data it meets, or is marked as host-resident
-// with the reason; every device-to-host read goes through core/host_sync.h's to_host, so that it is
+// with the reason; every device-to-host read goes through core/device/host_sync.h's to_host, so that it is
 // counted in metrics.jsonl's host_syncs. A lint over the sources: a CPU run cannot see a tensor made
 // on the wrong device (everything is on the CPU), so the rule is checked where it is written.
 #include <catch2/catch.hpp>
@@ -24,8 +24,8 @@ const fs::path kRoot = MOEFORGE_SOURCE_DIR;
 // checkpoint I/O, configuration, data (host bytes the trainer copies with to_device), the
 // communicators (they move what they are given).
 const std::vector<std::string> kTrainingPath = {
-    "core/gpt_model.cpp",       "core/transformer.cpp",    "core/recompute.cpp",
-    "core/optimizer.cpp",       "core/kernels/adamw.cpp",  "core/kernels/cross_entropy.cpp",
+    "core/model/gpt_model.cpp",       "core/model/transformer.cpp",    "core/model/recompute.cpp",
+    "core/optim/optimizer.cpp",       "core/kernels/adamw.cpp",  "core/kernels/cross_entropy.cpp",
     "core/kernels/grouped_gemm.cpp", "core/kernels/moe_permute.cpp", "core/kernels/rmsnorm.cpp",
     "core/kernels/rope.cpp",    "core/kernels/swiglu.cpp", "core/kernels/wgrad_accumulation.cpp",
     "moe/dispatcher.cpp",
@@ -97,6 +97,6 @@ TEST_CASE("the training path reads the device only through to_host, so host_sync
           "[hygiene][device]") {
   const std::regex read(R"(\.cpu\(\)|\.to\(torch::kCPU|\.to\(at::kCPU|torch::cuda::synchronize)");
   const auto found = violations(read, {});
-  INFO("device-to-host reads outside to_host (core/host_sync.h):\n" << fmt::format("{}", fmt::join(found, "\n")));
+  INFO("device-to-host reads outside to_host (core/device/host_sync.h):\n" << fmt::format("{}", fmt::join(found, "\n")));
   CHECK(found.empty());
 }

@@ -1,7 +1,7 @@
 // GPT samples against Megatron-Core's GPTDataset and BlendedMegatronDatasetBuilder
 // (tests/oracles/megatron_data_oracle.py): the same indices and the same sample contents for
 // several seeds, sequence lengths, epoch regimes, splits, dtypes and blends.
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/blend.h"
 #include "data/datasets.h"
 #include "data/index_cache.h"

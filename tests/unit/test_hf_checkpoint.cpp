@@ -1,7 +1,7 @@
 // Hugging Face checkpoints: models saved by `transformers` load with identical logits, our saved
 // checkpoints load in `transformers` with identical logits, and every mismatch is listed.
-#include "core/errors.h"
-#include "core/safetensors.h"
+#include "core/base/errors.h"
+#include "core/files/safetensors.h"
 #include "launch/train/checkpoint.h"
 #include "model_fixture.h"
 #include "moe/hf_checkpoint.h"

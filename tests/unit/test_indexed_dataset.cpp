@@ -1,6 +1,6 @@
 // Indexed datasets against Megatron-Core's own writer and reader (tests/oracles), and every class
 // of corruption a reader must catch.
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/indexed_dataset.h"
 #include "test_util.h"
 

@@ -1,7 +1,7 @@
 // ParallelLayout: Megatron's rank order checked against closed forms, and every impossible layout.
-#include "core/config_loader.h"
-#include "core/errors.h"
-#include "parallel/layout.h"
+#include "core/config/config_loader.h"
+#include "core/base/errors.h"
+#include "parallel/layout/layout.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

@@ -3,9 +3,9 @@
 // step from the global batch's loads, balances a router that cannot learn, is saved in fp32 and
 // restored, and is the same on every rank and layout. global_aux_loss's closed form here; its
 // layouts against one process in test_train_distributed.cpp.
-#include "core/file_names.h"
-#include "core/safetensors.h"
-#include "core/transformer.h"
+#include "core/files/file_names.h"
+#include "core/files/safetensors.h"
+#include "core/model/transformer.h"
 #include "moe/router.h"
 #include "train_fixture.h"
 

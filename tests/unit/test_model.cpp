@@ -1,7 +1,7 @@
 // The model against Hugging Face `transformers` (tests/oracles/hf_model_oracle.py): tiny random
 // Qwen2-MoE (with and without a dense layer), Mixtral and dense Qwen2 models in fp32. Logits, LM
 // loss, load-balancing loss and the gradient of every parameter must match.
-#include "core/gpt_model.h"
+#include "core/model/gpt_model.h"
 #include "moe/moe_layer.h"
 #include "test_util.h"
 

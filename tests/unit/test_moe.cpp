@@ -1,7 +1,7 @@
 // MoE pieces against closed forms: router variants, load-balancing and z losses under uniform
 // routing, capacity dropping, the dispatch round trip, Megatron's initialization, bf16.
 #include "../unit/model_fixture.h"
-#include "core/gpt_model.h"
+#include "core/model/gpt_model.h"
 #include "moe/dispatcher.h"
 #include "moe/moe_layer.h"
 #include "moe/router.h"

@@ -1,9 +1,9 @@
-// The pipeline schedules (parallel/pipeline_schedule.h), every rank's action list replayed together:
+// The pipeline schedules (parallel/layout/pipeline_schedule.h), every rank's action list replayed together:
 // each slot runs forward then backward once, in micro-batch order per chunk; what a rank sends
 // to a peer is, message by message, what the peer expects to receive from it (the order NCCL
 // pairs them by); and with messages that complete only when both ends have posted them (the
 // strictest transport), every step ends: no schedule can deadlock.
-#include "parallel/pipeline_schedule.h"
+#include "parallel/layout/pipeline_schedule.h"
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>

@@ -1,10 +1,10 @@
 // Planner numbers against independent references: the parameter counts and FLOPs published in
 // ../shared/reference/qwen-moe.md and flops-mfu.md (computed there from the architecture by hand),
 // and closed forms for the batch, bubble and memory arithmetic.
-#include "core/config_loader.h"
-#include "core/model_size.h"
-#include "parallel/plan.h"
-#include "parallel/layout.h"
+#include "core/config/config_loader.h"
+#include "core/flops/model_size.h"
+#include "parallel/layout/plan.h"
+#include "parallel/layout/layout.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

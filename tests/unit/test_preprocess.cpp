@@ -1,6 +1,6 @@
 // `moeforge data preprocess` against Megatron's preprocess_data.py semantics, with `tokenizers`
 // and Megatron-Core's IndexedDatasetBuilder as the oracle (tests/oracles/megatron_data_oracle.py).
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/indexed_dataset.h"
 #include "data/preprocess.h"
 #include "test_util.h"

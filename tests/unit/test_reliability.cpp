@@ -1,9 +1,9 @@
 // Nothing lost, nothing trusted (issue 19): a run's directories are its own while it runs, a full
 // disk under metrics.jsonl ends the run with a clear error, a resume repairs a cut line, and a
 // save directory without its tracker is not silently overwritten.
-#include "core/dir_lock.h"
-#include "core/errors.h"
-#include "core/file_names.h"
+#include "core/files/dir_lock.h"
+#include "core/base/errors.h"
+#include "core/files/file_names.h"
 #include "data/indexed_dataset.h"
 #include "train_fixture.h"
 
@@ -204,7 +204,7 @@ TEST_CASE("train: a save directory whose tracker is gone is not saved over unles
 
 TEST_CASE("train: a kill between the first save's rename and its tracker leaves a run that the advice resumes",
           "[reliability][train][checkpoint]") {
-  // kill -9 at the exact instant, through the durable-write code's fault hook (core/durable_file.h).
+  // kill -9 at the exact instant, through the durable-write code's fault hook (core/files/durable_file.h).
   TempDir dir;
   const auto config = write_config(dir);
   const auto save = dir.path() / "ckpt";

@@ -1,7 +1,7 @@
 // Safetensors files and checkpoints against Python's `safetensors` and Hugging Face's sharding
 // (tests/oracles/safetensors_oracle.py), and every class of malformed file a reader must reject.
-#include "core/errors.h"
-#include "core/safetensors.h"
+#include "core/base/errors.h"
+#include "core/files/safetensors.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>

@@ -3,7 +3,7 @@
 // conversion on another layout or on one process, each time continuing exactly as the
 // uninterrupted single-process run; the conversion to a whole checkpoint gives bit for bit the
 // checkpoint the same run saves whole; a damaged shard is refused. Also `train --dry-run`.
-#include "core/safetensors.h"
+#include "core/files/safetensors.h"
 #include "test_util.h"
 #include "train_fixture.h"
 

@@ -1,9 +1,9 @@
 // `moeforge train --dry-run` refuses every config the trainer refuses at start-up, with the same
 // message (both call launch/train/startup_checks.h and ParallelLayout::create).
-#include "core/config_loader.h"
+#include "core/config/config_loader.h"
 #include "launch/train/startup_checks.h"
-#include "parallel/layout.h"
-#include "parallel/plan.h"
+#include "parallel/layout/layout.h"
+#include "parallel/layout/plan.h"
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>

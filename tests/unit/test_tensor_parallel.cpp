@@ -1,9 +1,9 @@
 // Tensor parallelism's cuts against closed forms: which rows and columns each TP rank keeps, that
 // the parts join back into the whole, and the partition's cut of every weight of the model by its
 // module (column-parallel by rows, row-parallel by columns, routers and norms whole).
-#include "core/config_loader.h"
+#include "core/config/config_loader.h"
 #include "moe/moe_layer.h"
-#include "parallel/layout.h"
+#include "parallel/layout/layout.h"
 #include "parallel/parallelize.h"
 #include "parallel/tensor_parallel.h"
 #include "test_util.h"

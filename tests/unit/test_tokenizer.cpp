@@ -1,6 +1,6 @@
 // The BPE tokenizer against Hugging Face `tokenizers` (tests/oracles/tokenize_oracle.py) on the
 // Qwen tokenizer.json and on variants exercising the other supported fields; the byte tokenizer.
-#include "core/errors.h"
+#include "core/base/errors.h"
 #include "data/tokenizer.h"
 #include "test_util.h"
 

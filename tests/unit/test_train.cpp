@@ -1,10 +1,10 @@
 // `moeforge train` end to end, against independent references: Megatron-Core's LR scheduler, a
 // PyTorch + transformers training loop (tests/oracles/train_oracle.py), and runs of itself only
 // where the property is self-consistency (determinism, resume, kill during save).
-#include "core/config_loader.h"
-#include "core/lr_schedule.h"
-#include "core/optimizer.h"
-#include "core/safetensors.h"
+#include "core/config/config_loader.h"
+#include "core/optim/lr_schedule.h"
+#include "core/optim/optimizer.h"
+#include "core/files/safetensors.h"
 #include "launch/train/checkpoint.h"
 #include "launch/train/metrics.h"
 #include "test_util.h"

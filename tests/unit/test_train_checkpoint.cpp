@@ -1,6 +1,6 @@
 // `moeforge train` properties that are about itself: bitwise determinism, resume equal to an
 // uninterrupted run, a kill during a save, freezing, and clear errors for bad input.
-#include "core/safetensors.h"
+#include "core/files/safetensors.h"
 #include "test_util.h"
 #include "train_fixture.h"
 

@@ -2,9 +2,9 @@
 // optimizer, equal the single-process run of the same global batch (losses, gradient norms,
 // validation loss, every parameter and the optimizer state after 3 iterations, fp32, relative
 // 1e-5); checkpoints move between layouts; a killed rank ends the job.
-#include "core/config_loader.h"
-#include "core/model_size.h"
-#include "core/safetensors.h"
+#include "core/config/config_loader.h"
+#include "core/flops/model_size.h"
+#include "core/files/safetensors.h"
 #include "test_util.h"
 #include "train_fixture.h"
 
@@ -80,7 +80,7 @@ void check_equals_single_process(const std::vector<Layout>& layouts, const std::
       CHECK(m[i]["consumed_samples"] == single[i]["consumed_samples"]);
       CHECK(m[i]["lr"] == single[i]["lr"]);
       CHECK(m[i]["expert_load_per_layer"] == single[i]["expert_load_per_layer"]);
-      // Rank 0's host syncs (core/host_sync.h): the dispatcher's counts once per MoE layer of its
+      // Rank 0's host syncs (core/device/host_sync.h): the dispatcher's counts once per MoE layer of its
       // stage and micro-batch, then the losses' read, the gradient norm's and the step's end.
       const int micro_batches = 8 / (2 * layout.dp());
       CHECK(m[i]["host_syncs"].get<int>() == micro_batches * layers / layout.pp + 3);

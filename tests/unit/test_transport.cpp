@@ -1,7 +1,7 @@
-// Note [Transport] (parallel/communicator.h): both ends of every point-to-point message use the
+// Note [Transport] (parallel/comm/communicator.h): both ends of every point-to-point message use the
 // same transport, decided by the call, never by each rank's own tensor. Two ranks run in one
 // process over a loopback communicator pair that records what each end chose.
-#include "parallel/communicator.h"
+#include "parallel/comm/communicator.h"
 #include "parallel/pipeline.h"
 
 #include <catch2/catch.hpp>

@@ -2,7 +2,7 @@
 // by `transformers` (the upcycled checkpoints are loaded back by `transformers`, and the expert
 // sums recomputed there from the raw tensors), router-only training and its no-op warning, and a
 // short continual pretraining run from an upcycled model.
-#include "core/safetensors.h"
+#include "core/files/safetensors.h"
 #include "test_util.h"
 #include "train_fixture.h"
 

@@ -1,7 +1,7 @@
 // defines: TempDir, run_command, run_oracle, user_error, slurp, source_path (shared test helpers)
 #pragma once
 
-#include "core/errors.h"
+#include "core/base/errors.h"
 
 // c10's logging defines a CHECK macro too (abort on failure, no report): included first, so that
 // Catch's definition, below, is the one every test uses whatever it includes afterwards.

@@ -7,8 +7,8 @@
 #include "core/kernels/grouped_gemm.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/wgrad_accumulation.h"
-#include "core/gpt_model.h"
-#include "core/optimizer.h"
+#include "core/model/gpt_model.h"
+#include "core/optim/optimizer.h"
 #include "moe/moe_layer.h"
 #include "parallel/data_parallel_optimizer.h"
 

@@ -1,0 +1,235 @@
+#include "core/config/config_validate.h"
+
+#include "core/base/errors.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace moeforge {
+
+void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
+                            std::map<std::string, std::string>& origin) {
+  auto derive = [&](auto& field, auto value, const char* name) {
+    if (!field) {
+      field = value;
+      origin[name] = "derived";
+    }
+  };
+  ModelConfig& m = c.model;
+  derive(m.num_query_groups, m.num_attention_heads, "model.num_query_groups");
+  if (m.num_attention_heads > 0) derive(m.kv_channels, m.hidden_size / m.num_attention_heads, "model.kv_channels");
+  derive(m.ffn_hidden_size, 4 * m.hidden_size, "model.ffn_hidden_size");
+  if (m.num_experts) derive(m.moe_ffn_hidden_size, *m.ffn_hidden_size, "model.moe_ffn_hidden_size");
+  derive(m.max_position_embeddings, c.training.seq_length, "model.max_position_embeddings");
+  derive(c.training.lr_decay_iters, c.training.train_iters, "training.lr_decay_iters");
+  if (c.logging.run_dir.empty()) {
+    c.logging.run_dir = (std::filesystem::path("runs") / std::filesystem::path(config_path).stem()).string();
+    origin["logging.run_dir"] = "derived";
+  }
+}
+
+namespace {
+
+constexpr double kMaxTimeoutMinutes = 7 * 24 * 60;
+
+class Problems {
+ public:
+  template <typename... Args>
+  void add(fmt::format_string<Args...> format, Args&&... args) {
+    list_.push_back(fmt::format(format, std::forward<Args>(args)...));
+  }
+  template <typename T>
+  void positive(const char* name, T value) {
+    if (!(value > 0)) return add("{} must be positive, got {}", name, value);
+    fp32_representable(name, value);
+  }
+  template <typename T>
+  void non_negative(const char* name, T value) {
+    if (!(value >= 0)) return add("{} must be >= 0, got {}", name, value);
+    fp32_representable(name, value);
+  }
+  // Floating settings reach the model and the optimizer in fp32: an infinite value, one beyond
+  // fp32's range, or a nonzero one that rounds to 0 there (adam_eps: 1e-46) would train on
+  // non-finite or meaningless numbers.
+  template <typename T>
+  void fp32_representable(const char* name, T value) {
+    if constexpr (std::is_floating_point_v<T>) {
+      const auto f = static_cast<float>(value);
+      if (!std::isfinite(f)) {
+        add("{} is {}, beyond fp32's range (the precision it is used in): use a finite value below {:g}", name, value,
+            static_cast<double>(std::numeric_limits<float>::max()));
+      } else if (value != 0 && f == 0.0f) {
+        add("{} is {}, which is 0 in fp32 (the precision it is used in): use 0 or at least {:g}", name, value,
+            static_cast<double>(std::numeric_limits<float>::min()));
+      }
+    }
+  }
+  void throw_if_any() const {
+    if (list_.empty()) return;
+    fail_user("invalid config ({} problem{}):\n  - {}", list_.size(), list_.size() > 1 ? "s" : "",
+              fmt::join(list_, "\n  - "));
+  }
+
+ private:
+  std::vector<std::string> list_;
+};
+
+void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) {
+  p.positive("model.num_layers", m.num_layers);
+  p.positive("model.hidden_size", m.hidden_size);
+  p.positive("model.num_attention_heads", m.num_attention_heads);
+  p.positive("model.vocab_size", m.vocab_size);
+  p.positive("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by);
+  p.positive("model.rotary_base", m.rotary_base);
+  p.positive("model.norm_epsilon", m.norm_epsilon);
+  p.positive("model.init_method_std", m.init_method_std);
+  p.positive("model.num_query_groups", *m.num_query_groups);
+  p.positive("model.kv_channels", *m.kv_channels);
+  p.positive("model.ffn_hidden_size", *m.ffn_hidden_size);
+  if (m.num_attention_heads > 0 && m.hidden_size % m.num_attention_heads != 0 && *m.kv_channels * m.num_attention_heads != m.hidden_size) {
+    // Only an issue when kv_channels was derived (hidden / heads would silently truncate).
+    p.add("model.hidden_size ({}) is not divisible by model.num_attention_heads ({}): choose a head count that "
+          "divides it, or set model.kv_channels explicitly",
+          m.hidden_size, m.num_attention_heads);
+  }
+  if (*m.num_query_groups > 0 && m.num_attention_heads % *m.num_query_groups != 0) {
+    p.add("model.num_attention_heads ({}) is not divisible by model.num_query_groups ({}): every key/value head must "
+          "serve the same number of query heads",
+          m.num_attention_heads, *m.num_query_groups);
+  }
+  if (*m.max_position_embeddings < t.seq_length) {
+    p.add("model.max_position_embeddings ({}) is shorter than training.seq_length ({}): raise it or shorten sequences",
+          *m.max_position_embeddings, t.seq_length);
+  }
+
+  if (!m.num_experts) {
+    if (m.moe_router_enable_expert_bias) {
+      p.add("model.moe_router_enable_expert_bias is true but model.num_experts is null: a dense model has no router; "
+            "set num_experts or turn the bias off");
+    }
+    if (m.moe_shared_expert_intermediate_size) {
+      p.add("model.moe_shared_expert_intermediate_size is set but model.num_experts is null: a shared expert only exists "
+            "in MoE layers; set num_experts or remove the shared expert");
+    }
+    return;
+  }
+  const int64_t E = *m.num_experts;
+  p.positive("model.num_experts", E);
+  p.positive("model.moe_ffn_hidden_size", *m.moe_ffn_hidden_size);
+  if (m.moe_router_topk < 1 || m.moe_router_topk > E) {
+    p.add("model.moe_router_topk ({}) must be between 1 and model.num_experts ({})", m.moe_router_topk, E);
+  }
+  if (m.moe_router_norm_topk_prob && !m.moe_router_pre_softmax) {
+    p.add("model.moe_router_norm_topk_prob is true but model.moe_router_pre_softmax is false: top-k on logits then "
+          "softmax already sums to 1; set moe_router_pre_softmax: true for Mixtral-style renormalized routing");
+  }
+  p.non_negative("model.moe_aux_loss_coeff", m.moe_aux_loss_coeff);
+  p.non_negative("model.moe_z_loss_coeff", m.moe_z_loss_coeff);
+  if (m.moe_router_load_balancing_type == LoadBalancingType::none && m.moe_aux_loss_coeff > 0) {
+    p.add("model.moe_aux_loss_coeff is {} but model.moe_router_load_balancing_type is none: pick a loss type or set the "
+          "coefficient to 0",
+          m.moe_aux_loss_coeff);
+  }
+  if (m.moe_router_enable_expert_bias) {
+    p.positive("model.moe_router_bias_update_rate", m.moe_router_bias_update_rate);
+    if (m.moe_router_force_load_balancing) {
+      p.add("model.moe_router_enable_expert_bias and model.moe_router_force_load_balancing are both true: the forced "
+            "assignment ignores the scores, so the bias would only drift; turn one off");
+    }
+  }
+  if (m.moe_expert_capacity_factor) p.positive("model.moe_expert_capacity_factor", *m.moe_expert_capacity_factor);
+  if (m.moe_shared_expert_intermediate_size) {
+    p.positive("model.moe_shared_expert_intermediate_size", *m.moe_shared_expert_intermediate_size);
+  } else if (m.moe_shared_expert_gate) {
+    p.add("model.moe_shared_expert_gate is true but there is no shared expert: set "
+          "model.moe_shared_expert_intermediate_size or turn the gate off");
+  }
+  const MoeLayerFreq& f = m.moe_layer_freq;
+  if (f.pattern.empty()) {
+    p.positive("model.moe_layer_freq", f.every);
+  } else {
+    if (static_cast<int64_t>(f.pattern.size()) != m.num_layers) {
+      p.add("model.moe_layer_freq lists {} layers but model.num_layers is {}: give one 0/1 entry per layer",
+            f.pattern.size(), m.num_layers);
+    }
+    for (size_t i = 0; i < f.pattern.size(); ++i) {
+      if (f.pattern[i] != 0 && f.pattern[i] != 1) {
+        p.add("model.moe_layer_freq[{}] is {}: entries are 1 (MoE layer) or 0 (dense FFN)", i, f.pattern[i]);
+      }
+    }
+  }
+}
+
+void validate_training(const TrainingConfig& t, Problems& p) {
+  p.positive("training.seq_length", t.seq_length);
+  p.positive("training.micro_batch_size", t.micro_batch_size);
+  p.positive("training.global_batch_size", t.global_batch_size);
+  p.positive("training.train_iters", t.train_iters);
+  p.non_negative("training.lr", t.lr);
+  p.non_negative("training.min_lr", t.min_lr);
+  if (t.min_lr > t.lr) p.add("training.min_lr ({}) is above training.lr ({})", t.min_lr, t.lr);
+  p.non_negative("training.lr_warmup_iters", t.lr_warmup_iters);
+  p.positive("training.lr_decay_iters", *t.lr_decay_iters);
+  if (t.lr_warmup_iters > *t.lr_decay_iters) {
+    p.add("training.lr_warmup_iters ({}) exceeds training.lr_decay_iters ({}): warm-up must end before decay does",
+          t.lr_warmup_iters, *t.lr_decay_iters);
+  }
+  p.non_negative("training.weight_decay", t.weight_decay);
+  if (!(t.adam_beta1 >= 0 && t.adam_beta1 < 1)) p.add("training.adam_beta1 must be in [0, 1), got {}", t.adam_beta1);
+  if (!(t.adam_beta2 >= 0 && t.adam_beta2 < 1)) p.add("training.adam_beta2 must be in [0, 1), got {}", t.adam_beta2);
+  p.positive("training.adam_eps", t.adam_eps);
+  p.non_negative("training.clip_grad", t.clip_grad);
+  p.non_negative("training.seed", t.seed);
+  p.positive("training.eval_interval", t.eval_interval);
+  p.non_negative("training.eval_iters", t.eval_iters);
+}
+
+}  // namespace
+
+void validate_config(const ExperimentConfig& c, ConfigUse use) {
+  Problems p;
+  validate_model(c.model, c.training, p);
+  if (use == ConfigUse::model_only) return p.throw_if_any();
+  validate_training(c.training, p);
+  const ParallelConfig& par = c.parallel;
+  if (par.world_size) p.positive("parallel.world_size", *par.world_size);
+  p.positive("parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size);
+  p.positive("parallel.tensor_model_parallel_size", par.tensor_model_parallel_size);
+  p.positive("parallel.virtual_pipeline_model_parallel_size", par.virtual_pipeline_model_parallel_size);
+  p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
+  p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
+  // Deadlines are steady-clock nanoseconds in 64 bits (about 292 years): a larger timeout
+  // overflowed into the past and every collective "timed out" at once. A week is far beyond any
+  // collective that can still complete.
+  if (par.distributed_timeout_minutes > kMaxTimeoutMinutes) {
+    p.add("parallel.distributed_timeout_minutes is {}, above the largest supported, {} (a week): a collective blocked "
+          "that long will not complete; use at most {}",
+          par.distributed_timeout_minutes, kMaxTimeoutMinutes, kMaxTimeoutMinutes);
+  }
+  p.non_negative("parallel.ddp_bucket_size", par.ddp_bucket_size);
+  if ((c.data.reset_position_ids || c.data.eod_mask_loss) && c.data.tokenizer_model.empty()) {
+    p.add("data.reset_position_ids / data.eod_mask_loss need the EOD token id: set data.tokenizer_model");
+  }
+  if (c.checkpoint.save_interval) p.positive("checkpoint.save_interval", *c.checkpoint.save_interval);
+  p.non_negative("checkpoint.keep_latest_k", c.checkpoint.keep_latest_k);
+  p.positive("logging.log_interval", c.logging.log_interval);
+  if (c.logging.profile) {
+    p.positive("logging.profile_step_start", c.logging.profile_step_start);
+    if (c.logging.profile_step_end <= c.logging.profile_step_start) {
+      p.add("logging.profile_step_end ({}) must be above logging.profile_step_start ({}): it is the first iteration not "
+            "profiled",
+            c.logging.profile_step_end, c.logging.profile_step_start);
+    }
+  }
+  if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);
+  if (c.hardware.reference_compute_n) p.positive("hardware.reference_compute_n", *c.hardware.reference_compute_n);
+  p.non_negative("hardware.num_threads", c.hardware.num_threads);
+  p.throw_if_any();
+}
+
+}  // namespace moeforge

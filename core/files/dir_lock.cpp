@@ -1,0 +1,192 @@
+#include "core/files/dir_lock.h"
+
+#include "core/files/durable_file.h"
+#include "core/base/errors.h"
+#include "core/files/file_names.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <optional>
+#include <fcntl.h>
+#include <fstream>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace moeforge {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::string launcher_job_id() {
+  for (const char* var : {"SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"}) {
+    if (const char* v = std::getenv(var); v && *v) return v;
+  }
+  return "none";
+}
+
+std::string utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string read_all(int fd) {
+  std::string out;
+  char buf[512];
+  off_t at = 0;
+  for (ssize_t n; (n = ::pread(fd, buf, sizeof(buf), at)) > 0; at += n) out.append(buf, static_cast<size_t>(n));
+  return out;
+}
+
+std::optional<ProcessOwner> parse_owner(const std::string& text) {
+  const auto j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("host") || !j["host"].is_string() || !j.contains("pid") ||
+      !j["pid"].is_number_integer()) {
+    return std::nullopt;
+  }
+  return ProcessOwner{j["host"].get<std::string>(), j["pid"].get<int64_t>(), j.value("job", std::string("none")),
+                      j.value("started", std::string("?"))};
+}
+
+std::string owner_text(const std::string& record) {
+  const auto owner = parse_owner(record);
+  return owner ? owner->describe() : fmt::format("an unreadable owner record '{}'", record);
+}
+
+bool same_file(int fd, const fs::path& path) {
+  struct stat a{}, b{};
+  return ::fstat(fd, &a) == 0 && ::stat(path.c_str(), &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+}  // namespace
+
+std::string this_host() {
+  char buf[256] = {};
+  ::gethostname(buf, sizeof(buf) - 1);
+  return buf;
+}
+
+ProcessOwner ProcessOwner::self() { return {this_host(), ::getpid(), launcher_job_id(), utc_now()}; }
+
+std::string ProcessOwner::describe() const {
+  return fmt::format("pid {} on host {} (job {}, started {})", pid, host, job, started);
+}
+
+bool ProcessOwner::gone() const {
+  if (host != this_host() || pid <= 0) return false;
+  if (::kill(static_cast<pid_t>(pid), 0) != 0) return errno == ESRCH;
+  // A killed process stays a zombie until its parent (or init) reaps it: it holds nothing.
+  std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+  std::string line;
+  std::getline(stat, line);
+  const auto close = line.rfind(')');  // "pid (comm) S ...": comm may hold spaces and parentheses
+  return close != std::string::npos && close + 2 < line.size() && (line[close + 2] == 'Z' || line[close + 2] == 'X');
+}
+
+DirectoryLock::DirectoryLock(fs::path path, int fd, std::string record)
+    : path_(std::move(path)), fd_(fd), record_(std::move(record)) {}
+
+DirectoryLock::~DirectoryLock() {
+  // Unlinked only while it is still ours: the flock is held until close.
+  if (same_file(fd_, path_) && read_all(fd_) == record_) ::unlink(path_.c_str());
+  ::close(fd_);
+}
+
+std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::string_view key) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  const fs::path path = dir / files::kDirectoryLock;
+  auto fail_io = [&](const char* what) {
+    fail_user("{} {}: cannot {} the lock file {}: {}. Choose a writable directory for {}.", key, dir.string(), what,
+              path.string(), std::strerror(errno), key);
+  };
+  while (true) {
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) fail_io("create");
+    bool locked = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+    if (!locked && errno == EWOULDBLOCK) {
+      const std::string owner = owner_text(read_all(fd));
+      ::close(fd);
+      fail_user("{} {} is in use by another run: {} holds {}. Wait for that run to end, or give this run another {}.",
+                key, dir.string(), owner, path.string(), key);
+    }
+    // A filesystem without flock (ENOLCK, EOPNOTSUPP): the record alone decides, below.
+    const bool flock_works = locked || !(errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS);
+    if (!flock_works) spdlog::warn("{}: the filesystem has no flock; relying on the owner record alone", path.string());
+    else if (!locked) {
+      ::close(fd);
+      fail_io("lock");
+    }
+    if (!same_file(fd, path)) {  // released (unlinked) by its owner between our open and flock
+      ::close(fd);
+      continue;
+    }
+    const std::string previous = read_all(fd);
+    if (!previous.empty()) {
+      const auto owner = parse_owner(previous);
+      if (owner && owner->host != this_host()) {
+        ::close(fd);
+        fail_user("{} {} is locked by {}: a run on another host, which this host cannot check. If that run has ended, "
+                  "delete {}; otherwise give this run another {}.",
+                  key, dir.string(), owner->describe(), path.string(), key);
+      }
+      if (owner && !flock_works && !owner->gone()) {
+        ::close(fd);
+        fail_user("{} {} is in use by another run: {} holds {}. Wait for that run to end, or give this run another {}.",
+                  key, dir.string(), owner->describe(), path.string(), key);
+      }
+      spdlog::warn("taking over the stale lock {} of {}: that process no longer holds it", path.string(),
+                   owner_text(previous));
+    }
+    const auto me = ProcessOwner::self();
+    const std::string record =
+        json{{"host", me.host}, {"pid", me.pid}, {"job", me.job}, {"started", me.started}}.dump() + "\n";
+    if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, record.data(), record.size(), 0) != static_cast<ssize_t>(record.size()) ||
+        ::fsync(fd) != 0) {
+      const int saved = errno;
+      ::close(fd);
+      errno = saved;
+      fail_io("write");
+    }
+    return std::unique_ptr<DirectoryLock>(new DirectoryLock(path, fd, record));
+  }
+}
+
+void check_directory_lock(const fs::path& dir, const std::string& record, std::string_view key) {
+  const fs::path path = dir / files::kDirectoryLock;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // not a filesystem shared with rank 0: rank 0's lock is the job's
+  const std::string seen = read_all(fd);
+  ::close(fd);
+  if (seen != record) {
+    fail_user("{} {}: this rank sees {} held by {}, but this job's rank 0 holds it as {}. Another run uses the "
+              "directory: give this run another {}.",
+              key, dir.string(), path.string(), owner_text(seen), owner_text(record), key);
+  }
+}
+
+bool is_abandoned_temporary(const std::string& name) {
+  const auto at = name.rfind(kTempInfix);
+  if (at == std::string::npos) return false;
+  char* end = nullptr;
+  const std::string digits = name.substr(at + kTempInfix.size());
+  const long pid = std::strtol(digits.c_str(), &end, 10);
+  if (digits.empty() || *end != '\0' || pid <= 0) return true;  // not ours to judge by: not a live writer's name
+  if (pid == ::getpid()) return true;
+  return ProcessOwner{this_host(), pid, "", ""}.gone();
+}
+
+}  // namespace moeforge

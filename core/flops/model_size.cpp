@@ -1,0 +1,123 @@
+#include "core/flops/model_size.h"
+
+#include "core/base/errors.h"
+
+namespace moeforge {
+
+namespace {
+constexpr int64_t kSwigluMatrices = 3;  // gate, up, down
+
+// int64 arithmetic that refuses to wrap: the sizes come from configs, and a wrapped count (0 FLOPs,
+// a negative parameter count) would pass every later check and mislead or hang the run.
+struct N {
+  int64_t v;
+  N(int64_t x) : v(x) {}  // NOLINT: implicit, so the formulas read as arithmetic
+};
+[[noreturn]] void overflow() {
+  fail_user("the model and batch sizes give a parameter or FLOP count beyond 64-bit integers (9.2e18). Check model.* "
+            "(hidden_size, num_layers, vocab_size, num_experts, ffn sizes) and training.global_batch_size / seq_length "
+            "for a typo.");
+}
+N operator*(N a, N b) {
+  int64_t r = 0;
+  if (__builtin_mul_overflow(a.v, b.v, &r)) overflow();
+  return r;
+}
+N operator+(N a, N b) {
+  int64_t r = 0;
+  if (__builtin_add_overflow(a.v, b.v, &r)) overflow();
+  return r;
+}
+N operator-(N a, N b) {
+  int64_t r = 0;
+  if (__builtin_sub_overflow(a.v, b.v, &r)) overflow();
+  return r;
+}
+N& operator+=(N& a, N b) { return a = a + b; }
+
+N total_of(const LayerParameters& p) {
+  return N(p.attention) + p.norms + p.dense_ffn + p.router + p.shared_expert + N(p.expert) * p.num_experts;
+}
+N activated_of(const LayerParameters& p) {
+  return N(p.attention) + p.norms + p.dense_ffn + p.router + p.shared_expert + N(p.expert) * p.topk;
+}
+
+}  // namespace
+
+LayerParameters layer_parameters(const ModelConfig& m, int64_t layer) {
+  const N h = m.hidden_size;
+  const N q = m.query_projection_size();
+  const N kv = m.kv_projection_size();
+  LayerParameters p;
+  p.attention = (h * (q + 2 * kv) + q * h + (m.add_qkv_bias ? q + 2 * kv : N(0))).v;
+  p.norms = (2 * h).v;
+  if (!m.is_moe_layer(layer)) {
+    p.dense_ffn = (kSwigluMatrices * h * *m.ffn_hidden_size).v;
+    return p;
+  }
+  p.num_experts = *m.num_experts;
+  p.topk = m.moe_router_topk;
+  p.router = (*m.num_experts * h).v;
+  p.expert = (kSwigluMatrices * h * *m.moe_ffn_hidden_size).v;
+  if (m.moe_shared_expert_intermediate_size) {
+    p.shared_expert = (kSwigluMatrices * h * *m.moe_shared_expert_intermediate_size + (m.moe_shared_expert_gate ? h : N(0))).v;
+  }
+  total_of(p);  // the whole layer must be countable too
+  return p;
+}
+
+ParameterCounts count_parameters(const ModelConfig& m) {
+  const N h = m.hidden_size;
+  const N V = m.padded_vocab_size();
+  N total = V * h + (m.untie_embeddings_and_output_weights ? V * h : N(0)) + h;
+  N activated = total;
+  const N attention_matmuls = h * m.query_projection_size() * 2 + h * 2 * m.kv_projection_size();
+  N compute_n = V * h;
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    const LayerParameters p = layer_parameters(m, i);
+    total += total_of(p);
+    activated += activated_of(p);
+    const N active_ffn_width =
+        m.is_moe_layer(i) ? N(m.moe_router_topk) * *m.moe_ffn_hidden_size + m.moe_shared_expert_intermediate_size.value_or(0)
+                          : N(*m.ffn_hidden_size);
+    compute_n += attention_matmuls + kSwigluMatrices * h * active_ffn_width;
+  }
+  ParameterCounts c;
+  c.embedding = (V * h).v;
+  c.output_layer = m.untie_embeddings_and_output_weights ? c.embedding : 0;
+  c.final_norm = h.v;
+  c.total = total.v;
+  c.activated = activated.v;
+  c.flagperf_compute_n = compute_n.v;
+  c.activated_non_embedding = c.activated - c.embedding - c.output_layer;
+  return c;
+}
+
+FlopsPerStep model_flops_per_step(const ModelConfig& m, int64_t batch, int64_t s) {
+  const N h = m.hidden_size;
+  const N L = m.num_layers;
+  const N q = m.query_projection_size();
+  const N kv = m.kv_projection_size();
+  const N V = m.padded_vocab_size();
+  const N T = N(batch) * s;
+  const N n_moe = m.num_moe_layers();
+  const N n_dense = L - n_moe;
+  const N f_dense = *m.ffn_hidden_size;
+  const N f_moe = m.is_moe() ? *m.moe_ffn_hidden_size : 0;
+  const N f_shared = m.moe_shared_expert_intermediate_size.value_or(0);
+  const N k = m.is_moe() ? m.moe_router_topk : 0;
+
+  // Multiply-accumulates per token of every weight matrix; x2 for FLOPs, x3 for fwd + bwd.
+  const N matmul_macs_per_token = h * (f_dense * kSwigluMatrices * n_dense +
+                                       (f_moe * k * kSwigluMatrices + f_shared * kSwigluMatrices) * n_moe) +
+                                  L * (h * (q + 2 * kv) + q * h) + h * V;
+  // QK^T and PV: 2 * s^2 * q MACs per sequence per layer forward, halved for the causal mask.
+  const N attention_causal = 6 * N(batch) * s * s * q * L;
+  FlopsPerStep f;
+  f.megatron = (6 * T * matmul_macs_per_token + attention_causal).v;
+  f.megatron_legacy = (6 * T * matmul_macs_per_token + 2 * attention_causal).v;
+  f.six_n = (6 * T * count_parameters(m).flagperf_compute_n).v;
+  return f;
+}
+
+}  // namespace moeforge
