@@ -13,6 +13,17 @@ namespace moeforge::data {
 
 std::array<double, 3> parse_split(const std::string& split) {
   // Megatron takes every run of digits and dots as a number: "99,1,0", "99/1/0" and "99 1 0" agree.
+  // It silently drops anything else ("nan,1,1" trains as "1,1"; "1e400,1,1" reads as four numbers):
+  // here the separators are a comma, a slash or white space, and any other character is refused.
+  if (split.find('-') != std::string::npos) {
+    fail_user("data.split \"{}\": proportions cannot be negative. Write proportions like \"99,1,0\".", split);
+  }
+  const auto bad = split.find_first_not_of("0123456789., /\t");
+  if (bad != std::string::npos) {
+    fail_user("data.split \"{}\": character {} ('{}') is neither a digit, a dot nor a separator (comma, slash, "
+              "space). Write plain proportions like \"99,1,0\".",
+              split, bad + 1, split[bad]);
+  }
   static const std::regex number(R"([.0-9]+)");
   std::vector<double> values;
   for (auto it = std::sregex_iterator(split.begin(), split.end(), number); it != std::sregex_iterator(); ++it) {
@@ -23,9 +34,6 @@ std::array<double, 3> parse_split(const std::string& split) {
       fail_user("data.split \"{}\": `{}` is not a number. Write proportions like \"99,1,0\".", split, token);
     }
     values.push_back(v);
-  }
-  if (split.find('-') != std::string::npos) {
-    fail_user("data.split \"{}\": proportions cannot be negative. Write proportions like \"99,1,0\".", split);
   }
   if (values.size() > 3) {
     fail_user("data.split \"{}\" has {} numbers; it takes at most 3 (train, valid, test).", split, values.size());

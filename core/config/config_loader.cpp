@@ -17,6 +17,7 @@
 #include <map>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 namespace moeforge {
 
@@ -60,6 +61,44 @@ const ConfigField& field_or_fail(const std::string& section, const std::string& 
 
 // YAML forbids a key twice in one mapping, but yaml-cpp keeps both and `node[key]` reads the
 // first: a config would silently ignore the line a user edited last.
+// Aliases make a YAML file a graph: one that contains itself (`a: &x [*x]`) has no end, and nested
+// aliases expand exponentially ("billion laughs": 600 bytes, 10^9 nodes). A config is a tree of at
+// most kMaxConfigNodes nodes once expanded; anything else is refused before any walk of it.
+constexpr int64_t kMaxConfigNodes = 100000;
+
+void refuse_unbounded_aliases(const YAML::Node& node, const std::string& origin, std::vector<YAML::Node>& ancestors,
+                              int64_t& visited) {
+  if (++visited > kMaxConfigNodes) {
+    fail_user("{}: the YAML expands to more than {} values through its aliases (&name / *name); a config needs "
+              "far fewer. Write the values out instead of nesting aliases.",
+              origin, kMaxConfigNodes);
+  }
+  if (!node.IsSequence() && !node.IsMap()) return;
+  for (const auto& a : ancestors) {
+    if (a.is(node)) {
+      fail_user("{}:{}: an alias refers to a list or mapping that contains it, so the value never ends. Remove "
+                "the self-reference.",
+                origin, node.Mark().line + 1);
+    }
+  }
+  ancestors.push_back(node);
+  if (node.IsSequence()) {
+    for (const auto& item : node) refuse_unbounded_aliases(item, origin, ancestors, visited);
+  } else {
+    for (const auto& kv : node) {
+      refuse_unbounded_aliases(kv.first, origin, ancestors, visited);
+      refuse_unbounded_aliases(kv.second, origin, ancestors, visited);
+    }
+  }
+  ancestors.pop_back();
+}
+
+void refuse_unbounded_aliases(const YAML::Node& root, const std::string& origin) {
+  std::vector<YAML::Node> ancestors;
+  int64_t visited = 0;
+  refuse_unbounded_aliases(root, origin, ancestors, visited);
+}
+
 void refuse_duplicate_keys(const YAML::Node& node, const fs::path& file, const std::string& prefix) {
   if (node.IsSequence()) {
     for (const auto& item : node) refuse_duplicate_keys(item, file, prefix);
@@ -118,6 +157,7 @@ void collect_file(const fs::path& file, RawValues& out, std::vector<fs::path>& c
   } catch (const YAML::BadFile&) {
     fail_user("cannot read config file {}: check its permissions.", file.string());
   }
+  refuse_unbounded_aliases(root, file.string());
   if (root.IsNull()) fail_user("{}: the config is empty; it needs at least the model and training sections.", file.string());
   if (!root.IsMap()) fail_user("{}: a config must be a mapping of sections (model:, training:, ...), not {}.", file.string(),
                                root.IsSequence() ? "a list" : "a single value");
@@ -174,6 +214,7 @@ void collect_override(const std::string& assignment, RawValues& out) {
   } catch (const YAML::ParserException& e) {
     fail_user("{}: the value is not valid YAML: {}", origin, e.msg);
   }
+  refuse_unbounded_aliases(value, origin);
   out[section + "." + key] = RawValue{value, origin};
 }
 

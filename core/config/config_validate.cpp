@@ -22,7 +22,10 @@ void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
   };
   ModelConfig& m = c.model;
   derive(m.num_query_groups, m.num_attention_heads, "model.num_query_groups");
-  if (m.num_attention_heads > 0) derive(m.kv_channels, m.hidden_size / m.num_attention_heads, "model.kv_channels");
+  // Derived only where exact: hidden / heads would otherwise truncate (validate_model says so).
+  if (m.num_attention_heads > 0 && m.hidden_size % m.num_attention_heads == 0) {
+    derive(m.kv_channels, m.hidden_size / m.num_attention_heads, "model.kv_channels");
+  }
   derive(m.ffn_hidden_size, 4 * m.hidden_size, "model.ffn_hidden_size");
   if (m.num_experts) derive(m.moe_ffn_hidden_size, *m.ffn_hidden_size, "model.moe_ffn_hidden_size");
   derive(m.max_position_embeddings, c.training.seq_length, "model.max_position_embeddings");
@@ -89,10 +92,11 @@ void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) 
   p.positive("model.norm_epsilon", m.norm_epsilon);
   p.positive("model.init_method_std", m.init_method_std);
   p.positive("model.num_query_groups", *m.num_query_groups);
-  p.positive("model.kv_channels", *m.kv_channels);
+  if (m.kv_channels) p.positive("model.kv_channels", *m.kv_channels);
   p.positive("model.ffn_hidden_size", *m.ffn_hidden_size);
-  if (m.num_attention_heads > 0 && m.hidden_size % m.num_attention_heads != 0 && *m.kv_channels * m.num_attention_heads != m.hidden_size) {
-    // Only an issue when kv_channels was derived (hidden / heads would silently truncate).
+  if (m.num_attention_heads > 0 && !m.kv_channels) {
+    // Not derived (resolve_derived_values): hidden / heads is not whole. An explicit head size needs
+    // no such relation (the projections are heads x kv_channels wide).
     p.add("model.hidden_size ({}) is not divisible by model.num_attention_heads ({}): choose a head count that "
           "divides it, or set model.kv_channels explicitly",
           m.hidden_size, m.num_attention_heads);

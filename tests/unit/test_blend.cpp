@@ -25,6 +25,12 @@ TEST_CASE("split strings parse and normalize like Megatron", "[data]") {
   CHECK_THROWS_WITH(data::parse_split("-1,2"), Contains("cannot be negative"));
   CHECK_THROWS_WITH(data::parse_split("1.2.3,1"), Contains("not a number"));
   CHECK_THROWS_AS(data::parse_split("abc"), UserError);
+  // Stricter than Megatron, which drops what is not a digit or a dot: "nan,1,1" would train as
+  // "1,1" and "1e400,1,1" read as four numbers.
+  CHECK_THROWS_WITH(data::parse_split("nan,1,1"), Contains("character 1 ('n')"));
+  CHECK_THROWS_WITH(data::parse_split("1e400,1,1"), Contains("character 2 ('e')"));
+  CHECK_THROWS_WITH(data::parse_split("99;1;0"), Contains("character 3 (';')"));
+  CHECK(data::parse_split("99 1\t0")[0] == Approx(0.99));
 }
 
 TEST_CASE("data_path reads prefixes or weight-prefix pairs", "[data]") {

@@ -6,9 +6,13 @@
 
 #include <catch2/catch.hpp>
 
+#include <chrono>
+#include <filesystem>
+
 using namespace moeforge;
 using moeforge::test::TempDir;
 using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
 
 
 TEST_CASE("shipped configs load with the values the issue specifies", "[config]") {
@@ -163,6 +167,22 @@ TEST_CASE("file-level errors: missing file, bad YAML, cyclic base, wrong shapes"
   CHECK_THAT(test::user_error([&] { load_config(dir.file("sec.yaml", "model: 3\n")); }), Contains("section `model` must be a mapping"));
 }
 
+TEST_CASE("a YAML alias that contains itself, or aliases that expand without bound, are refused before any walk",
+          "[config][errors]") {
+  // Both files are also in the fuzz corpus (tests/fuzz/corpus/yaml_config/regression-*.yaml).
+  const fs::path corpus = fs::path(MOEFORGE_SOURCE_DIR) / "tests/fuzz/corpus/yaml_config";
+  CHECK_THAT(test::user_error([&] { load_config((corpus / "regression-self-alias.yaml").string()); }),
+             Contains("regression-self-alias.yaml:4: an alias refers to a list or mapping that contains it"));
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THAT(test::user_error([&] { load_config((corpus / "regression-billion-laughs.yaml").string()); }),
+             Contains("expands to more than 100000 values through its aliases"));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+  CHECK_THAT(test::user_error([&] {
+               load_config((fs::path(MOEFORGE_SOURCE_DIR) / "configs/tiny.yaml").string(), {"training.trainable=&a [*a]"});
+             }),
+             Contains("--set training.trainable=&a [*a]:1: an alias refers"));
+}
+
 TEST_CASE("invalid values and relations are reported together", "[config][errors]") {
   TempDir dir;
   const auto path = dir.file("c.yaml", test::kMinimalModel);
@@ -173,6 +193,9 @@ TEST_CASE("invalid values and relations are reported together", "[config][errors
                       Contains("moe_router_topk (9) must be between 1 and model.num_experts (8)") &&
                       Contains("min_lr (1) is above training.lr") &&
                       Contains("num_attention_heads (4) is not divisible by model.num_query_groups (3)"));
+  // The fix the message offers is accepted: an explicit head size needs no divisibility.
+  const auto explicit_head = load_config(path, {"model.hidden_size=66", "model.kv_channels=16"});
+  CHECK(*explicit_head.config.model.kv_channels == 16);
   CHECK_THAT(test::user_error([&] { load_config(path, {"model.moe_layer_freq=[1, 0]"}); }),
              Contains("lists 2 layers but model.num_layers is 4"));
   CHECK_THAT(test::user_error([&] { load_config(path, {"model.moe_router_norm_topk_prob=true"}); }),
