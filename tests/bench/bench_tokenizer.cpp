@@ -32,7 +32,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 struct Options {
-  std::string tokenizer = std::string(MOEFORGE_SOURCE_DIR) + "/../shared/data/qwen-tokenizer/tokenizer.json";
+  std::string tokenizer = fmt::format("{}/../shared/data/qwen-tokenizer/tokenizer.json", MOEFORGE_SOURCE_DIR);
   std::string corpus = "/usr/lib/python3.11";
   double megabytes = 8;
   unsigned threads = std::max(1u, std::thread::hardware_concurrency());

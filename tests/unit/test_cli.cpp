@@ -13,7 +13,7 @@ using Catch::Matchers::Contains;
 using test::run_command;
 
 namespace {
-const std::string kBin = MOEFORGE_BINARY;
+const std::string kBin = test::moeforge_binary();
 }
 
 TEST_CASE("plan --json prints the documented keys with the reference numbers", "[cli]") {

@@ -23,7 +23,7 @@ namespace {
 // Bounded by an outer timeout so that a broken timeout fails the test instead of hanging it.
 const std::string kMpirun = std::string("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
                                         "OMPI_MCA_btl_vader_single_copy_mechanism=none timeout 100 ") +
-                            MOEFORGE_MPIEXEC + " --oversubscribe -np 3 " + MOEFORGE_COMM_PROBE;
+                            test::mpiexec() + " --oversubscribe -np 3 " + test::comm_probe();
 
 double seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -170,7 +170,7 @@ TEST_CASE("file-level errors: missing file, bad YAML, cyclic base, wrong shapes"
 TEST_CASE("a YAML alias that contains itself, or aliases that expand without bound, are refused before any walk",
           "[config][errors]") {
   // Both files are also in the fuzz corpus (tests/fuzz/corpus/yaml_config/regression-*.yaml).
-  const fs::path corpus = fs::path(MOEFORGE_SOURCE_DIR) / "tests/fuzz/corpus/yaml_config";
+  const fs::path corpus = fs::path(test::source_dir()) / "tests/fuzz/corpus/yaml_config";
   CHECK_THAT(test::user_error([&] { load_config((corpus / "regression-self-alias.yaml").string()); }),
              Contains("regression-self-alias.yaml:4: an alias refers to a list or mapping that contains it"));
   const auto start = std::chrono::steady_clock::now();
@@ -178,7 +178,7 @@ TEST_CASE("a YAML alias that contains itself, or aliases that expand without bou
              Contains("expands to more than 100000 values through its aliases"));
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
   CHECK_THAT(test::user_error([&] {
-               load_config((fs::path(MOEFORGE_SOURCE_DIR) / "configs/tiny.yaml").string(), {"training.trainable=&a [*a]"});
+               load_config((fs::path(test::source_dir()) / "configs/tiny.yaml").string(), {"training.trainable=&a [*a]"});
              }),
              Contains("--set training.trainable=&a [*a]:1: an alias refers"));
 }

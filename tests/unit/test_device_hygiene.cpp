@@ -3,6 +3,8 @@
 // with the reason; every device-to-host read goes through core/device/host_sync.h's to_host, so that it is
 // counted in metrics.jsonl's host_syncs. A lint over the sources: a CPU run cannot see a tensor made
 // on the wrong device (everything is on the CPU), so the rule is checked where it is written.
+#include "test_paths.h"
+
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -18,7 +20,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kRoot = MOEFORGE_SOURCE_DIR;
+const fs::path kRoot = moeforge::test::source_dir();
 
 // What runs every step, on the training device. Not here: the CPU kernels (host by definition),
 // checkpoint I/O, configuration, data (host bytes the trainer copies with to_device), the

@@ -248,7 +248,7 @@ TEST_CASE("a damaged index cache is named in the warning of the command that reb
   const auto cache = dir.path() / "cache";
   const auto config = dir.file("c.yaml", std::string(test::kMinimalModel) + "data:\n  data_path: [" + a +
                                              "]\n  split: \"90,10,0\"\n  data_cache_path: " + cache.string() + "\n");
-  const std::string cmd = std::string(MOEFORGE_BINARY) + " data samples " + config + " --first 2";
+  const std::string cmd = test::moeforge_binary() + " data samples " + config + " --first 2";
   const auto clean = test::run_command(cmd);
   REQUIRE(clean.exit_code == 0);
   std::filesystem::path shuffle;
@@ -342,7 +342,7 @@ TEST_CASE("two processes sharing a cache: one builds, the other waits and loads"
   const auto config = dir.file("c.yaml", std::string(test::kMinimalModel) + "data:\n  data_path: [" + a +
                                              "]\n  split: \"90,10,0\"\n  data_cache_path: " +
                                              (dir.path() / "cache").string() + "\n");
-  const std::string cmd = std::string(MOEFORGE_BINARY) + " data samples " + config + " --first 2 --set training.train_iters=2000";
+  const std::string cmd = test::moeforge_binary() + " data samples " + config + " --first 2 --set training.train_iters=2000";
   const auto r = test::run_command("(" + cmd + " > " + (dir.path() / "one.txt").string() + " & " + cmd + " > " +
                                    (dir.path() / "two.txt").string() + " & wait)");
   auto count = [&](const std::string& text, const std::string& what) {

@@ -106,7 +106,7 @@ TEST_CASE("moeforge forward prints the loss and writes the logits", "[checkpoint
   test::run_oracle("hf_model_oracle.py", "save qwen2 5 " + dir);
   const auto tokens = tmp.file("t.json", json(kTokens).dump());
   const auto out = (tmp.path() / "logits.safetensors").string();
-  const auto r = test::run_command(std::string(MOEFORGE_BINARY) + " forward --checkpoint " + dir + " --tokens " + tokens + " --out " + out);
+  const auto r = test::run_command(test::moeforge_binary() + " forward --checkpoint " + dir + " --tokens " + tokens + " --out " + out);
   REQUIRE(r.exit_code == 0);
   const auto ref_out = (tmp.path() / "ref.json").string();
   test::run_oracle("hf_model_oracle.py", "logits " + dir + " " + tokens + " " + ref_out);
@@ -117,7 +117,7 @@ TEST_CASE("moeforge forward prints the loss and writes the logits", "[checkpoint
   CHECK(std::stod(m[1]) == Approx(ref["loss"].get<double>()).epsilon(1e-5));
   const SafetensorsFile logits(out);
   CHECK(relative_error(logits.tensor("logits"), torch::tensor(ref["logits"].get<std::vector<float>>()).view({2, 10, -1})) < 1e-5);
-  const auto bad = test::run_command(std::string(MOEFORGE_BINARY) + " forward --checkpoint " + dir + " --tokens " +
+  const auto bad = test::run_command(test::moeforge_binary() + " forward --checkpoint " + dir + " --tokens " +
                                      tmp.file("bad.json", "[1, 2, 999999]"));
   CHECK(bad.exit_code == 1);
   CHECK_THAT(bad.output, Contains("token id 999999 is outside the vocabulary"));

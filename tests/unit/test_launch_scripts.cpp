@@ -16,7 +16,7 @@ namespace fs = std::filesystem;
 TEST_CASE("the launch scripts run a 2-rank job after a dry run", "[launch][mpi]") {
   TempDir dir;
   const auto config = write_config(dir);
-  const std::string env = "env MOEFORGE_BIN=" + kBin + " MOEFORGE_MPIRUN=" + MOEFORGE_MPIEXEC + " ";
+  const std::string env = "env MOEFORGE_BIN=" + kBin + " MOEFORGE_MPIRUN=" + mpiexec() + " ";
   const auto args = [&](const std::string& name) {
     return " " + config + " --set training.train_iters=2 --set training.lr_warmup_iters=0 --set training.eval_iters=0 --set logging.run_dir=" +
            (dir.path() / name).string();

@@ -2,6 +2,8 @@
 // runtime (launch/train) never includes a command; model code (core, moe) knows nothing of MPI or
 // of the parallel runtime; data knows no model; nothing below launch/ includes launch/. Within core/
 // and parallel/, each sub-folder is one library and includes only the sub-folders below it.
+#include "test_paths.h"
+
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -17,7 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kRoot = MOEFORGE_SOURCE_DIR;
+const fs::path kRoot = moeforge::test::source_dir();
 
 // "file:line: #include ..." for every include in `folder` that starts with one of `forbidden`.
 std::vector<std::string> includes_of(const std::string& folder, const std::vector<std::string>& forbidden) {

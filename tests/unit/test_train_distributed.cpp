@@ -449,9 +449,9 @@ TEST_CASE("the Qwen1.5-MoE-A2.7B CPU twin trains under mpirun -np 4 (PP 2 x DP 2
   // early: at iteration 8 one EP rank's experts receive no token in some layer, the case where the
   // all-to-alls' backward must still run on both ranks.
   TempDir dir;
-  REQUIRE(run_command("bash " + std::string(MOEFORGE_SOURCE_DIR) + "/launch/corpus.sh " + (dir.path() / "corpus").string())
+  REQUIRE(run_command("bash " + source_dir() + "/launch/corpus.sh " + (dir.path() / "corpus").string())
               .exit_code == 0);
-  const std::string config = std::string(MOEFORGE_SOURCE_DIR) + "/configs/qwen1.5-moe-a2.7b-cpu.yaml";
+  const std::string config = source_dir() + "/configs/qwen1.5-moe-a2.7b-cpu.yaml";
   auto train = [&](const std::string& launcher, const std::string& name, const std::string& extra) {
     const auto r = run_command(launcher + " train " + config + " --set training.train_iters=9 --set training.eval_interval=9" +
                                " --set training.eval_iters=1 --set data.data_path=[" +

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "core/base/errors.h"
+#include "test_paths.h"
 
 // c10's logging defines a CHECK macro too (abort on failure, no report): included first, so that
 // Catch's definition, below, is the one every test uses whatever it includes afterwards.
@@ -42,7 +43,7 @@ class TempDir {
   std::filesystem::path path_;
 };
 
-inline std::string source_path(const std::string& relative) { return std::string(MOEFORGE_SOURCE_DIR) + "/" + relative; }
+inline std::string source_path(const std::string& relative) { return source_dir() + "/" + relative; }
 
 struct CommandResult {
   int exit_code = -1;
@@ -80,7 +81,7 @@ inline std::string slurp(const std::string& path) {
 
 // Runs a test oracle from tests/oracles/ with the project venv's Python; fails the test on error.
 inline std::string run_oracle(const std::string& script, const std::string& args) {
-  const auto r = run_command(std::string(MOEFORGE_PYTHON) + " " + source_path("tests/oracles/" + script) + " " + args);
+  const auto r = run_command(venv_python() + " " + source_path("tests/oracles/" + script) + " " + args);
   if (r.exit_code != 0) throw std::runtime_error("oracle " + script + " " + args + " failed:\n" + r.output);
   return r.output;
 }

@@ -19,12 +19,12 @@
 
 namespace moeforge::test {
 
-inline const std::string kBin = MOEFORGE_BINARY;
+inline const std::string kBin = moeforge_binary();
 
 // mpirun as root, on one machine, with more ranks than cores.
 inline const std::string kMpirun = std::string("env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
                                                "OMPI_MCA_btl_vader_single_copy_mechanism=none timeout 300 ") +
-                                   MOEFORGE_MPIEXEC + " --oversubscribe";
+                                   mpiexec() + " --oversubscribe";
 
 // Pipeline stages: per-layer load balancing (the pooled Hugging Face loss spans all layers) and
 // four layers so that PP=4 has one per stage.
