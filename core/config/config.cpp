@@ -34,7 +34,6 @@ constexpr Names<LogLevel, 5> kLogLevel{{{LogLevel::trace, "trace"},
                                         {LogLevel::info, "info"},
                                         {LogLevel::warn, "warn"},
                                         {LogLevel::error, "error"}}};
-constexpr Names<Device, 2> kDevice{{{Device::cpu, "cpu"}, {Device::cuda, "cuda"}}};
 constexpr Names<KernelChoice, 2> kKernelChoice{{{KernelChoice::fused, "fused"}, {KernelChoice::reference, "reference"}}};
 }  // namespace
 
@@ -64,8 +63,6 @@ std::span<const std::pair<CheckpointFormat, std::string_view>> enum_names<Checkp
 }
 template <>
 std::span<const std::pair<LogLevel, std::string_view>> enum_names<LogLevel>() { return kLogLevel; }
-template <>
-std::span<const std::pair<Device, std::string_view>> enum_names<Device>() { return kDevice; }
 template <>
 std::span<const std::pair<KernelChoice, std::string_view>> enum_names<KernelChoice>() { return kKernelChoice; }
 

@@ -44,8 +44,6 @@ enum class CheckpointFormat { whole, sharded };
 
 enum class LogLevel { trace, debug, info, warn, error };
 
-enum class Device { cpu, cuda };
-
 // model.kernels: our fused kernels (core/kernels) or the LibTorch compositions they replace.
 enum class KernelChoice { fused, reference };
 
@@ -204,7 +202,16 @@ struct LoggingConfig {
 };
 
 struct HardwareConfig {
-  Device device = Device::cpu;
+  // A LibTorch device type: cpu, cuda, emulated (moeforge's own accelerator, core/device/emulated),
+  // or one a vendor's backend library registers (device_library).
+  std::string device = "cpu";
+  // A LibTorch backend library loaded at start-up before the device is resolved (a vendor's
+  // PrivateUse1 backend); empty = none, or for `emulated` the emulator built beside moeforge.
+  std::string device_library;
+  // The emulated accelerator's memory per device (an H100's 80 GiB by default) and devices per node
+  // (null = one per local rank).
+  double emulated_memory_gib = 80.0;
+  std::optional<int64_t> emulated_devices_per_node;
   std::string chip;                    // e.g. "H100"; empty = detect
   std::optional<double> peak_tflops;   // null = table of known chips, or CPU calibration
   int64_t num_threads = 0;             // intra-op threads per rank; 0 = LibTorch's default

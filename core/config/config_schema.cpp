@@ -264,7 +264,10 @@ std::vector<ConfigField> make_fields() {
       bind("logging", L, "profile_step_start", &LC::profile_step_start, "First profiled iteration (1-based)"),
       bind("logging", L, "profile_step_end", &LC::profile_step_end, "Profiling stops before this iteration"),
       // hardware
-      bind("hardware", H, "device", &HC::device, "Where the model runs"),
+      bind("hardware", H, "device", &HC::device, "Where the model runs: cpu, cuda, emulated (an accelerator emulated on the host, docs/gpu.md) or a device type a backend library registers"),
+      bind("hardware", H, "device_library", &HC::device_library, "A LibTorch backend library loaded at start-up (a vendor's PrivateUse1 backend); empty = none (emulated: the emulator built beside moeforge)"),
+      bind("hardware", H, "emulated_memory_gib", &HC::emulated_memory_gib, "Memory of each emulated device, GiB (its out-of-memory error and memory metrics as a GPU's)"),
+      bind("hardware", H, "emulated_devices_per_node", &HC::emulated_devices_per_node, "Emulated devices per node; null = one per local rank"),
       bind("hardware", H, "chip", &HC::chip, "Accelerator name for MFU peaks and reports (e.g. H100); empty = detect"),
       bind("hardware", H, "peak_tflops", &HC::peak_tflops, "Peak dense TFLOP/s per device for MFU; null = known-chip table or CPU calibration"),
       bind("hardware", H, "num_threads", &HC::num_threads, "Compute threads per rank; 0 = LibTorch's default"),

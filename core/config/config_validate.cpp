@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -193,6 +194,26 @@ void validate_training(const TrainingConfig& t, Problems& p) {
   p.non_negative("training.eval_iters", t.eval_iters);
 }
 
+// A device type is a LibTorch name (lower case, as c10::Device parses it); whether LibTorch knows it
+// is found out at start-up, after a device_library has registered it.
+void validate_device(const HardwareConfig& h, Problems& p) {
+  const bool name_ok = !h.device.empty() && std::all_of(h.device.begin(), h.device.end(), [](char ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_';
+  });
+  if (!name_ok) {
+    p.add("hardware.device is '{}': use a LibTorch device type such as cpu, cuda or emulated (lower case, no index: "
+          "each rank takes the device of its local rank)",
+          h.device);
+  }
+  if (h.device == "cpu" && !h.device_library.empty()) {
+    p.add("hardware.device_library '{}' is set but hardware.device is cpu: set hardware.device to the type the library "
+          "registers, or remove the library",
+          h.device_library);
+  }
+  p.positive("hardware.emulated_memory_gib", h.emulated_memory_gib);
+  if (h.emulated_devices_per_node) p.positive("hardware.emulated_devices_per_node", *h.emulated_devices_per_node);
+}
+
 }  // namespace
 
 void validate_config(const ExperimentConfig& c, ConfigUse use) {
@@ -233,6 +254,7 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   if (c.hardware.peak_tflops) p.positive("hardware.peak_tflops", *c.hardware.peak_tflops);
   if (c.hardware.reference_compute_n) p.positive("hardware.reference_compute_n", *c.hardware.reference_compute_n);
   p.non_negative("hardware.num_threads", c.hardware.num_threads);
+  validate_device(c.hardware, p);
   p.throw_if_any();
 }
 

@@ -1,25 +1,28 @@
 #include "core/device/device_memory.h"
 
-#ifdef MOEFORGE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 namespace moeforge {
 
 std::optional<DeviceMemory> device_memory(const torch::Device& device) {
-#ifdef MOEFORGE_WITH_CUDA
-  if (!device.is_cuda()) return std::nullopt;
-  const auto index = device.has_index() ? device.index() : c10::cuda::current_device();
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
+  if (device.is_cpu()) return std::nullopt;
+  // One call for every accelerator (CUDA's caching allocator, the emulated device's, a vendor's):
+  // LibTorch's device-generic allocator interface. A backend whose allocator lacks it has no row.
+  auto* allocator = dynamic_cast<c10::DeviceAllocator*>(c10::GetAllocator(device.type()));
+  if (allocator == nullptr) return std::nullopt;
+  const auto index =
+      device.has_index() ? device.index() : c10::impl::getDeviceGuardImpl(device.type())->getDevice().index();
+  const auto stats = allocator->getDeviceStats(index);
   // StatType::AGGREGATE (every pool) is entry 0; its namespace moved between LibTorch versions.
   constexpr size_t kAll = 0;
-  return DeviceMemory{stats.allocated_bytes[kAll].peak, stats.reserved_bytes[kAll].peak,
-                      static_cast<int64_t>(at::cuda::getDeviceProperties(index)->totalGlobalMem)};
-#else
-  (void)device;
-  return std::nullopt;
-#endif
+  int64_t total = 0;
+  try {
+    total = static_cast<int64_t>(allocator->getMemoryInfo(index).second);
+  } catch (const c10::NotImplementedError&) {
+    // A backend without the device's size: the row says 0 (unknown), the plan's check is skipped.
+  }
+  return DeviceMemory{stats.allocated_bytes[kAll].peak, stats.reserved_bytes[kAll].peak, total};
 }
 
 }  // namespace moeforge

@@ -12,11 +12,11 @@ c10::Stream StepTimer::stream() const { return c10::impl::getDeviceGuardImpl(dev
 
 void StepTimer::start(Phase p) {
   const auto i = static_cast<size_t>(p);
-  if (!device_.is_cuda()) {
+  if (device_.is_cpu()) {
     host_start_[i] = Clock::now();
     return;
   }
-  if (used_ == intervals_.size()) intervals_.emplace_back();
+  if (used_ == intervals_.size()) intervals_.emplace_back(device_.type());
   Interval& interval = intervals_[used_];
   interval.phase = p;
   interval.begin.record(stream());
@@ -25,7 +25,7 @@ void StepTimer::start(Phase p) {
 
 void StepTimer::stop(Phase p) {
   const auto i = static_cast<size_t>(p);
-  if (!device_.is_cuda()) {
+  if (device_.is_cpu()) {
     host_s_[i] += std::chrono::duration<double>(Clock::now() - host_start_[i]).count();
     return;
   }
@@ -35,9 +35,9 @@ void StepTimer::stop(Phase p) {
 std::array<double, kPhases> StepTimer::finish() {
   std::array<double, kPhases> seconds = host_s_;
   count_host_sync();  // counted on CPU too, where a GPU waits (core/device/host_sync.h)
-  if (device_.is_cuda() && used_ > 0) {
+  if (!device_.is_cpu() && used_ > 0) {
     // Events complete in stream order: the last one recorded done means all are.
-    c10::Event last(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
+    c10::Event last(device_.type(), c10::EventFlag::BACKEND_DEFAULT);
     last.record(stream());
     last.synchronize();
     for (size_t k = 0; k < used_; ++k) {

@@ -3,7 +3,9 @@
 // Where a training step's time goes, per phase. On a GPU the host runs ahead of the device, so host
 // clocks around asynchronous work measure launches, not work: there each phase is timed with CUDA
 // events recorded on the current stream, read once when the step ends (one counted host sync, which
-// also makes the step's wall time the device's). On CPU the phases are host clocks. Phases may nest
+// also makes the step's wall time the device's). Any accelerator's events, through LibTorch's
+// device-generic c10::Event (CUDA's, or a backend library's such as the emulated device's). On CPU
+// the phases are host clocks. Phases may nest
 // (the forward includes its data) or repeat (once per micro-batch); their totals are reported.
 #pragma once
 
@@ -21,7 +23,7 @@ inline constexpr size_t kPhases = 6;
 
 class StepTimer {
  public:
-  // Timing on `device`: CUDA events there, host clocks elsewhere.
+  // Timing on `device`: its events on an accelerator, host clocks on the CPU.
   explicit StepTimer(const torch::Device& device);
 
   void start(Phase p);
@@ -47,16 +49,17 @@ class StepTimer {
  private:
   using Clock = std::chrono::steady_clock;
   struct Interval {
-    Phase phase;
-    c10::Event begin{c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT};
-    c10::Event end{c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT};
+    explicit Interval(c10::DeviceType type)
+        : begin(type, c10::EventFlag::BACKEND_DEFAULT), end(type, c10::EventFlag::BACKEND_DEFAULT) {}
+    Phase phase = Phase::data;
+    c10::Event begin, end;  // BACKEND_DEFAULT: with timing (CUDA's PYTORCH_DEFAULT has none)
   };
   c10::Stream stream() const;
 
   torch::Device device_;
   std::array<double, kPhases> host_s_{};
   std::array<Clock::time_point, kPhases> host_start_{};
-  // CUDA: the step's intervals, reused across steps (events are created once); open_ holds the index
+  // Accelerators: the step's intervals, reused across steps (events are created once); open_ holds the index
   // of the interval each phase has open.
   std::vector<Interval> intervals_;
   size_t used_ = 0;

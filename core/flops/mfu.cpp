@@ -69,16 +69,18 @@ std::string cuda_device_name(int index) {
 
 PeakFlops resolve_peak(const HardwareConfig& hw, bool bf16) {
   if (hw.peak_tflops) return {*hw.peak_tflops, "config", "hardware.peak_tflops"};
-  const std::string chip = hw.chip.empty() && hw.device == Device::cuda ? cuda_device_name(0) : hw.chip;
+  const std::string chip = hw.chip.empty() && hw.device == "cuda" ? cuda_device_name(0) : hw.chip;
+  // The emulated accelerator runs the host's CPU kernels: its peak is the host's, calibrated.
+  const bool host_kernels = hw.device == "cpu" || hw.device == "emulated";
   if (!chip.empty()) {
     if (const auto t = known_chip_peak_tflops(chip)) return {*t, "chip table", fmt::format("chip table ({})", chip)};
-    if (hw.device != Device::cpu) {
+    if (!host_kernels) {
       fail_user("hardware.chip '{}' is not in the table of known chips: set hardware.peak_tflops to its dense "
                 "{} peak per device",
                 chip, bf16 ? "bf16" : "fp32");
     }
   }
-  if (hw.device != Device::cpu) {
+  if (!host_kernels) {
     fail_user("MFU needs the device's peak: set hardware.chip (e.g. H100) or hardware.peak_tflops");
   }
   const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;

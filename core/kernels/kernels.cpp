@@ -15,20 +15,27 @@ namespace {
 constexpr std::array<const char*, kNumKernels> kNames{"rmsnorm", "rope",   "swiglu",      "permute",
                                                       "cross_entropy", "adamw", "grouped_gemm", "wgrad_accumulation"};
 
-// Which kernels have an implementation for the CPU and for CUDA (a CUDA build).
+// Which kernels have an implementation for the CPU, for CUDA (a CUDA build), and for any other
+// accelerator (a backend library's, the emulated device's): there only what is itself a LibTorch
+// composition runs, the fused weight-gradient accumulation (addmm into main_grad) and the grouped
+// GEMM (at::_grouped_mm); the rest take their references.
 struct Implemented {
-  bool cpu = false, cuda = false;
+  bool cpu = false, cuda = false, other = false;
 };
 constexpr Implemented kImplemented[kNumKernels] = {
-    /*rmsnorm*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*rope*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*swiglu*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*permute*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*cross_entropy*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*adamw*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*grouped_gemm*/ {true, MOEFORGE_KERNELS_CUDA},
-    /*wgrad_accumulation*/ {true, MOEFORGE_KERNELS_CUDA},
+    /*rmsnorm*/ {true, MOEFORGE_KERNELS_CUDA, false},
+    /*rope*/ {true, MOEFORGE_KERNELS_CUDA, false},
+    /*swiglu*/ {true, MOEFORGE_KERNELS_CUDA, false},
+    /*permute*/ {true, MOEFORGE_KERNELS_CUDA, false},
+    /*cross_entropy*/ {true, MOEFORGE_KERNELS_CUDA, false},
+    /*adamw*/ {true, MOEFORGE_KERNELS_CUDA, false},
+    /*grouped_gemm*/ {true, MOEFORGE_KERNELS_CUDA, true},
+    /*wgrad_accumulation*/ {true, MOEFORGE_KERNELS_CUDA, true},
 };
+
+size_t column(c10::DeviceType device) {
+  return device == c10::DeviceType::CPU ? 0 : device == c10::DeviceType::CUDA ? 1 : 2;
+}
 
 // The CPU kernels are compiled for AVX2 and FMA: a CPU without them runs the references.
 bool cpu_supports_kernels() {
@@ -37,7 +44,7 @@ bool cpu_supports_kernels() {
 }
 
 std::atomic<KernelChoice> g_choice{KernelChoice::fused};
-std::array<std::array<std::atomic<bool>, 2>, kNumKernels> g_disabled{};  // [kernel][cpu, cuda]
+std::array<std::array<std::atomic<bool>, 3>, kNumKernels> g_disabled{};  // [kernel][cpu, cuda, other]
 
 }  // namespace
 
@@ -49,13 +56,14 @@ KernelChoice choice() { return g_choice; }
 bool fused(Kernel k, c10::DeviceType device) {
   if (g_choice.load() != KernelChoice::fused) return false;
   const auto i = static_cast<size_t>(k);
-  if (device == c10::DeviceType::CPU) return kImplemented[i].cpu && cpu_supports_kernels() && !g_disabled[i][0];
-  if (device == c10::DeviceType::CUDA) return kImplemented[i].cuda && !g_disabled[i][1];
-  return false;
+  if (g_disabled[i][column(device)]) return false;
+  if (device == c10::DeviceType::CPU) return kImplemented[i].cpu && cpu_supports_kernels();
+  if (device == c10::DeviceType::CUDA) return kImplemented[i].cuda;
+  return kImplemented[i].other;
 }
 
 void disable(Kernel k, c10::DeviceType device, const std::string& why) {
-  auto& flag = g_disabled[static_cast<size_t>(k)][device == c10::DeviceType::CUDA ? 1 : 0];
+  auto& flag = g_disabled[static_cast<size_t>(k)][column(device)];
   if (!flag.exchange(true)) {
     spdlog::warn("kernel {} on {}: {}; its reference (the LibTorch composition) runs from now on", kernel_name(k),
                  c10::DeviceTypeName(device, true), why);

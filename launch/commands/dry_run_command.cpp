@@ -3,6 +3,7 @@
 #include "launch/commands/commands.h"
 
 #include "core/base/errors.h"
+#include "core/device/device_runtime.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
 #include "parallel/layout/layout.h"
@@ -24,6 +25,30 @@ namespace moeforge {
 namespace {
 
 std::string gib(int64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1LL << 30)); }
+
+// The run's device, without loading a backend library: a login node need have neither the GPU nor
+// the vendor's runtime. A missing GPU is noted; a library that is not there is a problem.
+std::string describe_device(const HardwareConfig& h, int64_t world) {
+  if (h.device == "cpu") return "cpu";
+  if (h.device == "cuda") {
+    return fmt::format("cuda: {} GPU(s) visible on this machine, {} ranks need one each",
+                       torch::cuda::is_available() ? torch::cuda::device_count() : 0, world);
+  }
+  const std::string library = device_library_path(h);
+  if (!library.empty() && !fs::exists(library)) {
+    fail_user("hardware.device_library: {} does not exist. Point it at the backend library's .so (for "
+              "hardware.device: emulated, build the moeforge_emulated target beside moeforge)",
+              library);
+  }
+  if (h.device == "emulated") {
+    return fmt::format("emulated: {} per node, {:g} GiB each, from {} (not loaded by the dry run)",
+                       h.emulated_devices_per_node ? fmt::format("{} device(s)", *h.emulated_devices_per_node)
+                                                   : std::string("one device per local rank"),
+                       h.emulated_memory_gib, library);
+  }
+  return fmt::format("{}: {} (not loaded by the dry run)", h.device,
+                     library.empty() ? "a device type LibTorch must know" : "from " + library);
+}
 
 // One line per rank: its coordinates, layers, experts, parameters, memory and checkpoint shard.
 std::string rank_table(const Plan& plan, const ParallelLayout& layout, const ExperimentConfig& c) {
@@ -95,10 +120,7 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
   });
   check("hardware.device", [&]() -> std::string {
     check_gpu_build(c, world);
-    if (c.hardware.device == Device::cpu) return "cpu";
-    // A login node usually has no GPU: say so, do not fail.
-    return fmt::format("cuda: {} GPU(s) visible on this machine, {} ranks need one each",
-                       torch::cuda::is_available() ? torch::cuda::device_count() : 0, world);
+    return describe_device(c.hardware, world);
   });
   std::cout << resolved_config_table(loaded) << "\n"
             << fmt::format("dry run for world size {} (from {}): nothing is allocated or written\n\n", world, world_source)

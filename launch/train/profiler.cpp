@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
@@ -23,24 +24,26 @@ namespace {
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-std::set<ActivityType> activities(bool cuda) {
+// The host's operators, and CUDA's kernels on a GPU (another backend's kernels need its own
+// profiler plugin, which LibTorch does not ship: its ops are recorded on the host side only).
+std::set<ActivityType> activities(const torch::Device& device) {
   std::set<ActivityType> a{ActivityType::CPU};
-  if (cuda) a.insert(ActivityType::CUDA);
+  if (device.is_cuda()) a.insert(ActivityType::CUDA);
   return a;
 }
 
 }  // namespace
 
-StepProfiler::StepProfiler(const LoggingConfig& c, bool this_rank, bool cuda)
-    : enabled_(c.profile && this_rank), cuda_(cuda), start_(c.profile_step_start), end_(c.profile_step_end),
+StepProfiler::StepProfiler(const LoggingConfig& c, bool this_rank, const torch::Device& device)
+    : enabled_(c.profile && this_rank), device_(device), start_(c.profile_step_start), end_(c.profile_step_end),
       dir_(fs::path(c.run_dir) / "profile") {}
 
 void StepProfiler::before_step(int64_t iteration) {
   if (!enabled_ || running_ || iteration != start_) return;
   fs::create_directories(dir_);
   const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
-  kineto::prepareProfiler(config, activities(cuda_));
-  kineto::enableProfiler(config, activities(cuda_));
+  kineto::prepareProfiler(config, activities(device_));
+  kineto::enableProfiler(config, activities(device_));
   running_ = true;
   wall_start_s_ = now_s();
   spdlog::info("profiling iterations {}..{} (logging.profile)", start_, end_ - 1);
@@ -48,7 +51,7 @@ void StepProfiler::before_step(int64_t iteration) {
 
 void StepProfiler::after_step(int64_t iteration) {
   if (!running_ || iteration != end_ - 1) return;
-  if (cuda_) torch::cuda::synchronize();
+  if (!device_.is_cpu()) c10::impl::getDeviceGuardImpl(device_.type())->synchronizeDevice(device_.index());
   const double wall_us = (now_s() - wall_start_s_) * 1e6;
   const auto result = kineto::disableProfiler();
   running_ = false;

@@ -11,6 +11,8 @@
 
 #include "core/config/config.h"
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -20,14 +22,15 @@ namespace moeforge {
 
 class StepProfiler {
  public:
-  StepProfiler(const LoggingConfig& config, bool this_rank, bool cuda);
+  StepProfiler(const LoggingConfig& config, bool this_rank, const torch::Device& device);
   // Around each iteration (1-based): starts before the first profiled one, stops and writes after
   // the last.
   void before_step(int64_t iteration);
   void after_step(int64_t iteration);
 
  private:
-  bool enabled_ = false, cuda_ = false, running_ = false;
+  bool enabled_ = false, running_ = false;
+  torch::Device device_;
   int64_t start_ = 0, end_ = 0;
   std::filesystem::path dir_;
   double wall_start_s_ = 0;

@@ -84,11 +84,11 @@ json run_environment(const ExperimentConfig& c, const std::vector<std::string>& 
 #else
   j["cuda_build"] = false;
 #endif
-  j["device"] = c.hardware.device == Device::cuda ? "cuda" : "cpu";
+  j["device"] = c.hardware.device;
   // Chips: the GPUs nvidia-smi lists on this node, or the CPU.
   json chips = json::array();
   const std::string smi = capture("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader,nounits");
-  if (c.hardware.device == Device::cuda && !smi.empty()) {
+  if (c.hardware.device == "cuda" && !smi.empty()) {
     std::istringstream lines(smi);
     std::string line;
     while (std::getline(lines, line)) {

@@ -55,7 +55,8 @@ int64_t usable_device_bytes(int64_t total);
 void check_memory_fits(const ExperimentConfig& config, const ParallelLayout& layout, std::optional<int64_t> device_total,
                        int64_t ranks_on_host);
 
-// GPU training across ranks needs a CUDA build (NCCL).
+// GPU training across ranks needs a CUDA build (NCCL); other devices train in one process until
+// host-staged collectives exist.
 void check_gpu_build(const ExperimentConfig& config, int64_t world_size);
 
 }  // namespace moeforge

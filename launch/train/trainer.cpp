@@ -1,6 +1,7 @@
 #include "launch/train/trainer.h"
 
 #include "core/device/device_memory.h"
+#include "core/device/device_runtime.h"
 #include "core/files/durable_file.h"
 #include "core/base/errors.h"
 #include "core/device/host_sync.h"
@@ -84,31 +85,24 @@ Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std
 void Trainer::setup_parallel() {
   const int64_t world = mpi_ ? mpi_->world_size() : 1;
   layout_ = ParallelLayout::create(c_, world);
-  check_gpu_build(c_, world);
   if (c_.hardware.num_threads > 0) torch::set_num_threads(static_cast<int>(c_.hardware.num_threads));
   apply_determinism(c_.training.deterministic);
   // LibTorch seeds its default generators nondeterministically; seeded from training.seed (as
   // Megatron's _set_random_seed does), two identical runs save identical RNG state (rng.cpu).
   torch::manual_seed(static_cast<uint64_t>(c_.training.seed));
-  const bool gpu = c_.hardware.device == Device::cuda;
-  if (gpu && !torch::cuda::is_available()) {
-    fail_user("hardware.device is cuda but no GPU is visible (CUDA build: {}). Use --set hardware.device=cpu.",
-#ifdef MOEFORGE_WITH_CUDA
-              "yes"
-#else
-              "no"
-#endif
-    );
-  }
+  const int local_rank = mpi_ ? mpi_->local_rank() : 0;
+  const int local_size = mpi_ ? mpi_->local_size() : 1;
+  // Loads the device's backend library, if any, then takes this rank's device (core/device/device_runtime.h).
+  // NCCL binds each communicator to the device current when it is made: chosen first.
+  const c10::DeviceType type = training_device_type(c_.hardware, local_size);
+  if (type != c10::DeviceType::CPU) device_ = select_device(type, local_rank, local_size);
+  check_gpu_build(c_, world);
   if (world > 1) {
-    // NCCL binds each communicator to the device current when it is made: choose it first.
-    if (gpu) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(select_cuda_device(mpi_->local_rank(), mpi_->local_size())));
     groups_ = ProcessGroups::create(
         layout_, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)),
-        /*nccl=*/gpu);
+        /*nccl=*/device_.is_cuda());
   } else {
     groups_ = ProcessGroups::single();
-    if (gpu) device_ = torch::Device(torch::kCUDA, 0);
   }
   // Before anything is allocated: a plan larger than the memory it runs in is refused now, not
   // found out as an allocation failure (or a host swapping) minutes later.
@@ -282,7 +276,7 @@ void Trainer::announce(const std::string& command) {
       spdlog::info("TensorBoard: {}", tensorboard_->path());
     }
   }
-  profiler_.emplace(c_.logging, is_rank0(), device_.is_cuda());
+  profiler_.emplace(c_.logging, is_rank0(), device_);
 }
 
 Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {

@@ -106,12 +106,6 @@ std::string nccl_version() {
   return fmt::format("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100);
 }
 
-int select_cuda_device(int local_rank, int local_size) {
-  const int device = device_for_local_rank(local_rank, local_size, c10::cuda::device_count(), "cuda");
-  c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
-  return device;
-}
-
 NcclCommunicator::NcclCommunicator(std::shared_ptr<Communicator> mpi_group, double timeout_seconds)
     : mpi_(std::move(mpi_group)), timeout_seconds_(timeout_seconds), state_(std::make_unique<State>()) {
   state_->device = c10::cuda::current_device();

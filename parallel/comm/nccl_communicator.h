@@ -1,11 +1,11 @@
-// defines: NcclCommunicator (and select_cuda_device of parallel/comm/process_groups.h)
+// defines: NcclCommunicator
 //
 // The GPU backend: NCCL for CUDA tensors, built when CMake finds CUDA (MOEFORGE_WITH_CUDA) and
 // linked against the NCCL the torch wheel ships (one NCCL per process, the one torch loads).
 //
 // Made from an MPI group, collectively: rank 0 of the group creates the NCCL unique id, MPI
-// broadcasts it, every rank joins on its current CUDA device, which select_cuda_device() must
-// have set from the local rank before (NCCL binds a communicator to the device current at init).
+// broadcasts it, every rank joins on its current CUDA device, which select_device()
+// (core/device/device_runtime.h) must have set from the local rank before (NCCL binds a communicator to the device current at init).
 //
 // Stream contract: every call of a communicator runs on its one communication stream, after the
 // work the caller's current stream had enqueued (so after the kernels that produced its input), and

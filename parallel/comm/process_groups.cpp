@@ -35,26 +35,7 @@ ProcessGroups ProcessGroups::create(const ParallelLayout& layout, const std::sha
   return g;
 }
 
-int device_for_local_rank(int local_rank, int local_size, int devices, const std::string& device_type) {
-  if (devices <= 0) {
-    fail_user("hardware.device is {} but no {} device is visible to local rank {}. Check the node's devices "
-              "(and CUDA_VISIBLE_DEVICES or its vendor's equivalent), or train with hardware.device: cpu.",
-              device_type, device_type, local_rank);
-  }
-  if (local_size > devices) {
-    fail_user("this node runs {} ranks but only {} {} device(s) are visible to them: each rank needs a device of its "
-              "own (two ranks on one device is refused by NCCL). Start at most {} ranks per node (mpirun "
-              "--map-by ppr:{}:node, or fewer -n), or make more devices visible (CUDA_VISIBLE_DEVICES).",
-              local_size, devices, device_type, devices, devices);
-  }
-  return local_rank;
-}
-
 #ifndef MOEFORGE_WITH_NCCL
-int select_cuda_device(int, int) {
-  fail_user("GPU training across ranks needs NCCL, and this build has no CUDA (see the GPU line of the CMake summary). "
-            "Build on a machine with nvcc matching the torch wheel, or train with hardware.device: cpu.");
-}
 std::string nccl_version() { return "not built (no CUDA)"; }
 #endif
 

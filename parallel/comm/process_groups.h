@@ -21,23 +21,13 @@ struct ProcessGroups {
 
   // Splits `world` (collective over it). Throws UserError when the launch's world size is not the
   // layout's. With `nccl` (GPU training) pp/dp/ep/edp/tp are NcclCommunicators over those MPI groups
-  // (CUDA tensors over NCCL, CPU tensors over MPI); select_cuda_device() must have run. Throws
+  // (CUDA tensors over NCCL, CPU tensors over MPI); the rank's device must be current (select_device(), core/device/device_runtime.h). Throws
   // UserError for `nccl` in a build without CUDA.
   static ProcessGroups create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world,
                               bool nccl = false);
   // Every group a group of one: a single process, no MPI.
   static ProcessGroups single();
 };
-
-// The device of local rank `local_rank` of the `local_size` ranks on this node, given `devices`
-// visible devices of type `device_type` ("cuda"): the local rank itself, each rank a device of its
-// own. Throws UserError naming the counts when the node runs more ranks than it has devices (NCCL
-// refuses two ranks on one device, with an error that does not say why) or has none.
-int device_for_local_rank(int local_rank, int local_size, int devices, const std::string& device_type);
-
-// GPU training under a launcher: makes device_for_local_rank()'s GPU current (before any NCCL
-// communicator is made) and returns it. Throws UserError without enough GPUs or in a build without CUDA.
-int select_cuda_device(int local_rank, int local_size);
 
 // "2.21.5" from the NCCL this build links, or "not built (no CUDA)" (for run fingerprints).
 std::string nccl_version();

@@ -2,6 +2,7 @@
 // every rank prints why and exits 77, which ctest reports as skipped (SKIP_RETURN_CODE).
 #define CATCH_CONFIG_RUNNER
 #include "parallel/comm/mpi_communicator.h"
+#include "core/device/device_runtime.h"
 #include "parallel/comm/nccl_communicator.h"
 
 #include <c10/cuda/CUDAFunctions.h>
@@ -120,7 +121,7 @@ int main(int argc, char** argv) {
     }
     return 77;
   }
-  select_cuda_device(mpi.local_rank(), mpi.local_size());
+  select_device(c10::DeviceType::CUDA, mpi.local_rank(), mpi.local_size());
   auto world = std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(120.0));
   g_nccl = std::make_shared<NcclCommunicator>(world, 120.0);
   const int failed = Catch::Session().run(argc, argv);

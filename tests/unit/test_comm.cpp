@@ -1,5 +1,6 @@
 // Communicators seen from outside: a group of one, and a hung or dead rank ending an mpirun job on
 // every rank within the timeout, with the operation and group named (tests/mpi/comm_probe.cpp).
+#include "core/device/device_runtime.h"
 #include "parallel/comm/communicator.h"
 #include "parallel/comm/process_groups.h"
 #include "parallel/comm/watchdog.h"

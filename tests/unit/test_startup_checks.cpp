@@ -107,7 +107,7 @@ TEST_CASE("the dry run notes a missing GPU instead of refusing (a login node has
   CHECK_THAT(dry.output, Contains("ok       hardware.device: cuda: 0 GPU(s) visible"));
   const auto trainer = run_command(kBin + " train " + config + " --set hardware.device=cuda");
   CHECK(trainer.exit_code == 1);
-  CHECK_THAT(trainer.output, Contains("no GPU is visible"));
+  CHECK_THAT(trainer.output, Contains("no cuda device is visible"));
 }
 
 TEST_CASE("a device's memory check leaves headroom for the runtime: a plan filling the device is refused",
