@@ -27,11 +27,7 @@ void load_library_once(const std::string& path) {
     fail_user("hardware.device_library: {} is already loaded in this process, {} cannot be loaded beside it", loaded,
               path);
   }
-  if (!std::filesystem::exists(path)) {
-    fail_user("hardware.device_library: {} does not exist. Point it at the backend library's .so (for "
-              "hardware.device: emulated, build the moeforge_emulated target beside moeforge)",
-              path);
-  }
+  check_device_library_exists(path);
   if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
     fail_user("hardware.device_library: {} could not be loaded: {}. It must be a LibTorch backend library built "
               "against this LibTorch ({})",
@@ -46,6 +42,14 @@ std::string emulated_library_path() {
   std::error_code ec;
   const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
   return ((ec ? std::filesystem::current_path() : exe.parent_path()) / "libmoeforge_emulated.so").string();
+}
+
+void check_device_library_exists(const std::string& path) {
+  if (!std::filesystem::exists(path)) {
+    fail_user("hardware.device_library: {} does not exist. Point it at the backend library's .so (for "
+              "hardware.device: emulated, build the moeforge_emulated target beside moeforge)",
+              path);
+  }
 }
 
 std::string device_library_path(const HardwareConfig& h) {

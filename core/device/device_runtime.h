@@ -1,5 +1,5 @@
-// defines: training_device_type, device_library_path, emulated_library_path, device_for_local_rank,
-// select_device
+// defines: training_device_type, device_library_path, emulated_library_path, check_device_library_exists,
+//          device_for_local_rank, select_device
 //
 // The run's accelerator, whatever it is: CUDA, the emulated device (core/device/emulated, a LibTorch
 // backend library of our own in the PrivateUse1 slot), or a device type a vendor's backend library
@@ -21,6 +21,8 @@ namespace moeforge {
 std::string device_library_path(const HardwareConfig& h);
 // libmoeforge_emulated.so beside the running executable.
 std::string emulated_library_path();
+// Throws UserError naming `path` and the fix unless the backend library exists (not loading it).
+void check_device_library_exists(const std::string& path);
 
 // Loads the run's backend library (once per process; the emulator is told its devices per node
 // and memory first) and returns hardware.device as a LibTorch device type. Throws UserError naming

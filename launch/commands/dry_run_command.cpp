@@ -35,11 +35,7 @@ std::string describe_device(const HardwareConfig& h, int64_t world) {
                        torch::cuda::is_available() ? torch::cuda::device_count() : 0, world);
   }
   const std::string library = device_library_path(h);
-  if (!library.empty() && !fs::exists(library)) {
-    fail_user("hardware.device_library: {} does not exist. Point it at the backend library's .so (for "
-              "hardware.device: emulated, build the moeforge_emulated target beside moeforge)",
-              library);
-  }
+  if (!library.empty()) check_device_library_exists(library);
   if (h.device == "emulated") {
     return fmt::format("emulated: {} per node, {:g} GiB each, from {} (not loaded by the dry run)",
                        h.emulated_devices_per_node ? fmt::format("{} device(s)", *h.emulated_devices_per_node)
