@@ -1,6 +1,7 @@
 #include "core/device/emulated/emulated_allocator.h"
 
 #include "core/device/emulated/emulated_runtime.h"
+#include "core/device/emulated/emulated_stream_check.h"
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
@@ -32,8 +33,8 @@ struct Block {
   c10::DeviceIndex device = 0;
   c10::StreamId stream = 0;  // the stream it was allocated on: the only one its cache entry serves
   // Other streams it was used on (recordStream). CUDA waits for their work before reusing the block;
-  // here that work is done (Note [emulated device order]), so the set only rides along, cached with
-  // the block, for a stream-order checker.
+  // here that work is done (Note [emulated device order]), so the set only tells the stream-order
+  // checker (emulated_stream_check.h) which streams need no other wait.
   std::unordered_set<c10::Stream> used_on;
 };
 
@@ -100,6 +101,10 @@ class Allocator final : public c10::DeviceAllocator {
     d.stats.allocation[kAll].decrease(1);
     d.stats.allocated_bytes[kAll].decrease(block->size);
     d.stats.requested_bytes[kAll].decrease(block->requested);
+    if (stream_check::enabled()) {
+      const c10::Device device(c10::DeviceType::PrivateUse1, block->device);
+      stream_check::block_freed(block->ptr, c10::Stream(c10::Stream::UNSAFE, device, block->stream), block->used_on);
+    }
     d.cache.insert(block);
   }
 

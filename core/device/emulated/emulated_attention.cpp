@@ -7,6 +7,7 @@
 // `overrideable`, the slot LibTorch keeps for a backend's fused attention, whose two ops here run
 // that CPU flash kernel on aliases (and autograd pairs them, by LibTorch's derivative formula).
 #include "core/device/emulated/emulated_alias.h"
+#include "core/device/emulated/emulated_stream_check.h"
 
 #include <ATen/SDPBackend.h>
 #include <ATen/native/transformers/attention.h>
@@ -54,8 +55,14 @@ ForwardResult fused_attention(const at::Tensor& query, const at::Tensor& key, co
       scale);
   // The outputs a variable-length or dropout kernel would fill: empty, as the backward ignores them.
   const auto none = [&query] { return at::empty({0}, query.options().dtype(at::kLong)); };
-  return {table.to_device(output), table.to_device(logsumexp), none(), none(), query.sym_size(-2), key.sym_size(-2),
-          none(), none(), none()};
+  ForwardResult result{table.to_device(output), table.to_device(logsumexp), none(), none(), query.sym_size(-2),
+                       key.sym_size(-2), none(), none(), none()};
+  if (stream_check::enabled()) {
+    stream_check::note_op("aten::_scaled_dot_product_fused_attention_overrideable", query.device().index(),
+                          {query, key, value, attn_bias.value_or(at::Tensor())},
+                          {std::get<0>(result), std::get<1>(result)});
+  }
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_attention_backward(
@@ -69,7 +76,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_attention_backw
       table.to_cpu(grad_out), table.to_cpu(query), table.to_cpu(key), table.to_cpu(value), table.to_cpu(out),
       table.to_cpu(logsumexp), dropout_p, is_causal, alias_of(attn_bias, table), scale);
   // No gradient for the mask: the CPU flash kernel's backward computes none either.
-  return {table.to_device(grad_query), table.to_device(grad_key), table.to_device(grad_value), at::Tensor()};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads{
+      table.to_device(grad_query), table.to_device(grad_key), table.to_device(grad_value), at::Tensor()};
+  if (stream_check::enabled()) {
+    stream_check::note_op("aten::_scaled_dot_product_fused_attention_overrideable_backward", query.device().index(),
+                          {grad_out, query, key, value, attn_bias, out, logsumexp},
+                          {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)});
+  }
+  return grads;
 }
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {

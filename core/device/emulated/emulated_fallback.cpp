@@ -4,12 +4,14 @@
 // and in-place ops delegate to their out= variant, views to as_strided) reach it as those parts.
 #include "core/device/emulated/emulated_alias.h"
 #include "core/device/emulated/emulated_generator.h"
+#include "core/device/emulated/emulated_stream_check.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -72,6 +74,49 @@ std::optional<size_t> written_argument(const c10::FunctionSchema& schema, size_t
   return std::nullopt;
 }
 
+// Whether an argument is written: `Tensor(a!)`, or a list of such (`Tensor(a!)[]`).
+bool is_written(const c10::AliasInfo* info) {
+  if (info == nullptr) return false;
+  const auto& elements = info->containedTypes();
+  return info->isWrite() || std::any_of(elements.begin(), elements.end(), [](const auto& e) { return is_written(&e); });
+}
+
+// `f` on every tensor in `value`: a tensor, a tensor list, a list of optional tensors.
+template <typename F>
+void for_each_tensor(const c10::IValue& value, const F& f) {
+  if (value.isTensor()) {
+    f(value.toTensor());
+  } else if (value.isTensorList()) {
+    for (const at::Tensor& t : value.toTensorList()) f(t);
+  } else if (value.isList()) {
+    for (const c10::IValue& item : value.toList()) for_each_tensor(item, f);
+  }
+}
+
+// What the op read and wrote, from its schema, for the stream-order checker (Note [stream-order
+// checker]). A `Tensor(a)` argument is only aliased by a view the op returns, and an inplace_view op
+// changes metadata only: neither touches bytes.
+void note_accesses(const c10::OperatorHandle& op, const std::vector<c10::IValue>& arguments,
+                   const torch::jit::Stack& stack, c10::DeviceIndex device) {
+  if (op.hasTag(at::Tag::inplace_view)) return;
+  const c10::FunctionSchema& schema = op.schema();
+  stream_check::OpAccesses accesses;
+  for (size_t j = 0; j < arguments.size(); ++j) {
+    const c10::AliasInfo* info = schema.arguments()[j].alias_info();
+    if (is_written(info)) {
+      for_each_tensor(arguments[j], [&](const at::Tensor& t) { accesses.write(t); });
+    } else if (info == nullptr) {
+      for_each_tensor(arguments[j], [&](const at::Tensor& t) { accesses.read(t); });
+    }
+  }
+  const size_t n_returns = schema.returns().size();
+  for (size_t i = 0; i < n_returns; ++i) {
+    if (schema.returns()[i].alias_info() != nullptr) continue;  // an argument, or a view of one
+    for_each_tensor(stack[stack.size() - n_returns + i], [&](const at::Tensor& t) { accesses.write(t); });
+  }
+  accesses.note(c10::toString(schema.operator_name()), device);
+}
+
 void run_on_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const c10::FunctionSchema& schema = op.schema();
   const size_t n_arguments = schema.arguments().size();
@@ -96,6 +141,7 @@ void run_on_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     const auto written = written_argument(schema, i);
     value = written.has_value() ? originals[*written] : to_device(value, table);
   }
+  if (stream_check::enabled()) note_accesses(op, originals, *stack, table.device());
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&run_on_cpu>()); }

@@ -3,6 +3,7 @@
 // engine's device threads) reaches through the guard registry.
 #include "core/device/emulated/emulated_allocator.h"
 #include "core/device/emulated/emulated_runtime.h"
+#include "core/device/emulated/emulated_stream_check.h"
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
@@ -77,23 +78,36 @@ struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
     return previous;
   }
   bool queryStream(const c10::Stream& /*stream*/) const override { return true; }
-  void synchronizeStream(const c10::Stream& /*stream*/) const override {}
-  void synchronizeDevice(const c10::DeviceIndex /*device_index*/) const override {}
+  // The waits below have nothing to wait for (Note [emulated device order]); the stream-order
+  // checker (emulated_stream_check.h) still learns what they would order.
+  void synchronizeStream(const c10::Stream& stream) const override {
+    if (stream_check::enabled()) stream_check::host_waited_stream(stream);
+  }
+  void synchronizeDevice(const c10::DeviceIndex device_index) const override {
+    if (stream_check::enabled()) stream_check::host_waited_device(checked_index(device_index));
+  }
 
   void record(void** event, const c10::Stream& stream, const c10::DeviceIndex device_index,
               const c10::EventFlag /*flag*/) const override {
     TORCH_CHECK(device_index == -1 || device_index == stream.device_index(), "event device index ",
                 static_cast<int>(device_index), " does not match the recording stream's device ", stream.device());
+    // Read before an event exists, so that destroyEvent (noexcept) finds the settings read.
+    const bool check = stream_check::enabled();
     if (*event == nullptr) *event = new Event();
     auto* e = static_cast<Event*>(*event);
     e->device = stream.device_index();
     e->when = std::chrono::steady_clock::now();
+    if (check) stream_check::event_recorded(e, stream);
   }
   // On a GPU the stream (never the host) would wait for the event's work; here that work is already
   // done (Note [emulated device order]), so there is nothing to wait for.
-  void block(void* /*event*/, const c10::Stream& /*stream*/) const override {}
+  void block(void* event, const c10::Stream& stream) const override {
+    if (stream_check::enabled()) stream_check::event_blocked(event, stream);
+  }
   bool queryEvent(void* /*event*/) const override { return true; }
-  void synchronizeEvent(void* /*event*/) const override {}
+  void synchronizeEvent(void* event) const override {
+    if (stream_check::enabled()) stream_check::host_waited_event(event);
+  }
   double elapsedTime(void* begin, void* end, const c10::DeviceIndex /*device_index*/) const override {
     const Event& a = recorded(begin);
     const Event& b = recorded(end);
@@ -102,6 +116,7 @@ struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
     return std::chrono::duration<double, std::milli>(b.when - a.when).count();
   }
   void destroyEvent(void* event, const c10::DeviceIndex /*device_index*/) const noexcept override {
+    if (stream_check::enabled()) stream_check::event_destroyed(event);
     delete static_cast<Event*>(event);
   }
 

@@ -6,6 +6,7 @@
 #include "core/device/emulated/emulated_alias.h"
 #include "core/device/emulated/emulated_allocator.h"
 #include "core/device/emulated/emulated_runtime.h"
+#include "core/device/emulated/emulated_stream_check.h"
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/_local_scalar_dense.h>
@@ -53,6 +54,21 @@ at::Tensor empty_strided(c10::SymIntArrayRef size, c10::SymIntArrayRef stride, s
                           index_of(device));
 }
 
+// A copy's accesses for the stream-order checker (Note [stream-order checker]), as CUDA orders a
+// copy: issued on the source device's current stream when the source is on a device, that stream
+// waiting for the destination device's before and the destination's for it after; and a copy that
+// returns to the host with the data waits for its stream.
+void note_copy(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
+  const bool from_device = self.device().type() == kType;
+  const bool to_device = dst.device().type() == kType;
+  const c10::DeviceIndex device = from_device ? self.device().index() : dst.device().index();
+  const bool two_devices = from_device && to_device && self.device() != dst.device();
+  if (two_devices) stream_check::stream_waited(current_stream(device), current_stream(dst.device().index()));
+  stream_check::note_op("aten::_copy_from", device, {self}, {dst});
+  if (two_devices) stream_check::stream_waited(current_stream(dst.device().index()), current_stream(device));
+  if (!to_device && !non_blocking) stream_check::host_waited_copy(device);
+}
+
 // `self` into `dst`, either or both emulated, through CPU aliases; the CPU's copy_ converts dtypes
 // and broadcasts.
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
@@ -62,6 +78,7 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   const bool one_device = self.device() == dst.device();
   at::Tensor dst_cpu = table.to_cpu(dst);
   dst_cpu.copy_((one_device ? table : other).to_cpu(self), non_blocking);
+  if (stream_check::enabled()) note_copy(self, dst, non_blocking);
   return dst;
 }
 
@@ -148,7 +165,13 @@ at::Tensor& set_empty(at::Tensor& self) {
 
 at::Scalar local_scalar_dense(const at::Tensor& self) {
   AliasTable table;
-  return at::_local_scalar_dense(table.to_cpu(self));
+  const at::Scalar value = at::_local_scalar_dense(table.to_cpu(self));
+  if (stream_check::enabled()) {
+    // The host reads the value: CUDA waits for the stream first.
+    stream_check::note_op("aten::_local_scalar_dense", self.device().index(), {self}, {});
+    stream_check::host_waited_copy(self.device().index());
+  }
+  return value;
 }
 
 // Tensor::record_stream, as on CUDA: the allocator notes the stream on the tensor's block.

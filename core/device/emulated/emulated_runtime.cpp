@@ -24,12 +24,22 @@ uint64_t read_number(const char* name, uint64_t fallback, uint64_t lo, uint64_t 
   return n;
 }
 
+// The variable `name` as a switch: "1" on, "0" or unset off.
+bool read_switch(const char* name, const char* meaning) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return false;
+  const std::string_view text(value);
+  TORCH_CHECK_VALUE(text == "0" || text == "1", name, " is '", text, "': expected 1 (", meaning, ") or 0 (unset: 0)");
+  return text == "1";
+}
+
 Settings read_settings() {
   Settings s;
   s.devices = static_cast<c10::DeviceIndex>(read_number("MOEFORGE_EMULATED_DEVICES", static_cast<uint64_t>(s.devices),
                                                         1, kMaxDevices, "the number of emulated devices"));
   s.memory_bytes = read_number("MOEFORGE_EMULATED_MEMORY_BYTES", s.memory_bytes, 1, UINT64_MAX / 2,
                                "each emulated device's memory in bytes");
+  s.stream_check = read_switch("MOEFORGE_EMULATED_STREAM_CHECK", "check the order of work across emulated streams");
   return s;
 }
 

@@ -27,6 +27,7 @@ inline constexpr c10::DeviceIndex kMaxDevices = 64;
 struct Settings {
   c10::DeviceIndex devices = 1;           // MOEFORGE_EMULATED_DEVICES
   size_t memory_bytes = size_t{16} << 30;  // MOEFORGE_EMULATED_MEMORY_BYTES, each device's capacity
+  bool stream_check = false;               // MOEFORGE_EMULATED_STREAM_CHECK=1 (emulated_stream_check.h)
 };
 
 // Read on first use (so that a bad value surfaces as an exception where the device is used, not as
