@@ -6,6 +6,8 @@
 //   emulated_probe LIBRARY           every check; runs itself again for the environment's checks
 //   emulated_probe LIBRARY --small   (with MOEFORGE_EMULATED_DEVICES=2, MEMORY_BYTES=4 MiB set)
 //   emulated_probe LIBRARY --bad-env (with MOEFORGE_EMULATED_DEVICES=two set)
+//   emulated_probe LIBRARY --stream-check (with MOEFORGE_EMULATED_STREAM_CHECK=1, DEVICES=2 set)
+//   emulated_probe LIBRARY --bad-stream-check (with MOEFORGE_EMULATED_STREAM_CHECK=yes set)
 // Prints PASS or FAIL per check; exits non-zero on any failure.
 #include "emulated_probe.h"
 
@@ -17,7 +19,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 namespace probe = moeforge::probe;
 using probe::require;
@@ -187,12 +191,13 @@ void check_item_and_random(const torch::Device& dev) {
   require_same(drop_d, drop_c, "dropout after manual_seed");
 }
 
-int child(const char* self, const char* library, const char* mode, const char* devices, const char* memory) {
+// This program run again as `mode`, with `variables` (name, value) set; its exit code.
+int child(const char* self, const char* library, const char* mode,
+          std::initializer_list<std::pair<const char*, const char*>> variables) {
   std::fflush(stdout);
   const pid_t pid = fork();
   if (pid == 0) {
-    setenv("MOEFORGE_EMULATED_DEVICES", devices, 1);
-    setenv("MOEFORGE_EMULATED_MEMORY_BYTES", memory, 1);
+    for (const auto& [name, value] : variables) setenv(name, value, 1);
     execl(self, self, library, mode, static_cast<char*>(nullptr));
     std::perror("exec");
     _exit(127);
@@ -214,6 +219,7 @@ int main(int argc, char** argv) {
     // The defaults: one device of 16 GiB.
     unsetenv("MOEFORGE_EMULATED_DEVICES");
     unsetenv("MOEFORGE_EMULATED_MEMORY_BYTES");
+    unsetenv("MOEFORGE_EMULATED_STREAM_CHECK");
   }
   if (dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL) == nullptr) {
     std::fprintf(stderr, "FAIL  loading %s: %s\n", argv[1], dlerror());
@@ -221,6 +227,8 @@ int main(int argc, char** argv) {
   }
   if (mode == "--small") return probe::run_small_device_checks();
   if (mode == "--bad-env") return probe::run_bad_environment_checks();
+  if (mode == "--stream-check") return probe::run_stream_check_checks();
+  if (mode == "--bad-stream-check") return probe::run_bad_stream_check_setting();
 
   const torch::Device dev("emulated:0");
   probe::check("copy CPU -> emulated -> CPU round trip", [&] { check_copies(dev); });
@@ -241,10 +249,24 @@ int main(int argc, char** argv) {
   probe::check("streams and events: record, query, block, elapsedTime", [&] { probe::check_events(dev); });
   const std::string self = "/proc/self/exe";
   probe::check("2 devices of 4 MiB: out-of-memory, cache flush and retry, per-device memory", [&] {
-    require(child(self.c_str(), argv[1], "--small", "2", "4194304") == 0, "the --small run failed (see above)");
+    require(child(self.c_str(), argv[1], "--small",
+                  {{"MOEFORGE_EMULATED_DEVICES", "2"}, {"MOEFORGE_EMULATED_MEMORY_BYTES", "4194304"}}) == 0,
+            "the --small run failed (see above)");
   });
   probe::check("a malformed MOEFORGE_EMULATED_DEVICES is refused by name", [&] {
-    require(child(self.c_str(), argv[1], "--bad-env", "two", "4194304") == 0, "the --bad-env run failed (see above)");
+    require(child(self.c_str(), argv[1], "--bad-env", {{"MOEFORGE_EMULATED_DEVICES", "two"}}) == 0,
+            "the --bad-env run failed (see above)");
+  });
+  probe::check("stream-order checker off (MOEFORGE_EMULATED_STREAM_CHECK unset): no race counted", [&] {
+    probe::check_stream_check_off(dev);
+  });
+  probe::check("stream-order checker on (MOEFORGE_EMULATED_STREAM_CHECK=1): races, event waits, frees", [&] {
+    require(child(self.c_str(), argv[1], "--stream-check", {{"MOEFORGE_EMULATED_STREAM_CHECK", "1"}, {"MOEFORGE_EMULATED_DEVICES", "2"}}) == 0,
+            "the --stream-check run failed (see above)");
+  });
+  probe::check("a malformed MOEFORGE_EMULATED_STREAM_CHECK is refused by name", [&] {
+    require(child(self.c_str(), argv[1], "--bad-stream-check", {{"MOEFORGE_EMULATED_STREAM_CHECK", "yes"}}) == 0,
+            "the --bad-stream-check run failed (see above)");
   });
   return probe::failures() == 0 ? 0 : 1;
 }

@@ -31,21 +31,6 @@ std::string counts(const std::string& when, int64_t alloc, int64_t reserve) {
   return when + ": allocated " + std::to_string(alloc) + ", reserved " + std::to_string(reserve) + " bytes";
 }
 
-// The message of the c10::Error `body` throws (empty when it throws none).
-template <typename Error, typename Body>
-std::string error_of(Body body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
-
-void require_contains(const std::string& text, const std::string& part) {
-  require(text.find(part) != std::string::npos, "'" + part + "' is not in: " + text);
-}
-
 }  // namespace
 
 void check(const std::string& name, const std::function<void()>& body) {
@@ -70,6 +55,10 @@ int failures() { return failure_count; }
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::runtime_error(what);
+}
+
+void require_contains(const std::string& text, const std::string& part) {
+  require(text.find(part) != std::string::npos, "'" + part + "' is not in: " + text);
 }
 
 bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
