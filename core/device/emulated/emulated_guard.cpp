@@ -82,9 +82,11 @@ struct GuardImpl final : c10::impl::DeviceGuardImplInterface {
   // checker (emulated_stream_check.h) still learns what they would order.
   void synchronizeStream(const c10::Stream& stream) const override {
     if (stream_check::enabled()) stream_check::host_waited_stream(stream);
+    host_synced();
   }
   void synchronizeDevice(const c10::DeviceIndex device_index) const override {
     if (stream_check::enabled()) stream_check::host_waited_device(checked_index(device_index));
+    host_synced();
   }
 
   void record(void** event, const c10::Stream& stream, const c10::DeviceIndex device_index,

@@ -79,6 +79,7 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   at::Tensor dst_cpu = table.to_cpu(dst);
   dst_cpu.copy_((one_device ? table : other).to_cpu(self), non_blocking);
   if (stream_check::enabled()) note_copy(self, dst, non_blocking);
+  if (self.device().type() == kType && dst.device().type() != kType && !non_blocking) host_synced();
   return dst;
 }
 
@@ -166,6 +167,7 @@ at::Tensor& set_empty(at::Tensor& self) {
 at::Scalar local_scalar_dense(const at::Tensor& self) {
   AliasTable table;
   const at::Scalar value = at::_local_scalar_dense(table.to_cpu(self));
+  host_synced();
   if (stream_check::enabled()) {
     // The host reads the value: CUDA waits for the stream first.
     stream_check::note_op("aten::_local_scalar_dense", self.device().index(), {self}, {});

@@ -78,4 +78,14 @@ void set_current_stream(const c10::Stream& stream) {
   tl_streams[checked_index(stream.device_index())] = stream.id();
 }
 
+namespace {
+thread_local void (*tl_on_host_sync)() = nullptr;
+}  // namespace
+
+void host_synced() {
+  if (tl_on_host_sync != nullptr) tl_on_host_sync();
+}
+
 }  // namespace moeforge::emulated
+
+void moeforge_emulated_on_host_sync(void (*callback)(void)) { moeforge::emulated::tl_on_host_sync = callback; }

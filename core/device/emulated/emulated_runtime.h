@@ -1,5 +1,6 @@
 // defines: Settings, settings, kMaxDevices, checked_index, current_device, set_current_device,
-// current_stream, set_current_stream
+// current_stream, set_current_stream, host_synced; and for moeforge (dlsym):
+// moeforge_emulated_on_host_sync
 //
 // The emulated accelerator: a LibTorch backend in the PrivateUse1 slot ("emulated") whose device
 // memory is host memory and whose kernels are the CPU's, run on CPU tensors over the device bytes.
@@ -45,4 +46,15 @@ void set_current_device(c10::DeviceIndex index);
 c10::Stream current_stream(c10::DeviceIndex index);
 void set_current_stream(const c10::Stream& stream);
 
+// The host waited for the device: a blocking copy to the host, .item(), a stream or device
+// synchronisation (what CUDA's sync debug mode reports; event waits are not among them). Calls the
+// calling thread's callback, if moeforge set one (its host_syncs count, core/device/host_sync.h).
+void host_synced();
+
 }  // namespace moeforge::emulated
+
+extern "C" {
+// Sets the calling thread's host-sync callback (nullptr: none), as CUDA's sync debug mode reports
+// to the calling thread's warning handler: syncs on other threads are not reported.
+__attribute__((visibility("default"))) void moeforge_emulated_on_host_sync(void (*callback)(void));
+}
