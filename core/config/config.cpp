@@ -35,6 +35,8 @@ constexpr Names<LogLevel, 5> kLogLevel{{{LogLevel::trace, "trace"},
                                         {LogLevel::warn, "warn"},
                                         {LogLevel::error, "error"}}};
 constexpr Names<KernelChoice, 2> kKernelChoice{{{KernelChoice::fused, "fused"}, {KernelChoice::reference, "reference"}}};
+constexpr Names<DeviceCollectives, 2> kDeviceCollectives{
+    {{DeviceCollectives::nccl, "nccl"}, {DeviceCollectives::host, "host"}}};
 }  // namespace
 
 template <>
@@ -65,6 +67,10 @@ template <>
 std::span<const std::pair<LogLevel, std::string_view>> enum_names<LogLevel>() { return kLogLevel; }
 template <>
 std::span<const std::pair<KernelChoice, std::string_view>> enum_names<KernelChoice>() { return kKernelChoice; }
+template <>
+std::span<const std::pair<DeviceCollectives, std::string_view>> enum_names<DeviceCollectives>() {
+  return kDeviceCollectives;
+}
 
 int64_t ModelConfig::padded_vocab_size() const {
   // Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (times TP, which

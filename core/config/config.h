@@ -47,6 +47,11 @@ enum class LogLevel { trace, debug, info, warn, error };
 // model.kernels: our fused kernels (core/kernels) or the LibTorch compositions they replace.
 enum class KernelChoice { fused, reference };
 
+// parallel.device_collectives: how collectives move device tensors between ranks. nccl: NCCL, on
+// CUDA only; host: through pinned host memory and MPI (parallel/comm/host_staged_communicator.h),
+// for any accelerator.
+enum class DeviceCollectives { nccl, host };
+
 // Which layers are MoE: Megatron's --moe-layer-freq. An integer k makes layer i MoE when
 // i % k == 0; an explicit list gives one 0/1 entry per layer (1 = MoE, 0 = dense FFN).
 struct MoeLayerFreq {
@@ -136,6 +141,8 @@ struct ParallelConfig {
   // Elements per data-parallel gradient bucket (Megatron's --ddp-bucket-size); 0: Megatron's default,
   // max(40M, 1M x DP).
   int64_t ddp_bucket_size = 0;
+  // null: nccl on CUDA, host on every other accelerator.
+  std::optional<DeviceCollectives> device_collectives;
 };
 
 struct TrainingConfig {
@@ -212,6 +219,9 @@ struct HardwareConfig {
   // (null = one per local rank).
   double emulated_memory_gib = 80.0;
   std::optional<int64_t> emulated_devices_per_node;
+  // The emulated device's stream-order checker (core/device/emulated/emulated_stream_check.h): each
+  // race between streams is reported, and a run that had any ends with an error.
+  bool emulated_stream_check = false;
   std::string chip;                    // e.g. "H100"; empty = detect
   std::optional<double> peak_tflops;   // null = table of known chips, or CPU calibration
   int64_t num_threads = 0;             // intra-op threads per rank; 0 = LibTorch's default

@@ -215,6 +215,7 @@ std::vector<ConfigField> make_fields() {
       bind("parallel", P, "distributed_timeout_minutes", &PC::distributed_timeout_minutes, "A collective blocked longer than this ends the run on every rank"),
       bind("parallel", P, "overlap_comm", &PC::overlap_comm, "Overlap communication with compute on communication threads: data-parallel gradient buckets reduced during the backward, expert all-to-alls in flight while the shared expert computes; false: blocking, after the backward and inline"),
       bind("parallel", P, "ddp_bucket_size", &PC::ddp_bucket_size, "Elements (not bytes) per data-parallel gradient bucket, as Megatron's --ddp-bucket-size; 0 = max(40M, 1M x DP)"),
+      bind("parallel", P, "device_collectives", &PC::device_collectives, "How collectives move device tensors: nccl (CUDA only) or host (pinned host memory and MPI, any accelerator); null = nccl on cuda, host elsewhere"),
       // training
       bind("training", T, "seq_length", &TC::seq_length, "Tokens per sample", kRequired),
       bind("training", T, "micro_batch_size", &TC::micro_batch_size, "Samples per micro-batch per data-parallel rank"),
@@ -268,6 +269,7 @@ std::vector<ConfigField> make_fields() {
       bind("hardware", H, "device_library", &HC::device_library, "A LibTorch backend library loaded at start-up (a vendor's PrivateUse1 backend); empty = none (emulated: the emulator built beside moeforge)"),
       bind("hardware", H, "emulated_memory_gib", &HC::emulated_memory_gib, "Memory of each emulated device, GiB (its out-of-memory error and memory metrics as a GPU's)"),
       bind("hardware", H, "emulated_devices_per_node", &HC::emulated_devices_per_node, "Emulated devices per node; null = one per local rank"),
+      bind("hardware", H, "emulated_stream_check", &HC::emulated_stream_check, "The emulated device's stream-order checker: reports every race between streams (a missing event wait or recordStream); a run with any ends with an error"),
       bind("hardware", H, "chip", &HC::chip, "Accelerator name for MFU peaks and reports (e.g. H100); empty = detect"),
       bind("hardware", H, "peak_tflops", &HC::peak_tflops, "Peak dense TFLOP/s per device for MFU; null = known-chip table or CPU calibration"),
       bind("hardware", H, "num_threads", &HC::num_threads, "Compute threads per rank; 0 = LibTorch's default"),

@@ -212,6 +212,19 @@ void validate_device(const HardwareConfig& h, Problems& p) {
   }
   p.positive("hardware.emulated_memory_gib", h.emulated_memory_gib);
   if (h.emulated_devices_per_node) p.positive("hardware.emulated_devices_per_node", *h.emulated_devices_per_node);
+  if (h.emulated_stream_check && h.device != "emulated") {
+    p.add("hardware.emulated_stream_check is true but hardware.device is {}: the checker is the emulated device's; set "
+          "hardware.device: emulated or remove it",
+          h.device);
+  }
+}
+
+void validate_device_collectives(const ExperimentConfig& c, Problems& p) {
+  if (c.parallel.device_collectives == DeviceCollectives::nccl && c.hardware.device != "cuda") {
+    p.add("parallel.device_collectives is nccl but hardware.device is {}: NCCL moves CUDA memory only; use host "
+          "(through pinned host memory and MPI) or leave it null",
+          c.hardware.device);
+  }
 }
 
 }  // namespace
@@ -255,6 +268,7 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   if (c.hardware.reference_compute_n) p.positive("hardware.reference_compute_n", *c.hardware.reference_compute_n);
   p.non_negative("hardware.num_threads", c.hardware.num_threads);
   validate_device(c.hardware, p);
+  validate_device_collectives(c, p);
   p.throw_if_any();
 }
 

@@ -65,6 +65,7 @@ c10::DeviceType training_device_type(const HardwareConfig& h, int64_t local_rank
     const auto bytes = static_cast<int64_t>(std::llround(h.emulated_memory_gib * static_cast<double>(1LL << 30)));
     setenv("MOEFORGE_EMULATED_DEVICES", std::to_string(devices).c_str(), 1);
     setenv("MOEFORGE_EMULATED_MEMORY_BYTES", std::to_string(bytes).c_str(), 1);
+    setenv("MOEFORGE_EMULATED_STREAM_CHECK", h.emulated_stream_check ? "1" : "0", 1);
   }
   if (const auto library = device_library_path(h); !library.empty()) load_library_once(library);
   try {
@@ -104,6 +105,13 @@ torch::Device select_device(c10::DeviceType type, int local_rank, int local_size
   const torch::Device device(type, static_cast<c10::DeviceIndex>(index));
   guard->setDevice(device);
   return device;
+}
+
+int64_t stream_order_races() {
+  // Exported by the emulator (core/device/emulated/emulated_stream_check.h), loaded RTLD_GLOBAL.
+  using Count = long long (*)();
+  const auto count = reinterpret_cast<Count>(dlsym(RTLD_DEFAULT, "moeforge_emulated_stream_races"));
+  return count == nullptr ? 0 : static_cast<int64_t>(count());
 }
 
 }  // namespace moeforge

@@ -1,5 +1,5 @@
 // defines: training_device_type, device_library_path, emulated_library_path, check_device_library_exists,
-//          device_for_local_rank, select_device
+//          device_for_local_rank, select_device, stream_order_races
 //
 // The run's accelerator, whatever it is: CUDA, the emulated device (core/device/emulated, a LibTorch
 // backend library of our own in the PrivateUse1 slot), or a device type a vendor's backend library
@@ -35,6 +35,10 @@ c10::DeviceType training_device_type(const HardwareConfig& h, int64_t local_rank
 // own. Throws UserError naming the counts when the node runs more ranks than it has devices (NCCL
 // refuses two ranks on one device, with an error that does not say why) or has none.
 int device_for_local_rank(int local_rank, int local_size, int devices, const std::string& device_type);
+
+// Races the emulated device's stream-order checker (hardware.emulated_stream_check) has reported in
+// this process so far; 0 when the emulator is not loaded.
+int64_t stream_order_races();
 
 // The device this rank trains on, made current: `type`'s device of device_for_local_rank().
 torch::Device select_device(c10::DeviceType type, int local_rank, int local_size);

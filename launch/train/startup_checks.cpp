@@ -207,16 +207,20 @@ void check_trainable(const ExperimentConfig& c) {
 
 void check_gpu_build(const ExperimentConfig& c, int64_t world) {
 #ifndef MOEFORGE_WITH_CUDA
-  if (c.hardware.device == "cuda" && world > 1) {
+  if (c.hardware.device == "cuda" && world > 1 && device_collectives(c) == DeviceCollectives::nccl) {
     fail_user("GPU training across ranks needs NCCL, and this build has no CUDA (see the GPU line of the CMake "
-              "summary). Build on a machine with nvcc matching the torch wheel, or train with hardware.device: cpu.");
+              "summary). Build on a machine with nvcc matching the torch wheel, train with hardware.device: cpu, or "
+              "set parallel.device_collectives: host.");
   }
+#else
+  (void)c;
+  (void)world;
 #endif
-  if (world > 1 && c.hardware.device != "cpu" && c.hardware.device != "cuda") {
-    fail_user("hardware.device is {} with {} ranks: collectives on devices other than CUDA (host-staged, "
-              "parallel.device_collectives: host) are not built yet. Train it in one process, or use cpu or cuda",
-              c.hardware.device, world);
-  }
+}
+
+DeviceCollectives device_collectives(const ExperimentConfig& c) {
+  return c.parallel.device_collectives.value_or(c.hardware.device == "cuda" ? DeviceCollectives::nccl
+                                                                             : DeviceCollectives::host);
 }
 
 }  // namespace moeforge

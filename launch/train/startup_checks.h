@@ -1,6 +1,6 @@
 // defines: StartPoint, start_point, check_data, check_output_dir, check_checkpoint_fits,
 //          check_model_matches, check_precision_matches, check_trainable, check_memory_fits,
-//          check_gpu_build
+//          check_gpu_build, device_collectives
 //
 // The checks a training run makes before it allocates anything, in one place: the trainer calls
 // them (and stops at the first failure), `moeforge train --dry-run` calls the same functions and
@@ -55,8 +55,9 @@ int64_t usable_device_bytes(int64_t total);
 void check_memory_fits(const ExperimentConfig& config, const ParallelLayout& layout, std::optional<int64_t> device_total,
                        int64_t ranks_on_host);
 
-// GPU training across ranks needs a CUDA build (NCCL); other devices train in one process until
-// host-staged collectives exist.
+// CUDA training across ranks over NCCL needs a CUDA build (host-staged collectives do not).
 void check_gpu_build(const ExperimentConfig& config, int64_t world_size);
+// parallel.device_collectives, its null resolved: nccl on CUDA, host on every other accelerator.
+DeviceCollectives device_collectives(const ExperimentConfig& config);
 
 }  // namespace moeforge

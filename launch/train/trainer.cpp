@@ -100,7 +100,7 @@ void Trainer::setup_parallel() {
   if (world > 1) {
     groups_ = ProcessGroups::create(
         layout_, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)),
-        /*nccl=*/device_.is_cuda());
+        device_, device_collectives(c_));
   } else {
     groups_ = ProcessGroups::single();
   }
@@ -662,6 +662,19 @@ bool Trainer::any_rank(bool flag) const {
   return t.item<int64_t>() != 0;
 }
 
+void Trainer::check_stream_order() const {
+  // Reported as they happened (the emulator's stderr); the run ends with an error on every rank
+  // when any rank had one, so a device-order bug cannot pass as a finished run.
+  const int64_t races = stream_order_races();
+  spdlog::info("stream-order checker: {} race(s) on this rank", races);
+  if (any_rank(races > 0)) {
+    fail_user("the emulated device's stream-order checker reported {} race(s) on this rank (and at least one rank had "
+              "one; each is printed above as 'stream-order race'): a stream reads or frees device memory another "
+              "stream writes or uses without an event wait or recordStream ordering them; fix the missing wait",
+              races);
+  }
+}
+
 void Trainer::stop_on_lost_metrics(const std::string& error) {
   // A run whose metrics cannot be written is not a benchmark anyone can read: it ends now, with
   // its progress saved when it saves checkpoints (that save may fail on the same full disk; the
@@ -681,7 +694,7 @@ void Trainer::stop_on_lost_metrics(const std::string& error) {
 int Trainer::train() {
   const auto& t = c_.training;
   const auto start = Clock::now();
-  const CudaSyncCounter count_cuda_syncs(device_);  // host_syncs on GPUs: every sync LibTorch makes
+  const DeviceSyncCounter count_device_syncs(device_);  // host_syncs on devices: every sync they report
   if (state_.iteration >= t.train_iters) {
     spdlog::info("nothing to do: the checkpoint is at iteration {} and training.train_iters is {}", state_.iteration,
                  t.train_iters);
@@ -722,6 +735,7 @@ int Trainer::train() {
     if (any_rank(!metrics_error.empty())) stop_on_lost_metrics(metrics_error);
     if (save_now) save();
   }
+  if (c_.hardware.emulated_stream_check) check_stream_order();
   const double total = seconds_since(start);
   spdlog::info("trained iterations {}..{} in {:.1f} s; metrics: {}", first, state_.iteration, total,
                (fs::path(c_.logging.run_dir) / files::kMetrics).string());

@@ -77,6 +77,9 @@ class Trainer {
   double evaluate();
   void save();
   bool any_rank(bool flag) const;  // collective over the world
+  // With hardware.emulated_stream_check: throws UserError on every rank when any rank's checker
+  // reported a race (collective over the world).
+  void check_stream_order() const;
   // Rank 0 could not append to metrics.jsonl: a last checkpoint when the run saves, then a UserError.
   [[noreturn]] void stop_on_lost_metrics(const std::string& error);
   // Ends the run (every rank) if any rank's part of `contents` is not finite; collective.

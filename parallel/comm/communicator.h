@@ -1,15 +1,26 @@
 // defines: ReduceOp, Transport, transport_for, check_transport, Communicator, LocalCommunicator
 //
 // The one communication interface the runtime uses: a group of ranks and the collectives MoE
-// training needs. Backends: MpiCommunicator (CPU tensors, parallel/comm/mpi_communicator.h) and
-// LocalCommunicator (a group of one: every call is a copy, so single-process code paths need no MPI).
+// training needs. Backends: MpiCommunicator (CPU tensors, parallel/comm/mpi_communicator.h),
+// NcclCommunicator (CUDA tensors over NCCL), HostStagedCommunicator (any accelerator's tensors
+// through pinned host memory and MPI) and LocalCommunicator (a group of one: every call is a copy,
+// so single-process code paths need no MPI).
 //
-// Contract of every call but the `*_async` ones (CPU backends): blocking. It returns when this rank's part is complete:
-// its output holds the result and its input may be reused. Every rank of the group must make the
-// same calls in the same order with matching shapes and dtypes. A call that does not complete within
-// the group's timeout ends the process with a message naming the call, the group and its ranks
-// (a hung or dead peer must not hang the job). Tensors must be contiguous CPU tensors; bf16 and fp16
-// are moved as bytes and reduced in fp32.
+// Contract of every call but the `*_async` ones: blocking. It returns when this rank's part is
+// complete: its output holds the result and its input may be reused. Every rank of the group must
+// make the same calls in the same order with matching shapes and dtypes. A call that does not
+// complete within the group's timeout ends the process with a message naming the call, the group
+// and its ranks (a hung or dead peer must not hang the job). Tensors must be contiguous; bf16 and
+// fp16 are moved as bytes and reduced in fp32 on the host (NCCL reduces them natively).
+//
+// Note [device stream contract]: for tensors on an accelerator, every call of a communicator runs
+// on that communicator's one communication stream, after the work the caller's current stream had
+// enqueued when it was called (so after the kernels that produced its input), and its tensors are
+// recorded as used on that stream (recordStream), so the caching allocator does not hand their
+// memory out again before the call is done. A blocking call then waits on the host. An `*_async`
+// call returns at once; its handle's wait() makes the caller's current stream wait for the call
+// (the host does not wait for device work; a host-staged call's host part, MPI, is waited for) and
+// what runs on that stream next sees the result. Host reads of a result synchronise anyway.
 //
 // Note [Transport]: a point-to-point message travels in host memory (MPI) or in device memory
 // (NCCL), and the two ends must agree, or each waits for a message the other never sends. So the

@@ -7,12 +7,10 @@
 // broadcasts it, every rank joins on its current CUDA device, which select_device()
 // (core/device/device_runtime.h) must have set from the local rank before (NCCL binds a communicator to the device current at init).
 //
-// Stream contract: every call of a communicator runs on its one communication stream, after the
-// work the caller's current stream had enqueued (so after the kernels that produced its input), and
-// its tensors are recorded as used there. A blocking call then waits on the host, polling an event:
-// the same contract as the CPU backends. An `*_async` call returns at once; its handle's wait()
-// makes the caller's current stream wait for the call (the host does not wait) and is_completed()
-// asks the event. The process's watchdog (parallel/comm/watchdog.h) enforces the timeout on both: a hung
+// The device stream contract is the interface's (Note [device stream contract] in
+// parallel/comm/communicator.h): one communication stream per communicator; a blocking call polls
+// its event on the host; an `*_async` handle's wait() makes the caller's stream wait, and
+// is_completed() asks the event. The process's watchdog (parallel/comm/watchdog.h) enforces the timeout on both: a hung
 // peer aborts the communicator and ends the job with the call, the group and its ranks named.
 // Collectives on CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the
 // MPI group. Point-to-point calls go where their Transport says (Note [Transport]): device over

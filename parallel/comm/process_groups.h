@@ -7,6 +7,7 @@
 // each layer's heads and widths).
 #pragma once
 
+#include "core/config/config.h"
 #include "parallel/comm/communicator.h"
 #include "parallel/layout/layout.h"
 #include "parallel/comm/mpi_communicator.h"
@@ -20,11 +21,13 @@ struct ProcessGroups {
   std::shared_ptr<Communicator> world, pp, dp, ep, edp, tp;
 
   // Splits `world` (collective over it). Throws UserError when the launch's world size is not the
-  // layout's. With `nccl` (GPU training) pp/dp/ep/edp/tp are NcclCommunicators over those MPI groups
-  // (CUDA tensors over NCCL, CPU tensors over MPI); the rank's device must be current (select_device(), core/device/device_runtime.h). Throws
-  // UserError for `nccl` in a build without CUDA.
+  // layout's. On an accelerator (`device` not the CPU) pp/dp/ep/edp/tp move device tensors as
+  // `collectives` says: NcclCommunicators (CUDA only) or HostStagedCommunicators over those MPI
+  // groups; CPU tensors go over MPI. The rank's device must be current (select_device(),
+  // core/device/device_runtime.h). Throws UserError for nccl in a build without CUDA or off CUDA.
   static ProcessGroups create(const ParallelLayout& layout, const std::shared_ptr<MpiCommunicator>& world,
-                              bool nccl = false);
+                              const torch::Device& device = torch::kCPU,
+                              DeviceCollectives collectives = DeviceCollectives::nccl);
   // Every group a group of one: a single process, no MPI.
   static ProcessGroups single();
 };
