@@ -10,8 +10,9 @@
 // The device stream contract is the interface's (Note [device stream contract] in
 // parallel/comm/communicator.h): one communication stream per communicator; a blocking call polls
 // its event on the host; an `*_async` handle's wait() makes the caller's stream wait, and
-// is_completed() asks the event. The process's watchdog (parallel/comm/watchdog.h) enforces the timeout on both: a hung
-// peer aborts the communicator and ends the job with the call, the group and its ranks named.
+// is_completed() asks the event. The process's watchdog (parallel/comm/watchdog.h) enforces the
+// timeout on both: a hung peer aborts the communicator and ends the job with the call, the group
+// and its ranks named.
 // Collectives on CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the
 // MPI group. Point-to-point calls go where their Transport says (Note [Transport]): device over
 // NCCL, host over the MPI group, each end's tensors checked against it. send/recv ignore the tag
