@@ -57,7 +57,8 @@ class PostedSend : public Work {
     staged_->wait();
     (*posted_)->wait();
   }
-  bool is_completed() override { return staged_->is_completed() && (*posted_)->is_completed(); }
+  // No posted send once the staged call is complete means it failed: wait() rethrows that.
+  bool is_completed() override { return staged_->is_completed() && (!*posted_ || (*posted_)->is_completed()); }
 
  private:
   std::shared_ptr<Work> staged_;
