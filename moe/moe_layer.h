@@ -1,8 +1,8 @@
-// defines: MoELayer, build_model, LossBreakdown, model_loss
+// defines: MoELayer, build_model, update_expert_biases
 //
 // The sparse MoE block (Qwen2-MoE / Mixtral / Megatron): router, dispatch through a Dispatcher,
 // routed experts, combine weighted by the router, plus an optional shared expert scaled by a
-// sigmoid gate. Shapes: B batch, S sequence, T = B * S tokens, K top-k, D hidden.
+// sigmoid gate. Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include "core/config/config.h"
@@ -43,27 +43,5 @@ model::GPTModel build_model(const ModelConfig& config);
 // layer in [first_layer, end_layer) from its row of load_LE, the slots per expert of the model's
 // MoE layers in order, counted over the whole global batch. No-op without the expert bias.
 void update_expert_biases(model::GPTModelImpl& model, int64_t first_layer, int64_t end_layer, const torch::Tensor& load_LE);
-
-struct LossBreakdown {
-  torch::Tensor total;  // what backward runs on
-  torch::Tensor lm;     // mean cross-entropy
-  torch::Tensor aux;    // load-balancing loss, unscaled (summed over layers for per-layer types)
-  torch::Tensor z;      // z-loss, unscaled, summed over layers
-};
-
-// For global_aux_loss: the global batch's expert loads, one row per MoE layer of the output in
-// order (slots per expert summed over the data-parallel ranks, averaged over the step's
-// micro-batches so far, Megatron's running average), and the micro-batch's tokens over those ranks.
-struct GlobalExpertLoad {
-  torch::Tensor load_LE;
-  double tokens = 0;
-};
-
-// lm + moe_aux_loss_coeff * aux + moe_z_loss_coeff * z, with the load-balancing type of the config.
-// global_aux_loss without `global` (evaluation, one process outside training) uses the
-// micro-batch's own loads: the per-micro-batch aux_loss. `loss_tokens`: as model::lm_loss's.
-LossBreakdown model_loss(const ModelConfig& config, const model::ModelOutput& out, const torch::Tensor& labels_BS,
-                         const torch::Tensor& loss_mask_BS, const GlobalExpertLoad* global = nullptr,
-                         const torch::Tensor& loss_tokens = {});
 
 }  // namespace moeforge::moe

@@ -1,7 +1,6 @@
 #include "parallel/parallelize.h"
 
 #include "core/base/errors.h"
-#include "core/optim/optimizer.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>
@@ -134,6 +133,21 @@ NamedTensors ModelShard::parameters(model::GPTModelImpl& model) const {
     if (holds(item.key())) out.emplace_back(item.key(), item.value());
   }
   return out;
+}
+
+std::vector<TrainableParameter> ModelShard::trainable(std::vector<TrainableParameter> chosen) const {
+  std::erase_if(chosen, [&](const TrainableParameter& p) {
+    if (holds(p.name)) return false;
+    p.param.set_requires_grad(false);
+    return true;
+  });
+  for (auto& p : chosen) {
+    const auto& where = partition.at(p.name);
+    p.expert_parallel = where.expert_parallel;
+    p.tensor_parallel = where.tp.splits();
+    p.sequence_parallel = where.sequence_parallel;
+  }
+  return chosen;
 }
 
 ModelShard parallelize_model(model::GPTModelImpl& model, const ParallelLayout& layout, const ProcessGroups& groups,

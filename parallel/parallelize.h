@@ -25,6 +25,7 @@
 
 #include "core/model/gpt_model.h"
 #include "core/files/safetensors.h"
+#include "core/optim/optimizer.h"
 #include "parallel/alltoall_dispatcher.h"
 #include "parallel/layout/layout.h"
 #include "parallel/comm/process_groups.h"
@@ -85,6 +86,11 @@ struct ModelShard {
   bool holds(std::string_view name) const { return partition.at(name).stage == at.pp; }
   // This rank's parameters: its stage's, with its block of each expert weight; in model order.
   NamedTensors parameters(model::GPTModelImpl& model) const;
+  // Of the parameters chosen to train (named as in the whole model), those this rank holds, each
+  // marked with how it is split (expert-, tensor-, sequence-parallel: what the optimizer reduces it
+  // over); the others are frozen (another stage's: they neither train nor count in this rank's
+  // gradient norm) and dropped.
+  std::vector<TrainableParameter> trainable(std::vector<TrainableParameter> chosen) const;
 };
 
 // Applies `layout` to `model` (built whole, normally still on the meta device): other stages'

@@ -7,6 +7,7 @@
 #include "core/files/safetensors.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "moe/hf_checkpoint.h"
+#include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>

@@ -2,12 +2,15 @@
 
 #include "core/files/durable_file.h"
 #include "core/base/errors.h"
+#include "core/device/host_sync.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -15,6 +18,76 @@
 #include <fstream>
 
 namespace moeforge {
+
+namespace {
+
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+}  // namespace
+
+StepMeter::StepMeter(const torch::Device& device, const StepWork& work)
+    : start_(std::chrono::steady_clock::now()),
+      syncs_before_(host_syncs()),
+      comm_before_(comm_times()),
+      timer_(device),
+      work_(work),
+      device_(device) {}
+
+void StepMeter::finish(StepMetrics& m) {
+  const auto phase_s = timer_.finish();  // on a GPU: waits for the step's work to end
+  auto of = [&](Phase p) { return phase_s[static_cast<size_t>(p)]; };
+  m.time_data_s = of(Phase::data);
+  m.time_forward_s = of(Phase::forward) - of(Phase::data);  // the forward phase includes its data
+  m.time_backward_s = of(Phase::backward);
+  m.time_pipeline_wait_s = of(Phase::pipeline_wait);
+  m.time_grad_reduce_s = of(Phase::grad_reduce);
+  m.time_optimizer_s = of(Phase::optimizer);
+  m.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  m.host_syncs = host_syncs() - syncs_before_;
+  const CommTimes comm = comm_times();
+  m.time_comm_s = comm.in_flight_s - comm_before_.in_flight_s;
+  m.time_comm_exposed_s = comm.exposed_s - comm_before_.exposed_s;
+  m.time_comm_thread_cpu_s = comm.comm_thread_cpu_s - comm_before_.comm_thread_cpu_s;
+  m.tokens_per_s_per_device = work_.tokens / m.step_time_s / work_.devices;
+  m.tflops_per_device = work_.flops / m.step_time_s / 1e12 / work_.devices;
+  m.tflops_6n_per_device = work_.flops_6n / m.step_time_s / 1e12 / work_.devices;
+  m.peak_tflops = work_.peak.tflops;
+  m.peak_kind = work_.peak.kind;
+  m.peak_source = work_.peak.source;
+  m.mfu = m.tflops_per_device / work_.peak.tflops;
+  m.mfu_6n = m.tflops_6n_per_device / work_.peak.tflops;
+  m.peak_memory_bytes = peak_rss_bytes();
+  m.device_memory = device_memory(device_);
+}
+
+void set_losses(StepMetrics& m, const ReducedLosses& r, const ModelConfig& mc) {
+  m.lm_loss = r.lm;
+  m.aux_loss = r.aux;
+  m.z_loss = r.z;
+  m.loss = r.total;
+  m.moe_layers = mc.is_moe() ? mc.num_moe_layers() : 0;
+  if (mc.moe_aux_loss_coeff > 0) m.balancing_name = megatron_balancing_name(mc.moe_router_load_balancing_type);
+  m.z_loss_on = mc.moe_z_loss_coeff > 0;
+  if (!r.load_LE.defined()) return;
+  for (int64_t l = 0; l < r.load_LE.size(0); ++l) {
+    const double mean = r.load_LE[l].mean().item<double>();
+    const double ratio = mean > 0 ? r.load_LE[l].max().item<double>() / mean : 0.0;
+    m.expert_load_per_layer.push_back(ratio);
+    m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
+  }
+}
+
+void set_progress(StepMetrics& m, const TrainState& state, const ExperimentConfig& c) {
+  m.iteration = state.iteration;
+  m.consumed_samples = state.consumed_train_samples;
+  m.skipped_iterations = state.skipped_iterations;
+  m.train_iters = c.training.train_iters;
+  m.forced_load_balance = c.model.moe_router_force_load_balancing;
+}
 
 const char* megatron_balancing_name(LoadBalancingType type) {
   switch (type) {

@@ -1,5 +1,5 @@
 // defines: StepMetrics, the metric key schema (namespace metric), kTimingMetricKeys,
-//          step_metrics_json, step_log_line, MetricsFile
+//          StepMeter, set_losses, set_progress, step_metrics_json, step_log_line, MetricsFile
 //
 // What one training iteration reports: the Megatron-like log line and one JSON object per
 // iteration in <run_dir>/metrics.jsonl (keys in docs/training.md). The keys are named once, here:
@@ -11,10 +11,16 @@
 
 #include "core/config/config.h"
 #include "core/device/device_memory.h"
+#include "core/device/step_timer.h"
+#include "core/flops/mfu.h"
+#include "launch/train/checkpoint.h"
+#include "launch/train/step_losses.h"
+#include "parallel/comm/work.h"
 
 #include <nlohmann/json.hpp>
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -143,6 +149,38 @@ inline constexpr std::array<std::string_view, 25> kTimingMetricKeys{
     metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes,         metric::kPeakMemoryAllocated,
     metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal, metric::kTimeComm, metric::kTimeCommExposed,
     metric::kTimeCommThreadCpu};
+
+// What a step's throughput is measured against.
+struct StepWork {
+  double tokens = 0;                        // global batch x sequence
+  double flops = 0, flops_6n = 0;           // per step: Megatron's count and 6N (core/flops/mfu.h)
+  PeakFlops peak;                           // per device
+  double devices = 1;
+};
+
+// Measures one step: the wall time from its construction, the host syncs and communication times
+// counted meanwhile, and the device phases of timer(). finish() writes those, the throughput and
+// the memory peaks into the step's metrics (on a GPU it waits for the step's work to end first).
+class StepMeter {
+ public:
+  StepMeter(const torch::Device& device, const StepWork& work);
+  StepTimer& timer() { return timer_; }
+  void finish(StepMetrics& m);
+
+ private:
+  std::chrono::steady_clock::time_point start_;
+  int64_t syncs_before_;
+  CommTimes comm_before_;
+  StepTimer timer_;
+  StepWork work_;
+  torch::Device device_;
+};
+
+// The step's reduced losses into its metrics (with Megatron's names for the balancing and z
+// losses) and each MoE layer's expert load, max over mean.
+void set_losses(StepMetrics& m, const ReducedLosses& losses, const ModelConfig& model);
+// Where training stands after the step: iteration, samples, skipped updates.
+void set_progress(StepMetrics& m, const TrainState& state, const ExperimentConfig& config);
 
 // Megatron-Core's log name of a balancing type's loss; nullptr for types Megatron does not have.
 const char* megatron_balancing_name(LoadBalancingType type);

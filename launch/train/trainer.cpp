@@ -1,28 +1,28 @@
 #include "launch/train/trainer.h"
 
+#include "core/base/errors.h"
+#include "core/config/logging.h"
 #include "core/device/device_memory.h"
 #include "core/device/device_runtime.h"
-#include "core/files/durable_file.h"
-#include "core/base/errors.h"
 #include "core/device/host_sync.h"
+#include "core/files/durable_file.h"
+#include "core/flops/model_size.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/self_check.h"
 #include "core/kernels/wgrad_accumulation.h"
-#include "core/config/logging.h"
-#include "core/flops/model_size.h"
-#include "core/device/step_timer.h"
 #include "data/datasets.h"
+#include "launch/train/micro_batches.h"
 #include "launch/train/restore.h"
 #include "launch/train/run_environment.h"
+#include "launch/train/save.h"
+#include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 #include "moe/upcycle.h"
 #include "parallel/data_parallel_optimizer.h"
 #include "parallel/pipeline.h"
-#include "parallel/comm/work.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,12 +43,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kMaxLockRecord = 1024;  // bytes of a lock record (core/files/dir_lock.h) sent to the other ranks
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-int64_t peak_rss_bytes() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<int64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
-}
 
 std::string human_count(int64_t n) {
   if (n >= 1'000'000'000) return fmt::format("{:.2f} B", static_cast<double>(n) / 1e9);
@@ -198,21 +192,11 @@ void Trainer::setup_optimizer() {
       if (kind[0] != 'm' || t.bf16) full_optimizer_shapes_[kind + p.name] = shape;
     }
   }
-  std::erase_if(trainable, [&](const TrainableParameter& p) {
-    if (shard_->holds(p.name)) return false;
-    p.param.set_requires_grad(false);  // another stage's: it neither trains nor counts in this rank's norm
-    return true;
-  });
+  trainable = shard_->trainable(std::move(trainable));
   if (is_rank0()) {
     std::vector<std::string> names;
     for (const auto& p : trainable) names.push_back(p.name);
     if (const auto why = moe::router_only_noop_reason(*model_, c_.model, names)) spdlog::warn("{}", *why);
-  }
-  for (auto& p : trainable) {
-    const auto& where = shard_->partition.at(p.name);
-    p.expert_parallel = where.expert_parallel;
-    p.tensor_parallel = where.tp.splits();
-    p.sequence_parallel = where.sequence_parallel;
   }
   optimizer_ = make_optimizer(std::move(trainable), t, groups_, c_.parallel);
   // Each chunk's parameters, armed for gradient reduction before that chunk's last backward.
@@ -242,9 +226,8 @@ void Trainer::restore() {
 void Trainer::announce(const std::string& command) {
   const auto& t = c_.training;
   const auto flops = model_flops_per_step(c_.model, t.global_batch_size, t.seq_length);
-  flops_per_step_ = static_cast<double>(flops.megatron);
-  flops_6n_per_step_ = static_cast<double>(flops.six_n);
-  peak_ = resolve_peak(c_.hardware, t.bf16);
+  work_ = {static_cast<double>(t.global_batch_size * t.seq_length), static_cast<double>(flops.megatron),
+           static_cast<double>(flops.six_n), resolve_peak(c_.hardware, t.bf16), static_cast<double>(layout_.world())};
 
   const auto counts = count_parameters(c_.model);
   spdlog::info("{}", resolved_config_table(loaded_));
@@ -262,8 +245,8 @@ void Trainer::announce(const std::string& command) {
   }
   spdlog::info("data: train {} samples, valid {}", train_data_->size(),
                valid_data_ ? std::to_string(valid_data_->size()) + " samples" : std::string("none"));
-  spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", flops_per_step_,
-               flops_6n_per_step_, peak_.tflops, peak_.source);
+  spdlog::info("FLOPs per step: {:.4g} (Megatron), {:.4g} (6N); peak {:.4g} TFLOP/s per device from {}", work_.flops,
+               work_.flops_6n, work_.peak.tflops, work_.peak.source);
 
   const auto hostnames = gather_hostnames(*groups_.world);
   if (is_rank0()) {
@@ -279,71 +262,21 @@ void Trainer::announce(const std::string& command) {
   profiler_.emplace(c_.logging, is_rank0(), device_);
 }
 
-Trainer::Batch Trainer::to_tensors(const data::MicroBatch& mb) const {
-  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  const std::vector<int64_t> shape{mb.batch, mb.seq};
-  const bool sp = layout_.sequence_parallel();
-  const int64_t chunk = sp ? mb.seq / layout_.tp() : mb.seq;
-  // The loader's thread has read ahead on the host; the copy to a GPU goes through pinned memory
-  // and does not block (it is ordered on the compute stream before the forward that reads it).
-  auto from = [&](const auto& v, torch::TensorOptions o, bool whole = false) {
-    auto view = torch::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), shape, o);
-    if (!whole && chunk != mb.seq) view = view.narrow(1, shard_->at.tp * chunk, chunk).contiguous();
-    return device_.is_cpu() ? view.clone() : to_device(view, device_);
-  };
-  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
-  Batch b{from(mb.tokens, i64), from(mb.labels, i64), from(mb.loss_mask, f32), from(mb.position_ids, i64, true), {}};
-  if (sp) {
-    // Counted on the host, where the mask already is: no device read.
-    const double tokens = std::accumulate(mb.loss_mask.begin(), mb.loss_mask.end(), 0.0);
-    b.loss_tokens = torch::full({}, tokens, f32.device(device_));
-  }
-  return b;
-}
-
 StepMetrics Trainer::train_step() {
   const auto& t = c_.training;
-  const auto step_start = Clock::now();
-  const int64_t syncs_before = host_syncs();
-  const CommTimes comm_before = comm_times();
-  StepTimer timer(device_);
+  StepMeter meter(device_, work_);
+  StepTimer& timer = meter.timer();
   const int64_t micro_batches = layout_.micro_batches_per_step();
   const auto& chunks = shard_->chunks;
-  const int64_t num_moe_layers = c_.model.num_moe_layers();
   StepMetrics m;
   m.num_micro_batches = micro_batches;
   m.lr = schedule_->current();
-  // Summed on the device and read once per step: a GPU is not synchronized per micro-batch.
-  auto losses = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));  // lm, aux, z, total
-  // Routed slots per expert of every MoE layer of the model (zeros for other stages' layers).
-  auto load_LE = torch::zeros({std::max<int64_t>(num_moe_layers, 1), c_.model.num_experts.value_or(1)},
-                              torch::TensorOptions().dtype(torch::kInt64).device(device_));
-  // This rank's layers, per chunk: the index among the model's MoE layers, or -1.
-  std::vector<std::vector<int64_t>> moe_index(chunks.size());
-  for (int64_t l = 0, n = 0; l < c_.model.num_layers; ++l) {
-    const int64_t index = c_.model.is_moe_layer(l) ? n++ : -1;
-    for (size_t k = 0; k < chunks.size(); ++k) {
-      if (l >= chunks[k].begin && l < chunks[k].end) moe_index[k].push_back(index);
-    }
-  }
+  MicroBatches batches(*train_loader_, BatchSlicing::of(layout_, shard_->at), device_, std::ssize(chunks), &timer);
+  StepLosses losses(c_.model, chunks, device_);
+  auto global_loads = GlobalExpertLoads::for_run(c_, layout_, chunks.size(), *groups_.dp);
   for (auto& d : shard_->dispatchers) {
     if (d) d->stats().reset();
   }
-  // global_aux_loss: each chunk's expert loads of the step's micro-batches so far, summed over DP.
-  const bool global_aux = c_.model.moe_router_load_balancing_type == LoadBalancingType::global_aux_loss;
-  std::vector<torch::Tensor> global_load_LE(chunks.size());
-  std::vector<int64_t> global_seen(chunks.size(), 0);
-  // A micro-batch is read when its first chunk here runs and kept until its last one has
-  // (interleaved: every chunk of this rank runs it; each chunk takes the micro-batches in order).
-  std::map<int64_t, Batch> batches;
-  auto batch = [&](const PipelineSlot& s) -> const Batch& {
-    auto it = batches.find(s.micro_batch);
-    if (it != batches.end()) return it->second;
-    timer.start(Phase::data);
-    it = batches.emplace(s.micro_batch, to_tensors(train_loader_->next())).first;
-    timer.stop(Phase::data);
-    return it->second;
-  };
 
   // Forward and backward of every micro-batch through every chunk of this rank, in the pipeline
   // schedule (one stage: plain gradient accumulation). Backward runs on (LM + aux + z) /
@@ -352,21 +285,14 @@ StepMetrics Trainer::train_step() {
   StageCallbacks callbacks;
   callbacks.forward = [&](const PipelineSlot& slot, const torch::Tensor& input) {
     const auto k = static_cast<size_t>(slot.chunk);
-    const LayerRange range = chunks[k];
-    const Batch& b = batch(slot);
-    const auto out = model_->forward_layers(range.begin == 0 ? b.tokens : input, b.position_ids, range.begin, range.end,
-                                            model::HeadOutput::head_input);
-    std::optional<moe::GlobalExpertLoad> global;
-    if (global_aux) global = add_global_load(out, global_load_LE[k], global_seen[k]);
+    const Batch& b = batches.get(slot);
+    const auto out = model_->forward_layers(chunks[k].begin == 0 ? b.tokens : input, b.position_ids, chunks[k].begin,
+                                            chunks[k].end, model::HeadOutput::head_input);
+    const auto global = global_loads ? global_loads->add(k, out) : std::nullopt;
     const auto loss = moe::model_loss(c_.model, out, b.labels, b.loss_mask, global ? &*global : nullptr, b.loss_tokens);
-    losses += torch::stack({loss.lm, loss.aux, loss.z, loss.total}).detach().to(torch::kFloat64);
-    for (size_t j = 0; j < out.layers.size(); ++j) {
-      const auto& layer = out.layers[j];
-      if (layer.tokens_per_expert_E && moe_index[k][j] >= 0) load_LE[moe_index[k][j]] += *layer.tokens_per_expert_E;
-    }
-    if (k + 1 == chunks.size()) batches.erase(slot.micro_batch);
-    StageOutput o;
-    o.output = out.hidden_BSD;
+    losses.add(k, loss, out);
+    batches.done(slot);
+    StageOutput o{out.hidden_BSD, {}};
     if (loss.total.requires_grad()) o.loss = loss.total / static_cast<double>(micro_batches);
     return o;
   };
@@ -374,43 +300,33 @@ StepMetrics Trainer::train_step() {
     if (slot.micro_batch == micro_batches - 1) optimizer_->begin_last_backward(chunk_params_[static_cast<size_t>(slot.chunk)]);
   };
   callbacks.after_backward = [&](const PipelineSlot&) { optimizer_->accumulate_grads(); };
-  run_pipeline(*groups_.pp, static_cast<int64_t>(chunks.size()), micro_batches, false, activation_shape(),
+  run_pipeline(*groups_.pp, std::ssize(chunks), micro_batches, false, stage_activation_shape(c_, layout_),
                activation_options(), callbacks, &timer);
 
-  // Gradients over the data-parallel ranks. The step's losses and expert loads read in one go
-  // (exact in fp64: counts stay far below 2^53), then summed over the stages (the LM loss lives on
-  // the last, auxiliary losses on every stage) and the DP ranks; losses are averaged over DP.
+  // Gradients over the data-parallel ranks; the step's losses and expert loads read in one go.
   timer.start(Phase::grad_reduce);
   optimizer_->reduce_grads();
-  const int64_t E = load_LE.size(1);
-  auto sums = to_host(torch::cat({losses, load_LE.reshape({-1}).to(torch::kFloat64)}));
-  if (layout_.sequence_parallel()) {
-    // Each TP rank's LM loss covers its chunk of the sequence (over the whole micro-batch's
-    // tokens): they add up. The auxiliary losses are whole on every TP rank.
-    auto lm = sums.narrow(0, 0, 1).clone();
-    groups_.tp->all_reduce(lm, ReduceOp::sum);
-    sums[3] += lm[0] - sums[0];
-    sums[0] = lm[0];
-  }
-  if (layout_.world() > 1) {
-    groups_.pp->all_reduce(sums, ReduceOp::sum);
-    groups_.dp->all_reduce(sums, ReduceOp::sum);
-    sums.narrow(0, 0, 4).div_(static_cast<double>(layout_.dp()));
-  }
+  const ReducedLosses reduced = losses.reduce(groups_, layout_, micro_batches);
   timer.stop(Phase::grad_reduce);
+  set_losses(m, reduced, c_.model);
   if (layout_.ep() > 1) record_dispatch(m);
-  const auto mean_losses = sums.narrow(0, 0, 4) / static_cast<double>(micro_batches);
-  m.lm_loss = mean_losses[0].item<double>();
-  m.aux_loss = mean_losses[1].item<double>();
-  m.z_loss = mean_losses[2].item<double>();
-  const auto& mc = c_.model;
-  m.moe_layers = mc.is_moe() ? mc.num_moe_layers() : 0;
-  if (mc.moe_aux_loss_coeff > 0) m.balancing_name = megatron_balancing_name(mc.moe_router_load_balancing_type);
-  m.z_loss_on = mc.moe_z_loss_coeff > 0;
-  m.loss = mean_losses[3].item<double>();
 
-  // The update, unless the step is not finite.
   timer.start(Phase::optimizer);
+  update(m, reduced);
+  timer.stop(Phase::optimizer);
+  ++state_.iteration;
+  state_.consumed_train_samples += t.global_batch_size;
+  state_.lr_num_steps = schedule_->num_steps();
+
+  set_progress(m, state_, c_);
+  meter.finish(m);
+  if (layout_.world() > 1) record_rank_times(m, m.time_forward_s + m.time_backward_s - m.time_all_to_all_s);
+  return m;
+}
+
+void Trainer::update(StepMetrics& m, const ReducedLosses& reduced) {
+  // The update, unless the step is not finite.
+  const auto& t = c_.training;
   m.grad_norm = optimizer_->grad_norm();
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
     if (t.on_nonfinite == NonFinitePolicy::stop) {
@@ -428,74 +344,9 @@ StepMetrics Trainer::train_step() {
   }
   // Aux-loss-free balancing (as Megatron, also after a skipped update): every rank moves the biases
   // of its routers by the same global loads, so the biases stay identical everywhere.
-  if (num_moe_layers > 0) {
-    const auto load = sums.narrow(0, 4, sums.numel() - 4).view({-1, E});
-    for (const auto& range : chunks) moe::update_expert_biases(*model_, range.begin, range.end, load);
+  if (reduced.load_LE.defined()) {
+    for (const auto& range : shard_->chunks) moe::update_expert_biases(*model_, range.begin, range.end, reduced.load_LE);
   }
-  timer.stop(Phase::optimizer);
-  ++state_.iteration;
-  state_.consumed_train_samples += t.global_batch_size;
-  state_.lr_num_steps = schedule_->num_steps();
-
-  // What the log line and metrics.jsonl report.
-  if (num_moe_layers > 0) {
-    const auto load = sums.narrow(0, 4, sums.numel() - 4).view({-1, E});
-    for (int64_t l = 0; l < load.size(0); ++l) {
-      const double mean = load[l].mean().item<double>();
-      const double ratio = mean > 0 ? load[l].max().item<double>() / mean : 0.0;
-      m.expert_load_per_layer.push_back(ratio);
-      m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
-    }
-  }
-  m.iteration = state_.iteration;
-  m.forced_load_balance = c_.model.moe_router_force_load_balancing;
-  m.train_iters = t.train_iters;
-  m.consumed_samples = state_.consumed_train_samples;
-  m.skipped_iterations = state_.skipped_iterations;
-  const auto phase_s = timer.finish();  // on a GPU: waits for the step's work to end
-  auto of = [&](Phase p) { return phase_s[static_cast<size_t>(p)]; };
-  m.time_data_s = of(Phase::data);
-  m.time_forward_s = of(Phase::forward) - of(Phase::data);  // the forward phase includes its data
-  m.time_backward_s = of(Phase::backward);
-  m.time_pipeline_wait_s = of(Phase::pipeline_wait);
-  m.time_grad_reduce_s = of(Phase::grad_reduce);
-  m.time_optimizer_s = of(Phase::optimizer);
-  m.step_time_s = seconds_since(step_start);
-  m.host_syncs = host_syncs() - syncs_before;
-  const CommTimes comm = comm_times();
-  m.time_comm_s = comm.in_flight_s - comm_before.in_flight_s;
-  m.time_comm_exposed_s = comm.exposed_s - comm_before.exposed_s;
-  m.time_comm_thread_cpu_s = comm.comm_thread_cpu_s - comm_before.comm_thread_cpu_s;
-  const auto devices = static_cast<double>(layout_.world());
-  m.tokens_per_s_per_device = static_cast<double>(t.global_batch_size * t.seq_length) / m.step_time_s / devices;
-  m.tflops_per_device = flops_per_step_ / m.step_time_s / 1e12 / devices;
-  m.tflops_6n_per_device = flops_6n_per_step_ / m.step_time_s / 1e12 / devices;
-  m.peak_tflops = peak_.tflops;
-  m.peak_kind = peak_.kind;
-  m.peak_source = peak_.source;
-  m.mfu = m.tflops_per_device / peak_.tflops;
-  m.mfu_6n = m.tflops_6n_per_device / peak_.tflops;
-  m.peak_memory_bytes = peak_rss_bytes();
-  m.device_memory = device_memory(device_);
-  if (layout_.world() > 1) record_rank_times(m, m.time_forward_s + m.time_backward_s - m.time_all_to_all_s);
-  return m;
-}
-
-std::optional<moe::GlobalExpertLoad> Trainer::add_global_load(const model::ModelOutput& out, torch::Tensor& sum_LE,
-                                                               int64_t& seen) const {
-  // One all-reduce per micro-batch for all of the stage's MoE layers (Megatron: one per layer). The
-  // DP replicas of a stage run the same schedule, so their forwards meet in the same order.
-  std::vector<torch::Tensor> rows;
-  for (const auto& layer : out.layers) {
-    if (layer.tokens_per_expert_E) rows.push_back(*layer.tokens_per_expert_E);
-  }
-  if (rows.empty()) return std::nullopt;
-  auto counts_LE = torch::stack(rows);
-  if (layout_.dp() > 1) groups_.dp->all_reduce(counts_LE, ReduceOp::sum);
-  sum_LE = sum_LE.defined() ? sum_LE + counts_LE : counts_LE;
-  ++seen;
-  const double tokens = static_cast<double>(c_.training.micro_batch_size * c_.training.seq_length * layout_.dp());
-  return moe::GlobalExpertLoad{sum_LE.to(torch::kFloat64) / static_cast<double>(seen), tokens};
 }
 
 void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
@@ -520,12 +371,6 @@ void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
     const double* p = all_KR[static_cast<int64_t>(k)].data_ptr<double>();
     m.rank_times.emplace_back(record[k].first, std::vector<double>(p, p + all_KR.size(1)));
   }
-}
-
-std::vector<int64_t> Trainer::activation_shape() const {
-  // Between stages only this TP rank's chunk of the sequence travels under sequence parallelism.
-  const int64_t seq = c_.training.seq_length / (layout_.sequence_parallel() ? layout_.tp() : 1);
-  return {c_.training.micro_batch_size, seq, c_.model.hidden_size};
 }
 
 torch::TensorOptions Trainer::activation_options() const {
@@ -561,76 +406,35 @@ double Trainer::evaluate() {
   const int64_t micro_batches = layout_.micro_batches_per_step();
   torch::NoGradGuard no_grad;
   data::DataLoader loader(valid_data_, t.micro_batch_size, shard_->at.dp, layout_.dp(), state_.consumed_valid_samples, 2);
-  // The LM loss (on the last stage), summed on the device and read once.
-  auto total = torch::zeros({}, activation_options().dtype(torch::kFloat64));
   const auto& chunks = shard_->chunks;
+  MicroBatches batches(loader, BatchSlicing::of(layout_, shard_->at), device_, std::ssize(chunks));
+  StepLosses losses(device_);  // the LM loss, on the last stage
   StageCallbacks callbacks;
-  std::map<int64_t, Batch> batches;  // as in train_step: read by the first chunk, dropped after the last
   callbacks.forward = [&](const PipelineSlot& slot, const torch::Tensor& input) {
     const auto k = static_cast<size_t>(slot.chunk);
-    auto it = batches.find(slot.micro_batch);
-    if (it == batches.end()) it = batches.emplace(slot.micro_batch, to_tensors(loader.next())).first;
-    const Batch& b = it->second;
+    const Batch& b = batches.get(slot);
     const auto out = model_->forward_layers(chunks[k].begin == 0 ? b.tokens : input, b.position_ids, chunks[k].begin,
                                             chunks[k].end, model::HeadOutput::head_input);
-    if (!out.hidden_BSD.defined()) total += model::lm_loss(out, b.labels, b.loss_mask, b.loss_tokens).to(torch::kFloat64);
-    if (k + 1 == chunks.size()) batches.erase(it);
+    if (!out.hidden_BSD.defined()) losses.add_lm(model::lm_loss(out, b.labels, b.loss_mask, b.loss_tokens));
+    batches.done(slot);
     return StageOutput{out.hidden_BSD, {}};
   };
   for (int64_t it = 0; it < t.eval_iters; ++it) {
-    run_pipeline(*groups_.pp, static_cast<int64_t>(chunks.size()), micro_batches, true, activation_shape(),
+    run_pipeline(*groups_.pp, std::ssize(chunks), micro_batches, true, stage_activation_shape(c_, layout_),
                  activation_options(), callbacks, nullptr);
     state_.consumed_valid_samples += t.global_batch_size;
   }
-  auto mean = to_host(total / static_cast<double>(t.eval_iters * micro_batches)).reshape({1});
-  if (layout_.sequence_parallel()) groups_.tp->all_reduce(mean, ReduceOp::sum);  // each TP rank's chunk
-  groups_.pp->all_reduce(mean, ReduceOp::sum);
-  groups_.dp->all_reduce(mean, ReduceOp::avg);
-  return mean.item<double>();
+  return losses.reduce(groups_, layout_, t.eval_iters * micro_batches).lm;
 }
 
 void Trainer::save() {
   const auto t0 = Clock::now();
-  const auto& k = c_.checkpoint;
   CheckpointContents contents;
   contents.optimizer = optimizer_->state();  // collective: a sharded optimizer gathers over DP
   contents.optimizer_steps = optimizer_->steps();
   for (auto& [name, p] : shard_->parameters(*model_)) contents.model.emplace_back(name, p.detach());
   refuse_nonfinite(contents);
-  std::string dir;
-  if (k.format == CheckpointFormat::sharded) {
-    // Rank 0 prepares the directory and names it; the first expert-DP replica of every (stage, EP
-    // rank) writes its shard; rank 0 commits once all have written.
-    auto tag = torch::full({1}, static_cast<int64_t>(::getpid()), torch::kInt64);  // host: a pid
-    if (is_rank0()) prepare_checkpoint_dir(k.save, state_.iteration, tag.item<int64_t>());
-    groups_.world->broadcast(tag, 0);
-    const std::string tmp = checkpoint_tmp_dir(k.save, state_.iteration, tag.item<int64_t>());
-    groups_.world->barrier();
-    if (shard_->at.edp == 0) write_shard(tmp, shard_->partition, shard_->at.pp, shard_->at.ep, contents.model, contents.optimizer);
-    groups_.world->barrier();
-    if (is_rank0()) {
-      write_shard_manifest(tmp, shard_->partition, full_optimizer_shapes_);
-      dir = commit_checkpoint(k.save, tmp, state_, contents.optimizer_steps, c_, k.keep_latest_k,
-                              {{"format", "sharded"}});
-    }
-  } else if (shard_->at.edp == 0) {
-    // Whole: tensor-parallel parts joined over TP, experts gathered over EP, stages to the first;
-    // rank 0 writes. Only the first expert-data-parallel replica carries data (the others hold
-    // copies; each of their TP, EP and PP groups lies wholly outside it, so they skip together).
-    // Everything travels through host memory, one tensor at a time: the device never holds a
-    // gathered tensor, and a rank whose result no one needs drops each one at once.
-    for (auto* set : {&contents.model, &contents.optimizer}) {
-      for (auto& [name, t] : *set) t = to_host(t);
-    }
-    const bool tp_first = shard_->at.tp == 0, ep_first = tp_first && shard_->at.ep == 0;
-    gather_tensor_parallel(contents.model, shard_->partition, *groups_.tp, tp_first);
-    gather_tensor_parallel(contents.optimizer, shard_->partition, *groups_.tp, tp_first);
-    gather_expert_parallel(contents.model, shard_->partition, *groups_.ep, ep_first);
-    gather_expert_parallel(contents.optimizer, shard_->partition, *groups_.ep, ep_first);
-    gather_to_first_stage(contents.model, *groups_.pp);
-    gather_to_first_stage(contents.optimizer, *groups_.pp);
-    if (is_rank0()) dir = save_checkpoint(k.save, state_, contents, c_, k.keep_latest_k);
-  }
+  const auto dir = save_training_checkpoint(std::move(contents), state_, c_, *shard_, groups_, full_optimizer_shapes_);
   if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
   groups_.world->barrier();
 }

@@ -28,7 +28,6 @@
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
 #include "launch/train/tensorboard.h"
-#include "moe/moe_layer.h"
 #include "parallel/layout/layout.h"
 #include "parallel/comm/mpi_communicator.h"
 #include "parallel/parallelize.h"
@@ -50,12 +49,6 @@ class Trainer {
   int train();
 
  private:
-  // One micro-batch on the device. Under sequence parallelism tokens, labels and loss_mask are this
-  // TP rank's chunk of the sequence (position_ids stay whole: attention sees the whole sequence)
-  // and loss_tokens is the micro-batch's count of loss tokens, the LM loss's denominator.
-  struct Batch {
-    torch::Tensor tokens, labels, loss_mask, position_ids, loss_tokens;
-  };
   // Start-up, in this order.
   void setup_parallel();   // the layout (every rule), the device, the process groups
   void claim_directories();  // run_dir and checkpoint.save: writable, and this job's alone (core/files/dir_lock.h)
@@ -65,14 +58,12 @@ class Trainer {
   void restore();          // a training checkpoint's optimizer, schedule, counters and RNG; the loader
   void announce(const std::string& command);  // resolved config, layout, model; run files
 
-  Batch to_tensors(const data::MicroBatch& mb) const;
   StepMetrics train_step();
+  // The optimizer's step from the reduced gradients (skipped, or the run stopped, when the loss or
+  // the gradient norm is not finite), then aux-loss-free balancing's bias update.
+  void update(StepMetrics& m, const ReducedLosses& reduced);
   void record_dispatch(StepMetrics& m);
-  // global_aux_loss: adds a micro-batch's expert loads (summed over DP) to the step's `sum_LE`.
-  std::optional<moe::GlobalExpertLoad> add_global_load(const model::ModelOutput& out, torch::Tensor& sum_LE,
-                                                       int64_t& seen) const;
   void record_rank_times(StepMetrics& m, double compute_s);
-  std::vector<int64_t> activation_shape() const;  // what stages send each other
   torch::TensorOptions activation_options() const;
   double evaluate();
   void save();
@@ -104,8 +95,7 @@ class Trainer {
   std::unique_ptr<LrSchedule> schedule_;
   std::unique_ptr<data::DataLoader> train_loader_;
   TrainState state_;
-  PeakFlops peak_;
-  double flops_per_step_ = 0, flops_6n_per_step_ = 0;
+  StepWork work_;  // what each step's throughput is measured against
   std::optional<MetricsFile> metrics_;  // rank 0
   std::optional<TensorBoardWriter> tensorboard_;  // rank 0, with logging.tensorboard_dir
   std::optional<StepProfiler> profiler_;

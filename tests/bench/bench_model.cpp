@@ -3,6 +3,7 @@
 // one run; then where our time goes (each part timed alone, forward + backward).
 //   build/tests/bench/bench_model [THREADS]
 #include "core/model/gpt_model.h"
+#include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 
 #include <fmt/format.h>

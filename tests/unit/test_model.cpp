@@ -2,6 +2,7 @@
 // Qwen2-MoE (with and without a dense layer), Mixtral and dense Qwen2 models in fp32. Logits, LM
 // loss, load-balancing loss and the gradient of every parameter must match.
 #include "core/model/gpt_model.h"
+#include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 #include "test_util.h"
 

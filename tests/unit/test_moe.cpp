@@ -3,6 +3,7 @@
 #include "../unit/model_fixture.h"
 #include "core/model/gpt_model.h"
 #include "moe/dispatcher.h"
+#include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 #include "moe/router.h"
 
