@@ -2,8 +2,8 @@
 //
 // Moves token-expert slots to the experts that process them and the results back. The MoE layer
 // only calls this interface: LocalDispatcher keeps everything on this rank; the expert-parallel
-// all-to-all dispatcher implements the same two calls. Shapes: T tokens, K top-k, S = T * K
-// slots, N rows for the local experts, D hidden.
+// all-to-all dispatcher implements the same two calls. Shapes (Note [shape suffixes],
+// core/base/shapes.h): T tokens, K top-k, A = T * K slots, N rows for the local experts, D hidden.
 #pragma once
 
 #include <torch/torch.h>
@@ -18,7 +18,7 @@ struct Dispatched {
   std::vector<int64_t> rows_per_local_expert;  // block sizes of x_ND, in local-expert order
   // This rank's slots after the stable sort by expert (kernels/moe_permute.h): the slot of each
   // sorted row, and the sorted row of each slot (-1 for a dropped one); int64 on the device.
-  torch::Tensor slot_of_row_N, row_of_slot_S;
+  torch::Tensor slot_of_row_N, row_of_slot_A;
   int64_t dropped = 0;  // slots dropped by a capacity limit
   // Expert parallel only (AllToAllDispatcher): rows sent to / received from each EP rank, and the
   // permutation from arrival order (by source rank) to local-expert order and back.

@@ -5,6 +5,7 @@
 // kernels, one grouped GEMM per projection over all experts' contiguous blocks of rows and the
 // fused SwiGLU between them; otherwise (the reference, or where the grouped GEMM does not run) one
 // matrix product per expert and projection.
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include <torch/torch.h>

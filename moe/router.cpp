@@ -67,9 +67,9 @@ torch::Tensor forced_experts(int64_t T, int64_t K, int64_t E, const torch::Tenso
 }
 
 torch::Tensor slots_per_expert(const torch::Tensor& experts_TK, int64_t bins) {
-  const auto experts_S = experts_TK.reshape({-1}).to(torch::kInt64);
+  const auto experts_A = experts_TK.reshape({-1}).to(torch::kInt64);
   // Integer sums: exact in any order, so deterministic although the CUDA scatter uses atomics.
-  return torch::zeros({bins}, experts_S.options()).scatter_add_(0, experts_S, torch::ones_like(experts_S));
+  return torch::zeros({bins}, experts_A.options()).scatter_add_(0, experts_A, torch::ones_like(experts_A));
 }
 
 namespace {
@@ -83,23 +83,23 @@ torch::Tensor apply_capacity(const torch::Tensor& experts_TK, const torch::Tenso
   const int64_t T = experts_TK.size(0), K = experts_TK.size(1);
   const auto capacity = static_cast<int64_t>(
       std::ceil(static_cast<double>(T * K) / static_cast<double>(num_experts) * capacity_factor));
-  const auto experts_S = experts_TK.reshape({-1});
+  const auto experts_A = experts_TK.reshape({-1});
   // Order the slots by expert and, within an expert, by priority; a slot's rank inside its
   // expert decides whether it fits.
-  torch::Tensor order_S;
+  torch::Tensor order_A;
   if (policy == TokenDropPolicy::position) {
-    order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
+    order_A = std::get<1>(torch::sort(experts_A, /*stable=*/true, 0, false));
   } else {
-    const auto by_prob_S = std::get<1>(torch::sort(weights_TK.reshape({-1}).to(torch::kFloat32), /*stable=*/true, 0, true));
-    order_S = by_prob_S.index_select(0, std::get<1>(torch::sort(experts_S.index_select(0, by_prob_S), true, 0, false)));
+    const auto by_prob_A = std::get<1>(torch::sort(weights_TK.reshape({-1}).to(torch::kFloat32), /*stable=*/true, 0, true));
+    order_A = by_prob_A.index_select(0, std::get<1>(torch::sort(experts_A.index_select(0, by_prob_A), true, 0, false)));
   }
-  const auto sorted_experts_S = experts_S.index_select(0, order_S);
-  const auto counts = slots_per_expert(experts_S, num_experts);
+  const auto sorted_experts_A = experts_A.index_select(0, order_A);
+  const auto counts = slots_per_expert(experts_A, num_experts);
   const auto starts = torch::cumsum(counts, 0) - counts;
-  const auto rank_sorted_S = torch::arange(experts_S.size(0), experts_S.options()) - starts.index_select(0, sorted_experts_S);
-  auto rank_S = torch::empty_like(rank_sorted_S);
-  rank_S.index_put_({order_S}, rank_sorted_S);
-  return torch::where(rank_S < capacity, experts_S, torch::full_like(experts_S, num_experts)).view({T, K});
+  const auto rank_sorted_A = torch::arange(experts_A.size(0), experts_A.options()) - starts.index_select(0, sorted_experts_A);
+  auto rank_A = torch::empty_like(rank_sorted_A);
+  rank_A.index_put_({order_A}, rank_sorted_A);
+  return torch::where(rank_A < capacity, experts_A, torch::full_like(experts_A, num_experts)).view({T, K});
 }
 
 torch::Tensor aux_loss(const torch::Tensor& probs_TE, const torch::Tensor& experts_TK, int64_t num_experts) {

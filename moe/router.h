@@ -1,7 +1,7 @@
 // defines: Router, Routing, load-balancing losses (Megatron's aux_loss and seq_aux_loss,
 //          Hugging Face's pooled loss), z-loss
 //
-// Shapes: T tokens, E experts, K top-k.
+// Shapes (Note [shape suffixes], core/base/shapes.h): T tokens, E experts, K top-k, A slots.
 #pragma once
 
 #include "core/config/config.h"

@@ -15,6 +15,7 @@
 //   fine_grained  Qwen1.5-MoE: each copy shuffled along I and cut into S = round(I / F) slices of
 //                 I / S neurons, padded with random rows or truncated to F; a fraction of each
 //                 expert's neurons re-initialized; the shared expert from the dense FFN or random
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include "core/config/config.h"

@@ -121,20 +121,20 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   Dispatched d = moe::sort_by_expert(x_TD, experts_TK, E);
   const auto x_send = d.x_ND;
 
-  // 2. Counts: row p of send_PL is what this rank sends to rank p's L experts.
+  // 2. Counts: row p of send_Re is what this rank sends to rank p's L experts.
   const auto t0 = Clock::now();
   // host: the counts travel over the host path (they size the row exchange).
-  const auto send_PL = torch::tensor(d.rows_per_local_expert, torch::kInt64).reshape({P, L});
-  const auto recv_PL = ep_->all_to_all(send_PL, std::vector<int64_t>(P, 1), std::vector<int64_t>(P, 1));
+  const auto send_Re = torch::tensor(d.rows_per_local_expert, torch::kInt64).reshape({P, L});
+  const auto recv_Re = ep_->all_to_all(send_Re, std::vector<int64_t>(P, 1), std::vector<int64_t>(P, 1));
   stats_->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-  d.send_rows = host_vector(send_PL.sum(1));
-  d.recv_rows = host_vector(recv_PL.sum(1));
-  d.rows_per_local_expert = host_vector(recv_PL.sum(0));
+  d.send_rows = host_vector(send_Re.sum(1));
+  d.recv_rows = host_vector(recv_Re.sum(1));
+  d.rows_per_local_expert = host_vector(recv_Re.sum(0));
 
   // 3. Rows, then regrouped from (source rank, local expert) order to (local expert, source rank).
   const auto x_recv = exchange(x_send, d.send_rows, d.recv_rows, overlapped);
   const auto local_expert_N =
-      to_device(torch::repeat_interleave(torch::arange(L).repeat({P}), recv_PL.reshape({-1})), x_TD.device());
+      to_device(torch::repeat_interleave(torch::arange(L).repeat({P}), recv_Re.reshape({-1})), x_TD.device());
   d.regroup_N = std::get<1>(torch::sort(local_expert_N, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   d.ungroup_N = torch::empty_like(d.regroup_N).index_put_({d.regroup_N}, torch::arange(d.regroup_N.size(0), d.regroup_N.options()));
   // A pure permutation: moe_permute with one slot per row (a gather each way, deterministic).

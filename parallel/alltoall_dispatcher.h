@@ -1,13 +1,13 @@
 // defines: AllToAllDispatcher, DispatchStats
 //
 // Expert-parallel dispatch (Megatron-Core's MoEAlltoAllTokenDispatcher, dropless): the EP group's
-// ranks each hold num_experts / EP consecutive experts (EP rank r the block [r L, (r + 1) L),
+// ranks each hold e = num_experts / EP consecutive experts (EP rank r the block [r e, (r + 1) e),
 // parallel/parallelize.h). It implements the MoE layer's Dispatcher, so the model code is the
 // same with and without expert parallelism. Per MoE layer and
 // micro-batch:
 //   1. sort this rank's slots by global expert (destinations come out grouped by EP rank, then by
 //      local expert), count rows per expert;
-//   2. exchange the counts with an all-to-all of [EP, L] (L local experts): every rank learns how
+//   2. exchange the counts with an all-to-all of [EP, e] (e local experts): every rank learns how
 //      many rows each peer sends to each of its experts;
 //   3. all-to-all the rows (uneven counts), regroup the received rows by local expert (they
 //      arrive by source rank) so each expert gets one contiguous block;
@@ -16,7 +16,8 @@
 // With `overlap` (parallel.overlap_comm) each row all-to-all, forward and backward, is in flight
 // on the group's communication thread while the layer's `overlapped` work (its shared expert)
 // computes; only the count exchange, which sizes the rows, is waited for at once.
-// Shapes: T tokens, K top-k, S slots, N rows for the local experts, D hidden.
+// Shapes (Note [shape suffixes], core/base/shapes.h): T tokens, K top-k, A slots, N rows for the
+// local experts, D hidden, R EP ranks, e local experts.
 #pragma once
 
 #include "moe/dispatcher.h"

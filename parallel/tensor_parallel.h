@@ -20,6 +20,7 @@
 // activations outside the regions. `sequence_parallel_whole` is what the whole weights inside a
 // region (an MoE router) see: the gathered sequence, whose gradient goes to this rank's chunk
 // only, because every rank computes the same whole gradient there.
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include "parallel/comm/communicator.h"

@@ -12,6 +12,7 @@
 //
 // Numerics as the reference: logits in the GEMMs' dtype, the softmax in fp32. A label outside
 // [0, V) makes the loss NaN (the reference throws).
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include <torch/torch.h>

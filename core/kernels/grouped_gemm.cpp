@@ -61,8 +61,8 @@ bool grouped_mm_usable(const torch::Tensor& x, const std::vector<int64_t>& dims)
   return probe(x.options());
 }
 
-torch::Tensor grouped_mm(const torch::Tensor& x_NK, const torch::Tensor& w_EKM, const torch::Tensor& offs_E) {
-  return ContiguousGrad::apply(at::_grouped_mm(x_NK, w_EKM, offs_E));
+torch::Tensor grouped_mm(const torch::Tensor& x_NJ, const torch::Tensor& w_EJM, const torch::Tensor& offs_E) {
+  return ContiguousGrad::apply(at::_grouped_mm(x_NJ, w_EJM, offs_E));
 }
 
 torch::Tensor group_offsets(const std::vector<int64_t>& rows, const torch::Device& device) {

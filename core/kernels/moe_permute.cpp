@@ -130,12 +130,12 @@ torch::Tensor moe_permute_reference(const torch::Tensor& x_TD, const torch::Tens
   return x_TD.unsqueeze(1).expand({T, K, D}).reshape({T * K, D}).index_select(0, slot_of_row_N);
 }
 
-torch::Tensor moe_combine_reference(const torch::Tensor& y_ND, const torch::Tensor& row_of_slot_S, const torch::Tensor& w_TK) {
+torch::Tensor moe_combine_reference(const torch::Tensor& y_ND, const torch::Tensor& row_of_slot_A, const torch::Tensor& w_TK) {
   const int64_t T = w_TK.size(0), K = w_TK.size(1), N = y_ND.size(0), D = y_ND.size(1);
   // Dropped slots (row -1) read a row of zeros appended at N.
   const auto padded = torch::cat({y_ND, torch::zeros({1, D}, y_ND.options())});
-  const auto rows_S = torch::where(row_of_slot_S < 0, torch::full_like(row_of_slot_S, N), row_of_slot_S);
-  return (padded.index_select(0, rows_S).view({T, K, D}) * w_TK.unsqueeze(-1)).sum(1);
+  const auto rows_A = torch::where(row_of_slot_A < 0, torch::full_like(row_of_slot_A, N), row_of_slot_A);
+  return (padded.index_select(0, rows_A).view({T, K, D}) * w_TK.unsqueeze(-1)).sum(1);
 }
 
 torch::Tensor moe_permute_fused(const torch::Tensor& x_TD, const torch::Tensor& sor, const torch::Tensor& ros, int64_t K) {

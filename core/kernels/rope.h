@@ -5,6 +5,7 @@
 // are equal: out = x cos + rotate_half(x) sin. Fused: one pass each way (the backward is the
 // rotation by the opposite angle), where the reference narrows, negates, concatenates, multiplies
 // and adds, and its backward fills zeros for each narrowed half. The tables take no gradient.
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include <torch/torch.h>

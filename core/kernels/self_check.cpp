@@ -70,13 +70,13 @@ std::vector<Case> cases(const torch::Device& device) {
   const int64_t T = 24, K = 2, E = 4, D = 32;
   // Slots sorted by expert (expert s mod E, slot 5 dropped), in the kernels' index maps.
   // host: the index maps are built on the host and moved to the device below.
-  auto experts_S = torch::arange(T * K, torch::kInt64).remainder(E);
-  experts_S[5] = E;
-  const auto order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
-  const auto sor = order_S.narrow(0, 0, T * K - 1).contiguous().to(device);
+  auto experts_A = torch::arange(T * K, torch::kInt64).remainder(E);
+  experts_A[5] = E;
+  const auto order_A = std::get<1>(torch::sort(experts_A, /*stable=*/true, 0, false));
+  const auto sor = order_A.narrow(0, 0, T * K - 1).contiguous().to(device);
   auto ros = torch::empty({T * K}, torch::kInt64);  // host: moved below
   // host: as above
-  ros.index_put_({order_S.narrow(0, 0, T * K - 1)}, torch::arange(T * K - 1, torch::kInt64));
+  ros.index_put_({order_A.narrow(0, 0, T * K - 1)}, torch::arange(T * K - 1, torch::kInt64));
   ros[5] = -1;
   ros = ros.to(device);
   const auto labels = torch::arange(T, torch::kInt64).remainder(13).to(device);
@@ -153,10 +153,10 @@ KernelCheck check_adamw(const torch::Device& device) {
 KernelCheck check_wgrad(const torch::Device& device) {
   const auto bf16_options = torch::TensorOptions(torch::kBFloat16).device(device);
   const auto fp32_options = bf16_options.dtype(torch::kFloat32);
-  const int64_t M = 24, K = 32, E = 4, F = 16;
-  const auto w = randn({M, K}, 40).to(bf16_options).requires_grad_(true);
-  const auto w_EFK = randn({E, F, K}, 41).to(bf16_options).requires_grad_(true);
-  const auto main_grad = torch::zeros({M, K}, fp32_options), main_grad_E = torch::zeros({E, F, K}, fp32_options);
+  const int64_t M = 24, J = 32, E = 4, F = 16;
+  const auto w = randn({M, J}, 40).to(bf16_options).requires_grad_(true);
+  const auto w_EFJ = randn({E, F, J}, 41).to(bf16_options).requires_grad_(true);
+  const auto main_grad = torch::zeros({M, J}, fp32_options), main_grad_E = torch::zeros({E, F, J}, fp32_options);
   int added = 0;
   const char owner = 0;
   struct Detach {
@@ -166,33 +166,33 @@ KernelCheck check_wgrad(const torch::Device& device) {
       detach_main_grad(a, owner);
       detach_main_grad(b, owner);
     }
-  } detach{w, w_EFK, &owner};
+  } detach{w, w_EFJ, &owner};
   attach_main_grad(w, main_grad, [&] { ++added; }, &owner);
-  attach_main_grad(w_EFK, main_grad_E, [&] { ++added; }, &owner);
+  attach_main_grad(w_EFJ, main_grad_E, [&] { ++added; }, &owner);
   const std::vector<int64_t> rows{7, 0, 9, 8};
   const auto offs = group_offsets(rows, device);
   // host: the fp64 references, summed from host copies; norm_error compares on the host.
-  auto reference = torch::zeros({M, K}, torch::kFloat64), reference_E = torch::zeros({E, F, K}, torch::kFloat64);
+  auto reference = torch::zeros({M, J}, torch::kFloat64), reference_E = torch::zeros({E, F, J}, torch::kFloat64);
   double dgrad_error = 0;
-  const bool grouped = grouped_mm_usable(torch::empty({0}, bf16_options), {F, K});
+  const bool grouped = grouped_mm_usable(torch::empty({0}, bf16_options), {F, J});
   torch::AutoGradMode grad_mode(true);
   for (uint64_t mb = 0; mb < 2; ++mb) {
-    const auto x = randn({3, 8, K}, 50 + mb).to(bf16_options).requires_grad_(true), g = randn({3, 8, M}, 60 + mb).to(bf16_options);
+    const auto x = randn({3, 8, J}, 50 + mb).to(bf16_options).requires_grad_(true), g = randn({3, 8, M}, 60 + mb).to(bf16_options);
     kernels::linear(x, w).backward(g);
-    reference += g.reshape({-1, M}).cpu().to(torch::kFloat64).t().mm(x.reshape({-1, K}).detach().cpu().to(torch::kFloat64));
+    reference += g.reshape({-1, M}).cpu().to(torch::kFloat64).t().mm(x.reshape({-1, J}).detach().cpu().to(torch::kFloat64));
     dgrad_error = std::max(dgrad_error, norm_error(x.grad(), g.to(torch::kFloat32).matmul(w.detach().to(torch::kFloat32))));
-    const auto x_NK = randn({24, K}, 70 + mb).to(bf16_options), g_NF = randn({24, F}, 80 + mb).to(bf16_options);
+    const auto x_NJ = randn({24, J}, 70 + mb).to(bf16_options), g_NF = randn({24, F}, 80 + mb).to(bf16_options);
     if (!grouped) continue;  // the experts run their loop here, with ordinary gradients
-    kernels::grouped_linear(x_NK, w_EFK, offs, rows).backward(g_NF);
+    kernels::grouped_linear(x_NJ, w_EFJ, offs, rows).backward(g_NF);
     for (int64_t e = 0, at = 0; e < E; at += rows[static_cast<size_t>(e)], ++e) {
       const auto n = rows[static_cast<size_t>(e)];
-      reference_E[e] += g_NF.narrow(0, at, n).cpu().to(torch::kFloat64).t().mm(x_NK.narrow(0, at, n).cpu().to(torch::kFloat64));
+      reference_E[e] += g_NF.narrow(0, at, n).cpu().to(torch::kFloat64).t().mm(x_NJ.narrow(0, at, n).cpu().to(torch::kFloat64));
     }
   }
   KernelCheck c{Kernel::wgrad_accumulation, true, 0, "bf16 [24, 32] and [4, 16, 32] into fp32_options, 2 micro-batches"};
   c.error = std::max(norm_error(main_grad, reference), norm_error(main_grad_E, reference_E));
   c.ok = c.error <= tolerance(torch::kFloat32) && dgrad_error <= tolerance(torch::kBFloat16) && added == (grouped ? 4 : 2) &&
-         !w.grad().defined() && !w_EFK.grad().defined();
+         !w.grad().defined() && !w_EFJ.grad().defined();
   if (!grouped) c.detail = "bf16 [24, 32] into fp32_options, 2 micro-batches";
   if (!c.ok) c.detail += fmt::format(" (input gradient error {:.3g}, {} additions reported)", dgrad_error, added);
   return c;

@@ -49,51 +49,51 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &weight = saved[1];
     const auto g_NM = grads[0].reshape({-1, weight.size(0)});
-    const auto x_NK = x.reshape({-1, weight.size(1)});
+    const auto x_NJ = x.reshape({-1, weight.size(1)});
     // The input's gradient only where autograd asks (a frozen embedding's output needs none).
     const auto gx = ctx->needs_input_grad(0) ? grads[0].matmul(weight) : torch::Tensor();
     const auto gb = ctx->saved_data["bias"].toBool() ? g_NM.sum(0) : torch::Tensor();
     torch::Tensor gw;
     const bool added = add_to_main_grad(ctx->saved_data["key"].toInt(),
-                                        [&](torch::Tensor& main_grad) { accumulate_wgrad(main_grad, g_NM, x_NK); });
-    if (!added) gw = g_NM.t().mm(x_NK);  // detached since the forward: an ordinary gradient
+                                        [&](torch::Tensor& main_grad) { accumulate_wgrad(main_grad, g_NM, x_NJ); });
+    if (!added) gw = g_NM.t().mm(x_NJ);  // detached since the forward: an ordinary gradient
     return {gx, gw, gb, torch::Tensor()};
   }
 };
 
 class GroupedLinearFunction : public torch::autograd::Function<GroupedLinearFunction> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_NK, const torch::Tensor& weight_EMK,
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_NJ, const torch::Tensor& weight_EMJ,
                                const torch::Tensor& offs_E, const std::vector<int64_t>& rows, int64_t key) {
-    ctx->save_for_backward({x_NK, weight_EMK, offs_E});
+    ctx->save_for_backward({x_NJ, weight_EMJ, offs_E});
     ctx->saved_data["rows"] = c10::IntArrayRef(rows);
     ctx->saved_data["key"] = key;
-    return at::_grouped_mm(x_NK, weight_EMK.transpose(1, 2), offs_E);
+    return at::_grouped_mm(x_NJ, weight_EMJ.transpose(1, 2), offs_E);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x_NK = saved[0], &weight_EMK = saved[1], &offs_E = saved[2];
+    const auto &x_NJ = saved[0], &weight_EMJ = saved[1], &offs_E = saved[2];
     const auto g_NM = grads[0].contiguous();  // _grouped_mm refuses an expanded gradient
-    const auto gx = ctx->needs_input_grad(0) ? at::_grouped_mm(g_NM, weight_EMK, offs_E) : torch::Tensor();
+    const auto gx = ctx->needs_input_grad(0) ? at::_grouped_mm(g_NM, weight_EMJ, offs_E) : torch::Tensor();
     const auto rows = ctx->saved_data["rows"].toIntVector();
     // The CPU widens to fp32 once for all experts; CUDA reads bf16 (cuBLAS accumulates in fp32).
-    const bool widen = !x_NK.is_cuda();
+    const bool widen = !x_NJ.is_cuda();
     const auto g = widen ? g_NM.to(torch::kFloat32) : g_NM;
-    const auto x = widen ? x_NK.to(torch::kFloat32) : x_NK;
-    auto add = [&](torch::Tensor& w_EMK) {
+    const auto x = widen ? x_NJ.to(torch::kFloat32) : x_NJ;
+    auto add = [&](torch::Tensor& w_EMJ) {
       int64_t at = 0;
       for (size_t e = 0; e < rows.size(); at += rows[e], ++e) {
         if (rows[e] == 0) continue;
-        auto w_MK = w_EMK[static_cast<int64_t>(e)];
-        accumulate_wgrad(w_MK, g.narrow(0, at, rows[e]), x.narrow(0, at, rows[e]));
+        auto w_MJ = w_EMJ[static_cast<int64_t>(e)];
+        accumulate_wgrad(w_MJ, g.narrow(0, at, rows[e]), x.narrow(0, at, rows[e]));
       }
     };
     torch::Tensor gw;
     if (!add_to_main_grad(ctx->saved_data["key"].toInt(), add)) {  // detached since the forward
-      gw = torch::zeros(weight_EMK.sizes(), weight_EMK.options().dtype(torch::kFloat32));
+      gw = torch::zeros(weight_EMJ.sizes(), weight_EMJ.options().dtype(torch::kFloat32));
       add(gw);
-      gw = gw.to(weight_EMK.scalar_type());
+      gw = gw.to(weight_EMJ.scalar_type());
     }
     return {gx, gw, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -141,11 +141,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
   return key ? LinearFunction::apply(x, weight, b, key) : torch::linear(x, weight, bias);
 }
 
-torch::Tensor grouped_linear(const torch::Tensor& x_NK, const torch::Tensor& weight_EMK, const torch::Tensor& offs_E,
+torch::Tensor grouped_linear(const torch::Tensor& x_NJ, const torch::Tensor& weight_EMJ, const torch::Tensor& offs_E,
                              const std::vector<int64_t>& rows_per_expert) {
-  const int64_t key = fused_wgrad_key(weight_EMK);
-  return key ? GroupedLinearFunction::apply(x_NK, weight_EMK, offs_E, rows_per_expert, key)
-             : grouped_mm(x_NK, weight_EMK.transpose(1, 2), offs_E);
+  const int64_t key = fused_wgrad_key(weight_EMJ);
+  return key ? GroupedLinearFunction::apply(x_NJ, weight_EMJ, offs_E, rows_per_expert, key)
+             : grouped_mm(x_NJ, weight_EMJ.transpose(1, 2), offs_E);
 }
 
 namespace {
@@ -163,18 +163,18 @@ const char* mixed_accumulate_name(MixedAccumulate mode) {
 
 MixedAccumulate mixed_accumulate_mode() { return g_mixed_mode.load(); }
 
-void accumulate_mixed(MixedAccumulate mode, torch::Tensor& main_grad_MK, const torch::Tensor& g_NM,
-                      const torch::Tensor& x_NK) {
+void accumulate_mixed(MixedAccumulate mode, torch::Tensor& main_grad_MJ, const torch::Tensor& g_NM,
+                      const torch::Tensor& x_NJ) {
   switch (mode) {
     case MixedAccumulate::addmm_dtype:
       // bf16 in, fp32 accumulated in place: cuBLAS's epilogue adds into main_grad (beta 1).
-      at::addmm_out(main_grad_MK, main_grad_MK, g_NM.t(), x_NK, torch::kFloat32, 1, 1);
+      at::addmm_out(main_grad_MJ, main_grad_MJ, g_NM.t(), x_NJ, torch::kFloat32, 1, 1);
       return;
     case MixedAccumulate::mm_dtype_add:
-      main_grad_MK.add_(at::mm(g_NM.t(), x_NK, torch::kFloat32));
+      main_grad_MJ.add_(at::mm(g_NM.t(), x_NJ, torch::kFloat32));
       return;
     case MixedAccumulate::widen:
-      main_grad_MK.addmm_(g_NM.t().to(torch::kFloat32), x_NK.to(torch::kFloat32));
+      main_grad_MJ.addmm_(g_NM.t().to(torch::kFloat32), x_NJ.to(torch::kFloat32));
       return;
   }
 }
@@ -183,16 +183,16 @@ std::string probe_mixed_accumulate(const torch::Device& device) {
   // Small integers: every product and sum is exact in fp32, so any correct kernel matches exactly.
   const auto host_options = torch::TensorOptions().dtype(torch::kFloat32);  // the reference's, on the host
   const auto g_NM = torch::arange(12, host_options).remainder(5).sub(2).reshape({4, 3});
-  const auto x_NK = torch::arange(20, host_options).remainder(7).sub(3).reshape({4, 5});
-  const auto start_MK = torch::full({3, 5}, 0.5, host_options);
-  const auto want_MK = start_MK + g_NM.t().mm(x_NK);
+  const auto x_NJ = torch::arange(20, host_options).remainder(7).sub(3).reshape({4, 5});
+  const auto start_MJ = torch::full({3, 5}, 0.5, host_options);
+  const auto want_MJ = start_MJ + g_NM.t().mm(x_NJ);
   std::string refused;
   for (const auto mode : {MixedAccumulate::addmm_dtype, MixedAccumulate::mm_dtype_add}) {
     try {
-      auto main_grad_MK = start_MK.to(device);
-      accumulate_mixed(mode, main_grad_MK, g_NM.to(device, torch::kBFloat16), x_NK.to(device, torch::kBFloat16));
+      auto main_grad_MJ = start_MJ.to(device);
+      accumulate_mixed(mode, main_grad_MJ, g_NM.to(device, torch::kBFloat16), x_NJ.to(device, torch::kBFloat16));
       // host: a start-up read, compared with the host's product
-      if (main_grad_MK.to(torch::kCPU).equal(want_MK)) {
+      if (main_grad_MJ.to(torch::kCPU).equal(want_MJ)) {
         g_mixed_mode = mode;
         return refused;
       }
@@ -208,14 +208,14 @@ std::string probe_mixed_accumulate(const torch::Device& device) {
                    "(transient memory: each input's size again, twice)";
 }
 
-void accumulate_wgrad(torch::Tensor& main_grad_MK, const torch::Tensor& g_NM, const torch::Tensor& x_NK) {
+void accumulate_wgrad(torch::Tensor& main_grad_MJ, const torch::Tensor& g_NM, const torch::Tensor& x_NJ) {
   if (g_NM.size(0) == 0) return;
   if (g_NM.scalar_type() == torch::kFloat32) {
-    main_grad_MK.addmm_(g_NM.t(), x_NK);
+    main_grad_MJ.addmm_(g_NM.t(), x_NJ);
     return;
   }
   // The CPU has no mixed-dtype GEMM: widening is exact and costs about twice the bf16 GEMM there.
-  accumulate_mixed(g_NM.is_cpu() ? MixedAccumulate::widen : g_mixed_mode.load(), main_grad_MK, g_NM, x_NK);
+  accumulate_mixed(g_NM.is_cpu() ? MixedAccumulate::widen : g_mixed_mode.load(), main_grad_MJ, g_NM, x_NJ);
 }
 
 }  // namespace moeforge::kernels

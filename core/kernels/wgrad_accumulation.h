@@ -16,6 +16,7 @@
 // gradient, is bf16 and the kernel is fused on its device; otherwise they are the plain LibTorch
 // ops, gradients in .grad. The model calls them for weights it uses exactly once per forward (the
 // readiness signal is per use): a tied embedding, used twice, goes through the plain ops.
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include <torch/torch.h>
@@ -36,14 +37,14 @@ void detach_main_grad(const torch::Tensor& weight, const void* owner);
 // y = x W^T (+ b), W [out, in], x [..., in]: torch::linear's math.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias = {});
 
-// The routed experts' products: rows [offs[e-1], offs[e]) of x_NK times weight_EMK[e]^T, i.e.
-// grouped_mm(x_NK, weight_EMK.transpose(1, 2), offs_E); rows_per_expert are the same groups on the
+// The routed experts' products: rows [offs[e-1], offs[e]) of x_NJ times weight_EMJ[e]^T, i.e.
+// grouped_mm(x_NJ, weight_EMJ.transpose(1, 2), offs_E); rows_per_expert are the same groups on the
 // host (the fused weight gradient goes expert by expert).
-torch::Tensor grouped_linear(const torch::Tensor& x_NK, const torch::Tensor& weight_EMK, const torch::Tensor& offs_E,
+torch::Tensor grouped_linear(const torch::Tensor& x_NJ, const torch::Tensor& weight_EMJ, const torch::Tensor& offs_E,
                              const std::vector<int64_t>& rows_per_expert);
 
-// main_grad_MK += g_NM^T x_NK in fp32 (g, x of one dtype), the fused weight gradient itself.
-void accumulate_wgrad(torch::Tensor& main_grad_MK, const torch::Tensor& g_NM, const torch::Tensor& x_NK);
+// main_grad_MJ += g_NM^T x_NJ in fp32 (g, x of one dtype), the fused weight gradient itself.
+void accumulate_wgrad(torch::Tensor& main_grad_MJ, const torch::Tensor& g_NM, const torch::Tensor& x_NJ);
 
 // How an accelerator adds a bf16 product into an fp32 main_grad. The one fused call (addmm with an
 // fp32 out_dtype) is not accepted by every LibTorch's kernel (2.8 and 2.9's CUDA refused it at run
@@ -51,9 +52,9 @@ void accumulate_wgrad(torch::Tensor& main_grad_MK, const torch::Tensor& g_NM, co
 // copies of both inputs (widen, always available, the CPU's way).
 enum class MixedAccumulate { addmm_dtype, mm_dtype_add, widen };
 const char* mixed_accumulate_name(MixedAccumulate mode);
-// main_grad_MK += g_NM^T x_NK the given way (bf16 g and x, fp32 main_grad).
-void accumulate_mixed(MixedAccumulate mode, torch::Tensor& main_grad_MK, const torch::Tensor& g_NM,
-                      const torch::Tensor& x_NK);
+// main_grad_MJ += g_NM^T x_NJ the given way (bf16 g and x, fp32 main_grad).
+void accumulate_mixed(MixedAccumulate mode, torch::Tensor& main_grad_MJ, const torch::Tensor& g_NM,
+                      const torch::Tensor& x_NJ);
 // Tries each way on `device`, best first, on small exact operands, and keeps the first that runs and
 // agrees with the host's product for accumulate_wgrad off the CPU (process-wide, until the next
 // probe). Returns what was refused and what it costs, empty when the fused call works.

@@ -4,6 +4,7 @@
 // that is a dense MLP or, built by moe/, an MoE layer), final RMSNorm, LM head (tied or untied).
 // Parameter names follow Hugging Face's Qwen2-MoE modules (`layers.{i}.self_attn.q_proj.weight`,
 // `layers.{i}.mlp.experts.gate_up_proj`, ...) so checkpoint mapping is mechanical.
+// Shapes: Note [shape suffixes] (core/base/shapes.h).
 #pragma once
 
 #include "core/config/config.h"

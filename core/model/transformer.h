@@ -4,7 +4,7 @@
 // The dense transformer building blocks, numerically as Hugging Face's Qwen2/Llama reference:
 // RMSNorm in fp32, half-split RoPE, causal attention through LibTorch's
 // scaled_dot_product_attention (flash attention on GPUs), SwiGLU. Model code knows nothing of
-// parallelism. Shapes: B batch, S sequence, D hidden, H heads, G key/value heads, Dh head dim.
+// parallelism. Shapes: Note [shape suffixes] (core/base/shapes.h).
 //
 // Deferred initialisation: every module creates its parameters on the meta device (shapes only,
 // no memory), so building even a model far larger than host memory costs nothing. Whoever uses

@@ -366,10 +366,10 @@ void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
   std::vector<double> values;
   for (const auto& [key, value] : record) values.push_back(value);
   // host: timings
-  const auto all_KR = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).t().contiguous();
+  const auto by_key = groups_.world->all_gather(torch::tensor(values, torch::kFloat64).unsqueeze(0)).t().contiguous();
   for (size_t k = 0; k < record.size(); ++k) {
-    const double* p = all_KR[static_cast<int64_t>(k)].data_ptr<double>();
-    m.rank_times.emplace_back(record[k].first, std::vector<double>(p, p + all_KR.size(1)));
+    const double* p = by_key[static_cast<int64_t>(k)].data_ptr<double>();
+    m.rank_times.emplace_back(record[k].first, std::vector<double>(p, p + by_key.size(1)));
   }
 }
 
@@ -391,9 +391,9 @@ void Trainer::record_dispatch(StepMetrics& m) {
     m.time_all_to_all_s += s.seconds;
   }
   groups_.pp->all_reduce(received, ReduceOp::sum);
-  const auto per_rank_L = groups_.dp->all_gather(received.unsqueeze(0)).t().contiguous();  // [layers, DP]
-  for (int64_t l = 0; l < per_rank_L.size(0); ++l) {
-    const auto row = per_rank_L[l];
+  const auto received_LR = groups_.dp->all_gather(received.unsqueeze(0)).t().contiguous();  // [layers, DP]
+  for (int64_t l = 0; l < received_LR.size(0); ++l) {
+    const auto row = received_LR[l];
     m.ep_tokens_received.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
     const double mean = row.to(torch::kFloat64).mean().item<double>();
     if (mean > 0) m.ep_tokens_received_max_over_mean = std::max(m.ep_tokens_received_max_over_mean, row.max().item<double>() / mean);

@@ -133,8 +133,8 @@ int main(int argc, char** argv) {
   // The MoE permutation: T tokens, top-K over E experts (uniform), rows of D.
   const int64_t T = 4096, K = 4, E = 60, D = 2048, N = T * K;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
-  const auto experts_S = torch::randint(0, E, {N}, gen, torch::kInt64);
-  const auto order_cpu = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
+  const auto experts_A = torch::randint(0, E, {N}, gen, torch::kInt64);
+  const auto order_cpu = std::get<1>(torch::sort(experts_A, /*stable=*/true, 0, false));
   auto ros_cpu = torch::empty({N}, torch::kInt64);
   ros_cpu.index_put_({order_cpu}, torch::arange(N, torch::kInt64));
   const auto order = order_cpu.to(g_device), ros = ros_cpu.to(g_device);

@@ -57,12 +57,12 @@ TEST_CASE("the mixed-dtype probe on CUDA: the way it keeps adds a bf16 weight gr
   std::printf("mixed-dtype accumulation on CUDA: %s%s%s\n", kernels::mixed_accumulate_name(kernels::mixed_accumulate_mode()),
               refused.empty() ? "" : "; ", refused.c_str());
   const auto g_NM = torch::randn({257, 96}).to(torch::kBFloat16);
-  const auto x_NK = torch::randn({257, 80}).to(torch::kBFloat16);
-  const auto start_MK = torch::randn({96, 80});
-  const auto want = start_MK.to(torch::kFloat64) + g_NM.to(torch::kFloat64).t().mm(x_NK.to(torch::kFloat64));
-  auto main_grad_MK = start_MK.to(cuda);
-  kernels::accumulate_wgrad(main_grad_MK, g_NM.to(cuda), x_NK.to(cuda));
-  const auto got = main_grad_MK.to(torch::kCPU, torch::kFloat64);
+  const auto x_NJ = torch::randn({257, 80}).to(torch::kBFloat16);
+  const auto start_MJ = torch::randn({96, 80});
+  const auto want = start_MJ.to(torch::kFloat64) + g_NM.to(torch::kFloat64).t().mm(x_NJ.to(torch::kFloat64));
+  auto main_grad_MJ = start_MJ.to(cuda);
+  kernels::accumulate_wgrad(main_grad_MJ, g_NM.to(cuda), x_NJ.to(cuda));
+  const auto got = main_grad_MJ.to(torch::kCPU, torch::kFloat64);
   CHECK((got - want).norm().item<double>() / want.norm().item<double>() < 1e-5);
 }
 

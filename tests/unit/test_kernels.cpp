@@ -71,12 +71,12 @@ torch::Tensor randn(std::vector<int64_t> shape, torch::ScalarType dtype, uint64_
 }
 
 // The index maps of T tokens' K slots sorted stably by expert (expert E: dropped), built here from
-// their definition: slot_of_row_N the kept slots in sorted order, row_of_slot_S their rows, -1 dropped.
-std::pair<torch::Tensor, torch::Tensor> sorted_slots(const torch::Tensor& experts_S, int64_t E) {
-  const auto order_S = std::get<1>(torch::sort(experts_S, /*stable=*/true, 0, false));
-  const int64_t N = (experts_S < E).sum().item<int64_t>();
-  const auto sor = order_S.narrow(0, 0, N).contiguous();
-  auto ros = torch::full_like(experts_S, -1);
+// their definition: slot_of_row_N the kept slots in sorted order, row_of_slot_A their rows, -1 dropped.
+std::pair<torch::Tensor, torch::Tensor> sorted_slots(const torch::Tensor& experts_A, int64_t E) {
+  const auto order_A = std::get<1>(torch::sort(experts_A, /*stable=*/true, 0, false));
+  const int64_t N = (experts_A < E).sum().item<int64_t>();
+  const auto sor = order_A.narrow(0, 0, N).contiguous();
+  auto ros = torch::full_like(experts_A, -1);
   for (int64_t n = 0; n < N; ++n) ros[sor[n].item<int64_t>()] = n;
   return {sor, ros};
 }
@@ -173,8 +173,8 @@ TEST_CASE("moe_permute / moe_combine: the fused kernels equal gather and weighte
     for (const auto& [T, K, D, E] : std::vector<std::array<int64_t, 4>>{{37, 4, 24, 6}, {5, 1, 7, 3}, {0, 2, 8, 4}, {64, 2, 130, 8}}) {
       INFO("T K D E " << T << " " << K << " " << D << " " << E);
       auto gen = at::make_generator<at::CPUGeneratorImpl>(19);
-      const auto experts_S = torch::randint(0, E + 1, {T * K}, gen, torch::kInt64);  // value E: dropped
-      const auto [sor, ros] = sorted_slots(experts_S, E);
+      const auto experts_A = torch::randint(0, E + 1, {T * K}, gen, torch::kInt64);  // value E: dropped
+      const auto [sor, ros] = sorted_slots(experts_A, E);
       const auto permute = [&](const auto& x) { return kernels::moe_permute_fused(x[0], sor, ros, K); };
       const auto permute_reference = [&](const auto& x) { return kernels::moe_permute_reference(x[0], sor, K); };
       compare(permute, permute_reference, {randn({T, D}, dtype, 20)});

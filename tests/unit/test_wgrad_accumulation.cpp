@@ -9,6 +9,7 @@
 #include "core/kernels/wgrad_accumulation.h"
 #include "core/model/gpt_model.h"
 #include "core/optim/optimizer.h"
+#include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 #include "parallel/data_parallel_optimizer.h"
 
@@ -30,8 +31,8 @@ torch::Tensor randn_bf16(const std::vector<int64_t>& shape, uint64_t seed) {
   return torch::randn(shape, gen, torch::kFloat32).to(torch::kBFloat16);
 }
 
-torch::Tensor exact_product(const torch::Tensor& g_NM, const torch::Tensor& x_NK) {
-  return g_NM.to(torch::kFloat64).t().mm(x_NK.to(torch::kFloat64));
+torch::Tensor exact_product(const torch::Tensor& g_NM, const torch::Tensor& x_NJ) {
+  return g_NM.to(torch::kFloat64).t().mm(x_NJ.to(torch::kFloat64));
 }
 
 // Detaches on destruction, so a failed CHECK leaves no weight attached for later tests.
@@ -52,20 +53,20 @@ TEST_CASE("linear: an attached bf16 weight's gradient accumulates in fp32 over m
           "[kernels][wgrad]") {
   kernels::set_choice(KernelChoice::fused);
   // Many tokens: each bf16 rounding of a micro-batch's gradient costs about 2^-9 relative.
-  const int64_t M = 48, K = 40, micro_batches = 4;
-  const auto w = randn_bf16({M, K}, 1).requires_grad_(true), b = randn_bf16({M}, 2).requires_grad_(true);
+  const int64_t M = 48, J = 40, micro_batches = 4;
+  const auto w = randn_bf16({M, J}, 1).requires_grad_(true), b = randn_bf16({M}, 2).requires_grad_(true);
   const auto w_plain = w.detach().clone().requires_grad_(true), b_plain = b.detach().clone().requires_grad_(true);
   Attached a(w);
   // The path it replaces: each micro-batch's bf16 gradient added into an fp32 accumulator.
-  auto reference = torch::zeros({M, K}, torch::kFloat64), previous = torch::zeros({M, K});
+  auto reference = torch::zeros({M, J}, torch::kFloat64), previous = torch::zeros({M, J});
   for (int64_t mb = 0; mb < micro_batches; ++mb) {
-    const auto x = randn_bf16({3, 50, K}, 10 + mb).requires_grad_(true), g = randn_bf16({3, 50, M}, 20 + mb);
+    const auto x = randn_bf16({3, 50, J}, 10 + mb).requires_grad_(true), g = randn_bf16({3, 50, M}, 20 + mb);
     const auto x_plain = x.detach().clone().requires_grad_(true);
     const auto y = kernels::linear(x, w, b), y_plain = torch::linear(x_plain, w_plain, b_plain);
     CHECK(torch::equal(y, y_plain));  // the forward is torch::linear's
     y.backward(g);
     y_plain.backward(g);
-    reference += exact_product(g.reshape({-1, M}), x.detach().reshape({-1, K}));
+    reference += exact_product(g.reshape({-1, M}), x.detach().reshape({-1, J}));
     CHECK(norm_error(x.grad(), x_plain.grad()) < 1e-2);  // the input gradient: another bf16 GEMM order
     CHECK(a.added == mb + 1);
     CHECK_FALSE(w.grad().defined());  // no bf16 weight gradient exists
@@ -83,17 +84,17 @@ TEST_CASE("linear: an attached bf16 weight's gradient accumulates in fp32 over m
 TEST_CASE("grouped_linear: each expert's gradient accumulates in fp32, an expert without rows untouched",
           "[kernels][wgrad]") {
   kernels::set_choice(KernelChoice::fused);
-  const int64_t E = 4, F = 32, K = 16;
+  const int64_t E = 4, F = 32, J = 16;
   const std::vector<int64_t> rows{37, 0, 64, 19};
-  const auto x0 = randn_bf16({120, K}, 3);
-  REQUIRE(kernels::grouped_mm_usable(x0, {F, K}));
+  const auto x0 = randn_bf16({120, J}, 3);
+  REQUIRE(kernels::grouped_mm_usable(x0, {F, J}));
   const auto offs = kernels::group_offsets(rows, torch::kCPU);
-  const auto w = randn_bf16({E, F, K}, 4).requires_grad_(true);
+  const auto w = randn_bf16({E, F, J}, 4).requires_grad_(true);
   const auto w_plain = w.detach().clone().requires_grad_(true);
   Attached a(w);
-  auto reference = torch::zeros({E, F, K}, torch::kFloat64), previous = torch::zeros({E, F, K});
+  auto reference = torch::zeros({E, F, J}, torch::kFloat64), previous = torch::zeros({E, F, J});
   for (int64_t mb = 0; mb < 3; ++mb) {
-    const auto x = randn_bf16({120, K}, 30 + mb).requires_grad_(true), g = randn_bf16({120, F}, 40 + mb);
+    const auto x = randn_bf16({120, J}, 30 + mb).requires_grad_(true), g = randn_bf16({120, F}, 40 + mb);
     const auto x_plain = x.detach().clone().requires_grad_(true);
     const auto y = kernels::grouped_linear(x, w, offs, rows);
     const auto y_plain = kernels::grouped_mm(x_plain, w_plain.transpose(1, 2), offs);
@@ -110,7 +111,7 @@ TEST_CASE("grouped_linear: each expert's gradient accumulates in fp32, an expert
   }
   CHECK(a.added == 3);
   CHECK_FALSE(w.grad().defined());
-  CHECK(torch::equal(a.main_grad[1], torch::zeros({F, K})));
+  CHECK(torch::equal(a.main_grad[1], torch::zeros({F, J})));
   const double fused = norm_error(a.main_grad, reference), rounded = norm_error(previous, reference);
   INFO("fused " << fused << ", bf16 gradient " << rounded);
   CHECK(fused < 1e-6);
@@ -172,15 +173,15 @@ TEST_CASE("the plain path where nothing is fused: not attached, fp32, frozen, no
     kernels::set_choice(KernelChoice::fused);
     const std::vector<int64_t> rows{5, 0, 11};
     const auto offs = kernels::group_offsets(rows, torch::kCPU);
-    const auto x_NK = randn_bf16({16, 16}, 13), g_NF = randn_bf16({16, 32}, 14);
+    const auto x_NJ = randn_bf16({16, 16}, 13), g_NF = randn_bf16({16, 32}, 14);
     const auto w_E = randn_bf16({3, 32, 16}, 15).requires_grad_(true), v_E = w_E.detach().clone().requires_grad_(true);
     torch::Tensor y;
     {
       Attached a(w_E);
-      y = kernels::grouped_linear(x_NK, w_E, offs, rows);
+      y = kernels::grouped_linear(x_NJ, w_E, offs, rows);
     }
     y.backward(g_NF);
-    kernels::grouped_mm(x_NK, v_E.transpose(1, 2), offs).backward(g_NF);
+    kernels::grouped_mm(x_NJ, v_E.transpose(1, 2), offs).backward(g_NF);
     REQUIRE(w_E.grad().defined());
     CHECK(norm_error(w_E.grad(), v_E.grad()) < 1e-2);
   }
@@ -189,13 +190,13 @@ TEST_CASE("the plain path where nothing is fused: not attached, fp32, frozen, no
 TEST_CASE("the optimizer attaches its fp32 main_grad: its norm is the fp64 norm of the exact gradient sum",
           "[kernels][wgrad][optimizer]") {
   kernels::set_choice(KernelChoice::fused);
-  const int64_t M = 32, K = 24;
-  const auto w = randn_bf16({M, K}, 9).requires_grad_(true);
+  const int64_t M = 32, J = 24;
+  const auto w = randn_bf16({M, J}, 9).requires_grad_(true);
   TrainingConfig training;
-  auto reference = torch::zeros({M, K}, torch::kFloat64);
+  auto reference = torch::zeros({M, J}, torch::kFloat64);
   auto run = [&](Optimizer& opt) {
     for (int64_t mb = 0; mb < 3; ++mb) {
-      const auto x = randn_bf16({64, K}, 50 + mb), g = randn_bf16({64, M}, 60 + mb);
+      const auto x = randn_bf16({64, J}, 50 + mb), g = randn_bf16({64, M}, 60 + mb);
       kernels::linear(x, w).backward(g);
       opt.accumulate_grads();
       reference += exact_product(g, x);
@@ -208,7 +209,7 @@ TEST_CASE("the optimizer attaches its fp32 main_grad: its norm is the fp64 norm 
     CHECK(opt.grad_norm() == Approx(reference.norm().item<double>()).epsilon(1e-6));
   }
   // Destroyed, the optimizer detached: the weight gets ordinary gradients again.
-  kernels::linear(randn_bf16({4, K}, 70), w).backward(randn_bf16({4, M}, 71));
+  kernels::linear(randn_bf16({4, J}, 70), w).backward(randn_bf16({4, M}, 71));
   CHECK(w.grad().defined());
   w.mutable_grad() = torch::Tensor();
   // ZeRO-1 on one process: the parameter's place in the flat bucket.
@@ -311,9 +312,9 @@ TEST_CASE("the mixed-dtype probe keeps the first way this LibTorch runs right: o
   CHECK(refused.find("fp32 copies of both GEMM inputs") != std::string::npos);
 
   const auto g_NM = randn_bf16({37, 24}, 1);
-  const auto x_NK = randn_bf16({37, 16}, 2);
-  auto main_grad_MK = torch::randn({24, 16}, torch::kFloat32);
-  const auto want = main_grad_MK.to(torch::kFloat64) + exact_product(g_NM, x_NK);
-  kernels::accumulate_mixed(kernels::mixed_accumulate_mode(), main_grad_MK, g_NM, x_NK);
-  CHECK(norm_error(main_grad_MK, want) < 1e-6);
+  const auto x_NJ = randn_bf16({37, 16}, 2);
+  auto main_grad_MJ = torch::randn({24, 16}, torch::kFloat32);
+  const auto want = main_grad_MJ.to(torch::kFloat64) + exact_product(g_NM, x_NJ);
+  kernels::accumulate_mixed(kernels::mixed_accumulate_mode(), main_grad_MJ, g_NM, x_NJ);
+  CHECK(norm_error(main_grad_MJ, want) < 1e-6);
 }

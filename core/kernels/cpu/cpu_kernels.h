@@ -53,13 +53,13 @@ void moe_permute_backward(const T* dx_ND, const int64_t* row_of_slot, T* dx_TD, 
 // backward: dy_ND[n] = w[s] dy_TD[s / K] (s = slot_of_row[n]) for rows [begin, end), and
 // dw[s] = dy_TD[s / K] . y_ND[row_of_slot[s]] for slots [begin, end).
 template <typename T>
-void moe_combine(const T* y_ND, const int64_t* row_of_slot, const T* w_S, T* y_TD, int64_t D, int64_t K, int64_t begin,
+void moe_combine(const T* y_ND, const int64_t* row_of_slot, const T* w_A, T* y_TD, int64_t D, int64_t K, int64_t begin,
                  int64_t end);
 template <typename T>
-void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const T* w_S, T* dy_ND, int64_t D, int64_t K,
+void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const T* w_A, T* dy_ND, int64_t D, int64_t K,
                                int64_t begin, int64_t end);
 template <typename T>
-void moe_combine_backward_weights(const T* dy_TD, const T* y_ND, const int64_t* row_of_slot, T* dw_S, int64_t D,
+void moe_combine_backward_weights(const T* dy_TD, const T* y_ND, const int64_t* row_of_slot, T* dw_A, int64_t D,
                                   int64_t K, int64_t begin, int64_t end);
 
 // Cross-entropy (core/kernels/cross_entropy.h) over rows [begin, end) of logits [rows, V]:

@@ -94,30 +94,30 @@ void moe_permute_backward(const T* dx_ND, const int64_t* row_of_slot, T* dx_TD, 
 }
 
 template <typename T>
-void moe_combine(const T* y_ND, const int64_t* row_of_slot, const T* w_S, T* y_TD, int64_t D, int64_t K, int64_t begin,
+void moe_combine(const T* y_ND, const int64_t* row_of_slot, const T* w_A, T* y_TD, int64_t D, int64_t K, int64_t begin,
                  int64_t end) {
-  sum_slots(y_ND, row_of_slot, [w_S](int64_t s) { return static_cast<float>(w_S[s]); }, y_TD, D, K, begin, end);
+  sum_slots(y_ND, row_of_slot, [w_A](int64_t s) { return static_cast<float>(w_A[s]); }, y_TD, D, K, begin, end);
 }
 
 template <typename T>
-void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const T* w_S, T* dy_ND, int64_t D, int64_t K,
+void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const T* w_A, T* dy_ND, int64_t D, int64_t K,
                                int64_t begin, int64_t end) {
   std::vector<float> acc(static_cast<size_t>(D)), buffer;
   for (int64_t n = begin; n < end; ++n) {
     const int64_t s = slot_of_row[n];
     std::fill(acc.begin(), acc.end(), 0.0f);
-    axpy(static_cast<float>(w_S[s]), dy_TD + (s / K) * D, acc.data(), D, buffer);
+    axpy(static_cast<float>(w_A[s]), dy_TD + (s / K) * D, acc.data(), D, buffer);
     store(acc.data(), dy_ND + n * D, D);
   }
 }
 
 template <typename T>
-void moe_combine_backward_weights(const T* dy_TD, const T* y_ND, const int64_t* row_of_slot, T* dw_S, int64_t D,
+void moe_combine_backward_weights(const T* dy_TD, const T* y_ND, const int64_t* row_of_slot, T* dw_A, int64_t D,
                                   int64_t K, int64_t begin, int64_t end) {
   std::vector<float> a, b;
   for (int64_t s = begin; s < end; ++s) {
     const int64_t row = row_of_slot[s];
-    dw_S[s] = static_cast<T>(row >= 0 ? dot(dy_TD + (s / K) * D, y_ND + row * D, D, a, b) : 0.0f);
+    dw_A[s] = static_cast<T>(row >= 0 ? dot(dy_TD + (s / K) * D, y_ND + row * D, D, a, b) : 0.0f);
   }
 }
 

@@ -32,10 +32,10 @@ int moe_permute(const void* x_TD, const int64_t* slot_of_row, void* x_ND, int64_
                 void* stream);
 int moe_permute_backward(const void* dx_ND, const int64_t* row_of_slot, void* dx_TD, int64_t T, int64_t D, int64_t K,
                          bool bf16, void* stream);
-int moe_combine(const void* y_ND, const int64_t* row_of_slot, const void* w_S, void* y_TD, int64_t T, int64_t D, int64_t K,
+int moe_combine(const void* y_ND, const int64_t* row_of_slot, const void* w_A, void* y_TD, int64_t T, int64_t D, int64_t K,
                 bool bf16, void* stream);
 int moe_combine_backward(const void* dy_TD, const void* y_ND, const int64_t* slot_of_row, const int64_t* row_of_slot,
-                         const void* w_S, void* dy_ND, void* dw_S, int64_t N, int64_t T, int64_t D, int64_t K, bool bf16,
+                         const void* w_A, void* dy_ND, void* dw_A, int64_t N, int64_t T, int64_t D, int64_t K, bool bf16,
                          void* stream);
 
 // Cross-entropy rows (core/kernels/cross_entropy.h): logits [rows, V] overwritten by their
