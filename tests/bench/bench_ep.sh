@@ -13,15 +13,7 @@ set -euo pipefail
 iters=${1:-8}
 threads=${2:-1}
 source "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
-cat > "$work/bench.yaml" <<YAML
-base: $root/tests/bench/bench_model.yaml
-training:
-  train_iters: $iters
-data:
-  data_path: [$work/corpus_text_document]
-hardware:
-  num_threads: $threads
-YAML
+bench_yaml "$iters" "$threads"
 for layout in "1 false" "2 false" "1 true" "2 true"; do
   set -- $layout
   mpirun --oversubscribe -np 2 build/moeforge --log-level warn train "$work/bench.yaml" \

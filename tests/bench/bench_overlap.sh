@@ -13,17 +13,7 @@ iters=${1:-8}
 rounds=${2:-2}
 bucket=${3:-1000000}
 source "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
-cat > "$work/bench.yaml" <<YAML
-base: $root/tests/bench/bench_model.yaml
-training:
-  train_iters: $iters
-data:
-  data_path: [$work/corpus_text_document]
-parallel:
-  ddp_bucket_size: $bucket
-hardware:
-  num_threads: 1
-YAML
+bench_yaml "$iters" 1 "parallel: {ddp_bucket_size: $bucket}"
 layouts=("dp2:2:" "dp2zero1:2:--set parallel.use_distributed_optimizer=true" "ep2:2:--set parallel.expert_model_parallel_size=2"
          "pp2dp2:4:--set parallel.pipeline_model_parallel_size=2 --set model.moe_router_load_balancing_type=aux_loss")
 for round in $(seq "$rounds"); do

@@ -10,19 +10,8 @@ set -euo pipefail
 iters=${1:-8}
 rounds=${2:-2}
 source "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
-cat > "$work/bench.yaml" <<YAML
-base: $root/tests/bench/bench_model.yaml
-model:
-  moe_router_load_balancing_type: aux_loss
-training:
-  train_iters: $iters
-data:
-  data_path: [$work/corpus_text_document]
-parallel:
-  pipeline_model_parallel_size: 2
-hardware:
-  num_threads: 1
-YAML
+bench_yaml "$iters" 1 "model: {moe_router_load_balancing_type: aux_loss}
+parallel: {pipeline_model_parallel_size: 2}"
 micro_batch_sizes=(8 4 2)  # 16 samples per step: M = 2, 4, 8
 for round in $(seq "$rounds"); do
   for mbs in "${micro_batch_sizes[@]}"; do

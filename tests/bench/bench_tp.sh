@@ -10,15 +10,7 @@ set -euo pipefail
 iters=${1:-8}
 rounds=${2:-2}
 source "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
-cat > "$work/bench.yaml" <<YAML
-base: $root/tests/bench/bench_model.yaml
-training:
-  train_iters: $iters
-data:
-  data_path: [$work/corpus_text_document]
-hardware:
-  num_threads: 1
-YAML
+bench_yaml "$iters" 1
 for round in $(seq "$rounds"); do
   for layout in 1 2 2sp; do
     run="$work/tp${layout}_$round"

@@ -13,17 +13,11 @@
 #     same libraries) against the planner's per-rank estimate (`moeforge plan`).
 #   bash tests/bench/bench_train.sh [ITERS] [THREADS] [ROUNDS]
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$root"
 iters=${1:-12}
 threads=${2:-2}
 rounds=${3:-3}
 peak=${PEAK_TFLOPS:-0.190}
-py=.venv/bin/python
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-bash launch/corpus.sh "$work/corpus" >/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/bench_env.sh"
 # The model of tests/bench/bench_model.cpp: h256, 4 layers, 60 experts of 64 (top-4), shared 256.
 cat > "$work/overrides.json" <<JSON
 {"vocab_size": 384, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -31,21 +25,10 @@ cat > "$work/overrides.json" <<JSON
  "shared_expert_intermediate_size": 256, "num_experts": 60, "num_experts_per_tok": 4,
  "max_position_embeddings": 256}
 JSON
-cat > "$work/bench.yaml" <<YAML
-base: $root/tests/bench/bench_model.yaml
-training:
-  train_iters: $iters
-data:
-  data_path: [$work/corpus_text_document]
-logging:
-  run_dir: $work/run
-hardware:
-  num_threads: $threads
-  peak_tflops: $peak
-YAML
+bench_yaml "$iters" "$threads"
 # One configuration per run: the kernels and the run directory (and the profiled run's window).
 run_config() {  # NAME KERNELS [PROFILE]
-  { echo "base: $work/bench.yaml"; echo "model: {kernels: $2}"
+  { echo "base: $work/bench.yaml"; echo "model: {kernels: $2}"; echo "hardware: {peak_tflops: $peak}"
     echo "logging: {run_dir: $work/$1${3:+, profile: true, profile_step_start: $((iters - 2)), profile_step_end: $iters}}"
   } > "$work/$1.yaml"
   echo "$work/$1.yaml"
