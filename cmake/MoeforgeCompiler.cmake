@@ -23,3 +23,25 @@ if(MOEFORGE_WERROR)
 else()
   set(MOEFORGE_WARNINGS_NOTE "-Wall -Wextra -Wpedantic ... (not errors; -DMOEFORGE_WERROR=ON in CI)")
 endif()
+
+# MOEFORGE_DEBUG_INFO (CMakeLists.txt): the -g of the build type's flags replaced by its level,
+# for C++ only (nvcc's -g is host-side and its objects are few).
+if(NOT MOEFORGE_DEBUG_INFO MATCHES "^(full|lines|none)$")
+  message(FATAL_ERROR "MOEFORGE_DEBUG_INFO is '${MOEFORGE_DEBUG_INFO}': use full, lines or none")
+endif()
+if(NOT MOEFORGE_DEBUG_INFO STREQUAL "full")
+  set(_level -g1)
+  if(MOEFORGE_DEBUG_INFO STREQUAL "none")
+    set(_level -g0)
+  endif()
+  string(TOUPPER "${CMAKE_BUILD_TYPE}" _type)
+  string(REGEX REPLACE "(^| )-g( |$)" "\\1${_level}\\2" CMAKE_CXX_FLAGS_${_type} "${CMAKE_CXX_FLAGS_${_type}}")
+endif()
+# CMAKE_UNITY_BUILD=ON (the quickstart's): each library compiles its sources in batches, one
+# precompiled-header load and one set of template instantiations per batch instead of per file.
+if(CMAKE_UNITY_BUILD)
+  if(NOT CMAKE_UNITY_BUILD_BATCH_SIZE)
+    set(CMAKE_UNITY_BUILD_BATCH_SIZE 8)
+  endif()
+  set(MOEFORGE_UNITY_NOTE ", unity batches of ${CMAKE_UNITY_BUILD_BATCH_SIZE}")
+endif()

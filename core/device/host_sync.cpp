@@ -32,27 +32,25 @@ torch::Tensor to_device(const torch::Tensor& host, const torch::Device& device) 
 }
 
 #ifdef MOEFORGE_WITH_CUDA
-namespace {
-// The message of c10::cuda::warn_or_error_on_sync.
-constexpr std::string_view kSyncWarning = "called a synchronizing CUDA operation";
-
-class CountingHandler : public c10::WarningHandler {
- public:
-  explicit CountingHandler(c10::WarningHandler* next) : next_(next) {}
-  void process(const c10::Warning& warning) override {
-    if (warning.msg().find(kSyncWarning) != std::string::npos) {
-      count_host_sync();
-    } else {
-      next_->process(warning);
-    }
-  }
-
- private:
-  c10::WarningHandler* next_;
-};
-}  // namespace
-
 struct DeviceSyncCounter::State {
+  // Counts LibTorch's sync warnings (c10::cuda::warn_or_error_on_sync's message) as host syncs
+  // and passes every other warning on. A member class, not one in an anonymous namespace: a field
+  // of this class may not have a type of internal linkage.
+  class CountingHandler : public c10::WarningHandler {
+   public:
+    explicit CountingHandler(c10::WarningHandler* next) : next_(next) {}
+    void process(const c10::Warning& warning) override {
+      if (warning.msg().find("called a synchronizing CUDA operation") != std::string::npos) {
+        count_host_sync();
+      } else {
+        next_->process(warning);
+      }
+    }
+
+   private:
+    c10::WarningHandler* next_;
+  };
+
   explicit State() : handler(c10::WarningUtils::get_warning_handler()), guard(&handler) {}
   CountingHandler handler;
   c10::WarningUtils::WarningHandlerGuard guard;

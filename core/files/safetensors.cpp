@@ -50,7 +50,6 @@ constexpr std::array<torch::ScalarType, kSafetensorsDTypes.size()> kScalarTypes 
 
 size_t dtype_rank(torch::ScalarType type) { return static_cast<size_t>(std::ranges::find(kScalarTypes, type) - kScalarTypes.begin()); }
 
-std::string show(const json& v) { return shorten_for_message(v.dump()); }
 
 std::string did_you_mean(const std::string& name, const std::vector<std::string>& names) {
   const auto m = closest_match(name, names);
@@ -217,7 +216,7 @@ void SafetensorsCheckpoint::load_index(const std::string& index_path) {
   const json& weight_map = index.at("weight_map");
   std::map<std::string, std::vector<std::string>> by_file;  // sorted: model-00001-of-... first
   for (const auto& [name, file] : weight_map.items()) {
-    if (!file.is_string()) fail_user("{}: \"weight_map\" maps \"{}\" to {}, expected a shard file name.", index_path, name, show(file));
+    if (!file.is_string()) fail_user("{}: \"weight_map\" maps \"{}\" to {}, expected a shard file name.", index_path, name, show_json(file));
     by_file[file.get<std::string>()].push_back(name);
   }
   const fs::path dir = fs::path(index_path).parent_path();

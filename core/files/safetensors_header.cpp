@@ -26,7 +26,6 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 constexpr const char* kCorruptFix = "The file is corrupt or was written by a broken tool; re-save or re-download it.";
 
-std::string show(const json& v) { return shorten_for_message(v.dump()); }
 
 // A JSON integer >= 0 (nlohmann parses every non-negative integer as unsigned).
 std::optional<uint64_t> as_size(const json& v) {
@@ -43,6 +42,8 @@ std::string safetensors_dtype_names() {
 }
 
 std::string shorten_for_message(std::string text) { return text.size() > 80 ? text.substr(0, 77) + "..." : text; }
+
+std::string show_json(const json& value) { return shorten_for_message(value.dump()); }
 
 SafetensorsHeader parse_safetensors_header(const std::byte* file, size_t size, const std::string& path) {
   if (size < 8) {
@@ -91,11 +92,11 @@ SafetensorsHeader parse_safetensors_header(const std::byte* file, size_t size, c
     const std::string& name = item.key();  // not a structured binding: the lambda below captures it
     const json& entry = item.value();
     if (name == "__metadata__") {
-      if (!entry.is_object()) fail_user("{}: \"__metadata__\" is {}, but must be an object of strings. {}", path, show(entry), kCorruptFix);
+      if (!entry.is_object()) fail_user("{}: \"__metadata__\" is {}, but must be an object of strings. {}", path, show_json(entry), kCorruptFix);
       for (const auto& [key, value] : entry.items()) {
         if (!value.is_string()) {
           fail_user("{}: \"__metadata__\" entry \"{}\" is {}, but metadata values must be strings. {}", path, key,
-                    show(value), kCorruptFix);
+                    show_json(value), kCorruptFix);
         }
         h.metadata[key] = value.get<std::string>();
       }
@@ -104,13 +105,13 @@ SafetensorsHeader parse_safetensors_header(const std::byte* file, size_t size, c
     const auto bad = [&](const std::string& what) {
       return UserError(fmt::format("{}: tensor \"{}\": {}. {}", path, name, what, kCorruptFix));
     };
-    if (!entry.is_object()) throw bad(fmt::format("expected an object {{\"dtype\", \"shape\", \"data_offsets\"}}, got {}", show(entry)));
+    if (!entry.is_object()) throw bad(fmt::format("expected an object {{\"dtype\", \"shape\", \"data_offsets\"}}, got {}", show_json(entry)));
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
       if (!entry.contains(field)) throw bad(fmt::format("\"{}\" is missing; every tensor needs dtype, shape and data_offsets", field));
     }
     SafetensorsHeader::Entry info;
     const json& dtype = entry.at("dtype");
-    if (!dtype.is_string()) throw bad(fmt::format("\"dtype\" is {}, expected a string such as \"BF16\"", show(dtype)));
+    if (!dtype.is_string()) throw bad(fmt::format("\"dtype\" is {}, expected a string such as \"BF16\"", show_json(dtype)));
     info.dtype = dtype.get<std::string>();
     const auto dt = std::ranges::find(kSafetensorsDTypes, std::string_view(info.dtype), &SafetensorsDType::name);
     const bool known = dt != kSafetensorsDTypes.end();
@@ -123,13 +124,13 @@ SafetensorsHeader parse_safetensors_header(const std::byte* file, size_t size, c
     info.dtype_index = static_cast<size_t>(dt - kSafetensorsDTypes.begin());
 
     const json& shape = entry.at("shape");
-    if (!shape.is_array()) throw bad(fmt::format("\"shape\" is {}, expected a list of non-negative integers", show(shape)));
+    if (!shape.is_array()) throw bad(fmt::format("\"shape\" is {}, expected a list of non-negative integers", show_json(shape)));
     uint64_t numel = 1;
     bool overflow = false;
     for (const json& dim : shape) {
       const auto d = as_size(dim);
       if (!d || *d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-        throw bad(fmt::format("shape {} has the dimension {}; dimensions must be non-negative integers", show(shape), show(dim)));
+        throw bad(fmt::format("shape {} has the dimension {}; dimensions must be non-negative integers", show_json(shape), show_json(dim)));
       }
       info.shape.push_back(static_cast<int64_t>(*d));
       overflow |= __builtin_mul_overflow(numel, *d, &numel);
@@ -138,7 +139,7 @@ SafetensorsHeader parse_safetensors_header(const std::byte* file, size_t size, c
     const json& offsets = entry.at("data_offsets");
     const auto begin = offsets.is_array() && offsets.size() == 2 ? as_size(offsets[0]) : std::nullopt;
     const auto end = offsets.is_array() && offsets.size() == 2 ? as_size(offsets[1]) : std::nullopt;
-    if (!begin || !end) throw bad(fmt::format("\"data_offsets\" is {}, expected [begin, end] of non-negative integers", show(offsets)));
+    if (!begin || !end) throw bad(fmt::format("\"data_offsets\" is {}, expected [begin, end] of non-negative integers", show_json(offsets)));
     if (*end < *begin) throw bad(fmt::format("data_offsets [{}, {}] end before they begin", *begin, *end));
     if (*end > data_size) {
       throw bad(fmt::format("data_offsets [{}, {}] run past the data section, which has {} bytes (the file is {} bytes)",
@@ -147,7 +148,7 @@ SafetensorsHeader parse_safetensors_header(const std::byte* file, size_t size, c
     uint64_t expected = 0;
     overflow |= __builtin_mul_overflow(numel, dt->bytes, &expected);
     if (overflow || expected != *end - *begin) {
-      throw bad(fmt::format("shape {} of {} needs {} bytes, but data_offsets [{}, {}] span {}", show(shape), info.dtype,
+      throw bad(fmt::format("shape {} of {} needs {} bytes, but data_offsets [{}, {}] span {}", show_json(shape), info.dtype,
                       overflow ? std::string("more than 2^64") : std::to_string(expected), *begin, *end, *end - *begin));
     }
     info.begin = *begin;

@@ -1,11 +1,13 @@
 // defines: SafetensorsDType, kSafetensorsDTypes, SafetensorsHeader, parse_safetensors_header,
-//          safetensors_dtype_names, shorten_for_message
+//          safetensors_dtype_names, shorten_for_message, show_json
 //
 // The safetensors header, parsed and validated without LibTorch (so that a fuzzer builds it with
 // clang alone, tests/fuzz/): the 8-byte length, the JSON (no duplicate names, metadata of
 // strings), every tensor's dtype, shape and data offsets, and the tensors tiling the data section
 // exactly. core/files/safetensors.h maps and reads the files; this is only the header's validation.
 #pragma once
+
+#include <nlohmann/json_fwd.hpp>
 
 #include <array>
 #include <cstddef>
@@ -54,5 +56,7 @@ std::string safetensors_dtype_names();
 
 // Text for an error message, cut to 80 characters.
 std::string shorten_for_message(std::string text);
+// A JSON value as text for an error message, cut the same way.
+std::string show_json(const nlohmann::json& value);
 
 }  // namespace moeforge

@@ -19,14 +19,14 @@ double thread_cpu_s() {
 thread_local bool t_on_comm_thread = false;
 std::atomic<int> g_compute_waiting{0};
 
-struct Clock {
+struct InFlightClock {
   std::mutex mutex;
   int in_flight = 0;
   double since = 0;
   CommTimes totals;
 };
-Clock& clock() {
-  static Clock c;
+InFlightClock& clock() {
+  static InFlightClock c;
   return c;
 }
 
@@ -43,7 +43,7 @@ std::shared_ptr<Work> completed_work() { return std::make_shared<Completed>(); }
 bool on_comm_thread() { return t_on_comm_thread; }
 
 CommTimes comm_times() {
-  Clock& c = clock();
+  InFlightClock& c = clock();
   std::lock_guard lock(c.mutex);
   CommTimes t = c.totals;
   if (c.in_flight > 0) t.in_flight_s += now_s() - c.since;
@@ -53,13 +53,13 @@ CommTimes comm_times() {
 namespace {
 
 void in_flight_begin() {
-  Clock& c = clock();
+  InFlightClock& c = clock();
   std::lock_guard lock(c.mutex);
   if (c.in_flight++ == 0) c.since = now_s();
 }
 
 void in_flight_end() {
-  Clock& c = clock();
+  InFlightClock& c = clock();
   std::lock_guard lock(c.mutex);
   if (--c.in_flight == 0) c.totals.in_flight_s += now_s() - c.since;
 }
@@ -79,7 +79,7 @@ ExposedWait::ExposedWait() : counted_(!t_on_comm_thread), start_(counted_ ? now_
 ExposedWait::~ExposedWait() {
   if (!counted_) return;
   --g_compute_waiting;
-  Clock& c = clock();
+  InFlightClock& c = clock();
   std::lock_guard lock(c.mutex);
   c.totals.exposed_s += now_s() - start_;
 }
@@ -140,7 +140,7 @@ void CommThread::run() {
       error = std::current_exception();
     }
     {
-      Clock& c = clock();
+      InFlightClock& c = clock();
       std::lock_guard lock(c.mutex);
       c.totals.comm_thread_cpu_s += thread_cpu_s() - cpu_start;
     }

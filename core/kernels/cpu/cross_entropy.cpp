@@ -16,7 +16,7 @@ namespace moeforge::kernels::cpu {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBlock = 512;  // fp32 elements per block, on the stack
+constexpr int64_t kVocabBlock = 512;  // fp32 elements per block, on the stack
 
 float vec_max(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v); }
 float vec_sum(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v); }
@@ -24,10 +24,10 @@ float vec_sum(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec
 // log(sum(exp(row))) in one read.
 template <typename T>
 float logsumexp(const T* row, int64_t V) {
-  alignas(64) float buffer[kBlock];
+  alignas(64) float buffer[kVocabBlock];
   float m = -std::numeric_limits<float>::infinity(), s = 0.0f;
-  for (int64_t at = 0; at < V; at += kBlock) {
-    const int64_t n = std::min(kBlock, V - at);
+  for (int64_t at = 0; at < V; at += kVocabBlock) {
+    const int64_t n = std::min(kVocabBlock, V - at);
     const float* x = as_float(row + at, buffer, n);
     float bm = -std::numeric_limits<float>::infinity();
     int64_t i = 0;
@@ -55,7 +55,7 @@ float logsumexp(const T* row, int64_t V) {
 template <typename T>
 void cross_entropy_rows(T* logits, int64_t V, const int64_t* labels, const float* scale, float* loss, bool grad,
                         int64_t begin, int64_t end) {
-  alignas(64) float buffer[kBlock], out[kBlock];
+  alignas(64) float buffer[kVocabBlock], out[kVocabBlock];
   for (int64_t r = begin; r < end; ++r) {
     T* row = logits + r * V;
     const int64_t label = labels[r];
@@ -63,8 +63,8 @@ void cross_entropy_rows(T* logits, int64_t V, const int64_t* labels, const float
     loss[r] = label >= 0 && label < V ? lse - static_cast<float>(row[label]) : std::numeric_limits<float>::quiet_NaN();
     if (!grad) continue;
     const Vec lv(lse), sv(scale[r]);
-    for (int64_t at = 0; at < V; at += kBlock) {
-      const int64_t n = std::min(kBlock, V - at);
+    for (int64_t at = 0; at < V; at += kVocabBlock) {
+      const int64_t n = std::min(kVocabBlock, V - at);
       const float* x = as_float(row + at, buffer, n);
       float* y = std::is_same_v<T, float> ? reinterpret_cast<float*>(row + at) : out;
       int64_t i = 0;

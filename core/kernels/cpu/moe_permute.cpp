@@ -1,6 +1,7 @@
 // The MoE permutation on the CPU: gathers by the sorted order, sums and dots in fp32; every output
 // element is written by one task, in a fixed order (deterministic, no scatter).
 #include "core/kernels/cpu/cpu_kernels.h"
+#include "core/kernels/cpu/vec_util.h"
 
 #include <ATen/cpu/vec/vec.h>
 
@@ -28,15 +29,6 @@ void axpy(float scale, const T* row, float* out, int64_t D, std::vector<float>& 
   int64_t i = 0;
   for (; i + Vec::size() <= D; i += Vec::size()) at::vec::fmadd(Vec(scale), Vec::loadu(r + i), Vec::loadu(out + i)).store(out + i);
   for (; i < D; ++i) out[i] += scale * r[i];
-}
-
-template <typename T>
-void store(const float* src, T* dst, int64_t D) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(float));
-  } else {
-    at::vec::convert(src, dst, D);
-  }
 }
 
 template <typename T>
@@ -81,7 +73,7 @@ void sum_slots(const T* rows_ND, const int64_t* row_of_slot, const Weight& weigh
       const int64_t row = row_of_slot[t * K + k];
       if (row >= 0) axpy(weight(t * K + k), rows_ND + row * D, acc.data(), D, buffer);
     }
-    store(acc.data(), out_TD + t * D, D);
+    store_floats(acc.data(), out_TD + t * D, D);
   }
 }
 
@@ -107,7 +99,7 @@ void moe_combine_backward_rows(const T* dy_TD, const int64_t* slot_of_row, const
     const int64_t s = slot_of_row[n];
     std::fill(acc.begin(), acc.end(), 0.0f);
     axpy(static_cast<float>(w_A[s]), dy_TD + (s / K) * D, acc.data(), D, buffer);
-    store(acc.data(), dy_ND + n * D, D);
+    store_floats(acc.data(), dy_ND + n * D, D);
   }
 }
 

@@ -14,26 +14,17 @@ namespace moeforge::kernels::cpu {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBlock = 256;  // fp32 elements per block, on the stack
-
-template <typename T>
-void store(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (src != dst) std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
+constexpr int64_t kWidthBlock = 256;  // fp32 elements per block, on the stack
 
 inline Vec sigmoid(const Vec& x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp()); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 template <typename T>
 void forward(const T* gate, const T* up, int64_t ld, T* y, int64_t F, int64_t begin, int64_t end) {
-  alignas(64) float gb[kBlock], ub[kBlock], yb[kBlock];
+  alignas(64) float gb[kWidthBlock], ub[kWidthBlock], yb[kWidthBlock];
   for (int64_t r = begin; r < end; ++r) {
-    for (int64_t at = 0; at < F; at += kBlock) {
-      const int64_t n = std::min(kBlock, F - at);
+    for (int64_t at = 0; at < F; at += kWidthBlock) {
+      const int64_t n = std::min(kWidthBlock, F - at);
       const float* g = as_float(gate + r * ld + at, gb, n);
       const float* u = as_float(up + r * ld + at, ub, n);
       float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + r * F + at) : yb;
@@ -43,7 +34,7 @@ void forward(const T* gate, const T* up, int64_t ld, T* y, int64_t F, int64_t be
         (gv * sigmoid(gv) * Vec::loadu(u + i)).store(out + i);
       }
       for (; i < n; ++i) out[i] = g[i] * sigmoid(g[i]) * u[i];
-      store(out, y + r * F + at, n);
+      store_floats(out, y + r * F + at, n);
     }
   }
 }
@@ -51,11 +42,11 @@ void forward(const T* gate, const T* up, int64_t ld, T* y, int64_t F, int64_t be
 template <typename T>
 void backward(const T* gate, const T* up, int64_t ld, const T* dy, T* d_gate, T* d_up, int64_t F, int64_t begin,
               int64_t end) {
-  alignas(64) float gb[kBlock], ub[kBlock], db[kBlock], dgb[kBlock], dub[kBlock];
+  alignas(64) float gb[kWidthBlock], ub[kWidthBlock], db[kWidthBlock], dgb[kWidthBlock], dub[kWidthBlock];
   const Vec one(1.0f);
   for (int64_t r = begin; r < end; ++r) {
-    for (int64_t at = 0; at < F; at += kBlock) {
-      const int64_t n = std::min(kBlock, F - at);
+    for (int64_t at = 0; at < F; at += kWidthBlock) {
+      const int64_t n = std::min(kWidthBlock, F - at);
       const float* g = as_float(gate + r * ld + at, gb, n);
       const float* u = as_float(up + r * ld + at, ub, n);
       const float* d = as_float(dy + r * F + at, db, n);
@@ -73,8 +64,8 @@ void backward(const T* gate, const T* up, int64_t ld, const T* dy, T* d_gate, T*
         dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
         du[i] = d[i] * g[i] * s;
       }
-      store(dg, d_gate + r * ld + at, n);
-      store(du, d_up + r * ld + at, n);
+      store_floats(dg, d_gate + r * ld + at, n);
+      store_floats(du, d_up + r * ld + at, n);
     }
   }
 }
