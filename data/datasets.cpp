@@ -3,7 +3,7 @@
 #include "core/base/errors.h"
 #include "data/blend.h"
 #include "data/numpy_random.h"
-#include "data/tokenizer.h"
+#include "data/tokenizer/tokenizer.h"
 
 #include <fmt/format.h>
 

@@ -2,8 +2,8 @@
 
 #include "core/base/errors.h"
 #include "data/indexed_dataset.h"
-#include "data/tokenizer.h"
-#include "data/unicode_text.h"
+#include "data/tokenizer/tokenizer.h"
+#include "data/tokenizer/unicode_text.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

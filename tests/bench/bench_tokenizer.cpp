@@ -6,7 +6,7 @@
 //
 // Defaults: the Qwen tokenizer in ../shared, the Python standard library's .py files (English
 // prose and code) as documents up to 8 MB, all hardware threads, best of 3 passes.
-#include "data/tokenizer.h"
+#include "data/tokenizer/tokenizer.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

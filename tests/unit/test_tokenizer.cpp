@@ -1,7 +1,7 @@
 // The BPE tokenizer against Hugging Face `tokenizers` (tests/oracles/tokenize_oracle.py) on the
 // Qwen tokenizer.json and on variants exercising the other supported fields; the byte tokenizer.
 #include "core/base/errors.h"
-#include "data/tokenizer.h"
+#include "data/tokenizer/tokenizer.h"
 #include "test_util.h"
 
 #include <catch2/catch.hpp>
@@ -116,7 +116,7 @@ std::vector<std::string> fuzz_corpus(size_t count) {
 // Real text: the project's own docs and sources, and the Qwen chat template.
 std::vector<std::string> file_corpus() {
   std::vector<std::string> corpus;
-  for (const char* file : {"README.md", "docs/architecture.md", "data/tokenizer.cpp", "data/bpe_model.cpp",
+  for (const char* file : {"README.md", "docs/architecture.md", "data/tokenizer/tokenizer.cpp", "data/tokenizer/bpe_model.cpp",
                            "launch/setup.sh", "tests/oracles/tokenize_oracle.py"}) {
     corpus.push_back(read_file(test::source_path(file)));
   }

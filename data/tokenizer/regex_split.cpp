@@ -1,5 +1,5 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
-#include "data/regex_split.h"
+#include "data/tokenizer/regex_split.h"
 
 #include "core/base/errors.h"
 

@@ -1,10 +1,10 @@
-#include "data/tokenizer.h"
+#include "data/tokenizer/tokenizer.h"
 
-#include "data/added_tokens.h"
-#include "data/bpe_model.h"
-#include "data/regex_split.h"
-#include "data/tokenizer_json.h"
-#include "data/unicode_text.h"
+#include "data/tokenizer/added_tokens.h"
+#include "data/tokenizer/bpe_model.h"
+#include "data/tokenizer/regex_split.h"
+#include "data/tokenizer/tokenizer_json.h"
+#include "data/tokenizer/unicode_text.h"
 
 #include <fmt/format.h>
 

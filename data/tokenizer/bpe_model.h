@@ -5,7 +5,7 @@
 // merge, exactly as `tokenizers`' BPE does. Results for short words are cached.
 #pragma once
 
-#include "data/tokenizer_json.h"
+#include "data/tokenizer/tokenizer_json.h"
 
 #include <array>
 #include <cstdint>

@@ -1,6 +1,6 @@
-#include "data/added_tokens.h"
+#include "data/tokenizer/added_tokens.h"
 
-#include "data/unicode_text.h"
+#include "data/tokenizer/unicode_text.h"
 
 #include <algorithm>
 

@@ -1,7 +1,7 @@
-#include "data/bpe_model.h"
+#include "data/tokenizer/bpe_model.h"
 
 #include "core/base/errors.h"
-#include "data/unicode_text.h"
+#include "data/tokenizer/unicode_text.h"
 
 #include <algorithm>
 #include <functional>

@@ -42,7 +42,7 @@ struct TokenizerSpec {
 };
 
 // Throws UserError for a missing or unreadable file, malformed JSON, or a configuration that is
-// not byte-level BPE as described in data/tokenizer.h.
+// not byte-level BPE as described in data/tokenizer/tokenizer.h.
 TokenizerSpec read_tokenizer_json(const std::string& path);
 
 }  // namespace moeforge::data
