@@ -1,39 +1,14 @@
 #include "core/flops/model_size.h"
 
-#include "core/base/errors.h"
+#include "core/base/checked_int.h"
 
 namespace moeforge {
 
 namespace {
 constexpr int64_t kSwigluMatrices = 3;  // gate, up, down
 
-// int64 arithmetic that refuses to wrap: the sizes come from configs, and a wrapped count (0 FLOPs,
-// a negative parameter count) would pass every later check and mislead or hang the run.
-struct N {
-  int64_t v;
-  N(int64_t x) : v(x) {}  // NOLINT: implicit, so the formulas read as arithmetic
-};
-[[noreturn]] void overflow() {
-  fail_user("the model and batch sizes give a parameter or FLOP count beyond 64-bit integers (9.2e18). Check model.* "
-            "(hidden_size, num_layers, vocab_size, num_experts, ffn sizes) and training.global_batch_size / seq_length "
-            "for a typo.");
-}
-N operator*(N a, N b) {
-  int64_t r = 0;
-  if (__builtin_mul_overflow(a.v, b.v, &r)) overflow();
-  return r;
-}
-N operator+(N a, N b) {
-  int64_t r = 0;
-  if (__builtin_add_overflow(a.v, b.v, &r)) overflow();
-  return r;
-}
-N operator-(N a, N b) {
-  int64_t r = 0;
-  if (__builtin_sub_overflow(a.v, b.v, &r)) overflow();
-  return r;
-}
-N& operator+=(N& a, N b) { return a = a + b; }
+// Counts come from configs: every operation is checked (core/base/checked_int.h).
+using N = CheckedInt;
 
 N total_of(const LayerParameters& p) {
   return N(p.attention) + p.norms + p.dense_ffn + p.router + p.shared_expert + N(p.expert) * p.num_experts;

@@ -1,5 +1,6 @@
 #include "launch/commands/commands.h"
 
+#include "core/base/checked_int.h"
 #include "core/config/config_loader.h"
 #include "core/files/dir_lock.h"
 #include "core/files/durable_file.h"
@@ -30,7 +31,7 @@ int64_t planned_world_size(std::optional<int64_t> flag, const ExperimentConfig& 
     return *c.parallel.world_size;
   }
   from = "the smallest layout, PP x EP";
-  return c.parallel.pipeline_model_parallel_size * c.parallel.expert_model_parallel_size;
+  return checked_product(c.parallel.pipeline_model_parallel_size, c.parallel.expert_model_parallel_size);
 }
 
 int run_plan(const PlanOptions& options) {

@@ -1,5 +1,6 @@
 #include "parallel/layout/layout.h"
 
+#include "core/base/checked_int.h"
 #include "core/base/errors.h"
 
 #include <fmt/format.h>
@@ -34,14 +35,15 @@ std::vector<int64_t> split_virtual(const ExperimentConfig& c, int64_t pp, int64_
         "parallel.virtual_pipeline_model_parallel_size > 1 yet: remove them or set the virtual size to 1");
     return {};
   }
-  if (L % (pp * vpp) != 0) {
+  const int64_t chunks = checked_product(pp, vpp);
+  if (L % chunks != 0) {
     problems.push_back(fmt::format(
         "model.num_layers ({}) is not divisible by parallel.pipeline_model_parallel_size x "
         "virtual_pipeline_model_parallel_size ({} x {} = {} model chunks): choose degrees whose product divides {}",
-        L, pp, vpp, pp * vpp, L));
+        L, pp, vpp, chunks, L));
     return {};
   }
-  return std::vector<int64_t>(static_cast<size_t>(pp * vpp), L / (pp * vpp));
+  return std::vector<int64_t>(static_cast<size_t>(chunks), L / chunks);
 }
 
 // Megatron's uneven pipeline: first/last stage sizes given, the rest split evenly.
@@ -146,16 +148,17 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
   if (world_size < 1) fail_user("world size must be at least 1, got {}", world_size);
 
   int64_t dp = 0;
-  if (world_size % (pp * tp) != 0) {
+  const int64_t pp_tp = checked_product(pp, tp);
+  if (world_size % pp_tp != 0) {
     problems.push_back(
         tp == 1 ? fmt::format("world size {} is not divisible by parallel.pipeline_model_parallel_size {}: launch a "
                               "multiple of {} ranks",
                               world_size, pp, pp)
                 : fmt::format("world size {} is not divisible by parallel.pipeline_model_parallel_size x "
                               "tensor_model_parallel_size ({} x {}): launch a multiple of {} ranks",
-                              world_size, pp, tp, pp * tp));
+                              world_size, pp, tp, pp_tp));
   } else {
-    dp = world_size / (pp * tp);
+    dp = world_size / pp_tp;
   }
   if (tp > 1) check_tensor_parallel(c, tp, problems);
   if (dp > 0 && dp % ep != 0) {
@@ -197,13 +200,14 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
   std::vector<int64_t> layers = vpp > 1 ? split_virtual(c, pp, vpp, problems) : split_layers(c, pp, problems);
   int64_t micro_batches = 0;
   if (dp > 0) {
-    if (gbs % (mbs * dp) != 0) {
+    const int64_t samples_per_micro_batch = checked_product(mbs, dp);
+    if (gbs % samples_per_micro_batch != 0) {
       problems.push_back(fmt::format(
           "training.global_batch_size {} is not divisible by training.micro_batch_size {} x data-parallel size {} "
           "(= {}): choose a global batch that is a multiple of {}",
-          gbs, mbs, dp, mbs * dp, mbs * dp));
+          gbs, mbs, dp, samples_per_micro_batch, samples_per_micro_batch));
     } else {
-      micro_batches = gbs / (mbs * dp);
+      micro_batches = gbs / samples_per_micro_batch;
     }
   }
   // The interleaved schedule runs the micro-batches in groups of PP through each chunk (Megatron's
@@ -213,7 +217,7 @@ ParallelLayout ParallelLayout::create(const ExperimentConfig& c, int64_t world_s
         "the interleaved pipeline (parallel.virtual_pipeline_model_parallel_size {}) needs the micro-batches per step, "
         "training.global_batch_size / (micro_batch_size x DP) = {} / ({} x {}) = {}, to be a multiple of "
         "parallel.pipeline_model_parallel_size {}: choose a global batch that is a multiple of {}",
-        vpp, gbs, mbs, dp, micro_batches, pp, mbs * dp * pp));
+        vpp, gbs, mbs, dp, micro_batches, pp, checked_product(mbs, dp, pp)));
   }
   if (!problems.empty()) {
     std::string num_experts = c.model.num_experts ? fmt::to_string(*c.model.num_experts) : "dense";

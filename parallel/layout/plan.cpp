@@ -1,5 +1,6 @@
 #include "parallel/layout/plan.h"
 
+#include "core/base/checked_int.h"
 #include "parallel/layout/pipeline_schedule.h"
 
 #include <fmt/format.h>
@@ -11,30 +12,33 @@ namespace moeforge {
 
 namespace {
 
+// Sizes come from configs: every product is checked (core/base/checked_int.h).
+using N = CheckedInt;
+
 // Activation bytes kept for backward per token of one layer, as our implementation stores them
 // (docs/plan.md derives each term). `e` is the bytes of one activation element.
 // Per token of one TP rank: what tensor parallelism splits (heads, widths) divided by `tp`, the
 // layer's inputs, norms and dispatched rows whole on every rank. With sequence parallelism (`sp`)
 // the norms' inputs and outputs hold 1/tp of the tokens, and each block keeps the gathered
 // sequence its split weights read (the MoE router reads a view of the same values).
-int64_t layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e, int64_t tp, bool sp) {
-  const int64_t h = m.hidden_size;
+N layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t e, int64_t tp, bool sp) {
+  const N h = m.hidden_size;
   // A block's norm input and output, and the gathered input under sequence parallelism.
-  const int64_t norms = sp ? 2 * h / tp + h : 2 * h;
-  const int64_t q = m.query_projection_size() / tp;
-  const int64_t kv = m.kv_projection_size() / tp;
+  const N norms = sp ? 2 * h / tp + h : 2 * h;
+  const N q = m.query_projection_size() / tp;
+  const N kv = m.kv_projection_size() / tp;
   // attention: norm input and output, q/k/v after RoPE, attention output; flash attention keeps
   // one fp32 log-sum-exp per head instead of the s x s scores.
-  int64_t bytes = e * (norms + q + 2 * kv + q) + 4 * m.num_attention_heads / tp;
+  N bytes = e * (norms + q + 2 * kv + q) + 4 * N(m.num_attention_heads) / tp;
   if (m.is_moe_layer(layer)) {
-    const int64_t k = m.moe_router_topk;
-    const int64_t f = *m.moe_ffn_hidden_size / tp;
-    const int64_t fs = m.moe_shared_expert_intermediate_size.value_or(0) / tp;
+    const N k = m.moe_router_topk;
+    const N f = *m.moe_ffn_hidden_size / tp;
+    const N fs = m.moe_shared_expert_intermediate_size.value_or(0) / tp;
     // norm input and output, k dispatched rows, k expert outputs, gate/up/product per slot,
     // shared expert gate/up/product and output, fp32 router logits and probabilities.
-    bytes += e * (norms + 2 * k * h + 3 * k * f + (fs > 0 ? 3 * fs + h : 0)) + 8 * *m.num_experts;
+    bytes += e * (norms + 2 * k * h + 3 * k * f + (fs.v > 0 ? 3 * fs + h : N(0))) + 8 * N(*m.num_experts);
   } else {
-    bytes += e * (norms + 3 * *m.ffn_hidden_size / tp);
+    bytes += e * (norms + 3 * N(*m.ffn_hidden_size) / tp);
   }
   return bytes;
 }
@@ -70,7 +74,7 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   plan.activated_parameters_per_layer = layer_parameters(m, representative).activated();
 
   const int64_t seq = c.training.seq_length;
-  plan.tokens_per_step = c.training.global_batch_size * seq;
+  plan.tokens_per_step = checked_product(c.training.global_batch_size, seq);
   plan.flops_per_step = model_flops_per_step(m, c.training.global_batch_size, seq);
   const auto per_token = [&](int64_t f) { return static_cast<double>(f) / static_cast<double>(plan.tokens_per_step); };
   plan.flops_per_token_megatron = per_token(plan.flops_per_step.megatron);
@@ -80,7 +84,7 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   const int64_t PP = layout.pp(), M = layout.micro_batches_per_step(), VP = layout.vpp(), TP = layout.tp();
   const bool SP = layout.sequence_parallel();
   // Interleaving divides the bubble's share of the step by V (Megatron's (PP - 1) / (V M)).
-  plan.bubble_fraction = static_cast<double>(PP - 1) / static_cast<double>(VP * M + PP - 1);
+  plan.bubble_fraction = static_cast<double>(PP - 1) / static_cast<double>((N(VP) * M + PP - 1).v);
   if (M < PP) {
     plan.warnings.push_back(fmt::format("{} micro-batches per step for {} pipeline stages: the pipeline never fills; "
                                         "raise training.global_batch_size or lower PP",
@@ -92,9 +96,9 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   const int64_t weight_bytes = bf16 ? 2 : 4;
   const int64_t grad_bytes = 4;              // gradients accumulate in fp32 either way
   const int64_t optim_bytes = bf16 ? 12 : 8;  // (fp32 master +) Adam m and v
-  const int64_t tokens_per_mb = c.training.micro_batch_size * seq;
-  const int64_t V = m.padded_vocab_size();
-  const int64_t h = m.hidden_size;
+  const N tokens_per_mb = N(c.training.micro_batch_size) * seq;
+  const N V = m.padded_vocab_size();
+  const N h = m.hidden_size;
   plan.experts_per_ep_rank = layout.experts_per_rank();
   for (int64_t s = 0; s < PP; ++s) {
     StagePlan st;
@@ -102,18 +106,18 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
     st.chunks = layout.chunks(s);
     st.first_layer = st.chunks.front().begin;
     st.num_layers = layout.layers_per_stage()[static_cast<size_t>(s)];
-    int64_t dense = 0, experts = 0, act_full_layers = 0, act_checkpoints = 0, act_max_layer = 0;
+    N dense = 0, experts = 0, act_full_layers = 0, act_checkpoints = 0, act_max_layer = 0;
     for (int64_t i = 0; i < m.num_layers; ++i) {
       if (layout.stage_of_layer(i) != s) continue;
       const LayerParameters p = layer_parameters(m, i);
       // Tensor parallelism splits the projections and widths; norms, router and the shared
       // expert's gate (h x 1) stay whole.
-      const int64_t shared_gate = p.shared_expert > 0 && m.moe_shared_expert_gate ? h : 0;
-      dense += (p.attention + p.dense_ffn + p.shared_expert - shared_gate) / TP + p.norms + p.router + shared_gate;
-      if (m.is_moe_layer(i)) experts += p.expert / TP * layout.experts_per_rank();
-      const int64_t a = layer_activation_bytes_per_token(m, i, weight_bytes, TP, SP) * tokens_per_mb;
+      const N shared_gate = p.shared_expert > 0 && m.moe_shared_expert_gate ? h : N(0);
+      dense += (N(p.attention) + p.dense_ffn + p.shared_expert - shared_gate) / TP + p.norms + p.router + shared_gate;
+      if (m.is_moe_layer(i)) experts += N(p.expert / TP) * layout.experts_per_rank();
+      const N a = layer_activation_bytes_per_token(m, i, weight_bytes, TP, SP) * tokens_per_mb;
       act_full_layers += a;
-      act_max_layer = std::max(act_max_layer, a);
+      act_max_layer = std::max(act_max_layer.v, a.v);
       act_checkpoints += weight_bytes * h * tokens_per_mb / (SP ? TP : 1);  // full recompute keeps each layer's input
     }
     const bool first = s == 0, last = s == PP - 1;
@@ -121,26 +125,26 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
     if (last) {
       dense += plan.parameters.final_norm;
       // A tied head is the embedding itself (ParallelLayout refuses tying under PP).
-      dense += m.untie_embeddings_and_output_weights ? V * h : 0;
+      dense += m.untie_embeddings_and_output_weights ? V * h : N(0);
     }
     // logits + fp32 loss copy; sequence parallelism runs the head on this rank's chunk
-    const int64_t logits = last ? tokens_per_mb / (SP ? TP : 1) * V * (weight_bytes + 4) : 0;
-    st.parameters = dense + experts;
-    st.expert_parameters = experts;
-    st.weight_bytes = st.parameters * weight_bytes;
-    st.gradient_bytes = st.parameters * grad_bytes;
-    st.optimizer_bytes = st.parameters * optim_bytes;
-    st.optimizer_bytes_distributed = dense * optim_bytes / layout.dp() + experts * optim_bytes / layout.edp();
-    st.activation_bytes_per_micro_batch = act_full_layers + logits;
-    st.activation_bytes_per_micro_batch_full_recompute = act_checkpoints + act_max_layer + logits;
+    const N logits = last ? tokens_per_mb / (SP ? TP : 1) * V * (weight_bytes + 4) : N(0);
+    st.parameters = (dense + experts).v;
+    st.expert_parameters = experts.v;
+    st.weight_bytes = (N(st.parameters) * weight_bytes).v;
+    st.gradient_bytes = (N(st.parameters) * grad_bytes).v;
+    st.optimizer_bytes = (N(st.parameters) * optim_bytes).v;
+    st.optimizer_bytes_distributed = (dense * optim_bytes / layout.dp() + experts * optim_bytes / layout.edp()).v;
+    st.activation_bytes_per_micro_batch = (act_full_layers + logits).v;
+    st.activation_bytes_per_micro_batch_full_recompute = (act_checkpoints + act_max_layer + logits).v;
     st.micro_batches_in_flight = peak_in_flight(pipeline_schedule(PP, s, VP, M, false));
     const int64_t optimizer =
         c.parallel.use_distributed_optimizer ? st.optimizer_bytes_distributed : st.optimizer_bytes;
     // A chunk-micro-batch in flight holds 1/V of the stage's layers' activations.
-    const int64_t activations = c.training.recompute_granularity == RecomputeGranularity::full
-                                    ? st.micro_batches_in_flight * act_checkpoints / VP + act_max_layer + logits
-                                    : st.micro_batches_in_flight * act_full_layers / VP + logits;
-    st.peak_bytes = st.weight_bytes + st.gradient_bytes + optimizer + activations;
+    const N activations = c.training.recompute_granularity == RecomputeGranularity::full
+                              ? st.micro_batches_in_flight * act_checkpoints / VP + act_max_layer + logits
+                              : st.micro_batches_in_flight * act_full_layers / VP + logits;
+    st.peak_bytes = (N(st.weight_bytes) + st.gradient_bytes + optimizer + activations).v;
     plan.stages.push_back(st);
   }
   return plan;
