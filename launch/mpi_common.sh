@@ -13,6 +13,8 @@
 #                        core, or none (always none when ranks outnumber cores)
 #   MOEFORGE_SKIP_DRY_RUN=1   launch without the dry run
 #   MOEFORGE_MPIRUN      the mpirun to use (default: mpirun on PATH)
+#   MOEFORGE_STARTUP_TIMEOUT_S  how long a rank waits at start-up (MPI_Init, the config, the process
+#                        groups) for the others before the job ends (default 600, as moeforge's own)
 # Variables named NCCL_*, UCX_*, CUDA_*, MOEFORGE_*, OMP_*, PYTORCH_* and TORCH_* are passed to
 # every rank, on every node.
 
@@ -42,6 +44,9 @@ moeforge_launch() {
   # Megatron's setting: one hardware queue per device, so kernels run in launch order and the
   # communication kernels of the pipeline and the all-to-all do not wait behind compute.
   export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+  # Start-up comes before the config's timeouts: bounded by this (parallel/comm/watchdog.h), set
+  # here so a job that lost a rank at start-up ends, visibly, instead of sitting in MPI_Init.
+  export MOEFORGE_STARTUP_TIMEOUT_S=${MOEFORGE_STARTUP_TIMEOUT_S:-600}
   # Containers often forbid the cross-memory attach Open MPI's shared-memory transport tries first.
   export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
   if [[ $EUID -eq 0 ]]; then

@@ -189,6 +189,7 @@ struct CheckpointConfig {
   std::string load;  // directory to resume from; empty = start fresh
   std::optional<int64_t> save_interval;  // null = only at the end
   int64_t keep_latest_k = 0;             // checkpoints kept in `save`; 0 = all
+  double save_timeout_minutes = 60.0;    // how long the other ranks wait for a save's writers
   CheckpointFormat format = CheckpointFormat::whole;
   // A save directory holding iter_* directories but no tracker (deleted or never written) would
   // start a fresh run that saves over them: refused unless this is set.

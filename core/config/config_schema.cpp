@@ -252,6 +252,9 @@ std::vector<ConfigField> make_fields() {
       bind("checkpoint", K, "load", &KC::load, "Checkpoint directory to start from; empty = fresh start"),
       bind("checkpoint", K, "save_interval", &KC::save_interval, "Save every this many iterations; null = only at the end"),
       bind("checkpoint", K, "keep_latest_k", &KC::keep_latest_k, "Keep only the newest k checkpoints in save; 0 = keep all"),
+      bind("checkpoint", K, "save_timeout_minutes", &KC::save_timeout_minutes,
+           "How long the ranks that do not write wait for a save's writers (progress logged) before ending the run; "
+           "a save is not bounded by parallel.distributed_timeout_minutes"),
       bind("checkpoint", K, "overwrite", &KC::overwrite, "Allow a run to start fresh in a save directory that holds iter_* checkpoints but no latest_checkpointed_iteration.txt, saving over them; false = refused"),
       bind("checkpoint", K, "format", &KC::format, "whole: one Hugging Face checkpoint written by rank 0 (resumes on any layout); sharded: one directory per pipeline stage and EP rank (moeforge convert changes layout)"),
       // logging

@@ -3,6 +3,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <string>
 
 namespace moeforge {
@@ -38,6 +39,26 @@ void init_logging(int rank, LogLevel level, bool all_ranks) {
   logger->set_pattern(fmt::format("[%H:%M:%S.%e] [rank {}] [%^%l%$] %v", rank));
   spdlog::set_default_logger(logger);
   set_log_level(level);
+}
+
+ProgressTicker::ProgressTicker(std::string what) : what_(std::move(what)) {
+  thread_ = std::thread([this] {
+    const auto start = std::chrono::steady_clock::now();
+    std::unique_lock lock(mutex_);
+    for (auto at = std::chrono::seconds(5); !done_.wait_until(lock, start + at, [this] { return stopping_; });
+         at = at < std::chrono::seconds(40) ? at * 2 : at + std::chrono::seconds(60)) {
+      spdlog::info("{}: {} s so far", what_, at.count());
+    }
+  });
+}
+
+ProgressTicker::~ProgressTicker() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  done_.notify_one();
+  thread_.join();
 }
 
 }  // namespace moeforge

@@ -107,6 +107,10 @@ void fault_after_rename(const fs::path& to) {
   // Read each time: tests set it per process, and a rename is rare enough.
   const char* name = std::getenv(kFaultAfterRenameEnv);
   if (name && *name && to.filename() == name) ::raise(SIGKILL);
+  // NAME:SECONDS, a slow disk or file system at that instant.
+  const char* slow = std::getenv(kFaultSlowAfterRenameEnv);
+  const char* colon = slow ? std::strchr(slow, ':') : nullptr;
+  if (colon && to.filename() == std::string(slow, colon)) ::sleep(static_cast<unsigned>(std::atoi(colon + 1)));
 }
 
 void rename_durably(const fs::path& from, const fs::path& to) {

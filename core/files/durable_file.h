@@ -56,6 +56,8 @@ void rename_durably(const std::filesystem::path& from, const std::filesystem::pa
 // set to a file name, the process kills itself with SIGKILL right after a durable rename whose
 // target has that name (DurableFile::commit, rename_durably), as `kill -9` at that instant would.
 inline constexpr const char* kFaultAfterRenameEnv = "MOEFORGE_FAULT_KILL_AFTER_RENAME";
+// MOEFORGE_FAULT_SLOW_AFTER_RENAME=NAME:SECONDS sleeps there instead (a slow save).
+inline constexpr const char* kFaultSlowAfterRenameEnv = "MOEFORGE_FAULT_SLOW_AFTER_RENAME";
 void fault_after_rename(const std::filesystem::path& to);
 
 // Appends `data` to the open file `fd` by as many write(2) calls as it takes (EINTR retried), for

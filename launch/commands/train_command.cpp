@@ -23,14 +23,17 @@ int run_train(const TrainOptions& o) {
     return run_train_dry_run(loaded, o.world_size);
   }
   // Under an MPI launcher every process joins the MPI world first: the world size and this rank
-  // are MPI's, and every log line carries the rank.
-  std::unique_ptr<MpiRuntime> mpi = MpiRuntime::launched() ? std::make_unique<MpiRuntime>() : nullptr;
+  // are MPI's, and every log line carries the rank. Until the process groups exist nothing else
+  // bounds the wait for a rank that never joins.
+  auto startup = MpiRuntime::launched() ? std::make_unique<StartupWatch>() : nullptr;
+  std::unique_ptr<MpiRuntime> mpi = startup ? std::make_unique<MpiRuntime>() : nullptr;
   if (mpi) init_logging(mpi->world_rank(), LogLevel::info);
+  if (startup) startup->phase("reading the config");
   const int rank = mpi ? mpi->world_rank() : 0, world = mpi ? mpi->world_size() : 1;
   try {
     LoadedConfig loaded = load_config(o.config_path, overrides);
     set_log_level(loaded.config.logging.log_level);
-    Trainer trainer(std::move(loaded), std::move(mpi), o.command);
+    Trainer trainer(std::move(loaded), std::move(mpi), o.command, std::move(startup));
     return trainer.train();
   } catch (const std::exception& e) {
     // An error on some ranks of a running job would leave the others waiting in a collective until

@@ -9,6 +9,13 @@ namespace moeforge {
 
 namespace {
 
+// A save's writers may take far longer than any collective (the mission's whole checkpoint needs
+// ~330 MB/s to fit the default distributed timeout): the other ranks wait for them at this bound.
+SlowWait save_wait(const ExperimentConfig& c) {
+  return {"the wait for the checkpoint's writers", c.checkpoint.save_timeout_minutes * 60.0,
+          "checkpoint.save_timeout_minutes"};
+}
+
 std::string save_sharded(const CheckpointContents& contents, const TrainState& state, const ExperimentConfig& c,
                          const ModelShard& shard, const ProcessGroups& groups, const TensorShapes& optimizer_shapes) {
   // Rank 0 prepares the directory and names it; the first expert-DP replica of every (stage, EP
@@ -21,7 +28,7 @@ std::string save_sharded(const CheckpointContents& contents, const TrainState& s
   const std::string tmp = checkpoint_tmp_dir(k.save, state.iteration, tag.item<int64_t>());
   groups.world->barrier();
   if (shard.at.edp == 0) write_shard(tmp, shard.partition, shard.at.pp, shard.at.ep, contents.model, contents.optimizer);
-  groups.world->barrier();
+  groups.world->slow_barrier(save_wait(c));
   if (!rank0) return "";
   write_shard_manifest(tmp, shard.partition, optimizer_shapes);
   return commit_checkpoint(k.save, tmp, state, contents.optimizer_steps, c, k.keep_latest_k, {{"format", "sharded"}});
@@ -51,10 +58,11 @@ std::string save_whole(CheckpointContents contents, const TrainState& state, con
 std::string save_training_checkpoint(CheckpointContents contents, const TrainState& state, const ExperimentConfig& c,
                                      const ModelShard& shard, const ProcessGroups& groups,
                                      const TensorShapes& full_optimizer_shapes) {
-  if (c.checkpoint.format == CheckpointFormat::sharded) {
-    return save_sharded(contents, state, c, shard, groups, full_optimizer_shapes);
-  }
-  return save_whole(std::move(contents), state, c, shard, groups);
+  const std::string dir = c.checkpoint.format == CheckpointFormat::sharded
+                              ? save_sharded(contents, state, c, shard, groups, full_optimizer_shapes)
+                              : save_whole(std::move(contents), state, c, shard, groups);
+  groups.world->slow_barrier(save_wait(c));  // rank 0 has committed
+  return dir;
 }
 
 }  // namespace moeforge

@@ -22,7 +22,10 @@ namespace moeforge {
 //   sharded: the first expert-DP replica of every (stage, EP rank) writes its shard of the
 //            directory rank 0 prepared; rank 0 writes shards.json (with `full_optimizer_shapes`)
 //            and commits.
-// Collective over the world. Returns the checkpoint's directory on rank 0, "" on the others.
+// Collective over the world; returns once the checkpoint is committed, the ranks that do not
+// write waiting for those that do as long as checkpoint.save_timeout_minutes allows (a save is
+// not bounded by parallel.distributed_timeout_minutes). Returns the checkpoint's directory on
+// rank 0, "" on the others.
 std::string save_training_checkpoint(CheckpointContents contents, const TrainState& state,
                                      const ExperimentConfig& config, const ModelShard& shard,
                                      const ProcessGroups& groups, const TensorShapes& full_optimizer_shapes);

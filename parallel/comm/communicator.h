@@ -58,6 +58,13 @@ struct PeerMessage {
   bool send = true;
 };
 
+// What bounds a slow_barrier: `what` is waited for at most `timeout_s`, the value of `setting`.
+struct SlowWait {
+  const char* what;  // a string literal, named in the timeout's message
+  double timeout_s;
+  const char* setting;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -126,6 +133,13 @@ class Communicator {
   // the sends with send_async, then receives one message after the other.
   virtual std::shared_ptr<Work> exchange(std::vector<PeerMessage>& messages, Transport transport);
   virtual void barrier() = 0;
+  // A barrier at which ranks wait for work that others do alone and that may outlast
+  // parallel.distributed_timeout_minutes (a save on the ranks that write): bounded by `bound`
+  // instead. This default is the plain barrier (groups with no timeout of their own).
+  virtual void slow_barrier(const SlowWait& bound) {
+    (void)bound;
+    barrier();
+  }
 };
 
 // A group of one rank.

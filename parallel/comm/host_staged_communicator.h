@@ -72,6 +72,7 @@ class HostStagedCommunicator : public Communicator {
   // Every message in flight at once over MPI; returns when the receives are on the caller's stream.
   std::shared_ptr<Work> exchange(std::vector<PeerMessage>& messages, Transport transport) override;
   void barrier() override { mpi_->barrier(); }
+  void slow_barrier(const SlowWait& bound) override { mpi_->slow_barrier(bound); }
 
  private:
   struct State;    // the device's streams and the communication thread

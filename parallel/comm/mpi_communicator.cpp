@@ -464,4 +464,17 @@ void MpiCommunicator::barrier() {
   wait(request, "barrier");
 }
 
+void MpiCommunicator::slow_barrier(const SlowWait& bound) {
+  MPI_Request request;
+  check(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
+  const Watched watched(bound.what, name_, world_ranks_, bound.timeout_s, {}, bound.setting);
+  // Minutes of waiting: polled every 10 ms, leaving the core to the ranks that write.
+  while (true) {
+    int done = 0;
+    check(MPI_Test(&request, &done, MPI_STATUS_IGNORE), bound.what);
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
 }  // namespace moeforge

@@ -89,6 +89,7 @@ class MpiCommunicator : public Communicator {
   void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
                  Transport transport) override;
   void barrier() override;
+  void slow_barrier(const SlowWait& bound) override;
 
  private:
   class RequestWork;  // the handle of send_async: MPI requests polled by wait()

@@ -61,6 +61,7 @@ class NcclCommunicator : public Communicator {
   // One NCCL group, the messages in list order.
   std::shared_ptr<Work> exchange(std::vector<PeerMessage>& messages, Transport transport) override;
   void barrier() override { mpi_->barrier(); }
+  void slow_barrier(const SlowWait& bound) override { mpi_->slow_barrier(bound); }
 
  private:
   struct State;  // NCCL and CUDA types stay out of this header

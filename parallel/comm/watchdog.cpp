@@ -1,15 +1,21 @@
 #include "parallel/comm/watchdog.h"
 
+#include "core/base/errors.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <mpi.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <cerrno>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 namespace moeforge {
 
@@ -25,6 +31,8 @@ struct Entry {
   Clock::time_point deadline;
   std::function<void()> on_timeout;
   std::function<bool()> completed;  // polled (watch_until); else removed by its Watched
+  const char* setting = kCommTimeoutSetting;  // what bounds it
+  bool startup = false;                        // the StartupWatch: no peer group yet
 };
 
 Clock::time_point deadline_of(double timeout_s) {
@@ -33,6 +41,32 @@ Clock::time_point deadline_of(double timeout_s) {
 
 // A precision of a tenth of a second is enough for timeouts of seconds (tests) to minutes (jobs).
 constexpr auto kPeriod = std::chrono::milliseconds(100);
+// A watchdog that woke this much later than its period did not run in between: the process was
+// stopped (SIGSTOP, a debugger) or starved, so a deadline passed in that gap is its own doing.
+constexpr auto kStalled = std::chrono::seconds(2);
+
+// This process's rank: MPI's once initialised, before that the launcher's environment (a start-up
+// that never finishes MPI_Init has no other).
+std::string rank_name() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  std::string rank = "?";
+  if (initialized) {
+    int r = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    rank = std::to_string(r);
+  } else {
+    for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"}) {
+      if (const char* v = std::getenv(var)) {
+        rank = v;
+        break;
+      }
+    }
+  }
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  return fmt::format("rank {} (host {}, pid {})", rank, host, ::getpid());
+}
 
 class Watchdog {
  public:
@@ -47,6 +81,10 @@ class Watchdog {
     const uint64_t id = next_++;
     entries_.emplace(id, std::move(e));
     return id;
+  }
+  void set_operation(uint64_t id, const char* operation) {
+    std::lock_guard lock(mutex_);
+    if (auto it = entries_.find(id); it != entries_.end()) it->second.operation = operation;
   }
   void remove(uint64_t id) {
     std::lock_guard lock(mutex_);
@@ -69,9 +107,12 @@ class Watchdog {
  private:
   void run() {
     std::unique_lock lock(mutex_);
+    auto last_tick = Clock::now();
     while (!stopping_) {
       changed_.wait_for(lock, kPeriod);
       const auto now = Clock::now();
+      const auto previous_tick = std::exchange(last_tick, now);
+      const auto gap = now - previous_tick;
       for (auto it = entries_.begin(); it != entries_.end();) {
         if (it->second.completed && it->second.completed()) {
           it = entries_.erase(it);
@@ -83,20 +124,17 @@ class Watchdog {
         }
         Entry e = std::move(it->second);
         it = entries_.erase(it);
-        expire(e, lock);
+        // Its deadline passed while this process was not running.
+        const bool own_stall = gap > kStalled && e.deadline > previous_tick;
+        expire(e, own_stall ? gap : Clock::duration::zero(), lock);
       }
     }
   }
 
-  // Called with the lock held; releases it while the handler runs.
-  void expire(Entry& e, std::unique_lock<std::mutex>& lock) {
-    int world_rank = 0, initialized = 0;
-    MPI_Initialized(&initialized);
-    if (initialized) MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-    const auto message = fmt::format(
-        "error: rank {}: {} on group {} (world ranks [{}]) did not complete within {:.1f} s "
-        "(parallel.distributed_timeout_minutes): a peer rank is hung or has died. Ending the job.",
-        world_rank, e.operation, e.group, fmt::join(e.world_ranks, ", "), e.timeout_s);
+  // Called with the lock held; releases it while the handler runs. `stalled`: how long this
+  // process itself did not run just before the deadline was seen passed (zero if it ran).
+  void expire(Entry& e, Clock::duration stalled, std::unique_lock<std::mutex>& lock) {
+    const auto message = fmt::format("error: {}: {}. Ending the job.", rank_name(), cause(e, stalled));
     auto handler = handler_;
     lock.unlock();
     if (handler) {
@@ -105,9 +143,30 @@ class Watchdog {
       if (e.on_timeout) e.on_timeout();
       std::fprintf(stderr, "%s\n", message.c_str());
       std::fflush(stderr);
-      MPI_Abort(MPI_COMM_WORLD, 1);
+      int initialized = 0;
+      MPI_Initialized(&initialized);
+      // Before MPI_Init has returned there is no job to abort: exiting makes the launcher end it.
+      if (initialized) MPI_Abort(MPI_COMM_WORLD, 1);
+      std::_Exit(1);
     }
     lock.lock();
+  }
+
+  static std::string cause(const Entry& e, Clock::duration stalled) {
+    const std::string what =
+        e.startup ? fmt::format("start-up did not finish within {:.1f} s ({}), still in {}", e.timeout_s, e.setting, e.operation)
+                  : fmt::format("{} on group {} (world ranks [{}]) did not complete within {:.1f} s ({})", e.operation,
+                                e.group, fmt::join(e.world_ranks, ", "), e.timeout_s, e.setting);
+    if (stalled > Clock::duration::zero()) {
+      return fmt::format("{}: this rank itself did not run for the last {:.1f} s (stopped by a signal or a debugger, "
+                         "or starved of CPU), so it is the rank that held the job up",
+                         what, std::chrono::duration<double>(stalled).count());
+    }
+    if (e.startup) {
+      return what + ": a rank that has not joined (stopped or crashed before MPI_Init, or never started by the "
+                    "launcher) holds the others here; raise " + e.setting + " if start-up is just slow";
+    }
+    return what + ": a peer rank is hung or has died";
   }
 
   std::mutex mutex_;
@@ -122,8 +181,9 @@ class Watchdog {
 }  // namespace
 
 Watched::Watched(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
-                 std::function<void()> on_timeout)
-    : id_(Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), {}})) {}
+                 std::function<void()> on_timeout, const char* setting)
+    : id_(Watchdog::get().add(
+          {operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), {}, setting})) {}
 
 Watched::~Watched() { Watchdog::get().remove(id_); }
 
@@ -131,6 +191,35 @@ void watch_until(const char* operation, const std::string& group, const std::vec
                  std::function<bool()> completed, std::function<void()> on_timeout) {
   Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), std::move(completed)});
 }
+
+namespace {
+
+double startup_timeout_s() {
+  const char* text = std::getenv(kStartupTimeoutEnv);
+  if (text == nullptr || *text == '\0') return kDefaultStartupTimeoutS;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(text, &end);
+  // At most a day: longer is a typo, and deadlines are 64-bit nanoseconds.
+  if (errno != 0 || end == text || *end != '\0' || !(v > 0) || v > 86400) {
+    fail_user("{}={} is not a start-up timeout: give seconds, a number above 0 and at most 86400 (default {:g})",
+              kStartupTimeoutEnv, text, kDefaultStartupTimeoutS);
+  }
+  return v;
+}
+
+}  // namespace
+
+StartupWatch::StartupWatch() {
+  Entry e{"MPI_Init", "world", {}, 0, {}, {}, {}, kStartupTimeoutEnv, true};
+  e.timeout_s = startup_timeout_s();
+  e.deadline = deadline_of(e.timeout_s);
+  id_ = Watchdog::get().add(std::move(e));
+}
+
+StartupWatch::~StartupWatch() { Watchdog::get().remove(id_); }
+
+void StartupWatch::phase(const char* what) { Watchdog::get().set_operation(id_, what); }
 
 void set_timeout_handler(std::function<void(const std::string& message)> handler) { Watchdog::get().set_handler(std::move(handler)); }
 

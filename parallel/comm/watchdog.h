@@ -1,4 +1,4 @@
-// defines: Watched, watch_until, set_timeout_handler
+// defines: Watched, watch_until, StartupWatch, set_timeout_handler
 //
 // One watchdog thread per process enforces parallel.distributed_timeout_minutes on every
 // communication in flight, on any thread (the model of c10d's NCCL watchdog): blocking calls while
@@ -15,13 +15,16 @@
 
 namespace moeforge {
 
+// The setting that bounds an operation, named in its timeout message.
+inline constexpr const char* kCommTimeoutSetting = "parallel.distributed_timeout_minutes";
+
 // While alive: `operation` on `group` is in flight and must complete within `timeout_s`. Past it
 // the watchdog runs `on_timeout` (e.g. aborting an NCCL communicator, so its kernels end), reports
 // and ends the job. The thread starts with the first Watched of the process.
 class Watched {
  public:
   Watched(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
-          std::function<void()> on_timeout = {});
+          std::function<void()> on_timeout = {}, const char* setting = kCommTimeoutSetting);
   ~Watched();
   Watched(const Watched&) = delete;
   Watched& operator=(const Watched&) = delete;
@@ -35,6 +38,26 @@ class Watched {
 // Watched.
 void watch_until(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
                  std::function<bool()> completed, std::function<void()> on_timeout = {});
+
+// A job's start-up, from before MPI_Init until its process groups exist; from then on every
+// communication is Watched. A rank that never joins (stopped, crashed before MPI_Init, never
+// started by the launcher) held the others in MPI_Init forever. The limit cannot come from the
+// config, which is read after MPI_Init: it is the environment's MOEFORGE_STARTUP_TIMEOUT_S
+// (seconds, default kDefaultStartupTimeoutS; the launch scripts set it). Past it the job ends with
+// the phase start-up was in.
+inline constexpr const char* kStartupTimeoutEnv = "MOEFORGE_STARTUP_TIMEOUT_S";
+inline constexpr double kDefaultStartupTimeoutS = 600;
+class StartupWatch {
+ public:
+  StartupWatch();  // a bad MOEFORGE_STARTUP_TIMEOUT_S is a UserError
+  ~StartupWatch();
+  StartupWatch(const StartupWatch&) = delete;
+  StartupWatch& operator=(const StartupWatch&) = delete;
+  void phase(const char* what);  // what start-up does now (a string literal), for the message
+
+ private:
+  uint64_t id_;
+};
 
 // What the watchdog does with an expired operation's message instead of printing it and ending the
 // job (unit tests of the watchdog itself); an empty handler restores the default.

@@ -1,6 +1,10 @@
 // A rank that misbehaves, for the timeout tests (tests/unit/test_comm.cpp runs it under mpirun):
 //   comm_probe hang TIMEOUT_S [OPERATION]   rank 1 sleeps (a hung or SIGSTOPped rank) instead of joining
 //   comm_probe die TIMEOUT_S [OPERATION]    rank 1 kills itself (SIGKILL) instead of joining
+//   comm_probe startup TIMEOUT_S            rank 1 stops itself (SIGSTOP) before MPI_Init, under the
+//                                           start-up watch (MOEFORGE_STARTUP_TIMEOUT_S) as `train`
+//   comm_probe self_stop TIMEOUT_S          one process, no MPI: stops itself (SIGSTOP) in a watched
+//                                           operation; the test continues it after the deadline
 // OPERATION, what the other ranks are in (default all_reduce):
 //   all_reduce          blocking
 //   all_reduce_async    a gradient bucket's reduction: on the communication thread, waited on
@@ -9,11 +13,13 @@
 //                       step's end), rank 2 a paired send_recv with rank 1; 4 MB, beyond MPI's eager sends
 // The other ranks must end, non-zero, within the timeout, with a message naming the operation.
 #include "parallel/comm/mpi_communicator.h"
+#include "parallel/comm/watchdog.h"
 
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -23,7 +29,21 @@ int main(int argc, char** argv) {
   if (argc < 3) return 2;
   const std::string mode = argv[1];
   const std::string operation = argc > 3 ? argv[3] : "all_reduce";
+  if (mode == "self_stop") {
+    const Watched watched("all_reduce", "world", {0, 1}, std::atof(argv[2]));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the watchdog thread is running, as in a job
+    std::raise(SIGSTOP);
+    std::this_thread::sleep_for(std::chrono::seconds(10));  // the watchdog ends the process
+    return 0;
+  }
+  std::unique_ptr<StartupWatch> startup;
+  if (mode == "startup") {
+    startup = std::make_unique<StartupWatch>();
+    const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+    if (rank != nullptr && std::string(rank) == "1") std::raise(SIGSTOP);
+  }
   MpiRuntime mpi;
+  startup.reset();
   auto world = MpiCommunicator::world(std::atof(argv[2]));
   world->barrier();
   if (world->rank() == 1) {

@@ -175,3 +175,35 @@ TEST_CASE("a killed rank ends the job on every rank", "[comm][mpi][slow]") {
     CHECK_THAT(r.output, !Contains("completed"));
   }
 }
+
+TEST_CASE("a rank stopped before MPI_Init ends the job's start-up within MOEFORGE_STARTUP_TIMEOUT_S, naming the phase",
+          "[comm][mpi]") {
+  // Before the config is read nothing else bounds the wait: the other ranks sat in MPI_Init forever.
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto r = test::run_command("env MOEFORGE_STARTUP_TIMEOUT_S=3 " + kMpirun + " startup 3");
+  INFO(r.output);
+  CHECK(r.exit_code != 0);
+  CHECK(r.exit_code != 124);  // not the outer timeout
+  CHECK(seconds(t0) < 60);
+  CHECK_THAT(r.output, Contains("start-up did not finish within 3.0 s (MOEFORGE_STARTUP_TIMEOUT_S), still in MPI_Init"));
+  CHECK_THAT(r.output, Contains("a rank that has not joined"));
+  CHECK_THAT(r.output, !Contains("completed"));
+  // A value that is not a duration is refused before MPI starts.
+  const auto bad = test::run_command("env MOEFORGE_STARTUP_TIMEOUT_S=ten " + kMpirun + " startup 3");
+  INFO(bad.output);
+  CHECK(bad.exit_code != 0);
+  CHECK_THAT(bad.output, Contains("MOEFORGE_STARTUP_TIMEOUT_S=ten is not a start-up timeout"));
+}
+
+TEST_CASE("a rank that was itself stopped past a deadline says so instead of blaming a peer", "[comm]") {
+  // The process stops itself inside a watched operation with a 1 s timeout; continued 4 s later,
+  // its watchdog finds the deadline passed while the process was not running.
+  const auto r = test::run_command("bash -c '" + test::comm_probe() +
+                                   " self_stop 1 & pid=$!; sleep 4; kill -CONT $pid; wait $pid'");
+  INFO(r.output);
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("all_reduce on group world (world ranks [0, 1]) did not complete within 1.0 s"));
+  CHECK_THAT(r.output, Contains("this rank itself did not run for the last"));
+  CHECK_THAT(r.output, Contains("it is the rank that held the job up"));
+  CHECK_THAT(r.output, !Contains("a peer rank is hung"));
+}

@@ -206,6 +206,10 @@ TEST_CASE("invalid values and relations are reported together", "[config][errors
   CHECK_THAT(test::user_error([&] { load_config(path, {"parallel.distributed_timeout_minutes=2e8"}); }),
              Contains("distributed_timeout_minutes is 2") && Contains("above the largest supported, 10080"));
   CHECK(load_config(path, {"parallel.distributed_timeout_minutes=10080"}).config.parallel.distributed_timeout_minutes == 10080);
+  CHECK_THAT(test::user_error([&] { load_config(path, {"checkpoint.save_timeout_minutes=2e8"}); }),
+             Contains("checkpoint.save_timeout_minutes is 2") && Contains("above the largest supported, 10080"));
+  CHECK_THAT(test::user_error([&] { load_config(path, {"checkpoint.save_timeout_minutes=0"}); }),
+             Contains("checkpoint.save_timeout_minutes must be positive"));
   CHECK_THAT(test::user_error([&] { load_config(path, {"training.seq_length=64", "model.max_position_embeddings=32"}); }),
              Contains("max_position_embeddings (32) is shorter than training.seq_length (64)"));
   CHECK_THAT(test::user_error([&] { load_config(path, {"training.lr_warmup_iters=20"}); }),

@@ -481,3 +481,26 @@ TEST_CASE("the Qwen1.5-MoE-A2.7B CPU twin trains under mpirun -np 4 (PP 2 x DP 2
   CHECK(relative(twin[8]["valid_lm_loss"].get<double>(), single[8]["valid_lm_loss"].get<double>()) < 1e-4);
   CHECK(fs::exists(dir.path() / "twin" / "ckpt" / "iter_0000009" / "model.safetensors"));
 }
+
+TEST_CASE("the ranks that wait for a slow save wait for it with progress, bounded by checkpoint.save_timeout_minutes",
+          "[train][distributed][mpi][checkpoint]") {
+  // Rank 0's save stalls 8 s right after its rename (a slow file system), beyond the 3 s distributed
+  // timeout: the other rank aborted the job with "a peer rank is hung or has died".
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string run = kMpirun + " -np 2 env MOEFORGE_FAULT_SLOW_AFTER_RENAME=iter_0000002:8 " + kBin + " train " +
+                          config + " --set training.train_iters=3 --set checkpoint.save_interval=2 " +
+                          "--set parallel.distributed_timeout_minutes=0.05 --set checkpoint.save=";
+  const auto slow = run_command(run + (dir.path() / "save").string());
+  INFO(slow.output);
+  CHECK(slow.exit_code == 0);
+  CHECK_THAT(slow.output, Contains("saving the checkpoint of iteration 2: 5 s so far"));
+  CHECK(fs::exists(dir.path() / "save" / "iter_0000002"));
+  CHECK(slurp((dir.path() / "save" / "latest_checkpointed_iteration.txt").string()) == "3\n");
+  // The save's own bound still ends a save that never finishes, naming it.
+  const auto bounded = run_command(run + (dir.path() / "save2").string() + " --set checkpoint.save_timeout_minutes=0.05");
+  INFO(bounded.output);
+  CHECK(bounded.exit_code != 0);
+  CHECK_THAT(bounded.output, Contains("the wait for the checkpoint's writers on group world (world ranks [0, 1]) did not "
+                                      "complete within 3.0 s (checkpoint.save_timeout_minutes)"));
+}
