@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moeforge {
@@ -40,6 +41,11 @@ void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
 namespace {
 
 constexpr double kMaxTimeoutMinutes = 7 * 24 * 60;
+// Beyond any real run: the largest models have about a hundred layers and a few hundred experts, the
+// largest clusters about a hundred thousand devices.
+constexpr int64_t kMaxLayers = int64_t{1} << 16;
+constexpr int64_t kMaxExperts = int64_t{1} << 16;
+constexpr int64_t kMaxRanks = int64_t{1} << 20;
 
 class Problems {
  public:
@@ -51,6 +57,21 @@ class Problems {
   void positive(const char* name, T value) {
     if (!(value > 0)) return add("{} must be positive, got {}", name, value);
     fp32_representable(name, value);
+  }
+  // Deadlines are steady-clock nanoseconds in 64 bits (about 292 years): a larger timeout
+  // overflowed into the past and every collective "timed out" at once. A week is far beyond any
+  // wait that can still end well.
+  void timeout_minutes(const char* name, double value) {
+    positive(name, value);
+    if (value > kMaxTimeoutMinutes) {
+      add("{} is {}, above the largest supported, {} (a week): a wait that long will not end well; use at most {}", name,
+          value, kMaxTimeoutMinutes, kMaxTimeoutMinutes);
+    }
+  }
+  // A size far beyond any real run is a typo, and bounding it keeps every loop over it (layers,
+  // stages, ranks) short and every product of such sizes countable.
+  void at_most(const char* name, int64_t value, int64_t limit, const char* beyond) {
+    if (value > limit) add("{} is {}, above {} ({}): check it for a typo", name, value, limit, beyond);
   }
   template <typename T>
   void non_negative(const char* name, T value) {
@@ -85,6 +106,7 @@ class Problems {
 
 void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) {
   p.positive("model.num_layers", m.num_layers);
+  p.at_most("model.num_layers", m.num_layers, kMaxLayers, "far more layers than any model has");
   p.positive("model.hidden_size", m.hidden_size);
   p.positive("model.num_attention_heads", m.num_attention_heads);
   p.positive("model.vocab_size", m.vocab_size);
@@ -125,6 +147,7 @@ void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) 
   }
   const int64_t E = *m.num_experts;
   p.positive("model.num_experts", E);
+  p.at_most("model.num_experts", E, kMaxExperts, "far more experts than any model has");
   p.positive("model.moe_ffn_hidden_size", *m.moe_ffn_hidden_size);
   if (m.moe_router_topk < 1 || m.moe_router_topk > E) {
     p.add("model.moe_router_topk ({}) must be between 1 and model.num_experts ({})", m.moe_router_topk, E);
@@ -240,15 +263,15 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   p.positive("parallel.tensor_model_parallel_size", par.tensor_model_parallel_size);
   p.positive("parallel.virtual_pipeline_model_parallel_size", par.virtual_pipeline_model_parallel_size);
   p.positive("parallel.expert_model_parallel_size", par.expert_model_parallel_size);
-  p.positive("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
-  // Deadlines are steady-clock nanoseconds in 64 bits (about 292 years): a larger timeout
-  // overflowed into the past and every collective "timed out" at once. A week is far beyond any
-  // collective that can still complete.
-  if (par.distributed_timeout_minutes > kMaxTimeoutMinutes) {
-    p.add("parallel.distributed_timeout_minutes is {}, above the largest supported, {} (a week): a collective blocked "
-          "that long will not complete; use at most {}",
-          par.distributed_timeout_minutes, kMaxTimeoutMinutes, kMaxTimeoutMinutes);
+  for (const auto& [name, degree] : {std::pair{"parallel.world_size", par.world_size.value_or(1)},
+                                     {"parallel.pipeline_model_parallel_size", par.pipeline_model_parallel_size},
+                                     {"parallel.tensor_model_parallel_size", par.tensor_model_parallel_size},
+                                     {"parallel.virtual_pipeline_model_parallel_size", par.virtual_pipeline_model_parallel_size},
+                                     {"parallel.expert_model_parallel_size", par.expert_model_parallel_size}}) {
+    p.at_most(name, degree, kMaxRanks, "more ranks than any cluster has");
   }
+  p.timeout_minutes("parallel.distributed_timeout_minutes", par.distributed_timeout_minutes);
+  p.timeout_minutes("checkpoint.save_timeout_minutes", c.checkpoint.save_timeout_minutes);
   p.non_negative("parallel.ddp_bucket_size", par.ddp_bucket_size);
   if ((c.data.reset_position_ids || c.data.eod_mask_loss) && c.data.tokenizer_model.empty()) {
     p.add("data.reset_position_ids / data.eod_mask_loss need the EOD token id: set data.tokenizer_model");

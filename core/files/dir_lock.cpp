@@ -105,6 +105,21 @@ DirectoryLock::~DirectoryLock() {
   ::close(fd_);
 }
 
+namespace {
+
+[[noreturn]] void refuse_in_use(std::string_view key, const fs::path& dir, const std::string& owner, const fs::path& path) {
+  fail_user("{} {} is in use by another run: {} holds {}. Wait for that run to end, or give this run another {}.", key,
+            dir.string(), owner, path.string(), key);
+}
+
+[[noreturn]] void refuse_other_host(std::string_view key, const fs::path& dir, const ProcessOwner& owner, const fs::path& path) {
+  fail_user("{} {} is locked by {}: a run on another host, which this host cannot check. If that run has ended, "
+            "delete {}; otherwise give this run another {}.",
+            key, dir.string(), owner.describe(), path.string(), key);
+}
+
+}  // namespace
+
 std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::string_view key) {
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -120,8 +135,7 @@ std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::
     if (!locked && errno == EWOULDBLOCK) {
       const std::string owner = owner_text(read_all(fd));
       ::close(fd);
-      fail_user("{} {} is in use by another run: {} holds {}. Wait for that run to end, or give this run another {}.",
-                key, dir.string(), owner, path.string(), key);
+      refuse_in_use(key, dir, owner, path);
     }
     // A filesystem without flock (ENOLCK, EOPNOTSUPP): the record alone decides, below.
     const bool flock_works = locked || !(errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS);
@@ -139,14 +153,11 @@ std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::
       const auto owner = parse_owner(previous);
       if (owner && owner->host != this_host()) {
         ::close(fd);
-        fail_user("{} {} is locked by {}: a run on another host, which this host cannot check. If that run has ended, "
-                  "delete {}; otherwise give this run another {}.",
-                  key, dir.string(), owner->describe(), path.string(), key);
+        refuse_other_host(key, dir, *owner, path);
       }
       if (owner && !flock_works && !owner->gone()) {
         ::close(fd);
-        fail_user("{} {} is in use by another run: {} holds {}. Wait for that run to end, or give this run another {}.",
-                  key, dir.string(), owner->describe(), path.string(), key);
+        refuse_in_use(key, dir, owner->describe(), path);
       }
       spdlog::warn("taking over the stale lock {} of {}: that process no longer holds it", path.string(),
                    owner_text(previous));
@@ -165,6 +176,19 @@ std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::
   }
 }
 
+void check_directory_free(const fs::path& dir, std::string_view key) {
+  const fs::path path = dir / files::kDirectoryLock;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // no lock file: free
+  // A shared flock is refused while a run holds the exclusive one; ours ends at close.
+  const bool held = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  const std::string record = read_all(fd);
+  ::close(fd);
+  if (held) refuse_in_use(key, dir, owner_text(record), path);
+  const auto owner = parse_owner(record);
+  if (owner && owner->host != this_host()) refuse_other_host(key, dir, *owner, path);
+}
+
 void check_directory_lock(const fs::path& dir, const std::string& record, std::string_view key) {
   const fs::path path = dir / files::kDirectoryLock;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -175,6 +199,13 @@ void check_directory_lock(const fs::path& dir, const std::string& record, std::s
     fail_user("{} {}: this rank sees {} held by {}, but this job's rank 0 holds it as {}. Another run uses the "
               "directory: give this run another {}.",
               key, dir.string(), path.string(), owner_text(seen), owner_text(record), key);
+  }
+}
+
+void remove_abandoned_temporaries(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    if (is_abandoned_temporary(entry.path().filename().string())) fs::remove_all(entry.path(), ec);
   }
 }
 

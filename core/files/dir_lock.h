@@ -1,4 +1,5 @@
-// defines: ProcessOwner, DirectoryLock, check_directory_lock, is_abandoned_temporary
+// defines: ProcessOwner, DirectoryLock, check_directory_free, check_directory_lock, is_abandoned_temporary,
+//          remove_abandoned_temporaries
 //
 // A run owns its output directories (logging.run_dir, checkpoint.save) for as long as it runs:
 // `<dir>/moeforge.lock` holds the owner (host, pid, the launcher's job id, start time) and an
@@ -52,6 +53,10 @@ class DirectoryLock {
   std::string record_;
 };
 
+// What DirectoryLock::acquire would refuse (a live run's lock, a lock from another host), checked
+// without writing anything (`train --dry-run`).
+void check_directory_free(const std::filesystem::path& dir, std::string_view key);
+
 // The other ranks of a job: when this process sees `dir`'s lock file (a shared filesystem), it
 // must hold `record`, rank 0's; otherwise another job owns the directory (UserError).
 void check_directory_lock(const std::filesystem::path& dir, const std::string& record, std::string_view key);
@@ -59,5 +64,9 @@ void check_directory_lock(const std::filesystem::path& dir, const std::string& r
 // `name` is a temporary (`*.tmp-<pid>`, core/files/durable_file.h) that no live process on this host
 // other than this one can be writing: this process's own, or one of a process that is gone.
 bool is_abandoned_temporary(const std::string& name);
+
+// Removes the abandoned temporaries directly in `dir` (files or directories), for the owner of
+// `dir`'s lock: what a killed run left (a checkpoint's `iter_N.tmp-<pid>/`, `environment.json.tmp-<pid>`).
+void remove_abandoned_temporaries(const std::filesystem::path& dir);
 
 }  // namespace moeforge

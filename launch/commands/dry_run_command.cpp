@@ -5,7 +5,9 @@
 #include "core/base/errors.h"
 #include "core/device/device_runtime.h"
 #include "launch/train/sharded_checkpoint.h"
+#include "core/files/dir_lock.h"
 #include "launch/train/startup_checks.h"
+#include "launch/train/tensorboard.h"
 #include "parallel/layout/layout.h"
 #include "parallel/layout/plan.h"
 
@@ -92,12 +94,22 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
   check("data", [&] { return check_data(c) + ", indices valid"; });
   check("logging.run_dir", [&] {
     check_output_dir("logging.run_dir", c.logging.run_dir, /*create=*/false);
+    check_directory_free(c.logging.run_dir, "logging.run_dir");
     return c.logging.run_dir + (fs::exists(c.logging.run_dir) ? "" : " (created at start-up)");
   });
   check("checkpoint.save", [&]() -> std::string {
     if (c.checkpoint.save.empty()) return "none (no checkpoints are saved)";
     check_output_dir("checkpoint.save", c.checkpoint.save, /*create=*/false);
+    check_directory_free(c.checkpoint.save, "checkpoint.save");
     return c.checkpoint.save + (fs::exists(c.checkpoint.save) ? "" : " (created at the first save)");
+  });
+  check("logging.tensorboard_dir", [&]() -> std::string {
+    const auto& tb = c.logging.tensorboard_dir;
+    if (tb.empty()) return "none (no TensorBoard events are written)";
+    check_tensorboard_build(tb);
+    check_output_dir("logging.tensorboard_dir", tb, /*create=*/false);
+    check_directory_free(tb, "logging.tensorboard_dir");
+    return tb + (fs::exists(tb) ? "" : " (created at start-up)");
   });
   check("checkpoint.load", [&]() -> std::string {
     const StartPoint start = start_point(c.checkpoint);

@@ -83,9 +83,7 @@ std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteratio
   // Leftovers of saves that were killed: never referenced by the tracker, safe to remove. Only
   // this process's and dead processes' (a live writer's temporary is never touched).
   recover_replaced(save);
-  for (const auto& entry : fs::directory_iterator(save)) {
-    if (is_abandoned_temporary(entry.path().filename().string())) fs::remove_all(entry.path());
-  }
+  remove_abandoned_temporaries(save);
   const std::string tmp = checkpoint_tmp_dir(save_dir, iteration, tag);
   fs::create_directories(tmp);
   return tmp;

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <climits>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -62,7 +63,8 @@ StartPoint start_point(const CheckpointConfig& k) {
     if (!start.checkpoint) fail_user("{} holds no checkpoint yet. Remove checkpoint.load / --load to start fresh.", k.load);
   }
   refuse_untracked_checkpoints(k, start.checkpoint && start.checkpoint->resume);
-  start.from_save = !k.save.empty() && fs::exists(fs::path(k.save) / files::kTracker) &&
+  std::error_code ec;  // a save path that cannot exist (too long) has no tracker; check_output_dir names it
+  start.from_save = !k.save.empty() && fs::exists(fs::path(k.save) / files::kTracker, ec) &&
                     !(start.checkpoint && start.checkpoint->resume);
   if (start.from_save) {
     if (start.checkpoint) {
@@ -90,7 +92,37 @@ std::string check_data(const ExperimentConfig& c) {
   return fmt::format("{} dataset(s), {} documents", prefixes.size(), documents);
 }
 
+namespace {
+
+// The longest relative path moeforge writes below an output directory, with room to spare: a
+// sharded checkpoint's `iter_N.tmp-<pid>/mp_rank_00_SSS_EEE/model.safetensors.index.json.tmp-<pid>`
+// (84), a TensorBoard file's `events.out.tfevents.<time>.<host>.<pid>` (up to about 100).
+constexpr size_t kLongestBelow = 128;
+
+// A path the kernel refuses (ENAMETOOLONG) was found out at the first save, an hour in.
+void check_path_lengths(const char* key, const std::string& dir) {
+  std::error_code ec;
+  const fs::path path = fs::absolute(dir, ec);
+  const std::string shown = dir.size() > 80 ? dir.substr(0, 80) + "..." : dir;
+  for (const auto& part : path) {
+    if (part.native().size() > NAME_MAX) {
+      fail_user("{} {}: the name \"{}...\" has {} characters, above the {} a file name may have (NAME_MAX). Choose "
+                "a shorter path.",
+                key, shown, part.native().substr(0, 40), part.native().size(), NAME_MAX);
+    }
+  }
+  if (path.native().size() + kLongestBelow >= PATH_MAX) {
+    fail_user("{} {}: the path has {} characters; with the up to {} of the files moeforge writes below it, it would "
+              "pass the {} a path may have (PATH_MAX). Choose a path shorter than {} characters.",
+              key, shown, path.native().size(), kLongestBelow, PATH_MAX,
+              PATH_MAX - kLongestBelow);
+  }
+}
+
+}  // namespace
+
 void check_output_dir(const char* key, const std::string& dir, bool create) {
+  check_path_lengths(key, dir);
   // The same reasons either way: what creating the directory failed with, or would fail with.
   std::string why;
   std::error_code ec;

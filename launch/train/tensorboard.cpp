@@ -149,7 +149,19 @@ void TensorBoardWriter::add_scalars(int64_t step, const std::vector<std::pair<st
 
 bool TensorBoardWriter::write(const std::string& event) {
   const std::string record = tfrecord_record(event);
-  return write_fully(fd_, record) == record.size();
+  const size_t written = write_fully(fd_, record);
+  if (written == record.size()) {
+    whole_bytes_ += static_cast<int64_t>(record.size());
+    return true;
+  }
+  // A cut record at the end (a full disk) reads as a damaged file: back to the last whole one.
+  const int saved = errno;
+  if (written > 0 && ::ftruncate(fd_, static_cast<off_t>(whole_bytes_)) != 0) {
+    spdlog::warn("{}: cannot cut the partly written record off ({}); TensorBoard may warn about the file's end", path_,
+                 std::strerror(errno));
+  }
+  errno = saved;
+  return false;
 }
 
 #else  // built without protobuf or Boost

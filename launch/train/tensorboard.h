@@ -61,6 +61,7 @@ class TensorBoardWriter {
   bool write(const std::string& event);
   std::string path_;
   int fd_ = -1;
+  int64_t whole_bytes_ = 0;  // the file's length in whole records
 };
 
 }  // namespace moeforge

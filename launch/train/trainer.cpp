@@ -65,8 +65,9 @@ void apply_determinism(bool on) {
 
 }  // namespace
 
-Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command)
-    : loaded_(std::move(loaded)), c_(loaded_.config), mpi_(std::move(mpi)) {
+Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command,
+                 std::unique_ptr<StartupWatch> startup)
+    : loaded_(std::move(loaded)), c_(loaded_.config), mpi_(std::move(mpi)), startup_(std::move(startup)) {
   setup_parallel();
   claim_directories();
   setup_data();
@@ -91,6 +92,7 @@ void Trainer::setup_parallel() {
   const c10::DeviceType type = training_device_type(c_.hardware, local_size);
   if (type != c10::DeviceType::CPU) device_ = select_device(type, local_rank, local_size);
   check_gpu_build(c_, world);
+  if (startup_) startup_->phase("creating the process groups");
   if (world > 1) {
     groups_ = ProcessGroups::create(
         layout_, std::shared_ptr<MpiCommunicator>(MpiCommunicator::world(c_.parallel.distributed_timeout_minutes * 60.0)),
@@ -98,6 +100,7 @@ void Trainer::setup_parallel() {
   } else {
     groups_ = ProcessGroups::single();
   }
+  startup_.reset();  // from here on every communication is watched (parallel.distributed_timeout_minutes)
   // Before anything is allocated: a plan larger than the memory it runs in is refused now, not
   // found out as an allocation failure (or a host swapping) minutes later.
   std::optional<int64_t> device_total;
@@ -120,12 +123,18 @@ void Trainer::claim_directories() {
   if (const auto& tb = c_.logging.tensorboard_dir; !tb.empty()) {
     check_tensorboard_build(tb);
     check_output_dir("logging.tensorboard_dir", tb, /*create=*/true);
+    // Two runs writing one TensorBoard directory: TensorBoard dropped the first run's scalars.
+    std::error_code ec;
+    if (!fs::equivalent(tb, run_dir, ec) && (save.empty() || !fs::equivalent(tb, save, ec))) {
+      dirs.emplace_back("logging.tensorboard_dir", tb);
+    }
   }
   for (const auto& [key, dir] : dirs) {
     // Rank 0 takes the lock for the job; every other rank that sees the file checks it names rank 0.
     auto record = torch::zeros({kMaxLockRecord}, torch::kUInt8);  // host: MPI
     if (is_rank0()) {
       locks_.push_back(DirectoryLock::acquire(dir, key));
+      remove_abandoned_temporaries(dir);  // a killed run's environment.json.tmp-<pid>, say
       const auto& text = locks_.back()->record();
       std::memcpy(record.data_ptr(), text.data(), std::min<size_t>(text.size(), kMaxLockRecord - 1));
     }
@@ -434,9 +443,12 @@ void Trainer::save() {
   contents.optimizer_steps = optimizer_->steps();
   for (auto& [name, p] : shard_->parameters(*model_)) contents.model.emplace_back(name, p.detach());
   refuse_nonfinite(contents);
-  const auto dir = save_training_checkpoint(std::move(contents), state_, c_, *shard_, groups_, full_optimizer_shapes_);
+  std::string dir;
+  {
+    const ProgressTicker progress(fmt::format("saving the checkpoint of iteration {}", state_.iteration));
+    dir = save_training_checkpoint(std::move(contents), state_, c_, *shard_, groups_, full_optimizer_shapes_);
+  }
   if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
-  groups_.world->barrier();
 }
 
 void Trainer::refuse_nonfinite(const CheckpointContents& contents) {

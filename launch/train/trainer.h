@@ -32,6 +32,7 @@
 #include "parallel/comm/mpi_communicator.h"
 #include "parallel/parallelize.h"
 #include "parallel/comm/process_groups.h"
+#include "parallel/comm/watchdog.h"
 
 #include <memory>
 #include <optional>
@@ -44,7 +45,9 @@ class Trainer {
  public:
   // `mpi`: this process's MPI runtime when an MPI launcher started it (the world size and this
   // rank come from it), null on one process. `command`: the command line, for environment.json.
-  Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command = "");
+  // `startup`: the watch armed before MPI_Init, ended once the process groups exist.
+  Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command = "",
+          std::unique_ptr<StartupWatch> startup = nullptr);
   // Trains from the current state to training.train_iters; returns the process exit code.
   int train();
 
@@ -81,6 +84,7 @@ class Trainer {
   LoadedConfig loaded_;
   const ExperimentConfig& c_;
   std::unique_ptr<MpiRuntime> mpi_;  // outlives groups_ (declared first, destroyed last)
+  std::unique_ptr<StartupWatch> startup_;
   std::vector<std::unique_ptr<DirectoryLock>> locks_;  // rank 0's; released after every write
   ParallelLayout layout_;
   ProcessGroups groups_;

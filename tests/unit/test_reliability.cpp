@@ -389,11 +389,24 @@ TEST_CASE("user errors are user errors: directories as files, sizes beyond memor
   const auto duplicated = dir.file("dup.yaml", "base: " + config + "\ntraining:\n  lr: 1.0e-3\n  lr: 2.0e-3\n");
   refused("plan " + duplicated, {"dup.yaml:4", "`training.lr` appears twice (first at line 3)"});
   // Sizes the machine cannot hold are refused with the planner's number before anything is allocated.
-  for (const char* size : {"model.hidden_size=1048576", "model.vocab_size=2000000000", "model.num_layers=100000000"}) {
+  for (const char* size : {"model.hidden_size=1048576", "model.vocab_size=2000000000", "model.num_layers=60000"}) {
     refused("train " + config + " --set " + size, {"the memory plan needs", "GiB per rank", "this host has"});
   }
   for (const char* size : {"training.global_batch_size=4611686018427387904", "training.seq_length=100000000"}) {
     refused("train " + config + " --set " + size, {"beyond 64-bit integers"});
+  }
+  // Products of config integers are checked wherever they are formed: PP x TP = 2^64 wrapped to 0
+  // and divided by it (SIGFPE, exit 136), micro-batch x DP printed as -9223372036854775808, and
+  // 2^62 layers spun in the parameter count. Sizes beyond any real run are refused by name.
+  for (const std::string& command : {"plan " + config, "train " + config + " --dry-run", "train " + config}) {
+    refused(command + " --set parallel.pipeline_model_parallel_size=4294967296 --set parallel.tensor_model_parallel_size=4294967296",
+            {"parallel.pipeline_model_parallel_size is 4294967296, above 1048576",
+             "parallel.tensor_model_parallel_size is 4294967296, above 1048576"});
+    refused(command + " --set model.num_layers=4611686018427387904", {"model.num_layers is 4611686018427387904, above 65536"});
+  }
+  for (const std::string& command : {"plan " + config, "train " + config + " --dry-run"}) {
+    refused(command + " --world-size 4 --set training.micro_batch_size=4611686018427387904",
+            {"beyond 64-bit integers", "training.* (global_batch_size, micro_batch_size"});
   }
   // An overflowing learning rate (finite in fp32, 1e38) stops the run as a user error, naming the setting.
   refused("train " + config + " --set training.lr=1e38 --set training.train_iters=3", {"is nan", "Lower training.lr"});
@@ -469,4 +482,45 @@ TEST_CASE("convert takes its target's lock and neither replaces a checkpoint nor
   CHECK(slurp((target / files::kTracker).string()) == "150\n");
   CHECK(convert(" --overwrite").exit_code == 0);
   CHECK(slurp((target / files::kTracker).string()) == "2\n");
+}
+
+TEST_CASE("train: a killed run's temporaries in the run directory are removed at start-up, a live writer's kept",
+          "[reliability][train]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto run = dir.path() / "run";
+  fs::create_directories(run);
+  // What a kill during the durable write of environment.json leaves; and a live process's file.
+  std::ofstream(run / "environment.json.tmp-999999999") << "{\"cut";
+  const long writer = start_background("sleep 60 > /dev/null 2>&1", dir.path() / "writer");
+  const auto live = run / fmt::format("plan.json.tmp-{}", writer);
+  std::ofstream(live) << "{";
+  const auto r = run_command(kBin + " train " + config + " --set training.train_iters=1 --set training.lr_warmup_iters=0 --set training.eval_iters=0");
+  INFO(r.output);
+  CHECK(r.exit_code == 0);
+  CHECK_FALSE(fs::exists(run / "environment.json.tmp-999999999"));
+  CHECK(fs::exists(run / files::kEnvironment));
+  CHECK(fs::exists(live));
+  ::kill(static_cast<pid_t>(writer), SIGKILL);
+}
+
+TEST_CASE("train: output paths the kernel would refuse are refused at start-up, not at the first save",
+          "[reliability][train][errors]") {
+  // A 4,060-character save path passed the start-up checks and failed at the first save.
+  TempDir dir;
+  const auto config = write_config(dir);
+  std::string deep = dir.path().string();
+  while (deep.size() < 4060) deep += "/" + std::string(200, 'd');
+  const std::string long_name = dir.path().string() + "/" + std::string(300, 'n');
+  for (const std::string& mode : {std::string(" --dry-run"), std::string(" --set training.train_iters=1 --set training.lr_warmup_iters=0")}) {
+    const auto whole = run_command(kBin + " train " + config + mode + " --set checkpoint.save=" + deep);
+    INFO(whole.output);
+    CHECK(whole.exit_code == 1);
+    CHECK_THAT(whole.output, Contains("checkpoint.save") && Contains("(PATH_MAX). Choose a path shorter than"));
+    const auto name = run_command(kBin + " train " + config + mode + " --set logging.run_dir=" + long_name);
+    INFO(name.output);
+    CHECK(name.exit_code == 1);
+    CHECK_THAT(name.output, Contains("logging.run_dir") && Contains("has 300 characters, above the 255 a file name may have"));
+  }
+  CHECK_FALSE(fs::exists(dir.path() / std::string(200, 'd')));  // nothing created
 }

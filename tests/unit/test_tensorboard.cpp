@@ -1,5 +1,7 @@
 // TensorBoard event files (logging.tensorboard_dir, issue 20), read back by the tensorboard package
 // (tests/oracles/tensorboard_oracle.py) and compared with metrics.jsonl.
+#include "core/files/dir_lock.h"
+#include "core/files/file_names.h"
 #include "launch/train/tensorboard.h"
 #include "train_fixture.h"
 
@@ -7,6 +9,10 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/resource.h>
+
+#include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -146,3 +152,88 @@ TEST_CASE("train: a TensorBoard directory that cannot be written is refused befo
   CHECK_THAT(r.output, Contains("logging.tensorboard_dir"));
   CHECK_THAT(r.output, !Contains("iteration        1/"));
 }
+
+#if MOEFORGE_WITH_TENSORBOARD
+TEST_CASE("tensorboard: a write that fails part-way (a full disk) leaves no cut record at the file's end", "[tensorboard]") {
+  TempDir dir;
+  // A file-size limit cuts a record part-way, as a full disk does; with SIGXFSZ ignored it is an error.
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit old_limit{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+  {
+    TensorBoardWriter writer(dir.path().string(), 0);
+    rlimit small = old_limit;
+    small.rlim_cur = 500;
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+    for (int step = 1; step <= 20; ++step) writer.add_scalars(step, {{"lm loss", 1.0 * step}, {"learning-rate", 2.0}});
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+  }
+  std::signal(SIGXFSZ, old_handler);
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(dir.path())) files.push_back(entry.path());
+  REQUIRE(files.size() == 1);
+  const std::string bytes = slurp(files[0].string());
+  // TFRecord framing: 8-byte length, 4-byte CRC, payload, 4-byte CRC; the file ends on a record's end.
+  size_t at = 0, records = 0;
+  while (at + 8 <= bytes.size()) {
+    uint64_t length = 0;
+    std::memcpy(&length, bytes.data() + at, 8);
+    at += 8 + 4 + length + 4;
+    ++records;
+  }
+  CHECK(at == bytes.size());
+  CHECK(records >= 3);  // the version, the start and at least one step
+  CHECK(bytes.size() <= 500);
+}
+#endif
+
+#if MOEFORGE_WITH_TENSORBOARD
+TEST_CASE("train: the TensorBoard directory is one run's, and a dry run refuses what train refuses there",
+          "[tensorboard][train][reliability]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto tb = dir.path() / "tb";
+  const std::string use_tb = " --set logging.tensorboard_dir=" + tb.string();
+  // Held by a live run on this host (this test process): train and the dry run refuse, naming it.
+  {
+    const auto lock = DirectoryLock::acquire(tb, "logging.tensorboard_dir");
+    for (const std::string& args : {std::string(" --dry-run"), std::string(" --set training.train_iters=1 --set training.lr_warmup_iters=0")}) {
+      const auto r = run_command(kBin + " train " + config + use_tb + args);
+      INFO(r.output);
+      CHECK(r.exit_code == 1);
+      CHECK_THAT(r.output, Contains("logging.tensorboard_dir " + tb.string() + " is in use by another run") &&
+                               Contains(fmt::format("pid {}", ::getpid())));
+    }
+  }
+  // Recorded by a run on another host: refused by the dry run as by train, the record kept.
+  const std::string elsewhere =
+      nlohmann::json{{"host", "node-elsewhere-17"}, {"pid", 4242}, {"job", "j1"}, {"started", "2026-12-01T00:00:00Z"}}.dump() +
+      "\n";
+  std::ofstream(tb / files::kDirectoryLock) << elsewhere;
+  const auto dry = run_command(kBin + " train " + config + use_tb + " --dry-run");
+  INFO(dry.output);
+  CHECK(dry.exit_code == 1);
+  CHECK_THAT(dry.output, Contains("PROBLEM  logging.tensorboard_dir") && Contains("pid 4242 on host node-elsewhere-17"));
+  CHECK(slurp((tb / files::kDirectoryLock).string()) == elsewhere);
+  fs::remove(tb / files::kDirectoryLock);
+  // A run holds the directory while it trains and releases it at the end.
+  const auto ran = run_command(kBin + " train " + config + use_tb + " --set training.train_iters=2 --set training.lr_warmup_iters=0 --set training.eval_iters=0");
+  INFO(ran.output);
+  CHECK(ran.exit_code == 0);
+  CHECK_FALSE(fs::exists(tb / files::kDirectoryLock));
+  // On a read-only file system (a tmpfs mounted read-only in a mount namespace of its own): the dry
+  // run said "ok" where train refused.
+  const auto ro = dir.path() / "ro";
+  fs::create_directories(ro);
+  const auto mounted = run_command("unshare -m sh -c 'mount -t tmpfs -o ro tmpfs " + ro.string() + " && " + kBin +
+                                   " train " + config + " --dry-run --set logging.tensorboard_dir=" + (ro / "tb").string() +
+                                   "'");
+  if (mounted.output.find("mount:") != std::string::npos || mounted.output.find("unshare:") != std::string::npos) {
+    WARN("SKIPPED: the read-only file system case needs mount namespaces (root): " << mounted.output);
+  } else {
+    INFO(mounted.output);
+    CHECK(mounted.exit_code == 1);
+    CHECK_THAT(mounted.output, Contains("PROBLEM  logging.tensorboard_dir") && Contains("Read-only file system"));
+  }
+}
+#endif
