@@ -18,46 +18,8 @@
 namespace moeforge::moe {
 
 namespace fs = std::filesystem;
-using nlohmann::json;
 
 namespace {
-
-// Our key in config.json for the router's expert bias (tensor `mlp.gate.expert_bias` of each MoE
-// layer). transformers' Qwen2-MoE and Mixtral have no such bias: they load such a checkpoint with
-// the tensor reported unexpected and route without it.
-constexpr const char* kExpertBiasKey = "moe_router_enable_expert_bias";
-// moeforge's own keys beside the hub's, for what the hub's config cannot say: the router as
-// trained (pre-softmax or not, renormalised or not, which the hub's one norm_topk_prob flag folds
-// together), a capacity factor, a shared expert without a gate, a Mixtral with a shared expert.
-// Read back, they make a checkpoint describe the model that was trained, so a resume or a convert
-// compares it exactly; readers that do not know them ignore them.
-constexpr const char* kPreSoftmaxKey = "moe_router_pre_softmax";
-constexpr const char* kNormTopkKey = "moe_router_norm_topk_prob";
-constexpr const char* kCapacityKey = "moe_expert_capacity_factor";
-constexpr const char* kSharedSizeKey = "moe_shared_expert_intermediate_size";
-constexpr const char* kSharedGateKey = "moe_shared_expert_gate";
-
-template <typename T>
-T get(const json& j, const char* key, const std::string& path) {
-  if (!j.contains(key) || j[key].is_null()) fail_user("{}: config.json has no \"{}\"", path, key);
-  try {
-    return j[key].get<T>();
-  } catch (const json::exception&) {
-    fail_user("{}: config.json \"{}\" has the wrong type ({})", path, key, j[key].dump());
-  }
-}
-
-double rope_theta(const json& j, const std::string& path) {
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    const auto& r = j["rope_parameters"];
-    if (r.value("rope_type", "default") != "default") {
-      fail_user("{}: rope_type \"{}\" is not supported; only the default RoPE is", path, r["rope_type"].get<std::string>());
-    }
-    return get<double>(r, "rope_theta", path);
-  }
-  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) fail_user("{}: rope_scaling is not supported", path);
-  return j.value("rope_theta", 10000.0);
-}
 
 // Our parameter name -> the hub's, for the non-expert tensors.
 std::string hub_name(const std::string& ours, ModelType type) {
@@ -92,192 +54,6 @@ bool is_experts(const std::string& ours, int64_t* layer, bool* gate_up) {
 std::string shape_str(c10::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 }  // namespace
-
-bool router_renormalizes(const ModelConfig& c) { return !c.moe_router_pre_softmax || c.moe_router_norm_topk_prob; }
-
-std::vector<std::string> hf_export_differences(const ModelConfig& c) {
-  std::vector<std::string> out;
-  if (!c.is_moe()) return out;
-  const std::string family = c.model_type == ModelType::mixtral ? "Mixtral" : "Qwen2-MoE";
-  if (c.model_type == ModelType::mixtral && !router_renormalizes(c)) {
-    out.push_back("model.moe_router_pre_softmax: true with moe_router_norm_topk_prob: false (the top-k weights are not "
-                  "renormalised); transformers' Mixtral always renormalises them");
-  }
-  if (c.moe_router_enable_expert_bias) {
-    out.push_back(fmt::format("model.moe_router_enable_expert_bias: transformers' {} has no expert bias; it chooses the "
-                              "top-k experts without it (the mlp.gate.expert_bias tensors are left unused)",
-                              family));
-  }
-  if (c.moe_expert_capacity_factor) {
-    out.push_back(fmt::format("model.moe_expert_capacity_factor: {}: transformers' {} drops no tokens; it runs every "
-                              "token through its experts", *c.moe_expert_capacity_factor, family));
-  }
-  if (c.moe_shared_expert_intermediate_size && c.model_type == ModelType::mixtral) {
-    out.push_back("model.moe_shared_expert_intermediate_size: transformers' Mixtral has no shared expert; it ignores the "
-                  "shared_expert tensors");
-  } else if (c.moe_shared_expert_intermediate_size && !c.moe_shared_expert_gate) {
-    out.push_back("model.moe_shared_expert_gate: false: transformers' Qwen2-MoE always gates its shared expert with "
-                  "sigmoid(shared_expert_gate), a weight this checkpoint lacks (it is initialised at random)");
-  }
-  return out;
-}
-
-ModelConfig model_config_from_hf(const json& j, const std::string& path) {
-  ModelConfig c;
-  const auto type = j.value("model_type", "");
-  if (type == "qwen2_moe") c.model_type = ModelType::qwen2_moe;
-  else if (type == "mixtral") c.model_type = ModelType::mixtral;
-  else if (type == "qwen2") c.model_type = ModelType::qwen2;
-  else if (type == "llama") c.model_type = ModelType::llama;
-  else fail_user("{}: model_type \"{}\" is not supported; moeforge reads qwen2_moe, mixtral, qwen2 and llama", path, type);
-  if (j.value("hidden_act", "silu") != "silu") fail_user("{}: hidden_act must be silu (SwiGLU)", path);
-  c.num_layers = get<int64_t>(j, "num_hidden_layers", path);
-  c.hidden_size = get<int64_t>(j, "hidden_size", path);
-  c.num_attention_heads = get<int64_t>(j, "num_attention_heads", path);
-  c.num_query_groups = j.value("num_key_value_heads", c.num_attention_heads);
-  c.kv_channels = j.contains("head_dim") && !j["head_dim"].is_null() ? j["head_dim"].get<int64_t>()
-                                                                     : c.hidden_size / c.num_attention_heads;
-  c.vocab_size = get<int64_t>(j, "vocab_size", path);
-  c.make_vocab_size_divisible_by = 1;  // the checkpoint's embedding is already as large as it is
-  c.max_position_embeddings = get<int64_t>(j, "max_position_embeddings", path);
-  c.rotary_base = rope_theta(j, path);
-  c.norm_epsilon = get<double>(j, "rms_norm_eps", path);
-  c.untie_embeddings_and_output_weights = !j.value("tie_word_embeddings", false);
-  c.init_method_std = j.value("initializer_range", 0.02);
-  c.ffn_hidden_size = get<int64_t>(j, "intermediate_size", path);
-  switch (c.model_type) {
-    case ModelType::qwen2_moe: {
-      c.add_qkv_bias = j.value("qkv_bias", true);
-      c.num_experts = get<int64_t>(j, "num_experts", path);
-      c.moe_ffn_hidden_size = get<int64_t>(j, "moe_intermediate_size", path);
-      c.moe_router_topk = get<int64_t>(j, "num_experts_per_tok", path);
-      c.moe_router_pre_softmax = true;
-      c.moe_router_norm_topk_prob = j.value("norm_topk_prob", false);
-      const auto shared = j.value("shared_expert_intermediate_size", int64_t{0});
-      if (shared > 0) {
-        c.moe_shared_expert_intermediate_size = shared;
-        c.moe_shared_expert_gate = true;
-      }
-      const auto step = j.value("decoder_sparse_step", int64_t{1});
-      const auto dense = j.value("mlp_only_layers", std::vector<int64_t>{});
-      for (int64_t i = 0; i < c.num_layers; ++i) {
-        const bool moe = std::find(dense.begin(), dense.end(), i) == dense.end() && (i + 1) % step == 0;
-        c.moe_layer_freq.pattern.push_back(moe ? 1 : 0);
-      }
-      break;
-    }
-    case ModelType::mixtral:
-      c.num_experts = get<int64_t>(j, "num_local_experts", path);
-      c.moe_ffn_hidden_size = c.ffn_hidden_size;
-      c.moe_router_topk = get<int64_t>(j, "num_experts_per_tok", path);
-      c.moe_router_pre_softmax = true;
-      c.moe_router_norm_topk_prob = true;
-      break;
-    case ModelType::qwen2: c.add_qkv_bias = true; break;
-    case ModelType::llama:
-      c.add_qkv_bias = j.value("attention_bias", false);
-      if (j.value("mlp_bias", false)) fail_user("{}: mlp_bias is not supported", path);
-      break;
-  }
-  if (c.is_moe()) {
-    c.moe_router_load_balancing_type = LoadBalancingType::hf_pooled_aux_loss;
-    c.moe_aux_loss_coeff = j.value("router_aux_loss_coef", 0.0);
-    c.moe_router_enable_expert_bias = j.value(kExpertBiasKey, false);
-    // A checkpoint moeforge wrote says how it routed; the hub's keys above are what a reader
-    // without these computes.
-    c.moe_router_pre_softmax = j.value(kPreSoftmaxKey, c.moe_router_pre_softmax);
-    c.moe_router_norm_topk_prob = j.value(kNormTopkKey, c.moe_router_norm_topk_prob);
-    if (j.contains(kCapacityKey) && !j[kCapacityKey].is_null()) c.moe_expert_capacity_factor = get<double>(j, kCapacityKey, path);
-    if (c.model_type == ModelType::mixtral && j.value(kSharedSizeKey, int64_t{0}) > 0) {
-      c.moe_shared_expert_intermediate_size = get<int64_t>(j, kSharedSizeKey, path);
-    }
-    if (c.moe_shared_expert_intermediate_size) c.moe_shared_expert_gate = j.value(kSharedGateKey, c.model_type == ModelType::qwen2_moe);
-  }
-  return c;
-}
-
-json hf_config_from_model(const ModelConfig& c, torch::ScalarType dtype) {
-  json j = {{"hidden_act", "silu"},
-            {"hidden_size", c.hidden_size},
-            {"num_hidden_layers", c.num_layers},
-            {"num_attention_heads", c.num_attention_heads},
-            {"num_key_value_heads", *c.num_query_groups},
-            {"head_dim", c.head_dim()},
-            {"vocab_size", c.padded_vocab_size()},
-            {"max_position_embeddings", *c.max_position_embeddings},
-            {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", c.rotary_base}}},
-            {"rope_theta", c.rotary_base},  // where readers before rope_parameters look
-            {"rms_norm_eps", c.norm_epsilon},
-            {"tie_word_embeddings", !c.untie_embeddings_and_output_weights},
-            {"initializer_range", c.init_method_std},
-            {"intermediate_size", *c.ffn_hidden_size},
-            {"dtype", dtype == torch::kBFloat16 ? "bfloat16" : "float32"},
-            {"attention_dropout", 0.0}};
-  if (c.is_moe()) {
-    j[kPreSoftmaxKey] = c.moe_router_pre_softmax;
-    j[kNormTopkKey] = c.moe_router_norm_topk_prob;
-    if (c.moe_expert_capacity_factor) j[kCapacityKey] = *c.moe_expert_capacity_factor;
-    if (c.moe_shared_expert_intermediate_size) {
-      j[kSharedSizeKey] = *c.moe_shared_expert_intermediate_size;
-      j[kSharedGateKey] = c.moe_shared_expert_gate;
-    }
-  }
-  switch (c.model_type) {
-    case ModelType::qwen2_moe: {
-      j["model_type"] = "qwen2_moe";
-      j["architectures"] = {"Qwen2MoeForCausalLM"};
-      j["qkv_bias"] = c.add_qkv_bias;
-      j["num_experts"] = *c.num_experts;
-      j["moe_intermediate_size"] = *c.moe_ffn_hidden_size;
-      j["num_experts_per_tok"] = c.moe_router_topk;
-      // The hub's router takes the softmax over all experts, then the top k, renormalised when
-      // norm_topk_prob: Megatron's default (top k of the logits, softmax over those k) is that
-      // with renormalisation.
-      j["norm_topk_prob"] = router_renormalizes(c);
-      j["shared_expert_intermediate_size"] = c.moe_shared_expert_intermediate_size.value_or(0);
-      j["decoder_sparse_step"] = 1;
-      std::vector<int64_t> dense;
-      for (int64_t i = 0; i < c.num_layers; ++i) {
-        if (!c.is_moe_layer(i)) dense.push_back(i);
-      }
-      j["mlp_only_layers"] = dense;
-      j["router_aux_loss_coef"] = c.moe_aux_loss_coeff;
-      if (c.moe_router_enable_expert_bias) j[kExpertBiasKey] = true;
-      break;
-    }
-    case ModelType::mixtral:
-      j["model_type"] = "mixtral";
-      j["architectures"] = {"MixtralForCausalLM"};
-      j["num_local_experts"] = *c.num_experts;
-      j["intermediate_size"] = *c.moe_ffn_hidden_size;
-      j["num_experts_per_tok"] = c.moe_router_topk;
-      j["router_aux_loss_coef"] = c.moe_aux_loss_coeff;
-      if (c.moe_router_enable_expert_bias) j[kExpertBiasKey] = true;
-      break;
-    case ModelType::qwen2:
-      j["model_type"] = "qwen2";
-      j["architectures"] = {"Qwen2ForCausalLM"};
-      break;
-    case ModelType::llama:
-      j["model_type"] = "llama";
-      j["architectures"] = {"LlamaForCausalLM"};
-      j["attention_bias"] = c.add_qkv_bias;
-      j["mlp_bias"] = false;
-      break;
-  }
-  return j;
-}
-
-ModelConfig read_hf_config(const std::string& dir) {
-  const fs::path config_path = fs::path(dir) / "config.json";
-  std::ifstream in(config_path);
-  if (!in) fail_user("{}: not found; a Hugging Face checkpoint directory holds config.json and *.safetensors", config_path.string());
-  try {
-    return model_config_from_hf(json::parse(in), config_path.string());
-  } catch (const json::exception& e) {
-    fail_user("{}: invalid JSON: {}", config_path.string(), e.what());
-  }
-}
 
 HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype) {
   HFModel out;
@@ -431,7 +207,8 @@ void save_hf_checkpoint(const ModelConfig& c, const NamedTensors& params, const 
   }
   fs::create_directories(dir);
   save_safetensors_checkpoint(dir, tensors);
-  write_file_durably(fs::path(dir) / "config.json", hf_config_from_model(c, dtype).dump(2) + "\n");
+  const char* dtype_name = dtype == torch::kBFloat16 ? "bfloat16" : "float32";
+  write_file_durably(fs::path(dir) / "config.json", hf_config_from_model(c, dtype_name).dump(2) + "\n");
 }
 
 }  // namespace moeforge::moe

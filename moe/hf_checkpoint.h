@@ -1,4 +1,4 @@
-// defines: model_config_from_hf, hf_config_from_model, load_hf_checkpoint, save_hf_checkpoint,
+// defines: load_hf_checkpoint, load_hf_weights, save_hf_checkpoint, hub_tensor_name, copy_tokenizer,
 //          HFModel
 //
 // Hugging Face checkpoints (config.json + safetensors, sharded or not) of the families
@@ -12,6 +12,7 @@
 #include "core/config/config.h"
 #include "core/model/gpt_model.h"
 #include "core/files/safetensors.h"
+#include "moe/hf_config.h"  // config.json, read and written without LibTorch
 
 #include <nlohmann/json.hpp>
 
@@ -21,17 +22,6 @@
 
 namespace moeforge::moe {
 
-// config.json -> the model section; throws UserError for an unsupported family or option.
-ModelConfig model_config_from_hf(const nlohmann::json& config_json, const std::string& path);
-nlohmann::json hf_config_from_model(const ModelConfig& config, torch::ScalarType dtype);
-
-// Whether the router's k weights sum to 1: Megatron's default (top k of the logits, softmax over
-// those k) and pre-softmax routing with renormalisation route alike; the hub's norm_topk_prob.
-bool router_renormalizes(const ModelConfig& config);
-// What a Hugging Face reader of an exported `config` computes differently from moeforge, one
-// line per setting (empty: the same model); save_hf_checkpoint warns once for each.
-std::vector<std::string> hf_export_differences(const ModelConfig& config);
-
 struct HFModel {
   ModelConfig config;
   model::GPTModel model{nullptr};
@@ -40,9 +30,6 @@ struct HFModel {
 // The hub's name of one of our non-expert tensors ("layers.3.mlp.gate.weight" ->
 // "model.layers.3.mlp.gate.weight", Mixtral: "model.layers.3.block_sparse_moe.gate.weight").
 std::string hub_tensor_name(const std::string& ours, ModelType type);
-
-// DIR/config.json as our model section (UserError naming the file when absent or invalid).
-ModelConfig read_hf_config(const std::string& dir);
 
 // Reads DIR/config.json and the weights (fp32 unless `dtype` says otherwise).
 HFModel load_hf_checkpoint(const std::string& dir, torch::ScalarType dtype = torch::kFloat32);

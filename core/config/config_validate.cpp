@@ -14,6 +14,20 @@
 
 namespace moeforge {
 
+namespace {
+
+// Upper bounds on the model's sizes, far above any published model (widths up to ~25600, 256-384
+// experts, vocabularies of ~256k) and low enough that the product of two (vocab x hidden, hidden
+// x FFN width) fits 64 bits with room to spare: a typo or a corrupted config.json gets an error
+// instead of an overflowed size. Products of more sizes (parameter and FLOP counts) are checked
+// where they are formed (core/flops/model_size.cpp).
+constexpr int64_t kMaxWidth = int64_t{1} << 24;  // hidden, FFN and attention widths, head counts
+constexpr int64_t kMaxVocab = int64_t{1} << 31;
+constexpr int64_t kMaxPositions = int64_t{1} << 31;
+constexpr int64_t kMaxExperts = int64_t{1} << 20;
+
+}  // namespace
+
 void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
                             std::map<std::string, std::string>& origin) {
   auto derive = [&](auto& field, auto value, const char* name) {
@@ -28,9 +42,14 @@ void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
   if (m.num_attention_heads > 0 && m.hidden_size % m.num_attention_heads == 0) {
     derive(m.kv_channels, m.hidden_size / m.num_attention_heads, "model.kv_channels");
   }
-  derive(m.ffn_hidden_size, 4 * m.hidden_size, "model.ffn_hidden_size");
-  if (m.num_experts) derive(m.moe_ffn_hidden_size, *m.ffn_hidden_size, "model.moe_ffn_hidden_size");
-  derive(m.max_position_embeddings, c.training.seq_length, "model.max_position_embeddings");
+  // Not derived from a hidden size out of range (4x could overflow); model_config_problems says so.
+  if (m.hidden_size > 0 && m.hidden_size <= kMaxWidth) derive(m.ffn_hidden_size, 4 * m.hidden_size, "model.ffn_hidden_size");
+  if (m.num_experts && m.ffn_hidden_size) derive(m.moe_ffn_hidden_size, *m.ffn_hidden_size, "model.moe_ffn_hidden_size");
+  // Without a sequence length (ConfigUse::model_only) there is nothing to derive it from: left
+  // absent for the caller to fill (`moeforge upcycle` takes the dense checkpoint's).
+  if (c.training.seq_length > 0) {
+    derive(m.max_position_embeddings, c.training.seq_length, "model.max_position_embeddings");
+  }
   derive(c.training.lr_decay_iters, c.training.train_iters, "training.lr_decay_iters");
   if (c.logging.run_dir.empty()) {
     c.logging.run_dir = (std::filesystem::path("runs") / std::filesystem::path(config_path).stem()).string();
@@ -41,10 +60,7 @@ void resolve_derived_values(ExperimentConfig& c, const std::string& config_path,
 namespace {
 
 constexpr double kMaxTimeoutMinutes = 7 * 24 * 60;
-// Beyond any real run: the largest models have about a hundred layers and a few hundred experts, the
-// largest clusters about a hundred thousand devices.
-constexpr int64_t kMaxLayers = int64_t{1} << 16;
-constexpr int64_t kMaxExperts = int64_t{1} << 16;
+// Beyond any real run: the largest clusters have about a hundred thousand devices.
 constexpr int64_t kMaxRanks = int64_t{1} << 20;
 
 class Problems {
@@ -54,7 +70,7 @@ class Problems {
     list_.push_back(fmt::format(format, std::forward<Args>(args)...));
   }
   template <typename T>
-  void positive(const char* name, T value) {
+  void positive(const std::string& name, T value) {
     if (!(value > 0)) return add("{} must be positive, got {}", name, value);
     fp32_representable(name, value);
   }
@@ -74,15 +90,22 @@ class Problems {
     if (value > limit) add("{} is {}, above {} ({}): check it for a typo", name, value, limit, beyond);
   }
   template <typename T>
-  void non_negative(const char* name, T value) {
+  void non_negative(const std::string& name, T value) {
     if (!(value >= 0)) return add("{} must be >= 0, got {}", name, value);
     fp32_representable(name, value);
+  }
+  // A count or a width: positive, and at most `max` (the bounds above say why).
+  void size(const std::string& name, int64_t value, int64_t max) {
+    if (value < 1) return add("{} must be positive, got {}", name, value);
+    if (value > max) {
+      add("{} is {}, above the largest supported, {} (far beyond any real model): check it for a typo", name, value, max);
+    }
   }
   // Floating settings reach the model and the optimizer in fp32: an infinite value, one beyond
   // fp32's range, or a nonzero one that rounds to 0 there (adam_eps: 1e-46) would train on
   // non-finite or meaningless numbers.
   template <typename T>
-  void fp32_representable(const char* name, T value) {
+  void fp32_representable(const std::string& name, T value) {
     if constexpr (std::is_floating_point_v<T>) {
       const auto f = static_cast<float>(value);
       if (!std::isfinite(f)) {
@@ -94,6 +117,7 @@ class Problems {
       }
     }
   }
+  const std::vector<std::string>& list() const { return list_; }
   void throw_if_any() const {
     if (list_.empty()) return;
     fail_user("invalid config ({} problem{}):\n  - {}", list_.size(), list_.size() > 1 ? "s" : "",
@@ -104,90 +128,97 @@ class Problems {
   std::vector<std::string> list_;
 };
 
-void validate_model(const ModelConfig& m, const TrainingConfig& t, Problems& p) {
-  p.positive("model.num_layers", m.num_layers);
-  p.at_most("model.num_layers", m.num_layers, kMaxLayers, "far more layers than any model has");
-  p.positive("model.hidden_size", m.hidden_size);
-  p.positive("model.num_attention_heads", m.num_attention_heads);
-  p.positive("model.vocab_size", m.vocab_size);
-  p.positive("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by);
-  p.positive("model.rotary_base", m.rotary_base);
-  p.positive("model.norm_epsilon", m.norm_epsilon);
-  p.positive("model.init_method_std", m.init_method_std);
-  p.positive("model.num_query_groups", *m.num_query_groups);
-  if (m.kv_channels) p.positive("model.kv_channels", *m.kv_channels);
-  p.positive("model.ffn_hidden_size", *m.ffn_hidden_size);
+void validate_model(const ModelConfig& m, const ModelKeyName& k, Problems& p) {
+  p.size(k("num_layers"), m.num_layers, kMaxModelLayers);
+  p.size(k("hidden_size"), m.hidden_size, kMaxWidth);
+  p.size(k("num_attention_heads"), m.num_attention_heads, kMaxWidth);
+  p.size(k("vocab_size"), m.vocab_size, kMaxVocab);
+  p.size(k("make_vocab_size_divisible_by"), m.make_vocab_size_divisible_by, kMaxVocab);
+  p.positive(k("rotary_base"), m.rotary_base);
+  p.positive(k("norm_epsilon"), m.norm_epsilon);
+  p.positive(k("init_method_std"), m.init_method_std);
+  p.positive(k("num_query_groups"), *m.num_query_groups);
+  if (m.kv_channels) {
+    p.size(k("kv_channels"), *m.kv_channels, kMaxWidth);
+    // Both in range, the product fits: the query projection's width.
+    if (*m.kv_channels >= 1 && *m.kv_channels <= kMaxWidth && m.num_attention_heads >= 1 &&
+        m.num_attention_heads <= kMaxWidth && m.query_projection_size() > kMaxWidth) {
+      p.add("{} x {} ({} x {} = {}, the attention's width) is above the largest supported, {}: check both for a typo",
+            k("num_attention_heads"), k("kv_channels"), m.num_attention_heads, *m.kv_channels, m.query_projection_size(),
+            kMaxWidth);
+    }
+  }
+  if (m.ffn_hidden_size) p.size(k("ffn_hidden_size"), *m.ffn_hidden_size, kMaxWidth);
+  if (m.max_position_embeddings) p.size(k("max_position_embeddings"), *m.max_position_embeddings, kMaxPositions);
   if (m.num_attention_heads > 0 && !m.kv_channels) {
     // Not derived (resolve_derived_values): hidden / heads is not whole. An explicit head size needs
     // no such relation (the projections are heads x kv_channels wide).
-    p.add("model.hidden_size ({}) is not divisible by model.num_attention_heads ({}): choose a head count that "
-          "divides it, or set model.kv_channels explicitly",
-          m.hidden_size, m.num_attention_heads);
+    p.add("{} ({}) is not divisible by {} ({}): choose a head count that divides it, or set {} explicitly",
+          k("hidden_size"), m.hidden_size, k("num_attention_heads"), m.num_attention_heads, k("kv_channels"));
   }
   if (*m.num_query_groups > 0 && m.num_attention_heads % *m.num_query_groups != 0) {
-    p.add("model.num_attention_heads ({}) is not divisible by model.num_query_groups ({}): every key/value head must "
-          "serve the same number of query heads",
-          m.num_attention_heads, *m.num_query_groups);
-  }
-  if (*m.max_position_embeddings < t.seq_length) {
-    p.add("model.max_position_embeddings ({}) is shorter than training.seq_length ({}): raise it or shorten sequences",
-          *m.max_position_embeddings, t.seq_length);
+    p.add("{} ({}) is not divisible by {} ({}): every key/value head must serve the same number of query heads",
+          k("num_attention_heads"), m.num_attention_heads, k("num_query_groups"), *m.num_query_groups);
   }
 
   if (!m.num_experts) {
     if (m.moe_router_enable_expert_bias) {
-      p.add("model.moe_router_enable_expert_bias is true but model.num_experts is null: a dense model has no router; "
-            "set num_experts or turn the bias off");
+      p.add("{} is true but {} is null: a dense model has no router; set {} or turn the bias off",
+            k("moe_router_enable_expert_bias"), k("num_experts"), k("num_experts"));
     }
     if (m.moe_shared_expert_intermediate_size) {
-      p.add("model.moe_shared_expert_intermediate_size is set but model.num_experts is null: a shared expert only exists "
-            "in MoE layers; set num_experts or remove the shared expert");
+      p.add("{} is set but {} is null: a shared expert only exists in MoE layers; set {} or remove the shared expert",
+            k("moe_shared_expert_intermediate_size"), k("num_experts"), k("num_experts"));
     }
     return;
   }
   const int64_t E = *m.num_experts;
-  p.positive("model.num_experts", E);
-  p.at_most("model.num_experts", E, kMaxExperts, "far more experts than any model has");
-  p.positive("model.moe_ffn_hidden_size", *m.moe_ffn_hidden_size);
+  p.size(k("num_experts"), E, kMaxExperts);
+  if (m.moe_ffn_hidden_size) p.size(k("moe_ffn_hidden_size"), *m.moe_ffn_hidden_size, kMaxWidth);
   if (m.moe_router_topk < 1 || m.moe_router_topk > E) {
-    p.add("model.moe_router_topk ({}) must be between 1 and model.num_experts ({})", m.moe_router_topk, E);
+    p.add("{} ({}) must be between 1 and {} ({})", k("moe_router_topk"), m.moe_router_topk, k("num_experts"), E);
   }
-  if (m.moe_router_norm_topk_prob && !m.moe_router_pre_softmax) {
-    p.add("model.moe_router_norm_topk_prob is true but model.moe_router_pre_softmax is false: top-k on logits then "
-          "softmax already sums to 1; set moe_router_pre_softmax: true for Mixtral-style renormalized routing");
-  }
-  p.non_negative("model.moe_aux_loss_coeff", m.moe_aux_loss_coeff);
-  p.non_negative("model.moe_z_loss_coeff", m.moe_z_loss_coeff);
+  p.non_negative(k("moe_aux_loss_coeff"), m.moe_aux_loss_coeff);
+  p.non_negative(k("moe_z_loss_coeff"), m.moe_z_loss_coeff);
   if (m.moe_router_load_balancing_type == LoadBalancingType::none && m.moe_aux_loss_coeff > 0) {
-    p.add("model.moe_aux_loss_coeff is {} but model.moe_router_load_balancing_type is none: pick a loss type or set the "
-          "coefficient to 0",
-          m.moe_aux_loss_coeff);
+    p.add("{} is {} but {} is none: pick a loss type or set the coefficient to 0", k("moe_aux_loss_coeff"),
+          m.moe_aux_loss_coeff, k("moe_router_load_balancing_type"));
   }
   if (m.moe_router_enable_expert_bias) {
-    p.positive("model.moe_router_bias_update_rate", m.moe_router_bias_update_rate);
+    p.positive(k("moe_router_bias_update_rate"), m.moe_router_bias_update_rate);
     if (m.moe_router_force_load_balancing) {
-      p.add("model.moe_router_enable_expert_bias and model.moe_router_force_load_balancing are both true: the forced "
-            "assignment ignores the scores, so the bias would only drift; turn one off");
+      p.add("{} and {} are both true: the forced assignment ignores the scores, so the bias would only drift; turn one "
+            "off",
+            k("moe_router_enable_expert_bias"), k("moe_router_force_load_balancing"));
     }
   }
-  if (m.moe_expert_capacity_factor) p.positive("model.moe_expert_capacity_factor", *m.moe_expert_capacity_factor);
+  if (m.moe_expert_capacity_factor) {
+    const double factor = *m.moe_expert_capacity_factor;
+    p.positive(k("moe_expert_capacity_factor"), factor);
+    // At num_experts every expert has room for all T x k slots (the capacity, T x k / E x factor,
+    // is converted to an integer: a larger factor could overflow it).
+    if (factor > static_cast<double>(E)) {
+      p.add("{} is {}, above {} ({}), where no token is dropped any more: use null (dropless) instead",
+            k("moe_expert_capacity_factor"), factor, k("num_experts"), E);
+    }
+  }
   if (m.moe_shared_expert_intermediate_size) {
-    p.positive("model.moe_shared_expert_intermediate_size", *m.moe_shared_expert_intermediate_size);
+    p.size(k("moe_shared_expert_intermediate_size"), *m.moe_shared_expert_intermediate_size, kMaxWidth);
   } else if (m.moe_shared_expert_gate) {
-    p.add("model.moe_shared_expert_gate is true but there is no shared expert: set "
-          "model.moe_shared_expert_intermediate_size or turn the gate off");
+    p.add("{} is true but there is no shared expert: set {} or turn the gate off", k("moe_shared_expert_gate"),
+          k("moe_shared_expert_intermediate_size"));
   }
   const MoeLayerFreq& f = m.moe_layer_freq;
   if (f.pattern.empty()) {
-    p.positive("model.moe_layer_freq", f.every);
+    p.positive(k("moe_layer_freq"), f.every);
   } else {
     if (static_cast<int64_t>(f.pattern.size()) != m.num_layers) {
-      p.add("model.moe_layer_freq lists {} layers but model.num_layers is {}: give one 0/1 entry per layer",
-            f.pattern.size(), m.num_layers);
+      p.add("{} lists {} layers but {} is {}: give one 0/1 entry per layer", k("moe_layer_freq"), f.pattern.size(),
+            k("num_layers"), m.num_layers);
     }
     for (size_t i = 0; i < f.pattern.size(); ++i) {
       if (f.pattern[i] != 0 && f.pattern[i] != 1) {
-        p.add("model.moe_layer_freq[{}] is {}: entries are 1 (MoE layer) or 0 (dense FFN)", i, f.pattern[i]);
+        p.add("{}[{}] is {}: entries are 1 (MoE layer) or 0 (dense FFN)", k("moe_layer_freq"), i, f.pattern[i]);
       }
     }
   }
@@ -252,9 +283,27 @@ void validate_device_collectives(const ExperimentConfig& c, Problems& p) {
 
 }  // namespace
 
+std::vector<std::string> model_config_problems(const ModelConfig& model, const ModelKeyName& key) {
+  Problems p;
+  validate_model(model, key, p);
+  return p.list();
+}
+
 void validate_config(const ExperimentConfig& c, ConfigUse use) {
   Problems p;
-  validate_model(c.model, c.training, p);
+  validate_model(c.model, [](std::string_view field) { return fmt::format("model.{}", field); }, p);
+  const ModelConfig& m = c.model;
+  if (m.max_position_embeddings && *m.max_position_embeddings < c.training.seq_length) {
+    p.add("model.max_position_embeddings ({}) is shorter than training.seq_length ({}): raise it or shorten sequences",
+          *m.max_position_embeddings, c.training.seq_length);
+  }
+  // A redundant setting rather than an invalid model (the k weights sum to 1 either way): refused
+  // where it is written, in the YAML, but a checkpoint that states it (moeforge's router keys in
+  // config.json) describes the model exactly and reads.
+  if (m.is_moe() && m.moe_router_norm_topk_prob && !m.moe_router_pre_softmax) {
+    p.add("model.moe_router_norm_topk_prob is true but model.moe_router_pre_softmax is false: top-k on logits then "
+          "softmax already sums to 1; set moe_router_pre_softmax: true for Mixtral-style renormalized routing");
+  }
   if (use == ConfigUse::model_only) return p.throw_if_any();
   validate_training(c.training, p);
   const ParallelConfig& par = c.parallel;

@@ -90,9 +90,7 @@ int run_upcycle(const UpcycleCommandOptions& o) {
   auto dense = moe::load_hf_checkpoint(o.from);
   if (dense.config.is_moe()) fail_user("--from {} is already an MoE checkpoint; upcycle starts from a dense model", o.from);
   // Without a training section the positions come from the dense model (the MoE reads the same text).
-  if (loaded.origin["model.max_position_embeddings"] == "derived" && loaded.config.training.seq_length == 0) {
-    mc.max_position_embeddings = dense.config.max_position_embeddings;
-  }
+  if (!mc.max_position_embeddings) mc.max_position_embeddings = dense.config.max_position_embeddings;
   if (const auto diffs = backbone_config_differences(dense.config, mc, "dense checkpoint"); !diffs.empty()) {
     fail_user("--from {} and {} describe different models outside the MLPs:\n  - {}\nMake the config's model section "
               "match the dense checkpoint.",

@@ -2,7 +2,8 @@
 # Builds one libFuzzer target with clang (ASan + UBSan) and runs it for a bounded time from its
 # seed corpus. Exits non-zero on any crash or sanitizer report.
 #   bash tests/fuzz/run_fuzz.sh TARGET [SECONDS] [WORK_DIR]
-# TARGET: idx (the .idx parser), safetensors_header, yaml_config (the config loader).
+# TARGET: idx (the .idx parser), safetensors_header, yaml_config (the config loader), hf_config (a
+# Hugging Face config.json).
 # Seeds: tests/fuzz/corpus/TARGET/ (named as TARGET; idx: written below, as our writer lays indexes out); what the
 # fuzzer finds goes to WORK_DIR/TARGET/, never into the source tree.
 set -euo pipefail
@@ -18,7 +19,8 @@ case "$target" in
   idx) sources=(data/indexed_dataset.cpp data/sigbus_guard.cpp core/files/durable_file.cpp); libs=(-lfmt) ;;
   safetensors_header) sources=(core/files/safetensors_header.cpp); libs=(-lfmt) ;;
   yaml_config) sources=("${core[@]}"); libs=(-lyaml-cpp -lspdlog -lfmt) ;;
-  *) echo "run_fuzz.sh: unknown target '$target' (idx, safetensors_header, yaml_config)" >&2; exit 1 ;;
+  hf_config) sources=(moe/hf_config.cpp core/config/config.cpp core/config/config_validate.cpp core/flops/model_size.cpp); libs=(-lfmt) ;;
+  *) echo "run_fuzz.sh: unknown target '$target' (idx, safetensors_header, yaml_config, hf_config)" >&2; exit 1 ;;
 esac
 "$clangxx" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -DSPDLOG_COMPILED_LIB -DSPDLOG_FMT_EXTERNAL -I"$root" "$root/tests/fuzz/fuzz_$target.cpp" \

@@ -389,9 +389,13 @@ TEST_CASE("user errors are user errors: directories as files, sizes beyond memor
   const auto duplicated = dir.file("dup.yaml", "base: " + config + "\ntraining:\n  lr: 1.0e-3\n  lr: 2.0e-3\n");
   refused("plan " + duplicated, {"dup.yaml:4", "`training.lr` appears twice (first at line 3)"});
   // Sizes the machine cannot hold are refused with the planner's number before anything is allocated.
-  for (const char* size : {"model.hidden_size=1048576", "model.vocab_size=2000000000", "model.num_layers=60000"}) {
+  for (const char* size : {"model.hidden_size=1048576", "model.vocab_size=2000000000",
+                           "model.num_layers=65536 --set model.hidden_size=8192"}) {
     refused("train " + config + " --set " + size, {"the memory plan needs", "GiB per rank", "this host has"});
   }
+  // Beyond any real model, a size is a typo: refused before the planner loops over 10^8 layers.
+  refused("train " + config + " --set model.num_layers=100000000",
+          {"model.num_layers is 100000000, above the largest supported, 65536"});
   for (const char* size : {"training.global_batch_size=4611686018427387904", "training.seq_length=100000000"}) {
     refused("train " + config + " --set " + size, {"beyond 64-bit integers"});
   }
@@ -402,7 +406,7 @@ TEST_CASE("user errors are user errors: directories as files, sizes beyond memor
     refused(command + " --set parallel.pipeline_model_parallel_size=4294967296 --set parallel.tensor_model_parallel_size=4294967296",
             {"parallel.pipeline_model_parallel_size is 4294967296, above 1048576",
              "parallel.tensor_model_parallel_size is 4294967296, above 1048576"});
-    refused(command + " --set model.num_layers=4611686018427387904", {"model.num_layers is 4611686018427387904, above 65536"});
+    refused(command + " --set model.num_layers=4611686018427387904", {"model.num_layers is 4611686018427387904, above the largest supported, 65536"});
   }
   for (const std::string& command : {"plan " + config, "train " + config + " --dry-run"}) {
     refused(command + " --world-size 4 --set training.micro_batch_size=4611686018427387904",
