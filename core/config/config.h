@@ -145,6 +145,12 @@ struct ParallelConfig {
   std::optional<DeviceCollectives> device_collectives;
 };
 
+// The most samples a run counts, 2^53 (9.0e15, thousands of times any training run's): every count
+// up to it is exact as a double (the LR schedule's arithmetic, metrics.jsonl). validate_config keeps
+// the samples a run's schedule spans below it and a checkpoint's counters are refused above it
+// (launch/train/train_state.h), so the one added to the other never overflows 64 bits.
+inline constexpr int64_t kMaxSamples = int64_t{1} << 53;
+
 struct TrainingConfig {
   int64_t seq_length = 0;
   int64_t micro_batch_size = 1;

@@ -392,9 +392,10 @@ TEST_CASE("user errors are user errors: directories as files, sizes beyond memor
   for (const char* size : {"model.hidden_size=1048576", "model.vocab_size=2000000000", "model.num_layers=100000000"}) {
     refused("train " + config + " --set " + size, {"the memory plan needs", "GiB per rank", "this host has"});
   }
-  for (const char* size : {"training.global_batch_size=4611686018427387904", "training.seq_length=100000000"}) {
-    refused("train " + config + " --set " + size, {"beyond 64-bit integers"});
-  }
+  refused("train " + config + " --set training.seq_length=100000000", {"beyond 64-bit integers"});
+  // 2^62 samples per step: refused by the config's own bound on the samples a run spans (2^53).
+  refused("train " + config + " --set training.global_batch_size=4611686018427387904",
+          {"training.global_batch_size (4611686018427387904) x training.train_iters (30) is above 2^53 samples"});
   // An overflowing learning rate (finite in fp32, 1e38) stops the run as a user error, naming the setting.
   refused("train " + config + " --set training.lr=1e38 --set training.train_iters=3", {"is nan", "Lower training.lr"});
   // Token ids must be integers (1.5 used to be read as 1).

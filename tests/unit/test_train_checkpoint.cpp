@@ -274,12 +274,22 @@ TEST_CASE("train: a damaged trainer_state.json is refused, naming the field, and
   train(config, " --set training.train_iters=4" + common);
   const auto state_file = fs::path(save) / "iter_0000004" / "trainer_state.json";
   const auto good = slurp(state_file.string());
+  constexpr auto kInt64Max = std::numeric_limits<int64_t>::max();
+  constexpr auto kUint64Max = std::numeric_limits<uint64_t>::max();
   const std::vector<std::pair<json, std::string>> edits{
       {{{"iteration", -4}}, "\"iteration\" is -4, below 0"},
       {{{"iteration", 2}}, "\"iteration\" is 2, but the directory is iter_0000004 (iteration 4)"},
       {{{"skipped_iterations", 9}}, "\"skipped_iterations\" (9) exceeds \"iteration\" (4)"},
       {{{"consumed_train_samples", -1}}, "\"consumed_train_samples\" is -1, below 4"},
-      {{{"optimizer_steps", 5}}, "\"optimizer_steps\" (5) exceeds \"iteration\" (4)"}};
+      {{{"optimizer_steps", 5}}, "\"optimizer_steps\" (5) exceeds \"iteration\" (4)"},
+      // Counts no run reaches: the loader's sample arithmetic and the LR schedule would overflow.
+      {{{"consumed_train_samples", kInt64Max}}, "\"consumed_train_samples\" is 9223372036854775807, above"},
+      {{{"lr_num_steps", kInt64Max}}, "\"lr_num_steps\" is 9223372036854775807, above"},
+      {{{"iteration", kUint64Max}}, "\"iteration\" is 18446744073709551615, above"},
+      // Values of another type name the field (nlohmann's own message does not).
+      {{{"lr_num_steps", "abc"}}, "\"lr_num_steps\" must be a whole number, got \"abc\""},
+      {{{"consumed_valid_samples", 3.5}}, "\"consumed_valid_samples\" must be a whole number, got 3.5"},
+      {{{"bf16", 1}}, "\"bf16\" must be true or false, got 1"}};
   for (const auto& [edit, expected] : edits) {
     INFO(edit.dump());
     auto j = json::parse(good);
