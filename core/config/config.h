@@ -199,6 +199,9 @@ struct CheckpointConfig {
   // A save directory holding iter_* directories but no tracker (deleted or never written) would
   // start a fresh run that saves over them: refused unless this is set.
   bool overwrite = false;
+  // A resume whose datasets differ from those the checkpoint recorded (launch/train/train_state.h)
+  // is refused unless this is set: it would continue on another sample order.
+  bool allow_dataset_change = false;
 };
 
 struct LoggingConfig {

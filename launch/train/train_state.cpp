@@ -26,7 +26,7 @@ class Fields {
  public:
   Fields(const json& object, std::string where, std::vector<std::string>& problems)
       : object_(object), where_(std::move(where)), problems_(problems) {
-    if (!object_.is_object()) problems_.push_back(fmt::format("{}must be a JSON object, got {}", where_, object_.dump()));
+    if (!object_.is_object()) problems_.push_back(fmt::format("{} must be a JSON object, got {}", object_name(), object_.dump()));
   }
 
   int64_t whole(const char* key) {
@@ -40,6 +40,12 @@ class Fields {
     if (v->is_number_integer()) return v->get<int64_t>();
     problems_.push_back(fmt::format("{} must be a whole number, got {}", name(key), v->dump()));
     return 0;
+  }
+
+  std::string text(const char* key) {
+    const json* v = find(key);
+    if (v && !v->is_string()) problems_.push_back(fmt::format("{} must be a string, got {}", name(key), v->dump()));
+    return v && v->is_string() ? v->get<std::string>() : "";
   }
 
   bool flag(const char* key, bool absent) {
@@ -59,11 +65,35 @@ class Fields {
     return &object_[key];
   }
   std::string name(const char* key) const { return fmt::format("\"{}{}\"", where_, key); }
+  std::string object_name() const {
+    return where_.empty() ? "the file" : fmt::format("\"{}\"", where_.substr(0, where_.size() - 1));
+  }
 
   const json& object_;
   std::string where_;  // "" or "datasets[1]."
   std::vector<std::string>& problems_;
 };
+
+std::optional<std::vector<data::DatasetIdentity>> read_datasets(const json& j, std::vector<std::string>& problems) {
+  if (!j.is_object() || !j.contains("datasets")) return std::nullopt;
+  const json& list = j["datasets"];
+  if (!list.is_array()) {
+    problems.push_back(fmt::format("\"datasets\" must be a list, got {}", list.dump()));
+    return std::nullopt;
+  }
+  std::vector<data::DatasetIdentity> out;
+  for (size_t i = 0; i < list.size(); ++i) {
+    Fields f(list[i], fmt::format("datasets[{}].", i), problems);
+    data::DatasetIdentity d{f.text("prefix"), f.whole("idx_bytes"), 0, f.whole("bin_bytes")};
+    const std::string hash = f.text("idx_hash");
+    const auto [end, ec] = std::from_chars(hash.data(), hash.data() + hash.size(), d.idx_hash, 16);
+    if (hash.size() != 16 || ec != std::errc() || end != hash.data() + hash.size()) {
+      problems.push_back(fmt::format("\"datasets[{}].idx_hash\" must be 16 hexadecimal digits, got \"{}\"", i, hash));
+    }
+    out.push_back(std::move(d));
+  }
+  return out;
+}
 
 // The counters' ranges, and the iteration against the directory it is in (the tracker names the
 // directory, so the tracker is checked too): iteration -4 would save iter_-000002 and then over
@@ -100,13 +130,22 @@ void check_ranges(const SavedTrainState& saved, const fs::path& dir, std::vector
 }  // namespace
 
 json train_state_json(const TrainState& s, int64_t optimizer_steps, bool bf16) {
-  return {{"iteration", s.iteration},
-          {"consumed_train_samples", s.consumed_train_samples},
-          {"consumed_valid_samples", s.consumed_valid_samples},
-          {"lr_num_steps", s.lr_num_steps},
-          {"optimizer_steps", optimizer_steps},
-          {"skipped_iterations", s.skipped_iterations},
-          {"bf16", bf16}};
+  json j = {{"iteration", s.iteration},
+            {"consumed_train_samples", s.consumed_train_samples},
+            {"consumed_valid_samples", s.consumed_valid_samples},
+            {"lr_num_steps", s.lr_num_steps},
+            {"optimizer_steps", optimizer_steps},
+            {"skipped_iterations", s.skipped_iterations},
+            {"bf16", bf16}};
+  if (!s.datasets) return j;
+  j["datasets"] = json::array();
+  for (const auto& d : *s.datasets) {
+    j["datasets"].push_back({{"prefix", d.prefix},
+                             {"idx_bytes", d.idx_bytes},
+                             {"idx_hash", fmt::format("{:016x}", d.idx_hash)},
+                             {"bin_bytes", d.bin_bytes}});
+  }
+  return j;
 }
 
 SavedTrainState read_train_state(const std::string& dir) {
@@ -129,6 +168,7 @@ SavedTrainState read_train_state(const std::string& dir) {
   s.skipped_iterations = f.whole("skipped_iterations");
   out.optimizer_steps = f.whole("optimizer_steps");
   out.bf16 = f.flag("bf16", false);
+  s.datasets = read_datasets(j, problems);
   if (problems.empty()) check_ranges(out, file.parent_path(), problems);  // only values that were read
   if (problems.empty()) return out;
   fail_user("{}: the checkpoint's state is damaged: {}. Point --load at another checkpoint (or restore this file from a "

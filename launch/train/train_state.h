@@ -1,12 +1,14 @@
 // defines: TrainState, SavedTrainState, train_state_json, read_train_state, checkpoint_iteration
 //
 // trainer_state.json, a training checkpoint's record of where the run stands: the counters a
-// resume continues from and the precision.
+// resume continues from, the precision, and the datasets the run read (data/dataset_identity.h).
 // Rank 0 writes it in both checkpoint formats (commit_checkpoint); every resume and `moeforge
 // convert` read it. A damaged or edited file would resume at a wrong place, overflow the data
 // loader's or the LR schedule's arithmetic, or save over other checkpoints: each field is checked
 // for its type and its range, and a problem names the field and its value.
 #pragma once
+
+#include "data/dataset_identity.h"
 
 #include <nlohmann/json.hpp>
 
@@ -24,6 +26,9 @@ struct TrainState {
   int64_t consumed_valid_samples = 0;
   int64_t lr_num_steps = 0;  // LrSchedule::num_steps
   int64_t skipped_iterations = 0;
+  // What the run read; nullopt: not recorded (a run without datasets, or a checkpoint written
+  // before moeforge recorded them).
+  std::optional<std::vector<data::DatasetIdentity>> datasets;
 };
 
 struct SavedTrainState {
