@@ -145,6 +145,12 @@ struct ParallelConfig {
   std::optional<DeviceCollectives> device_collectives;
 };
 
+// The most samples a run counts, 2^53 (9.0e15, thousands of times any training run's): every count
+// up to it is exact as a double (the LR schedule's arithmetic, metrics.jsonl). validate_config keeps
+// the samples a run's schedule spans below it and a checkpoint's counters are refused above it
+// (launch/train/train_state.h), so the one added to the other never overflows 64 bits.
+inline constexpr int64_t kMaxSamples = int64_t{1} << 53;
+
 struct TrainingConfig {
   int64_t seq_length = 0;
   int64_t micro_batch_size = 1;
@@ -194,6 +200,9 @@ struct CheckpointConfig {
   // A save directory holding iter_* directories but no tracker (deleted or never written) would
   // start a fresh run that saves over them: refused unless this is set.
   bool overwrite = false;
+  // A resume whose datasets differ from those the checkpoint recorded (launch/train/train_state.h)
+  // is refused unless this is set: it would continue on another sample order.
+  bool allow_dataset_change = false;
 };
 
 struct LoggingConfig {

@@ -256,6 +256,7 @@ std::vector<ConfigField> make_fields() {
            "How long the ranks that do not write wait for a save's writers (progress logged) before ending the run; "
            "a save is not bounded by parallel.distributed_timeout_minutes"),
       bind("checkpoint", K, "overwrite", &KC::overwrite, "Allow a run to start fresh in a save directory that holds iter_* checkpoints but no latest_checkpointed_iteration.txt, saving over them; false = refused"),
+      bind("checkpoint", K, "allow_dataset_change", &KC::allow_dataset_change, "Resume although a dataset of data.data_path changed since the checkpoint was saved (its .idx's size or contents, its .bin's size), continuing on the new sample order with a warning; false = refused"),
       bind("checkpoint", K, "format", &KC::format, "whole: one Hugging Face checkpoint written by rank 0 (resumes on any layout); sharded: one directory per pipeline stage and EP rank (moeforge convert changes layout)"),
       // logging
       bind("logging", L, "log_interval", &LC::log_interval, "Print a step line every this many iterations"),

@@ -246,6 +246,13 @@ void validate_training(const TrainingConfig& t, Problems& p) {
   p.non_negative("training.seed", t.seed);
   p.positive("training.eval_interval", t.eval_interval);
   p.non_negative("training.eval_iters", t.eval_iters);
+  // The schedule's lengths and the run's samples, in samples: kept below kMaxSamples (config.h).
+  const int64_t iters = std::max(t.train_iters, *t.lr_decay_iters);
+  if (t.global_batch_size > 0 && iters > kMaxSamples / t.global_batch_size) {
+    p.add("training.global_batch_size ({}) x {} ({}) is above 2^53 samples, more than any run trains on: check both for "
+          "a typo",
+          t.global_batch_size, iters == t.train_iters ? "training.train_iters" : "training.lr_decay_iters", iters);
+  }
 }
 
 // A device type is a LibTorch name (lower case, as c10::Device parses it); whether LibTorch knows it

@@ -4,6 +4,7 @@
 
 #include "core/base/errors.h"
 #include "core/device/device_runtime.h"
+#include "data/dataset_identity.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "core/files/dir_lock.h"
 #include "launch/train/startup_checks.h"
@@ -115,6 +116,9 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
     const StartPoint start = start_point(c.checkpoint);
     if (!start.checkpoint) return "a fresh model (Megatron's initialization)";
     check_checkpoint_fits(*start.checkpoint, c, layout);
+    if (start.checkpoint->resume) {
+      check_datasets_match(start.checkpoint->dir, data::identify_datasets(c.data.data_path), c.checkpoint.allow_dataset_change);
+    }
     const std::string from = start.from_save ? " (the latest in checkpoint.save)" : "";
     if (!start.checkpoint->resume) return start.checkpoint->dir + ": Hugging Face weights, loadable on any layout";
     if (!is_sharded_checkpoint(start.checkpoint->dir)) {

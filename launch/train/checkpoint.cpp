@@ -19,7 +19,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -30,14 +29,6 @@ namespace {
 
 constexpr const char* kOldSuffix = ".old-";  // iter_N.old-<pid>: the previous iter_N while it is replaced
 
-std::optional<int64_t> iteration_of(const fs::path& dir) {
-  static const std::regex re(R"(iter_(\d{7,}))");
-  std::smatch m;
-  const std::string name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
-  if (!std::regex_match(name, m, re)) return std::nullopt;
-  return std::stoll(m[1].str());
-}
-
 // Keeps the newest `keep` checkpoints at or below `current` (the one just saved). Checkpoints above
 // it belong to a run this one resumed from an earlier point: they are left alone (and replaced as
 // this run reaches their iterations), never counted against the one just saved.
@@ -45,7 +36,7 @@ void prune(const fs::path& save, int64_t keep, int64_t current) {
   std::vector<std::pair<int64_t, fs::path>> found;
   for (const auto& entry : fs::directory_iterator(save)) {
     if (!entry.is_directory()) continue;
-    if (const auto it = iteration_of(entry.path()); it && *it <= current) found.emplace_back(*it, entry.path());
+    if (const auto it = checkpoint_iteration(entry.path()); it && *it <= current) found.emplace_back(*it, entry.path());
   }
   std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   for (size_t i = static_cast<size_t>(keep); keep > 0 && i < found.size(); ++i) {
@@ -102,14 +93,8 @@ std::string commit_checkpoint(const std::string& save_dir, const std::string& tm
                               const json& extra) {
   const fs::path save(save_dir), tmp(tmp_dir);
   const fs::path final_dir = save / files::iteration_dir(state.iteration);
-  json j = {{"iteration", state.iteration},
-            {"consumed_train_samples", state.consumed_train_samples},
-            {"consumed_valid_samples", state.consumed_valid_samples},
-            {"lr_num_steps", state.lr_num_steps},
-            {"optimizer_steps", optimizer_steps},
-            {"skipped_iterations", state.skipped_iterations},
-            {"bf16", config.training.bf16},
-            {"moeforge_version", MOEFORGE_VERSION}};
+  json j = train_state_json(state, optimizer_steps, config.training.bf16);
+  j["moeforge_version"] = MOEFORGE_VERSION;
   j.update(extra);
   write_file_durably(tmp / files::kTrainerState, j.dump(2) + "\n");
   write_file_durably(tmp / files::kResolvedConfig, resolved_config_yaml(config));
@@ -152,7 +137,7 @@ std::optional<fs::path> newest_untracked_checkpoint(const fs::path& save) {
   std::optional<std::pair<int64_t, fs::path>> newest;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(save, ec)) {
-    const auto it = entry.is_directory(ec) ? iteration_of(entry.path()) : std::nullopt;
+    const auto it = entry.is_directory(ec) ? checkpoint_iteration(entry.path()) : std::nullopt;
     if (!it || !fs::exists(entry.path() / files::kTrainerState) || !fs::exists(entry.path() / files::kResolvedConfig)) continue;
     if (!newest || *it > newest->first) newest.emplace(*it, entry.path());
   }
@@ -267,71 +252,6 @@ ModelConfig checkpoint_model_config(const std::string& dir) {
     return load_config(resolved.string()).config.model;
   }
   return moe::read_hf_config(dir);
-}
-
-namespace {
-
-// A damaged or edited trainer_state.json would resume at a wrong place and could overwrite other
-// checkpoints (iteration -4 saves iter_-000002 and then over iter_0000004): every field is
-// range-checked, and the iteration must be the one the directory is named for (the tracker names
-// the directory, so it is checked too).
-void check_train_state(const SavedTrainState& saved, const fs::path& dir) {
-  const TrainState& s = saved.state;
-  std::vector<std::string> problems;
-  auto at_least = [&](const char* key, int64_t value, int64_t low) {
-    if (value < low) problems.push_back(fmt::format("\"{}\" is {}, below {}", key, value, low));
-  };
-  at_least("iteration", s.iteration, 0);
-  at_least("consumed_train_samples", s.consumed_train_samples, s.iteration);  // a sample per iteration at least
-  at_least("consumed_valid_samples", s.consumed_valid_samples, 0);
-  at_least("lr_num_steps", s.lr_num_steps, 0);
-  at_least("skipped_iterations", s.skipped_iterations, 0);
-  at_least("optimizer_steps", saved.optimizer_steps, 0);
-  if (s.skipped_iterations > s.iteration) {
-    problems.push_back(fmt::format("\"skipped_iterations\" ({}) exceeds \"iteration\" ({})", s.skipped_iterations, s.iteration));
-  }
-  if (saved.optimizer_steps > s.iteration) {
-    problems.push_back(fmt::format("\"optimizer_steps\" ({}) exceeds \"iteration\" ({})", saved.optimizer_steps, s.iteration));
-  }
-  static const std::regex kIterDir(R"(iter_(\d{7}))");
-  std::smatch m;
-  const std::string name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
-  if (std::regex_match(name, m, kIterDir) && std::stoll(m[1].str()) != s.iteration) {
-    problems.push_back(fmt::format("\"iteration\" is {}, but the directory is {} (iteration {})", s.iteration, name,
-                                   std::stoll(m[1].str())));
-  }
-  if (problems.empty()) return;
-  fail_user("{}: the checkpoint's state is damaged: {}. Point --load at another checkpoint (or restore this file from a "
-            "backup).",
-            (dir / files::kTrainerState).string(), fmt::join(problems, "; "));
-}
-
-}  // namespace
-
-SavedTrainState read_train_state(const std::string& dir) {
-  const fs::path p(dir);
-  std::ifstream in(p / files::kTrainerState);
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    fail_user("{}: unreadable ({}). Point --load at another checkpoint.", (p / files::kTrainerState).string(), e.what());
-  }
-  SavedTrainState out;
-  TrainState& s = out.state;
-  try {
-    s.iteration = j.at("iteration").get<int64_t>();
-    s.consumed_train_samples = j.at("consumed_train_samples").get<int64_t>();
-    s.consumed_valid_samples = j.at("consumed_valid_samples").get<int64_t>();
-    s.lr_num_steps = j.at("lr_num_steps").get<int64_t>();
-    s.skipped_iterations = j.at("skipped_iterations").get<int64_t>();
-    out.optimizer_steps = j.at("optimizer_steps").get<int64_t>();
-    out.bf16 = j.value("bf16", false);
-  } catch (const json::exception& e) {
-    fail_user("{}: {}", (p / files::kTrainerState).string(), e.what());
-  }
-  check_train_state(out, p);
-  return out;
 }
 
 std::vector<std::string> nonfinite_tensors(const CheckpointContents& contents) {

@@ -1,7 +1,7 @@
-// defines: TrainState, CheckpointContents, save_checkpoint, prepare_checkpoint_dir,
-//          write_whole_checkpoint, commit_checkpoint, find_checkpoint, CheckpointToLoad,
-//          read_train_state, is_sharded_checkpoint, checkpoint_model_config, model_config_differences,
-//          backbone_config_differences
+// defines: CheckpointContents, save_checkpoint, prepare_checkpoint_dir, write_whole_checkpoint,
+//          commit_checkpoint, find_checkpoint, CheckpointToLoad, is_sharded_checkpoint,
+//          checkpoint_model_config, model_config_differences, backbone_config_differences
+//          (trainer_state.json: launch/train/train_state.h)
 //
 // File names: core/files/file_names.h.
 // Training checkpoints, Megatron's directory layout with a Hugging Face model inside:
@@ -26,6 +26,7 @@
 #include "core/files/file_names.h"
 #include "core/model/gpt_model.h"
 #include "core/optim/optimizer.h"
+#include "launch/train/train_state.h"
 
 #include <nlohmann/json.hpp>
 
@@ -36,14 +37,6 @@
 #include <vector>
 
 namespace moeforge {
-
-struct TrainState {
-  int64_t iteration = 0;  // completed iterations
-  int64_t consumed_train_samples = 0;
-  int64_t consumed_valid_samples = 0;
-  int64_t lr_num_steps = 0;  // LrSchedule::num_steps
-  int64_t skipped_iterations = 0;
-};
 
 // What a checkpoint holds, whole: every parameter and its optimizer state with all experts
 // (gathered from the ranks that hold them), so a checkpoint does not depend on the parallel layout.
@@ -90,14 +83,6 @@ std::optional<CheckpointToLoad> find_checkpoint(const std::string& path);
 // The newest complete iter_N directory of `save` (trainer_state.json and config.yaml present),
 // whether or not the tracker names it.
 std::optional<std::filesystem::path> newest_untracked_checkpoint(const std::filesystem::path& save);
-
-// trainer_state.json of a training checkpoint.
-struct SavedTrainState {
-  TrainState state;
-  int64_t optimizer_steps = 0;
-  bool bf16 = false;
-};
-SavedTrainState read_train_state(const std::string& dir);
 
 // Whether `dir` is a sharded training checkpoint (it holds shards.json).
 bool is_sharded_checkpoint(const std::string& dir);

@@ -224,6 +224,30 @@ void check_precision_matches(const std::string& dir, bool bf16) {
   }
 }
 
+void check_datasets_match(const std::string& dir, const std::vector<data::DatasetIdentity>& now, bool allow) {
+  const auto recorded = read_train_state(dir).state.datasets;
+  if (!recorded) {
+    if (!now.empty()) {
+      spdlog::warn("{} records no datasets (saved before moeforge recorded them): that data.data_path holds the data it "
+                   "was trained on cannot be checked",
+                   dir);
+    }
+    return;
+  }
+  const auto changes = data::dataset_changes(*recorded, now);
+  if (changes.empty()) return;
+  const std::string what = fmt::format("the datasets changed since the checkpoint {} was saved:\n  - {}\nresuming "
+                                       "continues on another sample order than the run's",
+                                       dir, fmt::join(changes, "\n  - "));
+  if (allow) {
+    spdlog::warn("{} (accepted: checkpoint.allow_dataset_change is true)", what);
+    return;
+  }
+  fail_user("{}. Point data.data_path at the checkpoint's datasets, or --load at another checkpoint, or set "
+            "checkpoint.allow_dataset_change: true to continue on these.",
+            what);
+}
+
 void check_checkpoint_fits(const CheckpointToLoad& checkpoint, const ExperimentConfig& c, const ParallelLayout& layout) {
   if (is_sharded_checkpoint(checkpoint.dir)) check_shard_layout(checkpoint.dir, ShardLayout::of(layout));
   check_model_matches(checkpoint.dir, c.model);

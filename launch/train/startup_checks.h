@@ -1,6 +1,6 @@
 // defines: StartPoint, start_point, check_data, check_output_dir, check_checkpoint_fits,
-//          check_model_matches, check_precision_matches, check_trainable, check_memory_fits,
-//          check_gpu_build, device_collectives
+//          check_model_matches, check_precision_matches, check_datasets_match, check_trainable,
+//          check_memory_fits, check_gpu_build, device_collectives
 //
 // The checks a training run makes before it allocates anything, in one place: the trainer calls
 // them (and stops at the first failure), `moeforge train --dry-run` calls the same functions and
@@ -9,6 +9,7 @@
 #pragma once
 
 #include "core/config/config.h"
+#include "data/dataset_identity.h"
 #include "launch/train/checkpoint.h"
 #include "parallel/layout/layout.h"
 
@@ -39,6 +40,10 @@ void check_output_dir(const char* key, const std::string& dir, bool create);
 void check_checkpoint_fits(const CheckpointToLoad& checkpoint, const ExperimentConfig& config, const ParallelLayout& layout);
 void check_model_matches(const std::string& checkpoint_dir, const ModelConfig& config);
 void check_precision_matches(const std::string& checkpoint_dir, bool bf16);
+// The datasets the training checkpoint recorded against `now`, this run's: a change is refused,
+// naming each file and what changed, unless `allow` (checkpoint.allow_dataset_change), which
+// warns. A checkpoint that recorded none (written before moeforge recorded them) is warned about.
+void check_datasets_match(const std::string& checkpoint_dir, const std::vector<data::DatasetIdentity>& now, bool allow);
 
 // training.trainable / training.frozen against the whole model's parameter names (built on the
 // meta device: no memory); the same check select_trainable() makes.

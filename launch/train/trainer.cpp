@@ -10,6 +10,7 @@
 #include "core/kernels/kernels.h"
 #include "core/kernels/self_check.h"
 #include "core/kernels/wgrad_accumulation.h"
+#include "data/dataset_identity.h"
 #include "data/datasets.h"
 #include "launch/train/micro_batches.h"
 #include "launch/train/restore.h"
@@ -152,6 +153,12 @@ void Trainer::setup_data() {
   const auto splits = data::build_datasets(spec);
   train_data_ = splits[0];
   valid_data_ = splits[1];
+  // What every checkpoint records of the datasets, and a resume is checked against: hashed once,
+  // here, by rank 0, which writes trainer_state.json in both checkpoint formats.
+  if (is_rank0()) {
+    auto datasets = data::identify_datasets(c_.data.data_path);
+    if (!datasets.empty()) state_.datasets = std::move(datasets);
+  }
   if (!valid_data_ && c_.training.eval_iters > 0) {
     spdlog::warn("data.split '{}' gives the valid split no documents: no evaluation (training.eval_iters {} ignored)",
                  c_.data.split, c_.training.eval_iters);
@@ -162,6 +169,10 @@ void Trainer::setup_model() {
   kernels::set_choice(c_.model.kernels);
   start_ = start_point(c_.checkpoint);
   if (start_.checkpoint) check_checkpoint_fits(*start_.checkpoint, c_, layout_);
+  if (start_.checkpoint && start_.checkpoint->resume && is_rank0()) {
+    check_datasets_match(start_.checkpoint->dir, state_.datasets.value_or(std::vector<data::DatasetIdentity>{}),
+                         c_.checkpoint.allow_dataset_change);
+  }
   // Built on the meta device (no memory), then this rank keeps its stage and its experts and
   // allocates only those: no rank ever holds the whole model.
   model_ = moe::build_model(c_.model);
@@ -220,7 +231,9 @@ void Trainer::setup_optimizer() {
 void Trainer::restore() {
   const auto& t = c_.training;
   if (start_.checkpoint && start_.checkpoint->resume) {
+    auto datasets = std::move(state_.datasets);  // this run's (setup_data), which its checkpoints record
     state_ = load_training_state(start_.checkpoint->dir, *optimizer_, t.bf16, *shard_);
+    state_.datasets = std::move(datasets);
     schedule_->set_num_steps(state_.lr_num_steps);
     spdlog::info("resumed from {}{} at iteration {} ({} samples consumed)", start_.checkpoint->dir,
                  start_.from_save ? " (the latest in checkpoint.save)" : "", state_.iteration,

@@ -214,6 +214,10 @@ TEST_CASE("invalid values and relations are reported together", "[config][errors
              Contains("max_position_embeddings (32) is shorter than training.seq_length (64)"));
   CHECK_THAT(test::user_error([&] { load_config(path, {"training.lr_warmup_iters=20"}); }),
              Contains("lr_warmup_iters (20) exceeds training.lr_decay_iters (10)"));
+  // Samples beyond 2^53 (a typo): the schedule's and the loader's arithmetic would overflow.
+  CHECK_THAT(test::user_error([&] { load_config(path, {"training.global_batch_size=1073741824", "training.lr_decay_iters=8388609"}); }),
+             Contains("training.global_batch_size (1073741824) x training.lr_decay_iters (8388609) is above 2^53 samples"));
+  CHECK_NOTHROW(load_config(path, {"training.global_batch_size=1073741824", "training.train_iters=8388608"}));
   // Floating settings must be finite and representable in fp32, where they are used.
   const auto fp32 = test::user_error([&] {
     load_config(path, {"training.lr=.inf", "training.min_lr=0", "training.adam_eps=1e-46", "training.weight_decay=1e39",

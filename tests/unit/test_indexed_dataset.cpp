@@ -1,6 +1,8 @@
 // Indexed datasets against Megatron-Core's own writer and reader (tests/oracles), and every class
 // of corruption a reader must catch.
 #include "core/base/errors.h"
+#include "core/base/hash64.h"
+#include "data/dataset_identity.h"
 #include "data/indexed_dataset.h"
 #include "test_util.h"
 
@@ -8,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -211,4 +214,56 @@ TEST_CASE("every corruption of the index is reported with file and offset", "[da
   const IndexedDataset mm(p);
   CHECK(mm.multimodal());
   CHECK(mm.sequence_modes().size() == N);
+}
+
+TEST_CASE("Hash64 is the same fed whole or in pieces, and tells one changed or added byte", "[data][indexed][hash]") {
+  std::vector<std::byte> bytes(1000);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::byte>(i * 7 + 3);
+  const uint64_t whole = hash64(bytes);
+  for (const size_t piece : {1, 7, 31, 32, 33, 999}) {
+    INFO(piece);
+    Hash64 h;
+    for (size_t at = 0; at < bytes.size(); at += piece) h.update(std::span(bytes).subspan(at, std::min(piece, bytes.size() - at)));
+    CHECK(h.digest() == whole);
+  }
+  auto changed = bytes;
+  changed[500] ^= std::byte{1};
+  CHECK(hash64(changed) != whole);
+  auto longer = bytes;
+  longer.push_back(std::byte{0});  // zero padding of the last block is told apart by the length
+  CHECK(hash64(longer) != whole);
+  CHECK(hash64(std::span(longer).first(1)) != hash64({}));
+}
+
+TEST_CASE("a dataset's identity is its index's size and hash and its tokens' size", "[data][indexed][hash]") {
+  test::TempDir dir;
+  const auto a = (dir.path() / "a").string(), copy = (dir.path() / "copy").string();
+  const auto docs = random_documents(7, 1000, 50);
+  write_ours(a, TokenDType::uint16, docs);
+  write_ours(copy, TokenDType::uint16, docs);
+  const auto before = identify_datasets({a});
+  REQUIRE(before.size() == 1);
+  CHECK(before[0].prefix == a);
+  CHECK(before[0].idx_bytes == static_cast<int64_t>(std::filesystem::file_size(a + ".idx")));
+  CHECK(before[0].bin_bytes == static_cast<int64_t>(std::filesystem::file_size(a + ".bin")));
+  CHECK(identify_datasets({"0.5 " + a + " 0.5 " + a}).size() == 1);  // a prefix blended twice is one dataset
+  // The same files under another prefix (a moved copy) are the same dataset.
+  CHECK(dataset_changes(before, identify_datasets({copy})).empty());
+
+  auto reordered = docs;
+  std::reverse(reordered.begin(), reordered.end());
+  write_ours(a, TokenDType::uint16, reordered);
+  auto changes = dataset_changes(before, identify_datasets({a}));
+  REQUIRE(changes.size() == 1);  // the same tokens: the .bin keeps its size
+  CHECK_THAT(changes[0], Contains(a + ".idx: its contents changed"));
+  auto more = docs;
+  more.push_back(docs[0]);
+  write_ours(a, TokenDType::uint16, more);
+  changes = dataset_changes(before, identify_datasets({a}));
+  REQUIRE(changes.size() == 2);
+  CHECK_THAT(changes[0], Contains(a + ".idx: its size changed from " + std::to_string(before[0].idx_bytes)));
+  CHECK_THAT(changes[1], Contains(a + ".bin: its size changed"));
+  CHECK_THAT(dataset_changes(before, identify_datasets({a, copy}))[0], Contains("records 1 dataset(s)"));
+  CHECK_THAT(test::user_error([&] { identify_datasets({(dir.path() / "missing").string()}); }),
+             Contains("missing.idx: cannot be read"));
 }

@@ -1,12 +1,14 @@
 // `moeforge train` properties that are about itself: bitwise determinism, resume equal to an
 // uninterrupted run, a kill during a save, freezing, and clear errors for bad input.
 #include "core/files/safetensors.h"
+#include "data/indexed_dataset.h"
 #include "test_util.h"
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
@@ -274,12 +276,24 @@ TEST_CASE("train: a damaged trainer_state.json is refused, naming the field, and
   train(config, " --set training.train_iters=4" + common);
   const auto state_file = fs::path(save) / "iter_0000004" / "trainer_state.json";
   const auto good = slurp(state_file.string());
+  constexpr auto kInt64Max = std::numeric_limits<int64_t>::max();
+  constexpr auto kUint64Max = std::numeric_limits<uint64_t>::max();
   const std::vector<std::pair<json, std::string>> edits{
       {{{"iteration", -4}}, "\"iteration\" is -4, below 0"},
       {{{"iteration", 2}}, "\"iteration\" is 2, but the directory is iter_0000004 (iteration 4)"},
       {{{"skipped_iterations", 9}}, "\"skipped_iterations\" (9) exceeds \"iteration\" (4)"},
       {{{"consumed_train_samples", -1}}, "\"consumed_train_samples\" is -1, below 4"},
-      {{{"optimizer_steps", 5}}, "\"optimizer_steps\" (5) exceeds \"iteration\" (4)"}};
+      {{{"optimizer_steps", 5}}, "\"optimizer_steps\" (5) exceeds \"iteration\" (4)"},
+      // Counts no run reaches: the loader's sample arithmetic and the LR schedule would overflow.
+      {{{"consumed_train_samples", kInt64Max}}, "\"consumed_train_samples\" is 9223372036854775807, above"},
+      {{{"lr_num_steps", kInt64Max}}, "\"lr_num_steps\" is 9223372036854775807, above"},
+      {{{"iteration", kUint64Max}}, "\"iteration\" is 18446744073709551615, above"},
+      // Values of another type name the field (nlohmann's own message does not).
+      {{{"lr_num_steps", "abc"}}, "\"lr_num_steps\" must be a whole number, got \"abc\""},
+      {{{"consumed_valid_samples", 3.5}}, "\"consumed_valid_samples\" must be a whole number, got 3.5"},
+      {{{"bf16", 1}}, "\"bf16\" must be true or false, got 1"},
+      {json::parse(R"({"datasets": [{"prefix": "text", "idx_bytes": "12", "idx_hash": "00", "bin_bytes": 1}]})"),
+       "\"datasets[0].idx_bytes\" must be a whole number, got \"12\""}};
   for (const auto& [edit, expected] : edits) {
     INFO(edit.dump());
     auto j = json::parse(good);
@@ -296,6 +310,86 @@ TEST_CASE("train: a damaged trainer_state.json is refused, naming the field, and
   for (const auto& entry : fs::directory_iterator(save)) {
     const auto name = entry.path().filename().string();
     CHECK((name == "iter_0000002" || name == "iter_0000004" || name == "latest_checkpointed_iteration.txt"));
+  }
+}
+
+namespace {
+
+// The documents of `prefix` rewritten under the same name: in reverse order (both files keep their
+// sizes, the index's contents change) or with the first appended again (both files grow).
+void rewrite_dataset(const std::string& prefix, bool append) {
+  std::vector<std::vector<int64_t>> documents;
+  {
+    const data::IndexedDataset d(prefix);
+    for (int64_t i = 0; i < d.num_sequences(); ++i) {
+      std::vector<int64_t> ids(static_cast<size_t>(d.sequence_lengths()[static_cast<size_t>(i)]));
+      d.read(i, 0, std::ssize(ids), ids.data());
+      documents.push_back(std::move(ids));
+    }
+  }
+  if (append) {
+    documents.push_back(documents.front());
+  } else {
+    std::reverse(documents.begin(), documents.end());
+  }
+  data::IndexedDatasetBuilder b(prefix, data::TokenDType::uint16);
+  for (const auto& ids : documents) b.add_document(ids);
+  b.finalize();
+}
+
+}  // namespace
+
+TEST_CASE("train: a dataset replaced since the checkpoint is refused, naming the file, unless allowed",
+          "[train][errors][checkpoint]") {
+  for (const std::string format : {"whole", "sharded"}) {
+    DYNAMIC_SECTION(format) {
+      TempDir dir;
+      const auto config = write_config(dir);
+      const auto prefix = (dir.path() / "text").string();
+      const auto save = (dir.path() / "ckpt").string();
+      const std::string common = " --set checkpoint.format=" + format + " --set checkpoint.save=" + save +
+                                 " --set training.lr_decay_iters=10 --set training.eval_interval=100";
+      train(config, " --set training.train_iters=2" + common);
+      // The checkpoint records the dataset: its index's size and hash, its tokens' size.
+      const auto state = json::parse(slurp(save + "/iter_0000002/trainer_state.json"));
+      REQUIRE(state.contains("datasets"));
+      REQUIRE(state["datasets"].size() == 1);
+      const json recorded = state["datasets"][0];
+      CHECK(recorded["prefix"] == prefix);
+      CHECK(recorded["idx_bytes"] == fs::file_size(prefix + ".idx"));
+      CHECK(recorded["bin_bytes"] == fs::file_size(prefix + ".bin"));
+      CHECK(recorded["idx_hash"].get<std::string>().size() == 16);
+
+      const std::string resume = kBin + " train " + config + " --set training.train_iters=3" + common;
+      rewrite_dataset(prefix, /*append=*/false);
+      auto r = run_command(resume);
+      INFO(r.output);
+      CHECK(r.exit_code == 1);
+      CHECK_THAT(r.output, Contains(prefix + ".idx: its contents changed") && Contains(save + "/iter_0000002") &&
+                               Contains("checkpoint.allow_dataset_change: true"));
+      CHECK_THAT(r.output, !Contains(prefix + ".bin:"));  // the same tokens, reordered
+      const auto dry = run_command(resume + " --dry-run");
+      CHECK(dry.exit_code == 1);
+      CHECK_THAT(dry.output, Contains("PROBLEM  checkpoint.load") && Contains(prefix + ".idx: its contents changed"));
+      rewrite_dataset(prefix, /*append=*/true);
+      r = run_command(resume);
+      CHECK(r.exit_code == 1);
+      CHECK_THAT(r.output, Contains(prefix + ".idx: its size changed from " + recorded["idx_bytes"].dump()) &&
+                               Contains(prefix + ".bin: its size changed"));
+
+      // Accepted when the config says so, with a warning; the next checkpoint records the dataset as it is now.
+      const auto out = train(config, " --set training.train_iters=3 --set checkpoint.allow_dataset_change=true" + common);
+      CHECK_THAT(out, Contains("checkpoint.allow_dataset_change") && Contains(prefix + ".idx: its size changed") &&
+                          Contains("at iteration 2"));
+      const auto state_file = save + "/iter_0000003/trainer_state.json";
+      auto now = json::parse(slurp(state_file));
+      CHECK(now["datasets"][0]["idx_bytes"] == fs::file_size(prefix + ".idx"));
+      CHECK(now["datasets"][0]["idx_hash"] != recorded["idx_hash"]);
+      // A checkpoint written before datasets were recorded resumes, with a warning.
+      now.erase("datasets");
+      std::ofstream(state_file) << now.dump(2);
+      CHECK_THAT(train(config, " --set training.train_iters=4" + common), Contains("records no datasets"));
+    }
   }
 }
 
