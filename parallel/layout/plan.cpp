@@ -43,6 +43,46 @@ N layer_activation_bytes_per_token(const ModelConfig& m, int64_t layer, int64_t 
   return bytes;
 }
 
+// Whether the LM head's loss runs fused on the configured device: core/kernels/kernels.cpp has the
+// kernel for the CPU and CUDA; any other accelerator (the emulated one, a vendor's) runs the
+// reference. A self-check that fails at start-up also falls back to it, which no plan foresees.
+bool loss_runs_fused(const ExperimentConfig& c) {
+  return c.model.kernels == KernelChoice::fused && (c.hardware.device == "cpu" || c.hardware.device == "cuda");
+}
+
+// Bytes the last stage holds for the head and the loss of one micro-batch of `tokens` rows.
+// Reference: the whole [T, V] logits in fp32 (in bf16 the cast copy; the bf16 logits are freed once
+// cast), log-softmax's fp32 output kept for backward, and the fp32 gradient made beside them: 12
+// bytes per logit whatever the dtype, as the emulated device measures (docs/plan.md).
+// Fused: the input's gradient dh [T, D], made in the forward and kept; one chunk of logits at a
+// time; for a tied head the fp32 accumulator of the weight's gradient [V, D] (an untied head adds
+// into its main_grad, counted with the gradients).
+N head_bytes(const ModelConfig& m, N tokens, int64_t e, bool fused) {
+  const N V = m.padded_vocab_size(), h = m.hidden_size;
+  if (!fused) return tokens * V * 12;
+  const N chunk = std::min(kLossChunkBytes, (tokens * V * e).v);
+  return tokens * h * e + chunk + (m.untie_embeddings_and_output_weights ? N(0) : V * h * 4);
+}
+
+// What one save writes, and what each format holds while writing it.
+CheckpointPlan checkpoint_plan(const Plan& plan, const ParallelLayout& layout, int64_t weight_bytes,
+                               int64_t optim_bytes) {
+  CheckpointPlan k;
+  k.model_bytes = (N(plan.parameters.total) * weight_bytes).v;
+  k.optimizer_bytes = (N(plan.parameters.total) * optim_bytes).v;
+  k.whole_rank0_host_bytes = k.bytes();
+  if (layout.tp() == 1) {  // the sharded format stores no tensor-parallel slices
+    k.sharded_writers = (N(layout.pp()) * layout.ep()).v;
+    for (const auto& s : plan.stages) {
+      k.sharded_largest_shard_bytes = std::max(k.sharded_largest_shard_bytes, (N(s.parameters) * (weight_bytes + optim_bytes)).v);
+    }
+  }
+  return k;
+}
+
+// A whole save beyond this much host memory on rank 0 is worth a warning: sharded spreads it.
+constexpr int64_t kWholeSaveWarnBytes = int64_t{64} << 30;
+
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 std::string gib(int64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / kGiB); }
@@ -61,7 +101,7 @@ std::string with_commas(int64_t v) {
 
 Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const ParallelLayout& layout) {
   const ModelConfig& m = c.model;
-  Plan plan{config_path, layout, {}, 0, 0, {}, 0, 0, 0, 0, 0, 0, {}, {}};
+  Plan plan{config_path, layout, {}, 0, 0, {}, 0, 0, 0, 0, 0, 0, {}, false, {}, {}};
   plan.parameters = count_parameters(m);
   int64_t representative = 0;
   for (int64_t i = 0; i < m.num_layers; ++i) {
@@ -97,8 +137,8 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   const int64_t grad_bytes = 4;              // gradients accumulate in fp32 either way
   const int64_t optim_bytes = bf16 ? 12 : 8;  // (fp32 master +) Adam m and v
   const N tokens_per_mb = N(c.training.micro_batch_size) * seq;
-  const N V = m.padded_vocab_size();
   const N h = m.hidden_size;
+  plan.fused_loss = loss_runs_fused(c);
   plan.experts_per_ep_rank = layout.experts_per_rank();
   for (int64_t s = 0; s < PP; ++s) {
     StagePlan st;
@@ -125,10 +165,10 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
     if (last) {
       dense += plan.parameters.final_norm;
       // A tied head is the embedding itself (ParallelLayout refuses tying under PP).
-      dense += m.untie_embeddings_and_output_weights ? V * h : N(0);
+      dense += m.untie_embeddings_and_output_weights ? N(m.padded_vocab_size()) * h : N(0);
     }
-    // logits + fp32 loss copy; sequence parallelism runs the head on this rank's chunk
-    const N logits = last ? tokens_per_mb / (SP ? TP : 1) * V * (weight_bytes + 4) : N(0);
+    // sequence parallelism runs the head on this rank's chunk of the tokens
+    const N logits = last ? head_bytes(m, tokens_per_mb / (SP ? TP : 1), weight_bytes, plan.fused_loss) : N(0);
     st.parameters = (dense + experts).v;
     st.expert_parameters = experts.v;
     st.weight_bytes = (N(st.parameters) * weight_bytes).v;
@@ -146,6 +186,16 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
                               : st.micro_batches_in_flight * act_full_layers / VP + logits;
     st.peak_bytes = (N(st.weight_bytes) + st.gradient_bytes + optimizer + activations).v;
     plan.stages.push_back(st);
+  }
+  plan.checkpoint = checkpoint_plan(plan, layout, weight_bytes, optim_bytes);
+  if (!c.checkpoint.save.empty() && c.checkpoint.format == CheckpointFormat::whole &&
+      plan.checkpoint.whole_rank0_host_bytes > kWholeSaveWarnBytes) {
+    plan.warnings.push_back(fmt::format(
+        "each whole save gathers {:.1f} GiB into rank 0's host memory and writes it from that one process; {}",
+        static_cast<double>(plan.checkpoint.whole_rank0_host_bytes) / (1LL << 30),
+        plan.checkpoint.sharded_writers
+            ? fmt::format("set checkpoint.format: sharded to have {} ranks write their own parts", plan.checkpoint.sharded_writers)
+            : std::string("the sharded format, which spreads it, needs tensor_model_parallel_size 1")));
   }
   return plan;
 }
@@ -213,9 +263,46 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
        {{"precision", c.training.bf16 ? "bf16" : "fp32"},
         {"use_distributed_optimizer", c.parallel.use_distributed_optimizer},
         {"recompute_granularity", std::string(to_string(c.training.recompute_granularity))},
+        {"fused_loss", plan.fused_loss},
         {"stages", stages}}},
+      {"checkpoint",
+       {{"format", std::string(to_string(c.checkpoint.format))},
+        {"model_bytes", plan.checkpoint.model_bytes},
+        {"optimizer_bytes", plan.checkpoint.optimizer_bytes},
+        {"bytes", plan.checkpoint.bytes()},
+        {"whole_rank0_host_bytes", plan.checkpoint.whole_rank0_host_bytes},
+        {"sharded_writers", plan.checkpoint.sharded_writers},
+        {"sharded_largest_shard_bytes", plan.checkpoint.sharded_largest_shard_bytes},
+        {"save_timeout_minutes", c.checkpoint.save_timeout_minutes}}},
       {"warnings", plan.warnings},
   };
+}
+
+// Both formats, so a user choosing between them sees what each would cost; the configured one marked.
+std::string format_checkpoint(const CheckpointPlan& k, const ExperimentConfig& c) {
+  const auto& cc = c.checkpoint;
+  const bool whole = cc.format == CheckpointFormat::whole;
+  std::ostringstream o;
+  o << fmt::format("\ncheckpoint (one save; checkpoint.format: {}{})\n", to_string(cc.format),
+                   cc.save.empty() ? ", but checkpoint.save is not set: no saves" : "");
+  o << fmt::format("  writes {}: model {} ({}), optimizer {} ({}Adam m and v)\n", gib(k.bytes()), gib(k.model_bytes),
+                   c.training.bf16 ? "bf16" : "fp32", gib(k.optimizer_bytes), c.training.bf16 ? "fp32 master, " : "");
+  // The writers must finish within checkpoint.save_timeout_minutes, or the waiting ranks end the job.
+  const double seconds = cc.save_timeout_minutes * 60.0;
+  o << fmt::format("  {} whole:   rank 0 holds all {} in host memory and writes it alone: at least {:.0f} MB/s to "
+                   "finish within checkpoint.save_timeout_minutes ({:g})\n",
+                   whole ? "*" : " ", gib(k.whole_rank0_host_bytes), static_cast<double>(k.bytes()) / 1e6 / seconds,
+                   cc.save_timeout_minutes);
+  if (k.sharded_writers) {
+    o << fmt::format("  {} sharded: {} ranks write in parallel (one per stage and EP rank), the largest {}: at least "
+                     "{:.0f} MB/s each\n",
+                     whole ? " " : "*", k.sharded_writers, gib(k.sharded_largest_shard_bytes),
+                     static_cast<double>(k.sharded_largest_shard_bytes) / 1e6 / seconds);
+  } else {
+    o << fmt::format("  {} sharded: not available with tensor_model_parallel_size {} (shards hold no TP slices)\n",
+                     whole ? " " : "*", c.parallel.tensor_model_parallel_size);
+  }
+  return o.str();
 }
 
 std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
@@ -263,7 +350,10 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
         gib(s.activation_bytes_per_micro_batch), gib(s.activation_bytes_per_micro_batch_full_recompute),
         s.micro_batches_in_flight, gib(s.peak_bytes));
   }
-  o << "  (act/mb: activations per micro-batch without / with full recomputation; peak: see docs/plan.md)\n";
+  o << fmt::format("  (act/mb: activations per micro-batch without / with full recomputation; the last stage's include the "
+                   "LM head's loss, {}; peak: see docs/plan.md)\n",
+                   plan.fused_loss ? "fused (no whole logits)" : "the reference (whole logits)");
+  o << format_checkpoint(plan.checkpoint, c);
   for (const auto& w : plan.warnings) o << "\nwarning: " << w << "\n";
   return o.str();
 }

@@ -1,4 +1,4 @@
-// defines: StagePlan, Plan, make_plan, plan_to_json, format_plan
+// defines: StagePlan, CheckpointPlan, Plan, make_plan, plan_to_json, format_plan, kLossChunkBytes
 //
 // What `moeforge plan` reports for a resolved config and layout: parameter counts, model FLOPs,
 // batch arithmetic, the pipeline bubble and a per-stage memory estimate. Formulas: docs/plan.md.
@@ -35,6 +35,25 @@ struct StagePlan {
   int64_t peak_bytes = 0;               // with the configured optimizer and recomputation
 };
 
+// What one save writes and holds, for both checkpoint formats (a user choosing between them sees
+// both). Model bytes are the weights in the training dtype; optimizer bytes the fp32 master copy
+// (bf16 only) and Adam's moments, as checkpoint.h lays them out.
+struct CheckpointPlan {
+  int64_t model_bytes = 0;
+  int64_t optimizer_bytes = 0;
+  // whole: rank 0 gathers every tensor into its host memory, then writes them alone.
+  int64_t whole_rank0_host_bytes = 0;
+  // sharded (TP 1 only, else 0): one writer per (stage, EP rank); the largest is EP rank 0 of a
+  // stage, which holds the stage's dense tensors beside its experts.
+  int64_t sharded_writers = 0;
+  int64_t sharded_largest_shard_bytes = 0;
+  int64_t bytes() const { return model_bytes + optimizer_bytes; }
+};
+
+// Bytes of logits one chunk of the fused LM head holds: core/kernels/cross_entropy.h's kChunkBytes,
+// restated here because the plan runs without LibTorch (a test keeps the two equal).
+inline constexpr int64_t kLossChunkBytes = int64_t{256} << 20;
+
 struct Plan {
   std::string config_path;
   ParallelLayout layout;
@@ -47,6 +66,8 @@ struct Plan {
   double bubble_fraction = 0;
   int64_t experts_per_ep_rank = 0;
   std::vector<StagePlan> stages;
+  bool fused_loss = false;  // the LM head's loss runs fused (no whole logits), which the stages' memory counts
+  CheckpointPlan checkpoint;
   std::vector<std::string> warnings;
 };
 

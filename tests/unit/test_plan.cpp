@@ -3,6 +3,8 @@
 // and closed forms for the batch, bubble and memory arithmetic.
 #include "core/config/config_loader.h"
 #include "core/flops/model_size.h"
+#include "core/kernels/cross_entropy.h"
+#include "core/kernels/kernels.h"
 #include "parallel/layout/plan.h"
 #include "parallel/layout/layout.h"
 #include "test_util.h"
@@ -72,9 +74,62 @@ TEST_CASE("batch, bubble and memory arithmetic of the mission plan", "[plan]") {
   }
   CHECK(plan.stages[0].micro_batches_in_flight == 2);
   CHECK(plan.stages[1].micro_batches_in_flight == 1);
-  // The last stage also holds the logits (bf16) and their fp32 copy for the loss: 6 V bytes per token.
+  // The last stage also holds the LM head's loss. Fused (hardware.device cuda): the input's bf16
+  // gradient [T, D] and one 256 MiB chunk of logits; the head is untied, so its weight's gradient
+  // goes into main_grad, counted with the gradients.
+  REQUIRE(plan.fused_loss);
   CHECK(plan.stages[1].activation_bytes_per_micro_batch - plan.stages[0].activation_bytes_per_micro_batch ==
-        8192LL * 151'936 * 6);
+        8192LL * 2048 * 2 + (256LL << 20));
+  // The reference (another accelerator, or model.kernels reference): the logits' fp32 copy,
+  // log-softmax's fp32 output and the fp32 gradient: 12 V bytes per token.
+  for (const char* set : {"hardware.device=emulated", "model.kernels=reference"}) {
+    const auto r = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml"), {std::string(set)}).config;
+    const Plan reference = make_plan(r, "q.yaml", ParallelLayout::create(r, 8));
+    CHECK_FALSE(reference.fused_loss);
+    CHECK(reference.stages[1].activation_bytes_per_micro_batch - reference.stages[0].activation_bytes_per_micro_batch ==
+          8192LL * 151'936 * 12);
+  }
+}
+
+TEST_CASE("the plan's fused-loss rule and chunk size are the kernel layer's", "[plan]") {
+  // The plan runs without LibTorch, so it restates both; these keep them the kernels' own.
+  CHECK(kLossChunkBytes == kernels::kChunkBytes);
+  const auto c = load_config(test::source_path("configs/tiny.yaml"), {"hardware.device=cpu"}).config;
+  CHECK(make_plan(c, "t.yaml", ParallelLayout::create(c, 1)).fused_loss ==
+        kernels::fused(kernels::Kernel::cross_entropy, c10::DeviceType::CPU));
+}
+
+TEST_CASE("what one save of the mission writes and holds, whole and sharded", "[plan][checkpoint]") {
+  const int64_t total = 14'315'784'192;  // the published parameter count (test above)
+  const auto c = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml")).config;
+  CHECK(c.checkpoint.format == CheckpointFormat::sharded);  // the mission saves sharded (issue 34 part 4)
+  const Plan plan = make_plan(c, "q.yaml", ParallelLayout::create(c, 8));
+  // bf16 weights; fp32 master copy and Adam m, v.
+  CHECK(plan.checkpoint.model_bytes == 2 * total);
+  CHECK(plan.checkpoint.optimizer_bytes == 12 * total);
+  CHECK(plan.checkpoint.whole_rank0_host_bytes == 14 * total);
+  // PP 2 x EP 4 writers; the largest is the last stage's EP rank 0: its dense tensors (with the
+  // head and final norm) and 15 experts per layer.
+  CHECK(plan.checkpoint.sharded_writers == 8);
+  CHECK(plan.checkpoint.sharded_largest_shard_bytes == 14 * plan.stages[1].parameters);
+  const auto json = plan_to_json(plan, c);
+  CHECK(json["checkpoint"]["format"] == "sharded");
+  CHECK(json["checkpoint"]["bytes"] == 14 * total);
+  const std::string text = format_plan(plan, c);
+  CHECK_THAT(text, Catch::Contains("writes 186.66 GiB"));
+  CHECK_THAT(text, Catch::Contains("* sharded: 8 ranks write in parallel"));
+
+  // Whole: the plan warns of rank 0's host memory; with TP the sharded format is not available.
+  const auto whole = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml"), {"checkpoint.format=whole"}).config;
+  const Plan w = make_plan(whole, "q.yaml", ParallelLayout::create(whole, 8));
+  REQUIRE(w.warnings.size() == 1);
+  CHECK_THAT(w.warnings[0], Catch::Contains("gathers 186.7 GiB into rank 0's host memory") &&
+                                Catch::Contains("checkpoint.format: sharded"));
+  const auto tp = load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml"),
+                              {"checkpoint.format=whole", "parallel.tensor_model_parallel_size=2", "parallel.world_size=16"}).config;
+  const Plan t = make_plan(tp, "q.yaml", ParallelLayout::create(tp, 16));
+  CHECK(t.checkpoint.sharded_writers == 0);
+  CHECK_THAT(format_plan(t, tp), Catch::Contains("sharded: not available with tensor_model_parallel_size 2"));
 }
 
 TEST_CASE("interleaved stages: the bubble shrinks by V, each chunk-micro-batch holds 1/V of the activations",
@@ -123,4 +178,13 @@ TEST_CASE("dense models and GQA count as Megatron does", "[plan]") {
   const auto f = model_flops_per_step(c.model, 8, 32);
   const int64_t macs = 64 * 256 * 3 * 4 + 4 * (64 * (64 + 64) + 64 * 64) + 64 * 1024;
   CHECK(f.megatron == 6 * 8 * 32 * macs + 6 * 8 * 32 * 32 * 64 * 4);
+}
+
+TEST_CASE("train --dry-run prints what one save of the layout writes and holds", "[plan][checkpoint][cli]") {
+  const auto r = test::run_command(test::moeforge_binary() + " train " + test::source_path("configs/qwen1.5-moe-a2.7b.yaml") +
+                                   " --dry-run --set checkpoint.format=whole 2>/dev/null");
+  INFO(r.output);
+  CHECK_THAT(r.output, Catch::Contains("checkpoint (one save; checkpoint.format: whole)"));
+  CHECK_THAT(r.output, Catch::Contains("  * whole:   rank 0 holds all 186.66 GiB in host memory and writes it alone"));
+  CHECK_THAT(r.output, Catch::Contains("warning: each whole save gathers 186.7 GiB into rank 0's host memory"));
 }
