@@ -29,13 +29,16 @@ int64_t peak_rss_bytes() {
 
 }  // namespace
 
-StepMeter::StepMeter(const torch::Device& device, const StepWork& work)
+StepMeter::StepMeter(const torch::Device& device, const StepWork& work, DevicePeaks& peaks)
     : start_(std::chrono::steady_clock::now()),
       syncs_before_(host_syncs()),
       comm_before_(comm_times()),
       timer_(device),
       work_(work),
-      device_(device) {}
+      device_(device),
+      peaks_(peaks) {
+  peaks_.begin();
+}
 
 void StepMeter::finish(StepMetrics& m) {
   const auto phase_s = timer_.finish();  // on a GPU: waits for the step's work to end
@@ -61,7 +64,8 @@ void StepMeter::finish(StepMetrics& m) {
   m.mfu = m.tflops_per_device / work_.peak.tflops;
   m.mfu_6n = m.tflops_6n_per_device / work_.peak.tflops;
   m.peak_memory_bytes = peak_rss_bytes();
-  m.device_memory = device_memory(device_);
+  m.step_device_memory = peaks_.end();
+  m.device_memory = peaks_.since_start();
 }
 
 void set_losses(StepMetrics& m, const ReducedLosses& r, const ModelConfig& mc) {
@@ -159,6 +163,14 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
     j[metric::kPeakMemoryAllocated] = m.device_memory->peak_allocated_bytes;
     j[metric::kPeakMemoryReserved] = m.device_memory->peak_reserved_bytes;
     j[metric::kDeviceMemoryTotal] = m.device_memory->total_bytes;
+  }
+  if (m.step_device_memory) {
+    j[metric::kStepPeakMemoryAllocated] = m.step_device_memory->peak_allocated_bytes;
+    j[metric::kStepPeakMemoryReserved] = m.step_device_memory->peak_reserved_bytes;
+  }
+  if (m.save_device_memory) {
+    j[metric::kSavePeakMemoryAllocated] = m.save_device_memory->peak_allocated_bytes;
+    j[metric::kSavePeakMemoryReserved] = m.save_device_memory->peak_reserved_bytes;
   }
   for (const auto& [key, per_rank] : m.rank_times) j[metric::kRankTimes][key] = per_rank;
   if (m.valid_lm_loss) {

@@ -81,6 +81,12 @@ inline constexpr const char* kPeakMemory = "peak_memory_bytes";  // host residen
 inline constexpr const char* kPeakMemoryAllocated = "peak_memory_allocated_bytes";
 inline constexpr const char* kPeakMemoryReserved = "peak_memory_reserved_bytes";
 inline constexpr const char* kDeviceMemoryTotal = "device_memory_total_bytes";
+// The same over this step alone (the allocator's peaks reset as it starts), and over the save made
+// after the previous iteration (on the first iteration after a save).
+inline constexpr const char* kStepPeakMemoryAllocated = "step_peak_memory_allocated_bytes";
+inline constexpr const char* kStepPeakMemoryReserved = "step_peak_memory_reserved_bytes";
+inline constexpr const char* kSavePeakMemoryAllocated = "save_peak_memory_allocated_bytes";
+inline constexpr const char* kSavePeakMemoryReserved = "save_peak_memory_reserved_bytes";
 inline constexpr const char* kTimestamp = "timestamp";
 inline constexpr const char* kEpTokensReceived = "ep_tokens_received";
 inline constexpr const char* kEpTokensReceivedMaxOverMean = "ep_tokens_received_max_over_mean";
@@ -131,7 +137,8 @@ struct StepMetrics {
   double mfu = 0, mfu_6n = 0, peak_tflops = 0;
   std::string peak_kind, peak_source;  // PeakFlops::kind and ::source
   int64_t peak_memory_bytes = 0;
-  std::optional<DeviceMemory> device_memory;  // CUDA runs
+  std::optional<DeviceMemory> device_memory;  // accelerator runs: peaks since start
+  std::optional<DeviceMemory> step_device_memory, save_device_memory;  // this step's; the last save's (once)
   // Several ranks only: every rank's breakdown, named values (rank_times.<key>[rank], in world-rank
   // order): compute_s (forward + backward outside all-to-alls), pipeline_wait_s, all_to_all_s,
   // grad_reduce_s, optimizer_s, step_s, comm_s and comm_exposed_s (time_comm_s and
@@ -163,7 +170,8 @@ struct StepWork {
 // the memory peaks into the step's metrics (on a GPU it waits for the step's work to end first).
 class StepMeter {
  public:
-  StepMeter(const torch::Device& device, const StepWork& work);
+  // Starts the step's window of `peaks` (the trainer's, for its device).
+  StepMeter(const torch::Device& device, const StepWork& work, DevicePeaks& peaks);
   StepTimer& timer() { return timer_; }
   void finish(StepMetrics& m);
 
@@ -174,6 +182,7 @@ class StepMeter {
   StepTimer timer_;
   StepWork work_;
   torch::Device device_;
+  DevicePeaks& peaks_;
 };
 
 // The step's reduced losses into its metrics (with Megatron's names for the balancing and z

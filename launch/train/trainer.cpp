@@ -92,6 +92,7 @@ void Trainer::setup_parallel() {
   // NCCL binds each communicator to the device current when it is made: chosen first.
   const c10::DeviceType type = training_device_type(c_.hardware, local_size);
   if (type != c10::DeviceType::CPU) device_ = select_device(type, local_rank, local_size);
+  peaks_ = DevicePeaks(device_);
   check_gpu_build(c_, world);
   if (startup_) startup_->phase("creating the process groups");
   if (world > 1) {
@@ -286,7 +287,7 @@ void Trainer::announce(const std::string& command) {
 
 StepMetrics Trainer::train_step() {
   const auto& t = c_.training;
-  StepMeter meter(device_, work_);
+  StepMeter meter(device_, work_, peaks_);
   StepTimer& timer = meter.timer();
   const int64_t micro_batches = layout_.micro_batches_per_step();
   const auto& chunks = shard_->chunks;
@@ -451,6 +452,7 @@ double Trainer::evaluate() {
 
 void Trainer::save() {
   const auto t0 = Clock::now();
+  peaks_.begin();  // the save's own window, from the optimizer state's gather over DP on
   CheckpointContents contents;
   contents.optimizer = optimizer_->state();  // collective: a sharded optimizer gathers over DP
   contents.optimizer_steps = optimizer_->steps();
@@ -461,7 +463,13 @@ void Trainer::save() {
     const ProgressTicker progress(fmt::format("saving the checkpoint of iteration {}", state_.iteration));
     dir = save_training_checkpoint(std::move(contents), state_, c_, *shard_, groups_, full_optimizer_shapes_);
   }
-  if (is_rank0()) spdlog::info("saved checkpoint {} in {:.2f} s", dir, seconds_since(t0));
+  save_peaks_ = peaks_.end();
+  if (is_rank0()) {
+    spdlog::info("saved checkpoint {} in {:.2f} s{}", dir, seconds_since(t0),
+                 save_peaks_ ? fmt::format(" (device memory peak during the save: {:.2f} GiB allocated)",
+                                           static_cast<double>(save_peaks_->peak_allocated_bytes) / (1LL << 30))
+                             : "");
+  }
 }
 
 void Trainer::refuse_nonfinite(const CheckpointContents& contents) {
@@ -533,6 +541,7 @@ int Trainer::train() {
   while (state_.iteration < t.train_iters) {
     profiler_->before_step(state_.iteration + 1);
     StepMetrics m = train_step();
+    m.save_device_memory = std::exchange(save_peaks_, std::nullopt);
     profiler_->after_step(state_.iteration);
     const bool last = state_.iteration == t.train_iters;
     const bool eval_now = valid_data_ && t.eval_iters > 0 && (state_.iteration % t.eval_interval == 0 || last);

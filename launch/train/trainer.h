@@ -89,6 +89,8 @@ class Trainer {
   ParallelLayout layout_;
   ProcessGroups groups_;
   torch::Device device_{torch::kCPU};
+  DevicePeaks peaks_{torch::kCPU};  // device_'s allocator peaks: since start, per step, per save
+  std::optional<DeviceMemory> save_peaks_;  // the last save's, for the next step's metrics
   std::shared_ptr<const data::SampleSource> train_data_, valid_data_;
   StartPoint start_;
   model::GPTModel model_{nullptr};

@@ -24,7 +24,9 @@ std::vector<nlohmann::json> train_on(const std::string& config, const TempDir& d
 // What a device run adds or measures differently: its memory (the allocator's, not the host's).
 nlohmann::json comparable(nlohmann::json j) {
   j = without_timing(std::move(j));
-  for (const char* key : {metric::kPeakMemoryAllocated, metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal}) {
+  for (const char* key : {metric::kPeakMemoryAllocated, metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal,
+                          metric::kStepPeakMemoryAllocated, metric::kStepPeakMemoryReserved,
+                          metric::kSavePeakMemoryAllocated, metric::kSavePeakMemoryReserved}) {
     j.erase(key);
   }
   return j;
@@ -134,6 +136,19 @@ TEST_CASE("saves on the emulated device add at most one tensor to its peak, and 
       const auto plain_peak = plain[i].value(metric::kPeakMemoryAllocated, int64_t{0});
       CHECK(plain_peak > 0);
       CHECK(peak <= plain_peak + kLargestUnit);
+      // Per-step peaks: the allocator's peak is reset as each step starts, so a step's own peak is
+      // the same with or without saves between steps, never above the since-start peak, and the
+      // since-start peak (Megatron's mem-max-allocated-bytes) never goes down.
+      const auto step = saving[i].value(metric::kStepPeakMemoryAllocated, int64_t{0});
+      CHECK(step > 0);
+      CHECK(step == plain[i].value(metric::kStepPeakMemoryAllocated, int64_t{-1}));
+      CHECK(step <= peak);
+      CHECK(saving[i].value(metric::kStepPeakMemoryReserved, int64_t{0}) <= saving[i].value(metric::kPeakMemoryReserved, int64_t{0}));
+      if (i > 0) CHECK(peak >= saving[i - 1].value(metric::kPeakMemoryAllocated, int64_t{0}));
+      // The save after iteration 2 is reported once, on iteration 3, within the since-start peak.
+      CHECK(saving[i].contains(metric::kSavePeakMemoryAllocated) == (i == 2));
+      if (i == 2) CHECK(saving[i].value(metric::kSavePeakMemoryAllocated, int64_t{-1}) <= peak);
+      CHECK_FALSE(plain[i].contains(metric::kSavePeakMemoryAllocated));
     }
     const auto resumed = train_on(config, dir, "resumed_" + format, "emulated",
                                   steps + " --load " + save + "/iter_0000002");
