@@ -40,6 +40,12 @@ int run(int argc, char** argv) {
   std::vector<std::string> level_names;
   for (const auto& [value, name] : moeforge::enum_names<moeforge::LogLevel>()) level_names.emplace_back(name);
   app.add_option("--log-level", level_name, "Log verbosity")->check(CLI::IsMember(level_names));
+  bool quiet = false;
+  app.add_flag("--quiet", quiet,
+               "Leave out the resolved-config table that plan and train (and its dry run) print first "
+               "(as does a log level above info)");
+  // Global options may also follow the subcommand (`moeforge plan CONFIG --quiet`).
+  app.fallthrough();
 
   moeforge::PlanOptions plan;
   auto* plan_cmd = app.add_subcommand("plan", "Parameters, FLOPs, batch arithmetic, bubble and memory per rank for a config");
@@ -179,6 +185,7 @@ int run(int argc, char** argv) {
     samples.overrides.push_back("logging.log_level=" + level_name);
     train.overrides.push_back("logging.log_level=" + level_name);
   }
+  plan.quiet = train.quiet = quiet;
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();

@@ -205,3 +205,13 @@ TEST_CASE("logging.profile records the chosen iterations: a Chrome trace and the
   CHECK(bad.exit_code == 1);
   CHECK_THAT(bad.output, Contains("logging.profile_step_end (5) must be above logging.profile_step_start (5)"));
 }
+
+TEST_CASE("train --quiet starts without the resolved-config table", "[train][cli]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string one_step =
+      " --set training.train_iters=1 --set training.lr_warmup_iters=0 --set training.eval_iters=0 --set logging.run_dir=";
+  CHECK_THAT(train(config, one_step + (dir.path() / "loud").string()), Contains("resolved config ("));
+  const auto quiet = train(config, "--quiet" + one_step + (dir.path() / "quiet").string());
+  CHECK_THAT(quiet, !Contains("resolved config (") && Contains("iteration 1/1"));
+}
