@@ -123,6 +123,8 @@ int run(int argc, char** argv) {
   up_cmd->add_option("--router-std", up.upcycle.router_std, "Random router: normal(0, std)");
   up_cmd->add_option("--router-from", up.upcycle.router_from, "Warm boot: copy the routers of this MoE checkpoint");
   up_cmd->add_flag("--verify", up.verify, "Check the method's invariants against the dense model on sample tokens");
+  up_cmd->add_flag("--overwrite", up.overwrite,
+                   "Replace a --to directory that is not empty (swapped in whole once the new checkpoint is complete)");
 
   moeforge::ReportOptions report;
   auto* report_cmd = app.add_subcommand("report", "Benchmark report of a run: FlagPerf's row, MFU, accuracy verdict, plots (docs/report.md)");
