@@ -155,6 +155,8 @@ int run(int argc, char** argv) {
   samples_cmd->add_option("--first", samples.first, "How many samples, from global sample 0")->check(CLI::NonNegativeNumber);
   samples_cmd->add_option("--set", samples.overrides, "Override a key: section.key=value (repeatable)");
   samples_cmd->add_flag("--json", samples.json, "Print JSON (tokens, labels, loss_mask, position_ids)");
+  samples_cmd->add_option("--decode", samples.decode,
+                          "Also print each sample's text, decoded by this tokenizer (tokenizer.json or \"byte\")");
   moeforge::DataMergeOptions merge;
   auto* merge_cmd = data_cmd->add_subcommand("merge", "Concatenate datasets of one dtype into one (Megatron's merge_datasets)");
   merge_cmd->add_option("--input", merge.inputs, "Dataset prefixes, in order")->required();
