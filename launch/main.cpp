@@ -40,6 +40,12 @@ int run(int argc, char** argv) {
   std::vector<std::string> level_names;
   for (const auto& [value, name] : moeforge::enum_names<moeforge::LogLevel>()) level_names.emplace_back(name);
   app.add_option("--log-level", level_name, "Log verbosity")->check(CLI::IsMember(level_names));
+  bool quiet = false;
+  app.add_flag("--quiet", quiet,
+               "Leave out the resolved-config table that plan and train (and its dry run) print first "
+               "(as does a log level above info)");
+  // Global options may also follow the subcommand (`moeforge plan CONFIG --quiet`).
+  app.fallthrough();
 
   moeforge::PlanOptions plan;
   auto* plan_cmd = app.add_subcommand("plan", "Parameters, FLOPs, batch arithmetic, bubble and memory per rank for a config");
@@ -117,6 +123,8 @@ int run(int argc, char** argv) {
   up_cmd->add_option("--router-std", up.upcycle.router_std, "Random router: normal(0, std)");
   up_cmd->add_option("--router-from", up.upcycle.router_from, "Warm boot: copy the routers of this MoE checkpoint");
   up_cmd->add_flag("--verify", up.verify, "Check the method's invariants against the dense model on sample tokens");
+  up_cmd->add_flag("--overwrite", up.overwrite,
+                   "Replace a --to directory that is not empty (swapped in whole once the new checkpoint is complete)");
 
   moeforge::ReportOptions report;
   auto* report_cmd = app.add_subcommand("report", "Benchmark report of a run: FlagPerf's row, MFU, accuracy verdict, plots (docs/report.md)");
@@ -147,6 +155,8 @@ int run(int argc, char** argv) {
   samples_cmd->add_option("--first", samples.first, "How many samples, from global sample 0")->check(CLI::NonNegativeNumber);
   samples_cmd->add_option("--set", samples.overrides, "Override a key: section.key=value (repeatable)");
   samples_cmd->add_flag("--json", samples.json, "Print JSON (tokens, labels, loss_mask, position_ids)");
+  samples_cmd->add_option("--decode", samples.decode,
+                          "Also print each sample's text, decoded by this tokenizer (tokenizer.json or \"byte\")");
   moeforge::DataMergeOptions merge;
   auto* merge_cmd = data_cmd->add_subcommand("merge", "Concatenate datasets of one dtype into one (Megatron's merge_datasets)");
   merge_cmd->add_option("--input", merge.inputs, "Dataset prefixes, in order")->required();
@@ -179,6 +189,7 @@ int run(int argc, char** argv) {
     samples.overrides.push_back("logging.log_level=" + level_name);
     train.overrides.push_back("logging.log_level=" + level_name);
   }
+  plan.quiet = train.quiet = quiet;
   if (*plan_cmd) return moeforge::run_plan(plan);
   if (*config_cmd) return moeforge::run_config(config);
   if (*version_cmd) return moeforge::run_version();

@@ -280,8 +280,7 @@ std::string resolved_config_table(const LoadedConfig& loaded) {
 std::string resolved_config_yaml(const ExperimentConfig& config) {
   YAML::Node root(YAML::NodeType::Map);
   for (const auto& f : config_fields()) root[f.section][f.key] = f.to_yaml(config);
-  YAML::Emitter out;
-  out.SetDoublePrecision(17);  // doubles round-trip exactly
+  YAML::Emitter out;  // numbers are already their shortest round-trip text (config_schema.cpp)
   out << root;
   return std::string("# Resolved moeforge config: every key, derived values filled in.\n") + out.c_str() + "\n";
 }

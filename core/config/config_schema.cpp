@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <stdexcept>
 
 namespace moeforge {
@@ -42,7 +43,10 @@ struct Codec<double> {
     if (!n.IsScalar() || !YAML::convert<double>::decode(n, v)) expected("a number", n);
     return v;
   }
-  static YAML::Node encode(double v) { return YAML::Node(v); }
+  // The shortest text that reads back as the same double (`0.1`, not yaml-cpp's 17 digits
+  // `0.10000000000000001`), for the table and the written YAML alike. Infinities and NaN keep
+  // yaml-cpp's spelling (`.inf`, `.nan`), which its decoder reads.
+  static YAML::Node encode(double v) { return std::isfinite(v) ? YAML::Node(fmt::format("{}", v)) : YAML::Node(v); }
 };
 
 template <>

@@ -19,6 +19,7 @@ struct PlanOptions {
   std::optional<int64_t> world_size;
   bool json = false;
   bool save = false;  // write <run_dir>/config.yaml and <run_dir>/plan.json
+  bool quiet = false;  // no resolved-config table
 };
 int run_plan(const PlanOptions& options);
 
@@ -55,6 +56,7 @@ struct TrainOptions {
   bool dry_run = false;               // layout, plan and checks only (run_train_dry_run)
   std::optional<int64_t> world_size;  // --world-size: the world a dry run plans for
   std::string command;                // the command line, for environment.json
+  bool quiet = false;                 // no resolved-config table
 };
 // `[mpirun -np N] moeforge train CONFIG`: the Trainer (launch/train/trainer.h); under an MPI
 // launcher the world size and this rank come from MPI, and an error on one rank ends the job.
@@ -63,7 +65,13 @@ int run_train(const TrainOptions& options);
 // `moeforge train CONFIG --dry-run`: the layout and plan for the world size, what every rank would
 // hold, and every check the trainer makes before training (launch/train/startup_checks.h), without
 // allocating the model. Non-zero exit when a check fails.
-int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_size);
+int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_size, bool quiet);
+
+// What plan and the dry run print before their own report: the resolved-config table and a blank
+// line, or nothing under --quiet or a log level above info (logging.log_level or --log-level),
+// which asks for warnings and errors only. `moeforge config` prints its table regardless: the
+// table is what it was asked for.
+std::string config_table_unless_quiet(const LoadedConfig& loaded, bool quiet);
 
 // The world size a command that runs no ranks plans for (plan, the dry run): --world-size, else
 // parallel.world_size, else the smallest layout the config allows (PP x EP). `source` says which.

@@ -8,6 +8,7 @@
 #include "data/blend.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <iostream>
 
@@ -23,6 +24,11 @@ int run_config(const ConfigOptions& options) {
   data::validate_data_config(loaded.config.data);
   std::cout << (options.yaml ? resolved_config_yaml(loaded.config) : resolved_config_table(loaded));
   return 0;
+}
+
+std::string config_table_unless_quiet(const LoadedConfig& loaded, bool quiet) {
+  if (quiet || !spdlog::should_log(spdlog::level::info)) return "";
+  return resolved_config_table(loaded) + "\n";
 }
 
 std::string config_keys_markdown() {

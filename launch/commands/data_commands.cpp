@@ -5,6 +5,7 @@
 #include "core/config/logging.h"
 #include "data/datasets.h"
 #include "data/indexed_dataset.h"
+#include "data/tokenizer/tokenizer.h"
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -14,6 +15,33 @@
 #include <iostream>
 
 namespace moeforge {
+
+namespace {
+
+// A sample's input tokens as text. An id beyond the tokenizer's vocabulary means the dataset was
+// made with another tokenizer: said so, instead of decoding it into something misleading.
+std::string sample_text(const data::Tokenizer& tokenizer, const std::vector<int64_t>& tokens, int64_t index,
+                        const std::string& name) {
+  std::vector<int32_t> ids;
+  ids.reserve(tokens.size());
+  for (const int64_t id : tokens) {
+    if (id < 0 || id >= tokenizer.vocab_size()) {
+      fail_user("--decode {}: sample {} holds token id {}, outside the tokenizer's {} ids. Decode with the tokenizer "
+                "the dataset was made with (data.tokenizer_model, or what `data preprocess --tokenizer` was given).",
+                name, index, id, tokenizer.vocab_size());
+    }
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  return tokenizer.decode(ids);
+}
+
+// One line, quoted, every control character and newline escaped: where the text starts and ends
+// (spaces, an end-of-document token) stays visible.
+std::string json_string(const std::string& text) {
+  return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+}  // namespace
 
 int run_data_inspect(const DataInspectOptions& o) {
   const data::IndexedDataset d(o.prefix);  // validates every invariant, or throws naming the problem
@@ -67,23 +95,30 @@ int run_data_samples(const DataSamplesOptions& o) {
   const auto datasets = data::build_datasets(spec);
   const auto& source = datasets[split];
   if (!source) fail_user("the {} split is empty for data.split \"{}\"", o.split, loaded.config.data.split);
+  const auto tokenizer = o.decode.empty() ? nullptr : data::load_tokenizer(o.decode);
   const int64_t n = std::min(o.first, source->size());
   data::Sample s;
   nlohmann::json samples = nlohmann::json::array();
   for (int64_t i = 0; i < n; ++i) {
     source->get(i, s);
+    const std::string text = tokenizer ? sample_text(*tokenizer, s.tokens, i, o.decode) : "";
     if (o.json) {
       samples.push_back({{"index", i},
                          {"tokens", s.tokens},
                          {"labels", s.labels},
                          {"loss_mask", s.loss_mask},
                          {"position_ids", s.position_ids}});
+      if (tokenizer) samples.back()["text"] = text;
     } else {
       std::cout << fmt::format("sample {}: {}\n", i, fmt::join(s.tokens, " "));
+      if (tokenizer) std::cout << fmt::format("text {}: {}\n", i, json_string(text));
     }
   }
   if (o.json) {
-    std::cout << nlohmann::json{{"split", o.split}, {"size", source->size()}, {"samples", samples}}.dump() << "\n";
+    // Replace: the byte tokenizer decodes any bytes, and a sample may cut a character in two.
+    std::cout << nlohmann::json{{"split", o.split}, {"size", source->size()}, {"samples", samples}}.dump(
+                     -1, ' ', false, nlohmann::json::error_handler_t::replace)
+              << "\n";
   }
   return 0;
 }

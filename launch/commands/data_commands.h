@@ -21,6 +21,7 @@ struct DataSamplesOptions {
   std::string split = "train";
   int64_t first = 4;
   bool json = false;
+  std::string decode;  // a tokenizer (tokenizer.json or "byte"): also print each sample's text
 };
 int run_data_samples(const DataSamplesOptions& options);
 

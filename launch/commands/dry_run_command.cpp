@@ -76,7 +76,7 @@ std::string rank_table(const Plan& plan, const ParallelLayout& layout, const Exp
 
 }  // namespace
 
-int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_size) {
+int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_size, bool quiet) {
   const ExperimentConfig& c = loaded.config;
   std::string world_source;
   const int64_t world = planned_world_size(world_size, c, &world_source);
@@ -134,7 +134,7 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
     check_gpu_build(c, world);
     return describe_device(c.hardware, world);
   });
-  std::cout << resolved_config_table(loaded) << "\n"
+  std::cout << config_table_unless_quiet(loaded, quiet)
             << fmt::format("dry run for world size {} (from {}): nothing is allocated or written\n\n", world, world_source)
             << format_plan(plan, c) << rank_table(plan, layout, c) << "\nchecks\n";
   for (const auto& line : ok) std::cout << "  ok       " << line << "\n";

@@ -58,7 +58,7 @@ int run_plan(const PlanOptions& options) {
   if (options.json) {
     std::cout << plan_to_json(plan, c).dump(2) << "\n";
   } else {
-    std::cout << resolved_config_table(loaded) << "\n" << format_plan(plan, c);
+    std::cout << config_table_unless_quiet(loaded, options.quiet) << format_plan(plan, c);
   }
   return 0;
 }

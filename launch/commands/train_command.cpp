@@ -20,7 +20,7 @@ int run_train(const TrainOptions& o) {
     if (o.world_size) overrides.push_back(fmt::format("parallel.world_size={}", *o.world_size));
     LoadedConfig loaded = load_config(o.config_path, overrides);
     set_log_level(loaded.config.logging.log_level);
-    return run_train_dry_run(loaded, o.world_size);
+    return run_train_dry_run(loaded, o.world_size, o.quiet);
   }
   // Under an MPI launcher every process joins the MPI world first: the world size and this rank
   // are MPI's, and every log line carries the rank. Until the process groups exist nothing else
@@ -33,7 +33,7 @@ int run_train(const TrainOptions& o) {
   try {
     LoadedConfig loaded = load_config(o.config_path, overrides);
     set_log_level(loaded.config.logging.log_level);
-    Trainer trainer(std::move(loaded), std::move(mpi), o.command, std::move(startup));
+    Trainer trainer(std::move(loaded), std::move(mpi), o.command, o.quiet, std::move(startup));
     return trainer.train();
   } catch (const std::exception& e) {
     // An error on some ranks of a running job would leave the others waiting in a collective until

@@ -1,6 +1,7 @@
 #include "launch/commands/upcycle_command.h"
 
 #include "core/config/config_loader.h"
+#include "core/files/dir_lock.h"
 #include "core/files/durable_file.h"
 #include "core/base/errors.h"
 #include "core/model/rule_updated.h"
@@ -14,6 +15,10 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -70,9 +75,108 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
   }
 }
 
+// The output directory is written whole or not at all. The checkpoint is built beside it as
+// `<to>.tmp-<pid>` (one file system, so renames are atomic) and renamed into place once complete:
+// `to` holds, at every moment, what it held before or the whole new checkpoint, never a mix.
+fs::path output_dir(const std::string& to) {
+  const fs::path p = fs::absolute(to).lexically_normal();
+  return p.has_filename() ? p : p.parent_path();  // "out/" names out
+}
+
+fs::path sibling(const fs::path& to, const std::string& suffix) {
+  return to.parent_path() / (to.filename().string() + suffix + std::to_string(::getpid()));
+}
+
+// An existing directory is replaced only with --overwrite. An empty one is taken as it is: it
+// holds nothing to lose, and `mkdir` (or a job script's fresh directory) often comes first.
+void refuse_to_replace(const fs::path& to, const std::string& from, bool overwrite) {
+  std::error_code ec;
+  if (fs::equivalent(to, from, ec)) {
+    fail_user("--to {} is the dense checkpoint --from reads. Name another directory for the MoE.", to.string());
+  }
+  if (!fs::exists(to)) return;
+  if (!fs::is_directory(to)) {
+    fail_user("--to {} is a file, not a directory. Name a directory for the upcycled checkpoint.", to.string());
+  }
+  if (!overwrite && !fs::is_empty(to)) {
+    fail_user("--to {} already exists and is not empty: upcycle would replace what it holds. Name a new directory, "
+              "or pass --overwrite to replace it (the old contents are removed only once the new checkpoint is "
+              "complete).",
+              to.string());
+  }
+}
+
+// What a killed upcycle into `to` left beside it: its unfinished `<to>.tmp-<pid>` (removed) and,
+// when the kill fell between the two renames of a replacement without RENAME_EXCHANGE, the old
+// checkpoint as `<to>.replaced.tmp-<pid>` (put back when `to` is missing, else removed). Only names
+// ending in the pid of a process that is gone: a live upcycle's, or anything else, stays.
+void recover_leftovers(const fs::path& to) {
+  auto leftovers = [&](const std::string& infix) {
+    const std::string prefix = to.filename().string() + infix;
+    std::vector<fs::path> found;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(to.parent_path(), ec)) {
+      const std::string name = entry.path().filename().string();
+      const std::string pid = name.substr(std::min(prefix.size(), name.size()));
+      if (name.starts_with(prefix) && !pid.empty() && pid.find_first_not_of("0123456789") == std::string::npos &&
+          is_abandoned_temporary(name)) {
+        found.push_back(entry.path());
+      }
+    }
+    return found;
+  };
+  for (const auto& old : leftovers(".replaced.tmp-")) {
+    if (fs::exists(to)) {
+      fs::remove_all(old);
+      continue;
+    }
+    rename_durably(old, to);
+    spdlog::warn("restored {} from {} (an upcycle replacing it was interrupted)", to.string(), old.string());
+  }
+  for (const auto& tmp : leftovers(".tmp-")) fs::remove_all(tmp);
+}
+
+// Removes a directory at the end of its scope: the unfinished checkpoint after an error, the
+// replaced one after an exchange; after a plain rename there is nothing left to remove.
+struct RemovedAtExit {
+  fs::path dir;
+  ~RemovedAtExit() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+};
+
+// Puts the complete checkpoint `tmp` at `to`; rename(2) replaces a missing or empty directory.
+void put_in_place(const fs::path& tmp, const fs::path& to, const std::string& from, bool overwrite) {
+  refuse_to_replace(to, from, overwrite);  // again: `to` may have changed while upcycle ran
+  if (!fs::exists(to) || fs::is_empty(to)) {
+    rename_durably(tmp, to);
+    return;
+  }
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, to.c_str(), RENAME_EXCHANGE) == 0) {
+    sync_path(to.parent_path());
+    fs::remove_all(tmp);  // now the old checkpoint
+    return;
+  }
+  // A file system without RENAME_EXCHANGE: two renames; recover_leftovers() repairs a kill between them.
+  const fs::path old = sibling(to, ".replaced.tmp-");
+  rename_durably(to, old);
+  try {
+    rename_durably(tmp, to);
+  } catch (const UserError&) {
+    rename_durably(old, to);
+    throw;
+  }
+  fs::remove_all(old);
+}
+
 }  // namespace
 
 int run_upcycle(const UpcycleCommandOptions& o) {
+  // Before any work: a refusal after minutes of upcycling would waste them.
+  const fs::path to = output_dir(o.to);
+  recover_leftovers(to);
+  refuse_to_replace(to, o.from, o.overwrite);
   // Only the model section matters: upcycling trains nothing.
   LoadedConfig loaded = load_config(o.config_path, o.overrides, ConfigUse::model_only);
   ModelConfig& mc = loaded.config.model;
@@ -168,9 +272,11 @@ int run_upcycle(const UpcycleCommandOptions& o) {
   bool verified = true;
   if (o.verify) verified = verify_upcycled(*dense.model, *moe_model, mc, o.upcycle);
 
-  fs::create_directories(o.to);
-  moe::save_hf_checkpoint(mc, out, o.to);
-  copy_tokenizer_files(o.from, o.to);
+  const fs::path tmp = sibling(to, ".tmp-");
+  const RemovedAtExit cleanup{tmp};
+  fs::create_directories(tmp);
+  moe::save_hf_checkpoint(mc, out, tmp.string());
+  copy_tokenizer_files(o.from, tmp);
   const json manifest = {
       {"method", method_name(o.upcycle.method)},
       {"seed", o.upcycle.seed},
@@ -191,9 +297,12 @@ int run_upcycle(const UpcycleCommandOptions& o) {
       {"random_rows_per_moe_layer", random_rows},
       {"moeforge_version", MOEFORGE_VERSION},
   };
-  write_file_durably(fs::path(o.to) / files::kUpcycleManifest, manifest.dump(2) + "\n");
-  spdlog::info("wrote {} ({} tensors; manifest {}); train from it with --load {}", o.to, out.size(),
-               files::kUpcycleManifest, o.to);
+  write_file_durably(tmp / files::kUpcycleManifest, manifest.dump(2) + "\n");
+  sync_path(tmp);
+  const bool replaced = fs::exists(to) && !fs::is_empty(to);
+  put_in_place(tmp, to, o.from, o.overwrite);
+  spdlog::info("{} {} ({} tensors; manifest {}); train from it with --load {}", replaced ? "replaced" : "wrote", o.to,
+               out.size(), files::kUpcycleManifest, o.to);
   return verified ? 0 : 1;
 }
 

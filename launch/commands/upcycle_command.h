@@ -22,6 +22,7 @@ struct UpcycleCommandOptions {
   std::vector<std::string> overrides;
   moe::UpcycleOptions upcycle;
   bool verify = false;
+  bool overwrite = false;  // replace a non-empty --to directory
 };
 int run_upcycle(const UpcycleCommandOptions& options);
 

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <tuple>
 
@@ -21,6 +22,9 @@ using torch::profiler::impl::ActivityType;
 namespace moeforge {
 
 namespace {
+
+constexpr const char* kKinetoLogLevelEnv = "KINETO_LOG_LEVEL";
+constexpr const char* kKinetoSilent = "6";
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
@@ -36,7 +40,16 @@ std::set<ActivityType> activities(const torch::Device& device) {
 
 StepProfiler::StepProfiler(const LoggingConfig& c, bool this_rank, const torch::Device& device)
     : enabled_(c.profile && this_rank), device_(device), start_(c.profile_step_start), end_(c.profile_step_end),
-      dir_(fs::path(c.run_dir) / "profile") {}
+      dir_(fs::path(c.run_dir) / "profile") {
+  // Kineto in a CUDA build of LibTorch asks the CUDA runtime for every GPU's properties when it
+  // processes a trace, even a CPU-only one; on a machine without a GPU driver that fails and it
+  // prints `ERROR ... gpuGetDeviceCount failed with code 35` to stderr, beside its
+  // `profiler_start` / `profiler_stop` lines: noise about devices a CPU profile does not record.
+  // Kineto reads its level from KINETO_LOG_LEVEL once, when the process's first profile starts
+  // (after this); above its highest level (USDT = 5) it prints nothing. A level the user set is
+  // kept, and a CUDA run keeps Kineto's messages: they are about what it records.
+  if (enabled_ && !device_.is_cuda()) setenv(kKinetoLogLevelEnv, kKinetoSilent, /*overwrite=*/0);
+}
 
 void StepProfiler::before_step(int64_t iteration) {
   if (!enabled_ || running_ || iteration != start_) return;

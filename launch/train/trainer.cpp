@@ -66,7 +66,7 @@ void apply_determinism(bool on) {
 
 }  // namespace
 
-Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command,
+Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command, bool quiet,
                  std::unique_ptr<StartupWatch> startup)
     : loaded_(std::move(loaded)), c_(loaded_.config), mpi_(std::move(mpi)), startup_(std::move(startup)) {
   setup_parallel();
@@ -75,7 +75,7 @@ Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std
   setup_model();
   setup_optimizer();
   restore();
-  announce(command);
+  announce(command, quiet);
 }
 
 void Trainer::setup_parallel() {
@@ -246,14 +246,14 @@ void Trainer::restore() {
                                                      state_.consumed_train_samples);
 }
 
-void Trainer::announce(const std::string& command) {
+void Trainer::announce(const std::string& command, bool quiet) {
   const auto& t = c_.training;
   const auto flops = model_flops_per_step(c_.model, t.global_batch_size, t.seq_length);
   work_ = {static_cast<double>(t.global_batch_size * t.seq_length), static_cast<double>(flops.megatron),
            static_cast<double>(flops.six_n), resolve_peak(c_.hardware, t.bf16), static_cast<double>(layout_.world())};
 
   const auto counts = count_parameters(c_.model);
-  spdlog::info("{}", resolved_config_table(loaded_));
+  if (!quiet) spdlog::info("{}", resolved_config_table(loaded_));  // a log level above info leaves it out too
   spdlog::info("layout: {}", layout_.describe());
   spdlog::info("model: {} parameters ({} activated), {} trainable on this rank in {} tensors; {} on {}; {}",
                human_count(counts.total), human_count(counts.activated),

@@ -45,8 +45,9 @@ class Trainer {
  public:
   // `mpi`: this process's MPI runtime when an MPI launcher started it (the world size and this
   // rank come from it), null on one process. `command`: the command line, for environment.json.
-  // `startup`: the watch armed before MPI_Init, ended once the process groups exist.
-  Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command = "",
+  // `quiet`: no resolved-config table at start-up (--quiet). `startup`: the watch armed before
+  // MPI_Init, ended once the process groups exist.
+  Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std::string& command = "", bool quiet = false,
           std::unique_ptr<StartupWatch> startup = nullptr);
   // Trains from the current state to training.train_iters; returns the process exit code.
   int train();
@@ -59,7 +60,7 @@ class Trainer {
   void setup_model();      // built on the meta device, parallelized, then this rank's part materialised
   void setup_optimizer();  // trainable parameters, the optimizer and the LR schedule
   void restore();          // a training checkpoint's optimizer, schedule, counters and RNG; the loader
-  void announce(const std::string& command);  // resolved config, layout, model; run files
+  void announce(const std::string& command, bool quiet);  // resolved config, layout, model; run files
 
   StepMetrics train_step();
   // The optimizer's step from the reduced gradients (skipped, or the run stopped, when the loss or

@@ -105,3 +105,26 @@ TEST_CASE("plan --save writes the resolved config and the plan into the run dire
   const auto again = run_command(kBin + " config " + run_dir + "/config.yaml --yaml");
   CHECK(again.exit_code == 0);
 }
+
+TEST_CASE("plan and the dry run leave out the resolved-config table with --quiet or a log level above info", "[cli]") {
+  const std::string header = "resolved config (configs/tiny.yaml)";
+  auto stdout_of = [](const std::string& args) { return run_command(kBin + " " + args + " 2>/dev/null"); };
+  auto r = stdout_of("plan configs/tiny.yaml");
+  REQUIRE(r.exit_code == 0);
+  CHECK_THAT(r.output, Contains(header) && Contains("micro-batches per step"));
+  // Before or after the subcommand.
+  for (const char* args : {"plan configs/tiny.yaml --quiet", "--quiet plan configs/tiny.yaml",
+                                  "--log-level warn plan configs/tiny.yaml",
+                                  "plan configs/tiny.yaml --set logging.log_level=error"}) {
+    INFO(args);
+    r = stdout_of(std::string(args));
+    CHECK(r.exit_code == 0);
+    CHECK_THAT(r.output, !Contains(header) && Contains("micro-batches per step"));
+  }
+  // The dry run reports problems with the data here: the table is what this test is about.
+  CHECK_THAT(stdout_of("train configs/tiny.yaml --dry-run").output, Contains(header));
+  CHECK_THAT(stdout_of("train configs/tiny.yaml --dry-run --quiet").output,
+             !Contains(header) && Contains("dry run for world size"));
+  // `config` prints the table because it was asked for it.
+  CHECK_THAT(stdout_of("config configs/tiny.yaml --quiet").output, Contains(header));
+}

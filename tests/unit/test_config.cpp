@@ -6,6 +6,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <bit>
 #include <chrono>
 #include <filesystem>
 
@@ -92,6 +93,38 @@ TEST_CASE("the resolved YAML loads back to the same config", "[config]") {
       CHECK(format_field_value(f, again.config) == format_field_value(f, original.config));
     }
   }
+}
+
+TEST_CASE("config numbers print as the shortest text that reads back to the same double", "[config]") {
+  // Expected: Python's repr() of each double (the shortest round-trip text), less its `.0`.
+  const std::vector<std::pair<double, std::string>> cases = {
+      {0.1, "0.1"},         {0.1 + 0.2, "0.30000000000000004"}, {1.0 / 3, "0.3333333333333333"},
+      {3e-4, "0.0003"},     {1e-8, "1e-08"},                    {2.5e-7, "2.5e-07"},
+      {1e20, "1e+20"},      {5e-324, "5e-324"},                 {1.7976931348623157e308, "1.7976931348623157e+308"},
+      {2.0, "2"},           {-0.0, "-0"}};
+  const ConfigField* lr = find_config_field("training", "lr");
+  REQUIRE(lr);
+  for (const auto& [value, text] : cases) {
+    INFO(text);
+    ExperimentConfig c;
+    c.training.lr = value;
+    CHECK(format_field_value(*lr, c) == text);
+    // The YAML written into run directories and checkpoints reads back to the identical bits.
+    ExperimentConfig again;
+    lr->assign(again, YAML::Load(resolved_config_yaml(c))["training"]["lr"]);
+    CHECK(std::bit_cast<uint64_t>(again.training.lr) == std::bit_cast<uint64_t>(value));
+  }
+  // Through the loader: the table and the resolved config.yaml, defaults included.
+  TempDir dir;
+  const auto loaded = load_config(test::source_path("configs/tiny.yaml"), {"training.lr=0.1"});
+  const std::string table = resolved_config_table(loaded);
+  CHECK_THAT(table, Contains(" 0.1 ") && Contains(" 1e-06 ") && Contains(" 0.9 "));
+  CHECK_THAT(table, !Contains("0.10000000000000001") && !Contains("9.9999999999999995e-07") &&
+                        !Contains("0.90000000000000002"));
+  const auto again = load_config(write_resolved_config(loaded.config, dir.path()).string());
+  CHECK(again.config.training.lr == 0.1);
+  CHECK(again.config.training.adam_beta1 == 0.9);
+  CHECK(again.config.model.norm_epsilon == loaded.config.model.norm_epsilon);
 }
 
 TEST_CASE("the resolved-config table lists every key with its origin", "[config]") {

@@ -6,6 +6,7 @@
 #include "test_util.h"
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -79,4 +80,53 @@ TEST_CASE("bad lines fail the run with their line number, or are skipped and cou
     o.input = (dir.path() / "missing.jsonl").string();
     preprocess_jsonl(o);
   }(), Contains("cannot open --input"));
+}
+
+TEST_CASE("data samples --decode prints the text Hugging Face tokenizers decodes from the same ids", "[data][cli]") {
+  test::TempDir dir;
+  std::string jsonl;
+  const std::vector<std::string> texts = {"The quick brown fox jumps over the lazy dog.", "通义千问 MoE 模型 🚀🚀",
+                                          "def moe(x):\n\treturn sum(w * e(x) for w, e in topk)", "  spaced  out  "};
+  for (int repeat = 0; repeat < 40; ++repeat) {
+    for (const auto& t : texts) jsonl += nlohmann::json{{"text", t + std::to_string(repeat)}}.dump() + "\n";
+  }
+  PreprocessOptions o;
+  o.input = dir.file("corpus.jsonl", jsonl);
+  o.tokenizer = kQwen;
+  o.output_prefix = (dir.path() / "corpus").string();
+  o.append_eod = true;
+  const auto prefix = preprocess_jsonl(o).output_prefix;
+  const auto config = dir.file("c.yaml", std::string(test::kMinimalModel) + "data:\n  data_path: [" + prefix +
+                                             "]\n  split: \"100,0,0\"\n");
+  const std::string samples = test::moeforge_binary() + " data samples " + config +
+                              " --first 4 --set model.vocab_size=151936 --decode " + kQwen;
+  const auto r = test::run_command(samples + " --json 2>/dev/null");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const auto ours = nlohmann::json::parse(r.output)["samples"];
+  REQUIRE(ours.size() == 4);
+  std::string requests;
+  for (const auto& s : ours) requests += nlohmann::json{{"decode", s["tokens"]}}.dump() + "\n";
+  const auto out = (dir.path() / "decoded.json").string();
+  test::run_oracle("tokenize_oracle.py", kQwen + " " + dir.file("requests.jsonl", requests) + " " + out);
+  const auto theirs = nlohmann::json::parse(std::ifstream(out))["results"];
+  auto hex = [](const std::string& bytes) {
+    std::string h;
+    for (const unsigned char c : bytes) h += fmt::format("{:02x}", c);
+    return h;
+  };
+  for (size_t i = 0; i < 4; ++i) {
+    INFO("sample " << i);
+    CHECK(hex(ours[i]["text"].get<std::string>()) == theirs[i]["decoded"].get<std::string>());
+  }
+  // Without --json: the ids, then the text on one line, quoted and escaped.
+  const auto text = test::run_command(samples + " 2>/dev/null");
+  REQUIRE(text.exit_code == 0);
+  CHECK_THAT(text.output, Contains("sample 1: ") && Contains("text 1: " + nlohmann::json(ours[1]["text"]).dump() + "\n"));
+  CHECK_THAT(text.output, Contains("<|endoftext|>"));  // the EOD between documents
+  // A tokenizer too small for the dataset's ids is named with the fix.
+  const auto wrong = test::run_command(test::moeforge_binary() + " data samples " + config +
+                                       " --first 1 --set model.vocab_size=151936 --decode byte");
+  CHECK(wrong.exit_code == 1);
+  CHECK_THAT(wrong.output, Contains("--decode byte") && Contains("outside the tokenizer's 257 ids"));
 }

@@ -191,8 +191,17 @@ TEST_CASE("host_syncs counts the step's device waits: the dispatcher's counts pe
 TEST_CASE("logging.profile records the chosen iterations: a Chrome trace and the top operators", "[train][profile]") {
   TempDir dir;
   const auto config = write_config(dir);
-  train(config, "--set training.train_iters=3 --set training.eval_iters=0 --set logging.profile=true "
-                "--set logging.profile_step_start=2 --set logging.profile_step_end=3");
+  const std::string profiled = "--set training.train_iters=3 --set training.eval_iters=0 --set logging.profile=true "
+                               "--set logging.profile_step_start=2 --set logging.profile_step_end=3";
+  const auto output = train(config, profiled);  // stdout and stderr
+  // Kineto's own lines stay off the screen of a CPU run: a CUDA build's failing GPU query on a
+  // machine without a GPU driver (`gpuGetDeviceCount failed with code 35`), profiler_start/stop.
+  CHECK_THAT(output, !Contains("gpuGetDeviceCount") && !Contains("profiler_start") && !Contains("ERROR:"));
+  // A level the user sets is Kineto's to use.
+  const auto verbose = run_command("KINETO_LOG_LEVEL=0 " + kBin + " train " + config + " " + profiled +
+                                   " --set logging.run_dir=" + (dir.path() / "verbose").string());
+  CHECK(verbose.exit_code == 0);
+  CHECK_THAT(verbose.output, Contains("profiler_start"));
   const auto profile = dir.path() / "run" / "profile";
   REQUIRE(fs::exists(profile / "trace.json"));
   const auto table = slurp((profile / "top_ops.txt").string());
@@ -204,4 +213,14 @@ TEST_CASE("logging.profile records the chosen iterations: a Chrome trace and the
                                                            "--set logging.profile_step_end=5");
   CHECK(bad.exit_code == 1);
   CHECK_THAT(bad.output, Contains("logging.profile_step_end (5) must be above logging.profile_step_start (5)"));
+}
+
+TEST_CASE("train --quiet starts without the resolved-config table", "[train][cli]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const std::string one_step =
+      " --set training.train_iters=1 --set training.lr_warmup_iters=0 --set training.eval_iters=0 --set logging.run_dir=";
+  CHECK_THAT(train(config, one_step + (dir.path() / "loud").string()), Contains("resolved config ("));
+  const auto quiet = train(config, "--quiet" + one_step + (dir.path() / "quiet").string());
+  CHECK_THAT(quiet, !Contains("resolved config (") && Contains("iteration 1/1"));
 }

@@ -11,6 +11,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 using namespace moeforge;
 using namespace moeforge::test;
@@ -279,4 +280,44 @@ TEST_CASE("upcycle refuses a dense checkpoint that does not match the config, an
   const auto again = f.upcycle(f.path("moe").string(), "out2", f.config("c", "llama", kMixtralCopy), "");
   CHECK(again.exit_code == 1);
   CHECK_THAT(again.output, Contains("already an MoE checkpoint"));
+}
+
+TEST_CASE("upcycle writes into a new or empty --to, and replaces a full one only with --overwrite, whole",
+          "[upcycle][errors]") {
+  Fixture f;
+  const auto dense = f.dense("llama");
+  const auto cfg = f.config("c", "llama", kMixtralCopy);
+  auto names_in = [](const fs::path& dir) {
+    std::set<std::string> names;
+    for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+    return names;
+  };
+  fs::create_directories(f.path("empty"));
+  REQUIRE(f.upcycle(dense, "empty", cfg, "").exit_code == 0);
+  CHECK(fs::exists(f.path("empty/upcycle.json")));
+
+  // A directory with something in it: refused, untouched.
+  fs::create_directories(f.path("full"));
+  std::ofstream(f.path("full/notes.txt")) << "mine";
+  std::ofstream(f.path("full/model-00002-of-00002.safetensors")) << "an older, larger checkpoint";
+  auto r = f.upcycle(dense, "full", cfg, "");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains(f.path("full").string()) && Contains("not empty") && Contains("--overwrite"));
+  CHECK(names_in(f.path("full")) == std::set<std::string>{"notes.txt", "model-00002-of-00002.safetensors"});
+
+  // --overwrite replaces it whole: none of the old files stay beside the new checkpoint, no
+  // temporary stays beside it, and a dead process's leftover temporary is cleared.
+  fs::create_directories(f.path("full.tmp-999999999"));
+  r = f.upcycle(dense, "full", cfg, "--overwrite");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  CHECK(names_in(f.path("full")) == names_in(f.path("empty")));
+  CHECK(slurp(f.path("full/model.safetensors").string()) == slurp(f.path("empty/model.safetensors").string()));
+  for (const auto& name : names_in(f.path(""))) CHECK_FALSE(name.starts_with("full."));
+
+  // Never over the dense checkpoint it reads, --overwrite or not.
+  r = f.upcycle(dense, "dense_llama", cfg, "--overwrite");
+  CHECK(r.exit_code == 1);
+  CHECK_THAT(r.output, Contains("is the dense checkpoint --from reads"));
+  CHECK(fs::exists(f.path("dense_llama/config.json")));
 }
