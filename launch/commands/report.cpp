@@ -5,6 +5,7 @@
 #include "core/base/errors.h"
 #include "core/files/file_names.h"
 #include "launch/train/metrics.h"
+#include "launch/train/routing_health.h"
 #include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
@@ -54,6 +55,32 @@ double percentile(const std::vector<double>& sorted, double q) {  // numpy's def
 }
 
 double number(const json& j, const char* key) { return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN; }
+
+// The routing collapses the trainer warned about (launch/train/routing_health.h), each with the
+// iteration up to which any of its layers stayed collapsed after the warning.
+json routing_collapses(const std::vector<json>& metrics, const ExperimentConfig& c) {
+  json out = json::array();
+  const auto criterion = CollapseCriterion::of(c);
+  for (size_t i = 0; i < metrics.size(); ++i) {
+    if (!metrics[i].contains(metric::kRoutingCollapse)) continue;
+    json event = metrics[i][metric::kRoutingCollapse];
+    size_t last = i;
+    for (size_t k = i + 1; k < metrics.size(); ++k) {
+      const auto loads_L = layer_loads(metrics[k]);
+      const auto still = [&](const json& layer) {
+        const auto l = layer.get<size_t>();
+        return l < loads_L.size() && criterion.collapsed(loads_L[l]);
+      };
+      if (std::none_of(event["moe_layers"].begin(), event["moe_layers"].end(), still)) break;
+      last = k;
+    }
+    event["last_iteration"] = metrics[last][metric::kIteration];
+    event["until_end"] = last + 1 == metrics.size();
+    event["causes"] = routing_collapse_causes(c);
+    out.push_back(std::move(event));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -173,8 +200,10 @@ json build_report(const ReportOptions& o) {
     series[key] = json::array();
     for (const auto& m : metrics) series[key].push_back(m.contains(key) && !m[key].is_null() ? m[key] : json(nullptr));
   }
-  series[metric::kExpertLoadPerLayer] = json::array();
-  for (const auto& m : metrics) series[metric::kExpertLoadPerLayer].push_back(m.value(metric::kExpertLoadPerLayer, json::array()));
+  for (const char* key : {metric::kExpertLoadPerLayer, metric::kExpertIdlePerLayer}) {
+    series[key] = json::array();
+    for (const auto& m : metrics) series[key].push_back(m.value(key, json::array()));
+  }
   auto steady = [&](const char* key) {
     std::vector<double> v;
     for (int64_t i = warmup; i < n; ++i) v.push_back(number(metrics[static_cast<size_t>(i)], key));
@@ -255,7 +284,8 @@ json build_report(const ReportOptions& o) {
                  {"result", result},
                  {"steady_state", steady_state},
                  {"environment", env},
-                 {"series", series}};
+                 {"series", series},
+                 {"routing_collapse", routing_collapses(metrics, c)}};
   if (!o.reference.empty()) {
     const LossCurve ref = read_reference(o.reference);
     std::map<int64_t, double> run_loss;

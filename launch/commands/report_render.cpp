@@ -2,6 +2,7 @@
 // here, no scripts or resources from elsewhere (a one-line script only counts the plots).
 #include "launch/commands/report.h"
 #include "launch/commands/report_plots.h"
+#include "launch/train/routing_health.h"
 
 #include <fmt/format.h>
 
@@ -38,6 +39,20 @@ const char* kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", 
 constexpr const char* kForcedBalanceNote =
     "FORCED LOAD BALANCE (model.moe_router_force_load_balancing): every expert got T*K/E slots whatever the router "
     "chose. This measures the machine under perfect balance; the loss is not a training result.";
+
+// One sentence per collapse the run warned about (report.json's routing_collapse).
+std::string collapse_summary(const json& e) {
+  const auto layers = e["moe_layers"].get<std::vector<int64_t>>();
+  const auto decoder = e["layers"].get<std::vector<int64_t>>();
+  const std::string also =
+      decoder != layers ? fmt::format(", decoder layer{} {}", decoder.size() > 1 ? "s" : "", fmt::join(decoder, ", ")) : "";
+  const int64_t last = e["last_iteration"].get<int64_t>();
+  return fmt::format("Routing collapse: MoE layer{} {} (of {}{}) collapsed from iteration {} on (warned at iteration {}) and "
+                     "stayed collapsed {} {}.",
+                     layers.size() > 1 ? "s" : "", fmt::join(layers, ", "), e["num_moe_layers"].get<int64_t>(), also,
+                     e["first_iteration"].get<int64_t>(), e["iteration"].get<int64_t>(),
+                     e["until_end"].get<bool>() ? "to the last logged iteration," : "until iteration", last);
+}
 
 std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
   std::vector<std::pair<std::string, std::string>> rows = {{"config (chip nodes x devices)", r["config"].get<std::string>()},
@@ -85,6 +100,8 @@ std::string render_markdown(const json& rep) {
   o << "# moeforge benchmark report\n\nRun: `" << rep["run_dir"].get<std::string>() << "`, generated "
     << rep["generated_at"].get<std::string>() << ". Plots: `report.html`. Numbers: `report.json`.\n\n";
   if (r.value("moe_router_force_load_balancing", false)) o << "> **" << kForcedBalanceNote << "**\n\n";
+  const json collapses = rep.value("routing_collapse", json::array());  // reports from before it have none
+  for (const auto& e : collapses) o << "> **" << collapse_summary(e) << "** See *Routing collapse* below.\n\n";
   o << "## Result (FlagPerf's row)\n\n";
   o << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | loss | memory used/total | MFU |\n|---|---|---|---|---|---|---|\n";
   o << fmt::format("| {} | {} | {} | {} | {} | {} / {} | {} |\n\n", r["config"].get<std::string>(), r["precision"].get<std::string>(),
@@ -92,6 +109,19 @@ std::string render_markdown(const json& rep) {
                    gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]), pct(r["mfu"]["megatron"]));
   o << "| | |\n|---|---|\n";
   for (const auto& [k, v] : result_rows(r)) o << "| " << k << " | " << v << " |\n";
+  if (!collapses.empty()) {
+    o << fmt::format("\n## Routing collapse\n\nThe busiest expert at >= {:.0f}x the mean load, or {:.0f} % of the experts "
+                     "idle, for {} iterations in a row after the first {} (docs/training.md). Loads at the warning:\n\n",
+                     kCollapseMaxOverMean, 100 * kCollapseIdleFraction, kCollapseIterations, kCollapseGraceIterations);
+    for (const auto& e : collapses) {
+      o << collapse_summary(e) << "\n\n| MoE layer | busiest / mean | idle experts |\n|---|---|---|\n";
+      for (size_t i = 0; i < e["moe_layers"].size(); ++i) {
+        o << fmt::format("| {} | {:.2f} | {} of {} |\n", e["moe_layers"][i].get<int64_t>(), e["max_over_mean"][i].get<double>(),
+                         e["idle_experts"][i].get<int64_t>(), e["num_experts"].get<int64_t>());
+      }
+      o << "\n" << e["causes"].get<std::string>() << ".\n\n";
+    }
+  }
   const auto& s = rep["steady_state"];
   o << fmt::format("\n## Steady state\n\nIterations {}..{} ({} iterations; the first {} left out as warm-up). Medians with "
                    "the interquartile range:\n\n| metric | median | p25 | p75 | min | max |\n|---|---|---|---|---|---|\n",
@@ -183,6 +213,9 @@ std::string render_html(const json& rep) {
   o << "<h1>moeforge benchmark report</h1><p>Run <code>" << esc(rep["run_dir"].get<std::string>()) << "</code>, generated "
     << esc(rep["generated_at"].get<std::string>()) << ".</p>\n";
   if (r.value("moe_router_force_load_balancing", false)) o << "<div class=\"fail\">" << esc(kForcedBalanceNote) << "</div>\n";
+  for (const auto& e : rep.value("routing_collapse", json::array())) {
+    o << "<div class=\"fail\">" << esc(collapse_summary(e)) << "<br>" << esc(e["causes"].get<std::string>()) << ".</div>\n";
+  }
   o << "<h2>Result</h2><table>";
   for (const auto& [k, v] : result_rows(r)) o << "<tr><th>" << esc(k) << "</th><td>" << esc(v) << "</td></tr>";
   o << "</table>\n<h2>Accuracy</h2>";

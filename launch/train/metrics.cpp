@@ -78,9 +78,12 @@ void set_losses(StepMetrics& m, const ReducedLosses& r, const ModelConfig& mc) {
   m.z_loss_on = mc.moe_z_loss_coeff > 0;
   if (!r.load_LE.defined()) return;
   for (int64_t l = 0; l < r.load_LE.size(0); ++l) {
-    const double mean = r.load_LE[l].mean().item<double>();
-    const double ratio = mean > 0 ? r.load_LE[l].max().item<double>() / mean : 0.0;
+    // load_LE is on the host already (StepLosses::reduce): no device sync.
+    const auto load_E = r.load_LE[l];
+    const double mean = load_E.mean().item<double>();
+    const double ratio = mean > 0 ? load_E.max().item<double>() / mean : 0.0;
     m.expert_load_per_layer.push_back(ratio);
+    m.expert_idle_per_layer.push_back(load_E.eq(0).sum().item<int64_t>());
     m.expert_load_max_over_mean = std::max(m.expert_load_max_over_mean, ratio);
   }
 }
@@ -125,6 +128,7 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
       {metric::kSkippedIterations, m.skipped_iterations},
       {metric::kExpertLoadMaxOverMean, m.expert_load_max_over_mean},
       {metric::kExpertLoadPerLayer, m.expert_load_per_layer},
+      {metric::kExpertIdlePerLayer, m.expert_idle_per_layer},
       {metric::kHostSyncs, m.host_syncs},
       {metric::kStepTime, m.step_time_s},
       {metric::kTimeData, m.time_data_s},

@@ -56,6 +56,9 @@ inline constexpr const char* kSkipped = "skipped";
 inline constexpr const char* kSkippedIterations = "skipped_iterations";
 inline constexpr const char* kExpertLoadMaxOverMean = "expert_load_max_over_mean";
 inline constexpr const char* kExpertLoadPerLayer = "expert_load_per_layer";
+inline constexpr const char* kExpertIdlePerLayer = "expert_idle_per_layer";
+// On the one iteration that confirmed a routing collapse (launch/train/routing_health.h).
+inline constexpr const char* kRoutingCollapse = "routing_collapse";
 inline constexpr const char* kHostSyncs = "host_syncs";
 inline constexpr const char* kStepTime = "step_time_s";
 inline constexpr const char* kTimeData = "time_data_s";
@@ -115,6 +118,7 @@ struct StepMetrics {
   int64_t skipped_iterations = 0;
   std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
   double expert_load_max_over_mean = 0;       // the largest of those
+  std::vector<int64_t> expert_idle_per_layer;  // per MoE layer: experts that received no slot
   // Expert parallel only (empty otherwise): per MoE layer, the rows each DP rank's experts received
   // over the step's micro-batches (dp rank order), the largest max/mean over ranks of any layer,
   // and the bytes this rank sent in all-to-alls (forward and backward, rows kept locally excluded).
@@ -186,7 +190,7 @@ class StepMeter {
 };
 
 // The step's reduced losses into its metrics (with Megatron's names for the balancing and z
-// losses) and each MoE layer's expert load, max over mean.
+// losses) and each MoE layer's expert load, max over mean, and its idle experts.
 void set_losses(StepMetrics& m, const ReducedLosses& losses, const ModelConfig& model);
 // Where training stands after the step: iteration, samples, skipped updates.
 void set_progress(StepMetrics& m, const TrainState& state, const ExperimentConfig& config);

@@ -277,6 +277,10 @@ void Trainer::announce(const std::string& command, bool quiet) {
     write_file_durably(fs::path(c_.logging.run_dir) / files::kEnvironment,
                        run_environment(c_, hostnames, command).dump(2) + "\n");
     metrics_.emplace(fs::path(c_.logging.run_dir) / files::kMetrics, state_.iteration);
+    if (c_.model.is_moe()) {
+      routing_health_.emplace(CollapseCriterion::of(c_));
+      if (state_.iteration > 0) routing_health_->replay(metrics_->path());
+    }
     if (!c_.logging.tensorboard_dir.empty()) {
       tensorboard_.emplace(c_.logging.tensorboard_dir, state_.iteration + 1);
       spdlog::info("TensorBoard: {}", tensorboard_->path());
@@ -561,6 +565,12 @@ int Trainer::train() {
     if (metrics_) {
       auto j = step_metrics_json(m);
       if (!extra.is_null()) j.update(extra);
+      if (routing_health_) {
+        if (const auto collapse = routing_health_->observe(m.iteration, layer_loads(j))) {
+          spdlog::warn("{}", routing_collapse_message(*collapse, c_));
+          j[metric::kRoutingCollapse] = routing_collapse_json(*collapse, c_.model);
+        }
+      }
       try {
         metrics_->append(j);
       } catch (const UserError& e) {

@@ -25,6 +25,7 @@
 #include "launch/train/checkpoint.h"
 #include "launch/train/metrics.h"
 #include "launch/train/profiler.h"
+#include "launch/train/routing_health.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/startup_checks.h"
 #include "launch/train/tensorboard.h"
@@ -105,6 +106,7 @@ class Trainer {
   StepWork work_;  // what each step's throughput is measured against
   std::optional<MetricsFile> metrics_;  // rank 0
   std::optional<TensorBoardWriter> tensorboard_;  // rank 0, with logging.tensorboard_dir
+  std::optional<RoutingHealth> routing_health_;    // rank 0, MoE models
   std::optional<StepProfiler> profiler_;
 };
 

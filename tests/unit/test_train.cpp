@@ -166,6 +166,7 @@ TEST_CASE("the quickstart corpus and config train a healthy MoE: the loss clearl
     CHECK(m[i]["lm_loss"].get<double>() < 1.25 * m[i - 1]["lm_loss"].get<double>());
   }
   CHECK(m[39]["expert_load_max_over_mean"].get<double>() < 3.0);
+  CHECK_THAT(out, !Contains("routing collapse"));  // its start-up imbalance is over within the grace iterations
   CHECK(fs::exists(dir.path() / "ckpt" / "iter_0000040" / "model.safetensors"));
 }
 

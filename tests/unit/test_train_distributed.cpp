@@ -80,6 +80,7 @@ void check_equals_single_process(const std::vector<Layout>& layouts, const std::
       CHECK(m[i]["consumed_samples"] == single[i]["consumed_samples"]);
       CHECK(m[i]["lr"] == single[i]["lr"]);
       CHECK(m[i]["expert_load_per_layer"] == single[i]["expert_load_per_layer"]);
+      CHECK(m[i]["expert_idle_per_layer"] == single[i]["expert_idle_per_layer"]);
       // Rank 0's host syncs (core/device/host_sync.h): the dispatcher's counts once per MoE layer of its
       // stage and micro-batch, then the losses' read, the gradient norm's and the step's end.
       const int micro_batches = 8 / (2 * layout.dp());
