@@ -249,10 +249,7 @@ GPTDataset::GPTDataset(std::shared_ptr<const IndexedDataset> dataset, Split spli
                        std::optional<int64_t> num_samples, const GPTDatasetOptions& options)
     : dataset_(std::move(dataset)), split_(split), options_(options) {
   if (options.seq_length < 2) fail_user("training.seq_length must be at least 2, got {}", options.seq_length);
-  const fs::path cache_dir = options.cache_dir.empty()
-                                 ? fs::path(dataset_->prefix()).parent_path() / "cache" / "GPTDataset_indices"
-                                 : fs::path(options.cache_dir);
-  IndexCache cache(cache_dir, fmt::format("GPTDataset-{}", split_name(split)),
+  IndexCache cache(index_cache_dir(options.cache_dir, dataset_->prefix()), fmt::format("GPTDataset-{}", split_name(split)),
                    cache_description(*dataset_, split, range, num_samples, options), options.cache_timeout_seconds);
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<int64_t> epochs;

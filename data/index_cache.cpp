@@ -41,6 +41,10 @@ std::string read_text(const fs::path& path) {
 
 }  // namespace
 
+fs::path index_cache_dir(const std::string& configured, const std::string& prefix) {
+  return configured.empty() ? fs::path(prefix).parent_path() / "cache" / "GPTDataset_indices" : fs::path(configured);
+}
+
 IndexCache::IndexCache(fs::path dir, std::string name, std::string description, double timeout_seconds)
     : dir_(std::move(dir)),
       stem_(stable_hash(description) + "-" + name),

@@ -1,4 +1,4 @@
-// defines: IndexCache
+// defines: IndexCache, index_cache_dir
 //
 // On-disk cache of dataset indices, keyed by a description of everything that affects them.
 // Files are `<dir>/<hash>-<name>-<array>.npy` plus `<hash>-<name>-description.json`, which is
@@ -19,6 +19,10 @@
 #include <string>
 
 namespace moeforge::data {
+
+// Where the caches of the dataset `prefix` live: data.data_cache_path (`configured`) when set,
+// else Megatron's <dataset dir>/cache/GPTDataset_indices.
+std::filesystem::path index_cache_dir(const std::string& configured, const std::string& prefix);
 
 // An array to save, viewed in place (no copy).
 struct NpyView {

@@ -4,8 +4,11 @@
 #include "data/sigbus_guard.h"
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <fcntl.h>
 #include <filesystem>
@@ -44,6 +47,7 @@ decltype(auto) visit_dtype(TokenDType dtype, F&& f) {
 struct Mapping {
   const std::byte* data = nullptr;
   size_t size = 0;
+  FileStamp stamp;
 };
 
 Mapping map_file(const std::string& path, const char* what) {
@@ -57,6 +61,8 @@ Mapping map_file(const std::string& path, const char* what) {
   ::fstat(fd, &st);
   Mapping m;
   m.size = static_cast<size_t>(st.st_size);
+  m.stamp = {static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec,
+             static_cast<uint64_t>(st.st_ino)};
   if (m.size > 0) {
     void* p = ::mmap(nullptr, m.size, PROT_READ, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
@@ -105,6 +111,12 @@ const char* dtype_name(TokenDType dtype) {
 }
 
 TokenDType optimal_dtype(int64_t vocab_size) { return vocab_size < 65500 ? TokenDType::uint16 : TokenDType::int32; }
+
+std::optional<int64_t> unsigned_dtype_max(TokenDType dtype) {
+  if (dtype == TokenDType::uint8) return std::numeric_limits<uint8_t>::max();
+  if (dtype == TokenDType::uint16) return std::numeric_limits<uint16_t>::max();
+  return std::nullopt;
+}
 
 std::string idx_path(const std::string& prefix) { return prefix + ".idx"; }
 std::string bin_path(const std::string& prefix) { return prefix + ".bin"; }
@@ -198,6 +210,7 @@ IndexedDataset::IndexedDataset(const std::string& prefix) : prefix_(prefix) {
   const Mapping b = map_file(bin, "the token data");
   bin_ = b.data;
   bin_size_ = b.size;
+  bin_stamp_ = b.stamp;
   if (static_cast<int64_t>(bin_size_) < expected) {
     unmap(bin_, bin_size_);
     bin_ = nullptr;
@@ -233,14 +246,61 @@ void IndexedDataset::read(int64_t i, int64_t offset, int64_t count, int64_t* out
   });
 }
 
-int64_t IndexedDataset::max_token_id() const {
+namespace {
+
+// The min and max of `count` tokens of type T at `bytes`, through an aligned buffer (the loop over
+// it is a fixed length the compiler vectorizes).
+template <typename T>
+void fold_min_max(const std::byte* bytes, size_t count, T& lo, T& hi) {
+  constexpr size_t kBlock = 65536 / sizeof(T);
+  alignas(64) T block[kBlock];
+  for (size_t at = 0; at < count; at += kBlock) {
+    const size_t n = std::min(kBlock, count - at);
+    std::memcpy(block, bytes + at * sizeof(T), n * sizeof(T));
+    std::fill(block + n, block + kBlock, block[0]);  // a short last block: pad with a token already counted
+    for (size_t k = 0; k < kBlock; ++k) {
+      lo = std::min(lo, block[k]);
+      hi = std::max(hi, block[k]);
+    }
+  }
+}
+
+}  // namespace
+
+TokenIdRange IndexedDataset::token_id_range() const {
   const int64_t total = num_sequences_ == 0 ? 0 : pointers_.back() / static_cast<int64_t>(dtype_size(dtype_)) + lengths_.back();
-  return visit_dtype(dtype_, [&](auto zero) {
+  if (total == 0) return {};
+  // Read once, front to back, a chunk at a time: each chunk's pages are faulted in at once with the
+  // kernel's read-ahead (the mapping is MADV_RANDOM for training's reads, which would fault a cold
+  // file in page by page) and dropped from this process after it, so that a scan of hundreds of GB
+  // on a login node holds one chunk, not the file.
+  const size_t bytes = static_cast<size_t>(total) * dtype_size(dtype_);
+  auto* const mapped = const_cast<std::byte*>(bin_);
+  ::madvise(mapped, bytes, MADV_SEQUENTIAL);
+  constexpr size_t kChunk = size_t{256} << 20;   // page-aligned, a multiple of every dtype's size
+  constexpr size_t kLogEvery = size_t{4} << 30;  // a progress line every 4 GiB
+  const auto start = std::chrono::steady_clock::now();
+  const auto range = visit_dtype(dtype_, [&](auto zero) {
     using T = decltype(zero);
-    int64_t best = std::numeric_limits<int64_t>::min();
-    for (int64_t k = 0; k < total; ++k) best = std::max(best, static_cast<int64_t>(load<T>(bin_ + k * static_cast<int64_t>(sizeof(T)))));
-    return total == 0 ? int64_t{-1} : best;
+    T lo = std::numeric_limits<T>::max(), hi = std::numeric_limits<T>::lowest();
+    for (size_t at = 0; at < bytes; at += kChunk) {
+      const size_t n = std::min(kChunk, bytes - at);
+#ifdef MADV_POPULATE_READ
+      ::madvise(mapped + at, n, MADV_POPULATE_READ);  // a kernel before 5.14 refuses it: the loop faults them in
+#endif
+      fold_min_max(bin_ + at, n / sizeof(T), lo, hi);
+      ::madvise(mapped + at, n, MADV_DONTNEED);  // a read-only file mapping: the pages stay in the page cache
+      if ((at + n) % kLogEvery == 0 && at + n < bytes) {
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        spdlog::info("scanning {} for its token ids: {:.0f} of {:.0f} GiB ({:.1f} GB/s)", bin_path(prefix_),
+                     static_cast<double>(at + n) / (1 << 30), static_cast<double>(bytes) / (1 << 30),
+                     static_cast<double>(at + n) / seconds / 1e9);
+      }
+    }
+    return TokenIdRange{static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
   });
+  ::madvise(mapped, bytes, MADV_RANDOM);
+  return range;
 }
 
 // ---- writer ------------------------------------------------------------------------------------

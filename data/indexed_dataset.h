@@ -1,5 +1,5 @@
-// defines: TokenDType, dtype_code, dtype_size, optimal_dtype, IndexedDataset, IndexedDatasetBuilder,
-//          idx_path, bin_path
+// defines: TokenDType, dtype_code, dtype_size, optimal_dtype, unsigned_dtype_max, FileStamp, TokenIdRange,
+//          IndexedDataset, IndexedDatasetBuilder, idx_path, bin_path
 //
 // Megatron's indexed dataset: `PREFIX.bin` holds token ids back to back; `PREFIX.idx` holds
 // (little-endian, packed) the magic "MMIDIDX\0\0", u64 version 1, u8 dtype code, u64 sequence
@@ -29,6 +29,23 @@ size_t dtype_size(TokenDType dtype);
 const char* dtype_name(TokenDType dtype);
 // Megatron's choice for token ids: uint16 when the vocabulary has fewer than 65,500 ids, else int32.
 TokenDType optimal_dtype(int64_t vocab_size);
+// The largest id of a dtype that holds no negative id (255 for uint8, 65,535 for uint16): every
+// token of such a dataset lies in [0, this] without reading it. Nothing for the other dtypes.
+std::optional<int64_t> unsigned_dtype_max(TokenDType dtype);
+
+// What identifies a file's content without reading it, as fstat saw it when it was opened.
+struct FileStamp {
+  int64_t bytes = 0;
+  int64_t mtime_ns = 0;
+  uint64_t inode = 0;
+};
+
+// The smallest and largest token id of a dataset; max < min when it holds no token.
+struct TokenIdRange {
+  int64_t min = 0;
+  int64_t max = -1;
+  bool empty() const { return max < min; }
+};
 
 std::string idx_path(const std::string& prefix);
 std::string bin_path(const std::string& prefix);
@@ -59,8 +76,11 @@ class IndexedDataset {
   void read(int64_t i, int64_t offset, int64_t count, int64_t* out) const;
   // The raw bytes of sequence `i`.
   std::span<const std::byte> sequence_bytes(int64_t i) const;
-  // Largest token id over the whole .bin (a full scan).
-  int64_t max_token_id() const;
+  // The .bin when it was mapped: a scan's result belongs to this stamp.
+  const FileStamp& bin_stamp() const { return bin_stamp_; }
+  // The smallest and largest token id over the whole .bin: a full sequential scan, logged every
+  // few GiB (data/token_ids.h caches it).
+  TokenIdRange token_id_range() const;
 
  private:
   std::string prefix_;
@@ -73,6 +93,7 @@ class IndexedDataset {
   std::vector<int8_t> modes_;
   const std::byte* bin_ = nullptr;
   size_t bin_size_ = 0;
+  FileStamp bin_stamp_;
 };
 
 // Writes a dataset the way Megatron's IndexedDatasetBuilder does. Both files are durable writes

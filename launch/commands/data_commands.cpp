@@ -53,7 +53,7 @@ int run_data_inspect(const DataInspectOptions& o) {
   }
   for (auto l : lengths) tokens += l;
   const double mean = lengths.empty() ? 0.0 : static_cast<double>(tokens) / static_cast<double>(lengths.size());
-  const int64_t max_id = d.max_token_id();
+  const int64_t max_id = d.token_id_range().max;
   if (o.json) {
     std::cout << nlohmann::json{{"prefix", o.prefix},
                                 {"dtype", data::dtype_name(d.dtype())},

@@ -5,6 +5,7 @@
 #include "core/base/errors.h"
 #include "core/device/device_runtime.h"
 #include "data/dataset_identity.h"
+#include "data/datasets.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "core/files/dir_lock.h"
 #include "launch/train/startup_checks.h"
@@ -92,7 +93,11 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
       problems.push_back(fmt::format("{}: {}", what, e.what()));
     }
   };
-  check("data", [&] { return check_data(c) + ", indices valid"; });
+  check("data", [&] {
+    const std::string found = check_data(c);
+    data::dataset_spec_from_config(c);  // the trainer's next step: loads the tokenizer when EOD masking needs it
+    return found;
+  });
   check("logging.run_dir", [&] {
     check_output_dir("logging.run_dir", c.logging.run_dir, /*create=*/false);
     check_directory_free(c.logging.run_dir, "logging.run_dir");
@@ -135,7 +140,9 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
     return describe_device(c.hardware, world);
   });
   std::cout << config_table_unless_quiet(loaded, quiet)
-            << fmt::format("dry run for world size {} (from {}): nothing is allocated or written\n\n", world, world_source)
+            << fmt::format("dry run for world size {} (from {}): nothing is allocated or written except a token-id scan's "
+                          "cache\n\n",
+                          world, world_source)
             << format_plan(plan, c) << rank_table(plan, layout, c) << "\nchecks\n";
   for (const auto& line : ok) std::cout << "  ok       " << line << "\n";
   for (const auto& line : problems) std::cout << "  PROBLEM  " << line << "\n";

@@ -6,7 +6,9 @@
 #include "core/files/safetensors.h"
 #include "data/blend.h"
 #include "data/gpt_dataset.h"
+#include "data/index_cache.h"
 #include "data/indexed_dataset.h"
+#include "data/token_ids.h"
 #include "launch/train/sharded_checkpoint.h"
 #include "moe/moe_layer.h"
 #include "parallel/layout/plan.h"
@@ -76,20 +78,116 @@ StartPoint start_point(const CheckpointConfig& k) {
   return start;
 }
 
+namespace {
+
+// data.tokenizer_model names a tokenizer.json (load_tokenizer reads a file) or "byte". A path that
+// is not there is refused even when nothing reads it (no EOD masking): it is a typo or a file this
+// node does not see, and a run that is later set to mask EODs would stop on it.
+void check_tokenizer_model(const std::string& model) {
+  if (model.empty() || model == "byte") return;
+  std::error_code ec;
+  const auto status = fs::status(model, ec);
+  if (fs::is_regular_file(status)) return;
+  if (fs::is_directory(status)) {
+    const fs::path inside = fs::path(model) / "tokenizer.json";
+    fail_user("data.tokenizer_model {} is a directory, not a tokenizer.json file. Set it to {}.", model,
+              fs::exists(inside, ec) ? inside.string() : "the model's tokenizer.json (the directory holds none)");
+  }
+  const std::string why = status.type() == fs::file_type::not_found ? "does not exist"
+                          : ec                                       ? "cannot be read (" + ec.message() + ")"
+                                                                     : "is not a regular file";
+  fail_user("data.tokenizer_model {} {}. Set it to the path of the model's tokenizer.json as this node sees it, to "
+            "\"byte\" for the byte tokenizer, or remove the key when neither data.eod_mask_loss nor "
+            "data.reset_position_ids needs a tokenizer.",
+            model, why);
+}
+
+// How a dataset's ids were shown to fit the vocabulary, and the largest: its dtype's bound, or the
+// largest id a scan of its .bin found (now or cached; -1 when it holds none).
+struct IdsFit {
+  enum How { by_dtype, scanned, cached } how;
+  int64_t largest;
+};
+
+// Every token id of `d` inside [0, the padded vocabulary): an id outside it stopped training at the
+// first sample holding it (GPTDataset::get). The dtype decides without reading when it can.
+IdsFit check_token_ids(const data::IndexedDataset& d, const ExperimentConfig& c) {
+  const int64_t vocab = c.model.padded_vocab_size();
+  if (const auto bound = data::unsigned_dtype_max(d.dtype()); bound && *bound < vocab) return {IdsFit::by_dtype, *bound};
+  bool scanned = false;
+  const auto ids = data::cached_token_id_range(d, data::index_cache_dir(c.data.data_cache_path, d.prefix()),
+                                               c.parallel.distributed_timeout_minutes * 60.0, &scanned);
+  const IdsFit fit{scanned ? IdsFit::scanned : IdsFit::cached, ids.max};
+  if (ids.empty()) return fit;
+  const std::string bin = data::bin_path(d.prefix());
+  if (ids.min < 0) {
+    fail_user("{}: {} holds token id {}, and token ids are never negative: the .bin is damaged or its .idx names "
+              "another dtype ({}). Rebuild the dataset with moeforge data preprocess.",
+              d.prefix(), bin, ids.min, data::dtype_name(d.dtype()));
+  }
+  if (ids.max >= vocab) {
+    const std::string padded = vocab == c.model.vocab_size
+                                   ? std::string()
+                                   : fmt::format(", padded to {} by model.make_vocab_size_divisible_by {}", vocab,
+                                                 c.model.make_vocab_size_divisible_by);
+    fail_user("{}: the largest token id in {} is {}, outside the model's vocabulary (model.vocab_size {}{}): training "
+              "would stop at the first sample holding it. Set model.vocab_size to at least {} if the model's "
+              "tokenizer has that many ids; otherwise the data was made with another tokenizer: re-tokenize it with "
+              "the model's.",
+              d.prefix(), bin, ids.max, c.model.vocab_size, padded, ids.max + 1);
+  }
+  return fit;
+}
+
+// The dry run's line on the datasets' ids: what proved they fit, and how many were read.
+struct IdsSummary {
+  int datasets = 0, by_dtype = 0, scanned = 0, cached = 0;
+  int64_t dtype_bound = -1, largest_found = -1;
+
+  void add(const IdsFit& fit) {
+    ++datasets;
+    if (fit.how == IdsFit::by_dtype) {
+      ++by_dtype;
+      dtype_bound = std::max(dtype_bound, fit.largest);
+      return;
+    }
+    ++(fit.how == IdsFit::scanned ? scanned : cached);
+    largest_found = std::max(largest_found, fit.largest);
+  }
+
+  std::string describe(int64_t vocab) const {
+    const char* dtype = dtype_bound > 255 ? "uint16" : "uint8";
+    if (by_dtype == datasets) {
+      return fmt::format("token ids < {} ({}) fit the vocabulary of {}, no scan needed", dtype_bound + 1, dtype, vocab);
+    }
+    std::vector<std::string> how;
+    if (scanned) how.push_back(fmt::format("{} .bin scanned", scanned));
+    if (cached) how.push_back(fmt::format("{} from the cache of an earlier scan", cached));
+    if (by_dtype) how.push_back(fmt::format("{} bounded by {}, < {}", by_dtype, dtype, dtype_bound + 1));
+    return fmt::format("largest token id {} fits the vocabulary of {} ({})", largest_found, vocab, fmt::join(how, ", "));
+  }
+};
+
+}  // namespace
+
 std::string check_data(const ExperimentConfig& c) {
   data::validate_data_config(c.data);
+  check_tokenizer_model(c.data.tokenizer_model);
   if (c.data.data_path.empty()) fail_user("data.data_path is empty: name the Megatron dataset prefix(es) to train on.");
   const auto split = data::parse_split(c.data.split);
   const auto prefixes = data::parse_blend(c.data.data_path).prefixes;
   int64_t documents = 0;
   bool train = false;
+  IdsSummary ids;
   for (const auto& prefix : prefixes) {
-    const data::IndexedDataset d(prefix);  // maps and validates the index; reads no tokens
+    const data::IndexedDataset d(prefix);  // maps and validates the index
     documents += d.num_documents();
     train = train || data::split_document_ranges(split, d.num_sequences())[0].has_value();
+    ids.add(check_token_ids(d, c));
   }
   if (!train) fail_user("data.split '{}' gives the train split no documents: training needs some", c.data.split);
-  return fmt::format("{} dataset(s), {} documents", prefixes.size(), documents);
+  return fmt::format("{} dataset(s), {} documents, indices valid; {}", prefixes.size(), documents,
+                     ids.describe(c.model.padded_vocab_size()));
 }
 
 namespace {

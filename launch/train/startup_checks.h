@@ -27,8 +27,11 @@ struct StartPoint {
 };
 StartPoint start_point(const CheckpointConfig& checkpoint);
 
-// data.split and data.data_path valid, every dataset's index opens and validates, the train split
-// gets documents. Returns "N dataset(s), M documents".
+// data.split and data.data_path valid, data.tokenizer_model (when set) exists, every dataset's
+// index opens and validates, the train split gets documents, and every dataset's token ids lie in
+// [0, model.padded_vocab_size()): proved by a uint8 / uint16 dtype when it can be, else by a scan of
+// the .bin that is cached (data/token_ids.h), so it runs once per file for the dry run and every
+// run after it. Returns "N dataset(s), M documents, indices valid; <how the ids fit>".
 std::string check_data(const ExperimentConfig& config);
 
 // `dir` (the value of config key `key`) can hold the run's output: created when `create`,

@@ -34,7 +34,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       out.resize(static_cast<size_t>(d.sequence_lengths()[static_cast<size_t>(i)]));
       d.read(i, 0, static_cast<int64_t>(out.size()), out.data());
     }
-    d.max_token_id();
+    d.token_id_range();
   } catch (const moeforge::UserError&) {
   }
   return 0;

@@ -13,6 +13,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
+#include <random>
+#include <tuple>
 
 using namespace moeforge;
 using namespace moeforge::data;
@@ -120,6 +123,49 @@ TEST_CASE("Megatron's dtype choice by vocabulary size", "[data][indexed]") {
   CHECK(optimal_dtype(65499) == TokenDType::uint16);
   CHECK(optimal_dtype(65500) == TokenDType::int32);
   CHECK(optimal_dtype(151936) == TokenDType::int32);
+}
+
+TEST_CASE("the token-id scan finds the smallest and largest id of every integer dtype, wherever they lie",
+          "[data][indexed]") {
+  test::TempDir dir;
+  const std::vector<std::tuple<TokenDType, int64_t, int64_t>> dtypes = {
+      {TokenDType::uint8, 0, 255},          {TokenDType::int8, -128, 127},
+      {TokenDType::int16, -32768, 32767},   {TokenDType::uint16, 0, 65535},
+      {TokenDType::int32, -(int64_t{1} << 31), (int64_t{1} << 31) - 1},
+      {TokenDType::int64, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()}};
+  std::mt19937_64 rng(5);
+  for (const auto& [dtype, lowest, highest] : dtypes) {
+    INFO(dtype_name(dtype));
+    // More tokens than one block of the scan (64 KiB), not a multiple of it; the extremes in the last
+    // (short) block and in a sequence of its own.
+    std::vector<std::vector<int64_t>> sequences(7, std::vector<int64_t>(14287));
+    for (auto& seq : sequences) {
+      for (auto& t : seq) t = lowest / 4 + static_cast<int64_t>(rng() % static_cast<uint64_t>(highest / 4 - lowest / 4 + 1));
+    }
+    sequences[3][100] = lowest == 0 ? 0 : lowest + 1;
+    sequences.back().back() = highest - 1;
+    int64_t expected_min = std::numeric_limits<int64_t>::max(), expected_max = std::numeric_limits<int64_t>::min();
+    IndexedDatasetBuilder b((dir.path() / dtype_name(dtype)).string(), dtype);
+    for (const auto& seq : sequences) {
+      b.add_document(seq);
+      for (auto t : seq) {
+        expected_min = std::min(expected_min, t);
+        expected_max = std::max(expected_max, t);
+      }
+    }
+    b.finalize();
+    const auto range = IndexedDataset((dir.path() / dtype_name(dtype)).string()).token_id_range();
+    CHECK(range.min == expected_min);
+    CHECK(range.max == expected_max);
+    CHECK(range.max == highest - 1);
+  }
+  IndexedDatasetBuilder empty((dir.path() / "empty").string(), TokenDType::int32);
+  empty.finalize();
+  CHECK(IndexedDataset((dir.path() / "empty").string()).token_id_range().empty());
+  CHECK(unsigned_dtype_max(TokenDType::uint8) == 255);
+  CHECK(unsigned_dtype_max(TokenDType::uint16) == 65535);
+  CHECK_FALSE(unsigned_dtype_max(TokenDType::int16));
+  CHECK_FALSE(unsigned_dtype_max(TokenDType::int32));
 }
 
 TEST_CASE("an unfinished build leaves no dataset under the final name", "[data][indexed]") {
