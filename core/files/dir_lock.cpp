@@ -1,5 +1,7 @@
 #include "core/files/dir_lock.h"
 
+#include "core/files/replace_dir.h"
+
 #include "core/files/durable_file.h"
 #include "core/base/errors.h"
 #include "core/files/file_names.h"
@@ -203,6 +205,7 @@ void check_directory_lock(const fs::path& dir, const std::string& record, std::s
 }
 
 void remove_abandoned_temporaries(const fs::path& dir) {
+  recover_replaced_dirs(dir, "");  // an interrupted replacement's old copy is data, not garbage
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     if (is_abandoned_temporary(entry.path().filename().string())) fs::remove_all(entry.path(), ec);

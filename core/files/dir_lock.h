@@ -67,6 +67,7 @@ bool is_abandoned_temporary(const std::string& name);
 
 // Removes the abandoned temporaries directly in `dir` (files or directories), for the owner of
 // `dir`'s lock: what a killed run left (a checkpoint's `iter_N.tmp-<pid>/`, `environment.json.tmp-<pid>`).
+// An old copy an interrupted replace_dir_durably left is put back first (core/files/replace_dir.h).
 void remove_abandoned_temporaries(const std::filesystem::path& dir);
 
 }  // namespace moeforge

@@ -3,6 +3,7 @@
 #include "core/config/config_loader.h"
 #include "core/files/dir_lock.h"
 #include "core/files/durable_file.h"
+#include "core/files/replace_dir.h"
 #include "core/base/errors.h"
 #include "core/model/rule_updated.h"
 #include "core/files/safetensors.h"
@@ -106,34 +107,22 @@ void refuse_to_replace(const fs::path& to, const std::string& from, bool overwri
   }
 }
 
-// What a killed upcycle into `to` left beside it: its unfinished `<to>.tmp-<pid>` (removed) and,
-// when the kill fell between the two renames of a replacement without RENAME_EXCHANGE, the old
-// checkpoint as `<to>.replaced.tmp-<pid>` (put back when `to` is missing, else removed). Only names
-// ending in the pid of a process that is gone: a live upcycle's, or anything else, stays.
+// What a killed upcycle into `to` left beside it: the old checkpoint of an interrupted
+// replacement (put back, core/files/replace_dir.h) and its unfinished `<to>.tmp-<pid>` (removed).
+// Only names of `to` ending in the pid of a process that is gone: a live upcycle's, or anything
+// else in the user's directory, stays.
 void recover_leftovers(const fs::path& to) {
-  auto leftovers = [&](const std::string& infix) {
-    const std::string prefix = to.filename().string() + infix;
-    std::vector<fs::path> found;
-    std::error_code ec;
-    for (const auto& entry : fs::directory_iterator(to.parent_path(), ec)) {
-      const std::string name = entry.path().filename().string();
-      const std::string pid = name.substr(std::min(prefix.size(), name.size()));
-      if (name.starts_with(prefix) && !pid.empty() && pid.find_first_not_of("0123456789") == std::string::npos &&
-          is_abandoned_temporary(name)) {
-        found.push_back(entry.path());
-      }
+  recover_replaced_dirs(to.parent_path(), to.filename().string() + ".old");
+  const std::string prefix = to.filename().string() + std::string(kTempInfix);
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(to.parent_path(), ec)) {
+    const std::string name = entry.path().filename().string();
+    const std::string pid = name.substr(std::min(prefix.size(), name.size()));
+    if (name.starts_with(prefix) && !pid.empty() && pid.find_first_not_of("0123456789") == std::string::npos &&
+        is_abandoned_temporary(name)) {
+      fs::remove_all(entry.path());
     }
-    return found;
-  };
-  for (const auto& old : leftovers(".replaced.tmp-")) {
-    if (fs::exists(to)) {
-      fs::remove_all(old);
-      continue;
-    }
-    rename_durably(old, to);
-    spdlog::warn("restored {} from {} (an upcycle replacing it was interrupted)", to.string(), old.string());
   }
-  for (const auto& tmp : leftovers(".tmp-")) fs::remove_all(tmp);
 }
 
 // Removes a directory at the end of its scope: the unfinished checkpoint after an error, the
@@ -146,28 +135,10 @@ struct RemovedAtExit {
   }
 };
 
-// Puts the complete checkpoint `tmp` at `to`; rename(2) replaces a missing or empty directory.
+// Puts the complete checkpoint `tmp` at `to`, whole (core/files/replace_dir.h).
 void put_in_place(const fs::path& tmp, const fs::path& to, const std::string& from, bool overwrite) {
   refuse_to_replace(to, from, overwrite);  // again: `to` may have changed while upcycle ran
-  if (!fs::exists(to) || fs::is_empty(to)) {
-    rename_durably(tmp, to);
-    return;
-  }
-  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, to.c_str(), RENAME_EXCHANGE) == 0) {
-    sync_path(to.parent_path());
-    fs::remove_all(tmp);  // now the old checkpoint
-    return;
-  }
-  // A file system without RENAME_EXCHANGE: two renames; recover_leftovers() repairs a kill between them.
-  const fs::path old = sibling(to, ".replaced.tmp-");
-  rename_durably(to, old);
-  try {
-    rename_durably(tmp, to);
-  } catch (const UserError&) {
-    rename_durably(old, to);
-    throw;
-  }
-  fs::remove_all(old);
+  replace_dir_durably(tmp, to);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include "core/config/config_loader.h"
 #include "core/files/dir_lock.h"
 #include "core/files/durable_file.h"
+#include "core/files/replace_dir.h"
 #include "core/base/errors.h"
 #include "core/device/host_sync.h"
 #include "core/files/safetensors.h"
@@ -27,7 +28,6 @@ namespace moeforge {
 
 namespace {
 
-constexpr const char* kOldSuffix = ".old-";  // iter_N.old-<pid>: the previous iter_N while it is replaced
 
 // Keeps the newest `keep` checkpoints at or below `current` (the one just saved). Checkpoints above
 // it belong to a run this one resumed from an earlier point: they are left alone (and replaced as
@@ -45,23 +45,6 @@ void prune(const fs::path& save, int64_t keep, int64_t current) {
   }
 }
 
-// A kill between the two renames of a replacement without RENAME_EXCHANGE leaves iter_N missing
-// and its complete old copy as iter_N.old-<pid>: put it back. Otherwise an old copy is garbage.
-void recover_replaced(const fs::path& save) {
-  for (const auto& entry : fs::directory_iterator(save)) {
-    const std::string name = entry.path().filename().string();
-    const auto at = name.find(kOldSuffix);
-    if (at == std::string::npos) continue;
-    const fs::path original = save / name.substr(0, at);
-    if (fs::exists(original)) {
-      fs::remove_all(entry.path());
-    } else {
-      rename_durably(entry.path(), original);
-      spdlog::warn("restored {} from {} (a save replacing it was interrupted)", original.string(), entry.path().string());
-    }
-  }
-}
-
 }  // namespace
 
 std::string checkpoint_tmp_dir(const std::string& save_dir, int64_t iteration, int64_t tag) {
@@ -73,7 +56,6 @@ std::string prepare_checkpoint_dir(const std::string& save_dir, int64_t iteratio
   fs::create_directories(save);
   // Leftovers of saves that were killed: never referenced by the tracker, safe to remove. Only
   // this process's and dead processes' (a live writer's temporary is never touched).
-  recover_replaced(save);
   remove_abandoned_temporaries(save);
   const std::string tmp = checkpoint_tmp_dir(save_dir, iteration, tag);
   fs::create_directories(tmp);
@@ -105,20 +87,9 @@ std::string commit_checkpoint(const std::string& save_dir, const std::string& tm
   sync_path(tmp);
 
   // Re-saving an iteration (a resumed run reaching it again) swaps the new copy in atomically: at
-  // every moment `iter_N` is a complete checkpoint, the old or the new one.
-  if (fs::exists(final_dir)) {
-    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
-      // A file system without RENAME_EXCHANGE: two renames; recover_replaced() repairs a kill between them.
-      const fs::path old = save / fmt::format("{}{}{}", files::iteration_dir(state.iteration), kOldSuffix, ::getpid());
-      rename_durably(final_dir, old);
-      rename_durably(tmp, final_dir);
-      fs::remove_all(old);
-    } else {
-      fs::remove_all(tmp);  // now the old copy
-    }
-  } else {
-    rename_durably(tmp, final_dir);  // a kill from here to the tracker's write: find_checkpoint resumes iter_N
-  }
+  // every moment `iter_N` is a complete checkpoint, the old or the new one. A kill after the move
+  // and before the tracker's write: find_checkpoint resumes iter_N.
+  replace_dir_durably(tmp, final_dir);
   sync_path(save);
   write_file_durably(save / files::kTracker, std::to_string(state.iteration) + "\n");
   prune(save, keep_latest_k, state.iteration);
@@ -151,7 +122,7 @@ std::optional<CheckpointToLoad> find_checkpoint(const std::string& path) {
   if (!fs::is_directory(p)) fail_user("checkpoint path {} is not a directory", path);
   if (fs::exists(p / files::kTrainerState)) return CheckpointToLoad{path, true};
   if (fs::exists(p / files::kTracker)) {
-    recover_replaced(p);
+    recover_replaced_dirs(p, "iter_");  // an interrupted re-save of iter_N put back before reading
     std::ifstream in(p / files::kTracker);
     int64_t iteration = -1;
     if (!(in >> iteration) || iteration < 0) {

@@ -2,6 +2,7 @@
 // disk under metrics.jsonl ends the run with a clear error, a resume repairs a cut line, and a
 // save directory without its tracker is not silently overwritten.
 #include "core/files/dir_lock.h"
+#include "core/files/replace_dir.h"
 #include "core/base/errors.h"
 #include "core/files/file_names.h"
 #include "data/indexed_dataset.h"
@@ -528,4 +529,35 @@ TEST_CASE("train: output paths the kernel would refuse are refused at start-up, 
     CHECK_THAT(name.output, Contains("logging.run_dir") && Contains("has 300 characters, above the 255 a file name may have"));
   }
   CHECK_FALSE(fs::exists(dir.path() / std::string(200, 'd')));  // nothing created
+}
+
+TEST_CASE("a directory replaced whole: exchanged in, and an interrupted two-rename replacement put back",
+          "[reliability][checkpoint]") {
+  TempDir dir;
+  const auto write = [](const fs::path& d, const std::string& text) {
+    fs::create_directories(d);
+    std::ofstream(d / "f") << text;
+  };
+  const auto read = [](const fs::path& d) { return slurp((d / "f").string()); };
+  const fs::path target = dir.path() / "iter_0000002";
+  // Missing target: a rename. Existing target: exchanged, the old copy removed.
+  write(dir.path() / "new.tmp-1", "first");
+  replace_dir_durably(dir.path() / "new.tmp-1", target);
+  CHECK(read(target) == "first");
+  write(dir.path() / "new.tmp-2", "second");
+  replace_dir_durably(dir.path() / "new.tmp-2", target);
+  CHECK(read(target) == "second");
+  CHECK(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()) == 1);
+
+  // A kill between the fallback's two renames leaves the target missing and its complete old copy
+  // under a temporary name of a process that is gone: the start-up's cleanup puts it back instead
+  // of removing it; beside a present target the old copy is garbage.
+  const long dead = std::stol(run_command("sh -c 'echo $$'").output);
+  fs::rename(target, dir.path() / fmt::format("iter_0000002.old.tmp-{}", dead));
+  write(dir.path() / fmt::format("iter_0000003.old.tmp-{}", dead), "stale");
+  write(dir.path() / "iter_0000003", "current");
+  remove_abandoned_temporaries(dir.path());
+  CHECK(read(target) == "second");
+  CHECK(read(dir.path() / "iter_0000003") == "current");
+  CHECK(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()) == 2);
 }
