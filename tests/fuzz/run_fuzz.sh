@@ -16,7 +16,7 @@ clangxx=$(command -v clang++ || command -v clang++-14)
 core=(core/config/config.cpp core/config/config_schema.cpp core/config/config_loader.cpp core/config/config_validate.cpp core/files/durable_file.cpp
       core/base/text_distance.cpp core/flops/model_size.cpp core/config/logging.cpp)
 case "$target" in
-  idx) sources=(data/indexed_dataset.cpp data/sigbus_guard.cpp core/files/durable_file.cpp); libs=(-lfmt) ;;
+  idx) sources=(data/indexed_dataset.cpp data/sigbus_guard.cpp core/files/durable_file.cpp); libs=(-lspdlog -lfmt) ;;
   safetensors_header) sources=(core/files/safetensors_header.cpp); libs=(-lfmt) ;;
   yaml_config) sources=("${core[@]}"); libs=(-lyaml-cpp -lspdlog -lfmt) ;;
   hf_config) sources=(moe/hf_config.cpp core/config/config.cpp core/config/config_validate.cpp core/flops/model_size.cpp); libs=(-lfmt) ;;
