@@ -480,7 +480,12 @@ TEST_CASE("the Qwen1.5-MoE-A2.7B CPU twin trains under mpirun -np 4 (PP 2 x DP 2
   }
   CHECK(twin[8]["lm_loss"].get<double>() < twin[0]["lm_loss"].get<double>());
   CHECK(relative(twin[8]["valid_lm_loss"].get<double>(), single[8]["valid_lm_loss"].get<double>()) < 1e-4);
-  CHECK(fs::exists(dir.path() / "twin" / "ckpt" / "iter_0000009" / "model.safetensors"));
+  // The twin inherits the mission's sharded saves: one part per (stage, EP rank) and the manifest.
+  const auto saved = dir.path() / "twin" / "ckpt" / "iter_0000009";
+  CHECK(fs::exists(saved / "shards.json"));
+  for (const char* shard : {"mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"}) {
+    CHECK(fs::exists(saved / shard / "model.safetensors"));
+  }
 }
 
 TEST_CASE("the ranks that wait for a slow save wait for it with progress, bounded by checkpoint.save_timeout_minutes",
