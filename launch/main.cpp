@@ -9,6 +9,7 @@
 #include "launch/commands/report.h"
 #include "launch/commands/upcycle_command.h"
 #include "launch/train/run_environment.h"
+#include "parallel/comm/async_error.h"
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -230,6 +231,9 @@ int main(int argc, char** argv) {
   } catch (const moeforge::UserError& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
+  } catch (const moeforge::CommError& e) {  // a peer or the network failed: neither the user's nor a bug
+    std::cerr << "error: " << e.what() << "\n";
+    return 3;
   } catch (const std::exception& e) {
     std::cerr << "internal error (a bug in moeforge, please report it): " << e.what() << "\n";
     return 3;

@@ -6,6 +6,7 @@
 #include "core/config/logging.h"
 #include "launch/train/trainer.h"
 #include "parallel/comm/mpi_communicator.h"
+#include "parallel/comm/watchdog.h"
 
 #include <fmt/format.h>
 
@@ -25,6 +26,12 @@ int run_train(const TrainOptions& o) {
   // Under an MPI launcher every process joins the MPI world first: the world size and this rank
   // are MPI's, and every log line carries the rank. Until the process groups exist nothing else
   // bounds the wait for a rank that never joins.
+  // The watchdog ends a job that hangs or lost a peer: all of it at once, as this command would.
+  set_job_abort([](int exit_code) {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (initialized) MPI_Abort(MPI_COMM_WORLD, exit_code);
+  });
   auto startup = MpiRuntime::launched() ? std::make_unique<StartupWatch>() : nullptr;
   std::unique_ptr<MpiRuntime> mpi = startup ? std::make_unique<MpiRuntime>() : nullptr;
   if (mpi) init_logging(mpi->world_rank(), LogLevel::info);

@@ -1,6 +1,7 @@
 #include "parallel/comm/host_staged_communicator.h"
 
 #include "core/device/host_sync.h"
+#include "parallel/comm/async_error.h"
 
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
@@ -8,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <string_view>
 
 namespace moeforge {
 
@@ -28,10 +30,13 @@ namespace {
 // current stream waits for the copies back (`done`).
 class StagedWork : public Work {
  public:
-  StagedWork(std::shared_ptr<Work> host, std::shared_ptr<c10::Event> done, c10::Device device, bool drop_stream_wait)
-      : host_(std::move(host)), done_(std::move(done)), device_(device), drop_stream_wait_(drop_stream_wait) {}
+  StagedWork(std::shared_ptr<Work> host, std::shared_ptr<c10::Event> done, c10::Device device, bool drop_stream_wait,
+             std::shared_ptr<AsyncError> error)
+      : host_(std::move(host)), done_(std::move(done)), device_(device), drop_stream_wait_(drop_stream_wait),
+        error_(std::move(error)) {}
   void wait() override {
     host_->wait();
+    error_->rethrow();  // this call's failure, or an earlier one's: the group is broken either way
     if (!drop_stream_wait_) done_->block(c10::impl::getDeviceGuardImpl(device_.type())->getStream(device_));
   }
   bool is_completed() override { return host_->is_completed() && done_->query(); }
@@ -46,9 +51,10 @@ class StagedWork : public Work {
   std::shared_ptr<c10::Event> done_;
   c10::Device device_;
   bool drop_stream_wait_;
+  std::shared_ptr<AsyncError> error_;
 };
 
-// send_async's handle: the staged call, then the MPI send the thread posted.
+// send_async's and exchange's handle: the staged call, then the MPI sends the thread posted.
 class PostedSend : public Work {
  public:
   PostedSend(std::shared_ptr<Work> staged, std::shared_ptr<std::shared_ptr<Work>> posted)
@@ -80,6 +86,7 @@ struct HostStagedCommunicator::State {
   c10::Stream comm_stream;
   // The MPI calls of device tensors, made by `thread` only.
   std::unique_ptr<MpiCommunicator> staged;
+  std::shared_ptr<AsyncError> error;  // the first call that failed on `thread`
   CommThread thread;  // declared last: destroyed first, after what was submitted has run
 
   void check_device(const torch::Tensor& t, const char* operation, const std::string& group) const {
@@ -97,6 +104,7 @@ HostStagedCommunicator::HostStagedCommunicator(const std::shared_ptr<MpiCommunic
       state_(new State{device, c10::impl::getDeviceGuardImpl(device.type()),
                        c10::impl::getDeviceGuardImpl(device.type())->getStreamFromGlobalPool(device, /*isHighPriority=*/true),
                        mpi_group->split(0, mpi_group->rank(), mpi_group->name()),
+                       std::make_shared<AsyncError>(mpi_group->name(), mpi_group->world_ranks()),
                        {}}) {}
 
 HostStagedCommunicator::~HostStagedCommunicator() = default;
@@ -104,6 +112,7 @@ HostStagedCommunicator::~HostStagedCommunicator() = default;
 std::shared_ptr<Work> HostStagedCommunicator::launch(const char* operation, const std::vector<torch::Tensor>& inputs,
                                                      const std::vector<torch::Tensor>& outputs, HostCall call) {
   State& s = *state_;
+  s.error->rethrow();  // a failed call broke the group: nothing after it may run
   for (const auto& t : inputs) s.check_device(t, operation, name());
   for (const auto& t : outputs) s.check_device(t, operation, name());
   // After the caller's work so far: the kernels that made the inputs.
@@ -123,16 +132,25 @@ std::shared_ptr<Work> HostStagedCommunicator::launch(const char* operation, cons
       for (const auto& t : *list) s.impl->recordDataPtrOnStream(t.storage().data_ptr(), s.comm_stream);
     }
   }
+  const char* fail = std::getenv("MOEFORGE_TEST_FAIL_COMM");
+  const bool inject_failure = fail != nullptr && std::string_view(fail) == operation;
   auto done = std::make_shared<c10::Event>(s.device.type());
-  auto host = s.thread.submit([&s, copied_out, inputs_host = std::move(inputs_host), outputs, call = std::move(call), done] {
-    copied_out->synchronize();
-    std::vector<torch::Tensor> outputs_host(outputs.size());
-    call(*s.staged, inputs_host, outputs_host);
-    const c10::StreamGuard on_comm(s.comm_stream);
-    for (size_t i = 0; i < outputs.size(); ++i) outputs[i].copy_(outputs_host[i], /*non_blocking=*/true);
-    done->record(s.comm_stream);
+  auto host = s.thread.submit([&s, operation, inject_failure, copied_out, inputs_host = std::move(inputs_host), outputs,
+                               call = std::move(call), done] {
+    if (s.error->failed()) return;  // the group is broken: its wait() throws why
+    try {
+      copied_out->synchronize();
+      if (inject_failure) throw std::runtime_error("failure injected by MOEFORGE_TEST_FAIL_COMM");
+      std::vector<torch::Tensor> outputs_host(outputs.size());
+      call(*s.staged, inputs_host, outputs_host);
+      const c10::StreamGuard on_comm(s.comm_stream);
+      for (size_t i = 0; i < outputs.size(); ++i) outputs[i].copy_(outputs_host[i], /*non_blocking=*/true);
+      done->record(s.comm_stream);
+    } catch (const std::exception& e) {
+      s.error->record("host-staged", operation, e.what());  // `done` stays unrecorded: waits on it pass
+    }
   });
-  return std::make_shared<StagedWork>(std::move(host), std::move(done), s.device, hooks.drop_stream_wait == operation);
+  return std::make_shared<StagedWork>(std::move(host), std::move(done), s.device, hooks.drop_stream_wait == operation, s.error);
 }
 
 void HostStagedCommunicator::finish(const std::shared_ptr<Work>& work) {
@@ -274,19 +292,23 @@ std::shared_ptr<Work> HostStagedCommunicator::exchange(std::vector<PeerMessage>&
     (m.send ? sends : receives).push_back(m.tensor);
     plan.push_back({m.send ? torch::Tensor() : host_like(m.tensor), m.peer, m.tag, m.send});
   }
-  auto work = launch("exchange", sends, receives, [plan](MpiCommunicator& mpi, const auto& in, auto& out) mutable {
+  // The thread posts the sends and goes on once the receives are in, as send_async does: waiting
+  // there for a peer's receive would hold every later call of the group behind it.
+  auto posted = std::make_shared<std::shared_ptr<Work>>();
+  auto staged = launch("exchange", sends, receives, [plan, posted](MpiCommunicator& mpi, const auto& in, auto& out) mutable {
     size_t next_send = 0, next_receive = 0;
     for (auto& m : plan) {
       if (m.send) m.tensor = in[next_send++];
     }
-    mpi.exchange(plan, Transport::host)->wait();
+    *posted = mpi.exchange(plan, Transport::host);
     for (auto& m : plan) {
       if (!m.send) out[next_receive++] = m.tensor;
     }
   });
-  // As NCCL's: the caller's stream waits for the receives; the sends are complete too.
-  work->wait();
-  return work;
+  // The caller's stream waits for the receives, which what runs next reads; a send-only exchange
+  // returns at once (the pipeline's warm-up and cool-down: the receiver may be busy for a while).
+  if (!receives.empty()) staged->wait();
+  return std::make_shared<PostedSend>(std::move(staged), std::move(posted));
 }
 
 }  // namespace moeforge

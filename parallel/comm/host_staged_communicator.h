@@ -13,6 +13,10 @@
 //     the host-to-device copies of the results on the communication stream and records `done`;
 //   wait(): the host waits for the thread (MPI is host work), then the caller's stream waits for
 //     `done`; a blocking call also waits on the host for `done`.
+// A call that fails on the thread (an MPI error returned, a copy that threw) is recorded on the
+// communicator (parallel/comm/async_error.h): its handle's wait(), and every call after, throws it
+// naming the call; a handle nobody waits for does not drop it. Tests make the call named by
+// MOEFORGE_TEST_FAIL_COMM fail there (read at each call, on the caller's thread).
 // Tensors on the CPU go to the MPI group directly, as NcclCommunicator's do. Every device call of a
 // group runs on one thread in submission order, so ranks that make the same calls in the same order
 // match, as with NCCL; point-to-point messages match by tag over MPI.
@@ -69,7 +73,8 @@ class HostStagedCommunicator : public Communicator {
   std::shared_ptr<Work> send_async(const torch::Tensor& tensor, int peer, int tag, Transport transport) override;
   void send_recv(const torch::Tensor& send, int send_peer, torch::Tensor& recv, int recv_peer, int tag,
                  Transport transport) override;
-  // Every message in flight at once over MPI; returns when the receives are on the caller's stream.
+  // Every message in flight at once over MPI; returns when the receives are on the caller's stream
+  // (at once if there are none: a send-only exchange stays in flight, as over MPI and NCCL).
   std::shared_ptr<Work> exchange(std::vector<PeerMessage>& messages, Transport transport) override;
   void barrier() override { mpi_->barrier(); }
   void slow_barrier(const SlowWait& bound) override { mpi_->slow_barrier(bound); }

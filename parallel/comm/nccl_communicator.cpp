@@ -2,6 +2,7 @@
 
 #include "core/base/errors.h"
 #include "core/device/host_sync.h"
+#include "parallel/comm/async_error.h"
 #include "parallel/comm/watchdog.h"
 
 #include <c10/core/Event.h>
@@ -11,11 +12,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <mpi.h>
 #include <nccl.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
-#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <thread>
@@ -64,13 +65,18 @@ void require_cuda_contiguous(const torch::Tensor& t, const char* op) {
 // Host reads of a result go through to_host, which synchronises anyway.
 class NcclWork : public Work {
  public:
-  NcclWork(std::shared_ptr<c10::Event> done, c10::DeviceIndex device) : done_(std::move(done)), device_(device) {}
-  void wait() override { done_->block(c10::cuda::getCurrentCUDAStream(device_)); }
-  bool is_completed() override { return done_->query(); }
+  NcclWork(std::shared_ptr<c10::Event> done, c10::DeviceIndex device, std::shared_ptr<AsyncError> error)
+      : done_(std::move(done)), device_(device), error_(std::move(error)) {}
+  void wait() override {
+    error_->rethrow();  // what the watchdog saw fail on this communicator (c10d's model)
+    done_->block(c10::cuda::getCurrentCUDAStream(device_));
+  }
+  bool is_completed() override { return error_->failed() || done_->query(); }
 
  private:
   std::shared_ptr<c10::Event> done_;
   c10::DeviceIndex device_;
+  std::shared_ptr<AsyncError> error_;
 };
 
 }  // namespace
@@ -78,6 +84,11 @@ class NcclWork : public Work {
 struct NcclCommunicator::State {
   ncclComm_t comm = nullptr;
   c10::DeviceIndex device = 0;
+  // Set once the communicator is aborted (an error seen, or a timeout): no NCCL call may use
+  // `comm` after. ncclCommAbort may run on the watchdog's thread while this rank's thread is inside
+  // NCCL (that is how a hung call ends), so this is a flag, not a lock.
+  std::atomic<bool> aborted{false};
+  std::shared_ptr<AsyncError> error;
   // Every NCCL call of this communicator runs on its one communication stream, in issue order
   // (as ProcessGroupNCCL): the compute stream goes on while it runs, and calls of one communicator
   // never race each other on two streams.
@@ -88,6 +99,7 @@ struct NcclCommunicator::State {
   // their memory out again before the call is done. Returns the event after the call.
   template <typename Enqueue>
   std::shared_ptr<c10::Event> launch(std::initializer_list<torch::Tensor> tensors, Enqueue&& enqueue) {
+    error->rethrow();  // an aborted communicator takes no more calls
     c10::Event inputs_ready(c10::DeviceType::CUDA);
     inputs_ready.record(c10::cuda::getCurrentCUDAStream(device));
     inputs_ready.block(*comm_stream);
@@ -96,6 +108,21 @@ struct NcclCommunicator::State {
     auto done = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
     done->record(*comm_stream);
     return done;
+  }
+
+  void abort() {
+    if (!aborted.exchange(true)) ncclCommAbort(comm);
+  }
+
+  // Whether `operation` failed asynchronously (NCCL's error on the communicator); records it and
+  // aborts the communicator, so the rest of its kernels end. Any thread; `device` must be current.
+  bool failed(const char* operation) {
+    if (aborted.load()) return true;
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(comm, &async) != ncclSuccess || async == ncclSuccess || async == ncclInProgress) return false;
+    error->record("NCCL", operation, ncclGetErrorString(async));
+    abort();
+    return true;
   }
 };
 
@@ -107,7 +134,8 @@ std::string nccl_version() {
 }
 
 NcclCommunicator::NcclCommunicator(std::shared_ptr<Communicator> mpi_group, double timeout_seconds)
-    : mpi_(std::move(mpi_group)), timeout_seconds_(timeout_seconds), state_(std::make_unique<State>()) {
+    : mpi_(std::move(mpi_group)), timeout_seconds_(timeout_seconds), state_(std::make_shared<State>()) {
+  state_->error = std::make_shared<AsyncError>(name(), world_ranks());
   state_->device = c10::cuda::current_device();
   state_->comm_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, state_->device);
   ncclUniqueId id{};
@@ -120,7 +148,7 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<Communicator> mpi_group, doub
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  if (state_ && state_->comm) ncclCommDestroy(state_->comm);
+  if (state_ && state_->comm && !state_->aborted.load()) ncclCommDestroy(state_->comm);
 }
 
 void NcclCommunicator::wait(const char* operation, const c10::Event& done) {
@@ -129,39 +157,28 @@ void NcclCommunicator::wait(const char* operation, const c10::Event& done) {
   const CommInFlight in_flight;  // the whole wait is exposed
   const ExposedWait exposed;
   // Past the timeout the watchdog (parallel/comm/watchdog.h) aborts the communicator, so its kernels
-  // end, and then the job.
-  ncclComm_t comm = state_->comm;
-  const Watched watched(operation, name(), world_ranks(), timeout_seconds_, [comm] { ncclCommAbort(comm); });
+  // end, and then the job. An error NCCL reports meanwhile is thrown here, naming the call.
+  const Watched watched(operation, name(), world_ranks(), timeout_seconds_, [state = state_] { state->abort(); });
   while (!done.query()) {
-    ncclResult_t async = ncclSuccess;
-    ncclCommGetAsyncError(state_->comm, &async);
-    if (async != ncclSuccess) {
-      std::fprintf(stderr,
-                   "error: NCCL %s on group %s (world ranks [%s]) failed: %s. A peer is dead or diverged (every rank "
-                   "must make the same calls); ending the job.\n",
-                   operation, name().c_str(), fmt::format("{}", fmt::join(world_ranks(), ", ")).c_str(),
-                   ncclGetErrorString(async));
-      std::fflush(stderr);
-      ncclCommAbort(state_->comm);
-      state_->comm = nullptr;
-      MPI_Abort(MPI_COMM_WORLD, 3);
+    if (state_->failed(operation)) {
+      state_->error->rethrow();
+      throw CommError(fmt::format("NCCL {} on group {}: the communicator was aborted", operation, name()));
     }
     std::this_thread::yield();
   }
 }
 
 std::shared_ptr<Work> NcclCommunicator::async_work(const char* operation, std::shared_ptr<c10::Event> done) {
-  ncclComm_t comm = state_->comm;
   // The watchdog's thread has no current device: a query there would make a CUDA context on GPU 0
-  // (hundreds of MB on another rank's GPU, on a node of several). Each query sets this rank's.
-  const c10::DeviceIndex device = state_->device;
+  // (hundreds of MB on another rank's GPU, on a node of several). Each poll sets this rank's. An
+  // error NCCL reports meanwhile is recorded for the next wait() or call on this communicator.
   watch_until(operation, name(), world_ranks(), timeout_seconds_,
-              [done, device] {
-                const c10::cuda::CUDAGuard on_device(device);
-                return done->query();
+              [done, state = state_, operation] {
+                const c10::cuda::CUDAGuard on_device(state->device);
+                return done->query() || state->failed(operation);
               },
-              [comm] { ncclCommAbort(comm); });
-  return std::make_shared<NcclWork>(std::move(done), state_->device);
+              [state = state_] { state->abort(); });
+  return std::make_shared<NcclWork>(std::move(done), state_->device, state_->error);
 }
 
 void NcclCommunicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
@@ -354,8 +371,8 @@ std::shared_ptr<Work> NcclCommunicator::exchange(std::vector<PeerMessage>& messa
     check_transport(m.tensor, transport, "exchange", name());
     require_cuda_contiguous(m.tensor, "exchange");
   }
-  // The compute stream waits for the group (what runs next reads the receives); the host does not,
-  // and the watchdog polls the group as for any asynchronous call.
+  state_->error->rethrow();
+  // The host does not wait; the watchdog polls the group as for any asynchronous call.
   c10::Event inputs_ready(c10::DeviceType::CUDA);
   inputs_ready.record(c10::cuda::getCurrentCUDAStream(state_->device));
   inputs_ready.block(*state_->comm_stream);
@@ -374,7 +391,10 @@ std::shared_ptr<Work> NcclCommunicator::exchange(std::vector<PeerMessage>& messa
   auto done = std::make_shared<c10::Event>(c10::DeviceType::CUDA);
   done->record(*state_->comm_stream);
   auto work = async_work("exchange", std::move(done));
-  work->wait();
+  // The compute stream waits only for an exchange that receives (what runs next reads it); a
+  // send-only one stays in flight, as over MPI (parallel/pipeline.cpp keeps its handle).
+  const bool receives = std::any_of(messages.begin(), messages.end(), [](const PeerMessage& m) { return !m.send; });
+  if (receives) work->wait();
   return work;
 }
 

@@ -12,7 +12,9 @@
 // its event on the host; an `*_async` handle's wait() makes the caller's stream wait, and
 // is_completed() asks the event. The process's watchdog (parallel/comm/watchdog.h) enforces the
 // timeout on both: a hung peer aborts the communicator and ends the job with the call, the group
-// and its ranks named.
+// and its ranks named. An error NCCL reports (ncclCommGetAsyncError) is c10d's asynchronous error
+// (parallel/comm/async_error.h): the communicator is aborted and the next wait() or call on it
+// throws a CommError naming the collective; the watchdog ends the job if none comes.
 // Collectives on CPU tensors (scalars the trainer reduces: losses, norms, counts) go through the
 // MPI group. Point-to-point calls go where their Transport says (Note [Transport]): device over
 // NCCL, host over the MPI group, each end's tensors checked against it. send/recv ignore the tag
@@ -78,7 +80,7 @@ class NcclCommunicator : public Communicator {
   std::shared_ptr<Work> async_work(const char* operation, std::shared_ptr<c10::Event> done);
   std::shared_ptr<Communicator> mpi_;
   double timeout_seconds_;
-  std::unique_ptr<State> state_;
+  std::shared_ptr<State> state_;  // shared with the watchdog's polls
 };
 
 }  // namespace moeforge

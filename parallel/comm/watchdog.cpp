@@ -33,6 +33,7 @@ struct Entry {
   std::function<bool()> completed;  // polled (watch_until); else removed by its Watched
   const char* setting = kCommTimeoutSetting;  // what bounds it
   bool startup = false;                        // the StartupWatch: no peer group yet
+  std::string report{};                        // if set, the whole message (an unclaimed error)
 };
 
 Clock::time_point deadline_of(double timeout_s) {
@@ -94,6 +95,10 @@ class Watchdog {
     std::lock_guard lock(mutex_);
     handler_ = std::move(h);
   }
+  void set_job_abort(std::function<void(int)> abort) {
+    std::lock_guard lock(mutex_);
+    job_abort_ = std::move(abort);
+  }
 
   ~Watchdog() {
     {
@@ -134,8 +139,10 @@ class Watchdog {
   // Called with the lock held; releases it while the handler runs. `stalled`: how long this
   // process itself did not run just before the deadline was seen passed (zero if it ran).
   void expire(Entry& e, Clock::duration stalled, std::unique_lock<std::mutex>& lock) {
-    const auto message = fmt::format("error: {}: {}. Ending the job.", rank_name(), cause(e, stalled));
+    const auto message =
+        fmt::format("error: {}: {}. Ending the job.", rank_name(), e.report.empty() ? cause(e, stalled) : e.report);
     auto handler = handler_;
+    auto job_abort = job_abort_;
     lock.unlock();
     if (handler) {
       handler(message);
@@ -143,10 +150,10 @@ class Watchdog {
       if (e.on_timeout) e.on_timeout();
       std::fprintf(stderr, "%s\n", message.c_str());
       std::fflush(stderr);
-      int initialized = 0;
-      MPI_Initialized(&initialized);
-      // Before MPI_Init has returned there is no job to abort: exiting makes the launcher end it.
-      if (initialized) MPI_Abort(MPI_COMM_WORLD, 1);
+      // The command that started the job knows how to end all of it (MPI_Abort); this library does
+      // not: exiting before MPI_Finalize makes the launcher end the others (mpirun, srun's
+      // --kill-on-bad-exit), only less promptly.
+      if (job_abort) job_abort(1);
       std::_Exit(1);
     }
     lock.lock();
@@ -175,6 +182,7 @@ class Watchdog {
   uint64_t next_ = 0;
   bool stopping_ = false;
   std::function<void(const std::string&)> handler_;
+  std::function<void(int)> job_abort_;
   std::thread thread_;
 };
 
@@ -221,6 +229,14 @@ StartupWatch::~StartupWatch() { Watchdog::get().remove(id_); }
 
 void StartupWatch::phase(const char* what) { Watchdog::get().set_operation(id_, what); }
 
+void end_job_unless_claimed(std::string message, double grace_s, std::function<bool()> claimed) {
+  Entry e{"claiming an error", "", {}, grace_s, deadline_of(grace_s), {}, std::move(claimed)};
+  e.report = std::move(message) + fmt::format(" (no call on the group claimed this error within {:g} s)", grace_s);
+  Watchdog::get().add(std::move(e));
+}
+
 void set_timeout_handler(std::function<void(const std::string& message)> handler) { Watchdog::get().set_handler(std::move(handler)); }
+
+void set_job_abort(std::function<void(int exit_code)> abort) { Watchdog::get().set_job_abort(std::move(abort)); }
 
 }  // namespace moeforge

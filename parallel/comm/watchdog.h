@@ -1,11 +1,13 @@
-// defines: Watched, watch_until, StartupWatch, set_timeout_handler
+// defines: Watched, watch_until, end_job_unless_claimed, StartupWatch, set_timeout_handler, set_job_abort
 //
 // One watchdog thread per process enforces parallel.distributed_timeout_minutes on every
 // communication in flight, on any thread (the model of c10d's NCCL watchdog): blocking calls while
 // they wait, the communication threads' asynchronous ones, posted sends from posting to completion,
 // NCCL kernels. Past its timeout an operation is reported with the call, the group and its world
-// ranks, and the whole job ends (MPI_Abort): a hung or dead peer never hangs the job, and no
-// thread has to notice it itself. Waiting code only polls for completion.
+// ranks, and the whole job ends: a hung or dead peer never hangs the job, and no thread has to
+// notice it itself. Waiting code only polls for completion. How the job ends is the command's
+// choice (set_job_abort: MPI_Abort for `train`); this library only exits the process, which makes
+// the launcher end the others.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +41,10 @@ class Watched {
 void watch_until(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
                  std::function<bool()> completed, std::function<void()> on_timeout = {});
 
+// An error recorded for a later call to throw (AsyncError, parallel/comm/async_error.h): unless
+// `claimed()` turns true within `grace_s`, the watchdog reports `message` and ends the job.
+void end_job_unless_claimed(std::string message, double grace_s, std::function<bool()> claimed);
+
 // A job's start-up, from before MPI_Init until its process groups exist; from then on every
 // communication is Watched. A rank that never joins (stopped, crashed before MPI_Init, never
 // started by the launcher) held the others in MPI_Init forever. The limit cannot come from the
@@ -62,5 +68,9 @@ class StartupWatch {
 // What the watchdog does with an expired operation's message instead of printing it and ending the
 // job (unit tests of the watchdog itself); an empty handler restores the default.
 void set_timeout_handler(std::function<void(const std::string& message)> handler);
+
+// How this process ends the whole job after reporting (the command that initialised MPI sets
+// MPI_Abort); without one, or if it returns, the process exits with `exit_code`.
+void set_job_abort(std::function<void(int exit_code)> abort);
 
 }  // namespace moeforge

@@ -36,6 +36,11 @@ int main(int argc, char** argv) {
     std::this_thread::sleep_for(std::chrono::seconds(10));  // the watchdog ends the process
     return 0;
   }
+  set_job_abort([](int exit_code) {  // as `moeforge train` does
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (initialized) MPI_Abort(MPI_COMM_WORLD, exit_code);
+  });
   std::unique_ptr<StartupWatch> startup;
   if (mode == "startup") {
     startup = std::make_unique<StartupWatch>();

@@ -9,6 +9,8 @@
 // `mpirun -np 3`.
 #include "parallel/comm/host_staged_communicator.h"
 
+#include "parallel/comm/async_error.h"
+
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <catch2/catch.hpp>
@@ -16,8 +18,10 @@
 
 #include <dlfcn.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <stdexcept>
+#include <thread>
 
 using namespace moeforge;
 using Catch::Matchers::Contains;
@@ -262,6 +266,56 @@ TEST_CASE("host-staged misuse is refused in the caller's thread, naming the call
   auto on_host = torch::zeros({2});
   CHECK_THROWS_AS(comm.recv(on_host, next, 5, Transport::device), std::invalid_argument);
   CHECK_THROWS_WITH(comm.recv(on_host, next, 5, Transport::device), Contains("recv") && Contains("moves device memory"));
+}
+
+TEST_CASE("host-staged send-only exchange returns at once while its receiver is busy", "[device][mpi]") {
+  auto& comm = fixture().comm;
+  // 16 MB, beyond MPI's eager limit: the send completes only once rank 1 receives, 1.5 s later. The
+  // pipeline's warm-up sends thus; the sender's next forward must not wait for that receive.
+  const int64_t elements = 4LL << 20;
+  if (comm.rank() == 0) {
+    std::vector<PeerMessage> messages{{computed({elements}, 5.0, torch::kFloat32), 1, 21, true}};
+    const auto start = std::chrono::steady_clock::now();
+    auto sent = comm.exchange(messages, Transport::device);
+    CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 0.5);
+    sent->wait();
+    CHECK(sent->is_completed());
+  } else if (comm.rank() == 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    std::vector<PeerMessage> messages{{torch::zeros({elements}, on_device(torch::kFloat32)), 0, 21, false}};
+    comm.exchange(messages, Transport::device)->wait();
+    CHECK(equals(messages[0].tensor, torch::full({elements}, 5.0F), torch::kFloat32));
+  }
+  comm.barrier();
+}
+
+TEST_CASE("host-staged failure on the communication thread: thrown by its wait and every later call naming it",
+          "[device][mpi]") {
+  auto& f = fixture();
+  HostStagedCommunicator broken(f.world, f.device);  // a failed call breaks its group for good
+  setenv("MOEFORGE_TEST_FAIL_COMM", "all_reduce", 1);
+  auto work = broken.all_reduce_async(computed({4}, 1.0, torch::kFloat32), ReduceOp::sum);
+  unsetenv("MOEFORGE_TEST_FAIL_COMM");
+  // (Catch2's combined matchers hold their parts by reference: one matcher, made where it is used.)
+  const auto named = Contains("host-staged all_reduce on group world (world ranks [0, 1, 2]) failed: failure injected by "
+                              "MOEFORGE_TEST_FAIL_COMM");
+  CHECK_THROWS_AS(work->wait(), CommError);
+  CHECK_THROWS_WITH(work->wait(), named);
+  CHECK(work->is_completed());
+  // The next call is refused before it runs, with the error that broke the group.
+  CHECK_THROWS_WITH(broken.all_gather(computed({2}, 1.0, torch::kFloat32)), named);
+  // A handle nobody waited for does not drop an error either: the next blocking call throws it.
+  HostStagedCommunicator unwaited(f.world, f.device);
+  setenv("MOEFORGE_TEST_FAIL_COMM", "exchange", 1);
+  std::vector<PeerMessage> messages{{computed({3}, 1.0, torch::kFloat32), (f.comm.rank() + 1) % f.comm.size(), 22, true}};
+  unwaited.exchange(messages, Transport::device);  // send-only: returns at once, the handle dropped
+  unsetenv("MOEFORGE_TEST_FAIL_COMM");
+  auto t = computed({4}, 1.0, torch::kFloat32);
+  CHECK_THROWS_WITH(unwaited.all_reduce(t, ReduceOp::sum), Contains("host-staged exchange on group world"));
+  // Other groups go on.
+  auto ok = computed({4}, 1.0, torch::kFloat32);
+  f.comm.all_reduce(ok, ReduceOp::sum);
+  CHECK(equals(ok, torch::full({4}, static_cast<float>(f.comm.size())), torch::kFloat32));
 }
 
 // Last: the calls above are the accesses it judged (their tensors are freed by now too).

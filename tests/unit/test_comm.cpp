@@ -1,6 +1,7 @@
 // Communicators seen from outside: a group of one, and a hung or dead rank ending an mpirun job on
 // every rank within the timeout, with the operation and group named (tests/mpi/comm_probe.cpp).
 #include "core/device/device_runtime.h"
+#include "parallel/comm/async_error.h"
 #include "parallel/comm/communicator.h"
 #include "parallel/comm/process_groups.h"
 #include "parallel/comm/watchdog.h"
@@ -206,4 +207,34 @@ TEST_CASE("a rank that was itself stopped past a deadline says so instead of bla
   CHECK_THAT(r.output, Contains("this rank itself did not run for the last"));
   CHECK_THAT(r.output, Contains("it is the rank that held the job up"));
   CHECK_THAT(r.output, !Contains("a peer rank is hung"));
+}
+
+TEST_CASE("an asynchronous error is thrown by the next call and every call after or ends the job unclaimed",
+          "[comm][work]") {
+  std::vector<std::string> reports;
+  std::mutex mutex;
+  set_timeout_handler([&](const std::string& message) {
+    std::lock_guard lock(mutex);
+    reports.push_back(message);
+  });
+  {
+    AsyncError claimed("ep0", {2, 3}, 0.3);
+    CHECK_FALSE(claimed.failed());
+    CHECK_NOTHROW(claimed.rethrow());
+    claimed.record("NCCL", "all_to_all", "remote process exited or there was a network error");
+    claimed.record("NCCL", "all_reduce", "a consequence of the first");  // the first error wins
+    CHECK(claimed.failed());
+    CHECK_THROWS_AS(claimed.rethrow(), CommError);
+    CHECK_THROWS_WITH(claimed.rethrow(),  // every call after throws it too
+                      Contains("NCCL all_to_all on group ep0 (world ranks [2, 3]) failed: remote process exited") &&
+                          Contains("A peer is dead or diverged"));
+    AsyncError unclaimed("pp1", {0, 4}, 0.2);
+    unclaimed.record("host-staged", "exchange", "failure injected");
+    std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  }  // the watchdog outlives both: its entries hold only what they poll
+  set_timeout_handler({});
+  std::lock_guard lock(mutex);
+  REQUIRE(reports.size() == 1);  // the claimed error was not reported again
+  CHECK_THAT(reports[0], Contains("host-staged exchange on group pp1 (world ranks [0, 4]) failed: failure injected"));
+  CHECK_THAT(reports[0], Contains("no call on the group claimed this error within 0.2 s") && Contains("Ending the job"));
 }
