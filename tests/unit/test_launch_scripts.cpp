@@ -28,7 +28,7 @@ TEST_CASE("the launch scripts run a 2-rank job after a dry run", "[launch][mpi]"
     return " " + config + " --set training.train_iters=2 --set training.lr_warmup_iters=0 --set training.eval_iters=0 --set logging.run_dir=" +
            (dir.path() / name).string();
   };
-  const std::string hostfile = dir.file("hosts", "# one line per node\nlocalhost slots=2\n");
+  const std::string hostfile = dir.file("hosts", "# one line per node\nlocalhost slots=2 max_slots=4  # a cap, not slots\n");
   const std::vector<std::pair<std::string, std::string>> launches = {
       {"single", "bash " + source_path("launch/run_single_node.sh") + " -n 2"},
       {"multi", "bash " + source_path("launch/run_multi_node.sh") + " -H " + hostfile},
