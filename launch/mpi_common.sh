@@ -98,7 +98,7 @@ moeforge_launch() {
     if [[ -n ${MOEFORGE_IFACE:-} ]]; then
       cmd+=(--mca btl_tcp_if_include "$MOEFORGE_IFACE" --mca oob_tcp_if_include "$MOEFORGE_IFACE")
     fi
-    (( oversubscribed )) && cmd+=(--oversubscribe)
+    if (( oversubscribed )); then cmd+=(--oversubscribe); fi
     case $bind in
       numa) cmd+=(--map-by "ppr:${per_node}:node" --bind-to numa) ;;
       core) cmd+=(--map-by "ppr:${per_node}:node:PE=$(( cores / per_node ))" --bind-to core) ;;
@@ -118,7 +118,7 @@ moeforge_launch() {
     cmd+=(--kill-on-bad-exit=1 "--mpi=${MOEFORGE_SRUN_MPI:-pmix}" --export=ALL
           "--ntasks=$nproc" "--ntasks-per-node=$per_node"
           "--cpus-per-task=$(( cores / per_node > 0 ? cores / per_node : 1 ))")
-    (( oversubscribed )) && cmd+=(--overcommit)
+    if (( oversubscribed )); then cmd+=(--overcommit); fi
     case $bind in
       numa) cmd+=(--cpu-bind=ldoms) ;;
       core) cmd+=(--cpu-bind=cores) ;;
