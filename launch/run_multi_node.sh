@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Train on several nodes listed in an Open MPI hostfile ("node01 slots=8" per line).
+# Train on several nodes listed in an Open MPI hostfile ("node01 slots=8" per line), under mpirun.
 #   bash launch/run_multi_node.sh -H HOSTFILE [-g RANKS_PER_NODE] [-n NPROC] CONFIG [train arguments ...]
-# RANKS_PER_NODE defaults to the first host's slots, NPROC to the sum of all slots. The binary and
-# the config must be at the same path on every node (a shared file system). Set MOEFORGE_IFACE to
-# the interface the nodes reach each other on. Environment: launch/mpi_common.sh; docs/launching.md.
+# The hostfile is read as mpirun reads it (comments, max_slots, repeated hosts: launch/allocation.sh).
+# RANKS_PER_NODE defaults to the hosts' slots, which must then be equal on every host; NPROC to
+# RANKS_PER_NODE x hosts. The binary and the config must be at the same path on every node (a shared
+# file system). Set MOEFORGE_IFACE to the interface the nodes reach each other on. Environment:
+# launch/mpi_common.sh; docs/launching.md.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/mpi_common.sh"
 
@@ -13,7 +15,7 @@ while getopts "H:g:n:h" opt; do
     H) hostfile=$OPTARG ;;
     g) per_node=$OPTARG ;;
     n) nproc=$OPTARG ;;
-    h) sed -n '2,6p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    h) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) exit 2 ;;
   esac
 done
@@ -22,14 +24,38 @@ if [[ -z $hostfile || ! -r $hostfile ]]; then
   echo "error: -H HOSTFILE is required and must be readable (got '${hostfile}'); one 'host slots=N' per line" >&2
   exit 2
 fi
-slots=$(grep -v '^\s*#' "$hostfile" | grep -o 'slots=[0-9]*' | cut -d= -f2)
-if [[ -z $slots ]]; then
-  echo "error: $hostfile gives no 'slots=N': write one 'host slots=N' line per node" >&2
+for value in "$per_node" "$nproc"; do
+  if [[ -n $value && ! $value =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: -g and -n take a positive whole number (got '$value')" >&2
+    exit 2
+  fi
+done
+listing=$(moeforge_hostfile_slots "$hostfile") || exit 2
+hosts=() slots=()
+while read -r host count; do hosts+=("$host"); slots+=("$count"); done <<< "$listing"
+
+# The same ranks on every node (mpirun --map-by ppr:N:node), as torchrun's --nproc-per-node and
+# Megatron's launchers assume: the slots must agree unless -g says how many ranks each node runs.
+if [[ -z $per_node ]]; then
+  per_node=${slots[0]}
+  for i in "${!hosts[@]}"; do
+    if [[ ${slots[i]} != "$per_node" ]]; then
+      echo "error: $hostfile gives ${hosts[0]} $per_node slots but ${hosts[i]} ${slots[i]}: moeforge runs the same number of ranks on every node; give each host the same slots=N (its GPUs), or -g N for N ranks per node" >&2
+      exit 2
+    fi
+  done
+fi
+for i in "${!hosts[@]}"; do
+  if (( slots[i] < per_node )); then
+    echo "error: ${hosts[i]} has ${slots[i]} slots in $hostfile, fewer than the $per_node ranks per node: raise its slots=, or give -g ${slots[i]}" >&2
+    exit 2
+  fi
+done
+capacity=$(( per_node * ${#hosts[@]} ))
+nproc=${nproc:-$capacity}
+if (( nproc > capacity )); then
+  echo "error: -n $nproc is more than $per_node ranks per node x ${#hosts[@]} hosts = $capacity" >&2
   exit 2
 fi
-[[ -n $per_node ]] || per_node=$(head -n1 <<< "$slots")
-if [[ -z $nproc ]]; then
-  nproc=0
-  for s in $slots; do nproc=$((nproc + s)); done
-fi
+echo "hostfile $hostfile: ${#hosts[@]} hosts, $per_node ranks per node, $nproc ranks"
 moeforge_launch "$nproc" "$per_node" --hostfile "$hostfile" -- "$@"
