@@ -150,7 +150,7 @@ layout() {
   # The same layout on one machine, without namespaces, for the bitwise comparison.
   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
     env -u OMPI_MCA_plm_rsh_agent -u OMPI_MCA_oob_tcp_if_include -u OMPI_MCA_btl_tcp_if_include \
-    timeout 120 mpirun --oversubscribe --bind-to none -np 4 "$bin" train "$work/train.yaml" "${args[@]}" "${par[@]}" \
+    timeout 120 "${MOEFORGE_MPIRUN:-mpirun}" --oversubscribe --bind-to none -np 4 "$bin" train "$work/train.yaml" "${args[@]}" "${par[@]}" \
     --set "logging.run_dir=$work/$name.local" > "$work/$name.local.log" 2>&1 ||
     fail "mpirun -np 4 on this machine ($name)" "$work/$name.local.log"
   grep -q "^dry run for world size 4 passed" "$work/$name.hosts.log" ||
