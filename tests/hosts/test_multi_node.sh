@@ -43,7 +43,7 @@ c, _ = s.accept(); c.sendall(socket.gethostname().encode())' > "$work/port" &
 listener=$!
 for _ in $(seq 50); do [[ -s $work/port ]] && break; sleep 0.1; done
 "$fixture" run h1 python3 -c '
-import socket, sys
+import errno, socket, sys
 port = int(sys.argv[1])
 peer = socket.create_connection(("10.231.0.12", port), timeout=5).recv(100).decode()
 assert peer == sys.argv[2], f"h2 says it is {peer!r}"
@@ -52,7 +52,7 @@ for outside in ["192.0.2.1", "10.0.0.1", "8.8.8.8"]:
         socket.create_connection((outside, 53), timeout=2)
         sys.exit(f"{outside} reachable from a test host")
     except OSError as e:
-        pass
+        assert e.errno == errno.ENETUNREACH, f"{outside}: {e}"
 print(f"{socket.gethostname()} -> {peer} over TCP; nothing outside the fixture reachable")' "$(head -n1 "$work/port")" "$h2"
 wait $listener
 [[ -z $(ip -n "$h1" route show default) ]] || { echo "FAIL: $h1 has a default route" >&2; exit 1; }
