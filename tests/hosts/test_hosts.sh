@@ -52,12 +52,13 @@ ns_of() {
 }
 
 down() {
-  local ns pids tries
+  local ns pids
   for ns in $(members); do
     # Everything started in the namespace (ranks, orted, a stuck agent): gone before the namespace.
-    for tries in 1 2 3 4 5 6 7 8 9 10; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
       pids=$(ip netns pids "$ns" 2> /dev/null || true)
       [[ -z $pids ]] && break
+      # shellcheck disable=SC2086  # a list of PIDs
       kill -9 $pids 2> /dev/null || true
       sleep 0.1
     done
@@ -129,6 +130,7 @@ rsh() {
     echo "test_hosts rsh: no test host '$host' (namespace $ns)" >&2
     exit 255  # ssh's status for a connection that failed
   fi
+  # shellcheck disable=SC2016  # expanded by the inner sh
   exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "$ns" "$*"
 }
 
@@ -137,6 +139,7 @@ run() {
   ns=$(ns_of "$1")
   shift
   ns_exists "$ns" || { echo "test_hosts run: no test host $ns" >&2; exit 2; }
+  # shellcheck disable=SC2016  # expanded by the inner sh
   exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$ns" "$@"
 }
 
