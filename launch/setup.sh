@@ -29,8 +29,9 @@ apt_packages=(
   libutf8proc-dev
   libprotobuf-dev protobuf-compiler libboost-dev
 )
-# Only the tests need these: libFuzzer, and a real headless browser for report.html.
-((runtime_only)) || apt_packages+=(clang libclang-rt-14-dev chromium)
+# Only the tests need these: libFuzzer, a real headless browser for report.html, and `ip` for the
+# test hosts (tests/hosts: network namespaces).
+((runtime_only)) || apt_packages+=(clang libclang-rt-14-dev chromium iproute2)
 if [[ "${MOEFORGE_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${apt_packages[@]}"; do
