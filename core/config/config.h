@@ -178,6 +178,12 @@ struct TrainingConfig {
   // optimizer state.
   std::vector<std::string> trainable;
   std::vector<std::string> frozen;
+  // Megatron's early exits (launch/train/exit_conditions.h): each stops every rank after the same
+  // iteration, saves a checkpoint and exits 0.
+  bool exit_signal_handler = false;
+  std::string exit_signal = "SIGTERM";  // a name of kExitSignals (core/base/signals.h)
+  std::optional<double> exit_duration_in_mins;  // null = no time limit
+  std::optional<int64_t> exit_interval;         // null = none
 };
 
 struct DataConfig {

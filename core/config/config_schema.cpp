@@ -244,6 +244,10 @@ std::vector<ConfigField> make_fields() {
       bind("training", T, "on_nonfinite", &TC::on_nonfinite, "A non-finite loss or gradient norm: stop the run, or skip the update and count it"),
       bind("training", T, "trainable", &TC::trainable, "Parameter-name globs that train (e.g. \"layers.*.mlp.gate.weight\"); empty = all"),
       bind("training", T, "frozen", &TC::frozen, "Parameter-name globs that do not train (applied after trainable)"),
+      bind("training", T, "exit_signal_handler", &TC::exit_signal_handler, "On training.exit_signal: every rank stops after the same iteration, saves a checkpoint and exits 0 (Megatron's --exit-signal-handler)"),
+      bind("training", T, "exit_signal", &TC::exit_signal, "The signal exit_signal_handler handles: SIGTERM, SIGINT, SIGHUP, SIGUSR1 or SIGUSR2 (under mpirun SIGUSR1: mpirun kills ranks 1 s after forwarding SIGTERM)"),
+      bind("training", T, "exit_duration_in_mins", &TC::exit_duration_in_mins, "Stop, save and exit 0 after the iteration at which the process has run this many minutes (start-up included); null = no limit"),
+      bind("training", T, "exit_interval", &TC::exit_interval, "Stop, save and exit 0 after an iteration that is a multiple of this; null = never"),
       // data
       bind("data", D, "data_path", &DC::data_path, "Megatron dataset prefix(es) (without .bin/.idx); a blend is [w1, prefix1, w2, prefix2, ...]"),
       bind("data", D, "split", &DC::split, "Train/valid/test proportions, Megatron's format, e.g. \"99,1,0\""),

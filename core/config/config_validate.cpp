@@ -1,6 +1,7 @@
 #include "core/config/config_validate.h"
 
 #include "core/base/errors.h"
+#include "core/base/signals.h"
 
 #include <fmt/format.h>
 
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -246,6 +248,14 @@ void validate_training(const TrainingConfig& t, Problems& p) {
   p.non_negative("training.seed", t.seed);
   p.positive("training.eval_interval", t.eval_interval);
   p.non_negative("training.eval_iters", t.eval_iters);
+  if (!exit_signal_number(t.exit_signal)) {
+    std::vector<std::string_view> names;
+    for (const auto& [name, number] : kExitSignals) names.push_back(name);
+    p.add("training.exit_signal is '{}': use one of {} (under mpirun SIGUSR1, which it forwards to every rank)",
+          t.exit_signal, fmt::join(names, ", "));
+  }
+  if (t.exit_duration_in_mins) p.positive("training.exit_duration_in_mins", *t.exit_duration_in_mins);
+  if (t.exit_interval) p.positive("training.exit_interval", *t.exit_interval);
   // The schedule's lengths and the run's samples, in samples: kept below kMaxSamples (config.h).
   const int64_t iters = std::max(t.train_iters, *t.lr_decay_iters);
   if (t.global_batch_size > 0 && iters > kMaxSamples / t.global_batch_size) {

@@ -76,6 +76,12 @@ Trainer::Trainer(LoadedConfig loaded, std::unique_ptr<MpiRuntime> mpi, const std
   setup_optimizer();
   restore();
   announce(command, quiet);
+  exit_ = std::make_unique<ExitConditions>(c_.training);
+  if (c_.training.exit_signal_handler && c_.training.exit_signal == "SIGTERM" && mpi_ && is_rank0() &&
+      std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr) {
+    spdlog::warn("training.exit_signal is SIGTERM under mpirun, which sends SIGKILL 1 s after forwarding SIGTERM: no save "
+                 "finishes in time. Use training.exit_signal: SIGUSR1 (mpirun forwards it) and signal mpirun with it");
+  }
 }
 
 void Trainer::setup_parallel() {
@@ -496,6 +502,15 @@ void Trainer::refuse_nonfinite(const CheckpointContents& contents) {
             state_.iteration, where, tracker);
 }
 
+Trainer::StepAgreement Trainer::agree(const StepAgreement& mine) const {
+  if (groups_.world->size() == 1) return mine;
+  auto t = torch::tensor({int64_t{mine.metrics_lost}, int64_t{mine.stop.signal}, int64_t{mine.stop.duration}},
+                         torch::kInt64);  // host: MPI
+  groups_.world->all_reduce(t, ReduceOp::max);
+  const auto* v = t.data_ptr<int64_t>();
+  return {v[0] != 0, {v[1] != 0, v[2] != 0}};
+}
+
 bool Trainer::any_rank(bool flag) const {
   if (groups_.world->size() == 1) return flag;
   auto t = torch::full({1}, static_cast<int64_t>(flag), torch::kInt64);  // host: MPI
@@ -542,6 +557,7 @@ int Trainer::train() {
     return 0;
   }
   const int64_t first = state_.iteration + 1;
+  bool signal_logged = false;
   while (state_.iteration < t.train_iters) {
     profiler_->before_step(state_.iteration + 1);
     StepMetrics m = train_step();
@@ -580,8 +596,22 @@ int Trainer::train() {
     }
     const bool save_now = !c_.checkpoint.save.empty() &&
                           (last || (c_.checkpoint.save_interval && state_.iteration % *c_.checkpoint.save_interval == 0));
-    if (any_rank(!metrics_error.empty())) stop_on_lost_metrics(metrics_error);
-    if (save_now) save();
+    const StopVotes vote = exit_->vote();
+    if (vote.signal && !signal_logged) {
+      spdlog::warn("{} received: every rank stops after this iteration, with a checkpoint",
+                   t.exit_signal);
+      signal_logged = true;
+    }
+    const StepAgreement agreed = agree({!metrics_error.empty(), vote});
+    if (agreed.metrics_lost) stop_on_lost_metrics(metrics_error);
+    const auto stop = last ? std::nullopt : exit_->reason(agreed.stop, state_.iteration);
+    if (save_now || (stop && !c_.checkpoint.save.empty())) save();
+    if (stop) {
+      spdlog::info("stopping after iteration {}: {}; {}", state_.iteration, *stop,
+                   c_.checkpoint.save.empty() ? "checkpoint.save is not set, so nothing was saved"
+                                              : "the same command resumes from the checkpoint");
+      break;
+    }
   }
   if (c_.hardware.emulated_stream_check) check_stream_order();
   const double total = seconds_since(start);

@@ -23,6 +23,7 @@
 #include "core/optim/optimizer.h"
 #include "data/loader.h"
 #include "launch/train/checkpoint.h"
+#include "launch/train/exit_conditions.h"
 #include "launch/train/metrics.h"
 #include "launch/train/profiler.h"
 #include "launch/train/routing_health.h"
@@ -73,6 +74,12 @@ class Trainer {
   double evaluate();
   void save();
   bool any_rank(bool flag) const;  // collective over the world
+  // What any rank must make every rank do after a step, agreed in one all-reduce over the world.
+  struct StepAgreement {
+    bool metrics_lost = false;  // rank 0 could not append to metrics.jsonl
+    StopVotes stop;             // an early exit (exit_conditions.h)
+  };
+  StepAgreement agree(const StepAgreement& mine) const;
   // With hardware.emulated_stream_check: throws UserError on every rank when any rank's checker
   // reported a race (collective over the world).
   void check_stream_order() const;
@@ -108,6 +115,7 @@ class Trainer {
   std::optional<TensorBoardWriter> tensorboard_;  // rank 0, with logging.tensorboard_dir
   std::optional<RoutingHealth> routing_health_;    // rank 0, MoE models
   std::optional<StepProfiler> profiler_;
+  std::unique_ptr<ExitConditions> exit_;  // its signal handler lives as long as the trainer
 };
 
 }  // namespace moeforge

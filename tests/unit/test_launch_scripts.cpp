@@ -9,10 +9,14 @@
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>
+#include <sys/types.h>
 
 #include <algorithm>
+#include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 using namespace moeforge;
@@ -302,4 +306,33 @@ TEST_CASE("slurm.sbatch refuses uneven tasks per node and launches nothing", "[l
   CHECK(unset.result.exit_code == 2);
   CHECK_FALSE(unset.launched);
   CHECK_THAT(unset.result.output, Contains("SLURM_NTASKS"));
+}
+
+TEST_CASE("slurm.sbatch forwards SIGUSR1 to the launcher and exits with its status", "[launch][preemption]") {
+  // sbatch --signal=B:USR1@300 signals the batch script alone; mpirun (or srun) must get it, as it
+  // forwards it to every rank (docs/training.md, "Stopping early"). The fake launcher exits 0 on
+  // SIGUSR1 and 5 if it was never sent one.
+  TempDir dir;
+  const auto launcher = dir.file("launcher", "#!/usr/bin/env bash\ntrap 'echo forwarded > \"$(dirname \"$0\")/got\"; exit 0' USR1\n"
+                                             "for i in $(seq 300); do sleep 0.1; done\nexit 5\n");
+  fs::permissions(launcher, fs::perms::owner_all);
+  const auto pid_file = dir.path() / "pid", rc_file = dir.path() / "rc";
+  run_command("((" + kCleanEnv + "MOEFORGE_SKIP_DRY_RUN=1 MOEFORGE_BIN=/bin/true MOEFORGE_MPIRUN=" + launcher +
+              " SLURM_NTASKS=2 SLURM_TASKS_PER_NODE=2 SLURM_JOB_NUM_NODES=1 setsid bash " + source_path("launch/slurm.sbatch") +
+              " cfg.yaml > " + (dir.path() / "out").string() + " 2>&1 & echo $! > " + pid_file.string() + "; wait $!; echo $? > " +
+              rc_file.string() + ") > /dev/null 2>&1 &)");
+  const auto started = std::chrono::steady_clock::now();
+  const auto within = [&](int seconds) { return std::chrono::steady_clock::now() - started < std::chrono::seconds(seconds); };
+  while (within(20) && !(fs::exists(pid_file) && fs::exists(dir.path() / "out") &&
+                         slurp((dir.path() / "out").string()).find("+ ") != std::string::npos)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the script reaches its wait
+  ::kill(static_cast<pid_t>(std::stol(slurp(pid_file.string()))), SIGUSR1);
+  while (within(40) && !(fs::exists(rc_file) && !slurp(rc_file.string()).empty())) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  INFO(slurp((dir.path() / "out").string()));
+  CHECK(fs::exists(dir.path() / "got"));
+  CHECK(slurp(rc_file.string()) == "0\n");
 }
