@@ -6,6 +6,7 @@
 #include "core/files/file_names.h"
 #include "launch/train/metrics.h"
 #include "launch/train/routing_health.h"
+#include "launch/train/run_environment.h"
 #include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
@@ -58,6 +59,36 @@ double number(const json& j, const char* key) { return j.contains(key) && j[key]
 
 // The routing collapses the trainer warned about (launch/train/routing_health.h), each with the
 // iteration up to which any of its layers stayed collapsed after the warning.
+// A case's N within this factor of the model's own is the same model counted another way
+// (FlagPerf's 2.3e9 against our exact count for Qwen1.5-MoE-A2.7B differ by a few per cent).
+constexpr double kReferenceNTolerance = 2.0;
+
+// The MFUs that cannot be results, each with why: above 100 % (a peak that is not the device's, or
+// FLOPs miscounted), and the case's 6N with an N far from the model's own (FlagPerf's literal N
+// from another model: the 1,866 % of a scaled-down run). The model's N is the 6N FLOPs the run
+// counted per token over 6.
+json invalid_mfus(const json& mfu, const ExperimentConfig& c, double tflops_6n, double tokens_per_s, double peak_tflops,
+                  const std::string& peak_source) {
+  json invalid = json::object();
+  for (const auto& [key, v] : mfu.items()) {
+    if (v.is_number() && v.get<double>() > 1.0) {
+      invalid[key] = fmt::format("{:.4g} % is above 100 %: the peak ({:.4g} TFLOP/s, {}) is not this device's, or the FLOPs "
+                                 "are miscounted",
+                                 100 * v.get<double>(), peak_tflops, peak_source);
+    }
+  }
+  if (c.hardware.reference_compute_n && tokens_per_s > 0 && std::isfinite(tflops_6n)) {
+    const double model_n = tflops_6n * 1e12 / (6.0 * tokens_per_s);
+    const double ratio = *c.hardware.reference_compute_n / model_n;
+    if (model_n > 0 && (ratio > kReferenceNTolerance || ratio < 1.0 / kReferenceNTolerance) && !invalid.contains("reference")) {
+      invalid["reference"] = fmt::format("the case's N (hardware.reference_compute_n = {:.4g}) is {:.3g} times this model's own "
+                                         "N ({:.4g}, from its 6N FLOPs per token): the case describes another model",
+                                         *c.hardware.reference_compute_n, ratio, model_n);
+    }
+  }
+  return invalid;
+}
+
 json routing_collapses(const std::vector<json>& metrics, const ExperimentConfig& c) {
   json out = json::array();
   const auto criterion = CollapseCriterion::of(c);
@@ -225,7 +256,11 @@ json build_report(const ReportOptions& o) {
   as_run.parallel.world_size = world;
   const ParallelLayout layout = ParallelLayout::create(as_run, world);
   const int64_t nodes = env.value("nodes", int64_t{1}), per_node = env.value("devices_per_node", world);
-  const std::string chip = env.value("chip", c.hardware.chip.empty() ? std::string("unknown") : c.hardware.chip);
+  // The device that ran (environment.json's first chip), never the config's hardware.chip: a config
+  // written for an A800 and run on a CPU is a CPU row (report fingerprints from before kept the
+  // config's chip under "chip"; their "chips" list names the device).
+  const std::string chip = env.contains("chips") && !env["chips"].empty() ? env["chips"][0].value("name", std::string("unknown"))
+                                                                          : env.value("chip", std::string("unknown"));
   // FlagPerf's "mem used / total": on GPUs rank 0's peak reserved device memory over the device's
   // total; on CPUs the peak resident set over the host's memory.
   const bool gpu_memory = last.contains(metric::kPeakMemoryReserved);
@@ -247,7 +282,11 @@ json build_report(const ReportOptions& o) {
                                  ? json(median(metric::kTokensPerSecond) * 6.0 * *c.hardware.reference_compute_n /
                                         (peak_tflops * 1e12))
                                  : json(nullptr);
-  const json result = {
+  json mfu = {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}, {"reference", reference_mfu}};
+  const json mfu_invalid = invalid_mfus(mfu, c, median(metric::kTflops6N), median(metric::kTokensPerSecond), peak_tflops,
+                                        last.value(metric::kPeakSource, std::string()));
+  for (const auto& [key, why] : mfu_invalid.items()) mfu[key] = nullptr;  // never shown as a result
+  json result = {
       {"config", fmt::format("{} {}x{}", chip, nodes, per_node)},
       {"chip", chip},
       {"nodes", nodes},
@@ -255,6 +294,17 @@ json build_report(const ReportOptions& o) {
       {"devices", world},
       {"precision", c.training.bf16 ? "bf16" : "fp32"},
       {"parallel", fmt::format("TP{}xPP{}xDP{}xEP{}", layout.tp(), layout.pp(), layout.dp(), layout.ep())},
+      // The whole layout, for rows that must be comparable: what FlagPerf's "parallel" leaves out.
+      {"layout",
+       {{"tp", layout.tp()},
+        {"pp", layout.pp()},
+        {"virtual_stages", layout.vpp()},
+        {"dp", layout.dp()},
+        {"ep", layout.ep()},
+        {"sequence_parallel", c.parallel.sequence_parallel},
+        {"zero", c.parallel.use_distributed_optimizer ? 1 : 0},
+        {"micro_batch_size", c.training.micro_batch_size},
+        {"recompute", std::string(to_string(c.training.recompute_granularity))}}},
       {"global_batch_size", c.training.global_batch_size},
       {"seq_length", c.training.seq_length},
       {"tokens_per_s_per_chip", median(metric::kTokensPerSecond)},
@@ -265,13 +315,25 @@ json build_report(const ReportOptions& o) {
       {"peak_memory_kind", gpu_memory ? "peak reserved GPU memory of rank 0 (CUDA caching allocator) / device total"
                                       : "peak resident host memory of rank 0 / host total"},
       {"tflops_per_chip", {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}}},
-      {"mfu", {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}, {"reference", reference_mfu}}},
+      {"mfu", mfu},
+      {"mfu_invalid", mfu_invalid},
       {"reference_compute_n", c.hardware.reference_compute_n ? json(*c.hardware.reference_compute_n) : json(nullptr)},
       {"moe_router_force_load_balancing", c.model.moe_router_force_load_balancing},
       {"peak_tflops", last.value(metric::kPeakTflops, 0.0)},
       {"peak_source", last.value(metric::kPeakSource, std::string())},
       {"step_time_s", median(metric::kStepTime)},
   };
+  if (!c.hardware.chip.empty() && !chip_matches(c.hardware.chip, chip)) {
+    result["chip_mismatch"] = {
+        {"config_chip", c.hardware.chip},
+        {"detected", chip},
+        {"message", fmt::format("The config names the chip '{}' (hardware.chip) but the run's device was '{}'. The row names "
+                                "the device that ran; MFU is against {:.4g} TFLOP/s from {}{}.",
+                                c.hardware.chip, chip, peak_tflops, last.value(metric::kPeakSource, std::string("an unknown source")),
+                                last.value(metric::kPeakSource, std::string()).rfind("chip table", 0) == 0
+                                    ? ", the configured chip's peak, not this device's"
+                                    : "")}};
+  }
   json report = {{"schema_version", 1},
                  {"run_dir", fs::absolute(run).string()},
                  {"case", {{"config", (fs::absolute(run) / files::kResolvedConfig).string()},
@@ -330,9 +392,14 @@ json write_report(const ReportOptions& o) {
   write_file_durably(out / "report.md", render_markdown(report));
   write_file_durably(out / "report.html", render_html(report));
   const auto& r = report["result"];
-  spdlog::info("{} | {} | {} | {:.1f} tokens/s/chip | loss {} | MFU {:.2f} % (6N {:.2f} %)", r["config"].get<std::string>(),
+  const auto percent = [&](const char* key) {
+    return r["mfu"][key].is_number() ? fmt::format("{:.2f} %", 100 * r["mfu"][key].get<double>()) : std::string("invalid");
+  };
+  spdlog::info("{} | {} | {} | {:.1f} tokens/s/chip | loss {} | MFU {} (6N {})", r["config"].get<std::string>(),
                r["precision"].get<std::string>(), r["parallel"].get<std::string>(), r["tokens_per_s_per_chip"].get<double>(),
-               r["lm_loss_last"].dump(), 100 * r["mfu"]["megatron"].get<double>(), 100 * r["mfu"]["six_n"].get<double>());
+               r["lm_loss_last"].dump(), percent("megatron"), percent("six_n"));
+  if (r.contains("chip_mismatch")) spdlog::warn("{}", r["chip_mismatch"]["message"].get<std::string>());
+  for (const auto& [key, why] : r["mfu_invalid"].items()) spdlog::warn("MFU ({}) is invalid: {}", key, why.get<std::string>());
   if (!report["accuracy"].is_null()) spdlog::info("accuracy: {}", report["accuracy"]["message"].get<std::string>());
   spdlog::info("wrote {}/report.json, report.md, report.html", out.string());
   return report;
@@ -359,13 +426,16 @@ json build_comparison(const std::vector<json>& reports) {
                 {"peak_memory_used_bytes", r["peak_memory_used_bytes"]},
                 {"peak_memory_total_bytes", r["peak_memory_total_bytes"]},
                 {"mfu", r["mfu"]},
+                {"mfu_invalid", r.value("mfu_invalid", json::object())},
                 {"tflops_per_chip", r["tflops_per_chip"]},
                 {"peak_tflops", r["peak_tflops"]},
                 {"accuracy_pass", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["pass"]},
                 {"mean_relative_error", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["mean_relative_error"]}};
     row["tokens_per_s_per_chip_vs_baseline"] =
         r["tokens_per_s_per_chip"].get<double>() / base["tokens_per_s_per_chip"].get<double>();
-    row["mfu_vs_baseline"] = r["mfu"]["megatron"].get<double>() / base["mfu"]["megatron"].get<double>();
+    row["mfu_vs_baseline"] = r["mfu"]["megatron"].is_number() && base["mfu"]["megatron"].is_number()
+                                 ? json(r["mfu"]["megatron"].get<double>() / base["mfu"]["megatron"].get<double>())
+                                 : json(nullptr);
     rows.push_back(row);
   }
   return {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};

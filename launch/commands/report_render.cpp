@@ -27,6 +27,42 @@ std::string gib(const json& v) {
   return v.is_number() && v.get<double>() > 0 ? fmt::format("{:.1f} GiB", v.get<double>() / (1LL << 30)) : "-";
 }
 
+// An MFU of the row: its percentage, or why it is not a result (report.json's mfu_invalid).
+std::string mfu_cell(const json& r, const char* key) {
+  if (r.contains("mfu_invalid") && r["mfu_invalid"].contains(key)) return "invalid: " + r["mfu_invalid"][key].get<std::string>();
+  return pct(r["mfu"][key]);
+}
+
+// An MFU in a comparison's cell: too narrow for the reason, which each run's report gives.
+std::string mfu_short(const json& r, const char* key) {
+  return r.contains("mfu_invalid") && r["mfu_invalid"].contains(key) ? std::string("invalid") : pct(r["mfu"][key]);
+}
+
+// The whole layout in one line: "TP2 (sequence parallel) x PP4 (2 virtual stages) x DP8 x EP8, ZeRO-1,
+// micro-batch 1, recompute full". Reports from before it have none.
+std::string layout_text(const json& r) {
+  if (!r.contains("layout")) return "-";
+  const auto& l = r["layout"];
+  const int64_t v = l["virtual_stages"].get<int64_t>();
+  return fmt::format("TP{}{} x PP{}{} x DP{} x EP{}, {}, micro-batch {}, recompute {}", l["tp"].get<int64_t>(),
+                     l["sequence_parallel"].get<bool>() ? " (sequence parallel)" : "", l["pp"].get<int64_t>(),
+                     v > 1 ? fmt::format(" ({} virtual stages)", v) : "", l["dp"].get<int64_t>(), l["ep"].get<int64_t>(),
+                     l["zero"].get<int64_t>() > 0 ? "ZeRO-1 (distributed optimizer)" : "no ZeRO",
+                     l["micro_batch_size"].get<int64_t>(), l["recompute"].get<std::string>());
+}
+
+// The banners a row needs before anyone reads its numbers.
+std::vector<std::string> row_warnings(const json& r) {
+  std::vector<std::string> out;
+  if (r.contains("chip_mismatch")) out.push_back(r["chip_mismatch"]["message"].get<std::string>());
+  if (r.contains("mfu_invalid")) {
+    for (const auto& [key, why] : r["mfu_invalid"].items()) {
+      out.push_back(fmt::format("MFU ({}) is not a result: {}.", key, why.get<std::string>()));
+    }
+  }
+  return out;
+}
+
 std::vector<double> column(const json& series, const char* key) {
   std::vector<double> v;
   if (!series.contains(key)) return v;
@@ -58,21 +94,22 @@ std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
   std::vector<std::pair<std::string, std::string>> rows = {{"config (chip nodes x devices)", r["config"].get<std::string>()},
           {"precision", r["precision"].get<std::string>()},
           {"parallel (TPxPPxDPxEP)", r["parallel"].get<std::string>()},
+          {"layout", layout_text(r)},
           {"global batch x sequence", fmt::format("{} x {}", r["global_batch_size"].get<int64_t>(), r["seq_length"].get<int64_t>())},
           {"tokens/s/chip (median)", num(r["tokens_per_s_per_chip"], "{:.1f}")},
           {fmt::format("LM loss at iteration {}", r["last_iteration"].get<int64_t>()), num(r["lm_loss_last"], "{:.4f}")},
           {"peak memory used / total", gib(r["peak_memory_used_bytes"]) + " / " + gib(r["peak_memory_total_bytes"])},
-          {"MFU (Megatron formula)", pct(r["mfu"]["megatron"])},
-          {"MFU (6N, FlagPerf)", pct(r["mfu"]["six_n"])},
+          {"MFU (Megatron formula)", mfu_cell(r, "megatron")},
+          {"MFU (6N, FlagPerf)", mfu_cell(r, "six_n")},
           {"TFLOP/s/chip (Megatron / 6N)", num(r["tflops_per_chip"]["megatron"]) + " / " + num(r["tflops_per_chip"]["six_n"])},
           {"peak used for MFU", num(r["peak_tflops"]) + " TFLOP/s (" + r["peak_source"].get<std::string>() + ")"},
           {"step time (median)", num(r["step_time_s"], "{:.4g}") + " s"}};
   if (r.contains("reference_compute_n") && r["reference_compute_n"].is_number()) {
-    rows.insert(rows.begin() + 9, {fmt::format("MFU (6N with the case's N = {:.4g})", r["reference_compute_n"].get<double>()),
+    rows.insert(rows.begin() + 10, {fmt::format("MFU (6N with the case's N = {:.4g})", r["reference_compute_n"].get<double>()),
                                    // three decimals: FlagPerf's table shows two, and rounding must not hide a digit
                                    r["mfu"]["reference"].is_number()
                                        ? fmt::format("{:.3f} %", 100 * r["mfu"]["reference"].get<double>())
-                                       : std::string("-")});
+                                       : mfu_cell(r, "reference")});
   }
   if (r.value("moe_router_force_load_balancing", false)) rows.insert(rows.begin(), {"routing", kForcedBalanceNote});
   return rows;
@@ -80,7 +117,7 @@ std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
 
 std::vector<std::pair<std::string, std::string>> environment_rows(const json& e) {
   std::vector<std::pair<std::string, std::string>> rows;
-  for (const char* key : {"chip", "world_size", "nodes", "devices_per_node", "driver", "cuda", "nccl", "mpi", "libtorch",
+  for (const char* key : {"chip", "config_chip", "world_size", "nodes", "devices_per_node", "driver", "cuda", "nccl", "mpi", "libtorch",
                           "compiler", "moeforge_version", "moeforge_commit", "started_at", "launcher", "command"}) {
     if (e.contains(key)) rows.emplace_back(key, e[key].is_string() ? e[key].get<std::string>() : e[key].dump());
   }
@@ -100,13 +137,15 @@ std::string render_markdown(const json& rep) {
   o << "# moeforge benchmark report\n\nRun: `" << rep["run_dir"].get<std::string>() << "`, generated "
     << rep["generated_at"].get<std::string>() << ". Plots: `report.html`. Numbers: `report.json`.\n\n";
   if (r.value("moe_router_force_load_balancing", false)) o << "> **" << kForcedBalanceNote << "**\n\n";
+  for (const auto& w : row_warnings(r)) o << "> **" << w << "**\n\n";
   const json collapses = rep.value("routing_collapse", json::array());  // reports from before it have none
   for (const auto& e : collapses) o << "> **" << collapse_summary(e) << "** See *Routing collapse* below.\n\n";
   o << "## Result (FlagPerf's row)\n\n";
   o << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | loss | memory used/total | MFU |\n|---|---|---|---|---|---|---|\n";
   o << fmt::format("| {} | {} | {} | {} | {} | {} / {} | {} |\n\n", r["config"].get<std::string>(), r["precision"].get<std::string>(),
                    r["parallel"].get<std::string>(), num(r["tokens_per_s_per_chip"], "{:.1f}"), num(r["lm_loss_last"], "{:.4f}"),
-                   gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]), pct(r["mfu"]["megatron"]));
+                   gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]),
+                   r["mfu"]["megatron"].is_number() ? pct(r["mfu"]["megatron"]) : std::string("invalid (see above)"));
   o << "| | |\n|---|---|\n";
   for (const auto& [k, v] : result_rows(r)) o << "| " << k << " | " << v << " |\n";
   if (!collapses.empty()) {
@@ -213,6 +252,7 @@ std::string render_html(const json& rep) {
   o << "<h1>moeforge benchmark report</h1><p>Run <code>" << esc(rep["run_dir"].get<std::string>()) << "</code>, generated "
     << esc(rep["generated_at"].get<std::string>()) << ".</p>\n";
   if (r.value("moe_router_force_load_balancing", false)) o << "<div class=\"fail\">" << esc(kForcedBalanceNote) << "</div>\n";
+  for (const auto& w : row_warnings(r)) o << "<div class=\"fail\">" << esc(w) << "</div>\n";
   for (const auto& e : rep.value("routing_collapse", json::array())) {
     o << "<div class=\"fail\">" << esc(collapse_summary(e)) << "<br>" << esc(e["causes"].get<std::string>()) << ".</div>\n";
   }
@@ -258,7 +298,7 @@ std::string render_comparison_markdown(const json& c) {
                      r["precision"].get<std::string>(), r["parallel"].get<std::string>(),
                      num(r["tokens_per_s_per_chip"], "{:.1f}"), r["tokens_per_s_per_chip_vs_baseline"].get<double>(),
                      num(r["lm_loss_last"], "{:.4f}"), gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]),
-                     pct(r["mfu"]["megatron"]), pct(r["mfu"]["six_n"]), acc);
+                     mfu_short(r, "megatron"), mfu_short(r, "six_n"), acc);
   }
   return o.str();
 }
@@ -276,7 +316,7 @@ std::string render_comparison_html(const json& c) {
     o << "<tr><td>" << esc(r["config"].get<std::string>()) << "</td><td>" << esc(r["precision"].get<std::string>())
       << "</td><td>" << esc(r["parallel"].get<std::string>()) << "</td><td>" << num(r["tokens_per_s_per_chip"], "{:.1f}")
       << "</td><td>" << fmt::format("{:.2f}x", r["tokens_per_s_per_chip_vs_baseline"].get<double>()) << "</td><td>"
-      << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << pct(r["mfu"]["megatron"]) << "</td><td>" << pct(r["mfu"]["six_n"])
+      << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << mfu_short(r, "megatron") << "</td><td>" << mfu_short(r, "six_n")
       << "</td></tr>";
   }
   const double row_h = 26, width = 520;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <iterator>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -111,7 +112,10 @@ json run_environment(const ExperimentConfig& c, const std::vector<std::string>& 
     j["cuda"] = "none";
   }
   j["chips"] = chips;
-  j["chip"] = !c.hardware.chip.empty() ? c.hardware.chip : chips.empty() ? "unknown" : chips[0]["name"].get<std::string>();
+  // The device that ran, whatever the config says; a hardware.chip that names another is kept apart
+  // (it chose the MFU's peak: the report says so).
+  j["chip"] = chips.empty() ? "unknown" : chips[0]["name"].get<std::string>();
+  if (!c.hardware.chip.empty()) j["config_chip"] = c.hardware.chip;
   j["threads_per_rank"] = at::get_num_threads();
   j["world_size"] = hostnames.size();
   j["hostnames"] = hostnames;
@@ -132,6 +136,16 @@ json run_environment(const ExperimentConfig& c, const std::vector<std::string>& 
   std::strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
   j["started_at"] = stamp;
   return j;
+}
+
+bool chip_matches(std::string_view configured, std::string_view detected) {
+  const auto lower = [](std::string_view v) {
+    std::string out(v);
+    std::transform(out.begin(), out.end(), out.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    return out;
+  };
+  const std::string a = lower(configured), b = lower(detected);
+  return !a.empty() && !b.empty() && (b.find(a) != std::string::npos || a.find(b) != std::string::npos);
 }
 
 std::string shell_command_line(int argc, char** argv) {

@@ -1,4 +1,4 @@
-// defines: run_environment, gather_hostnames, shell_command_line
+// defines: run_environment, gather_hostnames, shell_command_line, chip_matches
 //
 // The fingerprint a benchmark report needs about where and how a run ran: chips (names, count,
 // memory), driver, CUDA, NCCL, MPI, LibTorch, compiler, moeforge version and commit, hostnames of
@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moeforge {
@@ -21,6 +22,10 @@ std::vector<std::string> gather_hostnames(Communicator& world);
 
 nlohmann::json run_environment(const ExperimentConfig& config, const std::vector<std::string>& hostnames,
                                const std::string& command);
+
+// Whether hardware.chip names the device that ran (environment.json's chips[0].name): either
+// inside the other, ignoring case ("H100" and "NVIDIA H100 80GB HBM3").
+bool chip_matches(std::string_view configured, std::string_view detected);
 
 // argv as one line a shell would run again (arguments quoted where needed).
 std::string shell_command_line(int argc, char** argv);

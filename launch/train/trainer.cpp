@@ -280,8 +280,16 @@ void Trainer::announce(const std::string& command, bool quiet) {
   const auto hostnames = gather_hostnames(*groups_.world);
   if (is_rank0()) {
     write_resolved_config(c_, c_.logging.run_dir);
-    write_file_durably(fs::path(c_.logging.run_dir) / files::kEnvironment,
-                       run_environment(c_, hostnames, command).dump(2) + "\n");
+    const auto environment = run_environment(c_, hostnames, command);
+    const std::string device = environment["chip"].get<std::string>();
+    if (!c_.hardware.chip.empty() && !chip_matches(c_.hardware.chip, device)) {
+      spdlog::warn("hardware.chip is '{}' but this run's device is '{}': MFU uses a peak of {:.4g} TFLOP/s ({}){}. The "
+                   "report names the device that ran; remove hardware.chip (a GPU is then detected, a CPU calibrated) or "
+                   "set hardware.peak_tflops to this device's peak",
+                   c_.hardware.chip, device, work_.peak.tflops, work_.peak.source,
+                   work_.peak.kind == "chip table" ? ", the configured chip's, not this device's" : "");
+    }
+    write_file_durably(fs::path(c_.logging.run_dir) / files::kEnvironment, environment.dump(2) + "\n");
     metrics_.emplace(fs::path(c_.logging.run_dir) / files::kMetrics, state_.iteration);
     if (c_.model.is_moe()) {
       routing_health_.emplace(CollapseCriterion::of(c_));

@@ -251,3 +251,62 @@ TEST_CASE("report.html: whole iterations on every x axis, no negative tick, warm
     CHECK_THAT(html, Contains(unit));
   }
 }
+
+TEST_CASE("report: the row names the device that ran and an MFU that cannot be one is no result", "[report]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  std::string cpu;  // the device, as /proc/cpuinfo names it
+  {
+    std::ifstream in("/proc/cpuinfo");
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind("model name", 0) == 0) {
+        cpu = line.substr(line.find(':') + 2);
+        break;
+      }
+    }
+  }
+  REQUIRE(!cpu.empty());
+  // FlagPerf's A800 case scaled down to the fixture on this CPU (the newcomer's run of the issue).
+  const auto report_of = [&](const std::string& name, const std::string& peak) {
+    const auto run = dir.path() / name;
+    const auto t = run_command(kBin + " train " + config + " --set training.train_iters=2 --set training.eval_iters=0 " +
+                               "--set training.lr_warmup_iters=0 " +
+                               "--set hardware.chip=A800 --set hardware.reference_compute_n=2.3e9 --set hardware.peak_tflops=" +
+                               peak + " --set logging.run_dir=" + run.string());
+    INFO(t.output);
+    REQUIRE(t.exit_code == 0);
+    CHECK_THAT(t.output, Contains("hardware.chip is 'A800' but this run's device is '" + cpu + "'"));
+    const auto env = read_json(run / "environment.json");
+    CHECK(env["chip"] == cpu);
+    CHECK(env["config_chip"] == "A800");
+    const auto r = run_command(kBin + " report " + run.string());
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+    return read_json(run / "report" / "report.json")["result"];
+  };
+  // A peak no device is that low: every MFU is above 100 %.
+  const auto low = report_of("low_peak", "1e-9");
+  CHECK(low["chip"] == cpu);
+  CHECK(low["config"].get<std::string>().rfind(cpu + " 1x1", 0) == 0);
+  CHECK_THAT(low["chip_mismatch"]["message"].get<std::string>(), Contains("'A800'") && Contains("'" + cpu + "'"));
+  for (const char* key : {"megatron", "six_n", "reference"}) {
+    INFO(key);
+    CHECK(low["mfu"][key].is_null());
+    CHECK_THAT(low["mfu_invalid"][key].get<std::string>(), Contains("is above 100 %"));
+  }
+  // The whole layout, from the config the run resolved (one process, the fixture's micro-batch 2).
+  CHECK(low["layout"] == json({{"tp", 1}, {"pp", 1}, {"virtual_stages", 1}, {"dp", 1}, {"ep", 1}, {"sequence_parallel", false},
+                               {"zero", 0}, {"micro_batch_size", 2}, {"recompute", "none"}}));
+  const auto md = slurp((dir.path() / "low_peak" / "report" / "report.md").string());
+  CHECK_THAT(md, Contains("| layout | TP1 x PP1 x DP1 x EP1, no ZeRO, micro-batch 2, recompute none |"));
+  CHECK_THAT(md, Contains("MFU (megatron) is not a result") && Contains("but the run's device was"));
+  CHECK_THAT(md, Contains("| MFU (Megatron formula) | invalid: "));
+  const auto html = slurp((dir.path() / "low_peak" / "report" / "report.html").string());
+  CHECK_THAT(html, Contains("<div class=\"fail\">MFU (six_n) is not a result"));
+  // A peak far above: the MFUs are results, but FlagPerf's N = 2.3e9 is not this 2-layer model's.
+  const auto high = report_of("high_peak", "1e6");
+  CHECK(high["mfu"]["megatron"].is_number());
+  CHECK(high["mfu"]["six_n"].is_number());
+  CHECK(high["mfu"]["reference"].is_null());
+  CHECK_THAT(high["mfu_invalid"]["reference"].get<std::string>(), Contains("times this model's own N"));
+}
