@@ -119,7 +119,7 @@ def markdown(report):
         out.append(f"| {r['layers']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops_megatron']:.1f} | "
                    f"{100 * r['mfu_megatron']:.1f} % | {100 * r['mfu_6n']:.1f} % | {r['host_syncs']:.0f} |")
     x = report["extrapolated"]
-    if x:
+    if x and x["meaningful"]:
         out.append(f"| **{x['layers']} (extrapolated)** | {x['step_time_s']:.3f} | {x['tokens_per_s']:.0f} | "
                    f"{x['tflops_megatron']:.1f} | {100 * x['mfu_megatron']:.1f} % | {100 * x['mfu_6n']:.1f} % | — |")
     out.append("")
@@ -132,7 +132,8 @@ def markdown(report):
                    f"extrapolated the same way (exact: both are affine in the layer count); MFU against "
                    f"{x['peak_tflops']:g} TFLOP/s.")
         if not x["meaningful"]:
-            out.append("The per-layer time is not positive: the runs are too noisy for an extrapolation.")
+            out.append("The per-layer time is not positive: the runs are too noisy for an extrapolation (bench.json "
+                       "has its numbers).")
         out.append("Left out: " + "; ".join(x["left_out"]) + ".")
     else:
         out.append("No extrapolation: it needs two runs of different layer counts.")
