@@ -8,7 +8,7 @@ missing, the others are still reported) and WORK_DIR/plan_layers<L>.json (`moefo
 the same settings) where present. The steady iterations are 2 .. ITERS-1: the first warms up, the
 last is profiled.
 
-The extrapolation (Note [per-layer extrapolation]): every layer of Qwen1.5-MoE-A2.7B is the same MoE
+Note [per-layer extrapolation]: every layer of Qwen1.5-MoE-A2.7B is the same MoE
 layer, so a step's time and its model FLOPs are, to first order, t(L) = t_0 + L * t_layer and
 F(L) = F_0 + L * F_layer, the embedding, head and loss counted once in t_0 and F_0. From two runs
 a < b: t_layer = (t_b - t_a) / (b - a) and t(24) = t_a + (24 - a) * t_layer (with 2 and 4 layers:
