@@ -67,7 +67,8 @@ void run_cpu(const std::vector<AdamWChunk>& chunks, AdamWScalars s) {
   });
 }
 
-void run_cuda(const std::vector<AdamWChunk>& chunks, AdamWScalars s, const torch::Device& device) {
+// Without CUDA the launch macro throws before it reads `s`.
+void run_cuda(const std::vector<AdamWChunk>& chunks, [[maybe_unused]] AdamWScalars s, const torch::Device& device) {
   // The table travels as bytes: pinned, copied on the current stream (the caching host allocator
   // keeps the pinned block until the copy has run).
   const auto bytes = static_cast<int64_t>(chunks.size() * sizeof(AdamWChunk));

@@ -15,6 +15,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <stdexcept>
+
+#ifdef MOEFORGE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#endif
 
 namespace moeforge::kernels {
 
@@ -198,6 +205,50 @@ KernelCheck check_wgrad(const torch::Device& device) {
   return c;
 }
 
+// A CUDA kernel's fault (an illegal address, say) is reported by whichever later call waits for it,
+// and outlives the check that caused it: the device is synchronised after each check, so a fault is
+// that kernel's. A fault that cudaGetLastError clears fails the check (the kernel runs its
+// reference). A sticky one (the next synchronisation fails again) has corrupted the CUDA context,
+// in which nothing can run any more, the reference neither: it stops the process, naming the kernel.
+#ifdef MOEFORGE_WITH_CUDA
+struct DeviceFault {
+  std::string error;
+  bool sticky = false;
+};
+
+std::optional<DeviceFault> device_fault(const torch::Device& device) {
+  const c10::cuda::CUDAGuard on_device(device);
+  const cudaError_t synced = cudaDeviceSynchronize();
+  const cudaError_t last = cudaGetLastError();  // clears an error that is not sticky
+  const cudaError_t error = synced != cudaSuccess ? synced : last;
+  if (error == cudaSuccess) return std::nullopt;
+  const bool sticky = cudaDeviceSynchronize() != cudaSuccess;
+  static_cast<void>(cudaGetLastError());
+  return DeviceFault{fmt::format("{} ({})", cudaGetErrorString(error), cudaGetErrorName(error)), sticky};
+}
+#endif
+
+void check_device_after(const torch::Device& device, KernelCheck& check) {
+#ifdef MOEFORGE_WITH_CUDA
+  if (!device.is_cuda()) return;
+  const auto fault = device_fault(device);
+  if (!fault) return;
+  if (fault->sticky) {
+    throw std::runtime_error(fmt::format(
+        "kernel self-check on {}: the check of {} ({}) left a sticky CUDA error: {}. It corrupts the CUDA context "
+        "(no later CUDA call of this process can succeed, the reference path's neither), so the run stops here. "
+        "Rerun with model.kernels: reference to train without the fused kernels, and report the kernel",
+        device.str(), kernel_name(check.kernel), check.detail, fault->error));
+  }
+  check.ok = false;
+  check.error = INFINITY;
+  check.detail += fmt::format("; the device reported a CUDA error after it: {}", fault->error);
+#else
+  static_cast<void>(device);
+  static_cast<void>(check);
+#endif
+}
+
 std::string shapes_of(const std::vector<torch::Tensor>& inputs) {
   std::vector<std::string> s;
   for (const auto& x : inputs) s.push_back(fmt::format("[{}]", fmt::join(x.sizes(), ", ")));
@@ -214,6 +265,7 @@ std::vector<KernelCheck> check_kernels(const torch::Device& device) {
     } catch (const std::exception& e) {
       out.push_back({k, false, INFINITY, fmt::format("{}: {}", what, e.what())});
     }
+    check_device_after(device, out.back());  // on CUDA: a fault is this kernel's (above)
   };
   for (auto& c : cases(device)) {
     if (!fused(c.kernel, device.type())) continue;

@@ -5,8 +5,12 @@
 # H200/H100 dense bf16 peak of 989 TFLOP/s, and a profile of the top operators and kernels of one
 # step (logging.profile). Run by tests/gpu/device_check.sh; by hand on any GPU machine:
 #   bash tests/bench/bench_gpu.sh BUILD/moeforge WORK_DIR RESULTS_DIR
-# Writes RESULTS_DIR/bench.json, bench.md and top_ops.txt. The token ids are bytes of a synthetic
-# text (any ids do for a speed measurement; the embedding and head keep the full vocabulary).
+# Writes RESULTS_DIR/bench.json, bench.md and top_ops.txt (tests/bench/bench_gpu_summary.py), with
+# the mission's number: the 24-layer model's step time, tokens/s and MFU extrapolated from the two
+# runs, t24 = t2 + 22 x (t4 - t2) / 2, and what that leaves out. Before each run, `moeforge plan` of
+# its settings (its memory per rank in bench.json). Each run fails alone: the others and the report
+# go on; the script's status is 1 when any run failed. The token ids are bytes of a synthetic text
+# (any ids do for a speed measurement; the embedding and head keep the full vocabulary).
 # Environment, to rehearse the script elsewhere: MOEFORGE_BENCH_DEVICE (cuda), MOEFORGE_BENCH_SEQ
 # (8192), MOEFORGE_BENCH_LAYERS ("2 4"), MOEFORGE_BENCH_ITERS (5), MOEFORGE_BENCH_PEAK_TFLOPS (989),
 # MOEFORGE_BENCH_EXTRA (more --set arguments, e.g. smaller widths).
@@ -31,55 +35,42 @@ if [[ ! -f $work/corpus_text_document.idx ]]; then
   "$bin" data preprocess --input "$work/corpus.jsonl" --tokenizer byte --append-eod --output-prefix "$work/corpus"
 fi
 
-run() {  # run NAME LAYERS EXTRA...
-  local name=$1 L=$2
-  shift 2
-  "$bin" train "$root/configs/qwen1.5-moe-a2.7b.yaml" \
-    --set parallel.world_size=1 --set parallel.pipeline_model_parallel_size=1 \
-    --set parallel.expert_model_parallel_size=1 --set parallel.use_distributed_optimizer=false \
-    --set model.num_layers="$L" --set training.global_batch_size=4 --set training.train_iters="$iters" \
-    --set training.lr_warmup_iters=1 --set training.eval_iters=0 --set training.recompute_granularity=none \
-    --set "data.data_path=[$work/corpus_text_document]" --set 'data.split="100,0,0"' \
-    --set 'checkpoint.save=""' --set logging.run_dir="$work/$name" --set hardware.peak_tflops="$peak" \
-    --set hardware.device="$device" --set training.seq_length="$seq" --set model.max_position_embeddings="$seq" \
-    "${bench_extra[@]}" "$@"
+# The --set arguments of a run of L layers (plan and train alike), one per line.
+settings() {  # settings LAYERS
+  local L=$1 a
+  local -a sets=(parallel.world_size=1 parallel.pipeline_model_parallel_size=1 parallel.expert_model_parallel_size=1
+                 parallel.use_distributed_optimizer=false model.num_layers="$L" training.global_batch_size=4
+                 training.train_iters="$iters" training.lr_warmup_iters=1 training.eval_iters=0
+                 training.recompute_granularity=none "data.data_path=[$work/corpus_text_document]" 'data.split="100,0,0"'
+                 'checkpoint.save=""' logging.run_dir="$work/layers$L" hardware.peak_tflops="$peak"
+                 hardware.device="$device" training.seq_length="$seq" model.max_position_embeddings="$seq")
+  for a in "${sets[@]}"; do printf -- '--set\n%s\n' "$a"; done
+  for a in "${bench_extra[@]}"; do printf '%s\n' "$a"; done
 }
 
+failed=()
 for L in $layers; do
+  mapfile -t sets < <(settings "$L")
+  rm -rf "$work/layers$L"
+  # The memory plan of these settings (bench.json has each rank's peak; a plan that does not fit the
+  # device is refused by `train` too).
+  "$bin" plan "$root/configs/qwen1.5-moe-a2.7b.yaml" "${sets[@]}" --json > "$work/plan_layers$L.json" ||
+    echo "moeforge plan failed for $L layers" >&2
   extra=()
   # The last iteration of the first configuration is profiled (and left out of the medians).
   [[ $L == "${layers%% *}" ]] && extra=(--set logging.profile=true --set logging.profile_step_start="$iters" \
                                         --set logging.profile_step_end=$((iters + 1)))
-  run "layers$L" "$L" "${extra[@]}"
+  if ! "$bin" train "$root/configs/qwen1.5-moe-a2.7b.yaml" "${sets[@]}" "${extra[@]}"; then
+    echo "the $L-layer run failed; the others and the report go on" >&2
+    failed+=("$L")
+  fi
 done
 
-python3 - "$work" "$results" "$iters" "$seq" "$device" $layers <<'PY'
-import json, os, statistics, sys
-work, results, iters, seq, device, layers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:]
-rows = []
-for L in layers:
-    path = os.path.join(work, f"layers{L}", "metrics.jsonl")
-    if not os.path.exists(path):
-        continue
-    m = [json.loads(line) for line in open(path)]
-    steady = [x for x in m if 2 <= x["iteration"] < iters]  # iteration 1 warms up, the last is profiled
-    med = lambda k: statistics.median(x[k] for x in steady) if steady else None
-    rows.append({"layers": int(L), "seq_length": seq, "device": device, "micro_batch_size": 1, "micro_batches": m[-1]["num_micro_batches"],
-                 "iterations_measured": len(steady), "step_time_s": med("step_time_s"),
-                 "tokens_per_s": med("tokens_per_s_per_device"), "tflops_megatron": med("tflops_per_device"),
-                 "tflops_6n": med("tflops_6n_per_device"), "mfu_megatron": med("mfu"), "mfu_6n": med("mfu_6n"),
-                 "peak_tflops": m[-1]["peak_tflops"], "host_peak_memory_bytes": m[-1]["peak_memory_bytes"],
-                 "lm_loss_last": m[-1]["lm_loss"], "host_syncs": med("host_syncs"),
-                 "gpu_peak_reserved_bytes": m[-1].get("peak_memory_reserved_bytes"),
-                 "phases_s": {k: med(k) for k in ("time_data_s", "time_forward_s", "time_backward_s", "time_optimizer_s")}})
-json.dump({"case": "Qwen1.5-MoE-A2.7B shapes, one GPU, bf16", "rows": rows}, open(os.path.join(results, "bench.json"), "w"), indent=2)
-with open(os.path.join(results, "bench.md"), "w") as f:
-    f.write("| layers | step (s) | tokens/s | TFLOP/s (Megatron) | MFU (Megatron) | MFU (6N) | host syncs / step |\n"
-            "|---|---|---|---|---|---|---|\n")
-    for r in rows:
-        f.write(f"| {r['layers']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops_megatron']:.1f} | "
-                f"{100 * r['mfu_megatron']:.1f} % | {100 * r['mfu_6n']:.1f} % | {r['host_syncs']:.0f} |\n")
-print(open(os.path.join(results, "bench.md")).read())
-PY
+# shellcheck disable=SC2086  # the layer counts are words
+python3 "$root/tests/bench/bench_gpu_summary.py" "$work" "$results" "$iters" "$seq" "$device" $layers || failed+=(report)
 first=${layers%% *}
 cp "$work/layers$first/profile/top_ops.txt" "$results/top_ops.txt" 2> /dev/null || echo "no profile was written" >&2
+if ((${#failed[@]})); then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi

