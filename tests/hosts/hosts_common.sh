@@ -8,6 +8,7 @@
 #   hosts_write_config             # $work/train.yaml, its dataset, $work/hostfile (2 slots a host)
 #   hosts_mpi_env                  # the OMPI_MCA_* settings and MOEFORGE_* for run_multi_node.sh
 #   say MESSAGE; fail WHAT LOG
+# HOSTS_KEEP_WORK=1 keeps the work directory (configs, logs, run and save directories) for a look.
 # Exits 77 (skipped) where namespaces cannot be made.
 
 hosts_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +26,7 @@ hosts_cleanup() {
   local rc=$?
   if declare -F hosts_on_exit > /dev/null; then hosts_on_exit || true; fi
   "$fixture" down
-  rm -rf "$work"
+  if [[ -n ${HOSTS_KEEP_WORK:-} ]]; then echo "kept $work (HOSTS_KEEP_WORK)" >&2; else rm -rf "$work"; fi
   return $rc
 }
 
