@@ -2,8 +2,8 @@
 # ctest "a test host cut off mid-step": launch/run_multi_node.sh on two test hosts x 2 ranks (the EP
 # layout of test_multi_node.sh: PP 1, DP 4, EP 2, ranks by node, so every EP all-to-all and the DP
 # all-reduce cross the hosts), checkpoints every 5 iterations, parallel.distributed_timeout_minutes
-# 0.1 (6 s). Mid-training, host 2's link goes down (its veth end in the hub: a cable pulled; its
-# processes live on, cut off). Asserted:
+# and checkpoint.save_timeout_minutes 0.1 (6 s). Mid-training, host 2's link goes down (its veth
+# end in the hub: a cable pulled; its processes live on, cut off). Asserted:
 #   - the ranks on host 1 print moeforge's watchdog message naming the rank, its host, the collective
 #     and its group's world ranks, the first 5 to 14 s after the cut, and their processes are gone
 #     within 16 s of the cut (whether the group includes a rank of host 2 is printed, not asserted:
@@ -18,6 +18,7 @@
 # Everything is bounded (timeout). docs/test_hosts.md. Exits 77 (skipped) without namespaces.
 #   bash tests/hosts/test_host_cut.sh MOEFORGE_BINARY
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=hosts_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/hosts_common.sh"
 hosts_begin "${1:?usage: test_host_cut.sh MOEFORGE_BINARY}"
 hosts_write_config
@@ -29,26 +30,27 @@ train() {  # LOG SECONDS [LAUNCH_HOST]: the job on the hosts, bounded, mpirun on
     bash "$root/launch/run_multi_node.sh" -H "$work/hostfile" "$work/train.yaml" \
     --set training.train_iters=$iters --set training.eval_interval=1000 \
     --set parallel.expert_model_parallel_size=2 --set parallel.distributed_timeout_minutes=0.1 \
-    --set checkpoint.save="$work/ckpt" --set checkpoint.save_interval=5 \
+    --set checkpoint.save="$work/ckpt" --set checkpoint.save_interval=5 --set checkpoint.save_timeout_minutes=0.1 \
     --set logging.run_dir="$work/run" > "$1" 2>&1
 }
 
-hosts_on_exit() { ip -n "$hub" link set v-h2 up 2> /dev/null || true; }
 
 start=$SECONDS
 train "$work/cut.log" 90 &
 job=$!
-# Mid-training: a checkpoint behind, three iterations past it.
+# Mid-training: a checkpoint behind, two iterations past it (the next save 3 iterations on; should the
+# cut land in one, checkpoint.save_timeout_minutes bounds the wait for it as the distributed timeout
+# bounds every communication).
 ready=""
 for _ in $(seq 300); do
   kill -0 $job 2> /dev/null || fail "the job ended before the cut" "$work/cut.log"
   if [[ -s $work/ckpt/latest_checkpointed_iteration.txt && -s $work/run/metrics.jsonl ]]; then
     ckpt=$(cat "$work/ckpt/latest_checkpointed_iteration.txt")
-    if (( $(wc -l < "$work/run/metrics.jsonl") >= ckpt + 3 )); then ready=1; break; fi
+    if (( $(wc -l < "$work/run/metrics.jsonl") >= ckpt + 2 )); then ready=1; break; fi
   fi
   sleep 0.1
 done
-[[ -n $ready ]] || fail "no checkpoint and 3 iterations past it within 30 s" "$work/cut.log"
+[[ -n $ready ]] || fail "no checkpoint and 2 iterations past it within 30 s" "$work/cut.log"
 ip -n "$hub" link set v-h2 down
 cut_at=$(date +%s.%N)
 logged=$(wc -l < "$work/run/metrics.jsonl")
@@ -76,8 +78,8 @@ say "watchdog message on $h1 ${message_at} s after the cut; its ranks gone ${gon
 python3 - "$work/cut.log" "$h1" "$message_at" << 'EOF' || fail "the surviving ranks' messages" "$work/cut.log"
 import re, sys
 log, host, at = open(sys.argv[1]).read(), sys.argv[2], float(sys.argv[3])
-pattern = (r"^error: rank (\d+) \(host " + re.escape(host) + r", pid \d+\): (\w+) on group (\w+) \(world ranks \[([\d, ]+)\]\)"
-           r" did not complete within 6\.0 s \(parallel\.distributed_timeout_minutes\): a peer rank is hung or has died\."
+pattern = (r"^error: rank (\d+) \(host " + re.escape(host) + r", pid \d+\): (.+?) on group (\w+) \(world ranks \[([\d, ]+)\]\)"
+           r" did not complete within 6\.0 s \((?:parallel\.distributed|checkpoint\.save)_timeout_minutes\): a peer rank is hung or has died\."
            r" Ending the job\.$")
 found = re.findall(pattern, log, re.M)
 assert found, f"no watchdog message of {host}'s ranks"
@@ -120,8 +122,9 @@ ckpt=$(cat "$work/ckpt/latest_checkpointed_iteration.txt")
 # names host 1, which the head cannot check (a lock from another host is never taken over).
 rc=0
 train "$work/refused.log" 60 || rc=$?
-(( rc == 1 )) && grep -q "^error: the dry run for world size 4 failed (above); nothing was launched" "$work/refused.log" ||
+if (( rc != 1 )) || ! grep -q "^error: the dry run for world size 4 failed (above); nothing was launched" "$work/refused.log"; then
   fail "the restart from the head: status $rc (expected the dry run's refusal)" "$work/refused.log"
+fi
 grep -q "^  PROBLEM  checkpoint.save: checkpoint.save $work/ckpt is locked by pid [0-9]* on host $h1 .*: a run on another host, which this host cannot check" "$work/refused.log" ||
   fail "the dry run on the head did not name $h1's lock" "$work/refused.log"
 say "a restart from the head is refused by its dry run: the save directory's lock names $h1"

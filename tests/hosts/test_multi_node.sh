@@ -10,6 +10,7 @@
 # under mpirun on one machine bit for bit. Exits 77 (skipped) where namespaces cannot be made.
 #   bash tests/hosts/test_multi_node.sh MOEFORGE_BINARY
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=hosts_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/hosts_common.sh"
 hosts_begin "${1:?usage: test_multi_node.sh MOEFORGE_BINARY}"
 

@@ -14,6 +14,7 @@
 # Everything is bounded (timeout). docs/test_hosts.md. Exits 77 (skipped) without namespaces.
 #   bash tests/hosts/test_rank_killed.sh MOEFORGE_BINARY
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=hosts_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/hosts_common.sh"
 hosts_begin "${1:?usage: test_rank_killed.sh MOEFORGE_BINARY}"
 hosts_write_config
