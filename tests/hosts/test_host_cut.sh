@@ -34,7 +34,6 @@ train() {  # LOG SECONDS [LAUNCH_HOST]: the job on the hosts, bounded, mpirun on
     --set logging.run_dir="$work/run" > "$1" 2>&1
 }
 
-
 start=$SECONDS
 train "$work/cut.log" 90 &
 job=$!
@@ -96,7 +95,8 @@ print(f"ok: the first message {at} s after the cut")
 assert 5.0 <= at <= 14.0, f"the first message came {at} s after the cut, not the 6 s timeout (+ up to 8 s)"
 EOF
 
-# The cut host's daemon and ranks live on: mpirun cannot end them, and waits.
+# The cut host's daemon lives on (its ranks end on their own watchdog): mpirun cannot reach it with
+# the abort, and waits.
 lingering=$(on_host "$h2" orted)
 [[ -n $lingering ]] || fail "$h2's daemon is gone although cut off" "$work/cut.log"
 kill -0 $job 2> /dev/null || fail "mpirun ended with $h2 unreachable (expected it to wait for the daemon)" "$work/cut.log"
@@ -107,8 +107,9 @@ rc=0
 wait $job || rc=$?
 ended=$(since "$up_at")
 say "link back up: mpirun ended ${ended} s later with status $rc, $(since "$cut_at") s after the cut"
-(( rc != 0 && rc != 124 && rc != 137 )) || fail "mpirun's status $rc (expected non-zero, not a timeout)" "$work/cut.log"
+# (Within 30 s of the link, so well inside the job's 90 s timeout: the status is mpirun's.)
 python3 -c "import sys; sys.exit(float(sys.argv[1]) > 30)" "$ended" || fail "mpirun took ${ended} s after the link came back" "$work/cut.log"
+(( rc != 0 )) || fail "mpirun's status 0 after the abort" "$work/cut.log"
 for ns in head h1 h2; do
   left=$(ip netns pids "$HOSTS_PREFIX-$ns")
   [[ -z $left ]] || fail "processes left in $HOSTS_PREFIX-$ns: $(ps -o pid=,comm= -p "${left//$'\n'/,}" | tr '\n' ' ')" "$work/cut.log"
