@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ctest "a test host cut off mid-step": launch/run_multi_node.sh on two test hosts x 2 ranks (the EP
 # layout of test_multi_node.sh: PP 1, DP 4, EP 2, ranks by node, so every EP all-to-all and the DP
-# all-reduce cross the hosts), checkpoints every 5 iterations, parallel.distributed_timeout_minutes
+# all-reduce cross the hosts), checkpoints every 10 of 100 iterations, parallel.distributed_timeout_minutes
 # and checkpoint.save_timeout_minutes 0.1 (6 s). Mid-training, host 2's link goes down (its veth
 # end in the hub: a cable pulled; its processes live on, cut off). Asserted:
 #   - the ranks on host 1 print moeforge's watchdog message naming the rank, its host, the collective
@@ -23,21 +23,21 @@ source "$(dirname "${BASH_SOURCE[0]}")/hosts_common.sh"
 hosts_begin "${1:?usage: test_host_cut.sh MOEFORGE_BINARY}"
 hosts_write_config
 hosts_mpi_env
-iters=40
+iters=100
 
 train() {  # LOG SECONDS [LAUNCH_HOST]: the job on the hosts, bounded, mpirun on the head or a host
   OMPI_MCA_rmaps_base_ranking_policy=node timeout -k 5 "$2" "$fixture" run "${3:-head}" \
     bash "$root/launch/run_multi_node.sh" -H "$work/hostfile" "$work/train.yaml" \
     --set training.train_iters=$iters --set training.eval_interval=1000 \
     --set parallel.expert_model_parallel_size=2 --set parallel.distributed_timeout_minutes=0.1 \
-    --set checkpoint.save="$work/ckpt" --set checkpoint.save_interval=5 --set checkpoint.save_timeout_minutes=0.1 \
+    --set checkpoint.save="$work/ckpt" --set checkpoint.save_interval=10 --set checkpoint.save_timeout_minutes=0.1 \
     --set logging.run_dir="$work/run" > "$1" 2>&1
 }
 
 start=$SECONDS
 train "$work/cut.log" 90 &
 job=$!
-# Mid-training: a checkpoint behind, two iterations past it (the next save 3 iterations on; should the
+# Mid-training: a checkpoint behind, two iterations past it (the next save 8 iterations on; should the
 # cut land in one, checkpoint.save_timeout_minutes bounds the wait for it as the distributed timeout
 # bounds every communication).
 ready=""
@@ -118,7 +118,7 @@ done
 # The last checkpoint resumes on the hosts and training goes on to the end.
 ckpt=$(cat "$work/ckpt/latest_checkpointed_iteration.txt")
 [[ -d $work/ckpt/iter_$(printf %07d "$ckpt") ]] || fail "the tracker names $ckpt, whose directory is missing" "$work/cut.log"
-(( ckpt >= 5 && ckpt < iters )) || fail "checkpoint $ckpt after the cut" "$work/cut.log"
+(( ckpt >= 10 && ckpt < iters )) || fail "checkpoint $ckpt after the cut" "$work/cut.log"
 # From the head, run_multi_node.sh's dry run refuses: rank 0's lock in the run and save directories
 # names host 1, which the head cannot check (a lock from another host is never taken over).
 rc=0

@@ -19,7 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/hosts_common.sh"
 hosts_begin "${1:?usage: test_rank_killed.sh MOEFORGE_BINARY}"
 hosts_write_config
 hosts_mpi_env
-iters=60
+iters=400
 
 # The PID of world rank RANK on HOST (its environment's OMPI_COMM_WORLD_RANK).
 rank_pid() {
