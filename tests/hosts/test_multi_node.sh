@@ -10,29 +10,9 @@
 # under mpirun on one machine bit for bit. Exits 77 (skipped) where namespaces cannot be made.
 #   bash tests/hosts/test_multi_node.sh MOEFORGE_BINARY
 set -euo pipefail
-bin=$(readlink -f "${1:?usage: test_multi_node.sh MOEFORGE_BINARY}")
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
-fixture=$here/test_hosts.sh
-if [[ ! -x $bin ]]; then
-  echo "FAIL: $bin is not an executable" >&2
-  exit 1
-fi
-t0=$SECONDS
-say() { echo "[hosts +$((SECONDS - t0))s] $*"; }
-
-export HOSTS_PREFIX=mfh$$
-work=$(mktemp -d "${TMPDIR:-/tmp}/moeforge-hosts.XXXXXX")
-cleanup() {
-  "$fixture" down
-  rm -rf "$work"
-}
-trap cleanup EXIT
-rc=0
-"$fixture" up 2 > "$work/hosts" || rc=$?
-[[ $rc -eq 0 ]] || exit $rc
-h1=$HOSTS_PREFIX-h1 h2=$HOSTS_PREFIX-h2
-say "hosts up: $(tr '\n' ' ' < "$work/hosts")"
+# shellcheck source-path=SCRIPTDIR source=hosts_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/hosts_common.sh"
+hosts_begin "${1:?usage: test_multi_node.sh MOEFORGE_BINARY}"
 
 # The network: h1 reaches h2 over the fixture's bridge, and nothing outside it (no default route).
 "$fixture" run h2 python3 -c '
@@ -57,79 +37,10 @@ print(f"{socket.gethostname()} -> {peer} over TCP; nothing outside the fixture r
 wait $listener
 [[ -z $(ip -n "$h1" route show default) ]] || { echo "FAIL: $h1 has a default route" >&2; exit 1; }
 
-# The config of tests/unit/train_fixture.h (write_config) on byte-tokenized text like its dataset's.
-python3 - "$work/text.jsonl" << 'EOF'
-import json, sys
-words = "the expert router sends each token to four of sixty experts and a shared one adds its gated output loss".split()
-state = 12345
-with open(sys.argv[1], "w") as f:
-    for d in range(400):
-        n, text = 20 + state % 30, ""
-        for w in range(n):
-            state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
-            text += words[(state >> 33) % 20] + (". " if w % 9 == 8 else " ")
-        f.write(json.dumps({"text": text}) + "\n")
-EOF
-"$bin" data preprocess --input "$work/text.jsonl" --tokenizer byte --append-eod --output-prefix "$work/text" > "$work/preprocess.log" 2>&1 ||
-  { cat "$work/preprocess.log" >&2; exit 1; }
-cat > "$work/train.yaml" << EOF
-model:
-  model_type: qwen2_moe
-  num_layers: 2
-  hidden_size: 64
-  num_attention_heads: 4
-  num_query_groups: 2
-  ffn_hidden_size: 128
-  vocab_size: 257  # bytes and the byte tokenizer's end of document
-  rotary_base: 10000
-  norm_epsilon: 1.0e-6
-  add_qkv_bias: true
-  untie_embeddings_and_output_weights: true
-  num_experts: 8
-  moe_ffn_hidden_size: 32
-  moe_router_topk: 4
-  moe_router_pre_softmax: true
-  moe_router_load_balancing_type: hf_pooled_aux_loss
-  moe_aux_loss_coeff: 0.01
-  moe_shared_expert_intermediate_size: 64
-  moe_shared_expert_gate: true
-training:
-  seq_length: 32
-  micro_batch_size: 2
-  global_batch_size: 8
-  train_iters: 3
-  lr: 2.0e-3
-  min_lr: 2.0e-4
-  lr_decay_style: cosine
-  lr_warmup_iters: 3
-  weight_decay: 0.1
-  adam_beta2: 0.95
-  clip_grad: 1.0
-  deterministic: true
-  eval_interval: 2
-  eval_iters: 1
-data:
-  data_path: [$work/text_text_document]
-  split: "90,10,0"
-logging:
-  run_dir: $work/run
-hardware:
-  peak_tflops: 1.0
-  num_threads: 1
-EOF
-"$fixture" hostfile 2 > "$work/hostfile"
-
-# The settings a multi-node job on these hosts needs (the remote agent, the fixture's network).
-eval "$("$fixture" mpi-env)"
-export MOEFORGE_BIN=$bin MOEFORGE_IFACE=hnet0
+hosts_write_config
+hosts_mpi_env
 
 tx_bytes() { ip -n "$1" -s -j link show hnet0 | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["stats64"]["tx"]["bytes"])'; }
-
-fail() {
-  echo "FAIL: $1 (log: $2)" >&2
-  tail -n 40 "$2" >&2
-  exit 1
-}
 
 # layout NAME RANKING PP EP LAYERS HOSTNAMES [train arguments]
 layout() {
