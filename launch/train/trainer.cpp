@@ -512,8 +512,8 @@ void Trainer::refuse_nonfinite(const CheckpointContents& contents) {
 
 Trainer::StepAgreement Trainer::agree(const StepAgreement& mine) const {
   if (groups_.world->size() == 1) return mine;
-  auto t = torch::tensor({int64_t{mine.metrics_lost}, int64_t{mine.stop.signal}, int64_t{mine.stop.duration}},
-                         torch::kInt64);  // host: MPI
+  const std::vector<int64_t> flags{mine.metrics_lost, mine.stop.signal, mine.stop.duration};
+  auto t = torch::tensor(flags, torch::kInt64);  // host: MPI
   groups_.world->all_reduce(t, ReduceOp::max);
   const auto* v = t.data_ptr<int64_t>();
   return {v[0] != 0, {v[1] != 0, v[2] != 0}};
