@@ -74,7 +74,7 @@ assert [l["iteration"] for l in lines] == list(range(1, len(lines) + 1)), "itera
 assert all(l[sys.argv[2]] > 0 for l in lines), f"{sys.argv[2]}: {[l[sys.argv[2]] for l in lines]}"
 EOF
   local noticed
-  noticed=$(grep -m1 "mpirun noticed that process rank $rank with PID $pid on node $h2 exited on signal 9 (Killed)" "$log") ||
+  noticed=$(grep -m1 -E "(mpirun|mpiexec) noticed that process rank $rank with PID $pid on node $h2 exited on signal 9 \(Killed\)" "$log") ||
     fail "$name: no mpirun message naming rank $rank, pid $pid and node $h2" "$log"
   say "$name: \"$noticed\""
   local ns left
