@@ -35,8 +35,6 @@ class ExitConditions {
   ExitConditions(const ExitConditions&) = delete;
   ExitConditions& operator=(const ExitConditions&) = delete;
 
-  // Whether a vote can ever be cast: otherwise the trainer need not agree on any.
-  bool votes() const { return signal_ >= 0 || duration_s_.has_value(); }
   StopVotes vote() const;
   // Why the run stops after `iteration`, given the votes of all ranks; nothing = go on.
   std::optional<std::string> reason(const StopVotes& agreed, int64_t iteration) const;

@@ -496,9 +496,7 @@ void Trainer::refuse_nonfinite(const CheckpointContents& contents) {
   // one a resume can use. Each rank checks its own part; the verdict is the world's, so every rank
   // stops together.
   const auto bad = nonfinite_tensors(contents);
-  auto any = torch::full({1}, bad.empty() ? int64_t{0} : int64_t{1}, torch::kInt64);  // host: a verdict
-  groups_.world->all_reduce(any, ReduceOp::max);
-  if (any.item<int64_t>() == 0) return;
+  if (!any_rank(!bad.empty())) return;
   const auto tracker = (fs::path(c_.checkpoint.save) / files::kTracker).string();
   const std::string where =
       bad.empty() ? "on another rank"
