@@ -126,10 +126,12 @@ void Trainer::claim_directories() {
   check_output_dir("logging.run_dir", run_dir, /*create=*/true);
   {
     // A communication timeout dumps every rank's flight recorder here (parallel/comm/flight_recorder.h);
-    // this rank's dump from an earlier run in the directory is not this run's.
+    // this rank's dump (and rank 0's verdict) from an earlier run in the directory is not this run's.
     const fs::path hang = fs::path(run_dir) / kHangDir;
     std::error_code ec;
-    fs::remove(hang / fmt::format("rank_{}.json", mpi_ ? mpi_->world_rank() : 0), ec);
+    const int rank = mpi_ ? mpi_->world_rank() : 0;
+    fs::remove(hang / fmt::format("rank_{}.json", rank), ec);
+    if (rank == 0) fs::remove(hang / kHangVerdictFile, ec);
     set_hang_dump_dir(hang);
   }
   std::vector<std::pair<const char*, std::string>> dirs{{"logging.run_dir", run_dir}};

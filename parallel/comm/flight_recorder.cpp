@@ -223,9 +223,13 @@ void report_hang(const std::string& reason, double grace_s) {
   }
   const auto grace = std::chrono::duration<double>(grace_s);
   const auto start = std::chrono::steady_clock::now();
+  const fs::path verdict_file = file.parent_path() / kHangVerdictFile;
   if (world_rank != 0) {
-    // Rank 0 may time out a little later: ending the job now would cut its analysis short.
-    std::this_thread::sleep_for(2 * grace);
+    // Rank 0 may time out a little later: ending the job now would cut its analysis short. Its
+    // verdict file says it is done.
+    while (!fs::exists(verdict_file) && std::chrono::steady_clock::now() - start < grace) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
     return;
   }
   std::vector<nlohmann::json> dumps;
@@ -241,8 +245,15 @@ void report_hang(const std::string& reason, double grace_s) {
   const HangVerdict verdict = analyse_hang(dumps);
   std::fprintf(stderr, "flight recorder: %zu of %zu ranks dumped to %s; verdict:\n", dumps.size(), world_size,
                file.parent_path().c_str());
-  for (const auto& line : verdict.lines) std::fprintf(stderr, "  %s\n", line.c_str());
+  std::string text;
+  for (const auto& line : verdict.lines) text += "  " + line + "\n";
+  std::fprintf(stderr, "%s", text.c_str());
   std::fflush(stderr);
+  try {
+    write_file_durably(verdict_file, text);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: the flight recorder could not write %s: %s\n", verdict_file.c_str(), e.what());
+  }
 }
 
 }  // namespace moeforge

@@ -106,8 +106,9 @@ void set_hang_dump_dir(std::filesystem::path dir);
 
 // The watchdog's and the MPI error handler's report: this rank's rings written to
 // `<dir>/rank_N.json` (durably) with `reason`; then world rank 0 waits up to `grace_s` for every
-// rank's dump, compares them and prints the verdict, and the other ranks wait `2 * grace_s` so that
-// ending the job does not cut rank 0's analysis short. Nothing when no dump directory is set.
+// rank's dump, compares them, prints the verdict and writes it to `<dir>/verdict.txt`; the other
+// ranks wait for that file up to `grace_s`, so that ending the job does not cut rank 0's analysis
+// short. Nothing when no dump directory is set.
 void report_hang(const std::string& reason, double grace_s);
 // Only the dump (the MPI error path, which ends the job at once). Returns the file, or empty.
 std::filesystem::path dump_flight_recorders(const std::string& reason);

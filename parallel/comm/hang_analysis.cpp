@@ -76,6 +76,9 @@ std::string group_label(const json& g) {
 
 HangVerdict analyse_hang(const std::vector<json>& dumps) {
   HangVerdict verdict;
+  // The likeliest cause first: calls that differ, then ranks behind, then ranks without a dump.
+  std::vector<std::string> differing, behind_lines;
+  std::set<int> absent;  // members of a dumped group with no dump of their own
   std::set<int> dumped;
   for (const auto& d : dumps) dumped.insert(d.value("world_rank", -1));
   // Groups by identity, each with the members that dumped it.
@@ -96,15 +99,8 @@ HangVerdict analyse_hang(const std::vector<json>& dumps) {
   }
   for (auto& [label, entry] : groups) {
     auto& [identity, members] = entry;
-    std::vector<int> absent;
     for (int r : identity.value("world_ranks", std::vector<int>{})) {
-      if (!dumped.count(r)) absent.push_back(r);
-    }
-    if (!absent.empty()) {
-      verdict.found = true;
-      verdict.lines.push_back(fmt::format("{}: rank(s) {} wrote no dump: they did not reach the watchdog (exited, were killed, "
-                                          "or were not in a communication call)",
-                                          label, fmt::join(absent, ", ")));
+      if (!dumped.count(r)) absent.insert(r);
     }
     if (members.size() < 2) continue;
     std::sort(members.begin(), members.end(), [](const Member& a, const Member& b) { return a.world_rank < b.world_rank; });
@@ -128,7 +124,7 @@ HangVerdict analyse_hang(const std::vector<json>& dumps) {
         each.push_back(fmt::format("rank {} issued {}", m.world_rank, it == m.by_seq.end() ? "?" : describe(it->second)));
       }
       verdict.found = true;
-      verdict.lines.push_back(fmt::format("{}: ranks differ first at collective seq {}: {}", label, s, fmt::join(each, "; ")));
+      differing.push_back(fmt::format("{}: ranks differ first at collective seq {}: {}", label, s, fmt::join(each, "; ")));
     }
     if (differ) continue;
     // Same calls as far as all went: who stopped short of the furthest.
@@ -152,8 +148,15 @@ HangVerdict analyse_hang(const std::vector<json>& dumps) {
       }
     }
     verdict.found = true;
-    verdict.lines.push_back(fmt::format("{}: rank(s) {} never arrived at collective seq {}, which rank(s) {} reached with {}", label,
+    behind_lines.push_back(fmt::format("{}: rank(s) {} never arrived at collective seq {}, which rank(s) {} reached with {}", label,
                                         fmt::join(behind, ", "), behind_at, fmt::join(reached, ", "), what));
+  }
+  for (auto* part : {&differing, &behind_lines}) verdict.lines.insert(verdict.lines.end(), part->begin(), part->end());
+  if (!absent.empty()) {
+    verdict.found = true;
+    verdict.lines.push_back(fmt::format("rank(s) {} wrote no dump: they did not reach the watchdog (exited, were killed, or "
+                                        "were not in a communication call)",
+                                        fmt::join(absent, ", ")));
   }
   if (!verdict.found) verdict.lines.push_back("no mismatch found: ranks stopped at the same op");
   return verdict;

@@ -1,4 +1,4 @@
-// defines: kHangDir, HangVerdict, read_hang_dumps, analyse_hang
+// defines: kHangDir, kHangVerdictFile, HangVerdict, read_hang_dumps, analyse_hang
 //
 // The comparison of the flight recorders' dumps (parallel/comm/flight_recorder.h): rank 0 runs it
 // after a timeout, `moeforge check hang RUN_DIR` afterwards. Per group (name, channel and members,
@@ -19,6 +19,8 @@
 namespace moeforge {
 
 inline constexpr const char* kHangDir = "hang";  // under logging.run_dir
+// Rank 0's verdict at the timeout, beside the dumps; the other ranks wait for it before ending.
+inline constexpr const char* kHangVerdictFile = "verdict.txt";
 
 struct HangVerdict {
   bool found = false;              // a cause was named
