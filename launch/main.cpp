@@ -6,6 +6,7 @@
 #include "core/config/logging.h"
 #include "launch/commands/commands.h"
 #include "launch/commands/data_commands.h"
+#include "launch/commands/hang_command.h"
 #include "launch/commands/report.h"
 #include "launch/commands/upcycle_command.h"
 #include "launch/train/run_environment.h"
@@ -143,6 +144,13 @@ int run(int argc, char** argv) {
   report_cmd->add_option("--from-iteration", report.from_iteration, "Compare losses from this iteration on (FlagPerf: 21)");
   report_cmd->add_option("--threshold", report.threshold, "Pass when the mean relative loss error is below this (FlagPerf: 0.02)");
 
+  auto* check_cmd = app.add_subcommand("check", "Checks of a run after the fact");
+  check_cmd->require_subcommand(1);
+  std::string hang_run_dir;
+  auto* hang_cmd = check_cmd->add_subcommand(
+      "hang", "Compare the ranks' flight recorders of a run that hung: the first call they differ at (docs/hang.md)");
+  hang_cmd->add_option("run_dir", hang_run_dir, "The run's directory (logging.run_dir), holding hang/rank_N.json")->required();
+
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
   moeforge::DataInspectOptions inspect;
@@ -213,6 +221,7 @@ int run(int argc, char** argv) {
     if (scale_opt->count() > 0) up.upcycle.scale = up_scale;
     return moeforge::run_upcycle(up);
   }
+  if (*hang_cmd) return moeforge::run_check_hang(hang_run_dir);
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);
   if (*merge_cmd) return moeforge::run_data_merge(merge);

@@ -19,6 +19,8 @@
 #include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 #include "moe/upcycle.h"
+#include "parallel/comm/flight_recorder.h"
+#include "parallel/comm/hang_analysis.h"
 #include "parallel/data_parallel_optimizer.h"
 #include "parallel/pipeline.h"
 
@@ -122,6 +124,16 @@ void Trainer::claim_directories() {
   const auto& run_dir = c_.logging.run_dir;
   const auto& save = c_.checkpoint.save;
   check_output_dir("logging.run_dir", run_dir, /*create=*/true);
+  {
+    // A communication timeout dumps every rank's flight recorder here (parallel/comm/flight_recorder.h);
+    // this rank's dump (and rank 0's verdict) from an earlier run in the directory is not this run's.
+    const fs::path hang = fs::path(run_dir) / kHangDir;
+    std::error_code ec;
+    const int rank = mpi_ ? mpi_->world_rank() : 0;
+    fs::remove(hang / fmt::format("rank_{}.json", rank), ec);
+    if (rank == 0) fs::remove(hang / kHangVerdictFile, ec);
+    set_hang_dump_dir(hang);
+  }
   std::vector<std::pair<const char*, std::string>> dirs{{"logging.run_dir", run_dir}};
   if (!save.empty()) {
     check_output_dir("checkpoint.save", save, /*create=*/true);

@@ -1,5 +1,6 @@
 #include "parallel/comm/mpi_communicator.h"
 
+#include "parallel/comm/flight_recorder.h"
 #include "parallel/comm/watchdog.h"
 #include "parallel/comm/work.h"
 
@@ -13,6 +14,8 @@
 #include <exception>
 #include <stdexcept>
 #include <thread>
+
+#include <unistd.h>
 
 namespace moeforge {
 
@@ -68,6 +71,66 @@ class RowType {
   MPI_Datatype type_{};
 };
 
+// What a record calls the dtype: c10's static name, so recording copies no string.
+const char* dtype_of(const torch::Tensor& t) { return c10::toString(t.scalar_type()); }
+
+// The attribute of an MPI communicator that points to its flight recorder (for the error handler,
+// which MPI gives only the communicator).
+int recorder_keyval() {
+  static const int keyval = [] {
+    int k = MPI_KEYVAL_INVALID;
+    check(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, MPI_COMM_NULL_DELETE_FN, &k, nullptr), "MPI_Comm_create_keyval");
+    return k;
+  }();
+  return keyval;
+}
+
+// An error MPI reports on a group (a mismatched collective whose message is truncated, a peer's
+// link that failed): Open MPI's default handler would end the job at once, naming nothing. This
+// one names the call this thread issued last on the group, dumps the flight recorders, then ends
+// the job as the default did.
+void on_mpi_error(MPI_Comm* comm, int* code, ...) {
+  char text[MPI_MAX_ERROR_STRING] = {};
+  int length = 0;
+  MPI_Error_string(*code, text, &length);
+  void* value = nullptr;
+  int found = 0;
+  MPI_Comm_get_attr(*comm, recorder_keyval(), &value, &found);
+  std::string call = "a call";
+  if (found && value != nullptr) {
+    const auto& identity = *static_cast<const FlightRecorder*>(value)->identity();
+    call = fmt::format("a call on group {} (world ranks [{}])", identity.group, fmt::join(identity.world_ranks, ", "));
+    if (const auto in_flight = current_op(identity.group)) {
+      call = fmt::format("{} ({}seq {} of group {}, world ranks [{}])", in_flight->op.op, in_flight->op.p2p ? "point-to-point " : "",
+                         in_flight->op.seq, identity.group, fmt::join(identity.world_ranks, ", "));
+    }
+  }
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  const std::string message = fmt::format(
+      "error: rank {} (host {}, pid {}): MPI error in {}: {}. The ranks issued different calls (every rank must make the "
+      "same calls in the same order with the same shapes), or the network failed. Ending the job.",
+      world_rank, host, ::getpid(), call, std::string(text, static_cast<size_t>(length)));
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::fflush(stderr);
+  if (const auto file = dump_flight_recorders(message); !file.empty()) {
+    std::fprintf(stderr, "flight recorder: wrote %s (compare the ranks with `moeforge check hang RUN_DIR`)\n", file.c_str());
+    std::fflush(stderr);
+  }
+  MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+MPI_Errhandler error_handler() {
+  static const MPI_Errhandler handler = [] {
+    MPI_Errhandler h{};
+    check(MPI_Comm_create_errhandler(on_mpi_error, &h), "MPI_Comm_create_errhandler");
+    return h;
+  }();
+  return handler;
+}
+
 int as_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX) throw std::invalid_argument(fmt::format("MpiCommunicator: {} {} does not fit MPI's int", what, v));
   return static_cast<int>(v);
@@ -119,6 +182,11 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
   world_ranks_.resize(static_cast<size_t>(size_));
   check(MPI_Allgather(&world_rank, 1, MPI_INT, world_ranks_.data(), 1, MPI_INT, comm_), "MPI_Allgather");
+  // Every call this object issues is recorded (parallel/comm/flight_recorder.h); MPI's error
+  // handler finds the recorder through an attribute of the communicator.
+  FlightRecorder& recorder = attach_flight_recorder(this, GroupIdentity{name_, async ? "main" : "async", world_ranks_, rank_});
+  check(MPI_Comm_set_attr(comm_, recorder_keyval(), &recorder), "MPI_Comm_set_attr");
+  check(MPI_Comm_set_errhandler(comm_, error_handler()), "MPI_Comm_set_errhandler");
   int level = MPI_THREAD_SINGLE;
   MPI_Query_thread(&level);
   if (async && size_ > 1 && level >= MPI_THREAD_MULTIPLE) {
@@ -132,7 +200,17 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, double timeout
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::world(double timeout_seconds) {
-  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(MPI_COMM_WORLD, "world", timeout_seconds, false, true));
+  auto world = std::unique_ptr<MpiCommunicator>(new MpiCommunicator(MPI_COMM_WORLD, "world", timeout_seconds, false, true));
+  // Every rank's host name, once, for the timeout messages and the hang dumps.
+  constexpr int kHostChars = 256;
+  char host[kHostChars] = {};
+  ::gethostname(host, kHostChars - 1);
+  std::vector<char> all(static_cast<size_t>(world->size_) * kHostChars);
+  check(MPI_Allgather(host, kHostChars, MPI_CHAR, all.data(), kHostChars, MPI_CHAR, MPI_COMM_WORLD), "MPI_Allgather");
+  std::vector<std::string> hosts;
+  for (int r = 0; r < world->size_; ++r) hosts.emplace_back(all.data() + static_cast<size_t>(r) * kHostChars);
+  set_world_hosts(std::move(hosts), world->world_ranks_[static_cast<size_t>(world->rank_)]);
+  return world;
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -140,7 +218,13 @@ MpiCommunicator::~MpiCommunicator() {
   async_peer_.reset();
   int finalized = 0;
   MPI_Finalized(&finalized);
+  // MPI_COMM_WORLD outlives this object: its errors go back to MPI's default, its attribute away.
+  if (!finalized && !owned_) {
+    MPI_Comm_delete_attr(comm_, recorder_keyval());
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_ARE_FATAL);
+  }
   if (owned_ && !finalized) MPI_Comm_free(&comm_);
+  detach_flight_recorder(this);
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key, const std::string& name) const {
@@ -204,6 +288,7 @@ void MpiCommunicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
   }
   if (op == ReduceOp::avg && !tensor.is_floating_point()) throw std::invalid_argument("MpiCommunicator: avg of integers");
   const MPI_Datatype type = reduce_type(tensor);
+  flight_recorder_of(this)->record("all_reduce", dtype_of(tensor), tensor.numel());
   auto* base = static_cast<char*>(tensor.data_ptr());
   const int64_t n = tensor.numel();
   for (int64_t at = 0; at < n; at += max_chunk_) {
@@ -232,6 +317,7 @@ torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& tensor) {
   sizes[0] = rows * size_;
   auto out = torch::empty(sizes, tensor.options());
   const RowType row(tensor.dim() == 0 ? tensor.reshape({1}) : tensor);
+  flight_recorder_of(this)->record("all_gather", dtype_of(tensor), tensor.numel());
   MPI_Request request;
   check(MPI_Iallgather(tensor.data_ptr(), as_int(rows, "rows"), row.get(), out.data_ptr(), as_int(rows, "rows"), row.get(),
                        comm_, &request),
@@ -284,6 +370,7 @@ torch::Tensor MpiCommunicator::reduce_scatter(const torch::Tensor& tensor, Reduc
     return full.chunk(size_, 0)[static_cast<size_t>(rank_)].clone();
   }
   auto out = torch::empty(sizes, tensor.options());
+  flight_recorder_of(this)->record("reduce_scatter", dtype_of(tensor), tensor.numel());
   MPI_Request request;
   check(MPI_Ireduce_scatter_block(tensor.data_ptr(), out.data_ptr(), static_cast<int>(count), reduce_type(tensor), mpi_op(op),
                                   comm_, &request),
@@ -326,6 +413,7 @@ void MpiCommunicator::all_to_all_into(const torch::Tensor& tensor, torch::Tensor
     recv_total += recv_rows[static_cast<size_t>(p)];
   }
   const RowType row(tensor);
+  flight_recorder_of(this)->record("all_to_all", dtype_of(tensor), tensor.numel());
   MPI_Request request;
   check(MPI_Ialltoallv(tensor.data_ptr(), send_counts.data(), send_displs.data(), row.get(), out.data_ptr(),
                        recv_counts.data(), recv_displs.data(), row.get(), comm_, &request),
@@ -360,6 +448,7 @@ void MpiCommunicator::for_each_part(const torch::Tensor& tensor, Post&& post) co
 
 void MpiCommunicator::broadcast(torch::Tensor& tensor, int root) {
   require_cpu_contiguous(tensor, "broadcast");
+  flight_recorder_of(this)->record("broadcast", dtype_of(tensor), tensor.numel(), root);
   for_each_part(tensor, [&](char* at, int bytes) {
     MPI_Request request;
     check(MPI_Ibcast(at, bytes, MPI_BYTE, root, comm_, &request), "MPI_Ibcast");
@@ -371,6 +460,7 @@ std::vector<MPI_Request> MpiCommunicator::post_send(const torch::Tensor& tensor,
                                                    const char* operation) {
   check_transport(tensor, transport, operation, name_);
   require_cpu_contiguous(tensor, operation);
+  flight_recorder_of(this)->record(operation, dtype_of(tensor), tensor.numel(), peer, /*p2p=*/true);
   std::vector<MPI_Request> requests;
   for_each_part(tensor, [&](char* at, int bytes) {
     requests.emplace_back();
@@ -432,6 +522,7 @@ std::shared_ptr<Work> MpiCommunicator::send_async(const torch::Tensor& tensor, i
 void MpiCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport transport) {
   check_transport(tensor, transport, "recv", name_);
   require_cpu_contiguous(tensor, "recv");
+  flight_recorder_of(this)->record("recv", dtype_of(tensor), tensor.numel(), peer, /*p2p=*/true);
   std::vector<MPI_Request> requests;
   for_each_part(tensor, [&](char* at, int bytes) {
     requests.emplace_back();
@@ -446,6 +537,7 @@ void MpiCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch:
   check_transport(recv, transport, "send_recv", name_);
   require_cpu_contiguous(send, "send_recv");
   require_cpu_contiguous(recv, "send_recv");
+  flight_recorder_of(this)->record("send_recv", dtype_of(send), send.numel(), send_peer, /*p2p=*/true);
   std::vector<MPI_Request> requests;
   for_each_part(recv, [&](char* at, int bytes) {
     requests.emplace_back();
@@ -459,12 +551,14 @@ void MpiCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch:
 }
 
 void MpiCommunicator::barrier() {
+  flight_recorder_of(this)->record("barrier", "none", 0);
   MPI_Request request;
   check(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
   wait(request, "barrier");
 }
 
 void MpiCommunicator::slow_barrier(const SlowWait& bound) {
+  flight_recorder_of(this)->record("barrier", "none", 0);
   MPI_Request request;
   check(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
   const Watched watched(bound.what, name_, world_ranks_, bound.timeout_s, {}, bound.setting);

@@ -3,6 +3,7 @@
 #include "core/base/errors.h"
 #include "core/device/host_sync.h"
 #include "parallel/comm/async_error.h"
+#include "parallel/comm/flight_recorder.h"
 #include "parallel/comm/watchdog.h"
 
 #include <c10/core/Event.h>
@@ -93,6 +94,8 @@ struct NcclCommunicator::State {
   // (as ProcessGroupNCCL): the compute stream goes on while it runs, and calls of one communicator
   // never race each other on two streams.
   std::optional<c10::cuda::CUDAStream> comm_stream;
+  // Every call issued (parallel/comm/flight_recorder.h), channel "nccl" beside the MPI group's own.
+  std::unique_ptr<FlightRecorder> recorder;
 
   // Enqueues the call on the communication stream after the compute stream's work so far (which
   // made its inputs); `tensors` are recorded as used there, so the caching allocator does not hand
@@ -136,6 +139,7 @@ std::string nccl_version() {
 NcclCommunicator::NcclCommunicator(std::shared_ptr<Communicator> mpi_group, double timeout_seconds)
     : mpi_(std::move(mpi_group)), timeout_seconds_(timeout_seconds), state_(std::make_shared<State>()) {
   state_->error = std::make_shared<AsyncError>(name(), world_ranks());
+  state_->recorder = std::make_unique<FlightRecorder>(GroupIdentity{name(), "nccl", world_ranks(), mpi_->rank()});
   state_->device = c10::cuda::current_device();
   state_->comm_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, state_->device);
   ncclUniqueId id{};
@@ -193,6 +197,7 @@ std::shared_ptr<Work> NcclCommunicator::all_reduce_async(torch::Tensor tensor, R
 
 std::shared_ptr<c10::Event> NcclCommunicator::launch_all_reduce(torch::Tensor& tensor, ReduceOp op) {
   require_cuda_contiguous(tensor, "all_reduce");
+  state_->recorder->record("all_reduce", c10::toString(tensor.scalar_type()), tensor.numel());
   return state_->launch({tensor}, [&](cudaStream_t stream) {
     check(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor),
                         nccl_op(op), state_->comm, stream),
@@ -214,6 +219,7 @@ std::shared_ptr<Work> NcclCommunicator::all_gather_async(const torch::Tensor& te
 
 std::shared_ptr<c10::Event> NcclCommunicator::launch_all_gather(const torch::Tensor& tensor, torch::Tensor& out) {
   require_cuda_contiguous(tensor, "all_gather");
+  state_->recorder->record("all_gather", c10::toString(tensor.scalar_type()), tensor.numel());
   auto sizes = tensor.sizes().vec();
   if (sizes.empty()) sizes = {1};
   sizes[0] *= size();
@@ -239,6 +245,7 @@ std::shared_ptr<Work> NcclCommunicator::reduce_scatter_async(const torch::Tensor
 
 std::shared_ptr<c10::Event> NcclCommunicator::launch_reduce_scatter(const torch::Tensor& tensor, torch::Tensor& out, ReduceOp op) {
   require_cuda_contiguous(tensor, "reduce_scatter");
+  state_->recorder->record("reduce_scatter", c10::toString(tensor.scalar_type()), tensor.numel());
   if (tensor.dim() == 0 || tensor.size(0) % size() != 0) {
     throw std::invalid_argument(fmt::format("NcclCommunicator::reduce_scatter: dim 0 must divide by the group size {}", size()));
   }
@@ -271,6 +278,7 @@ std::shared_ptr<c10::Event> NcclCommunicator::launch_all_to_all(const torch::Ten
                                                                 const std::vector<int64_t>& send_rows,
                                                                 const std::vector<int64_t>& recv_rows) {
   require_cuda_contiguous(tensor, "all_to_all");
+  state_->recorder->record("all_to_all", c10::toString(tensor.scalar_type()), tensor.numel());
   if (send_rows.size() != static_cast<size_t>(size()) || recv_rows.size() != static_cast<size_t>(size())) {
     throw std::invalid_argument("NcclCommunicator::all_to_all: one send and one receive count per rank");
   }
@@ -309,6 +317,7 @@ std::shared_ptr<c10::Event> NcclCommunicator::launch_all_to_all(const torch::Ten
 void NcclCommunicator::broadcast(torch::Tensor& tensor, int root) {
   if (!tensor.is_cuda()) return mpi_->broadcast(tensor, root);
   require_cuda_contiguous(tensor, "broadcast");
+  state_->recorder->record("broadcast", c10::toString(tensor.scalar_type()), tensor.numel(), root);
   wait("broadcast", *state_->launch({tensor}, [&](cudaStream_t stream) {
     check(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), root,
                         state_->comm, stream),
@@ -332,6 +341,7 @@ std::shared_ptr<Work> NcclCommunicator::send_async(const torch::Tensor& tensor, 
 
 std::shared_ptr<c10::Event> NcclCommunicator::launch_send(const torch::Tensor& tensor, int peer) {
   require_cuda_contiguous(tensor, "send");
+  state_->recorder->record("send", c10::toString(tensor.scalar_type()), tensor.numel(), peer, /*p2p=*/true);
   return state_->launch({tensor}, [&](cudaStream_t stream) {
     check(ncclSend(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm, stream),
           "ncclSend", name());
@@ -342,6 +352,7 @@ void NcclCommunicator::recv(torch::Tensor& tensor, int peer, int tag, Transport 
   check_transport(tensor, transport, "recv", name());
   if (transport == Transport::host) return mpi_->recv(tensor, peer, tag, transport);
   require_cuda_contiguous(tensor, "recv");
+  state_->recorder->record("recv", c10::toString(tensor.scalar_type()), tensor.numel(), peer, /*p2p=*/true);
   wait("recv", *state_->launch({tensor}, [&](cudaStream_t stream) {
     check(ncclRecv(tensor.data_ptr(), static_cast<size_t>(tensor.numel()), nccl_type(tensor), peer, state_->comm, stream),
           "ncclRecv", name());
@@ -355,6 +366,7 @@ void NcclCommunicator::send_recv(const torch::Tensor& send, int send_peer, torch
   if (transport == Transport::host) return mpi_->send_recv(send, send_peer, recv, recv_peer, tag, transport);
   require_cuda_contiguous(send, "send_recv");
   require_cuda_contiguous(recv, "send_recv");
+  state_->recorder->record("send_recv", c10::toString(send.scalar_type()), send.numel(), send_peer, /*p2p=*/true);
   wait("send_recv", *state_->launch({send, recv}, [&](cudaStream_t stream) {
     check(ncclGroupStart(), "ncclGroupStart", name());
     check(ncclSend(send.data_ptr(), static_cast<size_t>(send.numel()), nccl_type(send), send_peer, state_->comm, stream),
@@ -370,6 +382,9 @@ std::shared_ptr<Work> NcclCommunicator::exchange(std::vector<PeerMessage>& messa
   for (const auto& m : messages) {
     check_transport(m.tensor, transport, "exchange", name());
     require_cuda_contiguous(m.tensor, "exchange");
+  }
+  for (const auto& m : messages) {
+    state_->recorder->record(m.send ? "send" : "recv", c10::toString(m.tensor.scalar_type()), m.tensor.numel(), m.peer, /*p2p=*/true);
   }
   state_->error->rethrow();
   // The host does not wait; the watchdog polls the group as for any asynchronous call.

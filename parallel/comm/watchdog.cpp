@@ -1,18 +1,21 @@
 #include "parallel/comm/watchdog.h"
 
 #include "core/base/errors.h"
+#include "parallel/comm/flight_recorder.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cerrno>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -34,11 +37,17 @@ struct Entry {
   const char* setting = kCommTimeoutSetting;  // what bounds it
   bool startup = false;                        // the StartupWatch: no peer group yet
   std::string report{};                        // if set, the whole message (an unclaimed error)
+  std::optional<InFlightOp> in_flight{};       // the flight recorder's last call on the group, on this thread
 };
 
 Clock::time_point deadline_of(double timeout_s) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
 }
+
+// How long ranks wait for each other's flight-recorder dumps after a timeout: the others' waits
+// started about when this one did and have the same limit, so they expire within about one
+// timeout (at least 5 s for a loaded machine, at most a minute for a job's minutes-long timeout).
+double hang_grace_s(double timeout_s) { return std::clamp(timeout_s, 5.0, 60.0); }
 
 // A precision of a tenth of a second is enough for timeouts of seconds (tests) to minutes (jobs).
 constexpr auto kPeriod = std::chrono::milliseconds(100);
@@ -150,6 +159,8 @@ class Watchdog {
       if (e.on_timeout) e.on_timeout();
       std::fprintf(stderr, "%s\n", message.c_str());
       std::fflush(stderr);
+      // A communication timeout: every rank's flight recorder to <run_dir>/hang, rank 0's verdict.
+      if (!e.startup && e.report.empty()) report_hang(message, hang_grace_s(e.timeout_s));
       // The command that started the job knows how to end all of it (MPI_Abort); this library does
       // not: exiting before MPI_Finalize makes the launcher end the others (mpirun, srun's
       // --kill-on-bad-exit), only less promptly.
@@ -173,7 +184,7 @@ class Watchdog {
       return what + ": a rank that has not joined (stopped or crashed before MPI_Init, or never started by the "
                     "launcher) holds the others here; raise " + e.setting + " if start-up is just slow";
     }
-    return what + ": a peer rank is hung or has died";
+    return what + ": a peer rank is hung or has died" + (e.in_flight ? "; " + describe_wait(*e.in_flight) : std::string());
   }
 
   std::mutex mutex_;
@@ -190,14 +201,15 @@ class Watchdog {
 
 Watched::Watched(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
                  std::function<void()> on_timeout, const char* setting)
-    : id_(Watchdog::get().add(
-          {operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), {}, setting})) {}
+    : id_(Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), {},
+                               setting, false, {}, current_op(group)})) {}
 
 Watched::~Watched() { Watchdog::get().remove(id_); }
 
 void watch_until(const char* operation, const std::string& group, const std::vector<int>& world_ranks, double timeout_s,
                  std::function<bool()> completed, std::function<void()> on_timeout) {
-  Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), std::move(completed)});
+  Watchdog::get().add({operation, group, world_ranks, timeout_s, deadline_of(timeout_s), std::move(on_timeout), std::move(completed),
+                       kCommTimeoutSetting, false, {}, current_op(group)});
 }
 
 namespace {

@@ -78,8 +78,8 @@ python3 - "$work/cut.log" "$h1" "$message_at" << 'EOF' || fail "the surviving ra
 import re, sys
 log, host, at = open(sys.argv[1]).read(), sys.argv[2], float(sys.argv[3])
 pattern = (r"^error: rank (\d+) \(host " + re.escape(host) + r", pid \d+\): (.+?) on group (\w+) \(world ranks \[([\d, ]+)\]\)"
-           r" did not complete within 6\.0 s \((?:parallel\.distributed|checkpoint\.save)_timeout_minutes\): a peer rank is hung or has died\."
-           r" Ending the job\.$")
+           r" did not complete within 6\.0 s \((?:parallel\.distributed|checkpoint\.save)_timeout_minutes\): a peer rank is hung or has died"
+           r"(?:; waiting for .+?)?\. Ending the job\.$")  # the flight recorder's peers and hosts, docs/hang.md
 found = re.findall(pattern, log, re.M)
 assert found, f"no watchdog message of {host}'s ranks"
 for rank, op, group, ranks in found:

@@ -5,6 +5,13 @@
 //                                           start-up watch (MOEFORGE_STARTUP_TIMEOUT_S) as `train`
 //   comm_probe self_stop TIMEOUT_S          one process, no MPI: stops itself (SIGSTOP) in a watched
 //                                           operation; the test continues it after the deadline
+//   comm_probe desync TIMEOUT_S RUN_DIR     the flight recorder (dumps in RUN_DIR/hang): after three
+//                                           all-reduces on world, rank 1 issues its fourth with int32
+//                                           where the others use float (same bytes: MPI pairs them),
+//                                           then its fifth on a second group "other" while the others
+//                                           issue theirs on world: every rank blocks
+//   comm_probe truncate TIMEOUT_S RUN_DIR   rank 1 receives a broadcast into a smaller tensor than
+//                                           rank 0 sends: MPI's truncation error, through the handler
 // OPERATION, what the other ranks are in (default all_reduce):
 //   all_reduce          blocking
 //   all_reduce_async    a gradient bucket's reduction: on the communication thread, waited on
@@ -12,6 +19,8 @@
 //   pipeline            a pipeline exchange: rank 0 an asynchronous send to rank 1 (waited on at the
 //                       step's end), rank 2 a paired send_recv with rank 1; 4 MB, beyond MPI's eager sends
 // The other ranks must end, non-zero, within the timeout, with a message naming the operation.
+#include "parallel/comm/flight_recorder.h"
+#include "parallel/comm/hang_analysis.h"
 #include "parallel/comm/mpi_communicator.h"
 #include "parallel/comm/watchdog.h"
 
@@ -19,6 +28,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -50,6 +60,26 @@ int main(int argc, char** argv) {
   MpiRuntime mpi;
   startup.reset();
   auto world = MpiCommunicator::world(std::atof(argv[2]));
+  if (mode == "desync" || mode == "truncate") {
+    set_hang_dump_dir(std::filesystem::path(operation) / kHangDir);
+    auto other = world->split(0, world->rank(), "other");
+    if (mode == "truncate") {
+      auto t = torch::zeros({world->rank() == 1 ? 4 : 1024});  // host: MPI's tensors
+      world->broadcast(t, 0);
+      std::printf("rank %d: broadcast completed\n", world->rank());
+      return 0;
+    }
+    for (int i = 0; i < 3; ++i) {
+      auto t = torch::ones({4});  // host: MPI's tensors
+      world->all_reduce(t, ReduceOp::sum);
+    }
+    auto t = world->rank() == 1 ? torch::ones({4}, torch::kInt32) : torch::ones({4});  // host: MPI's tensors
+    world->all_reduce(t, ReduceOp::sum);
+    auto u = torch::ones({4});  // host: MPI's tensors
+    (world->rank() == 1 ? other : world)->all_reduce(u, ReduceOp::sum);
+    std::printf("rank %d: desync completed\n", world->rank());
+    return 0;
+  }
   world->barrier();
   if (world->rank() == 1) {
     if (mode == "die") std::raise(SIGKILL);
