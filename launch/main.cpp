@@ -4,6 +4,7 @@
 #include "core/config/config.h"
 #include "core/base/errors.h"
 #include "core/config/logging.h"
+#include "launch/commands/check_command.h"
 #include "launch/commands/commands.h"
 #include "launch/commands/data_commands.h"
 #include "launch/commands/report.h"
@@ -143,6 +144,11 @@ int run(int argc, char** argv) {
   report_cmd->add_option("--from-iteration", report.from_iteration, "Compare losses from this iteration on (FlagPerf: 21)");
   report_cmd->add_option("--threshold", report.threshold, "Pass when the mean relative loss error is below this (FlagPerf: 0.02)");
 
+  auto* check_cmd = app.add_subcommand("check", "Conformance checks of this machine's moeforge: kernels (docs/kernels.md)");
+  check_cmd->require_subcommand(1);
+  moeforge::CheckKernelsOptions check_kernels;
+  auto* check_kernels_cmd = moeforge::add_check_kernels_command(*check_cmd, check_kernels);
+
   auto* data_cmd = app.add_subcommand("data", "Megatron datasets: inspect, samples, merge, preprocess");
   data_cmd->require_subcommand(1);
   moeforge::DataInspectOptions inspect;
@@ -213,6 +219,7 @@ int run(int argc, char** argv) {
     if (scale_opt->count() > 0) up.upcycle.scale = up_scale;
     return moeforge::run_upcycle(up);
   }
+  if (*check_kernels_cmd) return moeforge::run_check_kernels(check_kernels, std::cout);
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);
   if (*merge_cmd) return moeforge::run_data_merge(merge);
