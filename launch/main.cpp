@@ -4,6 +4,7 @@
 #include "core/config/config.h"
 #include "core/base/errors.h"
 #include "core/config/logging.h"
+#include "launch/commands/check_command.h"
 #include "launch/commands/commands.h"
 #include "launch/commands/data_commands.h"
 #include "launch/commands/hang_command.h"
@@ -144,8 +145,11 @@ int run(int argc, char** argv) {
   report_cmd->add_option("--from-iteration", report.from_iteration, "Compare losses from this iteration on (FlagPerf: 21)");
   report_cmd->add_option("--threshold", report.threshold, "Pass when the mean relative loss error is below this (FlagPerf: 0.02)");
 
-  auto* check_cmd = app.add_subcommand("check", "Checks of a run after the fact");
+  auto* check_cmd = app.add_subcommand(
+      "check", "Checks: this machine's fused kernels against their references (docs/kernels.md), a hung run's flight recorders (docs/hang.md)");
   check_cmd->require_subcommand(1);
+  moeforge::CheckKernelsOptions check_kernels;
+  auto* check_kernels_cmd = moeforge::add_check_kernels_command(*check_cmd, check_kernels);
   std::string hang_run_dir;
   auto* hang_cmd = check_cmd->add_subcommand(
       "hang", "Compare the ranks' flight recorders of a run that hung: the first call they differ at (docs/hang.md)");
@@ -222,6 +226,7 @@ int run(int argc, char** argv) {
     return moeforge::run_upcycle(up);
   }
   if (*hang_cmd) return moeforge::run_check_hang(hang_run_dir);
+  if (*check_kernels_cmd) return moeforge::run_check_kernels(check_kernels, std::cout);
   if (*inspect_cmd) return moeforge::run_data_inspect(inspect);
   if (*samples_cmd) return moeforge::run_data_samples(samples);
   if (*merge_cmd) return moeforge::run_data_merge(merge);

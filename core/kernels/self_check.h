@@ -7,7 +7,8 @@
 // disagreement (or an exception) the kernel is disabled on that device type with a warning naming
 // it, the error and the shapes, and its reference runs instead. The verdicts are agreed across
 // ranks first, so that one failure anywhere makes every rank use the reference and a distributed
-// run stays equal to the single-process run.
+// run stays equal to the single-process run. The cases, the comparison and the tolerances are
+// kernel_checks.h's, at its start-up shapes; `moeforge check kernels` runs them at more shapes.
 #pragma once
 
 #include "core/kernels/kernels.h"

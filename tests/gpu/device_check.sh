@@ -14,7 +14,8 @@
 #                                                 and an `mpirun -np 2` of the carried Open MPI
 #   bash tests/gpu/device_check.sh --phase build-and-test RESULTS_DIR
 #                                                 on the GPU machine: environment, unpack, configure
-#                                                 (CUDA, sm_90, that PyTorch), build moeforge, then the
+#                                                 (CUDA, sm_90, that PyTorch), build moeforge, `moeforge
+#                                                 check kernels --device cuda` (kernels.json), then the
 #                                                 GPU tests, then bench_kernels; `ctest -L gpu`
 #   bash tests/gpu/device_check.sh --phase bench RESULTS_DIR
 #                                                 bench_kernels on the GPU, the real shapes at 2 and 4
@@ -31,10 +32,11 @@
 # reused and ninja rebuilds what changed (a source whose content is the last build's gets its time
 # stamp back, so a fresh copy of the tree rebuilds nothing). Each phase keeps to its own budget
 # (MOEFORGE_CHECK_SECONDS: 360 s for build-and-test, 210 s for bench, 90 s for sanitize), runs each
-# step whose binaries exist, and writes RESULTS_DIR as it goes, 6 files: summary.md (every step of
-# every phase run so far on this machine: status, seconds, why skipped, the tail of a failed log),
-# env.txt, bench.json, bench.md, top_ops.txt and logs.tar.gz (build.log, gpu_tests.log, bench.log,
-# sanitizer.log). docs/gpu.md records what ran.
+# step whose binaries exist, and writes RESULTS_DIR as it goes, 7 files (the device tool brings back
+# 8 at most): summary.md (every step of every phase run so far on this machine: status, seconds, why
+# skipped, the kernel check's table, the tail of a failed log), env.txt, kernels.json (`moeforge
+# check kernels --json`, docs/kernels.md), bench.json, bench.md, top_ops.txt and logs.tar.gz
+# (build.log, gpu_tests.log, bench.log, sanitizer.log). docs/gpu.md records what ran.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -226,7 +228,7 @@ step() {
 }
 skip() { current_step=$1; row "skipped: $2" 0; write_results; }
 
-# RESULTS_DIR from the work folder, again after every step: 6 files.
+# RESULTS_DIR from the work folder, again after every step: 7 files.
 write_results() {
   [[ -n ${results:-} ]] || return 0
   local summary=$results/summary.md p f
@@ -238,11 +240,13 @@ write_results() {
       [[ -f $work/rows.$p ]] && cat "$work/rows.$p"
     done
     printf '\nThis call: phase %s, %d s so far of its %d s budget.\n\n' "$current_phase" "$SECONDS" "$phase_seconds"
+    [[ -f $work/kernels.txt ]] && { printf '## Kernel conformance (kernels.json)\n\n```\n'; cat "$work/kernels.txt"; printf '```\n\n'; }
     [[ -f $work/bench/results/bench.md ]] && { printf '## Benchmark (bench.md)\n\n'; cat "$work/bench/results/bench.md"; printf '\n'; }
     find "$work/tails" -type f | sort | xargs -r cat
   } > "$summary.tmp"
   mv "$summary.tmp" "$summary"
   if [[ -f $work/env.txt ]]; then cp "$work/env.txt" "$results/"; fi
+  if [[ -f $work/kernels.json ]]; then cp "$work/kernels.json" "$results/"; fi
   for f in bench.json bench.md top_ops.txt; do
     if [[ -f $work/bench/results/$f ]]; then cp "$work/bench/results/$f" "$results/"; fi
   done
@@ -279,6 +283,7 @@ phase_build_and_test() {
   step "precompiled header" 120 "$log" ninja pch || return 0
   step "build moeforge" 300 "$log" ninja moeforge || return 0
   step "dependencies from the prefix, moeforge version" 30 "$log" prefix-check || return 0
+  step "moeforge check kernels" 60 "$log" check-kernels || true
   local tests=() t
   for t in moeforge_gpu_tests moeforge_nccl_tests; do
     if have_target "$t"; then tests+=("$t"); fi
@@ -398,6 +403,19 @@ run_step() {
       use_prefix "$prefix"
       check_from_prefix "$build" "$prefix"
       "$build/moeforge" version ;;
+    check-kernels)
+      use_prefix "$prefix"
+      # Every fused kernel of the device against its reference at the conformance shapes
+      # (docs/kernels.md): the JSON becomes kernels.json, the table goes into summary.md. Exit 1
+      # names the kernels that disagree; the table is made even then.
+      local device=cpu rc=0
+      [[ $MOEFORGE_CHECK_CUDA == ON ]] && device=cuda
+      rm -f "$work/kernels.json" "$work/kernels.txt"
+      "$build/moeforge" check kernels --device "$device" --dtype all --json > "$work/kernels.json.tmp" || rc=$?
+      mv "$work/kernels.json.tmp" "$work/kernels.json"
+      "$build/moeforge" check kernels --device "$device" --dtype all > "$work/kernels.txt" 2>&1 || rc=$?
+      cat "$work/kernels.txt"
+      return "$rc" ;;
     gpu-tests)
       use_prefix "$prefix"
       cd "$build" && ctest -L gpu --output-on-failure --timeout 200 ;;
@@ -458,7 +476,8 @@ C
 
 rehearse() {
   local dir=${MOEFORGE_REHEARSE_DIR:-/tmp/moeforge-rehearse}
-  rm -rf "$dir"/{prefix,build,logs,tails,bench,results,mpi-hello} "$dir"/rows.* "$dir/source-mtimes.json" "$dir/env.txt"
+  rm -rf "$dir"/{prefix,build,logs,tails,bench,results,mpi-hello} "$dir"/rows.* "$dir/source-mtimes.json" "$dir/env.txt" \
+    "$dir"/kernels.*
   setup_work "$dir" OFF "$root/.venv"
   load_work
   if [[ ${1:-} == --configure-only ]]; then
@@ -502,7 +521,7 @@ case ${1:-} in
     load_work
     run_phase "$2" "$3" ;;
   --step) shift; run_step "$@" ;;
-  ""|-h|--help) sed -n '2,38p' "$self"; exit 2 ;;
+  ""|-h|--help) sed -n '2,39p' "$self"; exit 2 ;;
   -*) die "unknown option $1 (see --help)" ;;
   *)
     # Both phases in one call: MOEFORGE_CHECK_SECONDS for the whole, shared 360 : 210.

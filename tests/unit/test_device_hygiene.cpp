@@ -38,7 +38,7 @@ const std::vector<std::string> kTrainingPath = {
 // What runs once at start-up on the training device: its tensors meet device tensors as the
 // step's do (the self-check once subtracted a host reference from a device result), but its
 // device reads are start-up reads, not step syncs, so only the factory rule applies.
-const std::vector<std::string> kStartupDevicePath = {"core/kernels/self_check.cpp"};
+const std::vector<std::string> kStartupDevicePath = {"core/kernels/self_check.cpp", "core/kernels/kernel_checks.cpp"};
 
 std::string slurp(const fs::path& p) {
   std::ifstream in(p);
