@@ -16,7 +16,9 @@ hosts_mpi_env
 grep "^$h1 " "$work/hostfile" > "$work/hostfile.one"
 
 # Pipeline stages: per-layer load balancing and 4 layers (tests/unit/train_fixture.h kPipelineModel).
-model=(--set model.num_layers=4 --set model.moe_router_load_balancing_type=aux_loss --set training.eval_iters=0)
+# The schedule must not depend on train_iters: the saving run stops at 2, the others at 3.
+model=(--set model.num_layers=4 --set model.moe_router_load_balancing_type=aux_loss --set training.eval_iters=0
+       --set training.lr_decay_iters=30)
 pp2=(--set parallel.pipeline_model_parallel_size=2 --set parallel.expert_model_parallel_size=2
      --set parallel.use_distributed_optimizer=true)
 
@@ -44,8 +46,6 @@ hosts fewer "$work/hostfile.one" --set parallel.use_distributed_optimizer=true -
   --load "$work/saved.ckpt"
 grep -q "resharded $ckpt on load from PP 2 x EP 2, layers per stage \[2, 2\] to PP 1 x EP 1, layers per stage \[4\]" \
   "$work/fewer.log" || fail "the resumed run did not say it resharded the checkpoint" "$work/fewer.log"
-grep -q "sharded as another layout, resharded $ckpt on load" "$work/fewer.log" ||
-  fail "run_multi_node.sh's dry run did not say the checkpoint is resharded" "$work/fewer.log"
 
 python3 "$here/check_run.py" "$root" "$work/single" "$work/fewer" --from-iteration 3 --layers 4 --pp 1 --dp 2 --ep 1 \
   --hostnames "$h1,$h1" || fail "the resumed run against the single process" "$work/fewer.log"
