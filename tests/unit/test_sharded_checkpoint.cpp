@@ -115,6 +115,13 @@ TEST_CASE("sharded checkpoints resume on their layout and, after moeforge conver
                         Contains("to PP 1 x EP 1, layers per stage [4]"));
   }
   {
+    INFO("the dry run says the checkpoint will be resharded");
+    const auto dry = run_command(kBin + " train " + r.config + kCommon + " --dry-run --load " + it2.string());
+    INFO(dry.output);
+    CHECK(dry.exit_code == 0);
+    CHECK_THAT(dry.output, Contains("sharded as another layout, resharded " + it2.string() + " on load"));
+  }
+  {
     INFO("a tensor-parallel run cannot read shards: the dry run names the conversion to whole");
     const auto tp = run_command(kBin + " train " + r.config + kCommon + " --dry-run --world-size 2 --set "
                                 "parallel.tensor_model_parallel_size=2 --load " + it2.string());
