@@ -10,9 +10,7 @@
 #include "launch/train/sharded_checkpoint.h"
 #include "launch/train/checkpoint.h"
 #include "moe/hf_checkpoint.h"
-#include "moe/moe_layer.h"
 #include "parallel/parallelize.h"
-#include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -77,16 +75,6 @@ void check_optimizer_names(const CheckpointContents& c, const std::string& sourc
   }
 }
 
-// The partition of a config's model under its own PP x EP (DP is free: the smallest world that
-// holds them, or parallel.world_size), from a model built on the meta device.
-ModelPartition partition_of(const ExperimentConfig& c) {
-  const int64_t world = c.parallel.world_size.value_or(c.parallel.pipeline_model_parallel_size *
-                                                       c.parallel.expert_model_parallel_size);
-  const ParallelLayout layout = ParallelLayout::create(c, world);
-  auto model = moe::build_model(c.model);
-  return ModelPartition(*model, layout);
-}
-
 int64_t elements(const NamedTensors& tensors) {
   int64_t n = 0;
   for (const auto& [name, t] : tensors) n += t.numel();
@@ -149,7 +137,7 @@ int run_convert(const ConvertOptions& o) {
 
   const bool from_sharded = is_sharded_checkpoint(src);
   spdlog::info("reading {} ({})", src, from_sharded ? "sharded, " + read_shard_layout(src).describe() : "whole");
-  CheckpointContents contents = from_sharded ? read_all_shards(src, partition_of(load_config(config_file).config))
+  CheckpointContents contents = from_sharded ? read_all_shards(src)
                                              : read_whole(src, c.model, saved.bf16);
   contents.optimizer_steps = saved.optimizer_steps;
   check_optimizer_names(contents, src);
@@ -169,7 +157,7 @@ int run_convert(const ConvertOptions& o) {
   } else {
     c.checkpoint.format = CheckpointFormat::sharded;
     // The shards depend on PP (and the uneven first/last stage sizes) and EP only; DP is free.
-    const ModelPartition target = partition_of(c);
+    const ModelPartition target = shard_partition(c);
     write_all_shards(tmp, target, contents);
     to = "sharded, " + ShardLayout::of(target.layout()).describe();
   }

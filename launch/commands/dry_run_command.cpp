@@ -129,7 +129,8 @@ int run_train_dry_run(const LoadedConfig& loaded, std::optional<int64_t> world_s
     if (!is_sharded_checkpoint(start.checkpoint->dir)) {
       return start.checkpoint->dir + from + ": whole training checkpoint, resumable on any layout";
     }
-    return start.checkpoint->dir + from + ": sharded as this layout, resumable";
+    const auto reshard = describe_reshard(start.checkpoint->dir, layout);
+    return start.checkpoint->dir + from + (reshard ? ": sharded as another layout, " + *reshard : ": sharded as this layout, resumable");
   });
   check("training.trainable / frozen", [&] {
     check_trainable(c);

@@ -14,6 +14,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <set>
@@ -129,13 +130,32 @@ json run_environment(const ExperimentConfig& c, const std::vector<std::string>& 
     std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     std::replace(raw.begin(), raw.end(), '\0', ' ');
     while (!raw.empty() && raw.back() == ' ') raw.pop_back();
-    if (!raw.empty()) j["launcher"] = raw;
+    if (!raw.empty()) {
+      const char* uri = std::getenv("OMPI_MCA_orte_hnp_uri");
+      const std::string launcher = describe_launcher(raw, uri ? uri : "");
+      j["launcher"] = launcher;
+      if (launcher != raw) j["launcher_daemon"] = raw;  // what the parent really is
+    }
   }
   const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   char stamp[32];
   std::strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
   j["started_at"] = stamp;
   return j;
+}
+
+std::string describe_launcher(const std::string& parent_command, const std::string& hnp_uri) {
+  const std::string program = parent_command.substr(0, parent_command.find(' '));
+  const std::string name = program.substr(program.rfind('/') == std::string::npos ? 0 : program.rfind('/') + 1);
+  if (name != "orted" && name != "prted" && name != "prte") return parent_command;
+  std::string where;
+  if (const auto at = hnp_uri.find("tcp://"); at != std::string::npos) {
+    const std::string address = hnp_uri.substr(at + 6);
+    const auto port = address.rfind(':');
+    const auto end = address.find_first_of(",;");
+    where = " on " + address.substr(0, std::min(port, end));
+  }
+  return fmt::format("mpirun{} (remote daemon {})", where, name);
 }
 
 bool chip_matches(std::string_view configured, std::string_view detected) {

@@ -347,7 +347,7 @@ void check_datasets_match(const std::string& dir, const std::vector<data::Datase
 }
 
 void check_checkpoint_fits(const CheckpointToLoad& checkpoint, const ExperimentConfig& c, const ParallelLayout& layout) {
-  if (is_sharded_checkpoint(checkpoint.dir)) check_shard_layout(checkpoint.dir, ShardLayout::of(layout));
+  if (is_sharded_checkpoint(checkpoint.dir)) check_shards_loadable(checkpoint.dir, layout);
   check_model_matches(checkpoint.dir, c.model);
   if (checkpoint.resume) check_precision_matches(checkpoint.dir, c.training.bf16);
 }

@@ -16,6 +16,7 @@
 #include "launch/train/restore.h"
 #include "launch/train/run_environment.h"
 #include "launch/train/save.h"
+#include "launch/train/sharded_checkpoint.h"
 #include "moe/model_loss.h"
 #include "moe/moe_layer.h"
 #include "moe/upcycle.h"
@@ -200,6 +201,9 @@ void Trainer::setup_model() {
   const auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
   if (start_.checkpoint) {
     model::materialize(*model_, fp32);
+    if (is_sharded_checkpoint(start_.checkpoint->dir) && is_rank0()) {
+      if (const auto reshard = describe_reshard(start_.checkpoint->dir, layout_)) spdlog::info("{}", *reshard);
+    }
     load_model_weights(start_.checkpoint->dir, *model_, *shard_);
   } else {
     init_shard(*model_, *shard_, fp32, static_cast<uint64_t>(c_.training.seed));

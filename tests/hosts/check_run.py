@@ -2,7 +2,11 @@
 """A run across test hosts against the single-process run of the same config (test_multi_node.sh).
 
     check_run.py SOURCE_DIR SINGLE_RUN_DIR HOSTS_RUN_DIR --layers L --pp P --dp D --ep E
-                 --hostnames h1,h2,h1,h2 [--bitwise ONE_MACHINE_RUN_DIR]
+                 --hostnames h1,h2,h1,h2 [--bitwise ONE_MACHINE_RUN_DIR] [--from-iteration K]
+
+--from-iteration K: HOSTS_RUN_DIR is a run resumed at iteration K (test_resume_fewer_nodes.sh): its
+iterations K..3 against the same iterations of SINGLE_RUN_DIR (which may also start later).
+The nodes and devices per node are read from --hostnames.
 
 metrics.jsonl without the timing keys (kTimingMetricKeys of launch/train/metrics.h, read from the
 source) equals the single process's: the losses and the gradient norm within relative 1e-5 (the
@@ -65,10 +69,14 @@ def main():
     p.add_argument("--ep", type=int, required=True)
     p.add_argument("--hostnames", required=True)
     p.add_argument("--bitwise")
+    p.add_argument("--from-iteration", type=int, default=1)
     a = p.parse_args()
     timing = timing_keys(a.source_dir)
     single, hosts = metrics(a.single, timing), metrics(a.hosts, timing)
-    check(len(single) == 3 and len(hosts) == 3, f"3 iterations each: {len(single)} single, {len(hosts)} across hosts")
+    single = [m for m in single if m.get("iteration", 0) >= a.from_iteration]
+    n = 4 - a.from_iteration
+    check(len(single) == n and len(hosts) == n and all(x.get("iteration") == y.get("iteration") for x, y in zip(single, hosts)),
+          f"iterations {a.from_iteration}-3 each: {len(single)} in {a.single}, {len(hosts)} across hosts")
     worst = {}
     for one, many in zip(single, hosts):
         it = one.get("iteration")
@@ -98,8 +106,10 @@ def main():
 
     env = json.loads((Path(a.hosts) / "environment.json").read_text())
     expected = a.hostnames.split(",")
+    nodes = len(set(expected))
     check(env.get("hostnames") == expected, f"environment.json hostnames {env.get('hostnames')} != {expected}")
-    check(env.get("nodes") == 2 and env.get("devices_per_node") == 2 and env.get("world_size") == 4,
+    check(env.get("nodes") == nodes and env.get("devices_per_node") == len(expected) // nodes
+          and env.get("world_size") == len(expected),
           f"environment.json: {env.get('nodes')} nodes x {env.get('devices_per_node')} devices, world {env.get('world_size')}")
 
     if a.bitwise:
@@ -112,7 +122,7 @@ def main():
     if failures:
         print(f"FAIL {name}:\n  " + "\n  ".join(failures))
         return 1
-    print(f"ok {name}: 3 iterations equal the single process (largest relative difference "
+    print(f"ok {name}: iterations {a.from_iteration}-3 equal {Path(a.single).name}'s (largest relative difference "
           + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())) + f"); ranks on {expected}"
           + ("; bit for bit as on one machine" if a.bitwise else ""))
     return 0

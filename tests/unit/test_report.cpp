@@ -2,6 +2,7 @@
 // FlagPerf's threshold, Megatron-LM log lines as the reference, and report.html opened in a real
 // headless browser (chromium).
 #include "launch/commands/report_plots.h"
+#include "launch/train/run_environment.h"
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>
@@ -309,4 +310,17 @@ TEST_CASE("report: the row names the device that ran and an MFU that cannot be o
   CHECK(high["mfu"]["six_n"].is_number());
   CHECK(high["mfu"]["reference"].is_null());
   CHECK_THAT(high["mfu_invalid"]["reference"].get<std::string>(), Contains("times this model's own N"));
+}
+
+TEST_CASE("environment.json's launcher: Open MPI's remote daemon is recorded as mpirun on its node", "[report]") {
+  // Open MPI 4 starts a rank on a node other than mpirun's under orted (prted under PRRTE); its
+  // contact URI for mpirun is "JOB;tcp://ADDRESSES:PORT".
+  const std::string orted = "/usr/bin/orted -mca ess env -mca ess_base_jobid 123 -mca orte_hnp_uri 123.0;tcp://10.231.0.1:4242";
+  CHECK(describe_launcher(orted, "123.0;tcp://10.231.0.1,172.17.0.1:4242") == "mpirun on 10.231.0.1 (remote daemon orted)");
+  CHECK(describe_launcher("prted --prtemca ess env", "") == "mpirun (remote daemon prted)");
+  // mpirun's own children, and srun's, are recorded as they are.
+  const std::string mpirun = "mpirun --oversubscribe -np 4 build/moeforge train x.yaml";
+  CHECK(describe_launcher(mpirun, "123.0;tcp://10.0.0.1:1") == mpirun);
+  CHECK(describe_launcher("/usr/bin/srun -n 4 moeforge train x.yaml", "") == "/usr/bin/srun -n 4 moeforge train x.yaml");
+  CHECK(describe_launcher("/opt/ortedx", "") == "/opt/ortedx");
 }

@@ -1,7 +1,7 @@
 // Sharded checkpoints (checkpoint.format: sharded) and `moeforge convert`: a PP=2 x DP=2 (EP=2,
 // ZeRO-1) run writes one shard per stage and EP rank; it resumes on the same layout, and after
-// conversion on another layout or on one process, each time continuing exactly as the
-// uninterrupted single-process run; the conversion to a whole checkpoint gives bit for bit the
+// conversion on another layout, or resharded on load on fewer ranks, each time continuing exactly
+// as the uninterrupted run; the conversion to a whole checkpoint gives bit for bit the
 // checkpoint the same run saves whole; a damaged shard is refused. Also `train --dry-run`.
 #include "core/files/safetensors.h"
 #include "test_util.h"
@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <fstream>
 
 using namespace moeforge;
 using namespace moeforge::test;
@@ -107,10 +108,27 @@ TEST_CASE("sharded checkpoints resume on their layout and, after moeforge conver
     CHECK_THAT(f.output, Contains("moeforge convert"));
   }
   {
-    INFO("another layout is refused, naming the conversion");
+    INFO("one process reshards it on load, saying so, and continues as the uninterrupted run");
     std::string out;
-    r.train(kBin, "sharded", 3, "", 1, &out);
-    CHECK_THAT(out, Contains("PP 2 x EP 2") && Contains("moeforge convert"));
+    check_continues(r.train(kBin, "resharded_single", 3, " --load " + it2.string(), 0, &out), whole);
+    CHECK_THAT(out, Contains("resharded " + it2.string() + " on load from PP 2 x EP 2") &&
+                        Contains("to PP 1 x EP 1, layers per stage [4]"));
+  }
+  {
+    INFO("the dry run says the checkpoint will be resharded");
+    const auto dry = run_command(kBin + " train " + r.config + kCommon + " --dry-run --load " + it2.string());
+    INFO(dry.output);
+    CHECK(dry.exit_code == 0);
+    CHECK_THAT(dry.output, Contains("sharded as another layout, resharded " + it2.string() + " on load"));
+  }
+  {
+    INFO("a tensor-parallel run cannot read shards: the dry run names the conversion to whole");
+    const auto tp = run_command(kBin + " train " + r.config + kCommon + " --dry-run --world-size 2 --set "
+                                "parallel.tensor_model_parallel_size=2 --load " + it2.string());
+    INFO(tp.output);
+    CHECK(tp.exit_code == 1);
+    CHECK_THAT(tp.output, Contains("tensor-parallel") && Contains("moeforge convert " + it2.string()) &&
+                              Contains("--format whole"));
   }
   {
     INFO("converted to whole: bit for bit the whole checkpoint of the same run; one process resumes it");
@@ -172,6 +190,50 @@ TEST_CASE("sharded checkpoints resume on their layout and, after moeforge conver
                              Contains("layers.3.mlp.unexpected") && Contains("Nothing was converted"));
     CHECK_FALSE(fs::exists(r.path("damaged/latest_checkpointed_iteration.txt")));
   }
+}
+
+TEST_CASE("a sharded checkpoint of PP 2 x DP 2 x EP 2 resumes on 2 ranks at DP 2 x EP 1 as on its own layout",
+          "[train][distributed][mpi]") {
+  // Issue 37's resume on fewer nodes: saved at (PP 2, TP 1, DP 2, EP 2) on 4 ranks, resumed by
+  // --load at (1, 1, 2, 1) on 2, both with ZeRO-1. The reference is the same checkpoint continued
+  // on its own layout: losses per iteration, then the weights and the Adam state both save (whole).
+  Runner r;
+  const std::string mpi4 = kMpirun + " -np 4 " + kBin, mpi2 = kMpirun + " -np 2 " + kBin;
+  r.train(mpi4, "saved", 2, kPP2EP2 + " --set checkpoint.format=sharded");
+  const std::string load = " --load " + r.path("saved").string();
+  const auto same = r.train(mpi4, "same", 4, kPP2EP2 + load);
+  std::string out;
+  const auto fewer = r.train(mpi2, "fewer", 4, " --set parallel.use_distributed_optimizer=true" + load, 0, &out);
+  CHECK_THAT(out, Contains("on load from PP 2 x EP 2, layers per stage [2, 2] to PP 1 x EP 1, layers per stage [4]"));
+  REQUIRE(same.size() == 2);
+  REQUIRE(fewer.size() == 2);
+  for (size_t i = 0; i < 2; ++i) {
+    CHECK(fewer[i]["iteration"] == same[i]["iteration"]);
+    for (const char* key : {"lm_loss", "grad_norm"}) {
+      INFO(key << " at iteration " << same[i]["iteration"] << ": " << fewer[i][key] << " vs " << same[i][key]);
+      CHECK(relative(fewer[i][key].get<double>(), same[i][key].get<double>()) < 1e-5);
+    }
+  }
+  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+    const SafetensorsFile a(r.path("fewer/iter_0000004").string() + "/" + file),
+        b(r.path("same/iter_0000004").string() + "/" + file);
+    CHECK(a.names().size() == b.names().size());
+    for (const auto& name : b.names()) {
+      if (name == "rng.cpu") continue;
+      INFO(file << ": " << name);
+      REQUIRE(a.contains(name));
+      const auto x = a.tensor(name, torch::kFloat64), y = b.tensor(name, torch::kFloat64);
+      REQUIRE(x.sizes() == y.sizes());
+      // Two layouts sum gradients in different orders: equal to rounding, relative to the tensor's scale.
+      const double scale = std::max(y.abs().max().item<double>(), 1e-12);
+      CHECK((x - y).abs().max().item<double>() / scale < 1e-4);
+    }
+  }
+  const auto state = [&](const char* run) {
+    return nlohmann::json::parse(std::ifstream(r.path(run) / "iter_0000004" / "trainer_state.json"));
+  };
+  CHECK(state("fewer")["optimizer_steps"] == state("same")["optimizer_steps"]);
+  CHECK(state("fewer")["consumed_train_samples"] == state("same")["consumed_train_samples"]);
 }
 
 TEST_CASE("moeforge convert refuses what it cannot convert", "[train][checkpoint]") {
