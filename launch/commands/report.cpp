@@ -92,11 +92,12 @@ json invalid_mfus(const json& mfu, const ExperimentConfig& c, double tflops_6n, 
   return invalid;
 }
 
-// The conventions the trainer does not log per iteration (Megatron legacy, torchtitan, the HFU):
-// each one's FLOPs per step from the config over the steady median step time, the devices and the
-// peak; the median of a function falling in step time is that function of the median. Adds
-// result.mfu.<key>, result.tflops_per_chip.<key>, result.flops_per_step and result.mfu_formulas.
-void add_mfu_conventions(json& result, const ExperimentConfig& c, double step_time_s, double devices, double peak_tflops) {
+// The conventions the trainer does not log per iteration (Megatron legacy, torchtitan, the HFU).
+// Each iteration's value is Megatron's times the ratio of the two FLOP counts (same step time,
+// devices and peak), so the steady median is Megatron's median times that ratio, exactly (a median
+// commutes with scaling). Adds result.mfu.<key>, result.tflops_per_chip.<key>,
+// result.flops_per_step and result.mfu_formulas.
+void add_mfu_conventions(json& result, const ExperimentConfig& c, double megatron_mfu, double megatron_tflops) {
   const auto& t = c.training;
   const FlopsPerStep f = model_flops_per_step(c.model, t.global_batch_size, t.seq_length);
   const json per_step = {{"megatron", f.megatron},
@@ -104,11 +105,10 @@ void add_mfu_conventions(json& result, const ExperimentConfig& c, double step_ti
                          {"six_n", f.six_n},
                          {"torchtitan", f.torchtitan},
                          {"hardware", hardware_flops_per_step(c.model, t.global_batch_size, t.seq_length, t.recompute_granularity)}};
-  const bool timed = std::isfinite(step_time_s) && step_time_s > 0 && devices > 0;
   for (const char* key : {"megatron_legacy", "torchtitan", "hardware"}) {
-    const double tflops = timed ? per_step[key].get<double>() / step_time_s / devices / 1e12 : NAN;
-    result["tflops_per_chip"][key] = std::isfinite(tflops) ? json(tflops) : json(nullptr);
-    result["mfu"][key] = std::isfinite(tflops) && peak_tflops > 0 ? json(tflops / peak_tflops) : json(nullptr);
+    const double ratio = per_step[key].get<double>() / static_cast<double>(f.megatron);
+    result["tflops_per_chip"][key] = std::isfinite(megatron_tflops) ? json(megatron_tflops * ratio) : json(nullptr);
+    result["mfu"][key] = std::isfinite(megatron_mfu) ? json(megatron_mfu * ratio) : json(nullptr);
   }
   result["flops_per_step"] = per_step;
   json formulas = json::object();
@@ -380,7 +380,7 @@ json build_report(const ReportOptions& o) {
                                  : json(nullptr);
   json mfu = {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}, {"reference", reference_mfu}};
   json conventions = {{"mfu", json::object()}, {"tflops_per_chip", json::object()}};
-  add_mfu_conventions(conventions, c, median(metric::kStepTime), static_cast<double>(world), peak_tflops);
+  add_mfu_conventions(conventions, c, median(metric::kMfu), median(metric::kTflops));
   mfu.update(conventions["mfu"]);
   json tflops_per_chip = {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}};
   tflops_per_chip.update(conventions["tflops_per_chip"]);
