@@ -33,7 +33,7 @@ std::string frame(const std::string& title, const std::string& ylabel, const Axi
   std::string s = fmt::format(R"(<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" viewBox="0 0 {} {}" role="img">)"
                               R"(<title>{}</title><text x="{}" y="18" class="t">{}</text>)",
                               W + extra_width, H, W + extra_width, H, html_escape(title), L, html_escape(title));
-  if (o.warmup_before > x.lo) {
+  if (o.warmup_before > 0 && o.warmup_before > x.lo) {  // 0: no warm-up (the per-rank view has no iterations)
     const double right = px_x(x, std::min(o.warmup_before - 0.5, x.hi));
     s += fmt::format(R"(<rect x="{}" y="{}" width="{:.1f}" height="{}" class="warm"/><text x="{}" y="{}" class="wl">warm-up</text>)",
                      L, T, std::max(right - L, 0.0), H - T - B, L + 4, T + 12);
@@ -66,6 +66,14 @@ Axis x_axis(const std::vector<double>& x) {
     if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
   }
   return nice_axis(lo, hi, 6, /*integer=*/true, /*nonnegative=*/lo >= 0);
+}
+
+// Half a column more on each side: bars and cells centred on the first and last iterations stay
+// inside the frame instead of running under the legend.
+Axis padded(Axis a) {
+  a.lo -= 0.5;
+  a.hi += 0.5;
+  return a;
 }
 
 }  // namespace
@@ -148,9 +156,9 @@ std::string stacked_bars(const std::string& title, const std::string& ylabel, co
     for (const auto& p : parts) sum += std::isfinite(p.y[i]) ? p.y[i] : 0;
     top = std::max(top, sum);
   }
-  const Axis x = x_axis(x_values), y = nice_axis(0, top > 0 ? top : 1, 5, false, true);
+  const Axis x = padded(x_axis(x_values)), y = nice_axis(0, top > 0 ? top : 1, 5, false, true);
   std::string s = frame(title, ylabel, x, y, o, true, legend_overflow(parts));
-  const double width = std::max((W - L - R) / (x.hi - x.lo + 1) * 0.8, 0.5);
+  const double width = std::max((W - L - R) / (x.hi - x.lo) * 0.8, 0.5);
   for (size_t i = 0; i < x_values.size(); ++i) {
     double base = 0;
     for (const auto& p : parts) {
@@ -180,13 +188,13 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
       if (std::isfinite(v)) high = std::max(high, v);
     }
   }
-  const Axis x = x_axis(x_values);
+  const Axis x = padded(x_axis(x_values));
   Axis y;  // one band per row, labelled by row index
   y.lo = -0.5, y.hi = static_cast<double>(rows.size()) - 0.5;
   const int64_t every = std::max<int64_t>(1, static_cast<int64_t>(rows.size()) / 8);
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); r += every) y.ticks.push_back(static_cast<double>(r));
   std::string s = frame(title, row_label, x, y, o, /*ygrid=*/false);
-  const double cell_w = std::max((W - L - R) / (x.hi - x.lo + 1), 0.5), cell_h = (H - T - B) / static_cast<double>(rows.size());
+  const double cell_w = std::max((W - L - R) / (x.hi - x.lo), 0.5), cell_h = (H - T - B) / static_cast<double>(rows.size());
   for (size_t r = 0; r < rows.size(); ++r) {
     for (size_t c = 0; c < std::min(rows[r].size(), x_values.size()); ++c) {
       if (!std::isfinite(rows[r][c])) continue;
