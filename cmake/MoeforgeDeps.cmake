@@ -12,6 +12,8 @@ find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(nlohmann_json 3 REQUIRED)
 find_package(Threads REQUIRED)
+# OpenSSL's libcrypto (libssl-dev): the SHA-256 of a run's resolved config in its fingerprint.
+find_package(OpenSSL REQUIRED COMPONENTS Crypto)
 # PCRE2 (8-bit) and utf8proc: the tokenizer's pre-tokenizer regexes and NFC normalization.
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)

@@ -26,7 +26,7 @@ apt_packages=(
   python3 python3-venv
   libopenmpi-dev openmpi-bin
   libyaml-cpp-dev libspdlog-dev libfmt-dev catch2 libcli11-dev nlohmann-json3-dev libpcre2-dev
-  libutf8proc-dev
+  libutf8proc-dev libssl-dev
   libprotobuf-dev protobuf-compiler libboost-dev
 )
 # Only the tests need these: libFuzzer, a real headless browser for report.html, and `ip` for the

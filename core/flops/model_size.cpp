@@ -65,6 +65,7 @@ ParameterCounts count_parameters(const ModelConfig& m) {
   c.activated = activated.v;
   c.flagperf_compute_n = compute_n.v;
   c.activated_non_embedding = c.activated - c.embedding - c.output_layer;
+  c.torchtitan_n = c.activated - c.embedding;
   return c;
 }
 
@@ -91,8 +92,29 @@ FlopsPerStep model_flops_per_step(const ModelConfig& m, int64_t batch, int64_t s
   FlopsPerStep f;
   f.megatron = (6 * T * matmul_macs_per_token + attention_causal).v;
   f.megatron_legacy = (6 * T * matmul_macs_per_token + 2 * attention_causal).v;
-  f.six_n = (6 * T * count_parameters(m).flagperf_compute_n).v;
+  const ParameterCounts counts = count_parameters(m);
+  f.six_n = (6 * T * counts.flagperf_compute_n).v;
+  // heads x head_dim is the query projection's width (torchtitan's dim when head_dim = dim / heads).
+  f.torchtitan = (T * (6 * N(counts.torchtitan_n) + 12 * L * q * s)).v;
   return f;
+}
+
+int64_t hardware_flops_per_step(const ModelConfig& m, int64_t batch, int64_t s, RecomputeGranularity recompute) {
+  const N model = model_flops_per_step(m, batch, s).megatron;
+  switch (recompute) {
+    case RecomputeGranularity::none:
+      return model.v;
+    case RecomputeGranularity::full: {
+      // Every decoder layer's forward again (gpt_model.cpp checkpoints the layers, not the output
+      // layer): forward is 2 of the 6 FLOPs per MAC of forward + backward, attention included.
+      const N head = 6 * N(batch) * s * m.hidden_size * m.padded_vocab_size();
+      return (model + (model - head).v / 3).v;
+    }
+    case RecomputeGranularity::selective:
+      // QK^T and PV forward: 2 matmuls x 2 FLOPs x s^2 x q per sequence per layer, causal half.
+      return (model + 2 * N(batch) * s * s * m.query_projection_size() * m.num_layers).v;
+  }
+  return model.v;
 }
 
 }  // namespace moeforge

@@ -2,6 +2,8 @@
 
 #include "core/config/config_loader.h"
 #include "core/files/durable_file.h"
+#include "core/flops/conventions.h"
+#include "core/flops/model_size.h"
 #include "core/base/errors.h"
 #include "core/files/file_names.h"
 #include "launch/train/metrics.h"
@@ -10,6 +12,7 @@
 #include "parallel/layout/layout.h"
 
 #include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -87,6 +90,97 @@ json invalid_mfus(const json& mfu, const ExperimentConfig& c, double tflops_6n, 
     }
   }
   return invalid;
+}
+
+// The conventions the trainer does not log per iteration (Megatron legacy, torchtitan, the HFU).
+// Each iteration's value is Megatron's times the ratio of the two FLOP counts (same step time,
+// devices and peak), so the steady median is Megatron's median times that ratio, exactly (a median
+// commutes with scaling). Adds result.mfu.<key>, result.tflops_per_chip.<key>,
+// result.flops_per_step and result.mfu_formulas.
+void add_mfu_conventions(json& result, const ExperimentConfig& c, double megatron_mfu, double megatron_tflops) {
+  const auto& t = c.training;
+  const FlopsPerStep f = model_flops_per_step(c.model, t.global_batch_size, t.seq_length);
+  const json per_step = {{"megatron", f.megatron},
+                         {"megatron_legacy", f.megatron_legacy},
+                         {"six_n", f.six_n},
+                         {"torchtitan", f.torchtitan},
+                         {"hardware", hardware_flops_per_step(c.model, t.global_batch_size, t.seq_length, t.recompute_granularity)}};
+  for (const char* key : {"megatron_legacy", "torchtitan", "hardware"}) {
+    const double ratio = per_step[key].get<double>() / static_cast<double>(f.megatron);
+    result["tflops_per_chip"][key] = std::isfinite(megatron_tflops) ? json(megatron_tflops * ratio) : json(nullptr);
+    result["mfu"][key] = std::isfinite(megatron_mfu) ? json(megatron_mfu * ratio) : json(nullptr);
+  }
+  result["flops_per_step"] = per_step;
+  json formulas = json::object();
+  for (const auto& m : mfu_conventions()) formulas[m.key] = m.formula;
+  result["mfu_formulas"] = formulas;
+}
+
+// The fingerprint fields a row needs (nodes, devices per node, driver; the peak's source from the
+// metrics), each as recorded or null, and the names of the null ones: a run from before a field
+// was recorded, or a fingerprint that lost it, gets "not recorded", never a guess.
+json recorded_row_fields(const json& env, const std::string& peak_source) {
+  json out = {{"not_recorded", json::array()}};
+  for (const char* key : {"nodes", "devices_per_node"}) {
+    const bool ok = env.contains(key) && env[key].is_number_integer() && env[key].get<int64_t>() > 0;
+    out[key] = ok ? env[key] : json(nullptr);
+  }
+  out["driver"] = env.contains("driver") && env["driver"].is_string() && !env["driver"].get<std::string>().empty()
+                      ? env["driver"]
+                      : json(nullptr);
+  out["peak_source"] = peak_source.empty() ? json(nullptr) : json(peak_source);
+  for (const char* key : {"nodes", "devices_per_node", "driver", "peak_source"}) {
+    if (out[key].is_null()) out["not_recorded"].push_back(key);
+  }
+  return out;
+}
+
+// Each rank's step-time breakdown over the steady state, from metrics' rank_times (several ranks
+// only): per key, the median of each rank's values. A pipeline stage that mostly waits, or the EP
+// rank the others wait for at the all-to-all, shows in its column. null on one process.
+json per_rank_breakdown(const std::vector<json>& metrics, int64_t warmup) {
+  static constexpr std::array<const char*, 6> kKeys{"compute_s", "pipeline_wait_s", "all_to_all_s", "grad_reduce_s", "optimizer_s", "step_s"};
+  std::map<std::string, std::vector<std::vector<double>>> values;  // key -> rank -> iterations
+  int64_t iterations = 0;
+  for (size_t i = static_cast<size_t>(warmup); i < metrics.size(); ++i) {
+    if (!metrics[i].contains(metric::kRankTimes)) continue;
+    const auto& rt = metrics[i][metric::kRankTimes];
+    ++iterations;
+    for (const char* key : kKeys) {
+      if (!rt.contains(key)) continue;
+      auto& per_rank = values[key];
+      per_rank.resize(std::max(per_rank.size(), rt[key].size()));
+      for (size_t r = 0; r < rt[key].size(); ++r) per_rank[r].push_back(rt[key][r].get<double>());
+    }
+  }
+  if (iterations == 0) return nullptr;
+  json out = {{"iterations", iterations}, {"statistic", "median over the steady state"}};
+  size_t ranks = 0;
+  for (const auto& [key, per_rank] : values) {
+    out[key] = json::array();
+    for (const auto& v : per_rank) out[key].push_back(steady_stats(v)["median"]);
+    ranks = std::max(ranks, per_rank.size());
+  }
+  out["ranks"] = ranks;
+  return out;
+}
+
+// Power and energy per step (steady medians) where rank 0's device had an energy counter; null
+// with energy_source "not recorded" otherwise (launch/train/energy.h).
+void add_energy(json& result, const std::vector<json>& metrics, int64_t warmup) {
+  std::vector<double> joules, watts;
+  std::string source;
+  for (size_t i = static_cast<size_t>(warmup); i < metrics.size(); ++i) {
+    const auto& m = metrics[i];
+    if (!m.contains(metric::kEnergyPerStep) || !m[metric::kEnergyPerStep].is_number()) continue;
+    joules.push_back(m[metric::kEnergyPerStep].get<double>());
+    watts.push_back(number(m, metric::kPower));
+    source = m.value(metric::kEnergySource, std::string());
+  }
+  const bool recorded = !joules.empty();
+  result["energy_per_step_j"] = recorded ? steady_stats(joules)["median"] : json(nullptr);
+  result["power_w"] = recorded ? steady_stats(watts)["median"] : json(nullptr);
+  result["energy_source"] = recorded ? source : std::string(kNotRecorded);
 }
 
 json routing_collapses(const std::vector<json>& metrics, const ExperimentConfig& c) {
@@ -255,12 +349,14 @@ json build_report(const ReportOptions& o) {
   ExperimentConfig as_run = c;
   as_run.parallel.world_size = world;
   const ParallelLayout layout = ParallelLayout::create(as_run, world);
-  const int64_t nodes = env.value("nodes", int64_t{1}), per_node = env.value("devices_per_node", world);
+  // What the row needs from the fingerprint: recorded, or null and named in result.not_recorded.
+  const json recorded = recorded_row_fields(env, last.value(metric::kPeakSource, std::string()));
+  const auto as_text = [](const json& v) { return v.is_null() ? std::string(kNotRecorded) : v.is_string() ? v.get<std::string>() : v.dump(); };
   // The device that ran (environment.json's first chip), never the config's hardware.chip: a config
   // written for an A800 and run on a CPU is a CPU row (report fingerprints from before kept the
   // config's chip under "chip"; their "chips" list names the device).
   const std::string chip = env.contains("chips") && !env["chips"].empty() ? env["chips"][0].value("name", std::string("unknown"))
-                                                                          : env.value("chip", std::string("unknown"));
+                                                                          : env.value("chip", std::string(kNotRecorded));
   // FlagPerf's "mem used / total": on GPUs rank 0's peak reserved device memory over the device's
   // total; on CPUs the peak resident set over the host's memory.
   const bool gpu_memory = last.contains(metric::kPeakMemoryReserved);
@@ -283,14 +379,22 @@ json build_report(const ReportOptions& o) {
                                         (peak_tflops * 1e12))
                                  : json(nullptr);
   json mfu = {{"megatron", median(metric::kMfu)}, {"six_n", median(metric::kMfu6N)}, {"reference", reference_mfu}};
+  json conventions = {{"mfu", json::object()}, {"tflops_per_chip", json::object()}};
+  add_mfu_conventions(conventions, c, median(metric::kMfu), median(metric::kTflops));
+  mfu.update(conventions["mfu"]);
+  json tflops_per_chip = {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}};
+  tflops_per_chip.update(conventions["tflops_per_chip"]);
   const json mfu_invalid = invalid_mfus(mfu, c, median(metric::kTflops6N), median(metric::kTokensPerSecond), peak_tflops,
                                         last.value(metric::kPeakSource, std::string()));
   for (const auto& [key, why] : mfu_invalid.items()) mfu[key] = nullptr;  // never shown as a result
   json result = {
-      {"config", fmt::format("{} {}x{}", chip, nodes, per_node)},
+      {"config", fmt::format("{} {}x{}", chip, as_text(recorded["nodes"]), as_text(recorded["devices_per_node"]))},
       {"chip", chip},
-      {"nodes", nodes},
-      {"devices_per_node", per_node},
+      {"nodes", recorded["nodes"]},
+      {"devices_per_node", recorded["devices_per_node"]},
+      {"driver", recorded["driver"]},
+      {"not_recorded", recorded["not_recorded"]},
+      {"incomplete", !recorded["not_recorded"].empty()},
       {"devices", world},
       {"precision", c.training.bf16 ? "bf16" : "fp32"},
       {"parallel", fmt::format("TP{}xPP{}xDP{}xEP{}", layout.tp(), layout.pp(), layout.dp(), layout.ep())},
@@ -314,15 +418,25 @@ json build_report(const ReportOptions& o) {
       {"peak_memory_total_bytes", memory_total},
       {"peak_memory_kind", gpu_memory ? "peak reserved GPU memory of rank 0 (CUDA caching allocator) / device total"
                                       : "peak resident host memory of rank 0 / host total"},
-      {"tflops_per_chip", {{"megatron", median(metric::kTflops)}, {"six_n", median(metric::kTflops6N)}}},
+      {"tflops_per_chip", tflops_per_chip},
       {"mfu", mfu},
       {"mfu_invalid", mfu_invalid},
       {"reference_compute_n", c.hardware.reference_compute_n ? json(*c.hardware.reference_compute_n) : json(nullptr)},
       {"moe_router_force_load_balancing", c.model.moe_router_force_load_balancing},
       {"peak_tflops", last.value(metric::kPeakTflops, 0.0)},
-      {"peak_source", last.value(metric::kPeakSource, std::string())},
+      {"peak_source", recorded["peak_source"]},
       {"step_time_s", median(metric::kStepTime)},
   };
+  if (chip == kNotRecorded) {
+    result["not_recorded"].insert(result["not_recorded"].begin(), "chip");
+    result["incomplete"] = true;
+  }
+  add_energy(result, metrics, warmup);
+  if (result["power_w"].is_null() && env.contains("energy_source") && env["energy_source"].is_string()) {
+    result["energy_source"] = env["energy_source"];  // why the run had no counter
+  }
+  result["flops_per_step"] = conventions["flops_per_step"];
+  result["mfu_formulas"] = conventions["mfu_formulas"];
   if (!c.hardware.chip.empty() && !chip_matches(c.hardware.chip, chip)) {
     result["chip_mismatch"] = {
         {"config_chip", c.hardware.chip},
@@ -347,7 +461,8 @@ json build_report(const ReportOptions& o) {
                  {"steady_state", steady_state},
                  {"environment", env},
                  {"series", series},
-                 {"routing_collapse", routing_collapses(metrics, c)}};
+                 {"routing_collapse", routing_collapses(metrics, c)},
+                 {"per_rank", per_rank_breakdown(metrics, warmup)}};
   if (!o.reference.empty()) {
     const LossCurve ref = read_reference(o.reference);
     std::map<int64_t, double> run_loss;
@@ -412,6 +527,54 @@ int run_report(const ReportOptions& o) {
   return 0;
 }
 
+namespace {
+
+// A resolved config.yaml as "section.key" -> value (its YAML text), for comparing two runs' configs.
+std::map<std::string, std::string> flat_config(const std::string& path) {
+  std::map<std::string, std::string> out;
+  if (!fs::exists(path)) return out;
+  const YAML::Node root = YAML::LoadFile(path);
+  for (const auto& section : root) {
+    const auto name = section.first.as<std::string>();
+    if (!section.second.IsMap()) {
+      out[name] = YAML::Dump(section.second);
+      continue;
+    }
+    for (const auto& key : section.second) out[name + "." + key.first.as<std::string>()] = YAML::Dump(key.second);
+  }
+  return out;
+}
+
+// Whether a key may differ between comparable rows: the hardware (what is compared), and where a
+// run writes and logs (logging.*, checkpoint.save/load: every run has its own directories).
+bool comparable_difference(const std::string& key) {
+  return key.rfind("hardware.", 0) == 0 || key.rfind("logging.", 0) == 0 || key == "checkpoint.save" || key == "checkpoint.load";
+}
+
+}  // namespace
+
+json config_differences(const std::vector<json>& reports) {
+  json out = json::array();
+  const auto base = flat_config(reports.front()["case"]["config"].get<std::string>());
+  for (const auto& rep : reports) {
+    const auto mine = flat_config(rep["case"]["config"].get<std::string>());
+    std::set<std::string> keys;
+    for (const auto* m : {&base, &mine}) {
+      for (const auto& [k, v] : *m) keys.insert(k);
+    }
+    json diffs = json::array();
+    for (const auto& k : keys) {
+      if (comparable_difference(k)) continue;
+      const auto a = base.find(k), b = mine.find(k);
+      const std::string va = a == base.end() ? std::string(kNotRecorded) : a->second;
+      const std::string vb = b == mine.end() ? std::string(kNotRecorded) : b->second;
+      if (va != vb) diffs.push_back({{"key", k}, {"baseline", va}, {"run", vb}});
+    }
+    out.push_back(diffs);
+  }
+  return out;
+}
+
 json build_comparison(const std::vector<json>& reports) {
   json rows = json::array();
   const auto& base = reports.front()["result"];
@@ -438,6 +601,9 @@ json build_comparison(const std::vector<json>& reports) {
                                  : json(nullptr);
     rows.push_back(row);
   }
+  // Rows whose configs differ from the baseline's in more than the hardware are not like for like.
+  const json differences = config_differences(reports);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i]["config_differences"] = differences[i];
   return {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
 }
 

@@ -27,6 +27,9 @@ namespace moeforge {
 inline constexpr std::array<const char*, 6> kSteadyStateKeys{metric::kStepTime, metric::kTokensPerSecond, metric::kTflops,
                                                              metric::kTflops6N,  metric::kMfu,            metric::kMfu6N};
 
+// What a report shows for a field the run's fingerprint lacks (never a guessed value).
+inline constexpr const char* kNotRecorded = "not recorded";
+
 struct ReportOptions {
   std::string run_dir;
   std::string reference;           // metrics.jsonl, a run directory, or a Megatron-LM log; empty = none
@@ -67,6 +70,11 @@ int run_report(const ReportOptions& options);
 // relative to the first (the baseline). One run: run_report().
 int run_reports(ReportOptions options, const std::vector<std::string>& run_dirs);
 nlohmann::json build_comparison(const std::vector<nlohmann::json>& reports);
+// Per report, the keys of its resolved config that differ from the first's, other than hardware.*,
+// logging.* and checkpoint.save/load: [{key, baseline, run}] (comparison.json's config_differences).
+nlohmann::json config_differences(const std::vector<nlohmann::json>& reports);
+// comparison.md's flags: one line per run whose config differs from the baseline's beyond hardware.
+std::string render_config_differences(const nlohmann::json& comparison);
 std::string render_comparison_markdown(const nlohmann::json& comparison);
 std::string render_comparison_html(const nlohmann::json& comparison);
 

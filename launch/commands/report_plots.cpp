@@ -20,12 +20,20 @@ std::string tick_label(double v) {
 double px_x(const Axis& a, double v) { return L + (v - a.lo) / (a.hi - a.lo) * (W - L - R); }
 double px_y(const Axis& a, double v) { return H - B - (v - a.lo) / (a.hi - a.lo) * (H - T - B); }
 
+// The room a legend needs right of the plot beyond the R reserved: its longest name at about 7 px
+// a character (12 px system-ui), so no name is cut at the SVG's edge.
+double legend_overflow(const std::vector<Series>& series) {
+  size_t longest = 0;
+  for (const auto& se : series) longest = std::max(longest, se.name.size());
+  return std::max(0.0, 8 + 7.0 * static_cast<double>(longest) + 8 - R);
+}
+
 std::string frame(const std::string& title, const std::string& ylabel, const Axis& x, const Axis& y,
-                  const ChartOptions& o, bool ygrid = true) {
+                  const ChartOptions& o, bool ygrid = true, double extra_width = 0) {
   std::string s = fmt::format(R"(<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" viewBox="0 0 {} {}" role="img">)"
                               R"(<title>{}</title><text x="{}" y="18" class="t">{}</text>)",
-                              W, H, W, H, html_escape(title), L, html_escape(title));
-  if (o.warmup_before > x.lo) {
+                              W + extra_width, H, W + extra_width, H, html_escape(title), L, html_escape(title));
+  if (o.warmup_before > 0 && o.warmup_before > x.lo) {  // 0: no warm-up (the per-rank view has no iterations)
     const double right = px_x(x, std::min(o.warmup_before - 0.5, x.hi));
     s += fmt::format(R"(<rect x="{}" y="{}" width="{:.1f}" height="{}" class="warm"/><text x="{}" y="{}" class="wl">warm-up</text>)",
                      L, T, std::max(right - L, 0.0), H - T - B, L + 4, T + 12);
@@ -58,6 +66,14 @@ Axis x_axis(const std::vector<double>& x) {
     if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
   }
   return nice_axis(lo, hi, 6, /*integer=*/true, /*nonnegative=*/lo >= 0);
+}
+
+// Half a column more on each side: bars and cells centred on the first and last iterations stay
+// inside the frame instead of running under the legend.
+Axis padded(Axis a) {
+  a.lo -= 0.5;
+  a.hi += 0.5;
+  return a;
 }
 
 }  // namespace
@@ -113,13 +129,20 @@ std::string line_chart(const std::string& title, const std::string& ylabel, cons
   }
   if (xs.empty()) return "";
   const Axis x = x_axis(xs), y = nice_axis(y0, y1, 5, false, /*nonnegative=*/y0 >= 0);
-  std::string s = frame(title, ylabel, x, y, o);
+  std::string s = frame(title, ylabel, x, y, o, true, legend_overflow(series));
   for (const auto& se : series) {
-    std::string points;
+    std::string points, markers;
     for (size_t i = 0; i < se.x.size(); ++i) {
-      if (std::isfinite(se.y[i])) points += fmt::format("{:.1f},{:.1f} ", px_x(x, se.x[i]), px_y(y, se.y[i]));
+      if (!std::isfinite(se.y[i])) continue;
+      points += fmt::format("{:.1f},{:.1f} ", px_x(x, se.x[i]), px_y(y, se.y[i]));
+      if (!se.dash.empty()) {
+        markers += fmt::format(R"(<circle cx="{:.1f}" cy="{:.1f}" r="3" fill="white" stroke="{}"/>)", px_x(x, se.x[i]),
+                               px_y(y, se.y[i]), se.color);
+      }
     }
-    s += fmt::format(R"(<polyline points="{}" fill="none" stroke="{}" stroke-width="1.6"/>)", points, se.color);
+    s += fmt::format(R"(<polyline points="{}" fill="none" stroke="{}" stroke-width="1.6"{}/>)", points, se.color,
+                     se.dash.empty() ? std::string() : fmt::format(R"( stroke-dasharray="{}")", se.dash));
+    s += markers;
   }
   return s + legend(series) + "</svg>";
 }
@@ -133,9 +156,9 @@ std::string stacked_bars(const std::string& title, const std::string& ylabel, co
     for (const auto& p : parts) sum += std::isfinite(p.y[i]) ? p.y[i] : 0;
     top = std::max(top, sum);
   }
-  const Axis x = x_axis(x_values), y = nice_axis(0, top > 0 ? top : 1, 5, false, true);
-  std::string s = frame(title, ylabel, x, y, o);
-  const double width = std::max((W - L - R) / (x.hi - x.lo + 1) * 0.8, 0.5);
+  const Axis x = padded(x_axis(x_values)), y = nice_axis(0, top > 0 ? top : 1, 5, false, true);
+  std::string s = frame(title, ylabel, x, y, o, true, legend_overflow(parts));
+  const double width = std::max((W - L - R) / (x.hi - x.lo) * 0.8, 0.5);
   for (size_t i = 0; i < x_values.size(); ++i) {
     double base = 0;
     for (const auto& p : parts) {
@@ -148,6 +171,14 @@ std::string stacked_bars(const std::string& title, const std::string& ylabel, co
   return s + legend(parts) + "</svg>";
 }
 
+std::string empty_chart(const std::string& title, const std::string& message) {
+  return fmt::format(R"(<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" viewBox="0 0 {} {}" role="img">)"
+                     R"(<title>{}</title><text x="{}" y="18" class="t">{}</text><rect x="{}" y="{}" width="{}" height="{}" class="plot"/>)"
+                     R"(<text x="{}" y="{}" class="none" text-anchor="middle">{}</text></svg>)",
+                     W, H, W, H, html_escape(title), L, html_escape(title), L, T, W - L - R, H - T - B, L + (W - L - R) / 2,
+                     T + (H - T - B) / 2, html_escape(message));
+}
+
 std::string heatmap(const std::string& title, const std::string& row_label, const std::vector<double>& x_values,
                     const std::vector<std::vector<double>>& rows, double low, const ChartOptions& o) {
   if (x_values.empty() || rows.empty()) return "";
@@ -157,13 +188,13 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
       if (std::isfinite(v)) high = std::max(high, v);
     }
   }
-  const Axis x = x_axis(x_values);
+  const Axis x = padded(x_axis(x_values));
   Axis y;  // one band per row, labelled by row index
   y.lo = -0.5, y.hi = static_cast<double>(rows.size()) - 0.5;
   const int64_t every = std::max<int64_t>(1, static_cast<int64_t>(rows.size()) / 8);
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); r += every) y.ticks.push_back(static_cast<double>(r));
   std::string s = frame(title, row_label, x, y, o, /*ygrid=*/false);
-  const double cell_w = std::max((W - L - R) / (x.hi - x.lo + 1), 0.5), cell_h = (H - T - B) / static_cast<double>(rows.size());
+  const double cell_w = std::max((W - L - R) / (x.hi - x.lo), 0.5), cell_h = (H - T - B) / static_cast<double>(rows.size());
   for (size_t r = 0; r < rows.size(); ++r) {
     for (size_t c = 0; c < std::min(rows[r].size(), x_values.size()); ++c) {
       if (!std::isfinite(rows[r][c])) continue;

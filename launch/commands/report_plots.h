@@ -1,5 +1,5 @@
 // defines: html_escape, Axis, nice_axis, Series, ChartOptions, line_chart, stacked_bars,
-//          heatmap
+//          heatmap, empty_chart
 //
 // The SVG plots of report.html, drawn here (no scripts, no resources from elsewhere). Axes a
 // person can read: ticks at 1, 2 or 5 times a power of ten, whole iterations on the x axis, no
@@ -26,6 +26,9 @@ Axis nice_axis(double lo, double hi, int target, bool integer, bool nonnegative)
 struct Series {
   std::string name, color;
   std::vector<double> x, y;  // NaN = gap
+  // A curve that may lie exactly on another (a run against its own reference) is drawn dashed
+  // over it with hollow markers, so both stay visible; empty = solid.
+  std::string dash = {};
 };
 
 struct ChartOptions {
@@ -37,6 +40,9 @@ std::string line_chart(const std::string& title, const std::string& ylabel, cons
                        const ChartOptions& options = {});
 std::string stacked_bars(const std::string& title, const std::string& ylabel, const std::vector<double>& x,
                          const std::vector<Series>& parts, const ChartOptions& options = {});
+// A plot's frame with a sentence where the curves would be: what was not measured, and why
+// ("no communication (one process)"), instead of an empty axis.
+std::string empty_chart(const std::string& title, const std::string& message);
 // rows[r][c]: the value of row r (a layer) at x[c]; white at `low`, the darkest red at the maximum.
 std::string heatmap(const std::string& title, const std::string& row_label, const std::vector<double>& x,
                     const std::vector<std::vector<double>>& rows, double low, const ChartOptions& options = {});

@@ -2,6 +2,7 @@
 // here, no scripts or resources from elsewhere (a one-line script only counts the plots).
 #include "launch/commands/report.h"
 #include "launch/commands/report_plots.h"
+#include "core/flops/conventions.h"
 #include "launch/train/routing_health.h"
 
 #include <fmt/format.h>
@@ -17,6 +18,24 @@ namespace moeforge {
 namespace {
 
 std::string esc(const std::string& s) { return html_escape(s); }
+
+// A YAML scalar's dump on one line (YAML::Dump of a list spans lines).
+std::string trim_yaml(const json& v) {
+  std::string s = v.get<std::string>();
+  std::replace(s.begin(), s.end(), '\n', ' ');
+  return s;
+}
+
+// A string field of the row, or "not recorded" when the fingerprint lacked it (null).
+std::string text(const json& v) { return v.is_string() ? v.get<std::string>() : v.is_null() ? kNotRecorded : v.dump(); }
+
+// "incomplete: not recorded: driver, peak_source" for a row whose fingerprint lacked what it needs.
+std::string completeness(const json& r) {
+  if (!r.value("incomplete", false)) return "complete";
+  std::vector<std::string> names;
+  for (const auto& k : r["not_recorded"]) names.push_back(k.get<std::string>());
+  return fmt::format("incomplete: not recorded: {}", fmt::join(names, ", "));
+}
 
 std::string num(const json& v, const char* fmt_spec = "{:.4g}") {
   if (!v.is_number()) return "-";
@@ -54,6 +73,11 @@ std::string layout_text(const json& r) {
 // The banners a row needs before anyone reads its numbers.
 std::vector<std::string> row_warnings(const json& r) {
   std::vector<std::string> out;
+  if (r.value("incomplete", false)) {
+    out.push_back(fmt::format("This row is INCOMPLETE: the run's fingerprint does not record what the row needs ({}); those "
+                              "fields read \"not recorded\", nothing is guessed.",
+                              completeness(r).substr(std::string("incomplete: not recorded: ").size())));
+  }
   if (r.contains("chip_mismatch")) out.push_back(r["chip_mismatch"]["message"].get<std::string>());
   if (r.contains("mfu_invalid")) {
     for (const auto& [key, why] : r["mfu_invalid"].items()) {
@@ -90,8 +114,45 @@ std::string collapse_summary(const json& e) {
                      e["until_end"].get<bool>() ? "to the last logged iteration," : "until iteration", last);
 }
 
+// "312.5 W, 41.2 J per step (NVML ...)" or "not recorded (why)"; reports from before have neither.
+std::string energy_text(const json& r) {
+  if (!r.contains("power_w") || !r["power_w"].is_number()) {
+    return r.contains("energy_source") ? text(r["energy_source"]) : std::string(kNotRecorded);
+  }
+  return fmt::format("{:.4g} W, {:.4g} J per step ({})", r["power_w"].get<double>(), r["energy_per_step_j"].get<double>(),
+                     r["energy_source"].get<std::string>());
+}
+
+// The conventions beyond Megatron's and 6N (report.json's mfu.{megatron_legacy,torchtitan,hardware}):
+// one table line each, formula included; reports from before them have none.
+std::vector<std::pair<std::string, std::string>> convention_rows(const json& r) {
+  std::vector<std::pair<std::string, std::string>> rows;
+  for (const auto& m : mfu_conventions()) {
+    if (m.key == "megatron" || m.key == "six_n" || !r["mfu"].contains(m.key)) continue;
+    rows.emplace_back(m.name, mfu_cell(r, m.key.c_str()) + " (" + num(r["tflops_per_chip"].value(m.key, json())) + " TFLOP/s/chip)");
+  }
+  return rows;
+}
+
+// Every convention's formula in one line and the peak all of them divide by.
+std::vector<std::pair<std::string, std::string>> formula_rows(const json& r) {
+  std::vector<std::pair<std::string, std::string>> rows;
+  if (!r.contains("mfu_formulas")) return rows;
+  for (const auto& m : mfu_conventions()) {
+    if (r["mfu_formulas"].contains(m.key)) rows.emplace_back(m.name, r["mfu_formulas"][m.key].get<std::string>());
+  }
+  if (r.contains("reference_compute_n") && r["reference_compute_n"].is_number()) {
+    rows.emplace_back("MFU (6N with the case's N)", "tokens/s/chip x 6 x hardware.reference_compute_n / peak (FlagPerf's script)");
+  }
+  rows.emplace_back("peak (every MFU above)", num(r["peak_tflops"]) + " TFLOP/s per device, from " + text(r["peak_source"]));
+  return rows;
+}
+
 std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
-  std::vector<std::pair<std::string, std::string>> rows = {{"config (chip nodes x devices)", r["config"].get<std::string>()},
+  const auto convention_result_rows = convention_rows(r);
+  std::vector<std::pair<std::string, std::string>> rows = {{"row", completeness(r)},
+          {"config (chip nodes x devices)", r["config"].get<std::string>()},
+          {"driver", r.contains("driver") ? text(r["driver"]) : kNotRecorded},
           {"precision", r["precision"].get<std::string>()},
           {"parallel (TPxPPxDPxEP)", r["parallel"].get<std::string>()},
           {"layout", layout_text(r)},
@@ -102,8 +163,9 @@ std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
           {"MFU (Megatron formula)", mfu_cell(r, "megatron")},
           {"MFU (6N, FlagPerf)", mfu_cell(r, "six_n")},
           {"TFLOP/s/chip (Megatron / 6N)", num(r["tflops_per_chip"]["megatron"]) + " / " + num(r["tflops_per_chip"]["six_n"])},
-          {"peak used for MFU", num(r["peak_tflops"]) + " TFLOP/s (" + r["peak_source"].get<std::string>() + ")"},
-          {"step time (median)", num(r["step_time_s"], "{:.4g}") + " s"}};
+          {"peak used for MFU", num(r["peak_tflops"]) + " TFLOP/s (" + text(r["peak_source"]) + ")"},
+          {"step time (median)", num(r["step_time_s"], "{:.4g}") + " s"},
+          {"power / energy per step (median)", energy_text(r)}};
   if (r.contains("reference_compute_n") && r["reference_compute_n"].is_number()) {
     rows.insert(rows.begin() + 10, {fmt::format("MFU (6N with the case's N = {:.4g})", r["reference_compute_n"].get<double>()),
                                    // three decimals: FlagPerf's table shows two, and rounding must not hide a digit
@@ -112,14 +174,57 @@ std::vector<std::pair<std::string, std::string>> result_rows(const json& r) {
                                        : mfu_cell(r, "reference")});
   }
   if (r.value("moe_router_force_load_balancing", false)) rows.insert(rows.begin(), {"routing", kForcedBalanceNote});
+  const auto after_six_n = std::find_if(rows.begin(), rows.end(), [](const auto& row) { return row.first == "MFU (6N, FlagPerf)"; });
+  rows.insert(after_six_n + 1, convention_result_rows.begin(), convention_result_rows.end());
   return rows;
+}
+
+// Each rank's steady step broken down (report.json's per_rank), all-to-all its own segment; the
+// rest of the step (data, the loss, waits not timed) on top, so every bar is the rank's step.
+std::string per_rank_chart(const json& rep) {
+  if (rep.value("devices", int64_t{0}) == 1 || rep["result"].value("devices", int64_t{0}) == 1) {
+    return empty_chart("Step time per rank", "one process: no per-rank view");
+  }
+  if (!rep.contains("per_rank") || rep["per_rank"].is_null()) return "";
+  const auto& p = rep["per_rank"];
+  std::vector<double> ranks;
+  for (int64_t r = 0; r < p["ranks"].get<int64_t>(); ++r) ranks.push_back(static_cast<double>(r));
+  const auto col = [&](const char* key) {
+    std::vector<double> v(ranks.size(), NAN);
+    if (p.contains(key)) {
+      for (size_t r = 0; r < std::min(v.size(), p[key].size()); ++r) v[r] = p[key][r].is_number() ? p[key][r].get<double>() : NAN;
+    }
+    return v;
+  };
+  const char* parts[] = {"compute_s", "pipeline_wait_s", "all_to_all_s", "grad_reduce_s", "optimizer_s"};
+  const char* names[] = {"compute", "pipeline wait", "all-to-all", "grad reduce", "optimizer"};
+  const int colors[] = {0, 3, 1, 4, 5};
+  std::vector<Series> series;
+  auto rest = col("step_s");
+  for (size_t k = 0; k < 5; ++k) {
+    series.push_back({names[k], kColors[colors[k]], ranks, col(parts[k])});
+    for (size_t r = 0; r < rest.size(); ++r) rest[r] -= std::isfinite(series.back().y[r]) ? series.back().y[r] : 0;
+  }
+  for (auto& v : rest) v = std::max(v, 0.0);
+  series.push_back({"rest of the step", kColors[7], ranks, rest});
+  ChartOptions o;
+  o.xlabel = "rank";
+  return stacked_bars(fmt::format("Step time per rank (median of {} steady iterations)", p["iterations"].get<int64_t>()),
+                      "time (s)", ranks, series, o);
 }
 
 std::vector<std::pair<std::string, std::string>> environment_rows(const json& e) {
   std::vector<std::pair<std::string, std::string>> rows;
   for (const char* key : {"chip", "config_chip", "world_size", "nodes", "devices_per_node", "driver", "cuda", "nccl", "mpi", "libtorch",
-                          "compiler", "moeforge_version", "moeforge_commit", "started_at", "launcher", "command"}) {
+                          "compiler", "moeforge_version", "moeforge_commit", "build_git_commit", "build_git_dirty", "build_id",
+                          "config_sha256", "energy_source", "started_at", "launcher", "command"}) {
     if (e.contains(key)) rows.emplace_back(key, e[key].is_string() ? e[key].get<std::string>() : e[key].dump());
+  }
+  // The variables that change communication or kernels; "none set" is a fact, absence is not.
+  if (e.contains("environment_variables")) {
+    std::string vars;
+    for (const auto& [k, v] : e["environment_variables"].items()) vars += (vars.empty() ? "" : " ") + k + "=" + v.get<std::string>();
+    rows.emplace_back("environment_variables", vars.empty() ? "none set (NCCL_*, CUDA_*, OMP_NUM_THREADS, MOEFORGE_*)" : vars);
   }
   if (e.contains("hostnames")) {
     std::string hosts;
@@ -148,6 +253,9 @@ std::string render_markdown(const json& rep) {
                    r["mfu"]["megatron"].is_number() ? pct(r["mfu"]["megatron"]) : std::string("invalid (see above)"));
   o << "| | |\n|---|---|\n";
   for (const auto& [k, v] : result_rows(r)) o << "| " << k << " | " << v << " |\n";
+  o << "\n## MFU conventions\n\nEach is FLOPs per step over step time x devices x the peak; the FLOPs are counted thus:\n\n"
+       "| convention | FLOPs per step |\n|---|---|\n";
+  for (const auto& [k, v] : formula_rows(r)) o << "| " << k << " | " << v << " |\n";
   if (!collapses.empty()) {
     o << fmt::format("\n## Routing collapse\n\nThe busiest expert at >= {:.0f}x the mean load, or {:.0f} % of the experts "
                      "idle, for {} iterations in a row after the first {} (docs/training.md). Loads at the warning:\n\n",
@@ -205,7 +313,11 @@ std::string render_html(const json& rep) {
                         : 0.0;
   std::vector<std::string> charts;
   std::vector<Series> loss{make("LM loss", metric::kLmLoss, 0)};
-  if (series.contains("reference_lm_loss")) loss.push_back(make("reference", "reference_lm_loss", 1));
+  if (series.contains("reference_lm_loss")) {
+    // Drawn dashed with markers over the run's: a run that equals its reference must not hide it.
+    loss.push_back(make("reference (dashed)", "reference_lm_loss", 1));
+    loss.back().dash = "6 4";
+  }
   charts.push_back(line_chart("LM loss" + std::string(loss.size() > 1 ? " against the reference" : ""), "loss (nats per token)",
                               loss, opts));
   auto mfu = column(series, metric::kMfu), mfu6 = column(series, metric::kMfu6N);
@@ -220,7 +332,11 @@ std::string render_html(const json& rep) {
   const bool has_comm = series.contains(metric::kTimeComm) &&
                         std::any_of(series[metric::kTimeComm].begin(), series[metric::kTimeComm].end(),
                                     [](const json& v) { return v.is_number(); });
-  if (has_comm) {  // runs from before these keys have none
+  // One process has nothing to communicate: say so rather than draw an axis scaled to its zeros.
+  const bool one_process = rep["result"].value("devices", int64_t{0}) == 1;
+  if (one_process) {
+    charts.push_back(empty_chart("Communication per iteration", "no communication (one process)"));
+  } else if (has_comm) {  // runs from before these keys have none
     charts.push_back(line_chart("Communication per iteration", "time (s)",
                                 {make("collectives in flight", metric::kTimeComm, 4),
                                  make("exposed (compute waited)", metric::kTimeCommExposed, 1)},
@@ -237,6 +353,7 @@ std::string render_html(const json& rep) {
     }
     charts.push_back(heatmap("Expert load per MoE layer (busiest expert / mean)", "MoE layer", x, rows, 1.0, opts));
   }
+  charts.push_back(per_rank_chart(rep));
   std::erase(charts, std::string());
 
   std::ostringstream o;
@@ -247,7 +364,7 @@ std::string render_html(const json& rep) {
        ".pass{background:#e6f4ea;border:1px solid #34a853;padding:8px}.fail{background:#fce8e6;border:1px solid #d93025;padding:8px}"
        ".plots{display:flex;flex-wrap:wrap;gap:12px}svg .t{font-size:14px;font-weight:600}svg .plot{fill:none;stroke:#999}"
        "svg .grid{stroke:#eee}svg .yl{font-size:11px;text-anchor:end}svg .xl{font-size:11px;text-anchor:middle}svg .lg{font-size:12px}"
-       "svg .warm{fill:#f3f3f3}svg .wl{font-size:10px;fill:#888}"
+       "svg .warm{fill:#f3f3f3}svg .wl{font-size:10px;fill:#888}svg .none{font-size:14px;fill:#666}"
        "code{font-size:12px}</style></head><body>\n";
   o << "<h1>moeforge benchmark report</h1><p>Run <code>" << esc(rep["run_dir"].get<std::string>()) << "</code>, generated "
     << esc(rep["generated_at"].get<std::string>()) << ".</p>\n";
@@ -258,6 +375,8 @@ std::string render_html(const json& rep) {
   }
   o << "<h2>Result</h2><table>";
   for (const auto& [k, v] : result_rows(r)) o << "<tr><th>" << esc(k) << "</th><td>" << esc(v) << "</td></tr>";
+  o << "</table>\n<h2>MFU conventions</h2><table>";
+  for (const auto& [k, v] : formula_rows(r)) o << "<tr><th>" << esc(k) << "</th><td>" << esc(v) << "</td></tr>";
   o << "</table>\n<h2>Accuracy</h2>";
   if (rep["accuracy"].is_null()) {
     o << "<p>No reference given.</p>";
@@ -300,7 +419,23 @@ std::string render_comparison_markdown(const json& c) {
                      num(r["lm_loss_last"], "{:.4f}"), gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]),
                      mfu_short(r, "megatron"), mfu_short(r, "six_n"), acc);
   }
+  o << render_config_differences(c);
   return o.str();
+}
+
+std::string render_config_differences(const json& c) {
+  std::string o;
+  for (const auto& r : c["runs"]) {
+    if (!r.contains("config_differences") || r["config_differences"].empty()) continue;
+    std::vector<std::string> keys;
+    for (const auto& d : r["config_differences"]) {
+      keys.push_back(fmt::format("`{}` ({} here, {} in the baseline)", d["key"].get<std::string>(), trim_yaml(d["run"]),
+                                 trim_yaml(d["baseline"])));
+    }
+    o += fmt::format("> **Not like for like:** `{}` differs from the baseline's config in more than hardware: {}.\n\n",
+                     r["run_dir"].get<std::string>(), fmt::join(keys, "; "));
+  }
+  return o.empty() ? o : "\n" + o;
 }
 
 std::string render_comparison_html(const json& c) {

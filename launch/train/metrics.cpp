@@ -177,6 +177,11 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
     j[metric::kSavePeakMemoryReserved] = m.save_device_memory->peak_reserved_bytes;
   }
   for (const auto& [key, per_rank] : m.rank_times) j[metric::kRankTimes][key] = per_rank;
+  if (m.energy_per_step_j) {
+    j[metric::kEnergyPerStep] = *m.energy_per_step_j;
+    j[metric::kPower] = *m.energy_per_step_j / m.step_time_s;
+    j[metric::kEnergySource] = m.energy_source;
+  }
   if (m.valid_lm_loss) {
     j[metric::kValidLmLoss] = *m.valid_lm_loss;
     j[metric::kValidPpl] = std::exp(std::min(*m.valid_lm_loss, 20.0));  // Megatron caps the exponent at 20

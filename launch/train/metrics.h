@@ -95,6 +95,11 @@ inline constexpr const char* kEpTokensReceived = "ep_tokens_received";
 inline constexpr const char* kEpTokensReceivedMaxOverMean = "ep_tokens_received_max_over_mean";
 inline constexpr const char* kAllToAllBytesSent = "all_to_all_bytes_sent";
 inline constexpr const char* kRankTimes = "rank_times";
+// Where rank 0's device exposes an energy counter (launch/train/energy.h): the step's joules, their
+// average power over the step, and the counter's source. Absent otherwise ("not recorded").
+inline constexpr const char* kEnergyPerStep = "energy_per_step_j";
+inline constexpr const char* kPower = "power_w";
+inline constexpr const char* kEnergySource = "energy_source";
 inline constexpr const char* kValidLmLoss = "valid_lm_loss";
 inline constexpr const char* kValidPpl = "valid_ppl";
 // Present (true) only in runs with model.moe_router_force_load_balancing: their loss is not a
@@ -150,16 +155,18 @@ struct StepMetrics {
   // on CPU). A record: new values are appended where the trainer makes it.
   std::vector<std::pair<std::string, std::vector<double>>> rank_times;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
+  std::optional<double> energy_per_step_j;  // rank 0's device, where it has an energy counter
+  std::string energy_source;
 };
 
-inline constexpr std::array<std::string_view, 25> kTimingMetricKeys{
+inline constexpr std::array<std::string_view, 28> kTimingMetricKeys{
     metric::kStepTime,   metric::kTimeData,     metric::kTimeForward,       metric::kTimeBackward,
     metric::kTimeOptimizer, metric::kTimeGradReduce, metric::kTimeAllToAll, metric::kTimePipelineWait,
     metric::kTokensPerSecond, metric::kTflops,  metric::kTflops6N,          metric::kMfu,
     metric::kMfu6N,      metric::kPeakTflops,   metric::kPeakSource,        metric::kPeakMemory,
     metric::kTimeEval,   metric::kTimestamp,    metric::kRankTimes,         metric::kPeakMemoryAllocated,
     metric::kPeakMemoryReserved, metric::kDeviceMemoryTotal, metric::kTimeComm, metric::kTimeCommExposed,
-    metric::kTimeCommThreadCpu};
+    metric::kTimeCommThreadCpu, metric::kEnergyPerStep, metric::kPower, metric::kEnergySource};
 
 // What a step's throughput is measured against.
 struct StepWork {

@@ -14,6 +14,8 @@
 #include "data/datasets.h"
 #include "launch/train/micro_batches.h"
 #include "launch/train/restore.h"
+#include "launch/train/energy.h"
+#include "launch/train/fingerprint.h"
 #include "launch/train/run_environment.h"
 #include "launch/train/save.h"
 #include "launch/train/sharded_checkpoint.h"
@@ -295,8 +297,13 @@ void Trainer::announce(const std::string& command, bool quiet) {
 
   const auto hostnames = gather_hostnames(*groups_.world);
   if (is_rank0()) {
-    write_resolved_config(c_, c_.logging.run_dir);
-    const auto environment = run_environment(c_, hostnames, command);
+    const auto config_file = write_resolved_config(c_, c_.logging.run_dir);
+    auto environment = run_environment(c_, hostnames, command);
+    add_build_fingerprint(environment, config_file);
+    // Rank 0's device's energy counter, where it has one (the metrics are rank 0's).
+    energy_.emplace(EnergyMeter::open(c_.hardware.device, device_.is_cuda() ? device_.index() : 0, default_powercap_root()));
+    spdlog::info("energy per step: {}", energy_->available() ? energy_->source() : "not recorded (" + energy_->source() + ")");
+    environment["energy_source"] = energy_->available() ? energy_->source() : std::string("not recorded: ") + energy_->source();
     const std::string device = environment["chip"].get<std::string>();
     if (!c_.hardware.chip.empty() && !chip_matches(c_.hardware.chip, device)) {
       spdlog::warn("hardware.chip is '{}' but this run's device is '{}': MFU uses a peak of {:.4g} TFLOP/s ({}){}. The "
@@ -321,6 +328,7 @@ void Trainer::announce(const std::string& command, bool quiet) {
 
 StepMetrics Trainer::train_step() {
   const auto& t = c_.training;
+  if (energy_) energy_->lap();  // the counter's start of this step
   StepMeter meter(device_, work_, peaks_);
   StepTimer& timer = meter.timer();
   const int64_t micro_batches = layout_.micro_batches_per_step();
@@ -377,6 +385,10 @@ StepMetrics Trainer::train_step() {
 
   set_progress(m, state_, c_);
   meter.finish(m);
+  if (energy_) {
+    m.energy_per_step_j = energy_->lap();
+    m.energy_source = energy_->source();
+  }
   if (layout_.world() > 1) record_rank_times(m, m.time_forward_s + m.time_backward_s - m.time_all_to_all_s);
   return m;
 }

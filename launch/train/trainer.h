@@ -23,6 +23,7 @@
 #include "core/optim/optimizer.h"
 #include "data/loader.h"
 #include "launch/train/checkpoint.h"
+#include "launch/train/energy.h"
 #include "launch/train/exit_conditions.h"
 #include "launch/train/metrics.h"
 #include "launch/train/profiler.h"
@@ -112,6 +113,7 @@ class Trainer {
   TrainState state_;
   StepWork work_;  // what each step's throughput is measured against
   std::optional<MetricsFile> metrics_;  // rank 0
+  std::optional<EnergyMeter> energy_;   // rank 0: its device's energy counter, if any
   std::optional<TensorBoardWriter> tensorboard_;  // rank 0, with logging.tensorboard_dir
   std::optional<RoutingHealth> routing_health_;    // rank 0, MoE models
   std::optional<StepProfiler> profiler_;

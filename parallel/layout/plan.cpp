@@ -1,6 +1,7 @@
 #include "parallel/layout/plan.h"
 
 #include "core/base/checked_int.h"
+#include "core/flops/conventions.h"
 #include "parallel/layout/pipeline_schedule.h"
 
 #include <fmt/format.h>
@@ -101,7 +102,7 @@ std::string with_commas(int64_t v) {
 
 Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const ParallelLayout& layout) {
   const ModelConfig& m = c.model;
-  Plan plan{config_path, layout, {}, 0, 0, {}, 0, 0, 0, 0, 0, 0, {}, false, {}, {}};
+  Plan plan{config_path, layout, {}, 0, 0, {}, 0, 0, 0, 0, 0, 0, {}, false, {}, {}, 0, 0, 0};
   plan.parameters = count_parameters(m);
   int64_t representative = 0;
   for (int64_t i = 0; i < m.num_layers; ++i) {
@@ -120,6 +121,9 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   plan.flops_per_token_megatron = per_token(plan.flops_per_step.megatron);
   plan.flops_per_token_megatron_legacy = per_token(plan.flops_per_step.megatron_legacy);
   plan.flops_per_token_six_n = per_token(plan.flops_per_step.six_n);
+  plan.flops_per_token_torchtitan = per_token(plan.flops_per_step.torchtitan);
+  plan.hardware_flops_per_step = hardware_flops_per_step(m, c.training.global_batch_size, seq, c.training.recompute_granularity);
+  plan.hardware_flops_per_token = per_token(plan.hardware_flops_per_step);
 
   const int64_t PP = layout.pp(), M = layout.micro_batches_per_step(), VP = layout.vpp(), TP = layout.tp();
   const bool SP = layout.sequence_parallel();
@@ -200,6 +204,25 @@ Plan make_plan(const ExperimentConfig& c, const std::string& config_path, const 
   return plan;
 }
 
+namespace {
+
+// Every MFU convention with its formula, and where the run's peak will come from: what a row of
+// `moeforge report` names, so plan and report read the same.
+nlohmann::json mfu_conventions_json(const HardwareConfig& hw) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& m : mfu_conventions()) out[m.key] = {{"name", m.name}, {"formula", m.formula}};
+  out["peak_source"] = planned_peak_source(hw);
+  return out;
+}
+
+std::string format_mfu_conventions(const HardwareConfig& hw) {
+  std::string o = "\nMFU conventions (each over step time x devices x the peak)\n";
+  for (const auto& m : mfu_conventions()) o += fmt::format("  {:<28} {}\n", m.name, m.formula);
+  return o + fmt::format("  {:<28} {}\n", "peak", planned_peak_source(hw));
+}
+
+}  // namespace
+
 nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
   using nlohmann::json;
   const auto& P = plan.parameters;
@@ -238,6 +261,7 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
         {"activated", P.activated},
         {"activated_non_embedding", P.activated_non_embedding},
         {"flagperf_compute_n", P.flagperf_compute_n},
+        {"torchtitan_n", P.torchtitan_n},
         {"embedding", P.embedding},
         {"output_layer", P.output_layer},
         {"per_layer", plan.parameters_per_layer},
@@ -245,10 +269,15 @@ nlohmann::json plan_to_json(const Plan& plan, const ExperimentConfig& c) {
       {"flops",
        {{"per_token", {{"megatron", plan.flops_per_token_megatron},
                        {"megatron_legacy", plan.flops_per_token_megatron_legacy},
-                       {"six_n", plan.flops_per_token_six_n}}},
+                       {"six_n", plan.flops_per_token_six_n},
+                       {"torchtitan", plan.flops_per_token_torchtitan},
+                       {"hardware", plan.hardware_flops_per_token}}},
         {"per_step", {{"megatron", plan.flops_per_step.megatron},
                       {"megatron_legacy", plan.flops_per_step.megatron_legacy},
-                      {"six_n", plan.flops_per_step.six_n}}}}},
+                      {"six_n", plan.flops_per_step.six_n},
+                      {"torchtitan", plan.flops_per_step.torchtitan},
+                      {"hardware", plan.hardware_flops_per_step}}},
+        {"conventions", mfu_conventions_json(c.hardware)}}},
       {"batch",
        {{"global_batch_size", c.training.global_batch_size},
         {"micro_batch_size", c.training.micro_batch_size},
@@ -316,6 +345,7 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
   o << fmt::format("  activated                   {:>18}\n", with_commas(P.activated));
   o << fmt::format("  activated non-embedding     {:>18}\n", with_commas(P.activated_non_embedding));
   o << fmt::format("  FlagPerf compute N          {:>18}\n", with_commas(P.flagperf_compute_n));
+  o << fmt::format("  torchtitan N - N_embedding  {:>18}\n", with_commas(P.torchtitan_n));
   o << fmt::format("  per layer (activated)       {:>18} ({})\n", with_commas(plan.parameters_per_layer),
                    with_commas(plan.activated_parameters_per_layer));
   o << "\nmodel FLOPs              per token       per step\n";
@@ -325,6 +355,11 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
                    static_cast<double>(plan.flops_per_step.megatron_legacy));
   o << fmt::format("  6N (FlagPerf)         {:>8.3f} GFLOP  {:.4e}\n", plan.flops_per_token_six_n / 1e9,
                    static_cast<double>(plan.flops_per_step.six_n));
+  o << fmt::format("  torchtitan            {:>8.3f} GFLOP  {:.4e}\n", plan.flops_per_token_torchtitan / 1e9,
+                   static_cast<double>(plan.flops_per_step.torchtitan));
+  o << fmt::format("  hardware (recompute {}) {:>6.3f} GFLOP  {:.4e}\n", to_string(c.training.recompute_granularity),
+                   plan.hardware_flops_per_token / 1e9, static_cast<double>(plan.hardware_flops_per_step));
+  o << format_mfu_conventions(c.hardware);
   o << "\nbatch\n";
   o << fmt::format("  global batch {} x seq {} = {} tokens per step\n", c.training.global_batch_size,
                    c.training.seq_length, with_commas(plan.tokens_per_step));

@@ -69,6 +69,11 @@ struct Plan {
   bool fused_loss = false;  // the LM head's loss runs fused (no whole logits), which the stages' memory counts
   CheckpointPlan checkpoint;
   std::vector<std::string> warnings;
+  double flops_per_token_torchtitan = 0;
+  // Megatron's model FLOPs plus the recomputed forward of training.recompute_granularity (the HFU's
+  // numerator; equal to flops_per_step.megatron without recomputation).
+  int64_t hardware_flops_per_step = 0;
+  double hardware_flops_per_token = 0;
 };
 
 Plan make_plan(const ExperimentConfig& config, const std::string& config_path, const ParallelLayout& layout);

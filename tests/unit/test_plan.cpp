@@ -188,3 +188,84 @@ TEST_CASE("train --dry-run prints what one save of the layout writes and holds",
   CHECK_THAT(r.output, Catch::Contains("  * whole:   rank 0 holds all 186.66 GiB in host memory and writes it alone"));
   CHECK_THAT(r.output, Catch::Contains("warning: each whole save gathers 186.7 GiB into rank 0's host memory"));
 }
+
+namespace {
+// One MoE layer small enough to count by hand: h 4, 2 heads of 2 (q = kv = 4), 4 experts of width
+// 3 at top-2, a gated shared expert of width 5, vocabulary 8 (padded to 8), untied head.
+ModelConfig hand_counted_moe() {
+  ModelConfig m;
+  m.num_layers = 1;
+  m.hidden_size = 4;
+  m.num_attention_heads = 2;
+  m.num_query_groups = 2;
+  m.kv_channels = 2;
+  m.ffn_hidden_size = 8;
+  m.vocab_size = 8;
+  m.make_vocab_size_divisible_by = 8;
+  m.untie_embeddings_and_output_weights = true;
+  m.num_experts = 4;
+  m.moe_ffn_hidden_size = 3;
+  m.moe_router_topk = 2;
+  m.moe_shared_expert_intermediate_size = 5;
+  m.moe_shared_expert_gate = true;
+  return m;
+}
+}  // namespace
+
+TEST_CASE("every MFU convention of a hand-counted MoE layer", "[plan][mfu]") {
+  const ModelConfig m = hand_counted_moe();
+  // Parameters: attention 4*(4+8) + 4*4 = 64, norms 8, router 4*4 = 16, one expert 3*4*3 = 36,
+  // shared 3*4*5 + 4 = 64; activated layer 64 + 8 + 16 + 64 + 2*36 = 224; embedding 32, head 32,
+  // final norm 4: activated 292; torchtitan's N - N_embedding = 292 - 32 = 260.
+  const ParameterCounts p = count_parameters(m);
+  CHECK(p.activated == 292);
+  CHECK(p.torchtitan_n == 260);
+  // batch 2 x s 6 = 12 tokens. Megatron: MACs per token 4*(3*2*3 + 5*3) + 64 + 4*8 = 228 (no router,
+  // no gate), 6*12*228 = 16416, attention 6*2*6^2*4*1 = 1728 (causal half); legacy: twice that.
+  const FlopsPerStep f = model_flops_per_step(m, 2, 6);
+  CHECK(f.megatron == 16416 + 1728);
+  CHECK(f.megatron_legacy == 16416 + 2 * 1728);
+  // torchtitan per token: 6*260 + 12*1*4*6 = 1848; 12 tokens.
+  CHECK(f.torchtitan == 12 * 1848);
+  // Hardware FLOPs: none = Megatron; full adds the layers' forward, (18144 - head 6*12*4*8) / 3 =
+  // 5280; selective adds the core attention's forward 2*2*6^2*4*1 = 576.
+  CHECK(hardware_flops_per_step(m, 2, 6, RecomputeGranularity::none) == 18144);
+  CHECK(hardware_flops_per_step(m, 2, 6, RecomputeGranularity::full) == 18144 + 5280);
+  CHECK(hardware_flops_per_step(m, 2, 6, RecomputeGranularity::selective) == 18144 + 576);
+}
+
+TEST_CASE("plan prints every MFU convention with its formula and the peak's source", "[plan][mfu]") {
+  const auto c = load_config(test::source_path("configs/flagperf-qwen1.5-moe.yaml")).config;
+  const Plan plan = make_plan(c, "f.yaml", ParallelLayout::create(c, 8));
+  const std::string text = format_plan(plan, c);
+  for (const char* name : {"MFU (Megatron)", "MFU (Megatron legacy)", "MFU (6N, FlagPerf)", "MFU (torchtitan)",
+                           "HFU (recomputation counted)", "torchtitan N - N_embedding"}) {
+    CHECK_THAT(text, Catch::Contains(name));
+  }
+  CHECK_THAT(text, Catch::Contains("hardware.peak_tflops = 312 TFLOP/s"));
+  const auto j = plan_to_json(plan, c);
+  CHECK(j["flops"]["per_step"]["torchtitan"].get<int64_t>() == plan.flops_per_step.torchtitan);
+  CHECK(j["flops"]["per_step"]["hardware"].get<int64_t>() == plan.hardware_flops_per_step);
+  CHECK(j["flops"]["conventions"]["peak_source"].get<std::string>() == "hardware.peak_tflops = 312 TFLOP/s");
+  CHECK(j["parameters"]["torchtitan_n"].get<int64_t>() == plan.parameters.torchtitan_n);
+}
+
+TEST_CASE("the mission's torchtitan and hardware FLOPs equal transformers' parameters counted torchtitan's way",
+          "[plan][mfu][oracle]") {
+  test::TempDir dir;
+  const std::string out = (dir.path() / "conventions.json").string();
+  test::run_oracle("mfu_conventions_oracle.py", "512 8192 " + out);
+  const auto o = nlohmann::json::parse(test::slurp(out));
+  const auto mission = [](const char* recompute) {
+    return load_config(test::source_path("configs/qwen1.5-moe-a2.7b.yaml"), {std::string("training.recompute_granularity=") + recompute})
+        .config.model;
+  };
+  const ModelConfig m = mission("none");
+  CHECK(count_parameters(m).torchtitan_n == o["torchtitan_n"].get<int64_t>());
+  CHECK(model_flops_per_step(m, 512, 8192).torchtitan == o["torchtitan"].get<int64_t>());
+  CHECK(static_cast<double>(model_flops_per_step(m, 512, 8192).megatron) == Approx(o["megatron"].get<double>()).epsilon(1e-12));
+  CHECK(static_cast<double>(hardware_flops_per_step(m, 512, 8192, RecomputeGranularity::full)) ==
+        Approx(o["hardware_full"].get<double>()).epsilon(1e-12));
+  CHECK(static_cast<double>(hardware_flops_per_step(m, 512, 8192, RecomputeGranularity::selective)) ==
+        Approx(o["hardware_selective"].get<double>()).epsilon(1e-12));
+}

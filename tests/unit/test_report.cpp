@@ -2,14 +2,18 @@
 // FlagPerf's threshold, Megatron-LM log lines as the reference, and report.html opened in a real
 // headless browser (chromium).
 #include "launch/commands/report_plots.h"
+#include "launch/train/energy.h"
+#include "launch/train/fingerprint.h"
 #include "launch/train/run_environment.h"
 #include "train_fixture.h"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <vector>
 
 using namespace moeforge;
 using namespace moeforge::test;
@@ -73,6 +77,20 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
   CHECK_THAT(env["command"].get<std::string>(), Contains("train") && Contains("logging.run_dir="));
   CHECK(env.contains("libtorch"));
   CHECK(env.contains("mpi"));
+  // The per-rank view: each rank's median over the steady iterations (after the 1 of warm-up) of
+  // what metrics.jsonl recorded for it.
+  const auto metrics = read_metrics(run / "metrics.jsonl");
+  REQUIRE(rep["per_rank"]["ranks"] == 2);
+  for (const char* key : {"compute_s", "all_to_all_s", "grad_reduce_s", "step_s"}) {
+    for (size_t rank = 0; rank < 2; ++rank) {
+      INFO(key << " rank " << rank);
+      std::vector<double> v;
+      for (size_t i = 1; i < metrics.size(); ++i) v.push_back(metrics[i]["rank_times"][key][rank].get<double>());
+      std::sort(v.begin(), v.end());
+      const double median = v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+      CHECK(rep["per_rank"][key][rank].get<double>() == Approx(median).epsilon(1e-12));
+    }
+  }
   CHECK_THAT(slurp((run / "report" / "report.md").string()), Contains("| config | precision | parallel (TPxPPxDPxEP)"));
 
   SECTION("several runs: a report each and a comparison against the first") {
@@ -131,8 +149,9 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
                                  (run / "report" / "report.html").string() + " 2>/dev/null");
     REQUIRE(dom.exit_code == 0);
     // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time,
-    // communication of the 2-rank run, expert load, the per-layer load heatmap).
-    CHECK_THAT(dom.output, Contains("data-plots=\"7\"") && Contains("Communication per iteration") &&
+    // communication of the 2-rank run, expert load, the per-layer load heatmap, the step per rank).
+    CHECK_THAT(dom.output, Contains("data-plots=\"8\"") && Contains("Communication per iteration") &&
+                               Contains("Step time per rank") &&
                                Contains("Expert load per MoE layer"));
     CHECK_THAT(dom.output, Contains("<polyline") && Contains("PASS"));
   }
@@ -323,4 +342,209 @@ TEST_CASE("environment.json's launcher: Open MPI's remote daemon is recorded as 
   CHECK(describe_launcher(mpirun, "123.0;tcp://10.0.0.1:1") == mpirun);
   CHECK(describe_launcher("/usr/bin/srun -n 4 moeforge train x.yaml", "") == "/usr/bin/srun -n 4 moeforge train x.yaml");
   CHECK(describe_launcher("/opt/ortedx", "") == "/opt/ortedx");
+}
+
+TEST_CASE("report: every MFU convention with its formula, one process says so, the fingerprint and a row it cannot complete",
+          "[report][mfu]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto train = [&](const std::string& name, const std::string& sets, const std::string& env = "") {
+    const auto run = dir.path() / name;
+    const auto t = run_command(env + kBin + " train " + config + " --set training.train_iters=3 --set training.eval_iters=0 " +
+                               "--set training.lr_warmup_iters=0 --set hardware.peak_tflops=1e6 " + sets +
+                               " --set logging.run_dir=" + run.string());
+    INFO(t.output);
+    REQUIRE(t.exit_code == 0);
+    return run;
+  };
+  const auto run = train("full", "--set training.recompute_granularity=full", "NCCL_DEBUG=WARN MOEFORGE_FINGERPRINT_TEST=yes ");
+  const auto r = run_command(kBin + " report " + run.string() + " --reference " + run.string());
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const auto rep = read_json(run / "report" / "report.json");
+  const auto& res = rep["result"];
+  // Each convention: every iteration's MFU is FLOPs / (step time x devices x peak), so its median is
+  // Megatron's median MFU scaled by the ratio of the FLOP counts.
+  const double megatron = res["flops_per_step"]["megatron"].get<double>();
+  for (const char* key : {"megatron_legacy", "torchtitan", "hardware"}) {
+    INFO(key);
+    const double ratio = res["flops_per_step"][key].get<double>() / megatron;
+    CHECK(res["mfu"][key].get<double>() == Approx(res["mfu"]["megatron"].get<double>() * ratio).epsilon(1e-12));
+    CHECK(res["tflops_per_chip"][key].get<double>() ==
+          Approx(res["tflops_per_chip"]["megatron"].get<double>() * ratio).epsilon(1e-12));
+  }
+  // One iteration's own numbers: its Megatron TFLOP/s is the FLOPs over its step time (1 device).
+  const auto last = read_metrics(run / "metrics.jsonl").back();
+  CHECK(last["tflops_per_device"].get<double>() == Approx(megatron / last["step_time_s"].get<double>() / 1e12).epsilon(1e-9));
+  // Full recomputation: the layers' forward again. Without the head's 6 x tokens x h x V, a third more.
+  const auto fixture = read_json(run / "environment.json");
+  CHECK(res["flops_per_step"]["hardware"].get<int64_t>() > res["flops_per_step"]["megatron"].get<int64_t>());
+  CHECK(res["mfu"]["hardware"].get<double>() > res["mfu"]["megatron"].get<double>());
+  const auto md = slurp((run / "report" / "report.md").string());
+  CHECK_THAT(md, Contains("| MFU (torchtitan) | ") && Contains("6 x (N - N_embedding) + 12 x layers x heads x head_dim x s"));
+  CHECK_THAT(md, Contains("| HFU (recomputation counted) | ") && Contains("| MFU (Megatron legacy) | "));
+  CHECK_THAT(md, Contains("| peak (every MFU above) | 1e+06 TFLOP/s per device, from hardware.peak_tflops |"));
+  CHECK_THAT(md, Contains("| row | complete |"));
+  // One process: the communication plot says why it is empty; the reference drawn dashed over the run.
+  const auto html = slurp((run / "report" / "report.html").string());
+  CHECK_THAT(html, Contains("no communication (one process)") && Contains("stroke-dasharray=\"6 4\""));
+
+  SECTION("the fingerprint: the config's SHA-256 as hashlib gives it, the ELF build-id as readelf reads it, the variables") {
+    const auto py = run_command(venv_python() + " -c \"import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest())\" " +
+                                (run / "config.yaml").string());
+    REQUIRE(py.exit_code == 0);
+    CHECK(fixture["config_sha256"].get<std::string>() + "\n" == py.output);
+    std::string bin = kBin.substr(kBin.find_last_of(' ') + 1);
+    const auto elf = run_command("readelf -n " + bin + " | sed -n 's/.*Build ID: *//p'");
+    REQUIRE(elf.exit_code == 0);
+    CHECK(fixture["build_id"].get<std::string>() + "\n" == elf.output);
+    CHECK(fixture["build_git_commit"].get<std::string>().size() == 40);
+    CHECK(fixture["build_git_dirty"].is_boolean());
+    CHECK(fixture["environment_variables"]["NCCL_DEBUG"] == "WARN");
+    CHECK(fixture["environment_variables"]["MOEFORGE_FINGERPRINT_TEST"] == "yes");
+    CHECK_FALSE(fixture["environment_variables"].contains("PATH"));
+    CHECK_THAT(md, Contains("| config_sha256 | `" + fixture["config_sha256"].get<std::string>() + "` |"));
+  }
+  SECTION("a fingerprint without devices per node or driver: those read not recorded and the row is incomplete") {
+    const auto old = dir.path() / "old";
+    fs::create_directories(old);
+    for (const auto& f : fs::directory_iterator(run)) {
+      if (f.is_regular_file()) fs::copy_file(f.path(), old / f.path().filename());
+    }
+    json env = fixture;
+    env.erase("devices_per_node");
+    env.erase("driver");
+    std::ofstream(old / "environment.json") << env.dump();
+    REQUIRE(run_command(kBin + " report " + old.string()).exit_code == 0);
+    const auto o = read_json(old / "report" / "report.json")["result"];
+    CHECK(o["incomplete"] == true);
+    CHECK(o["not_recorded"] == json::array({"devices_per_node", "driver"}));
+    CHECK(o["devices_per_node"].is_null());
+    CHECK(o["driver"].is_null());
+    CHECK_THAT(o["config"].get<std::string>(), Contains(" 1xnot recorded"));
+    const auto omd = slurp((old / "report" / "report.md").string());
+    CHECK_THAT(omd, Contains("This row is INCOMPLETE") && Contains("| row | incomplete: not recorded: devices_per_node, driver |"));
+    CHECK_THAT(omd, Contains("| driver | not recorded |"));
+    CHECK_THAT(slurp((old / "report" / "report.html").string()), Contains("This row is INCOMPLETE"));
+  }
+  SECTION("comparison.md flags a run whose config differs in more than hardware") {
+    const auto same = train("peak_only", "--set training.recompute_granularity=full --set hardware.peak_tflops=2e6");
+    const auto other = train("other_lr", "--set training.recompute_granularity=full --set training.lr=0.0005");
+    const auto cmp = dir.path() / "cmp";
+    REQUIRE(run_command(kBin + " report " + run.string() + " " + same.string() + " " + other.string() + " --out " + cmp.string())
+                .exit_code == 0);
+    const auto c = read_json(cmp / "comparison.json");
+    CHECK(c["runs"][0]["config_differences"].empty());
+    CHECK(c["runs"][1]["config_differences"].empty());  // hardware and logging only
+    REQUIRE_FALSE(c["runs"][2]["config_differences"].empty());
+    CHECK(c["runs"][2]["config_differences"][0]["key"] == "training.lr");  // sorted: the only training.* key set
+    const auto cmd = slurp((cmp / "comparison.md").string());
+    CHECK_THAT(cmd, Contains("**Not like for like:** `" + fs::absolute(other).string()) && Contains("`training.lr` ("));
+    CHECK_FALSE(cmd.find("`" + fs::absolute(same).string() + "` differs") != std::string::npos);
+  }
+}
+
+TEST_CASE("report: without recomputation the HFU is the MFU", "[report][mfu]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto run = dir.path() / "none";
+  REQUIRE(run_command(kBin + " train " + config + " --set training.train_iters=2 --set training.eval_iters=0 " +
+                      "--set training.lr_warmup_iters=0 --set hardware.peak_tflops=1e6 --set training.recompute_granularity=none" +
+                      " --set logging.run_dir=" + run.string())
+              .exit_code == 0);
+  REQUIRE(run_command(kBin + " report " + run.string()).exit_code == 0);
+  const auto res = read_json(run / "report" / "report.json")["result"];
+  CHECK(res["flops_per_step"]["hardware"] == res["flops_per_step"]["megatron"]);
+  CHECK(res["mfu"]["hardware"].get<double>() == Approx(res["mfu"]["megatron"].get<double>()).epsilon(1e-9));
+}
+
+TEST_CASE("report plots: a long legend name widens the plot instead of being cut", "[report][plots]") {
+  const Series s{"exposed (compute waited)", "#000", {1, 2}, {1, 2}};
+  const std::string svg = line_chart("t", "y", {s});
+  const auto at = svg.find("width=\"") + 7;
+  const double width = std::stod(svg.substr(at, svg.find('"', at) - at));
+  // The legend starts 8 px right of the plot (680 - 130); 24 characters at 12 px need about 7 px each.
+  CHECK(width >= 680 - 130 + 8 + 7 * 24);
+  CHECK_THAT(empty_chart("Communication per iteration", "no communication (one process)"),
+             Contains(">no communication (one process)</text>"));
+}
+
+TEST_CASE("fingerprint: SHA-256 of a known vector, the build-id of this binary as readelf reads it", "[report][fingerprint]") {
+  CHECK(sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  const auto self = fs::read_symlink("/proc/self/exe").string();
+  const auto elf = run_command("readelf -n " + self + " | sed -n 's/.*Build ID: *//p'");
+  REQUIRE(elf.exit_code == 0);
+  REQUIRE_FALSE(elf.output.empty());
+  CHECK(elf_build_id() + "\n" == elf.output);
+}
+
+TEST_CASE("energy: RAPL package counters from a fake powercap tree, wrap-corrected, sub-domains left out", "[report][energy]") {
+  TempDir dir;
+  const auto root = dir.path() / "powercap";
+  const auto write = [&](const std::string& domain, const std::string& energy_uj, const std::string& max_uj) {
+    fs::create_directories(root / domain);
+    std::ofstream(root / domain / "energy_uj") << energy_uj << "\n";
+    std::ofstream(root / domain / "max_energy_range_uj") << max_uj << "\n";
+  };
+  write("intel-rapl:0", "1000000", "10000000");
+  write("intel-rapl:1", "9000000", "10000000");
+  write("intel-rapl:0:0", "5", "10000000");  // a part of package 0: must not count twice
+  auto meter = EnergyMeter::open("cpu", 0, root);
+  REQUIRE(meter.available());
+  CHECK_THAT(meter.source(), Contains("intel-rapl:0, intel-rapl:1") && !Contains("intel-rapl:0:0"));
+  CHECK_FALSE(meter.lap().has_value());  // the first read starts the count
+  write("intel-rapl:0", "3500000", "10000000");  // +2.5 J
+  write("intel-rapl:1", "500000", "10000000");   // wrapped: 10 - 9 + 0.5 = 1.5 J
+  write("intel-rapl:0:0", "999999999", "10000000");
+  CHECK(meter.lap().value() == Approx(4.0));
+  const auto none = EnergyMeter::open("cpu", 0, dir.path() / "nowhere");
+  CHECK_FALSE(none.available());
+  CHECK_THAT(none.source(), Contains("no readable RAPL package"));
+}
+
+TEST_CASE("report: power and energy per step from a fake counter, and not recorded without one", "[report][energy]") {
+  TempDir dir;
+  const auto config = write_config(dir);
+  const auto root = dir.path() / "powercap";
+  fs::create_directories(root / "intel-rapl:0");
+  std::ofstream(root / "intel-rapl:0" / "energy_uj") << "123456\n";
+  std::ofstream(root / "intel-rapl:0" / "max_energy_range_uj") << "262143328850\n";
+  const auto train = [&](const std::string& name, const std::string& env) {
+    const auto run = dir.path() / name;
+    const auto t = run_command(env + kBin + " train " + config + " --set training.train_iters=3 --set training.eval_iters=0 " +
+                               "--set training.lr_warmup_iters=0 --set logging.run_dir=" + run.string());
+    INFO(t.output);
+    REQUIRE(t.exit_code == 0);
+    return run;
+  };
+  // A counter that does not move: 0 J every step, from the named source.
+  const auto fake = train("fake", "MOEFORGE_POWERCAP_DIR=" + root.string() + " ");
+  const auto metrics = read_metrics(fake / "metrics.jsonl");
+  CHECK(metrics.back()["energy_per_step_j"] == 0.0);
+  CHECK_THAT(metrics.back()["energy_source"].get<std::string>(), Contains("RAPL packages (" + root.string() + ": intel-rapl:0)"));
+  // The row's formatting, with known values: 6 J per step over each step's time.
+  {
+    std::ofstream out(fake / "metrics.jsonl", std::ios::trunc);
+    for (auto m : metrics) {
+      m["energy_per_step_j"] = 6.0;
+      m["step_time_s"] = 0.5;
+      m["power_w"] = 12.0;
+      out << m.dump() << "\n";
+    }
+  }
+  REQUIRE(run_command(kBin + " report " + fake.string()).exit_code == 0);
+  const auto res = read_json(fake / "report" / "report.json")["result"];
+  CHECK(res["energy_per_step_j"] == 6.0);
+  CHECK(res["power_w"] == 12.0);
+  CHECK_THAT(slurp((fake / "report" / "report.md").string()),
+             Contains("| power / energy per step (median) | 12 W, 6 J per step (RAPL packages (" + root.string()));
+  // No counter: not recorded, with why.
+  const auto none = train("none", "MOEFORGE_POWERCAP_DIR=" + (dir.path() / "nowhere").string() + " ");
+  CHECK_FALSE(read_metrics(none / "metrics.jsonl").back().contains("energy_per_step_j"));
+  REQUIRE(run_command(kBin + " report " + none.string()).exit_code == 0);
+  const auto n = read_json(none / "report" / "report.json")["result"];
+  CHECK(n["power_w"].is_null());
+  CHECK_THAT(n["energy_source"].get<std::string>(), Contains("not recorded: no readable RAPL package"));
+  CHECK_THAT(slurp((none / "report" / "report.md").string()), Contains("| power / energy per step (median) | not recorded: "));
 }
