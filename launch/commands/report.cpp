@@ -1,4 +1,5 @@
 #include "launch/commands/report.h"
+#include "launch/commands/report_routing.h"
 
 #include "core/config/config_loader.h"
 #include "core/files/durable_file.h"
@@ -347,7 +348,10 @@ json build_report(const ReportOptions& o) {
                  {"steady_state", steady_state},
                  {"environment", env},
                  {"series", series},
-                 {"routing_collapse", routing_collapses(metrics, c)}};
+                 {"routing_collapse", routing_collapses(metrics, c)},
+                 // Both routings (report_routing.h): the EP ranks' wait for the busiest, tokens per expert.
+                 {"ep_compute_spread", ep_compute_spread(metrics, warmup, layout)},
+                 {"expert_loads", expert_loads_summary(run, steady_state["first_iteration"].get<int64_t>())}};
   if (!o.reference.empty()) {
     const LossCurve ref = read_reference(o.reference);
     std::map<int64_t, double> run_loss;
@@ -438,7 +442,9 @@ json build_comparison(const std::vector<json>& reports) {
                                  : json(nullptr);
     rows.push_back(row);
   }
-  return {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
+  json comparison = {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
+  add_routing_comparison(comparison, reports);
+  return comparison;
 }
 
 int run_reports(ReportOptions o, const std::vector<std::string>& run_dirs) {
