@@ -284,7 +284,8 @@ std::string expert_load_histograms_html(const json& report) {
   const auto counts = loads[kTokensPerExpert].get<std::vector<std::vector<int64_t>>>();
   if (counts.empty()) return "";
   // One small chart per MoE layer: how many experts (y) received how many tokens (x, 12 bins from 0
-  // to the busiest expert of any layer, so the layers compare by eye); the mean marked.
+  // to the busiest expert of any layer, so the layers compare by eye); the mean marked. The x axis's
+  // last label is right-aligned so that it stays inside the chart.
   int64_t top = 1;
   for (const auto& layer : counts) {
     for (int64_t v : layer) top = std::max(top, v);
@@ -319,7 +320,7 @@ std::string expert_load_histograms_html(const json& report) {
     o << fmt::format(R"(<line x1="{:.1f}" x2="{:.1f}" y1="18" y2="{}" stroke="#d62728"/>)", mx, mx, h - bottom);
     o << fmt::format(R"(<rect x="{}" y="18" width="{}" height="{}" class="plot"/><text x="{}" y="{}" class="yl">{}</text>)"
                      R"(<text x="{}" y="{}" class="yl">0</text><text x="{}" y="{}" class="xl">0</text>)"
-                     R"(<text x="{}" y="{}" class="xl">{}</text><text x="{}" y="{}" class="xl">tokens</text></svg>)",
+                     R"(<text x="{}" y="{}" class="yl">{}</text><text x="{}" y="{}" class="xl">tokens</text></svg>)",
                      left, plot_w, plot_h, left - 3, 26, most, left - 3, h - bottom, left, h - bottom + 12, left + plot_w,
                      h - bottom + 12, top, left + plot_w / 2, h - 2);
   }
