@@ -130,8 +130,9 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
                                  (run / "report" / "report.html").string() + " 2>/dev/null");
     REQUIRE(dom.exit_code == 0);
     // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time,
-    // communication of the 2-rank run, expert load, the per-layer load heatmap).
-    CHECK_THAT(dom.output, Contains("data-plots=\"7\"") && Contains("Communication per iteration") &&
+    // communication of the 2-rank run, expert load, the per-layer load heatmap) and the tokens-per-expert
+    // histogram of each of the 2 MoE layers (expert_loads.jsonl).
+    CHECK_THAT(dom.output, Contains("data-plots=\"9\"") && Contains("Communication per iteration") &&
                                Contains("Expert load per MoE layer"));
     CHECK_THAT(dom.output, Contains("<polyline") && Contains("PASS"));
   }
