@@ -23,12 +23,14 @@ using Clock = std::chrono::steady_clock;
 struct PendingExchange : torch::CustomClassHolder {
   Communicator* group = nullptr;
   DispatchStats* stats = nullptr;
+  std::shared_ptr<ComputeBeforeAllToAll> clock;  // may be null
   bool overlap = false;
   std::vector<int64_t> send_rows, recv_rows;  // of the forward direction
   torch::Tensor out;
   std::shared_ptr<Work> work;
 
   void start(const torch::Tensor& x, bool reverse) {
+    if (clock) clock->before();
     const auto t0 = Clock::now();
     const auto& send = reverse ? recv_rows : send_rows;
     const auto& recv = reverse ? send_rows : recv_rows;
@@ -37,6 +39,7 @@ struct PendingExchange : torch::CustomClassHolder {
     } else {
       out = group->all_to_all(x.contiguous(), send, recv);
       work = completed_work();
+      if (clock) clock->after();
     }
     int64_t remote = 0;
     for (size_t p = 0; p < send.size(); ++p) {
@@ -50,6 +53,8 @@ struct PendingExchange : torch::CustomClassHolder {
     const auto t0 = Clock::now();
     work->wait();
     work.reset();
+    // Overlapped: the exchange ends for the compute thread here (the shared expert ran meanwhile).
+    if (clock && overlap) clock->after();
     stats->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     return std::move(out);
   }
@@ -104,6 +109,7 @@ torch::Tensor AllToAllDispatcher::exchange(const torch::Tensor& x_ND, const std:
   auto pending = c10::make_intrusive<PendingExchange>();
   pending->group = ep_.get();
   pending->stats = stats_.get();
+  pending->clock = clock_;
   pending->overlap = overlap_;
   pending->send_rows = send_rows;
   pending->recv_rows = recv_rows;
@@ -122,11 +128,13 @@ Dispatched AllToAllDispatcher::dispatch(const torch::Tensor& x_TD, const torch::
   const auto x_send = d.x_ND;
 
   // 2. Counts: row p of send_Re is what this rank sends to rank p's L experts.
+  if (clock_) clock_->before();
   const auto t0 = Clock::now();
   // host: the counts travel over the host path (they size the row exchange).
   const auto send_Re = torch::tensor(d.rows_per_local_expert, torch::kInt64).reshape({P, L});
   const auto recv_Re = ep_->all_to_all(send_Re, std::vector<int64_t>(P, 1), std::vector<int64_t>(P, 1));
   stats_->seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+  if (clock_) clock_->after();
   d.send_rows = host_vector(send_Re.sum(1));
   d.recv_rows = host_vector(recv_Re.sum(1));
   d.rows_per_local_expert = host_vector(recv_Re.sum(0));

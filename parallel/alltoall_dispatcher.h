@@ -1,4 +1,4 @@
-// defines: AllToAllDispatcher, DispatchStats
+// defines: AllToAllDispatcher, DispatchStats, ComputeBeforeAllToAll
 //
 // Expert-parallel dispatch (Megatron-Core's MoEAlltoAllTokenDispatcher, dropless): the EP group's
 // ranks each hold e = num_experts / EP consecutive experts (EP rank r the block [r e, (r + 1) e),
@@ -23,6 +23,7 @@
 #include "moe/dispatcher.h"
 #include "parallel/comm/communicator.h"
 
+#include <chrono>
 #include <memory>
 
 namespace moeforge {
@@ -36,6 +37,20 @@ struct DispatchStats {
   void reset() { *this = DispatchStats{}; }
 };
 
+// One rank's compute-thread time that ends at an all-to-all, summed over a step: for each all-to-all
+// (the count exchange and every row exchange, forward and backward), the time from the previous
+// synchronising point (the step's start, or the end of the previous all-to-all of any MoE layer)
+// to its start. All-to-alls make the EP ranks wait for each other, so the spread of this time over
+// the EP ranks is what they waited for the busiest one (docs/report.md, straggler cost). Shared by
+// every dispatcher of the rank.
+struct ComputeBeforeAllToAll {
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  double seconds = 0;
+  void begin_step() { last = std::chrono::steady_clock::now(), seconds = 0; }
+  void before() { seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - last).count(); }
+  void after() { last = std::chrono::steady_clock::now(); }
+};
+
 class AllToAllDispatcher : public moe::Dispatcher {
  public:
   // `num_experts` must divide by the EP group's size (ParallelLayout checks it).
@@ -46,6 +61,8 @@ class AllToAllDispatcher : public moe::Dispatcher {
                         const moe::Overlapped& overlapped = {}) override;
 
   DispatchStats& stats() { return *stats_; }
+  // The rank's shared clock of compute before all-to-alls (none: not measured).
+  void set_compute_clock(std::shared_ptr<ComputeBeforeAllToAll> clock) { clock_ = std::move(clock); }
 
  private:
   int64_t num_experts_;
@@ -56,6 +73,7 @@ class AllToAllDispatcher : public moe::Dispatcher {
   std::shared_ptr<Communicator> ep_;
   bool overlap_;
   std::shared_ptr<DispatchStats> stats_ = std::make_shared<DispatchStats>();
+  std::shared_ptr<ComputeBeforeAllToAll> clock_;
 };
 
 }  // namespace moeforge

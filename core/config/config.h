@@ -222,6 +222,9 @@ struct LoggingConfig {
   bool profile = false;
   int64_t profile_step_start = 10;
   int64_t profile_step_end = 12;
+  // Every this many iterations (and the last), every MoE layer's tokens per expert over the global
+  // batch into <run_dir>/expert_loads.jsonl; 0 = never.
+  int64_t expert_loads_interval = 10;
 };
 
 struct HardwareConfig {

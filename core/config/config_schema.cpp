@@ -276,6 +276,9 @@ std::vector<ConfigField> make_fields() {
            "<run_dir>/profile/trace.json (Chrome trace) and top_ops.txt"),
       bind("logging", L, "profile_step_start", &LC::profile_step_start, "First profiled iteration (1-based)"),
       bind("logging", L, "profile_step_end", &LC::profile_step_end, "Profiling stops before this iteration"),
+      bind("logging", L, "expert_loads_interval", &LC::expert_loads_interval,
+           "Every this many iterations (and the last), each MoE layer's tokens per expert over the global batch into "
+           "<run_dir>/expert_loads.jsonl (docs/report.md); 0 = never"),
       // hardware
       bind("hardware", H, "device", &HC::device, "Where the model runs: cpu, cuda, emulated (an accelerator emulated on the host, docs/gpu.md) or a device type a backend library registers"),
       bind("hardware", H, "device_library", &HC::device_library, "A LibTorch backend library loaded at start-up (a vendor's PrivateUse1 backend); empty = none (emulated: the emulator built beside moeforge)"),

@@ -345,6 +345,7 @@ void validate_config(const ExperimentConfig& c, ConfigUse use) {
   if (c.checkpoint.save_interval) p.positive("checkpoint.save_interval", *c.checkpoint.save_interval);
   p.non_negative("checkpoint.keep_latest_k", c.checkpoint.keep_latest_k);
   p.positive("logging.log_interval", c.logging.log_interval);
+  p.non_negative("logging.expert_loads_interval", c.logging.expert_loads_interval);
   if (c.logging.profile) {
     p.positive("logging.profile_step_start", c.logging.profile_step_start);
     if (c.logging.profile_step_end <= c.logging.profile_step_start) {

@@ -31,6 +31,7 @@ inline std::string shard_dir(int64_t stage, int64_t ep_rank) { return fmt::forma
 inline constexpr const char* kMetrics = "metrics.jsonl";
 inline constexpr const char* kEnvironment = "environment.json";
 inline constexpr const char* kPlan = "plan.json";
+inline constexpr const char* kExpertLoads = "expert_loads.jsonl";  // logging.expert_loads_interval
 
 // In every directory a run writes into while it runs (core/files/dir_lock.h).
 inline constexpr const char* kDirectoryLock = "moeforge.lock";

@@ -1,4 +1,5 @@
 #include "launch/commands/report.h"
+#include "launch/commands/report_routing.h"
 
 #include "core/config/config_loader.h"
 #include "core/files/durable_file.h"
@@ -462,7 +463,10 @@ json build_report(const ReportOptions& o) {
                  {"environment", env},
                  {"series", series},
                  {"routing_collapse", routing_collapses(metrics, c)},
-                 {"per_rank", per_rank_breakdown(metrics, warmup)}};
+                 {"per_rank", per_rank_breakdown(metrics, warmup)},
+                 // Both routings (report_routing.h): the EP ranks' wait for the busiest, tokens per expert.
+                 {"ep_compute_spread", ep_compute_spread(metrics, warmup, layout)},
+                 {"expert_loads", expert_loads_summary(run, steady_state["first_iteration"].get<int64_t>())}};
   if (!o.reference.empty()) {
     const LossCurve ref = read_reference(o.reference);
     std::map<int64_t, double> run_loss;
@@ -604,7 +608,9 @@ json build_comparison(const std::vector<json>& reports) {
   // Rows whose configs differ from the baseline's in more than the hardware are not like for like.
   const json differences = config_differences(reports);
   for (size_t i = 0; i < rows.size(); ++i) rows[i]["config_differences"] = differences[i];
-  return {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
+  json comparison = {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
+  add_routing_comparison(comparison, reports);
+  return comparison;
 }
 
 int run_reports(ReportOptions o, const std::vector<std::string>& run_dirs) {

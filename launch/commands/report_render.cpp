@@ -3,6 +3,7 @@
 #include "launch/commands/report.h"
 #include "launch/commands/report_plots.h"
 #include "core/flops/conventions.h"
+#include "launch/commands/report_routing.h"
 #include "launch/train/routing_health.h"
 
 #include <fmt/format.h>
@@ -388,7 +389,7 @@ std::string render_html(const json& rep) {
   }
   o << "\n<h2>Plots</h2><div class=\"plots\">";
   for (const auto& c : charts) o << c << "\n";
-  o << "</div>\n<h2>Steady state</h2><p>" << rep["steady_state"]["iterations"].get<int64_t>() << " iterations ("
+  o << "</div>\n" << expert_load_histograms_html(rep) << "<h2>Steady state</h2><p>" << rep["steady_state"]["iterations"].get<int64_t>() << " iterations ("
     << rep["steady_state"]["warmup_iterations"].get<int64_t>() << " warm-up left out)</p><table><tr><th>metric</th><th>median</th>"
     << "<th>p25</th><th>p75</th><th>min</th><th>max</th></tr>";
   for (const char* key : kSteadyStateKeys) {
@@ -405,7 +406,8 @@ std::string render_html(const json& rep) {
 
 std::string render_comparison_markdown(const json& c) {
   std::ostringstream o;
-  o << "# moeforge benchmark comparison\n\nBaseline (ratios 1.00): `" << c["baseline"].get<std::string>()
+  o << "# moeforge benchmark comparison" << (c.contains("title") ? ": " + c["title"].get<std::string>() : std::string())
+    << "\n\nBaseline (ratios 1.00): `" << c["baseline"].get<std::string>()
     << "`. Each run's full report is in its own directory.\n\n"
     << "| config | precision | parallel (TPxPPxDPxEP) | tokens/s/chip | vs baseline | loss | memory used/total | MFU | "
        "MFU (6N) | accuracy |\n|---|---|---|---|---|---|---|---|---|---|\n";
@@ -420,6 +422,7 @@ std::string render_comparison_markdown(const json& c) {
                      mfu_short(r, "megatron"), mfu_short(r, "six_n"), acc);
   }
   o << render_config_differences(c);
+  o << render_routing_markdown(c);
   return o.str();
 }
 
@@ -440,18 +443,28 @@ std::string render_config_differences(const json& c) {
 
 std::string render_comparison_html(const json& c) {
   std::ostringstream o;
-  o << "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>moeforge benchmark comparison</title>"
+  const std::string title =
+      "moeforge benchmark comparison" + (c.contains("title") ? ": " + c["title"].get<std::string>() : std::string());
+  o << "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" << esc(title) << "</title>"
        "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}"
-       "td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}svg text{font-size:12px}</style></head><body>"
-       "<h1>moeforge benchmark comparison</h1><table><tr><th>config</th><th>precision</th><th>parallel</th>"
-       "<th>tokens/s/chip</th><th>vs baseline</th><th>loss</th><th>MFU</th><th>MFU (6N)</th></tr>";
+       "td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}svg text{font-size:12px}"
+       "svg .t{font-size:14px;font-weight:600}svg .plot{fill:none;stroke:#999}svg .grid{stroke:#eee}"
+       "svg .yl{font-size:11px;text-anchor:end}svg .xl{font-size:11px;text-anchor:middle}svg .lg{font-size:12px}</style></head><body>"
+       "<h1>" << esc(title) << "</h1><table><tr><th>config</th><th>precision</th><th>parallel</th>"
+       "<th>tokens/s/chip</th><th>vs baseline</th><th>loss</th><th>memory used/total</th><th>MFU</th><th>MFU (6N)</th>"
+       "<th>accuracy</th></tr>";
   double top = 0;
   for (const auto& r : c["runs"]) top = std::max(top, r["tokens_per_s_per_chip"].get<double>());
   for (const auto& r : c["runs"]) {
     o << "<tr><td>" << esc(r["config"].get<std::string>()) << "</td><td>" << esc(r["precision"].get<std::string>())
       << "</td><td>" << esc(r["parallel"].get<std::string>()) << "</td><td>" << num(r["tokens_per_s_per_chip"], "{:.1f}")
       << "</td><td>" << fmt::format("{:.2f}x", r["tokens_per_s_per_chip_vs_baseline"].get<double>()) << "</td><td>"
-      << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << mfu_short(r, "megatron") << "</td><td>" << mfu_short(r, "six_n")
+      << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << gib(r["peak_memory_used_bytes"]) << " / "
+      << gib(r["peak_memory_total_bytes"]) << "</td><td>" << mfu_short(r, "megatron") << "</td><td>" << mfu_short(r, "six_n")
+      << "</td><td>"
+      << (r["accuracy_pass"].is_null() ? std::string("-")
+                                       : fmt::format("{} ({:.2f} %)", r["accuracy_pass"].get<bool>() ? "PASS" : "FAIL",
+                                                     100 * r["mean_relative_error"].get<double>()))
       << "</td></tr>";
   }
   const double row_h = 26, width = 520;
@@ -466,7 +479,7 @@ std::string render_comparison_html(const json& c) {
                      top > 0 ? v / top * (width - 80) : 0, 254 + (top > 0 ? v / top * (width - 80) : 0), y + 14, v);
     y += row_h;
   }
-  o << "</svg></body></html>\n";
+  o << "</svg>" << render_routing_html(c) << loss_overlay_html(c) << "</body></html>\n";
   return o.str();
 }
 

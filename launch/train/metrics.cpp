@@ -80,6 +80,8 @@ void set_losses(StepMetrics& m, const ReducedLosses& r, const ModelConfig& mc) {
   for (int64_t l = 0; l < r.load_LE.size(0); ++l) {
     // load_LE is on the host already (StepLosses::reduce): no device sync.
     const auto load_E = r.load_LE[l];
+    const auto counts = load_E.to(torch::kInt64).contiguous();  // exact: fp64 counts far below 2^53
+    m.expert_tokens_per_layer.emplace_back(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + counts.numel());
     const double mean = load_E.mean().item<double>();
     const double ratio = mean > 0 ? load_E.max().item<double>() / mean : 0.0;
     m.expert_load_per_layer.push_back(ratio);
@@ -187,6 +189,10 @@ nlohmann::json step_metrics_json(const StepMetrics& m) {
     j[metric::kValidPpl] = std::exp(std::min(*m.valid_lm_loss, 20.0));  // Megatron caps the exponent at 20
   }
   return j;
+}
+
+nlohmann::json expert_loads_json(const StepMetrics& m) {
+  return {{metric::kIteration, m.iteration}, {kTokensPerExpert, m.expert_tokens_per_layer}};
 }
 
 std::string step_log_line(const StepMetrics& m) {

@@ -124,6 +124,9 @@ struct StepMetrics {
   std::vector<double> expert_load_per_layer;  // per MoE layer: max over experts / mean over experts
   double expert_load_max_over_mean = 0;       // the largest of those
   std::vector<int64_t> expert_idle_per_layer;  // per MoE layer: experts that received no slot
+  // Per MoE layer, the slots routed to each expert over the global batch (every DP/EP rank and
+  // micro-batch): expert_loads.jsonl's line.
+  std::vector<std::vector<int64_t>> expert_tokens_per_layer;
   // Expert parallel only (empty otherwise): per MoE layer, the rows each DP rank's experts received
   // over the step's micro-batches (dp rank order), the largest max/mean over ranks of any layer,
   // and the bytes this rank sent in all-to-alls (forward and backward, rows kept locally excluded).
@@ -152,7 +155,7 @@ struct StepMetrics {
   // order): compute_s (forward + backward outside all-to-alls), pipeline_wait_s, all_to_all_s,
   // grad_reduce_s, optimizer_s, step_s, comm_s and comm_exposed_s (time_comm_s and
   // time_comm_exposed_s), peak_memory_bytes (host resident) and peak_memory_reserved_bytes (GPU; 0
-  // on CPU). A record: new values are appended where the trainer makes it.
+  // on CPU), compute_before_all_to_all_s (EP: ComputeBeforeAllToAll). A record: new values are appended where the trainer makes it.
   std::vector<std::pair<std::string, std::vector<double>>> rank_times;
   std::optional<double> valid_lm_loss;  // iterations that evaluated
   std::optional<double> energy_per_step_j;  // rank 0's device, where it has an energy counter
@@ -206,6 +209,11 @@ void set_progress(StepMetrics& m, const TrainState& state, const ExperimentConfi
 const char* megatron_balancing_name(LoadBalancingType type);
 
 nlohmann::json step_metrics_json(const StepMetrics& m);
+
+// <run_dir>/expert_loads.jsonl's line (every logging.expert_loads_interval iterations, and the last):
+// {"iteration": N, "tokens_per_expert": [[per expert] per MoE layer]} (docs/report.md).
+nlohmann::json expert_loads_json(const StepMetrics& m);
+inline constexpr const char* kTokensPerExpert = "tokens_per_expert";
 
 // "iteration   10/  40 | consumed samples: 160 | elapsed time per iteration (ms): 812.3 | ..."
 std::string step_log_line(const StepMetrics& m);

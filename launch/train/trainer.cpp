@@ -314,6 +314,9 @@ void Trainer::announce(const std::string& command, bool quiet) {
     }
     write_file_durably(fs::path(c_.logging.run_dir) / files::kEnvironment, environment.dump(2) + "\n");
     metrics_.emplace(fs::path(c_.logging.run_dir) / files::kMetrics, state_.iteration);
+    if (c_.model.is_moe() && c_.logging.expert_loads_interval > 0) {
+      expert_loads_.emplace(fs::path(c_.logging.run_dir) / files::kExpertLoads, state_.iteration);
+    }
     if (c_.model.is_moe()) {
       routing_health_.emplace(CollapseCriterion::of(c_));
       if (state_.iteration > 0) routing_health_->replay(metrics_->path());
@@ -340,8 +343,11 @@ StepMetrics Trainer::train_step() {
   StepLosses losses(c_.model, chunks, device_);
   auto global_loads = GlobalExpertLoads::for_run(c_, layout_, chunks.size(), *groups_.dp);
   for (auto& d : shard_->dispatchers) {
-    if (d) d->stats().reset();
+    if (!d) continue;
+    d->stats().reset();
+    d->set_compute_clock(compute_clock_);
   }
+  compute_clock_->begin_step();
 
   // Forward and backward of every micro-batch through every chunk of this rank, in the pipeline
   // schedule (one stage: plain gradient accumulation). Backward runs on (LM + aux + z) /
@@ -431,7 +437,10 @@ void Trainer::record_rank_times(StepMetrics& m, double compute_s) {
       {"comm_s", m.time_comm_s},
       {"comm_exposed_s", m.time_comm_exposed_s},
       {"peak_memory_bytes", static_cast<double>(m.peak_memory_bytes)},
-      {"peak_memory_reserved_bytes", static_cast<double>(m.device_memory ? m.device_memory->peak_reserved_bytes : 0)}};
+      {"peak_memory_reserved_bytes", static_cast<double>(m.device_memory ? m.device_memory->peak_reserved_bytes : 0)},
+      // Expert parallel: the step's compute before each all-to-all (ComputeBeforeAllToAll), whose
+      // spread over the EP ranks is the straggler's share of the step (docs/report.md).
+      {"compute_before_all_to_all_s", layout_.ep() > 1 ? compute_clock_->seconds : 0.0}};
   std::vector<double> values;
   for (const auto& [key, value] : record) values.push_back(value);
   // host: timings
@@ -623,6 +632,10 @@ int Trainer::train() {
       }
       try {
         metrics_->append(j);
+        const int64_t every = c_.logging.expert_loads_interval;
+        if (expert_loads_ && !m.expert_tokens_per_layer.empty() && (m.iteration % every == 0 || last)) {
+          expert_loads_->append(expert_loads_json(m));
+        }
       } catch (const UserError& e) {
         metrics_error = e.what();
       }

@@ -114,6 +114,9 @@ class Trainer {
   StepWork work_;  // what each step's throughput is measured against
   std::optional<MetricsFile> metrics_;  // rank 0
   std::optional<EnergyMeter> energy_;   // rank 0: its device's energy counter, if any
+  std::optional<MetricsFile> expert_loads_;  // rank 0, MoE models with logging.expert_loads_interval > 0
+  // Every dispatcher's shared clock of the compute before each all-to-all (rank_times).
+  std::shared_ptr<ComputeBeforeAllToAll> compute_clock_ = std::make_shared<ComputeBeforeAllToAll>();
   std::optional<TensorBoardWriter> tensorboard_;  // rank 0, with logging.tensorboard_dir
   std::optional<RoutingHealth> routing_health_;    // rank 0, MoE models
   std::optional<StepProfiler> profiler_;

@@ -149,8 +149,9 @@ TEST_CASE("report of a 2-rank run against a single-process reference: numbers eq
                                  (run / "report" / "report.html").string() + " 2>/dev/null");
     REQUIRE(dom.exit_code == 0);
     // The page's script ran in the browser and counted the plots (loss, MFU, throughput, time,
-    // communication of the 2-rank run, expert load, the per-layer load heatmap, the step per rank).
-    CHECK_THAT(dom.output, Contains("data-plots=\"8\"") && Contains("Communication per iteration") &&
+    // communication of the 2-rank run, expert load, the per-layer load heatmap, the step per rank) and
+    // the tokens-per-expert histogram of each of the 2 MoE layers (expert_loads.jsonl).
+    CHECK_THAT(dom.output, Contains("data-plots=\"10\"") && Contains("Communication per iteration") &&
                                Contains("Step time per rank") &&
                                Contains("Expert load per MoE layer"));
     CHECK_THAT(dom.output, Contains("<polyline") && Contains("PASS"));
