@@ -357,8 +357,8 @@ std::string format_plan(const Plan& plan, const ExperimentConfig& c) {
                    static_cast<double>(plan.flops_per_step.six_n));
   o << fmt::format("  torchtitan            {:>8.3f} GFLOP  {:.4e}\n", plan.flops_per_token_torchtitan / 1e9,
                    static_cast<double>(plan.flops_per_step.torchtitan));
-  o << fmt::format("  hardware (recompute {}) {:>6.3f} GFLOP  {:.4e}\n", to_string(c.training.recompute_granularity),
-                   plan.hardware_flops_per_token / 1e9, static_cast<double>(plan.hardware_flops_per_step));
+  o << fmt::format("  hardware (HFU)        {:>8.3f} GFLOP  {:.4e}  (recompute: {})\n", plan.hardware_flops_per_token / 1e9,
+                   static_cast<double>(plan.hardware_flops_per_step), to_string(c.training.recompute_granularity));
   o << format_mfu_conventions(c.hardware);
   o << "\nbatch\n";
   o << fmt::format("  global batch {} x seq {} = {} tokens per step\n", c.training.global_batch_size,
