@@ -549,10 +549,23 @@ std::map<std::string, std::string> flat_config(const std::string& path) {
   return out;
 }
 
-// Whether a key may differ between comparable rows: the hardware (what is compared), and where a
-// run writes and logs (logging.*, checkpoint.save/load: every run has its own directories).
+// Whether a key may differ between comparable rows: the hardware (what is compared), where a run
+// writes and logs (logging.*, checkpoint.save/load: every run has its own directories), and the
+// routing, which every row names itself (its config cell and the Routing table).
 bool comparable_difference(const std::string& key) {
-  return key.rfind("hardware.", 0) == 0 || key.rfind("logging.", 0) == 0 || key == "checkpoint.save" || key == "checkpoint.load";
+  return key.rfind("hardware.", 0) == 0 || key.rfind("logging.", 0) == 0 || key == "checkpoint.save" ||
+         key == "checkpoint.load" || key == "model.moe_router_force_load_balancing";
+}
+
+// A row's MFU compares with the baseline's only against the same peak on the same chip: a peak
+// calibrated at each run's start (a CPU) moves with the machine's load, and an overridden
+// hardware.peak_tflops changes every MFU of the row. Null when comparable.
+json peak_difference(const json& row, const json& base) {
+  if (row["chip"] != base["chip"] || !row["peak_tflops"].is_number() || !base["peak_tflops"].is_number()) return nullptr;
+  const double a = row["peak_tflops"].get<double>(), b = base["peak_tflops"].get<double>();
+  if (std::abs(a - b) <= 0.01 * std::max(std::abs(a), std::abs(b))) return nullptr;
+  return {{"peak_tflops", a}, {"baseline_peak_tflops", b}, {"peak_source", row["peak_source"]},
+          {"baseline_peak_source", base["peak_source"]}};
 }
 
 }  // namespace
@@ -596,6 +609,8 @@ json build_comparison(const std::vector<json>& reports) {
                 {"mfu_invalid", r.value("mfu_invalid", json::object())},
                 {"tflops_per_chip", r["tflops_per_chip"]},
                 {"peak_tflops", r["peak_tflops"]},
+                {"peak_source", r.value("peak_source", json(nullptr))},
+                {"chip", r.value("chip", json(nullptr))},
                 {"accuracy_pass", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["pass"]},
                 {"mean_relative_error", rep["accuracy"].is_null() ? json(nullptr) : rep["accuracy"]["mean_relative_error"]}};
     row["tokens_per_s_per_chip_vs_baseline"] =
@@ -607,7 +622,10 @@ json build_comparison(const std::vector<json>& reports) {
   }
   // Rows whose configs differ from the baseline's in more than the hardware are not like for like.
   const json differences = config_differences(reports);
-  for (size_t i = 0; i < rows.size(); ++i) rows[i]["config_differences"] = differences[i];
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i]["config_differences"] = differences[i];
+    rows[i]["peak_difference"] = peak_difference(rows[i], rows[0]);
+  }
   json comparison = {{"schema_version", 1}, {"baseline", reports.front()["run_dir"]}, {"runs", rows}};
   add_routing_comparison(comparison, reports);
   return comparison;

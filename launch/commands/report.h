@@ -73,8 +73,10 @@ nlohmann::json build_comparison(const std::vector<nlohmann::json>& reports);
 // Per report, the keys of its resolved config that differ from the first's, other than hardware.*,
 // logging.* and checkpoint.save/load: [{key, baseline, run}] (comparison.json's config_differences).
 nlohmann::json config_differences(const std::vector<nlohmann::json>& reports);
-// comparison.md's flags: one line per run whose config differs from the baseline's beyond hardware.
-std::string render_config_differences(const nlohmann::json& comparison);
+// The comparison's flags, as Markdown (comparison.md) or HTML (comparison.html): a line per run
+// whose config differs from the baseline's beyond hardware, and per run whose MFU divides by
+// another peak than the baseline's on the same chip.
+std::string render_comparability(const nlohmann::json& comparison, bool html);
 std::string render_comparison_markdown(const nlohmann::json& comparison);
 std::string render_comparison_html(const nlohmann::json& comparison);
 

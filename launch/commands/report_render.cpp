@@ -404,6 +404,15 @@ std::string render_html(const json& rep) {
   return o.str();
 }
 
+namespace {
+
+// The config cell of a comparison row, naming forced routing (a benchmark, not training).
+std::string comparison_config_cell(const json& r) {
+  return r["config"].get<std::string>() + (r.value("routing", "") == "forced" ? " (forced routing)" : "");
+}
+
+}  // namespace
+
 std::string render_comparison_markdown(const json& c) {
   std::ostringstream o;
   o << "# moeforge benchmark comparison" << (c.contains("title") ? ": " + c["title"].get<std::string>() : std::string())
@@ -415,30 +424,49 @@ std::string render_comparison_markdown(const json& c) {
     const std::string acc = r["accuracy_pass"].is_null() ? "-"
                             : fmt::format("{} ({:.2f} %)", r["accuracy_pass"].get<bool>() ? "PASS" : "FAIL",
                                           100 * r["mean_relative_error"].get<double>());
-    o << fmt::format("| {} | {} | {} | {} | {:.2f}x | {} | {} / {} | {} | {} | {} |\n", r["config"].get<std::string>(),
+    o << fmt::format("| {} | {} | {} | {} | {:.2f}x | {} | {} / {} | {} | {} | {} |\n", comparison_config_cell(r),
                      r["precision"].get<std::string>(), r["parallel"].get<std::string>(),
                      num(r["tokens_per_s_per_chip"], "{:.1f}"), r["tokens_per_s_per_chip_vs_baseline"].get<double>(),
                      num(r["lm_loss_last"], "{:.4f}"), gib(r["peak_memory_used_bytes"]), gib(r["peak_memory_total_bytes"]),
                      mfu_short(r, "megatron"), mfu_short(r, "six_n"), acc);
   }
-  o << render_config_differences(c);
+  o << render_comparability(c, false);
   o << render_routing_markdown(c);
   return o.str();
 }
 
-std::string render_config_differences(const json& c) {
-  std::string o;
+std::string render_comparability(const json& c, bool html) {
+  // One line per run and cause; the Markdown and the HTML say the same words.
+  const auto code = [html](const std::string& s) { return html ? "<code>" + esc(s) + "</code>" : "`" + s + "`"; };
+  const auto text = [html](const std::string& s) { return html ? esc(s) : s; };
+  std::vector<std::pair<std::string, std::string>> flags;  // (heading, sentence)
   for (const auto& r : c["runs"]) {
-    if (!r.contains("config_differences") || r["config_differences"].empty()) continue;
-    std::vector<std::string> keys;
-    for (const auto& d : r["config_differences"]) {
-      keys.push_back(fmt::format("`{}` ({} here, {} in the baseline)", d["key"].get<std::string>(), trim_yaml(d["run"]),
-                                 trim_yaml(d["baseline"])));
+    const std::string run = code(r["run_dir"].get<std::string>());
+    if (r.contains("config_differences") && !r["config_differences"].empty()) {
+      std::vector<std::string> keys;
+      for (const auto& d : r["config_differences"]) {
+        keys.push_back(fmt::format("{} ({} here, {} in the baseline)", code(d["key"].get<std::string>()),
+                                   text(trim_yaml(d["run"])), text(trim_yaml(d["baseline"]))));
+      }
+      flags.emplace_back("Not like for like:", fmt::format("{} differs from the baseline's config in more than hardware: {}.",
+                                                           run, fmt::join(keys, "; ")));
     }
-    o += fmt::format("> **Not like for like:** `{}` differs from the baseline's config in more than hardware: {}.\n\n",
-                     r["run_dir"].get<std::string>(), fmt::join(keys, "; "));
+    if (r.contains("peak_difference") && r["peak_difference"].is_object()) {
+      const auto& d = r["peak_difference"];
+      flags.emplace_back("MFU not comparable:",
+                         fmt::format("{} divides by a peak of {} TFLOP/s, source: {}; the baseline by {}, source: {}, on the same "
+                                     "chip. Compare tokens/s/chip and step times instead.",
+                                     run, num(d["peak_tflops"]), text(d["peak_source"].is_string() ? d["peak_source"].get<std::string>() : "-"),
+                                     num(d["baseline_peak_tflops"]),
+                                     text(d["baseline_peak_source"].is_string() ? d["baseline_peak_source"].get<std::string>() : "-")));
+    }
   }
-  return o.empty() ? o : "\n" + o;
+  std::string o;
+  for (const auto& [heading, line] : flags) {
+    o += html ? "<div class=\"fail\"><strong>" + heading + "</strong> " + line + "</div>\n"
+              : "> **" + heading + "** " + line + "\n\n";
+  }
+  return o.empty() || html ? o : "\n" + o;
 }
 
 std::string render_comparison_html(const json& c) {
@@ -449,14 +477,15 @@ std::string render_comparison_html(const json& c) {
        "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}"
        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}svg text{font-size:12px}"
        "svg .t{font-size:14px;font-weight:600}svg .plot{fill:none;stroke:#999}svg .grid{stroke:#eee}"
-       "svg .yl{font-size:11px;text-anchor:end}svg .xl{font-size:11px;text-anchor:middle}svg .lg{font-size:12px}</style></head><body>"
+       "svg .yl{font-size:11px;text-anchor:end}svg .xl{font-size:11px;text-anchor:middle}svg .lg{font-size:12px}"
+       ".fail{background:#fce8e6;border:1px solid #d93025;padding:8px;margin:8px 0}</style></head><body>"
        "<h1>" << esc(title) << "</h1><table><tr><th>config</th><th>precision</th><th>parallel</th>"
        "<th>tokens/s/chip</th><th>vs baseline</th><th>loss</th><th>memory used/total</th><th>MFU</th><th>MFU (6N)</th>"
        "<th>accuracy</th></tr>";
   double top = 0;
   for (const auto& r : c["runs"]) top = std::max(top, r["tokens_per_s_per_chip"].get<double>());
   for (const auto& r : c["runs"]) {
-    o << "<tr><td>" << esc(r["config"].get<std::string>()) << "</td><td>" << esc(r["precision"].get<std::string>())
+    o << "<tr><td>" << esc(comparison_config_cell(r)) << "</td><td>" << esc(r["precision"].get<std::string>())
       << "</td><td>" << esc(r["parallel"].get<std::string>()) << "</td><td>" << num(r["tokens_per_s_per_chip"], "{:.1f}")
       << "</td><td>" << fmt::format("{:.2f}x", r["tokens_per_s_per_chip_vs_baseline"].get<double>()) << "</td><td>"
       << num(r["lm_loss_last"], "{:.4f}") << "</td><td>" << gib(r["peak_memory_used_bytes"]) << " / "
@@ -467,16 +496,24 @@ std::string render_comparison_html(const json& c) {
                                                      100 * r["mean_relative_error"].get<double>()))
       << "</td></tr>";
   }
+  // The labels' column is as wide as the longest label (about 7 px a character at 12 px), never cut.
   const double row_h = 26, width = 520;
-  o << "</table><h2>tokens/s/chip</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width + 260 << "\" height=\""
+  size_t longest = 0;
+  for (const auto& r : c["runs"]) {
+    longest = std::max(longest, comparison_config_cell(r).size() + 1 + r["parallel"].get<std::string>().size());
+  }
+  const double label_w = std::max(250.0, 7.0 * static_cast<double>(longest) + 12);
+  o << "</table>" << render_comparability(c, true)
+    << "<h2>tokens/s/chip</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << label_w + width + 10 << "\" height=\""
     << row_h * static_cast<double>(c["runs"].size()) + 10 << "\">";
   double y = 4;
   for (const auto& r : c["runs"]) {
     const double v = r["tokens_per_s_per_chip"].get<double>();
-    o << fmt::format(R"(<text x="0" y="{:.0f}">{}</text><rect x="250" y="{:.0f}" width="{:.1f}" height="18" fill="#1f77b4"/>)"
+    const double bar = top > 0 ? v / top * (width - 80) : 0;
+    o << fmt::format(R"(<text x="0" y="{:.0f}">{}</text><rect x="{:.0f}" y="{:.0f}" width="{:.1f}" height="18" fill="#1f77b4"/>)"
                      R"(<text x="{:.1f}" y="{:.0f}">{:.1f}</text>)",
-                     y + 14, esc(r["config"].get<std::string>() + " " + r["parallel"].get<std::string>()), y,
-                     top > 0 ? v / top * (width - 80) : 0, 254 + (top > 0 ? v / top * (width - 80) : 0), y + 14, v);
+                     y + 14, esc(comparison_config_cell(r) + " " + r["parallel"].get<std::string>()), label_w, y, bar,
+                     label_w + 4 + bar, y + 14, v);
     y += row_h;
   }
   o << "</svg>" << render_routing_html(c) << loss_overlay_html(c) << "</body></html>\n";

@@ -428,7 +428,7 @@ TEST_CASE("report: every MFU convention with its formula, one process says so, t
     CHECK_THAT(omd, Contains("| driver | not recorded |"));
     CHECK_THAT(slurp((old / "report" / "report.html").string()), Contains("This row is INCOMPLETE"));
   }
-  SECTION("comparison.md flags a run whose config differs in more than hardware") {
+  SECTION("comparison.md and comparison.html flag a run whose config differs in more than hardware or whose peak differs") {
     const auto same = train("peak_only", "--set training.recompute_granularity=full --set hardware.peak_tflops=2e6");
     const auto other = train("other_lr", "--set training.recompute_granularity=full --set training.lr=0.0005");
     const auto cmp = dir.path() / "cmp";
@@ -437,11 +437,23 @@ TEST_CASE("report: every MFU convention with its formula, one process says so, t
     const auto c = read_json(cmp / "comparison.json");
     CHECK(c["runs"][0]["config_differences"].empty());
     CHECK(c["runs"][1]["config_differences"].empty());  // hardware and logging only
+    // ... but its MFU divides by another peak on the same chip: flagged, with both peaks.
+    REQUIRE(c["runs"][1]["peak_difference"].is_object());
+    CHECK(c["runs"][1]["peak_difference"]["peak_tflops"].get<double>() == 2e6);
+    CHECK(c["runs"][1]["peak_difference"]["baseline_peak_tflops"].get<double>() == 1e6);
+    CHECK(c["runs"][1]["peak_difference"]["peak_source"] == "hardware.peak_tflops");
+    CHECK(c["runs"][2]["peak_difference"].is_null());
     REQUIRE_FALSE(c["runs"][2]["config_differences"].empty());
     CHECK(c["runs"][2]["config_differences"][0]["key"] == "training.lr");  // sorted: the only training.* key set
     const auto cmd = slurp((cmp / "comparison.md").string());
     CHECK_THAT(cmd, Contains("**Not like for like:** `" + fs::absolute(other).string()) && Contains("`training.lr` ("));
     CHECK_FALSE(cmd.find("`" + fs::absolute(same).string() + "` differs") != std::string::npos);
+    CHECK_THAT(cmd, Contains("**MFU not comparable:** `" + fs::absolute(same).string() + "` divides by a peak of 2e+06"));
+    CHECK(cmd.find("**MFU not comparable:** `" + fs::absolute(other).string()) == std::string::npos);
+    const auto chtml = slurp((cmp / "comparison.html").string());
+    CHECK_THAT(chtml, Contains("<strong>Not like for like:</strong> <code>" + fs::absolute(other).string()) &&
+                          Contains("<code>training.lr</code> ("));
+    CHECK_FALSE(chtml.find("<code>" + fs::absolute(same).string() + "</code> differs") != std::string::npos);
   }
 }
 

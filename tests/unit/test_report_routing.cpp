@@ -75,6 +75,11 @@ TEST_CASE("run_benchmark.sh -R both under mpirun EP2: the straggler cost equals 
   const std::string md = slurp(bench / "report" / "comparison.md");
   CHECK_THAT(md, Contains("natural routing (natural) against forced routing (forced)") && Contains("straggler cost (natural - forced)") &&
                      Contains("MFU (megatron)") && Contains("MFU (six_n)"));
+  // The routing is the comparison's subject: the forced row says so in its config cell, and the
+  // routing key is no "not like for like" difference.
+  CHECK_THAT(md, Contains("| TP1xPP1xDP2xEP2 |") && Contains(" (forced routing) | "));
+  CHECK(c["runs"][1]["config_differences"].empty());
+  CHECK(md.find("Not like for like") == std::string::npos);
   const std::string html = slurp(bench / "report" / "comparison.html");
   CHECK_THAT(html, Contains("The straggler's cost") && Contains("LM loss of each run") && Contains("memory used/total"));
   // The natural run's report draws a histogram of tokens per expert for each MoE layer.
