@@ -133,7 +133,7 @@ IndexCache::Arrays IndexCache::get_or_build(const std::function<Views()>& build,
     std::istringstream owner(read_text(lock));
     std::string host;
     long pid = 0;
-    if (owner >> host >> pid && ProcessOwner{host, pid, "", ""}.gone()) {
+    if (owner >> host >> pid && ProcessOwner{host, pid, "", "", -1}.gone()) {
       spdlog::warn("removing stale index-cache lock {} (process {} is gone)", lock.string(), pid);
       fs::remove(lock, ec);
       continue;

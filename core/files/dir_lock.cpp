@@ -36,6 +36,14 @@ std::string launcher_job_id() {
   return "none";
 }
 
+// Slurm's count of this job's requeues (absent before the first): -1 outside a Slurm job.
+int64_t slurm_restart_count() {
+  const char* job = std::getenv("SLURM_JOB_ID");
+  if (!job || !*job) return -1;
+  const char* count = std::getenv("SLURM_RESTART_COUNT");
+  return count && *count ? std::strtoll(count, nullptr, 10) : 0;
+}
+
 std::string utc_now() {
   const std::time_t now = std::time(nullptr);
   std::tm tm{};
@@ -60,7 +68,7 @@ std::optional<ProcessOwner> parse_owner(const std::string& text) {
     return std::nullopt;
   }
   return ProcessOwner{j["host"].get<std::string>(), j["pid"].get<int64_t>(), j.value("job", std::string("none")),
-                      j.value("started", std::string("?"))};
+                      j.value("started", std::string("?")), j.value("restart", int64_t{-1})};
 }
 
 std::string owner_text(const std::string& record) {
@@ -81,10 +89,19 @@ std::string this_host() {
   return buf;
 }
 
-ProcessOwner ProcessOwner::self() { return {this_host(), ::getpid(), launcher_job_id(), utc_now()}; }
+ProcessOwner ProcessOwner::self() {
+  return {this_host(), ::getpid(), launcher_job_id(), utc_now(), slurm_restart_count()};
+}
 
 std::string ProcessOwner::describe() const {
-  return fmt::format("pid {} on host {} (job {}, started {})", pid, host, job, started);
+  const std::string run = restart >= 0 ? fmt::format(", Slurm restart {}", restart) : "";
+  return fmt::format("pid {} on host {} (job {}{}, started {})", pid, host, job, run, started);
+}
+
+bool ProcessOwner::earlier_run_of(const ProcessOwner& me) const {
+  // Slurm requeues a job only once every process of its previous run has ended, and counts the
+  // runs: the same job id with a lower count is a run that can hold nothing any more.
+  return me.restart >= 0 && restart >= 0 && job == me.job && job != "none" && restart < me.restart;
 }
 
 bool ProcessOwner::gone() const {
@@ -120,6 +137,11 @@ namespace {
             key, dir.string(), owner.describe(), path.string(), key);
 }
 
+// A record from another host that this process may take over: an earlier run of its Slurm job.
+bool earlier_run_of_this_job(const std::optional<ProcessOwner>& owner) {
+  return owner && owner->host != this_host() && owner->earlier_run_of(ProcessOwner::self());
+}
+
 }  // namespace
 
 std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::string_view key) {
@@ -153,20 +175,23 @@ std::unique_ptr<DirectoryLock> DirectoryLock::acquire(const fs::path& dir, std::
     const std::string previous = read_all(fd);
     if (!previous.empty()) {
       const auto owner = parse_owner(previous);
-      if (owner && owner->host != this_host()) {
+      const bool requeued = earlier_run_of_this_job(owner);
+      if (owner && owner->host != this_host() && !requeued) {
         ::close(fd);
         refuse_other_host(key, dir, *owner, path);
       }
-      if (owner && !flock_works && !owner->gone()) {
+      if (owner && !requeued && !flock_works && !owner->gone()) {
         ::close(fd);
         refuse_in_use(key, dir, owner->describe(), path);
       }
-      spdlog::warn("taking over the stale lock {} of {}: that process no longer holds it", path.string(),
-                   owner_text(previous));
+      spdlog::warn("taking over the stale lock {} of {}: {}", path.string(), owner_text(previous),
+                   requeued ? "an earlier run of this Slurm job, which Slurm ended before requeueing it"
+                            : "that process no longer holds it");
     }
     const auto me = ProcessOwner::self();
-    const std::string record =
-        json{{"host", me.host}, {"pid", me.pid}, {"job", me.job}, {"started", me.started}}.dump() + "\n";
+    json fields = {{"host", me.host}, {"pid", me.pid}, {"job", me.job}, {"started", me.started}};
+    if (me.restart >= 0) fields["restart"] = me.restart;
+    const std::string record = fields.dump() + "\n";
     if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, record.data(), record.size(), 0) != static_cast<ssize_t>(record.size()) ||
         ::fsync(fd) != 0) {
       const int saved = errno;
@@ -188,7 +213,7 @@ void check_directory_free(const fs::path& dir, std::string_view key) {
   ::close(fd);
   if (held) refuse_in_use(key, dir, owner_text(record), path);
   const auto owner = parse_owner(record);
-  if (owner && owner->host != this_host()) refuse_other_host(key, dir, *owner, path);
+  if (owner && owner->host != this_host() && !earlier_run_of_this_job(owner)) refuse_other_host(key, dir, *owner, path);
 }
 
 void check_directory_lock(const fs::path& dir, const std::string& record, std::string_view key) {
@@ -220,7 +245,7 @@ bool is_abandoned_temporary(const std::string& name) {
   const long pid = std::strtol(digits.c_str(), &end, 10);
   if (digits.empty() || *end != '\0' || pid <= 0) return true;  // not ours to judge by: not a live writer's name
   if (pid == ::getpid()) return true;
-  return ProcessOwner{this_host(), pid, "", ""}.gone();
+  return ProcessOwner{this_host(), pid, "", "", -1}.gone();
 }
 
 }  // namespace moeforge

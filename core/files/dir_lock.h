@@ -6,7 +6,10 @@
 // exclusive flock(2) on it. The kernel drops the flock when the process dies, however it dies, so
 // on the same host a lock whose flock is free is stale and is taken over with a warning. A record
 // from another host is never taken over: flock across hosts (NFS, Lustre) is not trustworthy, so
-// the message names the owner and says to delete the file once that job has ended.
+// the message names the owner and says to delete the file once that job has ended. One exception:
+// a record of an earlier run of this very Slurm job (the same SLURM_JOB_ID, a lower
+// SLURM_RESTART_COUNT: `sbatch --requeue` after a node failure or preemption), which Slurm ended
+// before it started this one, so its rank 0 may have been on any node.
 // A release unlinks the file while still holding the flock; an acquirer that got the flock on a
 // just-unlinked file notices (the path no longer names its inode) and tries again.
 #pragma once
@@ -25,11 +28,14 @@ struct ProcessOwner {
   int64_t pid = 0;
   std::string job;      // the launcher's job id (Slurm, PBS, LSF, PMIx namespace), or "none"
   std::string started;  // UTC, ISO 8601
+  int64_t restart = -1;  // under Slurm, SLURM_RESTART_COUNT (0 before any requeue); -1 elsewhere
 
   static ProcessOwner self();
   std::string describe() const;  // "pid 123 on host h (job 42, started 2026-12-01T20:00:00Z)"
   // This host, and no such process (or only its zombie): it can hold nothing any more.
   bool gone() const;
+  // An earlier run of the Slurm job this process belongs to (requeued since): ended, on any host.
+  bool earlier_run_of(const ProcessOwner& me) const;
 };
 
 std::string this_host();

@@ -106,6 +106,53 @@ TEST_CASE("a lock recorded by another host is reported, not stolen", "[reliabili
   CHECK_NOTHROW(check_directory_lock(dir.path() / "unshared", "anything", "logging.run_dir"));
 }
 
+TEST_CASE("a lock of an earlier run of this Slurm job is taken over on any host but another job's is not",
+          "[reliability][lock]") {
+  // This process as restart 2 of Slurm job 777 (what sbatch --requeue sets); put back afterwards.
+  struct SlurmEnv {
+    SlurmEnv() {
+      ::setenv("SLURM_JOB_ID", "777", 1);
+      ::setenv("SLURM_RESTART_COUNT", "2", 1);
+    }
+    ~SlurmEnv() {
+      ::unsetenv("SLURM_JOB_ID");
+      ::unsetenv("SLURM_RESTART_COUNT");
+    }
+  } slurm;
+  const auto slurm_record = [](const std::string& job, int restart) {
+    return nlohmann::json{{"host", "node-elsewhere-17"}, {"pid", 4242}, {"job", job}, {"started", "2026-12-01T00:00:00Z"},
+                          {"restart", restart}}
+               .dump() +
+           "\n";
+  };
+  TempDir dir;
+  const fs::path path = dir.path() / files::kDirectoryLock;
+  SECTION("restart 1 of the same job, on another node: ended before this run began") {
+    std::ofstream(path) << slurm_record("777", 1);
+    CHECK_NOTHROW(check_directory_free(dir.path(), "logging.run_dir"));  // what the dry run checks
+    auto lock = DirectoryLock::acquire(dir.path(), "logging.run_dir");
+    const auto record = nlohmann::json::parse(slurp(path.string()));
+    CHECK(record["host"] == this_host());
+    CHECK(record["job"] == "777");
+    CHECK(record["restart"] == 2);
+  }
+  for (const auto& [job, restart] : std::vector<std::pair<std::string, int>>{{"777", 2}, {"777", 3}, {"778", 0}}) {
+    // The same run (a second job step, or a clock of restarts this process has not seen), a later
+    // one, or another job: any of them may still run.
+    DYNAMIC_SECTION("job " << job << " restart " << restart << " is refused") {
+      std::ofstream(path) << slurm_record(job, restart);
+      const auto message = user_error([&] { DirectoryLock::acquire(dir.path(), "logging.run_dir"); });
+      CHECK_THAT(message, Contains(fmt::format("job {}, Slurm restart {}", job, restart)) && Contains("another host"));
+      CHECK_THAT(user_error([&] { check_directory_free(dir.path(), "logging.run_dir"); }), Contains("another host"));
+      CHECK(slurp(path.string()) == slurm_record(job, restart));
+    }
+  }
+  SECTION("a record without a restart count (outside Slurm) is refused") {
+    std::ofstream(path) << record_of("node-elsewhere-17", 4242);
+    CHECK_THAT(user_error([&] { DirectoryLock::acquire(dir.path(), "logging.run_dir"); }), Contains("another host"));
+  }
+}
+
 TEST_CASE("only this process's and dead processes' temporaries are abandoned", "[reliability][lock]") {
   CHECK(is_abandoned_temporary(fmt::format("iter_0000004.tmp-{}", ::getpid())));
   CHECK_FALSE(is_abandoned_temporary("iter_0000004.tmp-1"));  // init: alive
