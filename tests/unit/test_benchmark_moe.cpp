@@ -16,10 +16,6 @@ using Catch::Matchers::Contains;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-namespace {
-json read_json(const fs::path& p) { return json::parse(std::ifstream(p)); }
-}  // namespace
-
 TEST_CASE("train: forced load balance gives every expert the same rows on EP 1, 2 and 4, and says so everywhere",
           "[benchmark][balance][mpi]") {
   TempDir dir;

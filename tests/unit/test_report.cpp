@@ -23,8 +23,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-json read_json(const fs::path& p) { return json::parse(std::ifstream(p)); }
-
 // A Megatron-LM training log line (megatron/training/training.py's format) for iteration `it`.
 std::string megatron_line(int it, double loss, double ms) {
   return fmt::format(" [2024-05-06 10:{:02d}:00] iteration {:>8}/     100 | consumed samples: {:>12} | elapsed time per "

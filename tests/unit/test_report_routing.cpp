@@ -16,10 +16,6 @@ using Catch::Matchers::Contains;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-namespace {
-json read_json_file(const fs::path& p) { return json::parse(std::ifstream(p)); }
-}  // namespace
-
 TEST_CASE("run_benchmark.sh -R both under mpirun EP2: the straggler cost equals the oracle's from rank_times",
           "[report][routing][mpi]") {
   TempDir dir;
@@ -37,7 +33,7 @@ TEST_CASE("run_benchmark.sh -R both under mpirun EP2: the straggler cost equals 
   for (const char* run : {"natural", "forced"}) CHECK(fs::exists(bench / "report" / run / "report.html"));
 
   // Which run is which: in the title and in comparison.json.
-  const auto c = read_json_file(bench / "report" / "comparison.json");
+  const auto c = read_json(bench / "report" / "comparison.json");
   CHECK_THAT(c["title"].get<std::string>(), Contains("natural routing (natural)") && Contains("forced routing (forced)"));
   REQUIRE(c["routing"].size() == 2);
   CHECK(c["routing"][0]["routing"] == "natural");
@@ -62,7 +58,7 @@ TEST_CASE("run_benchmark.sh -R both under mpirun EP2: the straggler cost equals 
   const auto oracle_out = (dir.path() / "oracle.json").string();
   run_oracle("straggler_oracle.py",
              (bench / "natural" / "metrics.jsonl").string() + " " + (bench / "forced" / "metrics.jsonl").string() + " " + oracle_out);
-  const auto expected = read_json_file(oracle_out);
+  const auto expected = read_json(oracle_out);
   const auto& s = c["straggler_cost"];
   REQUIRE(s.is_object());
   for (const char* key : {"natural_step_time_s", "forced_step_time_s", "straggler_cost_s", "ep_wait_s", "rest_s"}) {

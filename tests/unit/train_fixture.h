@@ -1,4 +1,4 @@
-// defines: kBin, write_text_dataset, write_config, read_metrics, without_timing, train
+// defines: kBin, write_text_dataset, write_config, read_json, read_metrics, without_timing, train
 // (shared by the trainer tests)
 #pragma once
 
@@ -102,6 +102,9 @@ hardware:
 {})",
                                             dir.path().string(), dir.path().string(), extra));
 }
+
+// A JSON file the run wrote (report.json, comparison.json, environment.json).
+inline nlohmann::json read_json(const std::filesystem::path& path) { return nlohmann::json::parse(std::ifstream(path)); }
 
 inline std::vector<nlohmann::json> read_metrics(const std::filesystem::path& path) {
   std::vector<nlohmann::json> out;
